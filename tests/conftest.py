@@ -1,0 +1,12 @@
+"""Shared pytest set-up: the real test peers are pytest plugins under ``tests/peers``.
+
+Each peer module owns one session-scoped fixture that starts (or reuses) a real peer:
+the Kubernetes testbed, the podman API service with the local images, and the vantage6
+server. A peer that cannot start fails its tests with the reason; nothing is mocked.
+"""
+
+pytest_plugins = [
+    "tests.peers.kubernetes",
+    "tests.peers.podman",
+    "tests.peers.v6server",
+]
