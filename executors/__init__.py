@@ -1,0 +1,1 @@
+"""Executors: run algorithm containers on one runtime each, behind one small interface."""

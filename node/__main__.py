@@ -1,0 +1,5 @@
+"""``python -m node``: the same as the ``fednode`` command."""
+
+from node.cli import app
+
+app()

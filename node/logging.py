@@ -1,0 +1,87 @@
+"""Structured logging for the whole process, configured once at start-up.
+
+Every log line is an event with keys (``log.info("run.started", run_id=..., image=...)``).
+Output is JSON lines when stdout is not a terminal (production, containers, CI) and a
+readable, coloured console when it is. The standard library's loggers — aiohttp,
+python-socketio, kubernetes_asyncio — are routed through the same processors, so their
+lines come out in the same format with the same context.
+
+Context such as ``run_id``/``task_id`` is bound per task with :func:`bind_run`, using
+structlog's contextvars so concurrent runs never mix their keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, TextIO
+
+import structlog
+
+Format = Literal["auto", "json", "console"]
+
+
+def configure_logging(
+    *, level: str = "INFO", fmt: Format = "auto", stream: TextIO | None = None
+) -> None:
+    """Set up structlog and the stdlib root logger to write to ``stream`` (stdout)."""
+    stream = stream if stream is not None else sys.stdout
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: structlog.types.Processor
+    if use_json:
+        shared.append(structlog.processors.format_exc_info)
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Libraries that are chatty at INFO about every request or packet.
+    for noisy in ("aiohttp.access", "engineio.client", "socketio.client"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str, **initial: Any) -> structlog.stdlib.BoundLogger:
+    """A logger named after its module, optionally with keys bound from the start."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger.bind(**initial) if initial else logger
+
+
+@contextmanager
+def bind_run(*, run_id: int | str, task_id: int | str | None = None) -> Iterator[None]:
+    """Within the block (and tasks started from it) every log line carries the run's ids."""
+    keys: dict[str, Any] = {"run_id": run_id}
+    if task_id is not None:
+        keys["task_id"] = task_id
+    with structlog.contextvars.bound_contextvars(**keys):
+        yield

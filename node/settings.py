@@ -1,0 +1,459 @@
+"""The node's configuration: one pydantic model, loaded from YAML with environment overrides.
+
+Keys follow the vantage6 node configuration where one exists (``server_url``, ``port``,
+``api_path``, ``api_key``, ``task_dir``, ``databases``, ``encryption``, ``policies``) so an
+operator can carry a vantage6 ``node.yaml`` over; fednode's own keys (``executor``,
+``proxy``, ``telemetry``, ``logging``, ``max_concurrent_runs``) sit beside them.
+
+Sources, strongest first: explicit keyword arguments, environment variables
+(``FEDNODE_`` prefix, ``__`` between nested keys, e.g. ``FEDNODE_PROXY__PORT=8080``), the
+YAML file. Relative paths in the file are relative to the file's own folder.
+
+Every way a configuration can be wrong ends in :class:`ConfigError`, which carries one
+line per problem naming the key path, the offending value (secrets redacted) and what is
+expected; :mod:`node.cli` prints those lines and exits 2.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "FEDNODE_"
+ENV_NESTED_DELIMITER = "__"
+
+#: Keys whose values never appear in messages or in ``config check`` output.
+SECRET_KEYS = frozenset({"api_key", "password", "token", "registry_password"})
+REDACTED = "***"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` has one readable line per cause."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    """Base of every nested section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseType(enum.StrEnum):
+    """The database types a vantage6 node knows; file-backed ones must exist locally."""
+
+    CSV = "csv"
+    PARQUET = "parquet"
+    EXCEL = "excel"
+    SQL = "sql"
+    SPARQL = "sparql"
+    OMOP = "omop"
+    FOLDER = "folder"
+    OTHER = "other"
+
+    @property
+    def is_local_path(self) -> bool:
+        return self in {DatabaseType.CSV, DatabaseType.PARQUET, DatabaseType.EXCEL,
+                        DatabaseType.FOLDER}
+
+
+class Database(_Section):
+    """One data source offered to algorithms under ``label``."""
+
+    label: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
+    type: DatabaseType
+    uri: str
+
+    @field_validator("uri")
+    @classmethod
+    def _local_file_exists(cls, uri: str, info: ValidationInfo) -> str:
+        kind = info.data.get("type")
+        if isinstance(kind, DatabaseType) and kind.is_local_path:
+            path = Path(uri)
+            if kind is DatabaseType.FOLDER and not path.is_dir():
+                raise ValueError("folder does not exist; give an existing folder")
+            if kind is not DatabaseType.FOLDER and not path.is_file():
+                raise ValueError(f"{kind.value} file does not exist; give the path of the file")
+        return uri
+
+
+class Encryption(_Section):
+    """End-to-end encryption of task input and results (vantage6 RSA+AES scheme)."""
+
+    enabled: bool = False
+    private_key: Annotated[Path | None, Field(validate_default=True)] = None
+
+    @field_validator("private_key")
+    @classmethod
+    def _key_readable(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if not info.data.get("enabled"):
+            return path
+        if path is None:
+            raise ValueError("encryption is enabled, so give the path of the PEM private key")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"private key cannot be read ({exc.strerror})") from None
+        if b"PRIVATE KEY" not in data:
+            raise ValueError("file is not a PEM private key")
+        return path
+
+
+class ResourceLimits(_Section):
+    """Defaults and caps for what one run may use; a run asking for more is refused."""
+
+    default_cpu: Annotated[float, Field(gt=0)] = 1.0
+    default_memory_mb: Annotated[int, Field(gt=0)] = 1024
+    max_cpu: Annotated[float, Field(gt=0)] = 4.0
+    max_memory_mb: Annotated[int, Field(gt=0)] = 8192
+    max_gpus: Annotated[int, Field(ge=0)] = 0
+    default_deadline_seconds: Annotated[int, Field(gt=0)] = 24 * 3600
+
+
+class Policies(_Section):
+    """Who and what may run here; empty lists mean "no restriction" as in vantage6."""
+
+    allowed_algorithms: list[str] = Field(default_factory=list)
+    allowed_organizations: list[int] = Field(default_factory=list)
+    allowed_users: list[int] = Field(default_factory=list)
+    resources: ResourceLimits = Field(default_factory=ResourceLimits)
+
+    @field_validator("allowed_algorithms")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return patterns
+
+
+PullPolicy = Literal["always", "if-not-present", "never"]
+
+
+class PodmanExecutor(_Section):
+    """Runs algorithms as podman containers through podman's REST API."""
+
+    kind: Literal["podman"] = "podman"
+    socket: str = "unix:///run/podman/podman.sock"
+    pull_policy: PullPolicy = "if-not-present"
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None
+    network: str = "fednode-runs"
+
+
+class KubernetesExecutor(_Section):
+    """Runs algorithms as Kubernetes Jobs in one namespace."""
+
+    kind: Literal["kubernetes"] = "kubernetes"
+    kubeconfig: Path | None = None
+    context: str | None = None
+    namespace: str = "fednode-runs"
+    gpu_resource_name: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, str]] = Field(default_factory=list)
+    backoff_limit: Annotated[int, Field(ge=0)] = 0
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 3600
+    task_volume_claim: str = "fednode-tasks"
+    task_volume_access: Literal["ReadWriteMany", "ReadWriteOnce"] = "ReadWriteMany"
+
+
+class ApptainerExecutor(_Section):
+    """Runs algorithms with ``apptainer exec`` as asyncio subprocesses (HPC hosts)."""
+
+    kind: Literal["apptainer"] = "apptainer"
+    binary: str = "apptainer"
+    image_cache: Path | None = None
+
+
+ExecutorSettings = Annotated[
+    PodmanExecutor | KubernetesExecutor | ApptainerExecutor, Field(discriminator="kind")
+]
+
+
+class ProxySettings(_Section):
+    """Where the algorithms' proxy listens (the only endpoint they may reach)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 7654
+
+
+class TelemetrySettings(_Section):
+    """OpenTelemetry traces: one trace per run, exported over OTLP/HTTP when configured."""
+
+    otlp_endpoint: str | None = None
+    service_name: str = "fednode"
+    sampling_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+
+
+class LoggingSettings(_Section):
+    """Structured logs: JSON lines for machines, a readable console for people."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class NodeSettings(BaseSettings):
+    """Everything a node needs to run, validated up front."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    name: str = "fednode"
+    server_url: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 443
+    api_path: str = "/api"
+    api_key: SecretStr
+    task_dir: Path
+    databases: list[Database] = Field(default_factory=list)
+    encryption: Encryption = Field(default_factory=Encryption)
+    policies: Policies = Field(default_factory=Policies)
+    executor: ExecutorSettings = Field(default_factory=PodmanExecutor)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    max_concurrent_runs: Annotated[int, Field(ge=1)] = 16
+
+    @field_validator("server_url")
+    @classmethod
+    def _server_url_shape(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/:]+$", value.rstrip("/")):
+            raise ValueError(
+                "expected the server's scheme and host, e.g. 'https://server.example.org' "
+                "(the port goes in 'port', the path in 'api_path')"
+            )
+        return value.rstrip("/")
+
+    @field_validator("api_path")
+    @classmethod
+    def _api_path_shape(cls, value: str) -> str:
+        return "/" + value.strip("/") if value.strip("/") else ""
+
+    @field_validator("databases")
+    @classmethod
+    def _labels_unique(cls, databases: list[Database]) -> list[Database]:
+        seen: set[str] = set()
+        for db in databases:
+            if db.label in seen:
+                raise ValueError(f"database label {db.label!r} is used twice")
+            seen.add(db.label)
+        return databases
+
+    @property
+    def server_api_url(self) -> str:
+        """The server's REST base, e.g. ``https://server.example:443/api``."""
+        return f"{self.server_url.rstrip('/')}:{self.port}{self.api_path}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit kwargs > environment > the YAML file being loaded (see load_settings).
+        file_source = InitSettingsSource(settings_cls, init_kwargs=dict(_file_values.get()))
+        return (init_settings, env_settings, file_source)
+
+
+#: The values of the YAML file that :func:`load_settings` is loading right now.
+_file_values: ContextVar[Mapping[str, Any]] = ContextVar(
+    "fednode_file_values", default=MappingProxyType({})
+)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
+    """Read ``path`` (YAML) plus the environment into :class:`NodeSettings`.
+
+    Raises :class:`ConfigError` with one line per problem; never a traceback for bad input.
+    """
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        file_values = _read_yaml(path)
+        _resolve_relative_paths(file_values, base=path.absolute().parent)
+    token = _file_values.set(file_values)
+    try:
+        return NodeSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    finally:
+        _file_values.reset(token)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: configuration file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read configuration file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{path}: expected a mapping of configuration keys, got {type(data).__name__}"]
+        )
+    return data
+
+
+#: Settings keys that hold file-system paths (relative ones are relative to the file).
+_PATH_KEYS = {("task_dir",), ("encryption", "private_key"), ("executor", "kubeconfig"),
+              ("executor", "image_cache")}
+
+
+def _resolve_relative_paths(values: dict[str, Any], *, base: Path) -> None:
+    for keys in _PATH_KEYS:
+        holder: Any = values
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str):
+            holder[keys[-1]] = str(_absolute(holder[keys[-1]], base))
+    for db in values.get("databases") or []:
+        if isinstance(db, dict) and isinstance(db.get("uri"), str) and "://" not in db["uri"]:
+            db["uri"] = str(_absolute(db["uri"], base))
+
+
+def _absolute(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def describe_validation_error(exc: ValidationError) -> list[str]:
+    """Turn pydantic's errors into one operator-readable line each."""
+    problems = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        # Drop discriminator tags pydantic inserts into the location (e.g. 'podman').
+        loc = [part for i, part in enumerate(loc)
+               if not (i > 0 and loc[i - 1] == "executor" and part in _EXECUTOR_KINDS)]
+        key = _format_loc(loc)
+        kind = error["type"]
+        if kind == "missing":
+            problems.append(f"{key}: required key is missing; {_hint(loc)}")
+            continue
+        value = _redact(loc, error.get("input"))
+        if kind == "extra_forbidden":
+            problems.append(f"{key}: unknown key (value {value}); {_known_keys(loc)}")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {message} (got {value})")
+    return problems
+
+
+_EXECUTOR_KINDS = {"podman", "kubernetes", "apptainer"}
+
+
+def _format_loc(loc: list[int | str]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _redact(loc: list[int | str], value: Any) -> str:
+    if any(str(part) in SECRET_KEYS for part in loc):
+        return REDACTED
+    if isinstance(value, dict):
+        return "a mapping"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _model_at(loc: list[int | str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = NodeSettings
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _section_of(field.annotation)
+    return model
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_keys(loc: list[int | str]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "remove it"
+    return "remove it or use one of: " + ", ".join(sorted(model.model_fields))
+
+
+def _hint(loc: list[int | str]) -> str:
+    key = str(loc[-1]) if loc else ""
+    env = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p).upper() for p in loc if isinstance(p, str))
+    return f"set '{key}' in the file or the environment variable {env}"
+
+
+def redacted_dump(settings: NodeSettings) -> dict[str, Any]:
+    """The effective configuration as plain data, with every secret replaced by ``***``."""
+    dumped: dict[str, Any] = _redact_tree(settings.model_dump(mode="json"))
+    return dumped
+
+
+_URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
+
+
+def _redact_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: (REDACTED if k in SECRET_KEYS and v is not None else _redact_tree(v))
+                for k, v in value.items()}
+    if isinstance(value, str):
+        return _URI_PASSWORD.sub(rf"\g<head>{REDACTED}@", value)
+    if isinstance(value, list):
+        return [_redact_tree(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Policies: what may run here (images, organizations, users, resources) and isolation rules."""

@@ -1,0 +1,1 @@
+"""The proxy: the aiohttp application algorithms call, the only door to the server."""

@@ -1,0 +1,57 @@
+"""Logging: JSON lines off a terminal, with bound run ids and stdlib loggers included."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from node.logging import bind_run, configure_logging, get_logger
+
+
+def lines_of(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_structlog_events_are_json_with_level_time_and_keys() -> None:
+    out = io.StringIO()
+    configure_logging(level="INFO", fmt="auto", stream=out)
+    get_logger("fednode.test").info("run.started", image="localhost/x")
+    (line,) = lines_of(out)
+    assert line["event"] == "run.started"
+    assert line["image"] == "localhost/x"
+    assert line["level"] == "info"
+    assert line["logger"] == "fednode.test"
+    assert "timestamp" in line
+
+
+def test_bound_run_ids_appear_on_every_line_inside_the_block() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    log = get_logger("fednode.test")
+    with bind_run(run_id=7, task_id=3):
+        log.info("inside")
+        logging.getLogger("aiohttp.client").warning("library line")
+    log.info("outside")
+    inside, library, outside = lines_of(out)
+    assert (inside["run_id"], inside["task_id"]) == (7, 3)
+    assert library["run_id"] == 7 and library["event"] == "library line"
+    assert library["logger"] == "aiohttp.client"
+    assert "run_id" not in outside
+
+
+def test_level_filters_debug() -> None:
+    out = io.StringIO()
+    configure_logging(level="WARNING", fmt="json", stream=out)
+    get_logger("x").info("hidden")
+    get_logger("x").warning("shown")
+    assert [line["event"] for line in lines_of(out)] == ["shown"]
+
+
+def test_console_format_is_not_json() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="console", stream=out)
+    get_logger("x").info("hello", run_id=1)
+    text = out.getvalue()
+    assert "hello" in text and "run_id" in text
+    assert not text.lstrip().startswith("{")

@@ -1,0 +1,158 @@
+"""Settings: the file is read, the environment wins, and every bad input is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from node.settings import (
+    ConfigError,
+    KubernetesExecutor,
+    PodmanExecutor,
+    load_settings,
+    redacted_dump,
+)
+
+API_KEY = "4c6f1d7e-8a39-4b1e-9f0d-2a7c5e3b9d10"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def csv_file(tmp_path: Path) -> Path:
+    path = tmp_path / "data.csv"
+    path.write_text("age\n30\n")
+    return path
+
+
+@pytest.fixture
+def minimal(tmp_path: Path) -> str:
+    return (
+        "server_url: https://v6.example.org\n"
+        f"api_key: {API_KEY}\n"
+        "task_dir: ./tasks\n"
+    )
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    return caught.value.problems
+
+
+def test_valid_file_is_loaded_with_defaults_and_relative_paths_resolved(
+    tmp_path: Path, minimal: str, csv_file: Path
+) -> None:
+    path = write(tmp_path, minimal + "databases:\n  - {label: default, type: csv, uri: data.csv}\n")
+    settings = load_settings(path)
+    assert settings.server_api_url == "https://v6.example.org:443/api"
+    assert settings.task_dir == tmp_path / "tasks"
+    assert settings.databases[0].uri == str(csv_file)
+    assert isinstance(settings.executor, PodmanExecutor)
+    assert settings.api_key.get_secret_value() == API_KEY
+
+
+def test_environment_overrides_beat_the_file(
+    tmp_path: Path, minimal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, minimal + "proxy: {port: 7000}\nexecutor: {kind: kubernetes}\n")
+    monkeypatch.setenv("FEDNODE_PROXY__PORT", "8123")
+    monkeypatch.setenv("FEDNODE_EXECUTOR__NAMESPACE", "from-env")
+    monkeypatch.setenv("FEDNODE_MAX_CONCURRENT_RUNS", "3")
+    settings = load_settings(path)
+    assert settings.proxy.port == 8123
+    assert isinstance(settings.executor, KubernetesExecutor)
+    assert settings.executor.namespace == "from-env"
+    assert settings.max_concurrent_runs == 3
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    assert problems_of(tmp_path / "nope.yaml") == [
+        f"{tmp_path / 'nope.yaml'}: configuration file not found"
+    ]
+
+
+def test_bad_yaml_names_line_and_column(tmp_path: Path) -> None:
+    (problem,) = problems_of(write(tmp_path, "server_url: [1,\nport: 2\n"))
+    assert "not valid YAML at line" in problem
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    (problem,) = problems_of(write(tmp_path, "- a\n- b\n"))
+    assert "expected a mapping" in problem
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path: Path, minimal: str) -> None:
+    (problem,) = problems_of(write(tmp_path, minimal + "proxy: {prot: 1}\n"))
+    assert problem.startswith("proxy.prot: unknown key")
+    assert "host, port" in problem
+
+
+def test_wrong_type_names_key_value_and_expectation(tmp_path: Path, minimal: str) -> None:
+    (problem,) = problems_of(write(tmp_path, minimal + "port: many\n"))
+    assert problem.startswith("port:")
+    assert "valid integer" in problem
+    assert "'many'" in problem
+
+
+def test_missing_required_key_says_how_to_set_it(tmp_path: Path) -> None:
+    problems = problems_of(write(tmp_path, f"server_url: https://x.org\napi_key: {API_KEY}\n"))
+    assert problems == [
+        "task_dir: required key is missing; set 'task_dir' in the file or the environment "
+        "variable FEDNODE_TASK_DIR"
+    ]
+
+
+def test_database_file_that_does_not_exist(tmp_path: Path, minimal: str) -> None:
+    (problem,) = problems_of(
+        write(tmp_path, minimal + "databases:\n  - {label: db, type: csv, uri: gone.csv}\n")
+    )
+    assert problem.startswith("databases[0].uri: csv file does not exist")
+    assert "gone.csv" in problem
+
+
+def test_unreadable_private_key(tmp_path: Path, minimal: str) -> None:
+    (problem,) = problems_of(
+        write(tmp_path, minimal + "encryption: {enabled: true, private_key: missing.pem}\n")
+    )
+    assert problem.startswith("encryption.private_key: private key cannot be read")
+
+
+def test_readable_private_key_is_accepted(tmp_path: Path, minimal: str) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path = write(tmp_path, minimal + "encryption: {enabled: true, private_key: key.pem}\n")
+    assert load_settings(path).encryption.private_key == tmp_path / "key.pem"
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    problems = problems_of(write(tmp_path, "server_url: nohost\nport: x\nbogus: 1\n"))
+    keys = sorted(p.split(":")[0] for p in problems)
+    assert keys == ["api_key", "bogus", "port", "server_url", "task_dir"]
+
+
+def test_secrets_never_appear_in_messages_or_dumps(tmp_path: Path, minimal: str) -> None:
+    bad = minimal.replace(API_KEY, "") + "executor: {kind: podman, registry_password: [hunter2]}\n"
+    problems = problems_of(write(tmp_path, bad))
+    assert not any("hunter2" in p for p in problems)
+
+    good = minimal + (
+        "databases:\n  - {label: pg, type: sql, uri: 'postgresql://me:s3cret@db/x'}\n"
+        "executor: {kind: podman, registry_password: hunter2}\n"
+    )
+    dumped = str(redacted_dump(load_settings(write(tmp_path, good))))
+    for secret in (API_KEY, "hunter2", "s3cret"):
+        assert secret not in dumped
