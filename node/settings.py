@@ -41,6 +41,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from executors.apptainer.config import ApptainerSettings
+from executors.kubernetes.config import KubernetesSettings
+from executors.podman.config import PodmanSettings
+
 ENV_PREFIX = "FEDNODE_"
 ENV_NESTED_DELIMITER = "__"
 
@@ -153,46 +157,8 @@ class Policies(_Section):
         return patterns
 
 
-PullPolicy = Literal["always", "if-not-present", "never"]
-
-
-class PodmanExecutor(_Section):
-    """Runs algorithms as podman containers through podman's REST API."""
-
-    kind: Literal["podman"] = "podman"
-    socket: str = "unix:///run/podman/podman.sock"
-    pull_policy: PullPolicy = "if-not-present"
-    registry_username: str | None = None
-    registry_password: SecretStr | None = None
-    network: str = "fednode-runs"
-
-
-class KubernetesExecutor(_Section):
-    """Runs algorithms as Kubernetes Jobs in one namespace."""
-
-    kind: Literal["kubernetes"] = "kubernetes"
-    kubeconfig: Path | None = None
-    context: str | None = None
-    namespace: str = "fednode-runs"
-    gpu_resource_name: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, str]] = Field(default_factory=list)
-    backoff_limit: Annotated[int, Field(ge=0)] = 0
-    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 3600
-    task_volume_claim: str = "fednode-tasks"
-    task_volume_access: Literal["ReadWriteMany", "ReadWriteOnce"] = "ReadWriteMany"
-
-
-class ApptainerExecutor(_Section):
-    """Runs algorithms with ``apptainer exec`` as asyncio subprocesses (HPC hosts)."""
-
-    kind: Literal["apptainer"] = "apptainer"
-    binary: str = "apptainer"
-    image_cache: Path | None = None
-
-
 ExecutorSettings = Annotated[
-    PodmanExecutor | KubernetesExecutor | ApptainerExecutor, Field(discriminator="kind")
+    PodmanSettings | KubernetesSettings | ApptainerSettings, Field(discriminator="kind")
 ]
 
 
@@ -242,7 +208,7 @@ class NodeSettings(BaseSettings):
     databases: list[Database] = Field(default_factory=list)
     encryption: Encryption = Field(default_factory=Encryption)
     policies: Policies = Field(default_factory=Policies)
-    executor: ExecutorSettings = Field(default_factory=PodmanExecutor)
+    executor: ExecutorSettings = Field(default_factory=PodmanSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -8,13 +8,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from node.settings import (
-    ConfigError,
-    KubernetesExecutor,
-    PodmanExecutor,
-    load_settings,
-    redacted_dump,
-)
+from executors.kubernetes.config import KubernetesSettings
+from executors.podman.config import PodmanSettings
+from node.settings import ConfigError, load_settings, redacted_dump
 
 API_KEY = "4c6f1d7e-8a39-4b1e-9f0d-2a7c5e3b9d10"
 
@@ -55,7 +51,7 @@ def test_valid_file_is_loaded_with_defaults_and_relative_paths_resolved(
     assert settings.server_api_url == "https://v6.example.org:443/api"
     assert settings.task_dir == tmp_path / "tasks"
     assert settings.databases[0].uri == str(csv_file)
-    assert isinstance(settings.executor, PodmanExecutor)
+    assert isinstance(settings.executor, PodmanSettings)
     assert settings.api_key.get_secret_value() == API_KEY
 
 
@@ -68,7 +64,7 @@ def test_environment_overrides_beat_the_file(
     monkeypatch.setenv("FEDNODE_MAX_CONCURRENT_RUNS", "3")
     settings = load_settings(path)
     assert settings.proxy.port == 8123
-    assert isinstance(settings.executor, KubernetesExecutor)
+    assert isinstance(settings.executor, KubernetesSettings)
     assert settings.executor.namespace == "from-env"
     assert settings.max_concurrent_runs == 3
 

@@ -1,0 +1,1 @@
+"""The apptainer executor: ``apptainer exec`` as asyncio subprocesses, for HPC hosts."""

@@ -1,0 +1,111 @@
+"""The one interface every runtime implements, and what an executor is given to work with.
+
+An executor owns the runtime objects of its runs (Jobs, containers, processes) and follows
+them without polling where the runtime can push events (Kubernetes watch streams, podman's
+event stream). The node drives it:
+
+* ``open()`` once at start-up (connect, begin following events), ``close()`` at shutdown;
+* ``start(spec)`` is idempotent: a run whose object already exists is not started twice;
+* ``events()`` yields :class:`~executors.spec.RunEvent` for every phase change, for runs
+  started by this instance and for runs found by ``list_runs()`` (after a restart);
+* ``collect``/``cleanup`` after a terminal event; ``kill`` at any time;
+* ``list_runs()`` rebuilds the state from the runtime's own labels, for reconciliation.
+
+Executors are plugins: each registers a factory under the ``fednode.executors`` entry-point
+group (see :mod:`executors.registry`), so a third party can add one without editing fednode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from executors.spec import RunEvent, RunOutput, RunSpec, RunState
+
+#: Label keys put on every runtime object (Kubernetes label syntax, valid for podman too).
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NODE = "fednode.io/node"
+LABEL_RUN = "fednode.io/run-id"
+LABEL_TASK = "fednode.io/task-id"
+LABEL_ACTION = "fednode.io/action"
+MANAGED_BY = "fednode"
+#: Annotation (or label, where the runtime has no annotations) with the W3C trace context.
+ANNOTATION_TRACEPARENT = "fednode.io/traceparent"
+
+
+class ExecutorError(Exception):
+    """The runtime cannot be used at all (unreachable, misconfigured): an operator problem."""
+
+
+class UnknownRun(ExecutorError):
+    """The runtime has no object for this run id."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"no run {run_id} in this executor")
+        self.run_id = run_id
+
+
+class ExecutorContext(BaseModel):
+    """What the node tells every executor, whatever its kind."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node_name: str
+    task_dir: Path
+
+
+def run_labels(spec: RunSpec, *, node_name: str) -> dict[str, str]:
+    """The labels that let any executor find and rebuild its runs after a restart."""
+    return {
+        **spec.labels,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_NODE: node_name,
+        LABEL_RUN: str(spec.run_id),
+        LABEL_TASK: str(spec.task_id),
+        LABEL_ACTION: spec.action,
+    }
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Run algorithm containers on one runtime. All methods are coroutine-safe."""
+
+    kind: ClassVar[str]
+
+    async def open(self) -> None:
+        """Connect to the runtime and start following its events."""
+
+    async def close(self) -> None:
+        """Stop following events and release connections; runs keep running."""
+
+    async def start(self, spec: RunSpec) -> None:
+        """Create and start the run's container; a no-op if it already exists."""
+
+    async def kill(self, run_id: int) -> None:
+        """Stop the run; its terminal event has phase ``killed``. Unknown ids are ignored."""
+
+    def events(self) -> AsyncIterator[RunEvent]:
+        """Every phase change of every run of this executor, in order per run."""
+        ...
+
+    async def collect(self, run_id: int) -> RunOutput:
+        """The output file and the log of a finished run."""
+        ...
+
+    async def cleanup(self, run_id: int) -> None:
+        """Remove the run's runtime objects and files (the decrypted input included)."""
+
+    async def list_runs(self) -> list[RunState]:
+        """All runs this node has on the runtime, rebuilt from labels."""
+        ...
+
+
+class ExecutorFactory(Protocol):
+    """What an entry point of the ``fednode.executors`` group points to."""
+
+    settings_model: ClassVar[type[BaseModel]]
+
+    def __call__(self, settings: BaseModel, *, context: ExecutorContext) -> Executor: ...

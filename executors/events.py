@@ -1,0 +1,59 @@
+"""The event stream every executor hands to the node, with "exactly once" built in.
+
+Runtimes repeat themselves: a watch relist replays every object, podman's event stream and a
+re-list after a reconnect both report the same death. :class:`RunEventStream` keeps the
+last phase seen per run and lets an event through only when it moves the run forward
+(``pending < starting < running < terminal``); a run's terminal event passes once. The
+node then never has to de-duplicate.
+
+One consumer reads :meth:`RunEventStream.__aiter__` (the node's run lifecycle); producers
+call :meth:`RunEventStream.publish` from the executor's watcher task. ``forget`` drops a
+run's memory after cleanup, so memory stays bounded by the runs in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from executors.spec import Phase, RunEvent
+
+_ORDER = {
+    Phase.PENDING: 0,
+    Phase.STARTING: 1,
+    Phase.RUNNING: 2,
+    Phase.SUCCEEDED: 3,
+    Phase.FAILED: 3,
+    Phase.KILLED: 3,
+}
+
+
+class RunEventStream:
+    """An unbounded queue of run events that drops repeats and backward steps."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[RunEvent] = asyncio.Queue()
+        self._last: dict[int, Phase] = {}
+
+    def publish(self, event: RunEvent) -> bool:
+        """Queue ``event`` if it advances its run; returns whether it was queued."""
+        last = self._last.get(event.run_id)
+        if last is not None and _ORDER[event.phase] <= _ORDER[last]:
+            return False
+        self._last[event.run_id] = event.phase
+        self._queue.put_nowait(event)
+        return True
+
+    def phase_of(self, run_id: int) -> Phase | None:
+        """The last phase published for ``run_id`` (``None`` if none or forgotten)."""
+        return self._last.get(run_id)
+
+    def forget(self, run_id: int) -> None:
+        self._last.pop(run_id, None)
+
+    def __aiter__(self) -> AsyncIterator[RunEvent]:
+        return self._drain()
+
+    async def _drain(self) -> AsyncIterator[RunEvent]:
+        while True:
+            yield await self._queue.get()

@@ -1,0 +1,1 @@
+"""The podman executor: one container per run, through podman's REST API (libpod)."""

@@ -1,0 +1,60 @@
+"""The per-run files on the node's side: ``<task_dir>/run-<id>/{input,output,token}``.
+
+Every executor that shares a file system with its containers (podman, apptainer, and
+Kubernetes through the task-directory volume) lays the files out the same way, so the node
+and the proxy never need to know which runtime ran the run. The decrypted input lives here
+only while the run exists: :meth:`RunFiles.remove` deletes it with the rest.
+
+The files are small and local; they are written directly rather than through a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from executors.spec import INPUT_FILE_NAME, OUTPUT_FILE_NAME, TOKEN_FILE_NAME, RunSpec
+
+
+class RunFiles:
+    """Paths and preparation of one run's directory."""
+
+    def __init__(self, task_dir: Path, run_id: int) -> None:
+        self.run_id = run_id
+        self.directory = task_dir / f"run-{run_id}"
+
+    @property
+    def input(self) -> Path:
+        return self.directory / INPUT_FILE_NAME
+
+    @property
+    def output(self) -> Path:
+        return self.directory / OUTPUT_FILE_NAME
+
+    @property
+    def token(self) -> Path:
+        return self.directory / TOKEN_FILE_NAME
+
+    def prepare(self, spec: RunSpec, *, owner: tuple[int, int] | None = None) -> None:
+        """Write input and token, create an empty output; hand them to ``owner`` (uid, gid).
+
+        The directory is private (0700) to whoever runs the container, so other local users
+        cannot read the decrypted input.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.input.write_bytes(spec.input)
+        self.token.write_text(spec.token.get_secret_value() if spec.token else "")
+        self.output.write_bytes(b"")
+        if owner is not None and os.geteuid() == 0:
+            for path in (self.directory, self.input, self.token, self.output):
+                os.chown(path, *owner)
+
+    def read_output(self) -> bytes:
+        try:
+            return self.output.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""The executor-neutral values that cross the executor boundary.
+
+``RunSpec`` is everything an executor needs to start one run; ``RunEvent`` is what it
+reports back; ``RunState`` is what it can tell about a run from the runtime's own objects
+(labels, annotations) after a restart; ``RunOutput`` is what a finished run produced.
+
+Phases form one small state machine, the same for every runtime::
+
+    pending -> starting -> running -> succeeded | failed | killed
+
+A terminal phase carries a :class:`Reason` that the node maps onto the server's run
+statuses (``crashed``, ``non-existing Docker image``, ...). Nothing here knows about HTTP,
+the server or any runtime's client library.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+#: Where an executor places the run's own files inside the container.
+CONTAINER_TASK_DIR = "/mnt/task"
+#: Where file databases appear inside the container: ``/mnt/data/<label>/<file name>``.
+CONTAINER_DATA_DIR = "/mnt/data"
+#: Writable scratch space inside the container (the root file system is read-only).
+CONTAINER_SCRATCH_DIR = "/tmp"
+
+INPUT_FILE_NAME = "input"
+OUTPUT_FILE_NAME = "output"
+TOKEN_FILE_NAME = "token"
+
+
+class Phase(enum.StrEnum):
+    """Where a run is in its life; the last three are terminal."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    KILLED = "killed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.KILLED})
+
+
+class Reason(enum.StrEnum):
+    """Why a run ended (or cannot start); the node maps these to server run statuses."""
+
+    COMPLETED = "completed"
+    CRASHED = "crashed"  # the algorithm exited non-zero
+    IMAGE_NOT_FOUND = "image-not-found"  # missing image or failed pull
+    OOM_KILLED = "oom-killed"
+    DEADLINE_EXCEEDED = "deadline-exceeded"
+    KILLED = "killed"  # on request (kill_containers)
+    START_FAILED = "start-failed"  # the runtime refused to create or start it
+    NOT_ALLOWED = "not-allowed"  # refused by a policy (e.g. more GPUs than allowed)
+    LOST = "lost"  # the runtime object vanished without a terminal state
+
+
+class DatabaseMount(BaseModel):
+    """A database the run may read: file-like ones are bound read-only into the container."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    type: str
+    uri: str  # a host path for csv/parquet/excel/folder, else a service URI
+    is_local_path: bool
+
+    @property
+    def container_uri(self) -> str:
+        """What the algorithm sees as this database's URI."""
+        if not self.is_local_path:
+            return self.uri
+        if self.type == "folder":
+            return f"{CONTAINER_DATA_DIR}/{self.label}"
+        return f"{CONTAINER_DATA_DIR}/{self.label}/{self.uri.rsplit('/', 1)[-1]}"
+
+
+class Resources(BaseModel):
+    """What one run may use; executors turn these into limits (and GPU requests)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu: Annotated[float, Field(gt=0)] = 1.0
+    memory_mb: Annotated[int, Field(gt=0)] = 1024
+    gpus: Annotated[int, Field(ge=0)] = 0
+    gpu_type: str | None = None
+    pids: Annotated[int, Field(gt=0)] = 512
+
+
+class ProxyEndpoint(BaseModel):
+    """How a run reaches the node's proxy; ``None`` on a spec means no network at all."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int
+
+
+class RunSpec(BaseModel):
+    """Everything needed to start one run, whatever the runtime."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: int
+    task_id: int
+    organization_id: int
+    collaboration_id: int
+    parent_task_id: int | None = None
+    image: str
+    action: str = "compute"
+    input: bytes = b""
+    token: SecretStr | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    databases: tuple[DatabaseMount, ...] = ()
+    resources: Resources = Field(default_factory=Resources)
+    deadline_seconds: Annotated[int, Field(gt=0)] = 24 * 3600
+    labels: dict[str, str] = Field(default_factory=dict)
+    proxy: ProxyEndpoint | None = None
+    trace_context: dict[str, str] = Field(default_factory=dict)
+
+
+class RunEvent(NamedTuple):
+    """One observed change of a run's phase."""
+
+    run_id: int
+    phase: Phase
+    reason: Reason | None = None
+    exit_code: int | None = None
+    at: datetime = datetime.min.replace(tzinfo=UTC)
+    message: str = ""
+
+    @classmethod
+    def now(
+        cls,
+        run_id: int,
+        phase: Phase,
+        reason: Reason | None = None,
+        *,
+        exit_code: int | None = None,
+        message: str = "",
+    ) -> RunEvent:
+        return cls(run_id, phase, reason, exit_code, datetime.now(UTC), message)
+
+
+class RunState(NamedTuple):
+    """A run as the runtime knows it, rebuilt from labels/annotations (for reconciliation)."""
+
+    run_id: int
+    task_id: int
+    phase: Phase
+    reason: Reason | None = None
+    exit_code: int | None = None
+    trace_context: dict[str, str] = {}  # noqa: RUF012 - NamedTuple default, never mutated
+
+
+class RunOutput(NamedTuple):
+    """What a finished run produced: the output file's bytes and the container log."""
+
+    output: bytes
+    log: str
