@@ -1,1 +1,150 @@
-"""Placeholder: filled in by the test-peers work."""
+"""The real podman peer: a podman API service on a private socket, with fednode's images.
+
+``podman_service`` (session scope) starts ``podman system service --time=0`` on a socket
+in the session's temporary directory, or reuses the service at
+``$FEDNODE_TEST_PODMAN_SOCKET``; waits until ``/_ping`` answers; checks that the locally
+built images are there; and stops the service it started at the end of the session.
+
+Podman and the images come from ``scripts/podman-setup``. When either is missing the
+tests that use this peer fail with the reason and that command: they are never skipped,
+and nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SETUP_COMMAND = "scripts/podman-setup"
+BASE_IMAGE = "localhost/fednode/python-base:latest"
+AVERAGE_IMAGE = "localhost/fednode/average:latest"
+DIAGNOSTICS_IMAGE = "localhost/fednode/diagnostics:latest"
+API_PREFIX = "/v4.0.0/libpod"
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class PodmanService:
+    """A running podman API service and the names of the images built for the tests."""
+
+    socket_path: Path
+    base_image: str
+    average_image: str
+    diagnostics_image: str
+    data_dir: Path  # the sample CSVs (employees_a.csv, employees_b.csv)
+
+    @property
+    def url(self) -> str:
+        """The service address as podman (``--url``) and the docker SDK spell it."""
+        return f"unix://{self.socket_path}"
+
+    def cli(self, *args: str) -> list[str]:
+        """A podman command line that goes through this service (podman remote)."""
+        return ["podman", "--url", self.url, *args]
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._socket_path))
+        self.sock = sock
+
+
+def _status(socket_path: Path, path: str, timeout: float = 5.0) -> int | None:
+    """The HTTP status of ``GET path`` on the service, or None when it does not answer."""
+    connection = _UnixHTTPConnection(socket_path, timeout)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+def _fail(reason: str) -> NoReturn:
+    pytest.fail(f"podman peer: {reason}. Run `{SETUP_COMMAND}` first.", pytrace=False)
+
+
+def _start_service(socket_path: Path) -> subprocess.Popen[bytes]:
+    podman = shutil.which("podman")
+    if podman is None:
+        _fail("podman is not installed")
+    log_path = socket_path.with_name("service.log")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(podman), "system", "service", "--time=0", f"unix://{socket_path}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while _status(socket_path, "/_ping", timeout=1.0) != 200:
+        if process.poll() is not None:
+            _fail(
+                f"`podman system service` exited with {process.returncode}: "
+                f"{log_path.read_text(errors='replace')[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            _stop_service(process)
+            _fail(f"`podman system service` did not answer /_ping within {START_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+    return process
+
+
+def _stop_service(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def podman_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanService]:
+    """The podman API service with fednode's images; fails (never skips) when unavailable."""
+    process: subprocess.Popen[bytes] | None = None
+    reused = os.environ.get("FEDNODE_TEST_PODMAN_SOCKET")
+    if reused:
+        socket_path = Path(reused)
+        if _status(socket_path, "/_ping") != 200:
+            _fail(f"no podman service answers on FEDNODE_TEST_PODMAN_SOCKET={reused}")
+    else:
+        socket_path = tmp_path_factory.mktemp("podman") / "podman.sock"
+        process = _start_service(socket_path)
+    try:
+        images = (BASE_IMAGE, AVERAGE_IMAGE, DIAGNOSTICS_IMAGE)
+        missing = [
+            image
+            for image in images
+            if _status(socket_path, f"{API_PREFIX}/images/{image}/exists") != 204
+        ]
+        if missing:
+            _fail(f"image(s) missing: {', '.join(missing)}")
+        yield PodmanService(
+            socket_path=socket_path,
+            base_image=BASE_IMAGE,
+            average_image=AVERAGE_IMAGE,
+            diagnostics_image=DIAGNOSTICS_IMAGE,
+            data_dir=REPO / "algorithms" / "data",
+        )
+    finally:
+        if process is not None:
+            _stop_service(process)
