@@ -81,8 +81,12 @@ class DatabaseType(enum.StrEnum):
 
     @property
     def is_local_path(self) -> bool:
-        return self in {DatabaseType.CSV, DatabaseType.PARQUET, DatabaseType.EXCEL,
-                        DatabaseType.FOLDER}
+        return self in {
+            DatabaseType.CSV,
+            DatabaseType.PARQUET,
+            DatabaseType.EXCEL,
+            DatabaseType.FOLDER,
+        }
 
 
 class Database(_Section):
@@ -308,8 +312,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 #: Settings keys that hold file-system paths (relative ones are relative to the file).
-_PATH_KEYS = {("task_dir",), ("encryption", "private_key"), ("executor", "kubeconfig"),
-              ("executor", "image_cache")}
+_PATH_KEYS = {
+    ("task_dir",),
+    ("encryption", "private_key"),
+    ("executor", "kubeconfig"),
+    ("executor", "image_cache"),
+}
 
 
 def _resolve_relative_paths(values: dict[str, Any], *, base: Path) -> None:
@@ -335,8 +343,11 @@ def describe_validation_error(exc: ValidationError) -> list[str]:
     for error in exc.errors():
         loc = list(error["loc"])
         # Drop discriminator tags pydantic inserts into the location (e.g. 'podman').
-        loc = [part for i, part in enumerate(loc)
-               if not (i > 0 and loc[i - 1] == "executor" and part in _EXECUTOR_KINDS)]
+        loc = [
+            part
+            for i, part in enumerate(loc)
+            if not (i > 0 and loc[i - 1] == "executor" and part in _EXECUTOR_KINDS)
+        ]
         key = _format_loc(loc)
         kind = error["type"]
         if kind == "missing":
@@ -416,8 +427,10 @@ _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s
 
 def _redact_tree(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: (REDACTED if k in SECRET_KEYS and v is not None else _redact_tree(v))
-                for k, v in value.items()}
+        return {
+            k: (REDACTED if k in SECRET_KEYS and v is not None else _redact_tree(v))
+            for k, v in value.items()
+        }
     if isinstance(value, str):
         return _URI_PASSWORD.sub(rf"\g<head>{REDACTED}@", value)
     if isinstance(value, list):

@@ -1,0 +1,104 @@
+"""The vantage6 4.x algorithm container contract: the environment a run's container gets.
+
+An algorithm written with ``vantage6-algorithm-tools`` 4.x reads its input, output and token
+files, the proxy address and its databases from environment variables, exactly as the
+vantage6 4.x node sets them:
+
+* ``INPUT_FILE``, ``OUTPUT_FILE``, ``TOKEN_FILE``, ``TEMPORARY_FOLDER`` — paths in the container;
+* ``HOST``, ``PORT``, ``API_PATH`` — the node proxy (``AlgorithmClient`` joins them);
+* ``USER_REQUESTED_DATABASE_LABELS``, ``DB_LABELS``, ``<LABEL>_DATABASE_URI``,
+  ``<LABEL>_DATABASE_TYPE``, and ``<LABEL>_QUERY``/``_SHEET_NAME``/``_PREPROCESSING`` from the
+  task's database parameters.
+
+Like the 4.x node, values are base32-encoded with ``=`` written as ``!``, which keeps
+special characters from being interpreted on their way into the container; the algorithm
+tools decode every variable and leave undecodable ones (``PATH``, ``TRACEPARENT``) as they
+are. The W3C trace context is passed plainly as ``TRACEPARENT``/``TRACESTATE``
+(OpenTelemetry's environment-carrier convention).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from executors.spec import (
+    CONTAINER_SCRATCH_DIR,
+    CONTAINER_TASK_DIR,
+    INPUT_FILE_NAME,
+    OUTPUT_FILE_NAME,
+    TOKEN_FILE_NAME,
+    DatabaseMount,
+    ProxyEndpoint,
+)
+
+DATABASE_PARAMETERS = ("query", "sheet_name", "preprocessing")
+
+
+def encode_value(value: str) -> str:
+    """vantage6's env encoding: base32 of the UTF-8 bytes, ``=`` padding written as ``!``."""
+    return base64.b32encode(value.encode("utf-8")).decode("ascii").replace("=", "!")
+
+
+def decode_value(value: str) -> str:
+    """The inverse of :func:`encode_value` (as ``vantage6-algorithm-tools`` does it)."""
+    return base64.b32decode(value.replace("!", "=").encode("ascii")).decode("utf-8")
+
+
+def container_environment(
+    *,
+    databases: Iterable[DatabaseMount],
+    requested: Iterable[Mapping[str, Any]],
+    proxy: ProxyEndpoint | None,
+    trace_context: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The complete environment of one run's container.
+
+    ``databases`` are all the node's databases (every one is described, as vantage6 does);
+    ``requested`` are the task's ``databases`` entries (``label`` and optional JSON
+    ``parameters``), in the order the user gave them.
+    """
+    plain: dict[str, str] = {
+        "INPUT_FILE": f"{CONTAINER_TASK_DIR}/{INPUT_FILE_NAME}",
+        "OUTPUT_FILE": f"{CONTAINER_TASK_DIR}/{OUTPUT_FILE_NAME}",
+        "TOKEN_FILE": f"{CONTAINER_TASK_DIR}/{TOKEN_FILE_NAME}",
+        "TEMPORARY_FOLDER": CONTAINER_SCRATCH_DIR,
+        "HOST": f"http://{proxy.host}" if proxy else "http://localhost",
+        "PORT": str(proxy.port) if proxy else "0",
+        "API_PATH": "",
+    }
+    labels: list[str] = []
+    for entry in requested:
+        label = str(entry.get("label", ""))
+        labels.append(label)
+        for key, value in _parameters(entry.get("parameters")).items():
+            if key in DATABASE_PARAMETERS:
+                text = json.dumps(value) if key == "preprocessing" else str(value)
+                plain[f"{label.upper()}_{key.upper()}"] = text
+    plain["USER_REQUESTED_DATABASE_LABELS"] = ",".join(labels)
+    node_labels = []
+    for db in databases:
+        plain[f"{db.label.upper()}_DATABASE_URI"] = db.container_uri
+        plain[f"{db.label.upper()}_DATABASE_TYPE"] = db.type
+        node_labels.append(db.label)
+    plain["DB_LABELS"] = ",".join(node_labels)
+
+    environment = {key: encode_value(value) for key, value in plain.items()}
+    for key in ("traceparent", "tracestate"):
+        if trace_context and key in trace_context:
+            environment[key.upper()] = trace_context[key]
+    return environment
+
+
+def _parameters(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, str) and raw.strip():
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
