@@ -64,6 +64,23 @@ def version() -> None:
     typer.echo(f"fednode {version_string()}")
 
 
+@app.command()
+def start(config: ConfigOption) -> None:
+    """Run the node until SIGTERM/SIGINT (then it shuts down cleanly)."""
+    import asyncio
+
+    from node.app import NodeStartError, serve
+    from node.logging import configure_logging
+
+    settings = load_or_exit(config)
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
+    try:
+        asyncio.run(serve(settings))
+    except NodeStartError as exc:
+        typer.echo(f"fednode: cannot start: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from None
+
+
 @config_app.command("check")
 def config_check(config: ConfigOption) -> None:
     """Validate a configuration; print the effective configuration with secrets redacted."""

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 SEPARATOR = "$"
 AES_KEY_BYTES = 32
 IV_BYTES = 16
+NOT_OURS = "cannot decrypt: not encrypted for this organization's key, or corrupt"
 
 
 class CryptoError(ValueError):
@@ -126,7 +127,8 @@ class RSACryptor:
             # vantage6's UI base64-encodes the AES key before wrapping it.
             aes_key = _maybe_unwrap_base64(aes_key)
         if len(aes_key) != AES_KEY_BYTES or len(iv) != IV_BYTES:
-            raise CryptoError("unwrapped key or IV has the wrong length")
+            # PKCS#1 v1.5 with implicit rejection returns random bytes for a foreign key.
+            raise CryptoError(NOT_OURS)
         decryptor = Cipher(algorithms.AES(aes_key), modes.CTR(iv)).decryptor()
         plain = decryptor.update(body) + decryptor.finalize()
         return _maybe_unwrap_json_base64(plain)

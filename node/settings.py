@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -140,6 +141,14 @@ class ResourceLimits(_Section):
     max_memory_mb: Annotated[int, Field(gt=0)] = 8192
     max_gpus: Annotated[int, Field(ge=0)] = 0
     default_deadline_seconds: Annotated[int, Field(gt=0)] = 24 * 3600
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> ResourceLimits:
+        if self.default_cpu > self.max_cpu:
+            raise ValueError("default_cpu must not exceed max_cpu")
+        if self.default_memory_mb > self.max_memory_mb:
+            raise ValueError("default_memory_mb must not exceed max_memory_mb")
+        return self
 
 
 class Policies(_Section):

@@ -30,11 +30,7 @@ def csv_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def minimal(tmp_path: Path) -> str:
-    return (
-        "server_url: https://v6.example.org\n"
-        f"api_key: {API_KEY}\n"
-        "task_dir: ./tasks\n"
-    )
+    return f"server_url: https://v6.example.org\napi_key: {API_KEY}\ntask_dir: ./tasks\n"
 
 
 def problems_of(path: Path) -> list[str]:

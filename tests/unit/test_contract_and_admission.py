@@ -1,0 +1,79 @@
+"""The container environment follows the vantage6 4.x contract; admission is vantage6-like."""
+
+from __future__ import annotations
+
+from executors.spec import DatabaseMount, ProxyEndpoint
+from node.contract import container_environment, decode_value, encode_value
+from policies.admission import (
+    Admission,
+    AdmissionPolicy,
+    Admitted,
+    Refused,
+    ResourcePolicy,
+    ResourceRequest,
+)
+
+
+def test_values_are_base32_with_bang_padding_and_round_trip() -> None:
+    assert encode_value("a") == "ME!!!!!!"
+    assert decode_value(encode_value("/mnt/task/input")) == "/mnt/task/input"
+
+
+def test_environment_describes_files_proxy_and_databases() -> None:
+    csv = DatabaseMount(label="default", type="csv", uri="/data/a.csv", is_local_path=True)
+    sql = DatabaseMount(label="pg", type="sql", uri="postgresql://db/x", is_local_path=False)
+    env = container_environment(
+        databases=[csv, sql],
+        requested=[{"label": "default", "parameters": '{"query": "select 1"}'}],
+        proxy=ProxyEndpoint(host="10.0.0.2", port=7654),
+        trace_context={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+    )
+    plain = {k: decode_value(v) for k, v in env.items() if k != "TRACEPARENT"}
+    assert plain["INPUT_FILE"] == "/mnt/task/input"
+    assert plain["OUTPUT_FILE"] == "/mnt/task/output"
+    assert plain["TOKEN_FILE"] == "/mnt/task/token"
+    assert (plain["HOST"], plain["PORT"], plain["API_PATH"]) == ("http://10.0.0.2", "7654", "")
+    assert plain["USER_REQUESTED_DATABASE_LABELS"] == "default"
+    assert plain["DEFAULT_DATABASE_URI"] == "/mnt/data/default/a.csv"
+    assert plain["DEFAULT_DATABASE_TYPE"] == "csv"
+    assert plain["DEFAULT_QUERY"] == "select 1"
+    assert plain["PG_DATABASE_URI"] == "postgresql://db/x"
+    assert plain["DB_LABELS"] == "default,pg"
+    assert env["TRACEPARENT"].startswith("00-111")
+
+
+def policy(**kwargs: object) -> Admission:
+    return Admission(AdmissionPolicy.model_validate(kwargs))
+
+
+def test_image_must_match_an_allowed_pattern() -> None:
+    admission = policy(allowed_algorithms=[r"^localhost/fednode/.*$"])
+    assert isinstance(
+        admission.decide(image="localhost/fednode/average", organization_id=1, user_id=1), Admitted
+    )
+    refused = admission.decide(image="evil/miner", organization_id=1, user_id=1)
+    assert isinstance(refused, Refused) and "allowed algorithms" in refused.reason
+
+
+def test_organization_or_user_lists_allow_either() -> None:
+    admission = policy(allowed_organizations=[2], allowed_users=[9])
+    assert isinstance(admission.decide(image="x", organization_id=2, user_id=1), Admitted)
+    assert isinstance(admission.decide(image="x", organization_id=5, user_id=9), Admitted)
+    refused = admission.decide(image="x", organization_id=5, user_id=1)
+    assert isinstance(refused, Refused) and "organization 5" in refused.reason
+
+
+def test_resources_get_defaults_and_caps() -> None:
+    admission = Admission(
+        AdmissionPolicy(
+            resources=ResourcePolicy(
+                default_cpu=0.5, default_memory_mb=64, max_gpus=2, max_memory_mb=100
+            )
+        )
+    )
+    granted = admission.decide(image="x", organization_id=1, user_id=1)
+    assert isinstance(granted, Admitted) and granted.resources.cpu == 0.5
+    too_many = admission.decide(
+        image="x", organization_id=1, user_id=1, request=ResourceRequest(gpus=3)
+    )
+    assert isinstance(too_many, Refused) and "at most 2" in too_many.reason
