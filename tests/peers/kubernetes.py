@@ -1,1 +1,268 @@
-"""Placeholder: filled in by the test-peers work."""
+"""The real Kubernetes testbed as a test peer (pytest plugin).
+
+``scripts/k8s-testbed`` runs a pinned kube-apiserver, kube-controller-manager,
+kube-scheduler and etcd (built from Go modules) with kwok playing the kubelet for three CPU
+nodes and one GPU node. This plugin starts it once per test session (or reuses one that is
+already up) and hands tests what they need to act as fednode would: a namespace labelled
+Pod Security ``restricted`` and a kubeconfig for a namespaced ServiceAccount (executor
+tests must never run as cluster admin).
+
+Set ``FEDNODE_TEST_KUBECONFIG`` to test against another cluster (for example kind, see
+docs/testing.md); nothing is started or stopped then. ``FEDNODE_KEEP_PEERS=1`` leaves a
+testbed this session started running at the end. A testbed that cannot start fails the
+test with the reason and the log to read: it is never skipped and never mocked.
+
+Pods on kwok nodes follow annotations (``fednode.test/run-seconds``, ``exit-code``,
+``oom-killed``, ``image-missing``, ``start-seconds``); see ``POD_*`` constants below.
+
+Fixtures:
+
+- ``k8s_testbed`` (session) -> ``K8sTestbed``
+- ``k8s_namespace`` (function, async) -> name of a fresh ``restricted`` namespace, deleted
+  afterwards
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+__all__ = [
+    "EXECUTOR_RULES",
+    "GPU_NODE",
+    "GPU_RESOURCE",
+    "GPU_TOLERATION",
+    "POD_EXIT_CODE",
+    "POD_IMAGE_MISSING",
+    "POD_OOM_KILLED",
+    "POD_RUN_SECONDS",
+    "POD_START_SECONDS",
+    "K8sTestbed",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "k8s-testbed"
+DEFAULT_KUBECONFIG = Path.home() / ".cache" / "fednode" / "k8s" / "run" / "admin.kubeconfig"
+UP_TIMEOUT = 300.0
+
+# Pod annotations the testbed's kwok stages understand (scripts/k8s_testbed.py).
+POD_RUN_SECONDS = "fednode.test/run-seconds"  # "1" (default), "0.2", "forever"
+POD_START_SECONDS = "fednode.test/start-seconds"  # "0" (default)
+POD_EXIT_CODE = "fednode.test/exit-code"  # "3" -> terminated exitCode 3, phase Failed
+POD_OOM_KILLED = "fednode.test/oom-killed"  # "true" -> exitCode 137, reason OOMKilled
+POD_IMAGE_MISSING = "fednode.test/image-missing"  # "true" -> Pending, ErrImagePull
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE = "kwok-gpu-0"  # advertises nvidia.com/gpu: 4, label fednode.test/gpu=true
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+#: What a fednode executor may do in its own namespace (the default Role of
+#: ``K8sTestbed.service_account_kubeconfig``).
+EXECUTOR_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["batch"], "resources": ["jobs"],
+     "verbs": ["get", "list", "watch", "create", "delete", "deletecollection", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"],
+     "verbs": ["get", "list", "watch", "delete", "deletecollection"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["configmaps", "secrets"],
+     "verbs": ["get", "list", "watch", "create", "delete", "deletecollection"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["get", "list", "watch", "create", "delete", "patch"]},
+]
+
+
+@dataclass
+class K8sTestbed:
+    """A reachable cluster: the testbed, or the one ``FEDNODE_TEST_KUBECONFIG`` names."""
+
+    kubeconfig: Path  # admin (system:masters); for set-up only, never for the code under test
+    workdir: Path  # where service-account kubeconfigs are written
+    started_here: bool = False
+    external: bool = False
+    _namespaces: set[str] = field(default_factory=set)
+
+    @contextlib.asynccontextmanager
+    async def api_client(self, kubeconfig: Path | None = None) -> AsyncIterator[Any]:
+        """A ``kubernetes_asyncio`` ApiClient for ``kubeconfig`` (default: admin)."""
+        from kubernetes_asyncio import config
+
+        client = await config.new_client_from_config(config_file=str(kubeconfig or
+                                                                     self.kubeconfig))
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    async def create_namespace(self, prefix: str = "fednode-test", *,
+                               pod_security: str = "restricted",
+                               labels: dict[str, str] | None = None) -> str:
+        """Create a namespace enforcing Pod Security ``pod_security``; return its name.
+
+        Returns once the namespace's ``default`` ServiceAccount exists (the ServiceAccount
+        admission plugin rejects pods before that), observed through a watch.
+        """
+        from kubernetes_asyncio import client, watch
+
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        ps = {f"pod-security.kubernetes.io/{mode}": pod_security
+              for mode in ("enforce", "audit", "warn")}
+        ps |= {f"pod-security.kubernetes.io/{mode}-version": "latest"
+               for mode in ("enforce", "audit", "warn")}
+        async with self.api_client() as api:
+            core = client.CoreV1Api(api)
+            await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+                name=name, labels={"fednode.test/owner": "pytest", **ps, **(labels or {})})))
+            self._namespaces.add(name)
+            listed = await core.list_namespaced_service_account(
+                name, field_selector="metadata.name=default")
+            if not listed.items:
+                async with watch.Watch() as w:
+                    async for event in w.stream(
+                        core.list_namespaced_service_account, name,
+                        field_selector="metadata.name=default",
+                        resource_version=listed.metadata.resource_version,
+                        timeout_seconds=30,
+                    ):
+                        if event["type"] == "ADDED":
+                            break
+                    else:
+                        raise AssertionError(f"no default ServiceAccount in {name} after 30 s")
+        return name
+
+    async def delete_namespace(self, name: str) -> None:
+        """Delete a namespace (foreground work happens in the namespace controller)."""
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        async with self.api_client() as api:
+            try:
+                await client.CoreV1Api(api).delete_namespace(name)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+        self._namespaces.discard(name)
+
+    async def service_account_kubeconfig(
+        self, namespace: str, name: str = "fednode-executor", *,
+        rules: list[dict[str, Any]] | None = None, expiration_seconds: int = 3600,
+    ) -> Path:
+        """A kubeconfig acting as ServiceAccount ``namespace/name``, bound to a namespaced
+        Role with ``rules`` (default ``EXECUTOR_RULES``); its token comes from TokenRequest."""
+        from kubernetes_asyncio import client
+
+        async with self.api_client() as api:
+            core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+            await core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
+                metadata=client.V1ObjectMeta(name=name)))
+            await rbac.create_namespaced_role(namespace, {
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": name},
+                "rules": rules if rules is not None else EXECUTOR_RULES,
+            })
+            await rbac.create_namespaced_role_binding(namespace, {
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                            "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            })
+            token = await core.create_namespaced_service_account_token(
+                name, namespace, client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(audiences=[],
+                                                   expiration_seconds=expiration_seconds)))
+        path = self.workdir / f"{namespace}.{name}.kubeconfig"
+        path.write_text(self._kubeconfig_for_token(token.status.token, namespace, name))
+        path.chmod(0o600)
+        return path
+
+    def _kubeconfig_for_token(self, token: str, namespace: str, user: str) -> str:
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        context_name = admin.get("current-context")
+        context = next(c["context"] for c in admin["contexts"] if c["name"] == context_name)
+        cluster = dict(next(c["cluster"] for c in admin["clusters"]
+                            if c["name"] == context["cluster"]))
+        authority = cluster.pop("certificate-authority", None)
+        if authority:  # embed, so the file stands alone
+            ca_path = Path(authority)
+            if not ca_path.is_absolute():
+                ca_path = self.kubeconfig.parent / ca_path
+            cluster["certificate-authority-data"] = base64.b64encode(
+                ca_path.read_bytes()).decode()
+        return yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "cluster", "cluster": cluster}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": user, "context": {"cluster": "cluster", "user": user,
+                                                   "namespace": namespace}}],
+            "current-context": user,
+        }, sort_keys=False)
+
+
+def _testbed(*args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="session")
+def k8s_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sTestbed]:
+    """The Kubernetes testbed, started once per session (or reused, or external)."""
+    workdir = tmp_path_factory.mktemp("k8s")
+    external = os.environ.get("FEDNODE_TEST_KUBECONFIG")
+    if external:
+        path = Path(external).expanduser()
+        if not path.is_file():
+            pytest.fail(f"FEDNODE_TEST_KUBECONFIG={external}: no such file", pytrace=False)
+        testbed = K8sTestbed(kubeconfig=path, workdir=workdir, external=True)
+        yield testbed
+        _delete_namespaces(testbed)
+        return
+
+    started_here = False
+    if _testbed("status", timeout=60).returncode != 0:
+        began = time.monotonic()
+        result = _testbed("up")
+        if result.returncode != 0:
+            pytest.fail(
+                f"the Kubernetes testbed did not start (scripts/k8s-testbed up, exit "
+                f"{result.returncode}, {time.monotonic() - began:.0f}s):\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}",
+                pytrace=False,
+            )
+        started_here = True
+    testbed = K8sTestbed(kubeconfig=DEFAULT_KUBECONFIG, workdir=workdir,
+                         started_here=started_here)
+    yield testbed
+    if started_here and os.environ.get("FEDNODE_KEEP_PEERS") != "1":
+        _testbed("down", timeout=120)
+    else:
+        _delete_namespaces(testbed)
+
+
+def _delete_namespaces(testbed: K8sTestbed) -> None:
+    async def delete_all() -> None:
+        for name in sorted(testbed._namespaces):
+            await testbed.delete_namespace(name)
+
+    if testbed._namespaces:
+        asyncio.run(delete_all())
+
+
+@pytest.fixture
+async def k8s_namespace(k8s_testbed: K8sTestbed) -> AsyncIterator[str]:
+    """A fresh namespace enforcing Pod Security ``restricted``; deleted after the test."""
+    name = await k8s_testbed.create_namespace()
+    yield name
+    await k8s_testbed.delete_namespace(name)
