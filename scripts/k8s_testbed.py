@@ -90,12 +90,13 @@ def fail(message: str, *, log_file: Path | None = None, tail: int = 30) -> Syste
     """Print a clear error (and the end of the log that explains it); return the exit."""
     print(f"[k8s-testbed] ERROR: {message}", file=sys.stderr, flush=True)
     if log_file is not None:
-        print(f"[k8s-testbed] log file: {log_file}", file=sys.stderr)
         if log_file.exists():
             lines = log_file.read_text(errors="replace").splitlines()[-tail:]
-            print(f"[k8s-testbed] last {len(lines)} lines:", file=sys.stderr)
+            print(f"[k8s-testbed] last {len(lines)} lines of {log_file}:", file=sys.stderr)
             for line in lines:
                 print(f"    {line}", file=sys.stderr)
+        # Repeat the verdict after the tail, so it is the last thing on screen.
+        print(f"[k8s-testbed] ERROR: {message}; read {log_file}", file=sys.stderr)
     sys.stderr.flush()
     return SystemExit(1)
 
@@ -625,6 +626,9 @@ spec:
     matchExpressions:
     - jq: {key: '.metadata.deletionTimestamp', operator: Exists}
     - jq: {key: '.status.phase', operator: In, values: [Succeeded, Failed]}
+    # once deleted with grace 0, a pod only waits for its finalizers: do not delete it again
+    - jq: {key: '(.metadata.deletionGracePeriodSeconds // 1) > 0', operator: In,
+           values: ["true"]}
   next:
     delete: true
 """
@@ -680,25 +684,33 @@ def write_pki() -> None:
             attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
         return x509.Name(attrs)
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = name("fednode-testbed-ca")
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(expires + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    save_key("ca", ca_key)
-    (PKI / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    def make_ca(file: str, cn: str) -> tuple[Any, x509.Name]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = name(cn)
+        cert = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(expires + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                         crl_sign=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        save_key(file, key)
+        (PKI / f"{file}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return key, subject
 
-    def issue(file: str, subject: x509.Name, *, server: bool) -> None:
+    ca_key, ca_name = make_ca("ca", "fednode-testbed-ca")
+    # The aggregation layer's own CA (requestheader authentication of proxied requests).
+    proxy_ca_key, proxy_ca_name = make_ca("front-proxy-ca", "fednode-testbed-front-proxy-ca")
+
+    def issue(file: str, subject: x509.Name, *, server: bool, ca_key: Any = ca_key,
+              ca_name: x509.Name = ca_name) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
@@ -735,6 +747,8 @@ def write_pki() -> None:
     issue("kube-controller-manager", name("system:kube-controller-manager"), server=False)
     issue("kube-scheduler", name("system:kube-scheduler"), server=False)
     issue("kwok", name("fednode-testbed-kwok", "system:masters"), server=False)
+    issue("front-proxy-client", name("front-proxy-client"), server=False,
+          ca_key=proxy_ca_key, ca_name=proxy_ca_name)
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     save_key("sa", sa_key)
@@ -872,6 +886,16 @@ def components() -> list[Component]:
             f"--secure-port={PORTS['kube-apiserver']}",
             *serving, f"--client-ca-file={pki / 'ca.crt'}", f"--cert-dir={run / 'apiserver'}",
             "--authorization-mode=RBAC",
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+            # 127.0.0.1 may not back the `kubernetes` Service's endpoints; nothing in the
+            # testbed runs in-cluster, so leave that Service without endpoints.
+            "--endpoint-reconciler-type=none",
             # Default admission plugins (incl. PodSecurity, ServiceAccount, LimitRanger,
             # ResourceQuota, TaintNodesByCondition) stay on; privileged pods are allowed by the
             # API, so Pod Security labels on a namespace are what forbids them.
@@ -892,6 +916,7 @@ def components() -> list[Component]:
             f"--cluster-signing-cert-file={pki / 'ca.crt'}",
             f"--cluster-signing-key-file={pki / 'ca.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--flex-volume-plugin-dir={run / 'flexvolume'}",  # it creates the directory
             "--kube-api-qps=100", "--kube-api-burst=200",
             "--profiling=false", "--v=1",
         ], f"https://{HOST}:{PORTS['kube-controller-manager']}/healthz", tls=True),
@@ -899,15 +924,19 @@ def components() -> list[Component]:
             str(b / "kube-scheduler"), *client_of("kube-scheduler"),
             "--kube-api-qps=100", "--kube-api-burst=200", "--profiling=false", "--v=1",
         ], f"https://{HOST}:{PORTS['kube-scheduler']}/healthz", tls=True),
-        Component("kwok", [
-            str(b / "kwok"), f"--kubeconfig={run / 'kwok.kubeconfig'}",
-            f"--config={run / 'kwok.yaml'}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={NODE_SELECTOR_ANNOTATION}=fake",
-            f"--cidr={POD_CIDR}", "--node-ip=10.99.0.1",
-            "--node-lease-duration-seconds=40",
-            f"--server-address={HOST}:{PORTS['kwok']}",
-        ], f"http://{HOST}:{PORTS['kwok']}/healthz", timeout=30),
+        Component("kwok", kwok_argv(run / "kwok.kubeconfig", run / "kwok.yaml", PORTS["kwok"]),
+                  f"http://{HOST}:{PORTS['kwok']}/healthz", timeout=30),
+    ]
+
+
+def kwok_argv(kubeconfig: Path, config: Path, port: int) -> list[str]:
+    return [
+        str(BIN_DIR / "kwok"), f"--kubeconfig={kubeconfig}", f"--config={config}",
+        "--manage-all-nodes=false",
+        f"--manage-nodes-with-annotation-selector={NODE_SELECTOR_ANNOTATION}=fake",
+        f"--cidr={POD_CIDR}", "--node-ip=10.99.0.1",
+        "--node-lease-duration-seconds=40",
+        f"--server-address={HOST}:{port}",
     ]
 
 
@@ -1043,9 +1072,12 @@ def up(args: argparse.Namespace) -> None:
                 log(f"already up and healthy ({human(time.monotonic() - started)})")
                 print_env()
                 return
-            log("found a half-started or unhealthy testbed: "
-                + "; ".join(f"{n}: {d}" for n, ok, d in report if not ok)
-                + " -> cleaning it and starting again")
+            if any(read_pid(c) is not None for c in components()):
+                log("found a half-started or unhealthy testbed: "
+                    + "; ".join(f"{n}: {d}" for n, ok, d in report if not ok)
+                    + " -> stopping it and starting again")
+            else:
+                log(f"removing the state of a stopped testbed in {RUN_DIR}")
             teardown()
         busy = [f"{name} {port}" for name, port in PORTS.items() if port_in_use(port)]
         if busy:
@@ -1158,6 +1190,33 @@ def print_env(_: argparse.Namespace | None = None) -> None:
     print(f"export KUBECONFIG={KUBECONFIG}")
 
 
+def attach(args: argparse.Namespace) -> None:
+    """Give another cluster (e.g. kind) the testbed's kwok nodes and pod stages.
+
+    Creates the four fake nodes with kubectl, then runs kwok in the foreground (Ctrl-C
+    stops it; the nodes stay and turn NotReady).
+    """
+    kubeconfig = Path(args.kubeconfig).expanduser().resolve()
+    if not kubeconfig.is_file():
+        raise fail(f"no kubeconfig at {kubeconfig}")
+    if not (BIN_DIR / "kwok").is_file():
+        raise fail(f"kwok is missing in {BIN_DIR}; run `scripts/k8s-testbed build` first")
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise fail("kubectl is needed to create the kwok nodes")
+    workdir = K8S_HOME / "attach"
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "kwok.yaml").write_text(kwok_stages())
+    nodes = json.dumps({"apiVersion": "v1", "kind": "List", "items": kwok_nodes()})
+    created = subprocess.run([kubectl, f"--kubeconfig={kubeconfig}", "apply", "-f", "-"],
+                             input=nodes, text=True, capture_output=True, check=False)
+    if created.returncode != 0:
+        raise fail(f"creating the kwok nodes failed: {created.stderr.strip()}")
+    log(f"kwok nodes created in the cluster of {kubeconfig}; running kwok (Ctrl-C stops it)")
+    argv = kwok_argv(kubeconfig, workdir / "kwok.yaml", args.port)
+    os.execv(argv[0], argv)
+
+
 # --------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------
@@ -1175,6 +1234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything and wipe the run state (keeps binaries)")
     sub.add_parser("status", help="health of each component; exit 0 when all are healthy")
     sub.add_parser("env", help="print `export KUBECONFIG=...`")
+    p_attach = sub.add_parser("attach", help="run the kwok nodes and stages against another "
+                              "cluster (e.g. kind), in the foreground")
+    p_attach.add_argument("--kubeconfig", required=True, help="admin kubeconfig of that cluster")
+    p_attach.add_argument("--port", type=int, default=PORTS["kwok"] + 1,
+                          help=f"kwok's health port (default {PORTS['kwok'] + 1})")
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args)
@@ -1184,6 +1248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         down(args)
     elif args.command == "status":
         return status(args)
+    elif args.command == "attach":
+        attach(args)
     else:
         print_env(args)
     return 0
