@@ -1,0 +1,133 @@
+"""End-to-end fixtures: real fednode nodes, in this process, against the real peers.
+
+``start_node`` starts a :class:`node.app.Node` for one organization of a collaboration on
+the real vantage6 server, running its containers on real podman, and stops it at the end
+of the test. Each node records its spans in an in-memory exporter (``node.spans``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from node.app import Node
+from node.settings import load_settings
+from tests.peers.podman import PodmanService
+from tests.peers.v6server import V6Collaboration, V6Org, V6Server
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "algorithms" / "data"
+
+
+@dataclass
+class RunningNode:
+    node: Node
+    org: V6Org
+    exporter: InMemorySpanExporter
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    settings_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 60)
+
+
+StartNode = Callable[..., Awaitable[RunningNode]]
+
+
+def node_settings(
+    *,
+    org: V6Org,
+    server: V6Server,
+    podman: PodmanService,
+    task_dir: Path,
+    csv: Path,
+    **overrides: Any,
+) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "name": f"fednode-{org.name}",
+        "server_url": f"http://{server.host}",
+        "port": server.port,
+        "api_path": server.api_path,
+        "api_key": org.api_key,
+        "task_dir": task_dir,
+        "databases": [{"label": "default", "type": "csv", "uri": str(csv)}],
+        "executor": {"kind": "podman", "socket": podman.url},
+        "max_concurrent_runs": 16,
+    }
+    if org.private_key is not None:
+        values["encryption"] = {"enabled": True, "private_key": org.private_key}
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture
+async def start_node(
+    v6_server: V6Server, podman_service: PodmanService, tmp_path: Path
+) -> AsyncIterator[StartNode]:
+    started: list[RunningNode] = []
+
+    async def start(
+        collaboration: V6Collaboration, org: V6Org, *, csv: Path | None = None, **overrides: Any
+    ) -> RunningNode:
+        csv = csv or DATA / ("employees_a.csv" if org is collaboration.org_a else "employees_b.csv")
+        values = node_settings(
+            org=org,
+            server=v6_server,
+            podman=podman_service,
+            task_dir=tmp_path / f"tasks-{org.name}",
+            csv=csv,
+            **overrides,
+        )
+        exporter = InMemorySpanExporter()
+        node = Node(
+            load_settings(None, **values),
+            span_processors=(SimpleSpanProcessor(exporter),),
+            shutdown_grace=5.0,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(node.run(stop), name=f"node-{org.name}")
+        running = RunningNode(node, org, exporter, stop, task, overrides)
+        started.append(running)
+        await wait_until_connected(running)
+        return running
+
+    yield start
+    for running in started:
+        if not running.task.done():
+            with contextlib.suppress(Exception):
+                await running.shutdown()
+
+
+async def wait_until_connected(running: RunningNode, timeout: float = 30.0) -> None:
+    """The node is authenticated, reconciled and its socket has synced."""
+
+    async def ready() -> None:
+        await running.node.ready.wait()
+        socket = running.node.state.socket
+        assert socket is not None
+        await socket.connected.wait()
+
+    waiter = asyncio.create_task(ready())
+    done, _ = await asyncio.wait({waiter, running.task}, timeout=timeout)
+    if running.task in done:
+        waiter.cancel()
+        running.task.result()  # raises the node's start-up error
+        pytest.fail("the node stopped during start-up")
+    if waiter not in done:
+        waiter.cancel()
+        pytest.fail(f"node {running.org.name} did not connect within {timeout} s")
