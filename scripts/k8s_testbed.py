@@ -1061,6 +1061,12 @@ def missing_binaries() -> list[str]:
 
 def up(args: argparse.Namespace) -> None:
     started = time.monotonic()
+    try:
+        import cryptography  # noqa: F401
+        import yaml  # noqa: F401
+    except ImportError as error:
+        raise fail(f"`up` needs cryptography and PyYAML ({error}); run scripts/dev-env, "
+                   "then use scripts/k8s-testbed (it picks .venv/bin/python)") from error
     missing = missing_binaries()
     if missing:
         raise fail(f"binaries missing in {BIN_DIR}: {', '.join(missing)}; "
