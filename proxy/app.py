@@ -1,0 +1,150 @@
+"""Building and serving the proxy: the app factory and a small server around it.
+
+The node builds one app with :func:`make_proxy_app`, handing it the server's API URL and
+the protocols of ``proxy.protocols``, and serves it in its own event loop with
+:class:`ProxyServer` on a TCP port (Kubernetes Service, podman network) or a unix socket
+(apptainer)::
+
+    app = make_proxy_app(upstream_api_url=..., runs=registry, crypto=adapter, tracer=tracer)
+    server = ProxyServer(app, host="0.0.0.0", port=7654)
+    await server.start()      # binds; the app's upstream session opens here
+    ...
+    await server.stop()       # stops accepting, finishes in-flight requests, closes session
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+from opentelemetry.trace import Tracer
+
+from proxy.context import CONTEXT, ProxyContext
+from proxy.limits import ProxyLimits
+from proxy.middlewares import errors, guard, observe
+from proxy.protocols import ProxyCrypto, RunRegistry
+from proxy.routes import add_routes
+from proxy.upstream import Upstream
+
+log = structlog.stdlib.get_logger(__name__)
+
+
+def make_proxy_app(
+    *,
+    upstream_api_url: str,
+    runs: RunRegistry,
+    crypto: ProxyCrypto,
+    tracer: Tracer | None = None,
+    limits: ProxyLimits | None = None,
+) -> web.Application:
+    """The proxy application; its upstream session opens on startup, closes on cleanup."""
+    limits = limits or ProxyLimits()
+    app = web.Application(
+        middlewares=[observe, errors, guard],
+        client_max_size=limits.max_body_bytes,
+    )
+    app[CONTEXT] = ProxyContext(
+        upstream=Upstream(api_url=upstream_api_url, limits=limits),
+        runs=runs,
+        crypto=crypto,
+        tracer=tracer,
+        limits=limits,
+    )
+    add_routes(app)
+    app.cleanup_ctx.append(_upstream_session)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    upstream = app[CONTEXT].upstream
+    await upstream.open()
+    try:
+        yield
+    finally:
+        await upstream.close()
+
+
+class ProxyServer:
+    """Serves a proxy app on ``host``:``port`` or on the unix socket ``path``."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        path: Path | str | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        if (path is None) == (port is None):
+            raise ValueError("ProxyServer: give either a port (with a host) or a unix path")
+        self.app = app
+        self.host = host or "127.0.0.1"
+        self.path = None if path is None else Path(path)
+        self._port = port
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (the real one when started with ``port=0``)."""
+        if self._port is None:
+            raise RuntimeError("ProxyServer: serving on a unix socket, not a port")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"unix:{self.path}" if self.path else f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self._shutdown_timeout,
+        )
+        await runner.setup()
+        site: web.BaseSite
+        try:
+            if self.path is not None:
+                if self.path.is_socket():
+                    self.path.unlink()  # left over by an earlier, killed node
+                site = web.UnixSite(runner, self.path)
+                await site.start()
+                self.path.chmod(0o666)  # the algorithm's user is not the node's
+            else:
+                site = web.TCPSite(runner, self.host, self._port)
+                await site.start()
+                self._port = _bound_port(runner, self._port)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        log.info("proxy.started", url=self.url, upstream=self.app[CONTEXT].upstream.api_url)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        await runner.cleanup()
+        if self.path is not None and self.path.is_socket():
+            self.path.unlink()
+        log.info("proxy.stopped", url=self.url)
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+
+def _bound_port(runner: web.AppRunner, fallback: int | None) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    if fallback is None:
+        raise RuntimeError("ProxyServer: no bound address")
+    return fallback

@@ -1,0 +1,28 @@
+"""What every handler and middleware reaches through the app and the request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from opentelemetry.trace import Tracer
+
+from proxy.limits import ProxyLimits
+from proxy.protocols import ProxyCrypto, ProxyRun, RunRegistry
+from proxy.upstream import Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyContext:
+    upstream: Upstream
+    runs: RunRegistry
+    crypto: ProxyCrypto
+    tracer: Tracer | None
+    limits: ProxyLimits
+
+
+CONTEXT = web.AppKey("fednode.proxy", ProxyContext)
+#: The run whose token authenticated the request (set by the guard middleware).
+RUN = web.RequestKey("fednode.proxy.run", ProxyRun)
+#: Milliseconds spent waiting for the server (set by the handlers that call it).
+UPSTREAM_MS = web.RequestKey("fednode.proxy.upstream_ms", float)

@@ -1,0 +1,31 @@
+"""The proxy's bounds: request size, upstream time, retries, connection pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """Bounds on what one request may cost; every field has a production default."""
+
+    #: Largest request body accepted (a subtask's input); larger → 413.
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: Longest one exchange with the server may take, body included; longer → 504.
+    upstream_timeout: float = 60.0
+    #: Longest opening a connection to the server may take.
+    connect_timeout: float = 5.0
+    #: Extra attempts after a connection error, for idempotent requests only.
+    retries: int = 2
+    #: Delay before the first retry; doubled for each next one.
+    retry_backoff: float = 0.05
+    #: Connections to the server kept open and reused (one pool, shared by all runs).
+    max_connections: int = 64
+    #: Responses larger than this, or of unknown length, are streamed, not buffered.
+    stream_threshold: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 0 or self.retries < 0 or self.max_connections < 1:
+            raise ValueError("ProxyLimits: sizes, retries and connections must be positive")
+        if self.upstream_timeout <= 0 or self.connect_timeout <= 0 or self.retry_backoff < 0:
+            raise ValueError("ProxyLimits: timeouts must be positive")

@@ -1,0 +1,182 @@
+"""The cross-cutting concerns of every request, outermost first.
+
+``observe``
+    One structured access-log line per request (run id, method, route, status, total and
+    upstream milliseconds) and, for an authenticated request, one span in the run's trace
+    (its parent is the run's W3C context). The span is recorded when the answer is known,
+    with the request's real start time, so rejected and failed requests cost no more
+    than successful ones.
+``errors``
+    Every failure becomes a vantage6-style JSON error (``{"msg": ...}``): the proxy's own
+    :class:`~proxy.errors.ProxyError`, aiohttp's HTTP errors (413 from an oversized
+    chunked body), and — logged with its traceback — anything unexpected (500).
+``guard``
+    The door. In order: a request target that is not a plain path (absolute URL, ``..``,
+    ``.``, percent-encoding, backslashes, empty segments) → 400; a declared body over the
+    limit → 413; no ``Authorization: Bearer`` token, or one no run holds → 401; the run
+    has finished → 403; a method and path outside the allow-list (``proxy.routes``) → 403.
+    Only ``/healthz`` needs no token.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from functools import lru_cache
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from proxy.context import CONTEXT, RUN, UPSTREAM_MS
+from proxy.errors import ProxyError, error_response
+from proxy.routes import PUBLIC_ROUTES
+
+log = structlog.stdlib.get_logger("proxy.access")
+
+#: Every path an algorithm may call is made of these; anything else is malformed.
+_PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_-]+)+|/")
+_WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="fednode-proxy"'}
+_propagator = TraceContextTextMapPropagator()
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started_ns = time.time_ns()
+    started = time.perf_counter()
+    status = 499  # the algorithm went away before an answer (nginx's convention)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        if not _is_public(request):
+            duration_ms = (time.perf_counter() - started) * 1e3
+            _record(request, _route_of(request), status, started_ns, duration_ms)
+
+
+def _record(
+    request: web.Request, route: str, status: int, started_ns: int, duration_ms: float
+) -> None:
+    run = request.get(RUN)
+    upstream_ms = request.get(UPSTREAM_MS)
+    log.info(
+        "proxy.request",
+        run_id=run.run_id if run else None,
+        task_id=run.task_id if run else None,
+        method=request.method,
+        route=route,
+        status=status,
+        duration_ms=round(duration_ms, 3),
+        upstream_ms=None if upstream_ms is None else round(upstream_ms, 3),
+    )
+    tracer = request.app[CONTEXT].tracer
+    if tracer is None or run is None:
+        return
+    attributes: dict[str, str | int | float] = {
+        "http.request.method": request.method,
+        "http.route": route,
+        "http.response.status_code": status,
+        "fednode.run_id": run.run_id,
+        "fednode.task_id": run.task_id,
+    }
+    if upstream_ms is not None:
+        attributes["fednode.proxy.upstream_ms"] = upstream_ms
+    span = tracer.start_span(
+        f"proxy {request.method} {route}",
+        context=_parent_context(run.trace_context),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        start_time=started_ns,
+    )
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+def _parent_context(carrier: Mapping[str, str]) -> Context | None:
+    traceparent = carrier.get("traceparent")
+    if not traceparent:
+        return None
+    return _extract(traceparent, carrier.get("tracestate", ""))
+
+
+@lru_cache(maxsize=4096)
+def _extract(traceparent: str, tracestate: str) -> Context:
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    return _propagator.extract(carrier)
+
+
+def _is_public(request: web.Request) -> bool:
+    info = request.match_info
+    return info.http_exception is None and info.route.name in PUBLIC_ROUTES
+
+
+def _route_of(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None:
+        return "(not allowed)"
+    return info.route.resource.canonical if info.route.resource is not None else "(none)"
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason)
+    except Exception:
+        log.exception("proxy.internal_error", method=request.method, path=request.path)
+        return error_response(500, "internal error in the node's proxy; see the node's log")
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    target = request.raw_path
+    if not target.startswith("/"):
+        raise ProxyError(400, "absolute-form request targets are not accepted")
+    if _PLAIN_PATH.fullmatch(target.partition("?")[0]) is None:
+        raise ProxyError(400, "malformed path: only plain /segment/segment paths are accepted")
+    if _is_public(request):
+        return await handler(request)
+    info = request.match_info
+    context = request.app[CONTEXT]
+    length = request.content_length
+    if length is not None and length > context.limits.max_body_bytes:
+        raise ProxyError(
+            413, f"request body over the limit of {context.limits.max_body_bytes} bytes"
+        )
+    token = _bearer(request.headers.get("Authorization"))
+    if token is None:
+        raise ProxyError(401, "missing bearer token", headers=_WWW_AUTHENTICATE)
+    run = context.runs.lookup(token)
+    if run is None:
+        raise ProxyError(401, "unknown token", headers=_WWW_AUTHENTICATE)
+    request[RUN] = run
+    if not run.active:
+        raise ProxyError(403, f"run {run.run_id} has finished; its token is no longer accepted")
+    if info.http_exception is not None:
+        raise ProxyError(
+            403, f"{request.method} {request.path} is not an endpoint algorithms may call"
+        )
+    return await handler(request)
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token

@@ -1,0 +1,115 @@
+"""What the proxy needs from the node, as small protocols the node satisfies.
+
+The proxy never imports ``node/``. At construction the node hands it:
+
+* a :class:`RunRegistry` — "which run holds this container token?" — answering with a
+  :class:`ProxyRun` (ids, whether the run is still active, its W3C trace context);
+* a :class:`ProxyCrypto` — whether the collaboration is encrypted, encryption of a
+  subtask's input for a receiving organization (the node knows how to find that
+  organization's public key), and decryption of what was encrypted for this node's
+  organization.
+
+:class:`RunInfo` and :class:`RunTable` are a plain in-memory registry: enough for the
+node (register a run's token when its container starts, ``finish`` it when the container
+ends, ``discard`` it after a grace period) and for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+
+class ProxyRun(Protocol):
+    """One algorithm run as the proxy sees it."""
+
+    @property
+    def run_id(self) -> int: ...
+
+    @property
+    def task_id(self) -> int: ...
+
+    @property
+    def organization_id(self) -> int: ...
+
+    @property
+    def collaboration_id(self) -> int: ...
+
+    @property
+    def active(self) -> bool:
+        """True while the run's container may call the server; False once it finished."""
+        ...
+
+    @property
+    def trace_context(self) -> Mapping[str, str]:
+        """The run's W3C trace context (``traceparent``, optional ``tracestate``)."""
+        ...
+
+
+class RunRegistry(Protocol):
+    """Finds the run a container token belongs to; called once per request (keep it O(1))."""
+
+    def lookup(self, token: str) -> ProxyRun | None: ...
+
+
+class ProxyCryptoError(Exception):
+    """Input cannot be encrypted for an organization (no public key, bad key): a 400."""
+
+
+class ProxyCrypto(Protocol):
+    """The node's end-to-end encryption, as the proxy uses it."""
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the node's collaboration is encrypted."""
+        ...
+
+    async def encrypt_for(self, organization_id: int, data: bytes) -> str:
+        """``data`` encrypted for ``organization_id``'s public key, in vantage6's format.
+
+        Raises :class:`ProxyCryptoError` when that cannot be done.
+        """
+        ...
+
+    def decrypt(self, data: str) -> bytes:
+        """What was encrypted for this node's organization; raises on anything else."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A :class:`ProxyRun` as a value."""
+
+    run_id: int
+    task_id: int
+    organization_id: int
+    collaboration_id: int
+    active: bool = True
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+
+
+class RunTable:
+    """An in-memory :class:`RunRegistry`: container token → :class:`RunInfo`."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, RunInfo] = {}
+
+    def add(self, token: str, run: RunInfo) -> None:
+        self._runs[token] = run
+
+    def finish(self, token: str) -> None:
+        """Keep the token known but refuse it (403) from now on."""
+        run = self._runs.get(token)
+        if run is not None:
+            self._runs[token] = replace(run, active=False)
+
+    def discard(self, token: str) -> None:
+        """Forget the token (401 from now on)."""
+        self._runs.pop(token, None)
+
+    def lookup(self, token: str) -> RunInfo | None:
+        return self._runs.get(token)
+
+    def __len__(self) -> int:
+        return len(self._runs)
