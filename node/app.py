@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
+from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from executors.base import Executor, ExecutorContext
@@ -27,6 +29,7 @@ from executors.registry import load_factory
 from executors.spec import DatabaseMount, ProxyEndpoint
 from node.background import TaskOwner
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
+from node.health import make_health_app
 from node.logging import get_logger
 from node.runs import LifecycleConfig, RunLifecycle
 from node.server.models import NodeIdentity
@@ -86,6 +89,7 @@ class Node:
         services = TaskOwner("node")
         executor: Executor | None = None
         lifecycle: RunLifecycle | None = None
+        health = await self._start_health()
         try:
             identity = await self._connect(server, stop)
             if identity is None:
@@ -127,8 +131,50 @@ class Node:
             if executor is not None:
                 await executor.close()
             await server.close()
+            if health is not None:
+                await health.cleanup()
             self.tracer_provider.shutdown()
             log.info("node.stopped")
+
+    async def _start_health(self) -> web.AppRunner | None:
+        """Serve /healthz, /readyz and /status from the very start (liveness while connecting)."""
+        health = self.settings.health
+        if not health.enabled:
+            return None
+        runner = web.AppRunner(make_health_app(status=self.status), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, health.host, health.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise NodeStartError(
+                f"health.port {health.port} on {health.host} cannot be used: {exc.strerror}"
+            ) from None
+        log.info("node.health_serving", host=health.host, port=health.port)
+        return runner
+
+    def status(self) -> dict[str, Any]:
+        """Readiness and a summary, for /readyz, /status and ``fednode status``."""
+        state = self.state
+        missing = []
+        if state.identity is None:
+            missing.append("server authentication")
+        if state.lifecycle is None or not self.ready.is_set():
+            missing.append("executor")
+        if state.socket is None or not state.socket.connected.is_set():
+            missing.append("server socket")
+        identity = state.identity
+        return {
+            "ready": not missing,
+            "missing": missing,
+            "name": self.settings.name,
+            "executor": self.settings.executor.kind,
+            "node_id": identity.id if identity else None,
+            "organization_id": identity.organization_id if identity else None,
+            "collaboration_id": identity.collaboration_id if identity else None,
+            "encrypted": identity.encrypted if identity else None,
+            "runs_in_flight": state.lifecycle.in_flight if state.lifecycle else 0,
+        }
 
     async def _connect(self, server: ServerClient, stop: asyncio.Event) -> NodeIdentity | None:
         """Authenticate and identify, retrying while the server is unreachable."""

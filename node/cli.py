@@ -7,7 +7,6 @@ a short message and an exit code (2 for bad configuration or usage), never a tra
 from __future__ import annotations
 
 import sys
-from importlib import metadata
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +14,7 @@ from typing import Annotated
 import typer
 import yaml
 
+from node import __version__
 from node.settings import ConfigError, NodeSettings, load_settings, redacted_dump
 
 EXIT_BAD_CONFIG = 2
@@ -33,13 +33,6 @@ ConfigOption = Annotated[
     Path,
     typer.Option("--config", "-c", help="The node configuration file (YAML).", show_default=False),
 ]
-
-
-def version_string() -> str:
-    try:
-        return metadata.version("fednode")
-    except metadata.PackageNotFoundError:  # running from a source tree without install
-        return "0+unknown"
 
 
 def example_config() -> str:
@@ -61,7 +54,7 @@ def load_or_exit(config: Path) -> NodeSettings:
 @app.command()
 def version() -> None:
     """Print fednode's version."""
-    typer.echo(f"fednode {version_string()}")
+    typer.echo(f"fednode {__version__}")
 
 
 @app.command()
@@ -79,6 +72,28 @@ def start(config: ConfigOption) -> None:
     except NodeStartError as exc:
         typer.echo(f"fednode: cannot start: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG) from None
+
+
+@app.command()
+def status(config: ConfigOption) -> None:
+    """Ask a running node (its health endpoint) how it is; exit 1 if it is not ready."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    settings = load_or_exit(config)
+    host = "127.0.0.1" if settings.health.host in ("0.0.0.0", "::") else settings.health.host
+    url = f"http://{host}:{settings.health.port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        typer.echo(f"fednode: no node answers at {url} ({exc})", err=True)
+        raise typer.Exit(1) from None
+    for key, value in body.items():
+        typer.echo(f"{key:>18}: {value}")
+    if not body.get("ready"):
+        raise typer.Exit(1)
 
 
 @config_app.command("check")

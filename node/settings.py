@@ -182,6 +182,14 @@ class ProxySettings(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 7654
 
 
+class HealthSettings(_Section):
+    """The node's own probe endpoints (/healthz, /readyz, /status); not for algorithms."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 7656
+
+
 class TelemetrySettings(_Section):
     """OpenTelemetry traces: one trace per run, exported over OTLP/HTTP when configured."""
 
@@ -223,6 +231,7 @@ class NodeSettings(BaseSettings):
     policies: Policies = Field(default_factory=Policies)
     executor: ExecutorSettings = Field(default_factory=PodmanSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     max_concurrent_runs: Annotated[int, Field(ge=1)] = 16

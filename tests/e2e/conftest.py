@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,12 @@ class RunningNode:
 StartNode = Callable[..., Awaitable[RunningNode]]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def node_settings(
     *,
     org: V6Org,
@@ -68,6 +75,7 @@ def node_settings(
         "databases": [{"label": "default", "type": "csv", "uri": str(csv)}],
         "executor": {"kind": "podman", "socket": podman.url},
         "max_concurrent_runs": 16,
+        "health": {"port": free_port()},
     }
     if org.private_key is not None:
         values["encryption"] = {"enabled": True, "private_key": org.private_key}
