@@ -36,15 +36,20 @@ class RunFiles:
     def token(self) -> Path:
         return self.directory / TOKEN_FILE_NAME
 
-    def prepare(self, spec: RunSpec, *, owner: tuple[int, int] | None = None) -> None:
+    def prepare(
+        self, spec: RunSpec, *, owner: tuple[int, int] | None = None, write_token: bool = True
+    ) -> None:
         """Write input and token, create an empty output; hand them to ``owner`` (uid, gid).
 
         The directory is private (0700) to whoever runs the container, so other local users
-        cannot read the decrypted input.
+        cannot read the decrypted input. ``write_token=False`` leaves the token file empty,
+        for runtimes that mount the token over it from elsewhere (a Kubernetes Secret), so
+        the token never rests on the shared volume.
         """
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.input.write_bytes(spec.input)
-        self.token.write_text(spec.token.get_secret_value() if spec.token else "")
+        token = spec.token.get_secret_value() if spec.token and write_token else ""
+        self.token.write_text(token)
         self.output.write_bytes(b"")
         if owner is not None and os.geteuid() == 0:
             for path in (self.directory, self.input, self.token, self.output):

@@ -125,6 +125,9 @@ class RunSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     deadline_seconds: Annotated[int, Field(gt=0)] = 24 * 3600
     labels: dict[str, str] = Field(default_factory=dict)
+    #: Extra annotations on the run's runtime object where the runtime has them (Kubernetes:
+    #: the pod); for operators' tooling and the test peers (kwok pod behaviour), else unused.
+    annotations: dict[str, str] = Field(default_factory=dict)
     proxy: ProxyEndpoint | None = None
     trace_context: dict[str, str] = Field(default_factory=dict)
 
