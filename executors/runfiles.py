@@ -5,6 +5,10 @@ Kubernetes through the task-directory volume) lays the files out the same way, s
 and the proxy never need to know which runtime ran the run. The decrypted input lives here
 only while the run exists: :meth:`RunFiles.remove` deletes it with the rest.
 
+The directory also keeps the node's own record that it asked for a run to be killed
+(``killed``, never mounted into the container): runtimes that keep no such record of their
+own (podman) tell "killed on request" from "crashed" with it, also after a restart.
+
 The files are small and local; they are written directly rather than through a thread.
 """
 
@@ -15,6 +19,9 @@ import shutil
 from pathlib import Path
 
 from executors.spec import INPUT_FILE_NAME, OUTPUT_FILE_NAME, TOKEN_FILE_NAME, RunSpec
+
+#: The node's record of a kill request; not one of the files the container sees.
+KILL_MARKER_NAME = "killed"
 
 
 class RunFiles:
@@ -35,6 +42,20 @@ class RunFiles:
     @property
     def token(self) -> Path:
         return self.directory / TOKEN_FILE_NAME
+
+    @property
+    def kill_marker(self) -> Path:
+        return self.directory / KILL_MARKER_NAME
+
+    @property
+    def killed(self) -> bool:
+        """Whether the node asked for this run to be killed (see :meth:`mark_killed`)."""
+        return self.kill_marker.exists()
+
+    def mark_killed(self) -> None:
+        """Record that the node asked for this run to be killed."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.kill_marker.touch()
 
     def prepare(
         self, spec: RunSpec, *, owner: tuple[int, int] | None = None, write_token: bool = True
