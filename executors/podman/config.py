@@ -1,10 +1,18 @@
-"""Settings of the podman executor (``executor: {kind: podman, ...}`` in node.yaml)."""
+"""Settings of the podman executor (``executor: {kind: podman, ...}`` in node.yaml).
+
+Defaults fit rootful podman 4.x on the node's own host: the API socket podman's system
+service listens on, conmon's exit directory under podman's ``tmp_dir``, and an internal
+network with a fixed subnet for runs that may reach the node's proxy (see
+``docs/executors.md``, podman section).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 PullPolicy = Literal["always", "if-not-present", "never"]
 
@@ -19,4 +27,30 @@ class PodmanSettings(BaseModel):
     pull_policy: PullPolicy = "if-not-present"
     registry_username: str | None = None
     registry_password: SecretStr | None = None
+    #: The internal network (no route out) runs join when their spec names a proxy.
     network: str = "fednode-runs"
+    #: Its subnet; the first address is the gateway, where the node's proxy listens.
+    network_subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.213.0.0/24")
+    #: The user the algorithm runs as (never root); it owns the run's files.
+    run_uid: Annotated[int, Field(gt=0)] = 1000
+    run_gid: Annotated[int, Field(gt=0)] = 1000
+    #: Size of the container's writable ``/tmp`` (the root file system is read-only).
+    scratch_size_mb: Annotated[int, Field(gt=0)] = 1024
+    #: The CDI device kind GPUs are requested as (``<kind>=<index>``).
+    cdi_gpu_kind: str = "nvidia.com/gpu"
+    #: conmon's exit directory (``<podman tmp_dir>/exits``), watched for prompt exits;
+    #: ``None`` (or a directory this process cannot read) leaves only the event stream.
+    exits_dir: Path | None = Path("/run/libpod/exits")
+    #: Upper bounds for one API call and one image pull; a stuck podman never hangs a run.
+    api_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    pull_timeout_seconds: Annotated[float, Field(gt=0)] = 600.0
+
+    @property
+    def socket_path(self) -> str:
+        """The file system path of the API socket (``unix://`` stripped)."""
+        return self.socket.removeprefix("unix://")
+
+    @property
+    def network_gateway(self) -> str:
+        """The run network's gateway address: where runs reach the node's proxy."""
+        return str(next(self.network_subnet.hosts()))

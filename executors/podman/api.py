@@ -1,0 +1,293 @@
+"""A thin async client for podman's libpod REST API over its unix socket.
+
+One :class:`aiohttp.ClientSession` per executor, bound to the socket with a
+``UnixConnector``: every call is an HTTP request on a pooled connection, never a podman
+subprocess. The client knows podman's endpoints and error shapes, not runs: the executor
+(:mod:`executors.podman.executor`) gives the calls their meaning.
+
+Errors are split the way the executor needs them: :class:`LibpodError` is podman
+answering "no" (a status and podman's own message), :class:`executors.base.ExecutorError`
+is podman not answering at all (socket missing, service down, timeout).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from executors.base import ExecutorError
+
+#: podman 4.0 is the oldest libpod API with the endpoints and fields used here; a newer
+#: service answers this prefix the same way.
+API_PREFIX = "/v4.0.0/libpod"
+MIN_API_VERSION = (4, 0)
+_BASE_URL = "http://podman"
+#: The stream header of multiplexed (non-terminal) logs: stream id, 3 zero bytes, length.
+_FRAME = struct.Struct(">BxxxI")
+
+
+class LibpodError(Exception):
+    """podman refused a request: its status code and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"podman answered {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def demultiplex(data: bytes) -> bytes:
+    """The payload of a multiplexed log stream (stdout and stderr, in order).
+
+    Bytes that do not start with a valid frame header are returned as they are (a terminal
+    container's log is not multiplexed).
+    """
+    chunks: list[bytes] = []
+    offset = 0
+    while offset + _FRAME.size <= len(data):
+        stream, size = _FRAME.unpack_from(data, offset)
+        if stream > 2:
+            return b"".join(chunks) + data[offset:]
+        start = offset + _FRAME.size
+        chunks.append(data[start : start + size])
+        offset = start + size
+    return b"".join(chunks) + data[offset:]
+
+
+def registry_auth(username: str, password: str) -> str:
+    """The ``X-Registry-Auth`` header value: base64 (URL-safe) of the credentials JSON."""
+    raw = json.dumps({"username": username, "password": password}).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+class LibpodClient:
+    """The libpod endpoints fednode uses; open with :meth:`open`, release with :meth:`close`."""
+
+    def __init__(self, socket_path: str, *, timeout: float) -> None:
+        self._socket_path = socket_path
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.UnixConnector(path=self._socket_path)
+        self._session = aiohttp.ClientSession(
+            base_url=_BASE_URL, connector=connector, timeout=self._timeout
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise ExecutorError("the podman API client is not open")
+        return self._session
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        limits: aiohttp.ClientTimeout | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        try:
+            async with self.session.request(
+                method,
+                API_PREFIX + path,
+                params=params,
+                json=json_body,
+                headers=headers,
+                timeout=limits or self._timeout,
+            ) as response:
+                if response.status >= 400:
+                    raise LibpodError(response.status, await _message_of(response))
+                yield response
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ExecutorError(
+                f"podman API at {self._socket_path} did not answer {method} {path}: "
+                f"{exc.__class__.__name__}: {exc}"
+            ) from exc
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with self._request(method, path, **kwargs) as response:
+            if response.status == 204:
+                return None
+            return await response.json(content_type=None)
+
+    # -- service ----------------------------------------------------------------------------
+
+    async def version(self) -> tuple[int, ...]:
+        """The libpod API version the service speaks (e.g. ``(4, 3, 1)``)."""
+        try:
+            async with self.session.get("/version") as response:
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ExecutorError(
+                f"cannot reach the podman API at {self._socket_path}: {exc}; is "
+                "`podman system service` running there?"
+            ) from exc
+        for component in body.get("Components") or ():
+            if component.get("Name") == "Podman Engine":
+                text = component.get("Details", {}).get("APIVersion", "")
+                break
+        else:
+            text = body.get("Version", "")
+        try:
+            return tuple(int(part) for part in text.split("-")[0].split("."))
+        except ValueError:
+            raise ExecutorError(f"podman reports an unreadable API version {text!r}") from None
+
+    # -- containers -------------------------------------------------------------------------
+
+    async def create_container(self, body: Mapping[str, Any]) -> str:
+        created = await self._json("POST", "/containers/create", json_body=body)
+        return str(created["Id"])
+
+    async def start_container(self, name: str) -> None:
+        """Start; a container that is already running (304) is left alone."""
+        async with self._request("POST", f"/containers/{name}/start"):
+            pass
+
+    async def kill_container(self, name: str, *, signal: str = "SIGKILL") -> None:
+        async with self._request("POST", f"/containers/{name}/kill", params={"signal": signal}):
+            pass
+
+    async def inspect_container(self, name: str) -> dict[str, Any] | None:
+        """The container's inspect document, or ``None`` if there is no such container."""
+        try:
+            body = await self._json("GET", f"/containers/{name}/json")
+        except LibpodError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(body)
+
+    async def list_containers(self, *, labels: list[str]) -> list[dict[str, Any]]:
+        filters = json.dumps({"label": labels})
+        body = await self._json(
+            "GET", "/containers/json", params={"all": "true", "filters": filters}
+        )
+        return list(body or [])
+
+    async def remove_container(self, name: str) -> bool:
+        """Remove (forcibly, with anonymous volumes); ``False`` if it did not exist."""
+        try:
+            async with self._request(
+                "DELETE", f"/containers/{name}", params={"force": "true", "v": "true"}
+            ):
+                return True
+        except LibpodError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    async def container_logs(self, name: str) -> bytes:
+        """stdout and stderr of the container, demultiplexed, in order."""
+        async with self._request(
+            "GET", f"/containers/{name}/logs", params={"stdout": "true", "stderr": "true"}
+        ) as response:
+            return demultiplex(await response.read())
+
+    @asynccontextmanager
+    async def events(
+        self, *, filters: Mapping[str, list[str]]
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Subscribe to podman's event stream; the body yields one decoded event per line.
+
+        Entering the context returns once podman has answered (the subscription exists);
+        the stream has no read timeout, so it lasts until podman or the caller ends it.
+        """
+        unlimited = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=30)
+        async with self._request(
+            "GET",
+            "/events",
+            params={"stream": "true", "filters": json.dumps(dict(filters))},
+            limits=unlimited,
+        ) as response:
+            yield _event_lines(response)
+
+    # -- images -----------------------------------------------------------------------------
+
+    async def image_exists(self, reference: str) -> bool:
+        try:
+            async with self._request("GET", f"/images/{reference}/exists"):
+                return True
+        except LibpodError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    async def pull_image(self, reference: str, *, auth: str | None, seconds: float) -> None:
+        """Pull ``reference`` within ``seconds``; :class:`LibpodError` says why it failed.
+
+        libpod answers 200 and reports a failed pull inside the streamed body
+        (``{"error": ...}``), so the whole body is read.
+        """
+        headers = {"X-Registry-Auth": auth} if auth else None
+        async with self._request(
+            "POST",
+            "/images/pull",
+            params={"reference": reference, "quiet": "true", "policy": "always"},
+            headers=headers,
+            limits=aiohttp.ClientTimeout(total=seconds),
+        ) as response:
+            async for raw in response.content:
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    report = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(report, dict) and report.get("error"):
+                    raise LibpodError(response.status, str(report["error"]))
+
+    # -- networks ---------------------------------------------------------------------------
+
+    async def inspect_network(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self._json("GET", f"/networks/{name}/json"))
+        except LibpodError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create_network(self, body: Mapping[str, Any]) -> None:
+        await self._json("POST", "/networks/create", json_body=body)
+
+
+async def _message_of(response: aiohttp.ClientResponse) -> str:
+    text = await response.text(errors="replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip() or response.reason or ""
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("cause") or text)
+    return text
+
+
+async def _event_lines(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    async for raw in response.content:
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            yield event

@@ -1,0 +1,501 @@
+"""The podman executor: one container per run, driven through podman's REST API.
+
+How a run goes, and where each step is observed:
+
+* ``start(spec)``: the image is checked (and pulled, per the pull policy), the run's files
+  are written, the container is created (labelled with node, run and task) and started.
+  ``starting`` is published before, ``running`` as soon as podman says it started. A
+  container that already exists is adopted, never created twice.
+* The end is observed twice, and :class:`~executors.events.RunEventStream` keeps the first:
+  conmon's exit file through inotify (:mod:`executors.podman.exits`, milliseconds), and
+  podman's event stream (``died``; podman 4.3 tails its events file every 250 ms). Either
+  way the container is inspected once and its state classified by
+  :func:`~executors.podman.containers.phase_of`.
+* One background task follows the event stream; when it breaks it reconnects with backoff,
+  and every (re)subscription is followed by a re-list by label that publishes each run's
+  current phase, so nothing that happened while disconnected is lost (level-triggered).
+* ``kill`` records the request in the run's files, then sends SIGKILL; ``collect`` reads
+  the output file and the container log; ``cleanup`` removes container and files.
+
+Nothing here waits in a loop: every state change arrives as a notification, and the only
+sleep is the reconnect backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, ClassVar, TypeVar
+
+import structlog
+from pydantic import BaseModel
+
+from executors.base import LABEL_NODE, ExecutorContext, ExecutorError, UnknownRun
+from executors.events import RunEventStream
+from executors.podman.api import MIN_API_VERSION, LibpodClient, LibpodError, registry_auth
+from executors.podman.config import PodmanSettings
+from executors.podman.containers import (
+    ContainerState,
+    container_name,
+    create_body,
+    phase_of,
+    run_id_of,
+)
+from executors.podman.exits import ExitWatch
+from executors.runfiles import RunFiles
+from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
+
+log = structlog.get_logger(__name__)
+
+_RECONNECT_FIRST = 0.1
+_RECONNECT_MAX = 5.0
+#: How many removed runs are remembered, so late podman events about them are ignored.
+_GONE_MEMORY = 4096
+
+_T = TypeVar("_T")
+
+
+class PodmanExecutor:
+    """Runs each algorithm as a podman container; see the module docstring."""
+
+    kind: ClassVar[str] = "podman"
+    settings_model: ClassVar[type[BaseModel]] = PodmanSettings
+
+    def __init__(self, settings: PodmanSettings, *, context: ExecutorContext) -> None:
+        self._settings = settings
+        self._context = context
+        self._api = LibpodClient(settings.socket_path, timeout=settings.api_timeout_seconds)
+        self._stream = RunEventStream()
+        self._label_filter = f"{LABEL_NODE}={context.node_name}"
+        self._watcher: asyncio.Task[None] | None = None
+        self._exit_watch: ExitWatch | None = None
+        self._subscribed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._run_of_container: dict[str, int] = {}
+        self._starting: set[int] = set()
+        self._gone: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._pulls: dict[str, asyncio.Task[str | None]] = {}
+        self._network: asyncio.Task[str | None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the API version, watch exits, and subscribe to podman's events.
+
+        Returns once the first subscription and re-list are done, so every run this node
+        already has on podman has had its current phase published.
+        """
+        await self._api.open()
+        try:
+            version = await self._api.version()
+            if version[:2] < MIN_API_VERSION:
+                raise ExecutorError(
+                    f"podman at {self._settings.socket_path} speaks API "
+                    f"{'.'.join(map(str, version))}; fednode needs 4.0 or newer"
+                )
+            if self._settings.exits_dir is not None:
+                watch = ExitWatch(
+                    self._settings.exits_dir,
+                    on_exit=self._on_exit_file,
+                    on_overflow=self._on_exit_overflow,
+                )
+                if watch.start():
+                    self._exit_watch = watch
+            self._watcher = asyncio.create_task(self._follow_events(), name="podman-events")
+            try:
+                await asyncio.wait_for(
+                    self._subscribed.wait(), timeout=self._settings.api_timeout_seconds
+                )
+            except TimeoutError:
+                raise ExecutorError(
+                    f"could not subscribe to podman's events at {self._settings.socket_path}"
+                ) from None
+        except BaseException:
+            await self.close()
+            raise
+        log.info(
+            "podman.opened",
+            socket=self._settings.socket_path,
+            api_version=".".join(map(str, version)),
+            exit_watch=self._exit_watch is not None,
+        )
+
+    async def close(self) -> None:
+        """Stop following podman and release the connection; containers keep running."""
+        if self._exit_watch is not None:
+            self._exit_watch.close()
+            self._exit_watch = None
+        owned = [t for t in (self._watcher, *self._tasks) if t is not None]
+        for task in owned:
+            task.cancel()
+        await asyncio.gather(*owned, return_exceptions=True)
+        self._watcher = None
+        self._tasks.clear()
+        self._pulls.clear()
+        self._network = None
+        await self._api.close()
+
+    def events(self) -> AsyncIterator[RunEvent]:
+        return aiter(self._stream)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def start(self, spec: RunSpec) -> None:
+        """Create and start the run's container; adopt it instead if it already exists.
+
+        A missing image, a refused network or a container podman will not create or start
+        ends as a ``failed`` event with a reason; only podman being unreachable raises.
+        """
+        run_id = spec.run_id
+        name = self._name(run_id)
+        bound = log.bind(run_id=run_id, task_id=spec.task_id, container=name)
+        self._starting.add(run_id)
+        try:
+            existing = await self._api.inspect_container(name)
+            if existing is not None:
+                bound.info("podman.run.adopted")
+                await self._adopt(existing)
+                return
+            self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
+            problem = await self._ensure_image(spec.image)
+            if problem is not None:
+                bound.warning("podman.run.image_unavailable", image=spec.image, error=problem)
+                self._fail(run_id, Reason.IMAGE_NOT_FOUND, problem)
+                return
+            if spec.proxy is not None:
+                problem = await self._ensure_network()
+                if problem is not None:
+                    bound.error("podman.run.network_unavailable", error=problem)
+                    self._fail(run_id, Reason.START_FAILED, problem)
+                    return
+            files = self._files(run_id)
+            files.prepare(spec, owner=(self._settings.run_uid, self._settings.run_gid))
+            body = create_body(
+                spec, settings=self._settings, node_name=self._context.node_name, files=files
+            )
+            try:
+                container_id = await self._api.create_container(body)
+            except LibpodError as exc:
+                if "already in use" in exc.message:  # a concurrent start of the same run
+                    existing = await self._api.inspect_container(name)
+                    if existing is not None:
+                        await self._adopt(existing)
+                        return
+                bound.error("podman.run.create_failed", error=exc.message)
+                self._fail(run_id, Reason.START_FAILED, f"podman refused the container: {exc}")
+                return
+            self._run_of_container[container_id] = run_id
+            if files.killed:
+                bound.info("podman.run.killed_before_start")
+                self._stream.publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED))
+                return
+            await self._start_created(name, run_id, bound)
+        finally:
+            self._starting.discard(run_id)
+
+    async def _start_created(self, name: str, run_id: int, bound: Any) -> None:
+        try:
+            await self._api.start_container(name)
+        except LibpodError as exc:
+            bound.error("podman.run.start_failed", error=exc.message)
+            self._fail(run_id, Reason.START_FAILED, f"podman could not start it: {exc}")
+            return
+        self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
+        bound.info("podman.run.started")
+
+    async def _adopt(self, document: dict[str, Any]) -> None:
+        """An existing container of a run: follow it, starting it if it was only created."""
+        state = ContainerState.from_inspect(document)
+        if state is None:
+            return
+        self._run_of_container[state.container_id] = state.run_id
+        verdict = phase_of(state, kill_requested=self._files(state.run_id).killed)
+        if verdict is not None and verdict.phase is Phase.STARTING:
+            bound = log.bind(run_id=state.run_id, container=self._name(state.run_id))
+            await self._start_created(self._name(state.run_id), state.run_id, bound)
+            return
+        self._publish(state)
+
+    async def kill(self, run_id: int) -> None:
+        """SIGKILL the run's container; its terminal event is ``killed``/``killed``."""
+        name = self._name(run_id)
+        files = self._files(run_id)
+        document = await self._api.inspect_container(name)
+        if document is None:
+            if run_id in self._starting:
+                files.mark_killed()  # start() checks this before it starts the container
+                log.info("podman.run.kill_requested", run_id=run_id, before_start=True)
+            return
+        state = ContainerState.from_inspect(document)
+        if state is None:
+            return
+        verdict = phase_of(state, kill_requested=False)
+        if verdict is not None and verdict.phase.is_terminal:
+            return  # it ended on its own first; that end stands
+        files.mark_killed()
+        log.info("podman.run.kill_requested", run_id=run_id, container=name)
+        if verdict is not None and verdict.phase is Phase.STARTING:
+            self._stream.publish(
+                RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
+            )
+            return
+        try:
+            await self._api.kill_container(name)
+        except LibpodError as exc:
+            # 409: not running any more; its exit is being reported anyway.
+            if exc.status not in (404, 409):
+                raise ExecutorError(f"podman could not kill run {run_id}: {exc}") from exc
+
+    async def collect(self, run_id: int) -> RunOutput:
+        name = self._name(run_id)
+        if await self._api.inspect_container(name) is None:
+            raise UnknownRun(run_id)
+        try:
+            logs = await self._api.container_logs(name)
+        except LibpodError as exc:
+            logs = f"(podman could not return the log: {exc})".encode()
+        return RunOutput(self._files(run_id).read_output(), logs.decode(errors="replace"))
+
+    async def cleanup(self, run_id: int) -> None:
+        """Remove the container and the run's files; later podman events about it are ignored."""
+        self._gone[run_id] = None
+        while len(self._gone) > _GONE_MEMORY:
+            self._gone.popitem(last=False)
+        try:
+            await self._api.remove_container(self._name(run_id))
+        except LibpodError as exc:
+            raise ExecutorError(f"podman could not remove run {run_id}: {exc}") from exc
+        finally:
+            self._files(run_id).remove()
+        self._stream.forget(run_id)
+        for container_id in [c for c, r in self._run_of_container.items() if r == run_id]:
+            del self._run_of_container[container_id]
+        log.info("podman.run.cleaned_up", run_id=run_id)
+
+    async def list_runs(self) -> list[RunState]:
+        """Every run of this node on podman, from the container labels."""
+        runs: list[RunState] = []
+        for state in await self._list():
+            verdict = phase_of(state, kill_requested=self._files(state.run_id).killed)
+            if verdict is None:
+                continue
+            runs.append(
+                RunState(
+                    run_id=state.run_id,
+                    task_id=state.task_id,
+                    phase=verdict.phase,
+                    reason=verdict.reason,
+                    exit_code=verdict.exit_code,
+                    trace_context=state.trace_context,
+                )
+            )
+        return runs
+
+    # -- following podman ---------------------------------------------------------------------
+
+    async def _follow_events(self) -> None:
+        """The one owner of the event subscription: subscribe, re-list, follow; repeat."""
+        delay = _RECONNECT_FIRST
+        filters = {"type": ["container"], "label": [self._label_filter]}
+        while True:
+            try:
+                async with self._api.events(filters=filters) as events:
+                    await self._relist()
+                    self._subscribed.set()
+                    delay = _RECONNECT_FIRST
+                    async for event in events:
+                        self._on_podman_event(event)
+                log.warning("podman.events.ended", retry_in=delay)
+            except (ExecutorError, LibpodError) as exc:
+                log.warning("podman.events.lost", error=str(exc), retry_in=delay)
+            except Exception:
+                log.exception("podman.events.failed", retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX)
+
+    async def _relist(self) -> None:
+        """Publish the current phase of every run on podman (RunEventStream drops repeats)."""
+        for state in await self._list():
+            self._publish(state)
+
+    async def _list(self) -> list[ContainerState]:
+        entries = await self._api.list_containers(labels=[self._label_filter])
+        states = []
+        for entry in entries:
+            state = ContainerState.from_list_entry(entry)
+            if state is None or state.run_id in self._gone:
+                continue
+            self._run_of_container[state.container_id] = state.run_id
+            states.append(state)
+        return states
+
+    def _on_podman_event(self, event: dict[str, Any]) -> None:
+        actor = event.get("Actor") or {}
+        attributes = actor.get("Attributes") or {}
+        container_id = str(actor.get("ID") or event.get("id") or "")
+        run_id = run_id_of(attributes)
+        if run_id is None or run_id in self._gone:
+            return
+        action = event.get("Action") or event.get("status")
+        if action == "start":
+            self._run_of_container[container_id] = run_id
+            self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
+        elif action == "died":
+            self._spawn(self._settle(container_id, run_id), name=f"podman-settle-{run_id}")
+        elif action == "remove":
+            phase = self._stream.phase_of(run_id)
+            if phase is not None and not phase.is_terminal and run_id not in self._starting:
+                log.warning("podman.run.lost", run_id=run_id, container=container_id)
+                self._fail(run_id, Reason.LOST, "its container was removed while it ran")
+
+    def _on_exit_file(self, container_id: str) -> None:
+        run_id = self._run_of_container.get(container_id)
+        if run_id is not None and run_id not in self._gone:
+            self._spawn(self._settle(container_id, run_id), name=f"podman-settle-{run_id}")
+
+    def _on_exit_overflow(self) -> None:
+        log.warning("podman.exit_watch.overflow")
+        self._spawn(self._relist(), name="podman-relist")
+
+    async def _settle(self, container_id: str, run_id: int) -> None:
+        """A container ended: inspect it once and publish its terminal phase."""
+        phase = self._stream.phase_of(run_id)
+        if phase is not None and phase.is_terminal:
+            return
+        document = await self._api.inspect_container(container_id)
+        if run_id in self._gone:
+            return
+        if document is None:
+            self._fail(run_id, Reason.LOST, "its container vanished as it ended")
+            return
+        state = ContainerState.from_inspect(document)
+        if state is not None:
+            self._publish(state)
+
+    def _publish(self, state: ContainerState) -> None:
+        verdict = phase_of(state, kill_requested=self._files(state.run_id).killed)
+        if verdict is None:
+            return
+        run_id = state.run_id
+        if verdict.phase.is_terminal:
+            if self._stream.phase_of(run_id) is Phase.STARTING and state.exit_code is not None:
+                # It ran, however briefly: report that before its end (order per run).
+                self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
+            if self._stream.publish(
+                RunEvent.now(
+                    run_id,
+                    verdict.phase,
+                    verdict.reason,
+                    exit_code=verdict.exit_code,
+                    message=verdict.message,
+                )
+            ):
+                log.info(
+                    "podman.run.ended",
+                    run_id=run_id,
+                    phase=verdict.phase.value,
+                    reason=verdict.reason.value if verdict.reason else None,
+                    exit_code=verdict.exit_code,
+                )
+            return
+        self._stream.publish(RunEvent.now(run_id, verdict.phase))
+
+    def _fail(self, run_id: int, reason: Reason, message: str) -> None:
+        self._stream.publish(RunEvent.now(run_id, Phase.FAILED, reason, message=message))
+
+    # -- images and network -------------------------------------------------------------------
+
+    async def _ensure_image(self, image: str) -> str | None:
+        """``None`` when the image is there (pulled if the policy says so), else why not."""
+        policy = self._settings.pull_policy
+        if policy != "always" and await self._api.image_exists(image):
+            return None
+        if policy == "never":
+            return f"image {image} is not present on this node (pull policy: never)"
+        pull = self._pulls.get(image)
+        if pull is None:
+            pull = self._spawn(self._pull(image), name=f"podman-pull-{image}")
+            self._pulls[image] = pull
+            pull.add_done_callback(lambda _: self._pulls.pop(image, None))
+        return await asyncio.shield(pull)
+
+    async def _pull(self, image: str) -> str | None:
+        settings = self._settings
+        auth = None
+        if settings.registry_username and settings.registry_password:
+            auth = registry_auth(
+                settings.registry_username, settings.registry_password.get_secret_value()
+            )
+        log.info("podman.image.pulling", image=image)
+        try:
+            await self._api.pull_image(image, auth=auth, seconds=settings.pull_timeout_seconds)
+        except (LibpodError, ExecutorError) as exc:
+            message = exc.message if isinstance(exc, LibpodError) else str(exc)
+            return f"image {image} could not be pulled: {message}"
+        log.info("podman.image.pulled", image=image)
+        return None
+
+    async def _ensure_network(self) -> str | None:
+        """Create the runs' internal network once; ``None`` when it is usable, else why not."""
+        network = self._network
+        if network is None or (
+            network.done()
+            and (network.cancelled() or network.exception() or network.result() is not None)
+        ):
+            # First use, or the last attempt failed: (re)try; concurrent starts share one.
+            network = self._network = self._spawn(self._make_network(), name="podman-network")
+        return await asyncio.shield(network)
+
+    async def _make_network(self) -> str | None:
+        settings = self._settings
+        name = settings.network
+        document = await self._api.inspect_network(name)
+        if document is None:
+            body = {
+                "name": name,
+                "driver": "bridge",
+                "internal": True,
+                "dns_enabled": False,
+                "subnets": [
+                    {"subnet": str(settings.network_subnet), "gateway": settings.network_gateway}
+                ],
+            }
+            try:
+                await self._api.create_network(body)
+                log.info("podman.network.created", network=name, subnet=body["subnets"])
+                return None
+            except LibpodError as exc:
+                if exc.status != 409:
+                    return f"podman could not create network {name}: {exc.message}"
+                document = await self._api.inspect_network(name)
+        if document is None or not document.get("internal"):
+            return (
+                f"podman network {name} exists but is not internal; runs would get a route "
+                "out, so none is attached to it"
+            )
+        return None
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _name(self, run_id: int) -> str:
+        return container_name(self._context.node_name, run_id)
+
+    def _files(self, run_id: int) -> RunFiles:
+        return RunFiles(self._context.task_dir, run_id)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, _T], *, name: str) -> asyncio.Task[_T]:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, ExecutorError | LibpodError):
+            log.warning("podman.task_failed", task=task.get_name(), error=str(error))
+        elif error is not None:
+            log.error("podman.task_crashed", task=task.get_name(), exc_info=error)
