@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.context import CONTEXT, UPSTREAM_MS
 from proxy.errors import ProxyError
 from proxy.payloads import decrypt_results, encrypt_inputs, parse_json, task_organizations
+from proxy.upstream import relayed_headers
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -39,7 +40,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
         if length is not None and length <= context.limits.stream_threshold:
             body = await upstream.read()
             request[UPSTREAM_MS] = (time.perf_counter() - started) * 1e3
-            return _response(upstream.status, body, upstream.headers.get("Content-Type"))
+            return web.Response(
+                status=upstream.status, body=body, headers=relayed_headers(upstream.headers)
+            )
         request[UPSTREAM_MS] = (time.perf_counter() - started) * 1e3
         return await _stream(request, upstream)
 
@@ -91,16 +94,8 @@ def _upstream_headers(request: web.Request, *, content_type: str | None = None) 
     return headers
 
 
-def _response(status: int, body: bytes, content_type: str | None) -> web.Response:
-    headers = {"Content-Type": content_type} if content_type else None
-    return web.Response(status=status, body=body, headers=headers)
-
-
 async def _stream(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    content_type = upstream.headers.get("Content-Type")
-    response = web.StreamResponse(
-        status=upstream.status, headers={"Content-Type": content_type} if content_type else None
-    )
+    response = web.StreamResponse(status=upstream.status, headers=relayed_headers(upstream.headers))
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)

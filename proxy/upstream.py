@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -35,6 +35,12 @@ from proxy.limits import ProxyLimits
 log = structlog.stdlib.get_logger(__name__)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+#: The server's response headers an algorithm gets (the rest describe the hop, not the data).
+RELAYED_HEADERS = ("Content-Type", "Content-Disposition", "total-count", "Link")
+
+
+def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name: headers[name] for name in RELAYED_HEADERS if name in headers}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +49,11 @@ class Reply:
 
     status: int
     body: bytes
-    content_type: str | None
+    headers: dict[str, str]
 
     def response(self, body: bytes | None = None) -> web.Response:
-        headers = {"Content-Type": self.content_type} if self.content_type else None
         return web.Response(
-            status=self.status, body=self.body if body is None else body, headers=headers
+            status=self.status, body=self.body if body is None else body, headers=self.headers
         )
 
 
@@ -104,7 +109,7 @@ class Upstream:
         """The whole answer, buffered."""
         async with self.exchange(method, target, headers=headers, body=body) as response:
             data = await response.read()
-            return Reply(response.status, data, response.headers.get("Content-Type"))
+            return Reply(response.status, data, relayed_headers(response.headers))
 
     async def _send(
         self, method: str, target: str, headers: dict[str, str], body: bytes | None

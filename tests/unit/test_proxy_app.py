@@ -343,6 +343,29 @@ async def test_the_servers_refusals_pass_through_unchanged(
     assert (status, body) == (404, {"msg": "Task id=5 is not found!"})
 
 
+async def test_pagination_headers_are_relayed_and_hop_headers_are_not(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    async def page(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"data": [], "links": {}},
+            headers={
+                "total-count": "0",
+                "Link": '</api/organization?page=1>; rel="first"',
+                "Set-Cookie": "session=of-the-server",
+                "X-Internal": "1",
+            },
+        )
+
+    standin.answer("GET", "/api/organization", page)
+    proxy = await make_proxy()
+    status, _, response = await proxy.call("GET", "/organization")
+    assert status == 200
+    assert response.headers["total-count"] == "0"
+    assert response.headers["Link"].startswith("</api/organization")
+    assert "Set-Cookie" not in response.headers and "X-Internal" not in response.headers
+
+
 async def test_a_large_answer_is_streamed_through_intact(
     make_proxy: ProxyFactory, standin: StandIn
 ) -> None:
