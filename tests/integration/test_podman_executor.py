@@ -94,7 +94,7 @@ async def test_the_container_podman_runs_is_isolated_and_limited_as_the_spec_say
     await executor.start(spec)
     await events.wait_for(1, Phase.RUNNING, timeout=30)
     document = await inspect(podman_service, container_name(harness.node_name, 1))
-    status = Path(f"/proc/{document['State']['Pid']}/status").read_text()
+    status = await asyncio.to_thread(Path(f"/proc/{document['State']['Pid']}/status").read_text)
     await executor.kill(1)
 
     host = document["HostConfig"]
