@@ -130,25 +130,25 @@ class LibpodClient:
     # -- service ----------------------------------------------------------------------------
 
     async def version(self) -> tuple[int, ...]:
-        """The libpod API version the service speaks (e.g. ``(4, 3, 1)``)."""
+        """The libpod API version the service speaks (e.g. ``(4, 3, 1)``).
+
+        From ``/libpod/_ping``'s ``Libpod-Api-Version`` header: ``/version`` would do the
+        same in a third of a second, because podman asks conmon and the OCI runtime theirs.
+        """
         try:
-            async with self.session.get("/version") as response:
-                body = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            async with self.session.get("/libpod/_ping") as response:
+                text = response.headers.get("Libpod-Api-Version", "")
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ExecutorError(
                 f"cannot reach the podman API at {self._socket_path}: {exc}; is "
                 "`podman system service` running there?"
             ) from exc
-        for component in body.get("Components") or ():
-            if component.get("Name") == "Podman Engine":
-                text = component.get("Details", {}).get("APIVersion", "")
-                break
-        else:
-            text = body.get("Version", "")
         try:
             return tuple(int(part) for part in text.split("-")[0].split("."))
         except ValueError:
-            raise ExecutorError(f"podman reports an unreadable API version {text!r}") from None
+            raise ExecutorError(
+                f"{self._socket_path} does not look like podman's API (no libpod version)"
+            ) from None
 
     # -- containers -------------------------------------------------------------------------
 
