@@ -201,6 +201,10 @@ class PodmanExecutor:
             bound.error("podman.run.start_failed", error=exc.message)
             self._fail(run_id, Reason.START_FAILED, f"podman could not start it: {exc}")
             return
+        if self._files(run_id).killed:
+            # kill() came while podman was starting it: it saw "created", so finish its job.
+            await self._signal(name, run_id)
+            return
         self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
         bound.info("podman.run.started")
 
@@ -236,14 +240,17 @@ class PodmanExecutor:
         files.mark_killed()
         log.info("podman.run.kill_requested", run_id=run_id, container=name)
         if verdict is not None and verdict.phase is Phase.STARTING:
+            # No process yet; a start() in flight sees the mark before or after it starts.
             self._stream.publish(
                 RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
             )
-            return
+        await self._signal(name, run_id)
+
+    async def _signal(self, name: str, run_id: int) -> None:
         try:
             await self._api.kill_container(name)
         except LibpodError as exc:
-            # 409: not running any more; its exit is being reported anyway.
+            # 409: not running (not started yet, or just ended: that end is being reported).
             if exc.status not in (404, 409):
                 raise ExecutorError(f"podman could not kill run {run_id}: {exc}") from exc
 

@@ -93,6 +93,21 @@ async def test_kill_ends_a_running_run_as_killed(executor_under_test: ExecutorUn
     assert [s.phase for s in await executor.list_runs() if s.run_id == 1] == [Phase.KILLED]
 
 
+async def test_a_kill_that_races_the_start_still_ends_the_run_as_killed(
+    executor_under_test: ExecutorUnderTest,
+) -> None:
+    executor, events = executor_under_test.executor, executor_under_test.events
+    spec = executor_under_test.harness.spec(1, Behaviour(sleep=60))
+
+    await asyncio.gather(executor.start(spec), executor.kill(1))
+    end = await events.terminal(1, timeout=executor_under_test.harness.slack)
+    await events.settle()
+
+    assert (end.phase, end.reason) == (Phase.KILLED, Reason.KILLED)
+    assert events.phases(1)[-1] is Phase.KILLED
+    assert [s.phase for s in await executor.list_runs()] == [Phase.KILLED]
+
+
 async def test_kill_of_an_unknown_run_is_ignored(executor_under_test: ExecutorUnderTest) -> None:
     await executor_under_test.executor.kill(999)
 
