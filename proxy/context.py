@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from opentelemetry.trace import Tracer
@@ -19,6 +19,8 @@ class ProxyContext:
     crypto: ProxyCrypto
     tracer: Tracer | None
     limits: ProxyLimits
+    #: Requests in flight per run id (bounded by ``limits.max_requests_per_run``).
+    in_flight: dict[int, int] = field(default_factory=dict)
 
 
 CONTEXT = web.AppKey("fednode.proxy", ProxyContext)

@@ -21,11 +21,16 @@ class ProxyLimits:
     retry_backoff: float = 0.05
     #: Connections to the server kept open and reused (one pool, shared by all runs).
     max_connections: int = 64
+    #: Requests one run may have in flight at once; more → 429, so that one run cannot
+    #: take the whole pool from the others.
+    max_requests_per_run: int = 16
     #: Responses larger than this, or of unknown length, are streamed, not buffered.
     stream_threshold: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0 or self.retries < 0 or self.max_connections < 1:
             raise ValueError("ProxyLimits: sizes, retries and connections must be positive")
+        if self.max_requests_per_run < 1:
+            raise ValueError("ProxyLimits: max_requests_per_run must be at least 1")
         if self.upstream_timeout <= 0 or self.connect_timeout <= 0 or self.retry_backoff < 0:
             raise ValueError("ProxyLimits: timeouts must be positive")

@@ -14,7 +14,8 @@
     The door. In order: a request target that is not a plain path (absolute URL, ``..``,
     ``.``, percent-encoding, backslashes, empty segments) → 400; a declared body over the
     limit → 413; no ``Authorization: Bearer`` token, or one no run holds → 401; the run
-    has finished → 403; a method and path outside the allow-list (``proxy.routes``) → 403.
+    has finished → 403; a method and path outside the allow-list (``proxy.routes``) → 403;
+    more than ``max_requests_per_run`` of the run's requests in flight → 429.
     Only ``/healthz`` needs no token.
 """
 
@@ -64,10 +65,21 @@ def _record(
 ) -> None:
     run = request.get(RUN)
     upstream_ms = request.get(UPSTREAM_MS)
+    if run is None:  # who knocked without a valid token
+        log.info(
+            "proxy.request",
+            run_id=None,
+            method=request.method,
+            route=route,
+            status=status,
+            duration_ms=round(duration_ms, 3),
+            peer=request.remote,
+        )
+        return
     log.info(
         "proxy.request",
-        run_id=run.run_id if run else None,
-        task_id=run.task_id if run else None,
+        run_id=run.run_id,
+        task_id=run.task_id,
         method=request.method,
         route=route,
         status=status,
@@ -75,7 +87,7 @@ def _record(
         upstream_ms=None if upstream_ms is None else round(upstream_ms, 3),
     )
     tracer = request.app[CONTEXT].tracer
-    if tracer is None or run is None:
+    if tracer is None:
         return
     attributes: dict[str, str | int | float] = {
         "http.request.method": request.method,
@@ -169,7 +181,22 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise ProxyError(
             403, f"{request.method} {request.path} is not an endpoint algorithms may call"
         )
-    return await handler(request)
+    in_flight = context.in_flight
+    count = in_flight.get(run.run_id, 0)
+    if count >= context.limits.max_requests_per_run:
+        raise ProxyError(
+            429,
+            f"run {run.run_id} has {count} requests in flight already "
+            f"(limit {context.limits.max_requests_per_run})",
+        )
+    in_flight[run.run_id] = count + 1
+    try:
+        return await handler(request)
+    finally:
+        if in_flight[run.run_id] == 1:
+            del in_flight[run.run_id]
+        else:
+            in_flight[run.run_id] -= 1
 
 
 def _bearer(header: str | None) -> str | None:

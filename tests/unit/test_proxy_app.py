@@ -554,6 +554,39 @@ async def test_a_slow_server_is_a_504_within_the_limit_and_other_runs_go_on(
     assert time.monotonic() - started < 2.0
 
 
+async def test_one_run_cannot_take_the_whole_pool_from_the_others(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    release, both_waiting = asyncio.Event(), asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        if len(standin.seen) == 2:
+            both_waiting.set()
+        await release.wait()
+        return web.json_response({"id": 70})
+
+    standin.answer("GET", "/api/task/70", slow)
+    proxy = await make_proxy(limits=ProxyLimits(max_requests_per_run=2))
+    held = [asyncio.create_task(proxy.call("GET", "/task/70")) for _ in range(2)]
+    await asyncio.wait_for(both_waiting.wait(), 5)
+    status, body, _ = await proxy.call("GET", "/task/70")
+    assert status == 429
+    assert "in flight" in body["msg"]
+    other, _, _ = await proxy.call("GET", "/task/80", token=OTHER_TOKEN)
+    assert other == 200
+    release.set()
+    assert [status for status, _, _ in await asyncio.gather(*held)] == [200, 200]
+    status, _, _ = await proxy.call("GET", "/task/70")
+    assert status == 200
+
+
+def test_limits_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="timeouts"):
+        ProxyLimits(upstream_timeout=0)
+    with pytest.raises(ValueError, match="max_requests_per_run"):
+        ProxyLimits(max_requests_per_run=0)
+
+
 # ---- observation ----------------------------------------------------------------------
 
 
@@ -592,6 +625,8 @@ async def test_each_request_is_one_access_log_line_with_the_run(
         (None, "/task/{id}", 401),
     ]
     assert lines[0]["upstream_ms"] is not None and lines[0]["duration_ms"] > 0
+    assert lines[0]["task_id"] == 70
+    assert lines[1]["peer"] == "127.0.0.1"  # who knocked with a forged token
 
 
 # ---- serving --------------------------------------------------------------------------
