@@ -131,7 +131,9 @@ async def wait_until_connected(running: RunningNode, timeout: float = 30.0) -> N
         await socket.connected.wait()
 
     waiter = asyncio.create_task(ready())
-    done, _ = await asyncio.wait({waiter, running.task}, timeout=timeout)
+    done, _ = await asyncio.wait(
+        {waiter, running.task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+    )
     if running.task in done:
         waiter.cancel()
         running.task.result()  # raises the node's start-up error
