@@ -1,0 +1,393 @@
+"""The Kubernetes executor: each run a Job, all runs followed by two shared watch streams.
+
+How one run goes (five API requests in all, counted in :attr:`KubernetesExecutor.requests`):
+
+1. ``start``: the run's files are written to its folder on the shared task volume, then
+   the token Secret is created, then the Job (:mod:`~executors.kubernetes.manifests`), then
+   the Job is made the Secret's owner so the Secret goes wherever the Job goes (cleanup,
+   ``ttlSecondsAfterFinished``, a kill). ``409 AlreadyExists`` is success: a start is
+   idempotent, and starts run concurrently (no lock between runs).
+2. Nothing is polled: one Job informer and one Pod informer
+   (:mod:`~executors.kubernetes.informer`), started by ``open`` and shared by every run,
+   feed the :class:`~executors.kubernetes.tracker.RunTracker`, which publishes each run's
+   phase once on the event stream (:meth:`events`). A run whose image cannot be pulled is
+   failed at once and its Job deleted, instead of waiting in ``ImagePullBackOff``.
+3. ``collect``: the output file from the run's folder, the log from the run's pod (its
+   name comes from the informer's cache, not from a list request).
+4. ``cleanup``: delete the Job with background propagation (pods and Secret follow through
+   the garbage collector) and the run's folder.
+
+``kill`` deletes the Job; the informer's ``DELETED`` then reports ``killed``. ``list_runs``
+answers from the informers' caches, so a restarted node rebuilds its runs from labels
+without asking the API server anything more.
+
+At ``open`` the executor checks and applies its isolation: the runs namespace must
+enforce Pod Security ``restricted`` (verified — a namespaced Role cannot create it), and
+the NetworkPolicies of :mod:`policies.network` are applied with server-side apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, ClassVar
+
+import structlog
+from kubernetes_asyncio.config import ConfigException
+from pydantic import BaseModel
+
+from executors.base import ExecutorContext, ExecutorError, UnknownRun, run_labels
+from executors.events import RunEventStream
+from executors.kubernetes.client import (
+    JOBS,
+    NETWORK_POLICIES,
+    PODS,
+    SECRETS,
+    Json,
+    KubeClient,
+    KubeError,
+    connect,
+    namespace_path,
+    service_account_namespace,
+)
+from executors.kubernetes.config import KubernetesSettings
+from executors.kubernetes.informer import Informer
+from executors.kubernetes.manifests import (
+    CONTAINER_NAME,
+    ManifestError,
+    job_name,
+    label_selector,
+    node_selector_labels,
+    owner_patch,
+    run_job,
+    secret_name,
+    token_secret,
+)
+from executors.kubernetes.observe import Observation
+from executors.kubernetes.tracker import RunTracker
+from executors.runfiles import RunFiles
+from executors.spec import RunEvent, RunOutput, RunSpec, RunState
+from policies.network import RunIsolation, dns_peer, proxy_peer, run_network_policies
+from policies.pod_security import enforces, pod_security_problems
+
+log = structlog.stdlib.get_logger(__name__)
+
+FIELD_MANAGER = "fednode"
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+class KubernetesExecutor:
+    """Runs algorithms as Jobs in one namespace; see the module docstring."""
+
+    kind: ClassVar[str] = "kubernetes"
+    settings_model: ClassVar[type[BaseModel]] = KubernetesSettings
+
+    def __init__(self, settings: BaseModel, *, context: ExecutorContext) -> None:
+        if not isinstance(settings, KubernetesSettings):
+            raise ExecutorError(f"the Kubernetes executor needs KubernetesSettings, "
+                                f"not {type(settings).__name__}")
+        if len(context.node_name) > 63 or not _LABEL_VALUE.match(context.node_name):
+            raise ExecutorError(
+                f"node name {context.node_name!r} cannot be a Kubernetes label value "
+                "(at most 63 letters, digits, '-', '_', '.'; alphanumeric at both ends)")
+        self._settings = settings
+        self._context = context
+        self._namespace = settings.namespace
+        self._node_labels = node_selector_labels(context.node_name)
+        self._stream = RunEventStream()
+        self._tracker = RunTracker(stream=self._stream, backoff_limit=settings.backoff_limit,
+                                   give_up=self._give_up)
+        self._client: KubeClient | None = None
+        self._informers: list[Informer] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._starting: set[int] = set()
+        self._owned_secrets: set[int] = set()  # the Job owns it: garbage-collected with it
+        self._pin: str | None = None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        settings = self._settings
+        if settings.task_volume_access == "ReadWriteOnce":
+            if not settings.kubernetes_node:
+                raise ExecutorError(
+                    "task_volume_access ReadWriteOnce pins runs to the node pod's Kubernetes "
+                    "node: set executor.kubernetes_node (the chart sets it from spec.nodeName)")
+            self._pin = settings.kubernetes_node
+        try:
+            api = await connect(kubeconfig=settings.kubeconfig, context=settings.context,
+                                max_connections=settings.max_connections)
+        except (ConfigException, OSError, ValueError) as error:
+            raise ExecutorError(f"cannot configure the Kubernetes client: {error}") from error
+        self._client = KubeClient(api, request_timeout=settings.request_timeout_seconds)
+        try:
+            await self._check_namespace(self._client)
+            if settings.network_policies:
+                await self._apply_network_policies(self._client)
+            await self._start_informers(self._client)
+        except BaseException:
+            await self.close()
+            raise
+        log.info("k8s.executor_open", namespace=self._namespace,
+                 jobs=len(self._tracker.jobs), node=self._context.node_name)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._informers = []
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def requests(self) -> dict[str, int]:
+        """API requests made so far, by verb and resource (``"create jobs"``: 12, ...)."""
+        return dict(self._client.requests) if self._client is not None else {}
+
+    @property
+    def informers(self) -> list[Informer]:
+        return list(self._informers)
+
+    # -- runs -----------------------------------------------------------------------------
+
+    async def start(self, spec: RunSpec) -> None:
+        client = self._require_open()
+        run_id = spec.run_id
+        if run_id in self._tracker.jobs or run_id in self._starting:
+            return
+        self._starting.add(run_id)
+        try:
+            await self._start(client, spec)
+        except KubeError as error:
+            raise ExecutorError(f"Kubernetes refused run {run_id}: {error}") from error
+        finally:
+            self._starting.discard(run_id)
+
+    async def _start(self, client: KubeClient, spec: RunSpec) -> None:
+        node, ns, run_id = self._context.node_name, self._namespace, spec.run_id
+        name = job_name(node, run_id)
+        labels = run_labels(spec, node_name=node)
+        token_name = secret_name(node, run_id) if spec.token is not None else None
+        try:
+            job = run_job(spec, settings=self._settings, namespace=ns, name=name, labels=labels,
+                          token_secret_name=token_name, pin_to_node=self._pin)
+        except ManifestError as error:
+            raise ExecutorError(str(error)) from error
+        RunFiles(self._context.task_dir, run_id).prepare(
+            spec, owner=(self._settings.run_as_user, self._settings.run_as_group),
+            write_token=False)
+        if token_name is not None:
+            secret = token_secret(spec, namespace=ns, name=token_name, labels=labels)
+            await _create(client, SECRETS.path(ns), secret, what="create secrets")
+        try:
+            created = await _create(client, JOBS.path(ns), job, what="create jobs")
+        except KubeError:
+            if token_name is not None:
+                await _delete(client, SECRETS.path(ns, token_name), what="delete secrets")
+            raise
+        if token_name is None:
+            return
+        if created is None:  # it existed: a repeated start
+            created = self._tracker.jobs.get(run_id) or await client.get(
+                JOBS.path(ns, name), what="get jobs")
+        await client.merge_patch(SECRETS.path(ns, token_name), owner_patch(created),
+                                 what="patch secrets")
+        self._owned_secrets.add(run_id)
+
+    async def kill(self, run_id: int) -> None:
+        client = self._require_open()
+        self._tracker.killed.add(run_id)
+        try:
+            deleted = await _delete(client, self._job_path(run_id), what="delete jobs")
+        except KubeError as error:
+            raise ExecutorError(f"cannot delete the Job of run {run_id}: {error}") from error
+        if not deleted and run_id not in self._tracker.jobs:
+            self._tracker.killed.discard(run_id)  # nothing to kill
+
+    def events(self) -> AsyncIterator[RunEvent]:
+        return aiter(self._stream)
+
+    async def collect(self, run_id: int) -> RunOutput:
+        client = self._require_open()
+        files = RunFiles(self._context.task_dir, run_id)
+        pod = self._tracker.pod_name(run_id)
+        if pod is None and run_id not in self._tracker.jobs and not files.directory.exists():
+            raise UnknownRun(run_id)
+        text = ""
+        if pod is not None:
+            try:
+                text = await client.text(
+                    PODS.path(self._namespace, pod, "log"),
+                    query=(("container", CONTAINER_NAME),
+                           ("limitBytes", self._settings.log_limit_bytes)),
+                    what="get pods/log")
+            except KubeError as error:  # never started (bad image), or already removed
+                log.info("k8s.no_log", run_id=run_id, pod=pod, status=error.status)
+        return RunOutput(files.read_output(), text)
+
+    async def cleanup(self, run_id: int) -> None:
+        client = self._require_open()
+        tracker = self._tracker
+        deleted_by_us = run_id in tracker.killed or run_id in tracker.given_up
+        try:
+            if run_id in tracker.jobs and not deleted_by_us:
+                await _delete(client, self._job_path(run_id), what="delete jobs")
+            if run_id not in self._owned_secrets:  # started before a restart: not known
+                await _delete(client, SECRETS.path(
+                    self._namespace, secret_name(self._context.node_name, run_id)),
+                    what="delete secrets")
+        except KubeError as error:
+            raise ExecutorError(f"cannot clean up run {run_id}: {error}") from error
+        self._owned_secrets.discard(run_id)
+        RunFiles(self._context.task_dir, run_id).remove()
+        tracker.forget_when_gone(run_id)
+
+    async def list_runs(self) -> list[RunState]:
+        self._require_open()
+        return self._tracker.states()
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _require_open(self) -> KubeClient:
+        if self._client is None:
+            raise ExecutorError("the Kubernetes executor is not open")
+        return self._client
+
+    def _job_path(self, run_id: int) -> str:
+        return JOBS.path(self._namespace, job_name(self._context.node_name, run_id))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("k8s.task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    def _give_up(self, run_id: int, seen: Observation) -> None:
+        """A run that can never progress (bad image): delete its Job so it does not linger."""
+        log.info("k8s.giving_up", run_id=run_id, reason=seen.reason, message=seen.message)
+        if self._client is not None:
+            self._spawn(self._delete_quietly(self._client, run_id), name=f"give-up-{run_id}")
+
+    async def _delete_quietly(self, client: KubeClient, run_id: int) -> None:
+        try:
+            await _delete(client, self._job_path(run_id), what="delete jobs")
+        except KubeError as error:
+            log.warning("k8s.give_up_failed", run_id=run_id, error=str(error))
+            self._tracker.given_up.discard(run_id)  # the next change of the run retries
+
+    async def _check_namespace(self, client: KubeClient) -> None:
+        settings, ns = self._settings, self._namespace
+        try:
+            namespace = await client.get(namespace_path(ns), what="get namespaces")
+        except KubeError as error:
+            if error.status == 404:
+                raise ExecutorError(
+                    f"namespace {ns!r} does not exist; the chart (or the operator) creates it, "
+                    "labelled pod-security.kubernetes.io/enforce=restricted") from error
+            if error.status == 403 and not settings.require_restricted_namespace:
+                log.warning("k8s.namespace_unverified", namespace=ns, error=str(error))
+                return
+            raise ExecutorError(
+                f"cannot read namespace {ns!r} to verify its Pod Security level ({error}); "
+                "grant `get namespaces` in the runs namespace's Role "
+                "(executors/kubernetes/rbac.py)") from error
+        labels = (namespace.get("metadata") or {}).get("labels") or {}
+        problems = pod_security_problems(labels)
+        if problems:
+            message = (f"namespace {ns!r} does not enforce Pod Security 'restricted': "
+                       + "; ".join(problems))
+            if settings.require_restricted_namespace:
+                raise ExecutorError(message + " (label it, or set "
+                                    "require_restricted_namespace: false)")
+            log.error("k8s.namespace_not_restricted", namespace=ns, problems=problems)
+        host_paths = [label for label, v in settings.databases.items() if v.host_path]
+        if host_paths and enforces(labels, "baseline"):
+            raise ExecutorError(
+                f"databases {host_paths} use hostPath volumes, which Pod Security "
+                f"{labels.get('pod-security.kubernetes.io/enforce')!r} in namespace {ns!r} "
+                "forbids; use a PersistentVolumeClaim or a ConfigMap")
+
+    async def _apply_network_policies(self, client: KubeClient) -> None:
+        settings = self._settings
+        proxy_namespace = (settings.proxy_namespace or service_account_namespace()
+                           or self._namespace)
+        isolation = RunIsolation(
+            namespace=self._namespace,
+            run_selector=self._node_labels,
+            allowed=(
+                proxy_peer(namespace=proxy_namespace, pod_selector=settings.proxy_pod_selector,
+                           port=settings.proxy_port),
+                dns_peer(namespace=settings.dns_namespace,
+                         pod_selector=settings.dns_pod_selector),
+            ),
+            name_prefix=_dns_label(f"fednode-runs-{self._context.node_name}"),
+            labels=self._node_labels,
+        )
+        for policy in run_network_policies(isolation):
+            path = NETWORK_POLICIES.path(self._namespace, policy["metadata"]["name"])
+            try:
+                await client.apply(path, policy, field_manager=FIELD_MANAGER,
+                                   what="apply networkpolicies")
+            except KubeError as error:
+                raise ExecutorError(
+                    f"cannot apply NetworkPolicy {policy['metadata']['name']!r} in "
+                    f"{self._namespace!r}: {error}") from error
+
+    async def _start_informers(self, client: KubeClient) -> None:
+        selector = label_selector(self._node_labels)
+        timeout = self._settings.watch_timeout_seconds
+        jobs = Informer(client=client, resource=JOBS, namespace=self._namespace,
+                        label_selector=selector, handler=self._tracker.on_job,
+                        watch_timeout=timeout)
+        pods = Informer(client=client, resource=PODS, namespace=self._namespace,
+                        label_selector=selector, handler=self._tracker.on_pod,
+                        watch_timeout=timeout)
+        try:
+            async with asyncio.timeout(self._settings.sync_timeout_seconds):
+                await jobs.prime()
+                await pods.prime()
+        except KubeError as error:
+            raise ExecutorError(
+                f"cannot list Jobs and Pods in namespace {self._namespace!r}: {error}"
+            ) from error
+        except TimeoutError as error:
+            raise ExecutorError(
+                f"listing Jobs and Pods in {self._namespace!r} took more than "
+                f"{self._settings.sync_timeout_seconds}s") from error
+        self._informers = [jobs, pods]
+        for informer in self._informers:
+            self._spawn(informer.run(), name=f"informer-{informer.kind}")
+
+
+def _dns_label(text: str) -> str:
+    """``text`` as a DNS label (lower case, letters, digits, '-'), short enough for suffixes."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower())[:40].strip("-")
+
+
+async def _create(client: KubeClient, path: str, body: Json, *, what: str) -> Json | None:
+    """Create an object; ``None`` when it already exists (a repeated, idempotent start)."""
+    try:
+        return await client.create(path, body, what=what)
+    except KubeError as error:
+        if error.status == 409 and error.reason == "AlreadyExists":
+            return None
+        raise
+
+
+async def _delete(client: KubeClient, path: str, *, what: str) -> bool:
+    """Delete in the background (dependents follow); whether it was there to delete."""
+    try:
+        await client.delete(path, query=(("propagationPolicy", "Background"),), what=what)
+    except KubeError as error:
+        if error.status == 404:
+            return False
+        raise
+    return True

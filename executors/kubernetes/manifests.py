@@ -1,0 +1,270 @@
+"""What one run looks like on Kubernetes: its Job (and pod template) and its token Secret.
+
+Pure functions from a :class:`~executors.spec.RunSpec` and the settings to plain dicts, so
+the shape of a run can be read (and tested) in one place:
+
+* a ``batch/v1`` Job named after the run (so a second ``start`` meets ``409`` instead of
+  starting it twice), labelled with :func:`~executors.base.run_labels` (what the informers
+  select on) and annotated with the ids and the trace context (what a restarted node
+  rebuilds its state from); ``backoffLimit`` from the settings, ``activeDeadlineSeconds``
+  from the run's deadline, ``ttlSecondsAfterFinished`` as a safety net;
+* a pod that passes Pod Security ``restricted`` (:mod:`policies.pod_security`), with no
+  service-account token and no service links, CPU/memory requests and limits, GPUs as an
+  extended-resource limit plus the GPU nodes' selector and tolerations;
+* the run's folder of the shared task volume at ``/mnt/task`` (``subPath run-<id>``), the
+  token Secret over ``/mnt/task/token``, an emptyDir at ``/tmp``, databases read-only at
+  ``/mnt/data/<label>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+from executors.base import ANNOTATION_TRACEPARENT, LABEL_MANAGED_BY, LABEL_NODE, MANAGED_BY
+from executors.kubernetes.config import DatabaseVolume, KubernetesSettings
+from executors.spec import (
+    CONTAINER_DATA_DIR,
+    CONTAINER_SCRATCH_DIR,
+    CONTAINER_TASK_DIR,
+    TOKEN_FILE_NAME,
+    RunSpec,
+)
+from policies.pod_security import container_security_context, pod_security_context
+
+Json = dict[str, Any]
+
+CONTAINER_NAME = "algorithm"
+
+ANNOTATION_RUN = "fednode.io/run-id"
+ANNOTATION_TASK = "fednode.io/task-id"
+ANNOTATION_ORGANIZATION = "fednode.io/organization-id"
+ANNOTATION_COLLABORATION = "fednode.io/collaboration-id"
+ANNOTATION_PARENT_TASK = "fednode.io/parent-task-id"
+ANNOTATION_IMAGE = "fednode.io/image"
+ANNOTATION_TRACESTATE = "fednode.io/tracestate"
+
+_TASK_VOLUME = "task"
+_TOKEN_VOLUME = "token"
+_SCRATCH_VOLUME = "scratch"
+
+
+class ManifestError(ValueError):
+    """The run cannot be expressed with this configuration (e.g. a database without volume)."""
+
+
+def node_selector_labels(node_name: str) -> dict[str, str]:
+    """The labels every object of this node carries (what the informers select on)."""
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_NODE: node_name}
+
+
+def label_selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in labels.items())
+
+
+def job_name(node_name: str, run_id: int) -> str:
+    """The run's Job name: fixed by node and run, so a repeated start finds it."""
+    digest = hashlib.sha256(node_name.encode()).hexdigest()[:6]
+    return f"fednode-run-{run_id}-{digest}"
+
+
+def secret_name(node_name: str, run_id: int) -> str:
+    return f"{job_name(node_name, run_id)}-token"
+
+
+def run_directory(run_id: int) -> str:
+    """The run's folder on the task volume (as :class:`executors.runfiles.RunFiles`)."""
+    return f"run-{run_id}"
+
+
+def job_annotations(spec: RunSpec) -> dict[str, str]:
+    annotations = {
+        ANNOTATION_RUN: str(spec.run_id),
+        ANNOTATION_TASK: str(spec.task_id),
+        ANNOTATION_ORGANIZATION: str(spec.organization_id),
+        ANNOTATION_COLLABORATION: str(spec.collaboration_id),
+        ANNOTATION_IMAGE: spec.image,
+    }
+    if spec.parent_task_id is not None:
+        annotations[ANNOTATION_PARENT_TASK] = str(spec.parent_task_id)
+    if "traceparent" in spec.trace_context:
+        annotations[ANNOTATION_TRACEPARENT] = spec.trace_context["traceparent"]
+    if "tracestate" in spec.trace_context:
+        annotations[ANNOTATION_TRACESTATE] = spec.trace_context["tracestate"]
+    return annotations
+
+
+def trace_context_of(annotations: dict[str, str]) -> dict[str, str]:
+    """The W3C trace context a Job carries (the inverse of :func:`job_annotations`)."""
+    context = {}
+    if ANNOTATION_TRACEPARENT in annotations:
+        context["traceparent"] = annotations[ANNOTATION_TRACEPARENT]
+    if ANNOTATION_TRACESTATE in annotations:
+        context["tracestate"] = annotations[ANNOTATION_TRACESTATE]
+    return context
+
+
+def token_secret(
+    spec: RunSpec, *, namespace: str, name: str, labels: dict[str, str]
+) -> Json:
+    """The run's container token, as an immutable Secret (the Job becomes its owner)."""
+    token = spec.token.get_secret_value() if spec.token else ""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "type": "Opaque",
+        "immutable": True,
+        "data": {TOKEN_FILE_NAME: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def owner_patch(job: Json) -> Json:
+    """A merge patch making ``job`` the owner of another object (garbage-collected with it)."""
+    metadata = job["metadata"]
+    return {
+        "metadata": {
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": metadata["name"],
+                    "uid": metadata["uid"],
+                }
+            ]
+        }
+    }
+
+
+def run_job(
+    spec: RunSpec,
+    *,
+    settings: KubernetesSettings,
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    token_secret_name: str | None,
+    pin_to_node: str | None,
+) -> Json:
+    """The run's Job; raises :class:`ManifestError` when the run cannot be expressed."""
+    uid, gid = settings.run_as_user, settings.run_as_group
+    mounts, volumes = _storage(spec, settings, token_secret_name)
+    container: Json = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "env": [{"name": key, "value": value} for key, value in spec.environment.items()],
+        "resources": _resources(spec, settings),
+        "securityContext": container_security_context(run_as_user=uid, run_as_group=gid),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: Json = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(run_as_user=uid, run_as_group=gid),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    _schedule(pod_spec, spec, settings, pin_to_node)
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
+    if settings.priority_class_name:
+        pod_spec["priorityClassName"] = settings.priority_class_name
+    pod_metadata: Json = {"labels": labels}
+    if spec.annotations:
+        pod_metadata["annotations"] = dict(spec.annotations)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": job_annotations(spec),
+        },
+        "spec": {
+            "backoffLimit": settings.backoff_limit,
+            "activeDeadlineSeconds": spec.deadline_seconds,
+            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            "completions": 1,
+            "parallelism": 1,
+            "template": {"metadata": pod_metadata, "spec": pod_spec},
+        },
+    }
+
+
+def _resources(spec: RunSpec, settings: KubernetesSettings) -> Json:
+    wanted = {
+        "cpu": f"{max(1, round(spec.resources.cpu * 1000))}m",
+        "memory": f"{spec.resources.memory_mb}Mi",
+    }
+    limits = dict(wanted)
+    if spec.resources.gpus:
+        limits[settings.gpu_resource_name] = str(spec.resources.gpus)
+    return {"requests": wanted, "limits": limits}
+
+
+def _schedule(
+    pod_spec: Json, spec: RunSpec, settings: KubernetesSettings, pin_to_node: str | None
+) -> None:
+    selector = dict(settings.node_selector)
+    tolerations = [dict(t) for t in settings.tolerations]
+    if spec.resources.gpus:
+        selector |= settings.gpu_node_selector
+        tolerations += [dict(t) for t in settings.gpu_tolerations]
+        if spec.resources.gpu_type and settings.gpu_type_label:
+            selector[settings.gpu_type_label] = spec.resources.gpu_type
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if pin_to_node:
+        term = {"matchFields": [{"key": "metadata.name", "operator": "In",
+                                 "values": [pin_to_node]}]}
+        pod_spec["affinity"] = {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+
+
+def _storage(
+    spec: RunSpec, settings: KubernetesSettings, token_secret_name: str | None
+) -> tuple[list[Json], list[Json]]:
+    mounts: list[Json] = [
+        {"name": _TASK_VOLUME, "mountPath": CONTAINER_TASK_DIR,
+         "subPath": run_directory(spec.run_id)},
+        {"name": _SCRATCH_VOLUME, "mountPath": CONTAINER_SCRATCH_DIR},
+    ]
+    volumes: list[Json] = [
+        {"name": _TASK_VOLUME,
+         "persistentVolumeClaim": {"claimName": settings.task_volume_claim}},
+        {"name": _SCRATCH_VOLUME, "emptyDir": {"sizeLimit": settings.scratch_size_limit}},
+    ]
+    if token_secret_name is not None:
+        mounts.append({"name": _TOKEN_VOLUME, "readOnly": True, "subPath": TOKEN_FILE_NAME,
+                       "mountPath": f"{CONTAINER_TASK_DIR}/{TOKEN_FILE_NAME}"})
+        volumes.append({"name": _TOKEN_VOLUME, "secret": {
+            "secretName": token_secret_name, "defaultMode": 0o444}})
+    for index, database in enumerate(d for d in spec.databases if d.is_local_path):
+        source = settings.databases.get(database.label)
+        if source is None:
+            raise ManifestError(
+                f"database {database.label!r} is a file database but the Kubernetes executor "
+                f"has no volume for it (executor.databases.{database.label})")
+        volume_name = f"db-{index}"
+        mount: Json = {"name": volume_name, "readOnly": True,
+                       "mountPath": f"{CONTAINER_DATA_DIR}/{database.label}"}
+        if source.sub_path:
+            mount["subPath"] = source.sub_path
+        mounts.append(mount)
+        volumes.append({"name": volume_name, **database_volume_source(source)})
+    return mounts, volumes
+
+
+def database_volume_source(source: DatabaseVolume) -> Json:
+    if source.claim:
+        return {"persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}}
+    if source.config_map:
+        return {"configMap": {"name": source.config_map}}
+    return {"hostPath": {"path": source.host_path, "type": "Directory"}}

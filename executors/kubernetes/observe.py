@@ -1,0 +1,152 @@
+"""From a run's Job and pods, as last seen, to its phase: one pure function, level-triggered.
+
+:func:`observe` looks at the current state, never at the history, so the same answer comes
+out of a watch event, a relist after ``410 Gone``, or a restart — the event stream then lets
+each phase through once. Where the answer comes from:
+
+* the pod, first, because it changes first: scheduled → ``starting``, ``Running`` →
+  ``running``, ``Succeeded`` → ``succeeded``; ``Failed`` (not being deleted) → ``failed``
+  once the Job has no retries left (``backoffLimit``), with ``oom-killed`` or ``crashed`` and
+  the exit code. Waiting on an image (``ErrImagePull``, ``ImagePullBackOff``,
+  ``InvalidImageName``) → ``image-not-found``; ``CreateContainerConfigError``,
+  ``CrashLoopBackOff`` and the like → ``crashed``: such a pod would wait forever, so the
+  observation says to give up on it (the executor deletes the Job);
+* the Job's conditions: ``Complete``/``SuccessCriteriaMet`` → succeeded;
+  ``Failed``/``FailureTarget`` with reason ``DeadlineExceeded`` → ``deadline-exceeded``,
+  any other failure → the last pod's details. (A pod killed by the deadline is being
+  deleted, so it does not count as a crash.)
+
+A Job that disappears is not judged here: whether that is ``killed`` (we deleted it) or
+``lost`` depends on what the executor did, so the executor decides.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from executors.spec import Phase, Reason
+
+Json = dict[str, Any]
+
+IMAGE_ERRORS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+)
+START_ERRORS = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
+     "RunContainerError"}
+)
+
+
+class Observation(NamedTuple):
+    """A run's phase as its objects show it."""
+
+    phase: Phase
+    reason: Reason | None = None
+    exit_code: int | None = None
+    message: str = ""
+    give_up: bool = False  # the run can never progress: delete its Job
+
+
+PENDING = Observation(Phase.PENDING)
+
+
+def observe(job: Json | None, pods: list[Json], *, backoff_limit: int) -> Observation:
+    """The phase of a run from its Job (``None`` if not seen yet) and its pods."""
+    if job is not None:
+        from_job = _from_job(job, pods)
+        if from_job is not None:
+            return from_job
+        backoff_limit = int(job.get("spec", {}).get("backoffLimit", backoff_limit))
+    pod = newest(pods)
+    if pod is None:
+        return PENDING
+    return _from_pod(pod, pods, backoff_limit=backoff_limit)
+
+
+def newest(pods: list[Json]) -> Json | None:
+    """The run's current pod (a Job with retries may have several)."""
+    if not pods:
+        return None
+    return max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "",
+                                    p["metadata"]["name"]))
+
+
+def _from_job(job: Json, pods: list[Json]) -> Observation | None:
+    conditions = {
+        c.get("type"): c for c in job.get("status", {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
+    for kind in ("Complete", "SuccessCriteriaMet"):
+        if kind in conditions:
+            return Observation(Phase.SUCCEEDED, Reason.COMPLETED, 0)
+    for kind in ("Failed", "FailureTarget"):
+        condition = conditions.get(kind)
+        if condition is None:
+            continue
+        message = str(condition.get("message") or condition.get("reason") or "")
+        if condition.get("reason") == "DeadlineExceeded":
+            return Observation(Phase.FAILED, Reason.DEADLINE_EXCEEDED, None, message)
+        failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+        pod = newest(failed)
+        if pod is not None:
+            return _failure(pod, fallback=message)
+        return Observation(Phase.FAILED, Reason.CRASHED, None, message)
+    return None
+
+
+def _from_pod(pod: Json, pods: list[Json], *, backoff_limit: int) -> Observation:
+    status = pod.get("status") or {}
+    phase = status.get("phase")
+    deleting = pod["metadata"].get("deletionTimestamp") is not None
+    if phase == "Succeeded":
+        return Observation(Phase.SUCCEEDED, Reason.COMPLETED, 0)
+    if phase == "Failed":
+        failures = sum(1 for p in pods if p.get("status", {}).get("phase") == "Failed")
+        if not deleting and failures > backoff_limit:
+            return _failure(pod)
+        return Observation(Phase.RUNNING if status.get("startTime") else Phase.STARTING)
+    waiting = _waiting(status)
+    if waiting is not None:
+        reason, message = waiting
+        if reason in IMAGE_ERRORS:
+            return Observation(Phase.FAILED, Reason.IMAGE_NOT_FOUND, None,
+                               f"{reason}: {message}", give_up=True)
+        if reason in START_ERRORS:
+            return Observation(Phase.FAILED, Reason.CRASHED, None, f"{reason}: {message}",
+                               give_up=True)
+    if phase == "Running":
+        return Observation(Phase.RUNNING)
+    if pod.get("spec", {}).get("nodeName"):
+        return Observation(Phase.STARTING)
+    return PENDING
+
+
+def _waiting(status: Json) -> tuple[str, str] | None:
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason"):
+            return str(waiting["reason"]), str(waiting.get("message") or "")
+    return None
+
+
+def terminated(pod: Json) -> Json | None:
+    """The algorithm container's termination record, if it ended."""
+    for container in pod.get("status", {}).get("containerStatuses") or []:
+        state = container.get("state") or {}
+        record = state.get("terminated") or (container.get("lastState") or {}).get("terminated")
+        if record:
+            return dict(record)
+    return None
+
+
+def _failure(pod: Json, *, fallback: str = "") -> Observation:
+    record = terminated(pod)
+    if record is None:
+        message = str(pod.get("status", {}).get("message") or fallback)
+        return Observation(Phase.FAILED, Reason.CRASHED, None, message)
+    exit_code = record.get("exitCode")
+    code = int(exit_code) if exit_code is not None else None
+    message = str(record.get("message") or record.get("reason") or fallback).strip()
+    if record.get("reason") == "OOMKilled":
+        return Observation(Phase.FAILED, Reason.OOM_KILLED, code, message)
+    return Observation(Phase.FAILED, Reason.CRASHED, code, message)
