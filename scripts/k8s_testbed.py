@@ -1192,6 +1192,24 @@ def status(_: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def restart_apiserver(_: argparse.Namespace) -> None:
+    """Stop kube-apiserver and start it again; etcd and every other component stay up.
+
+    Every watch breaks mid-stream and every client must reconnect: what a control-plane
+    upgrade or a crashed apiserver does to a node (tests/integration/test_k8s_executor.py).
+    """
+    started = time.monotonic()
+    with run_lock():
+        apiserver = next(c for c in components() if c.name == "kube-apiserver")
+        if read_pid(apiserver) is None:
+            raise fail("kube-apiserver is not running; `scripts/k8s-testbed up` first")
+        stop(apiserver, grace=3)  # its graceful drain of open watches would take ~10 s
+        stopped = time.monotonic()
+        wait_healthy(apiserver, start(apiserver))
+    log(f"kube-apiserver restarted (down {human(time.monotonic() - stopped)}, "
+        f"in all {human(time.monotonic() - started)})")
+
+
 def print_env(_: argparse.Namespace | None = None) -> None:
     print(f"export KUBECONFIG={KUBECONFIG}")
 
@@ -1240,6 +1258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything and wipe the run state (keeps binaries)")
     sub.add_parser("status", help="health of each component; exit 0 when all are healthy")
     sub.add_parser("env", help="print `export KUBECONFIG=...`")
+    sub.add_parser("restart-apiserver", help="stop and start kube-apiserver only (watches "
+                   "break; state is kept)")
     p_attach = sub.add_parser("attach", help="run the kwok nodes and stages against another "
                               "cluster (e.g. kind), in the foreground")
     p_attach.add_argument("--kubeconfig", required=True, help="admin kubeconfig of that cluster")
@@ -1256,6 +1276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status(args)
     elif args.command == "attach":
         attach(args)
+    elif args.command == "restart-apiserver":
+        restart_apiserver(args)
     else:
         print_env(args)
     return 0
