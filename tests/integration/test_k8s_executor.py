@@ -1,0 +1,490 @@
+"""The Kubernetes executor against the real API server (kwok plays the kubelets).
+
+Every executor here acts as a ServiceAccount bound only to the Role of
+``executors/kubernetes/rbac.py`` in a fresh namespace enforcing Pod Security ``restricted``;
+the admin kubeconfig is used only to set up and to look at what the executor made. kwok
+pods run no code: the tests play the container's part by writing the run's output file
+into ``task_dir/run-<id>/output`` when the run is reported running
+(:class:`~tests.integration.test_k8s_executor_support.EventLog`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from executors.base import (
+    ANNOTATION_TRACEPARENT,
+    LABEL_NODE,
+    LABEL_RUN,
+    ExecutorContext,
+    ExecutorError,
+    UnknownRun,
+)
+from executors.kubernetes.executor import KubernetesExecutor
+from executors.kubernetes.manifests import job_name, secret_name
+from executors.kubernetes.rbac import ROLE_RULES
+from executors.spec import Phase, Reason
+from tests.integration.test_k8s_executor_support import (
+    EventLog,
+    make_spec,
+    output_of,
+    settings_for,
+    task_volume,
+)
+from tests.peers.kubernetes import (
+    GPU_NODE,
+    POD_EXIT_CODE,
+    POD_IMAGE_MISSING,
+    POD_OOM_KILLED,
+    POD_RUN_SECONDS,
+    SCRIPT,
+    K8sTestbed,
+)
+
+pytestmark = pytest.mark.kubernetes
+
+NODE = "fednode-test-node"
+
+
+@pytest.fixture
+async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
+    """The admin client, to set up and to look at what the executor made (never to act
+    for it)."""
+    async with k8s_testbed.api_client() as api:
+        yield api
+
+
+@pytest.fixture
+async def role_kubeconfig(k8s_testbed: K8sTestbed, k8s_namespace: str, admin: Any
+                          ) -> AsyncIterator[Path]:
+    """A ServiceAccount bound to exactly the executor's Role (never admin), in a namespace
+    that has the task-directory claim (as the chart sets it up)."""
+    async with task_volume(admin, k8s_namespace):
+        yield await k8s_testbed.service_account_kubeconfig(k8s_namespace, rules=ROLE_RULES)
+
+
+@pytest.fixture
+def task_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "tasks"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+async def executor(
+    k8s_namespace: str, role_kubeconfig: Path, task_dir: Path
+) -> AsyncIterator[KubernetesExecutor]:
+    executor = KubernetesExecutor(
+        settings_for(k8s_namespace, role_kubeconfig),
+        context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+    )
+    await executor.open()
+    yield executor
+    await executor.close()
+
+
+@pytest.fixture
+async def events(executor: KubernetesExecutor, task_dir: Path) -> AsyncIterator[EventLog]:
+    with EventLog(executor, task_dir) as log:
+        yield log
+
+
+async def read_job(admin: Any, namespace: str, run_id: int) -> dict[str, Any]:
+    """The run's Job as plain JSON (as the executor itself sees it)."""
+    raw = await client.BatchV1Api(admin).read_namespaced_job(
+        job_name(NODE, run_id), namespace, _preload_content=False)
+    job: dict[str, Any] = await raw.json()
+    return job
+
+
+async def exists(call: Any, *args: Any) -> bool:
+    try:
+        await call(*args)
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+# -- one run, start to cleanup -------------------------------------------------------------
+
+
+async def test_a_run_is_reported_pending_to_succeeded_and_its_output_collected(
+    executor: KubernetesExecutor, events: EventLog, task_dir: Path, admin: Any,
+    k8s_namespace: str,
+) -> None:
+    await executor.start(make_spec(1))
+    await events.wait_terminal(1, timeout=30)
+
+    assert events.phases(1) == [Phase.PENDING, Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
+    final = events.terminal(1)
+    assert final is not None
+    assert (final.reason, final.exit_code) == (Reason.COMPLETED, 0)
+    output = await executor.collect(1)
+    assert output.output == output_of(1)
+    assert output.log == ""  # kwok keeps no container logs
+
+    core = client.CoreV1Api(admin)
+    await executor.cleanup(1)
+    assert not (task_dir / "run-1").exists()
+    assert not await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 1),
+                            k8s_namespace)
+    assert await executor.list_runs() == [] or all(s.run_id != 1
+                                                   for s in await executor.list_runs())
+    # the token Secret goes with the Job (owner reference, garbage collector)
+    deadline = time.monotonic() + 20
+    while await exists(core.read_namespaced_secret, secret_name(NODE, 1), k8s_namespace):
+        assert time.monotonic() < deadline, "the token Secret outlived its Job"
+        await asyncio.sleep(0.2)
+
+
+async def test_the_job_is_locked_down_labelled_and_carries_what_a_restart_needs(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    task_dir: Path,
+) -> None:
+    spec = make_spec(2, annotations={POD_RUN_SECONDS: "forever"})
+    await executor.start(spec)
+    await events.wait_phase(2, Phase.RUNNING)
+
+    job = await read_job(admin, k8s_namespace, 2)
+    meta, spec_ = job["metadata"], job["spec"]
+    assert meta["labels"][LABEL_RUN] == "2" and meta["labels"][LABEL_NODE] == NODE
+    assert meta["annotations"]["fednode.io/task-id"] == "1002"
+    assert meta["annotations"][ANNOTATION_TRACEPARENT] == spec.trace_context["traceparent"]
+    assert spec_["backoffLimit"] == 0
+    assert spec_["activeDeadlineSeconds"] == spec.deadline_seconds
+    assert spec_["ttlSecondsAfterFinished"] == 3600
+    pod = spec_["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["runAsNonRoot"] and context["readOnlyRootFilesystem"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["resources"] == {"requests": {"cpu": "500m", "memory": "256Mi"},
+                                      "limits": {"cpu": "500m", "memory": "256Mi"}}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/mnt/task"]["subPath"] == "run-2"
+    assert mounts["/mnt/task/token"]["readOnly"] is True
+    assert "/tmp" in mounts
+    # the token is in a Secret owned by the Job, not on the shared volume
+    assert (task_dir / "run-2" / "token").read_text() == ""
+    assert (task_dir / "run-2" / "input").read_bytes() == spec.input
+    # the pod was admitted under Pod Security restricted (the namespace enforces it)
+    pods = await client.CoreV1Api(admin).list_namespaced_pod(
+        k8s_namespace, label_selector=f"{LABEL_RUN}=2")
+    assert len(pods.items) == 1 and pods.items[0].status.phase == "Running"
+    await executor.kill(2)
+    await events.wait_terminal(2)
+
+
+async def test_start_is_idempotent_and_a_repeated_start_creates_nothing(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+) -> None:
+    spec = make_spec(3, annotations={POD_RUN_SECONDS: "forever"})
+    await asyncio.gather(executor.start(spec), executor.start(spec))
+    await events.wait_phase(3, Phase.RUNNING)
+    before = executor.requests.get("create jobs", 0)
+    await executor.start(spec)  # known to the informer: not even a request
+    assert executor.requests.get("create jobs", 0) == before
+    jobs = await client.BatchV1Api(admin).list_namespaced_job(
+        k8s_namespace, label_selector=f"{LABEL_RUN}=3")
+    assert len(jobs.items) == 1
+    await executor.kill(3)
+    await events.wait_terminal(3)
+
+
+# -- many at once -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_200_runs_started_at_once_each_reported_once_even_when_finishing_together(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+) -> None:
+    run_ids = list(range(100, 300))
+    # every pod runs 2 s after it starts: kwok finishes many of them in the same instant
+    specs = [make_spec(r, annotations={POD_RUN_SECONDS: "2"}) for r in run_ids]
+    requests_before = sum(executor.requests.values())
+    await asyncio.gather(*(executor.start(s) for s in specs))
+    await events.wait_terminal(run_ids, timeout=240)
+    await asyncio.sleep(1)  # room for a late duplicate to show up
+
+    terminal = Counter(e.run_id for e in events.events if e.phase.is_terminal)
+    assert set(terminal) == set(run_ids) and set(terminal.values()) == {1}
+    assert all(events.terminal(r).phase is Phase.SUCCEEDED for r in run_ids)  # type: ignore[union-attr]
+    # every Job got its pod: all 200 admitted under Pod Security restricted
+    for r in run_ids:
+        assert events.phases(r)[-2:] == [Phase.RUNNING, Phase.SUCCEEDED]
+    # completions landing in the same instant (kwok stamps finishedAt to the second)
+    pods = await client.CoreV1Api(admin).list_namespaced_pod(k8s_namespace)
+    finished = Counter(p.status.container_statuses[0].state.terminated.finished_at
+                       for p in pods.items)
+    assert max(finished.values()) >= 5, finished
+
+    outputs = await asyncio.gather(*(executor.collect(r) for r in run_ids))
+    assert [o.output for o in outputs] == [output_of(r) for r in run_ids]
+    await asyncio.gather(*(executor.cleanup(r) for r in run_ids))
+    per_run = (sum(executor.requests.values()) - requests_before) / len(run_ids)
+    assert per_run <= 6, executor.requests
+
+
+# -- how runs end ---------------------------------------------------------------------------
+
+
+async def test_kill_deletes_the_job_and_reports_killed(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+) -> None:
+    await executor.start(make_spec(4, annotations={POD_RUN_SECONDS: "forever"}))
+    await events.wait_phase(4, Phase.RUNNING)
+    await executor.kill(4)
+    await events.wait_terminal(4)
+    final = events.terminal(4)
+    assert final is not None and (final.phase, final.reason) == (Phase.KILLED, Reason.KILLED)
+    assert not await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 4),
+                            k8s_namespace)
+    await executor.kill(4)  # again, and an unknown run: both ignored
+    await executor.kill(999_999)
+    await executor.cleanup(4)
+
+
+async def test_a_run_past_its_deadline_fails_with_deadline_exceeded(
+    executor: KubernetesExecutor, events: EventLog,
+) -> None:
+    await executor.start(make_spec(5, annotations={POD_RUN_SECONDS: "forever"},
+                                   deadline_seconds=2))
+    await events.wait_terminal(5, timeout=30)
+    final = events.terminal(5)
+    assert final is not None
+    assert (final.phase, final.reason) == (Phase.FAILED, Reason.DEADLINE_EXCEEDED)
+
+
+async def test_an_image_that_cannot_be_pulled_fails_fast_and_its_job_is_removed(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+) -> None:
+    began = time.monotonic()
+    await executor.start(make_spec(6, annotations={POD_IMAGE_MISSING: "true"},
+                                   image="registry.example/missing/nothing:1"))
+    await events.wait_terminal(6, timeout=30)
+    final = events.terminal(6)
+    assert final is not None
+    assert (final.phase, final.reason) == (Phase.FAILED, Reason.IMAGE_NOT_FOUND)
+    assert "ErrImagePull" in final.message
+    assert time.monotonic() - began < 10
+    deadline = time.monotonic() + 20
+    while await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 6),
+                       k8s_namespace):
+        assert time.monotonic() < deadline, "the Job of a run with a bad image lingers"
+        await asyncio.sleep(0.2)
+    assert (await executor.collect(6)).log == ""
+
+
+@pytest.mark.parametrize(
+    ("annotations", "reason", "exit_code"),
+    [({POD_EXIT_CODE: "3"}, Reason.CRASHED, 3), ({POD_OOM_KILLED: "true"}, Reason.OOM_KILLED, 137)],
+    ids=["exit-3", "oom-killed"],
+)
+async def test_a_failing_container_is_reported_with_its_reason_and_exit_code(
+    executor: KubernetesExecutor, events: EventLog, annotations: dict[str, str],
+    reason: Reason, exit_code: int,
+) -> None:
+    await executor.start(make_spec(7, annotations=annotations))
+    await events.wait_terminal(7)
+    final = events.terminal(7)
+    assert final is not None
+    assert (final.phase, final.reason, final.exit_code) == (Phase.FAILED, reason, exit_code)
+    assert [s.phase for s in await executor.list_runs()] == [Phase.FAILED]
+
+
+async def test_a_job_deleted_behind_the_executors_back_is_reported_lost(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+) -> None:
+    await executor.start(make_spec(8, annotations={POD_RUN_SECONDS: "forever"}))
+    await events.wait_phase(8, Phase.RUNNING)
+    await client.BatchV1Api(admin).delete_namespaced_job(
+        job_name(NODE, 8), k8s_namespace, propagation_policy="Background")
+    await events.wait_terminal(8)
+    final = events.terminal(8)
+    assert final is not None and (final.phase, final.reason) == (Phase.FAILED, Reason.LOST)
+
+
+async def test_collect_of_a_run_never_seen_is_an_unknown_run(
+    executor: KubernetesExecutor,
+) -> None:
+    with pytest.raises(UnknownRun):
+        await executor.collect(424242)
+
+
+# -- GPUs -----------------------------------------------------------------------------------
+
+
+async def test_a_gpu_run_lands_on_the_gpu_node_and_the_next_waits_while_gpus_are_taken(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+) -> None:
+    forever = {POD_RUN_SECONDS: "forever"}
+    await executor.start(make_spec(10, annotations=forever, gpus=4))
+    await events.wait_phase(10, Phase.RUNNING)
+    pods = await client.CoreV1Api(admin).list_namespaced_pod(
+        k8s_namespace, label_selector=f"{LABEL_RUN}=10")
+    assert pods.items[0].spec.node_name == GPU_NODE
+    assert pods.items[0].spec.containers[0].resources.limits["nvidia.com/gpu"] == "4"
+
+    await executor.start(make_spec(11, annotations=forever, gpus=1))
+    # all 4 GPUs are taken: the run waits unscheduled; nothing but "pending" is reported
+    await asyncio.sleep(3)
+    assert events.phases(11) == [Phase.PENDING]
+    assert {s.run_id: s.phase for s in await executor.list_runs()}[11] is Phase.PENDING
+
+    await executor.kill(10)  # frees the GPUs: the waiting run is scheduled and runs
+    await events.wait_phase(11, Phase.RUNNING, timeout=30)
+    pods = await client.CoreV1Api(admin).list_namespaced_pod(
+        k8s_namespace, label_selector=f"{LABEL_RUN}=11")
+    assert pods.items[0].spec.node_name == GPU_NODE
+    await executor.kill(11)
+    await events.wait_terminal([10, 11])
+
+
+# -- least privilege and isolation ----------------------------------------------------------
+
+
+async def test_the_role_suffices_and_cluster_scoped_or_foreign_requests_are_refused(
+    executor: KubernetesExecutor, events: EventLog, k8s_testbed: K8sTestbed,
+    role_kubeconfig: Path, k8s_namespace: str,
+) -> None:
+    # everything above ran as this ServiceAccount; one full run here for good measure
+    await executor.start(make_spec(12))
+    await events.wait_terminal(12)
+    await executor.collect(12)
+    await executor.cleanup(12)
+
+    other = await k8s_testbed.create_namespace("fednode-other")
+    try:
+        async with k8s_testbed.api_client(role_kubeconfig) as api:
+            core = client.CoreV1Api(api)
+            refused = [
+                core.list_node(),
+                core.list_namespace(),
+                core.read_namespace(other),
+                core.list_namespaced_pod(other),
+                core.list_namespaced_secret(k8s_namespace),  # not even its own secrets
+                client.BatchV1Api(api).list_job_for_all_namespaces(),
+            ]
+            for call in refused:
+                with pytest.raises(ApiException) as caught:
+                    await call
+                assert caught.value.status == 403
+    finally:
+        await k8s_testbed.delete_namespace(other)
+
+
+async def test_network_policies_deny_all_but_the_proxy_and_dns_and_reapply_idempotently(
+    executor: KubernetesExecutor, admin: Any, k8s_namespace: str, role_kubeconfig: Path,
+    task_dir: Path,
+) -> None:
+    raw = await client.NetworkingV1Api(admin).list_namespaced_network_policy(
+        k8s_namespace, _preload_content=False)
+    policies = {p["metadata"]["name"]: p["spec"] for p in (await raw.json())["items"]}
+    deny = next(s for n, s in policies.items() if n.endswith("-default-deny"))
+    egress = next(s for n, s in policies.items() if n.endswith("-egress"))
+    assert deny["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny and "egress" not in deny
+    assert deny["podSelector"]["matchLabels"][LABEL_NODE] == NODE
+    proxy, dns = egress["egress"]
+    assert proxy["ports"] == [{"port": 7654, "protocol": "TCP"}]
+    assert proxy["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "node"
+    assert {p["port"] for p in dns["ports"]} == {53}
+
+    again = KubernetesExecutor(settings_for(k8s_namespace, role_kubeconfig),
+                               context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+    await again.open()  # server-side apply: the same objects, no conflict
+    await again.close()
+
+
+async def test_open_refuses_a_namespace_that_does_not_enforce_restricted(
+    k8s_testbed: K8sTestbed, task_dir: Path,
+) -> None:
+    namespace = await k8s_testbed.create_namespace("fednode-baseline", pod_security="baseline")
+    try:
+        kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=ROLE_RULES)
+        executor = KubernetesExecutor(settings_for(namespace, kubeconfig),
+                                      context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+        with pytest.raises(ExecutorError, match="restricted"):
+            await executor.open()
+    finally:
+        await k8s_testbed.delete_namespace(namespace)
+
+
+# -- restarts -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_watch_broken_by_an_apiserver_restart_resumes_and_misses_nothing(
+    executor: KubernetesExecutor, events: EventLog,
+) -> None:
+    run_ids = list(range(20, 40))
+    # they finish while the API server is down or coming back
+    await asyncio.gather(*(executor.start(make_spec(r, annotations={POD_RUN_SECONDS: "3"}))
+                           for r in run_ids))
+    await events.wait(lambda: all(Phase.RUNNING in events.phases(r) for r in run_ids),
+                      timeout=60, what="all running")
+    restart = await asyncio.create_subprocess_exec(
+        str(SCRIPT), "restart-apiserver", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = await restart.communicate()
+    assert restart.returncode == 0, out.decode()
+
+    await events.wait_terminal(run_ids, timeout=90)
+    await asyncio.sleep(1)
+    terminal = Counter(e.run_id for e in events.events if e.phase.is_terminal)
+    assert terminal == Counter(run_ids)
+    assert all(events.terminal(r).phase is Phase.SUCCEEDED for r in run_ids)  # type: ignore[union-attr]
+    assert all(i.resumes + i.relists >= 1 for i in executor.informers)
+
+
+async def test_a_new_executor_instance_rebuilds_the_runs_from_labels(
+    k8s_namespace: str, role_kubeconfig: Path, task_dir: Path,
+) -> None:
+    context = ExecutorContext(node_name=NODE, task_dir=task_dir)
+    settings = settings_for(k8s_namespace, role_kubeconfig)
+    first = KubernetesExecutor(settings, context=context)
+    await first.open()
+    with EventLog(first, task_dir) as log:
+        await first.start(make_spec(30, annotations={POD_RUN_SECONDS: "forever"}))
+        await first.start(make_spec(31, annotations={POD_RUN_SECONDS: "2"}))
+        await log.wait(lambda: Phase.RUNNING in log.phases(30) and
+                       Phase.RUNNING in log.phases(31), timeout=30, what="both running")
+    await first.close()  # the node goes down; run 31 finishes meanwhile
+    await asyncio.sleep(3)
+
+    second = KubernetesExecutor(settings, context=context)
+    await second.open()
+    try:
+        states = {s.run_id: s for s in await second.list_runs()}
+        assert set(states) == {30, 31}
+        assert states[30].phase is Phase.RUNNING and states[30].task_id == 1030
+        assert states[31].phase is Phase.SUCCEEDED
+        assert states[30].trace_context["traceparent"].startswith("00-")
+        with EventLog(second, task_dir) as log:
+            await log.wait_terminal(31, timeout=10)  # the finish it missed is reported
+            assert (await second.collect(31)).output == output_of(31)
+            await second.kill(30)
+            await log.wait_terminal(30)
+            final = log.terminal(30)
+            assert final is not None and final.phase is Phase.KILLED
+            await second.cleanup(30)
+            await second.cleanup(31)
+        assert await second.list_runs() == []
+    finally:
+        await second.close()

@@ -1,0 +1,171 @@
+"""Shared by the Kubernetes executor tests (no tests here): settings, specs, an event log.
+
+kwok pods run no code, so the tests play the container's part: :class:`EventLog` writes
+the run's output file into its folder (``task_dir/run-<id>/output``) when the run is
+reported ``running``, as an algorithm would before exiting. Everything the executor does
+goes through a ServiceAccount bound only to :data:`executors.kubernetes.rbac.ROLE_RULES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import SecretStr
+
+from executors.kubernetes.config import KubernetesSettings
+from executors.kubernetes.executor import KubernetesExecutor
+from executors.spec import Phase, Resources, RunEvent, RunSpec
+from tests.peers.kubernetes import GPU_TOLERATION, POD_RUN_SECONDS
+
+GPU_NODE_SELECTOR = {"fednode.test/gpu": "true"}
+
+
+def settings_for(namespace: str, kubeconfig: Path, **overrides: object) -> KubernetesSettings:
+    """Executor settings for a test namespace of the testbed."""
+    values: dict[str, object] = {
+        "kubeconfig": kubeconfig,
+        "namespace": namespace,
+        "gpu_node_selector": GPU_NODE_SELECTOR,
+        "gpu_tolerations": [GPU_TOLERATION],
+        "proxy_namespace": namespace,
+        **overrides,
+    }
+    return KubernetesSettings.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def task_volume(
+    admin: Any, namespace: str, *, claim: str = "fednode-tasks"
+) -> AsyncIterator[str]:
+    """A bound ReadWriteMany claim for the task directory, as the chart would provide.
+
+    The scheduler only places a pod whose claims are bound. kwok never mounts anything, so
+    the volume's source does not matter, and the claim is bound here directly (claim, then
+    a volume reserved for it, then the claim's status), which takes milliseconds where the
+    volume controller's own binding can wait for its 15 s resync.
+    """
+    core = client.CoreV1Api(admin)
+    volume = f"{namespace}-{claim}"
+    size = {"storage": "1Gi"}
+    created = await core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim,
+                     "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
+                 "volumeName": volume, "resources": {"requests": size}},
+    })
+    await core.create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
+        "spec": {
+            "capacity": size, "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+            "hostPath": {"path": f"/tmp/{volume}"},
+            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "namespace": namespace, "name": claim,
+                         "uid": created.metadata.uid},
+        },
+    })
+    try:
+        await core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {
+            "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": size}})
+        yield claim
+    finally:
+        with contextlib.suppress(ApiException):
+            await core.delete_persistent_volume(volume)
+
+
+def make_spec(
+    run_id: int,
+    *,
+    annotations: dict[str, str] | None = None,
+    image: str = "registry.example/fednode/average:1",
+    gpus: int = 0,
+    deadline_seconds: int = 3600,
+    token: str | None = "container-token",
+) -> RunSpec:
+    return RunSpec(
+        run_id=run_id,
+        task_id=1000 + run_id,
+        organization_id=7,
+        collaboration_id=3,
+        image=image,
+        input=f"input of {run_id}".encode(),
+        token=SecretStr(token) if token is not None else None,
+        environment={"INPUT_FILE": "/mnt/task/input", "OUTPUT_FILE": "/mnt/task/output"},
+        resources=Resources(cpu=0.5, memory_mb=256, gpus=gpus),
+        deadline_seconds=deadline_seconds,
+        annotations={POD_RUN_SECONDS: "0.5", **(annotations or {})},
+        trace_context={"traceparent": f"00-{run_id:032x}-{run_id:016x}-01"},
+    )
+
+
+def output_of(run_id: int) -> bytes:
+    return f"output of run {run_id}".encode()
+
+
+class EventLog:
+    """Collects an executor's events; plays the container by writing output when running."""
+
+    def __init__(self, executor: KubernetesExecutor, task_dir: Path) -> None:
+        self.executor = executor
+        self.task_dir = task_dir
+        self.events: list[RunEvent] = []
+        self.by_run: dict[int, list[RunEvent]] = defaultdict(list)
+        self.seen_at: dict[tuple[int, Phase], float] = {}
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> EventLog:
+        self._task = asyncio.create_task(self._consume(), name="event-log")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _consume(self) -> None:
+        async for event in self.executor.events():
+            self.seen_at[(event.run_id, event.phase)] = time.monotonic()
+            if event.phase is Phase.RUNNING:
+                run_dir = self.task_dir / f"run-{event.run_id}"
+                if run_dir.is_dir():  # the container's part: write the result
+                    (run_dir / "output").write_bytes(output_of(event.run_id))
+            self.events.append(event)
+            self.by_run[event.run_id].append(event)
+            async with self._changed:
+                self._changed.notify_all()
+
+    def phases(self, run_id: int) -> list[Phase]:
+        return [e.phase for e in self.by_run.get(run_id, [])]
+
+    def terminal(self, run_id: int) -> RunEvent | None:
+        return next((e for e in self.by_run.get(run_id, []) if e.phase.is_terminal), None)
+
+    async def wait(self, condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+        async def until() -> None:
+            async with self._changed:
+                await self._changed.wait_for(condition)
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                 f"last events: {self.events[-10:]}") from None
+
+    async def wait_terminal(self, run_ids: list[int] | int, *, timeout: float = 60) -> None:
+        ids = [run_ids] if isinstance(run_ids, int) else run_ids
+        await self.wait(lambda: all(self.terminal(r) is not None for r in ids),
+                        timeout=timeout, what=f"terminal events of {len(ids)} run(s)")
+
+    async def wait_phase(self, run_id: int, phase: Phase, *, timeout: float = 30) -> None:
+        await self.wait(lambda: phase in self.phases(run_id), timeout=timeout,
+                        what=f"run {run_id} {phase.value}")
