@@ -55,9 +55,11 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # Libraries that are chatty at INFO about every request or packet.
+    # Libraries that are chatty about every request or packet, and warn about the close
+    # packet of a disconnect we asked for ourselves; fednode logs connection changes itself.
+    quiet = logging.DEBUG if level == "DEBUG" else logging.ERROR
     for noisy in ("aiohttp.access", "engineio.client", "socketio.client"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+        logging.getLogger(noisy).setLevel(quiet)
 
     structlog.configure(
         processors=[
