@@ -90,6 +90,10 @@ EXPLANATION: dict[Reason, str] = {
 }
 
 
+#: How many finished run ids the lifecycle remembers to ignore repeated terminal events.
+FINISHED_MEMORY = 10_000
+
+
 class StatusNotifier(Protocol):
     """Tells the collaboration about status changes (the socket link's ``emit``)."""
 
@@ -152,6 +156,10 @@ class RunLifecycle:
         self._work = TaskOwner("runs")
         self._public_keys: dict[int, str | None] = {}
         self._accepting = True
+        # Runs finished by this process, so a late or repeated terminal event (a relist
+        # after a reconnect, reconcile racing the executor's own replay) is not uploaded
+        # again. Bounded: the oldest ids are dropped first.
+        self._finished: dict[int, None] = {}
 
     # -- the two streams ----------------------------------------------------------------
 
@@ -259,7 +267,7 @@ class RunLifecycle:
             except ServerError as exc:
                 # The run stays open on the server; the next sync picks it up again.
                 log.error("run.server_error", error=str(exc))
-                self._forget(record, status="server error", cleanup=False)
+                self._forget(record, status="server error", cleanup=False, finished=False)
             except Exception:
                 # Never let one run take the node down; report it as a node-side failure.
                 log.exception("run.start_crashed")
@@ -386,7 +394,7 @@ class RunLifecycle:
             record.execute_span = self._tracer.start_span(
                 "execute", context=trace.set_span_in_context(record.span)
             )
-        if not event.phase.is_terminal:
+        if not event.phase.is_terminal or event.run_id in self._finished:
             return
         if record is not None and record.finishing:
             return
@@ -396,7 +404,7 @@ class RunLifecycle:
 
     async def _finish(self, event: RunEvent) -> None:
         record = self._runs.get(event.run_id) or await self._recall(event.run_id)
-        if record is None:
+        if record is None or event.run_id in self._finished:
             return
         record.finishing = True
         with bind_run(run_id=record.run_id, task_id=record.task_id):
@@ -406,7 +414,7 @@ class RunLifecycle:
                 # Keep the runtime object: the next sync or restart retries the upload.
                 log.error("run.upload_failed", error=str(exc))
                 record.finishing = False
-                self._forget(record, status="upload failed", cleanup=False)
+                self._forget(record, status="upload failed", cleanup=False, finished=False)
 
     async def _upload(self, record: _RunInFlight, event: RunEvent) -> None:
         if record.execute_span is not None:
@@ -491,8 +499,15 @@ class RunLifecycle:
         self._forget(record, status=status.value, cleanup=False)
 
     def _forget(
-        self, record: _RunInFlight, *, status: str, reason: str | None = None, cleanup: bool = True
+        self,
+        record: _RunInFlight,
+        *,
+        status: str,
+        reason: str | None = None,
+        cleanup: bool = True,
+        finished: bool = True,
     ) -> None:
+        """Drop a run from memory; ``finished=False`` leaves it to the next sync to retry."""
         if record.holds_slot:
             record.holds_slot = False
             self._slots.release()
@@ -503,6 +518,10 @@ class RunLifecycle:
             record.span.set_status(Status(StatusCode.ERROR, status))
         record.span.end()
         self._runs.pop(record.run_id, None)
+        if finished:
+            self._finished[record.run_id] = None
+            if len(self._finished) > FINISHED_MEMORY:
+                del self._finished[next(iter(self._finished))]
         if cleanup:
             self._work.spawn(self._cleanup(record.run_id), name=f"cleanup-run-{record.run_id}")
 

@@ -141,3 +141,11 @@ async def wait_until_connected(running: RunningNode, timeout: float = 30.0) -> N
     if waiter not in done:
         waiter.cancel()
         pytest.fail(f"node {running.org.name} did not connect within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def behaviour_image(podman_service: PodmanService) -> str:
+    """The conformance suite's probe algorithm: does what its JSON input says."""
+    from tests.conformance.podman_harness import build_behaviour_image
+
+    return build_behaviour_image(podman_service)

@@ -1,0 +1,156 @@
+"""The run lifecycle under load and failure: many tasks, kills, server and node restarts.
+
+Real vantage6 4.15.2 server, real podman; the runs are the conformance suite's probe
+algorithm (``behaviour``), which sleeps, exits and writes output as its input says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from executors.base import LABEL_RUN
+from tests.e2e.conftest import RunningNode, StartNode
+from tests.peers.podman import PodmanService
+from tests.peers.v6server import V6Collaboration
+
+pytestmark = [pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
+
+
+async def create(collab: V6Collaboration, image: str, **behaviour: Any) -> dict[str, Any]:
+    return await asyncio.to_thread(
+        collab.create_task,
+        input_=behaviour,
+        image=image,
+        organizations=[collab.org_a.id],
+        name="lifecycle",
+    )
+
+
+async def run_of(collab: V6Collaboration, task_id: int) -> dict[str, Any]:
+    (run,) = await asyncio.to_thread(collab.user.runs, task_id)
+    return run
+
+
+async def wait_for_run(
+    collab: V6Collaboration, task_id: int, *, status: str | None = None, timeout: float = 90
+) -> dict[str, Any]:
+    """Until the run has ``status`` (or any finished status when ``None``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        run = await run_of(collab, task_id)
+        if (status is None and run["finished_at"]) or run["status"] == status:
+            return run
+        if loop.time() > deadline:
+            pytest.fail(f"run of task {task_id} never reached {status or 'finished'}: {run}")
+        await asyncio.sleep(0.3)
+
+
+def containers_of(podman: PodmanService, run_id: int) -> list[str]:
+    listing = subprocess.run(
+        podman.cli("ps", "-a", "--filter", f"label={LABEL_RUN}={run_id}", "--format", "{{.ID}}"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return listing.stdout.split()
+
+
+def uploads(node: RunningNode) -> Counter[int]:
+    """How many results each run had uploaded (one ``upload`` span per upload)."""
+    roots = {
+        s.context.span_id: s.attributes["fednode.run_id"] for s in node.spans if s.name == "run"
+    }
+    return Counter(
+        int(roots[s.parent.span_id])  # type: ignore[arg-type]
+        for s in node.spans
+        if s.name == "upload" and s.parent is not None and s.parent.span_id in roots
+    )
+
+
+async def test_fifty_tasks_at_once_all_complete_each_reported_once(
+    v6_plain: V6Collaboration, start_node: StartNode, behaviour_image: str
+) -> None:
+    node = await start_node(v6_plain, v6_plain.org_a, max_concurrent_runs=8)
+    tasks = await asyncio.gather(
+        *(
+            create(v6_plain, behaviour_image, sleep=0.5, output=json.dumps({"i": i}))
+            for i in range(50)
+        )
+    )
+    runs = await asyncio.gather(*(wait_for_run(v6_plain, t["id"], timeout=240) for t in tasks))
+    assert [run["status"] for run in runs] == ["completed"] * 50
+    results = await asyncio.gather(
+        *(asyncio.to_thread(v6_plain.user.result_values, t["id"]) for t in tasks)
+    )
+    assert sorted(r[0]["i"] for r in results) == list(range(50))
+    counted = uploads(node)
+    assert sorted(counted) == sorted(run["id"] for run in runs)
+    assert set(counted.values()) == {1}
+
+
+async def test_killing_a_task_stops_its_run(
+    v6_plain: V6Collaboration,
+    start_node: StartNode,
+    behaviour_image: str,
+    podman_service: PodmanService,
+) -> None:
+    await start_node(v6_plain, v6_plain.org_a)
+    task = await create(v6_plain, behaviour_image, sleep=120)
+    run = await wait_for_run(v6_plain, task["id"], status="active")
+    await asyncio.to_thread(v6_plain.user.kill_task, task["id"])
+    run = await wait_for_run(v6_plain, task["id"])
+    assert run["status"] == "killed by user"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while containers_of(podman_service, run["id"]):
+        assert loop.time() < deadline, "the killed run's container is still there"
+        await asyncio.sleep(0.3)
+
+
+async def test_node_survives_a_server_restart_mid_run(
+    v6_plain: V6Collaboration, start_node: StartNode, behaviour_image: str
+) -> None:
+    node = await start_node(v6_plain, v6_plain.org_a)
+    task = await create(v6_plain, behaviour_image, sleep=3, output='{"ok": true}')
+    await wait_for_run(v6_plain, task["id"], status="active")
+    await asyncio.to_thread(v6_plain.server.restart)
+    run = await wait_for_run(v6_plain, task["id"], timeout=120)
+    assert run["status"] == "completed"
+    assert await asyncio.to_thread(v6_plain.user.result_values, task["id"]) == [{"ok": True}]
+    # ... and it still takes new work on the reconnected socket.
+    after = await create(v6_plain, behaviour_image, output='{"after": 1}')
+    assert (await wait_for_run(v6_plain, after["id"]))["status"] == "completed"
+    assert set(uploads(node).values()) == {1}
+
+
+async def test_node_restart_mid_run_loses_and_duplicates_nothing(
+    v6_plain: V6Collaboration,
+    start_node: StartNode,
+    behaviour_image: str,
+    podman_service: PodmanService,
+) -> None:
+    first = await start_node(v6_plain, v6_plain.org_a)
+    short = await create(v6_plain, behaviour_image, sleep=1, output='{"run": "short"}')
+    long = await create(v6_plain, behaviour_image, sleep=8, output='{"run": "long"}')
+    await wait_for_run(v6_plain, short["id"], status="active")
+    await wait_for_run(v6_plain, long["id"], status="active")
+    await first.shutdown()  # runs keep running in podman
+    await asyncio.sleep(3)  # the short run ends while no node is there
+
+    second = await start_node(v6_plain, v6_plain.org_a)
+    short_run = await wait_for_run(v6_plain, short["id"])
+    long_run = await wait_for_run(v6_plain, long["id"])
+    assert (short_run["status"], long_run["status"]) == ("completed", "completed")
+    assert await asyncio.to_thread(v6_plain.user.result_values, short["id"]) == [{"run": "short"}]
+    assert await asyncio.to_thread(v6_plain.user.result_values, long["id"]) == [{"run": "long"}]
+    # The second node adopted both runs: it uploaded each once and started neither again.
+    assert uploads(second) == Counter({short_run["id"]: 1, long_run["id"]: 1})
+    assert not [s for s in second.spans if s.name == "start"]
+    assert uploads(first) == Counter()
