@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.trace import Tracer
 
 from executors.base import Executor, ExecutorContext
 from executors.registry import load_factory
@@ -31,6 +32,7 @@ from node.background import TaskOwner
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
 from node.health import make_health_app
 from node.logging import get_logger
+from node.proxy_link import NodeProxyCrypto, OrganizationKeys, proxy_placement
 from node.runs import LifecycleConfig, RunLifecycle
 from node.server.models import NodeIdentity
 from node.server.rest import Backoff, ServerClient, ServerError
@@ -38,6 +40,7 @@ from node.server.socket import SocketLink
 from node.settings import NodeSettings
 from node.telemetry import make_tracer_provider
 from policies.admission import Admission, AdmissionPolicy, ResourcePolicy
+from proxy import ProxyLimits, ProxyServer, RunTable, make_proxy_app
 
 log = get_logger(__name__)
 
@@ -78,6 +81,7 @@ class Node:
             processors=span_processors,
         )
         self.ready = asyncio.Event()
+        self._advertised_proxy: ProxyEndpoint | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; raises :class:`NodeStartError` on fatal set-up errors."""
@@ -89,6 +93,7 @@ class Node:
         services = TaskOwner("node")
         executor: Executor | None = None
         lifecycle: RunLifecycle | None = None
+        proxy: ProxyServer | None = None
         health = await self._start_health()
         try:
             identity = await self._connect(server, stop)
@@ -98,14 +103,20 @@ class Node:
             cryptor = await self._cryptor(server, identity)
             executor = self._executor or self._make_executor()
             await executor.open()
+            keys = OrganizationKeys(server)
+            tracer = self.tracer_provider.get_tracer("fednode")
+            proxy_runs = RunTable()
+            proxy = await self._start_proxy(proxy_runs, NodeProxyCrypto(cryptor, keys), tracer)
             lifecycle = RunLifecycle(
                 server=server,
                 notifier=(socket := SocketLink(url=self._socket_url(), client=server)),
                 executor=executor,
                 admission=Admission(self._admission_policy()),
                 cryptor=cryptor,
-                config=self._lifecycle_config(identity, executor),
-                tracer=self.tracer_provider.get_tracer("fednode"),
+                config=self._lifecycle_config(identity, executor, proxy),
+                tracer=tracer,
+                keys=keys,
+                proxy_runs=proxy_runs if proxy is not None else None,
             )
             self.state.lifecycle, self.state.socket = lifecycle, socket
             await lifecycle.reconcile()
@@ -128,6 +139,8 @@ class Node:
             if lifecycle is not None:
                 await lifecycle.close(grace=self._grace)
             await services.close()
+            if proxy is not None:
+                await proxy.stop()
             if executor is not None:
                 await executor.close()
             await server.close()
@@ -245,7 +258,40 @@ class Node:
             ),
         )
 
-    def _lifecycle_config(self, identity: NodeIdentity, executor: Executor) -> LifecycleConfig:
+    async def _start_proxy(
+        self, runs: RunTable, crypto: NodeProxyCrypto, tracer: Tracer
+    ) -> ProxyServer | None:
+        """Serve the algorithms' proxy where the executor's runs can reach it."""
+        settings = self.settings
+        if not settings.proxy.enabled:
+            return None
+        placement = proxy_placement(settings)
+        app = make_proxy_app(
+            upstream_api_url=settings.server_api_url,
+            runs=runs,
+            crypto=crypto,
+            tracer=tracer,
+            limits=ProxyLimits(
+                max_body_bytes=settings.proxy.max_body_mb * 1024 * 1024,
+                upstream_timeout=settings.proxy.upstream_timeout_seconds,
+            ),
+        )
+        server = ProxyServer(
+            app, host=placement.bind_host, port=settings.proxy.port, freebind=placement.freebind
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            raise NodeStartError(
+                f"proxy.port {settings.proxy.port} on {placement.bind_host} cannot be used: "
+                f"{exc.strerror}"
+            ) from None
+        self._advertised_proxy = ProxyEndpoint(host=placement.advertise_host, port=server.port)
+        return server
+
+    def _lifecycle_config(
+        self, identity: NodeIdentity, executor: Executor, proxy: ProxyServer | None
+    ) -> LifecycleConfig:
         settings = self.settings
         return LifecycleConfig(
             identity=identity,
@@ -258,16 +304,13 @@ class Node:
                 )
                 for db in settings.databases
             ),
-            proxy=self._proxy_endpoint(),
+            proxy=self._advertised_proxy if proxy is not None else None,
+            task_dir=settings.task_dir,
             max_concurrent_runs=settings.max_concurrent_runs,
             deadline_seconds=settings.policies.resources.default_deadline_seconds,
             executor_kind=executor.kind,
             allowed_algorithms=tuple(settings.policies.allowed_algorithms),
         )
-
-    def _proxy_endpoint(self) -> ProxyEndpoint | None:
-        # The proxy (issue: the algorithms' only door) is not served yet: runs get no network.
-        return None
 
 
 async def serve(settings: NodeSettings) -> None:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -37,6 +38,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from pydantic import SecretStr, ValidationError
 
 from executors.base import Executor, ExecutorError
+from executors.runfiles import RunFiles
 from executors.spec import (
     DatabaseMount,
     Phase,
@@ -50,6 +52,7 @@ from node.background import TaskOwner
 from node.contract import container_environment
 from node.crypto import CryptoError, Cryptor
 from node.logging import bind_run, get_logger
+from node.proxy_link import OrganizationKeys
 from node.server.models import (
     KillContainers,
     NewTask,
@@ -61,6 +64,7 @@ from node.server.rest import ServerClient, ServerError
 from node.server.socket import ServerEvent, Sync
 from node.telemetry import carrier_of, context_from
 from policies.admission import Admission, Admitted
+from proxy import RunInfo, RunTable
 
 log = get_logger(__name__)
 
@@ -114,6 +118,7 @@ class _RunInFlight:
     killed: bool = False
     finishing: bool = False
     execute_span: Span | None = None
+    token: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,6 +132,7 @@ class LifecycleConfig:
     max_concurrent_runs: int
     deadline_seconds: int
     executor_kind: str
+    task_dir: Path
     allowed_algorithms: tuple[str, ...] = ()
 
 
@@ -143,6 +149,8 @@ class RunLifecycle:
         cryptor: Cryptor,
         config: LifecycleConfig,
         tracer: trace.Tracer,
+        keys: OrganizationKeys,
+        proxy_runs: RunTable | None = None,
     ) -> None:
         self._server = server
         self._notifier = notifier
@@ -154,12 +162,14 @@ class RunLifecycle:
         self._slots = asyncio.Semaphore(config.max_concurrent_runs)
         self._runs: dict[int, _RunInFlight] = {}
         self._work = TaskOwner("runs")
-        self._public_keys: dict[int, str | None] = {}
+        self._keys = keys
+        self._proxy_runs = proxy_runs
         self._accepting = True
         # Runs finished by this process, so a late or repeated terminal event (a relist
         # after a reconnect, reconcile racing the executor's own replay) is not uploaded
         # again. Bounded: the oldest ids are dropped first.
-        self._finished: dict[int, None] = {}
+        # The value is the run's container token, forgotten by the proxy on eviction.
+        self._finished: dict[int, str | None] = {}
 
     # -- the two streams ----------------------------------------------------------------
 
@@ -369,9 +379,28 @@ class RunLifecycle:
                 )
                 return
         record.timings["started"] = time.monotonic()
+        self._admit_to_proxy(record, token, trace_context)
         log.info("run.started", image=run.task.image)
         await self._patch(run.id, {"status": RunStatus.ACTIVE.value})
         await self._announce(record, RunStatus.ACTIVE)
+
+    def _admit_to_proxy(
+        self, record: _RunInFlight, token: str, trace_context: dict[str, str]
+    ) -> None:
+        """From now on the proxy accepts this run's token (until the run ends)."""
+        record.token = token
+        if self._proxy_runs is not None:
+            me = self._config.identity
+            self._proxy_runs.add(
+                token,
+                RunInfo(
+                    run_id=record.run_id,
+                    task_id=record.task_id,
+                    organization_id=me.organization_id,
+                    collaboration_id=me.collaboration_id,
+                    trace_context=trace_context,
+                ),
+            )
 
     async def _container_token(self, run: Run) -> str | None:
         try:
@@ -400,6 +429,8 @@ class RunLifecycle:
             return
         if record is not None:
             record.finishing = True
+            if record.token is not None and self._proxy_runs is not None:
+                self._proxy_runs.finish(record.token)  # 403 for its calls from now on
         self._work.spawn(self._finish(event), name=f"finish-run-{event.run_id}")
 
     async def _finish(self, event: RunEvent) -> None:
@@ -455,16 +486,8 @@ class RunLifecycle:
     async def _encrypt_result(self, record: _RunInFlight, result: bytes) -> str:
         if not self._cryptor.encrypted:
             return self._cryptor.encrypt(result, None)
-        key = await self._public_key(record.init_org_id)
+        key = await self._keys.public_key(record.init_org_id) if record.init_org_id else None
         return self._cryptor.encrypt(result, key)
-
-    async def _public_key(self, organization_id: int | None) -> str | None:
-        if organization_id is None:
-            return None
-        if organization_id not in self._public_keys:
-            org = await self._server.request("GET", f"organization/{organization_id}")
-            self._public_keys[organization_id] = (org or {}).get("public_key") or None
-        return self._public_keys[organization_id]
 
     async def _recall(self, run_id: int) -> _RunInFlight | None:
         """Rebuild the memory of a run we lost track of (e.g. after a restart)."""
@@ -519,9 +542,14 @@ class RunLifecycle:
         record.span.end()
         self._runs.pop(record.run_id, None)
         if finished:
-            self._finished[record.run_id] = None
+            self._finished[record.run_id] = record.token
+            if record.token is not None and self._proxy_runs is not None:
+                self._proxy_runs.finish(record.token)
             if len(self._finished) > FINISHED_MEMORY:
-                del self._finished[next(iter(self._finished))]
+                oldest = next(iter(self._finished))
+                token = self._finished.pop(oldest)
+                if token is not None and self._proxy_runs is not None:
+                    self._proxy_runs.discard(token)
         if cleanup:
             self._work.spawn(self._cleanup(record.run_id), name=f"cleanup-run-{record.run_id}")
 
@@ -557,6 +585,15 @@ class RunLifecycle:
             if not self._slots.locked():
                 await self._slots.acquire()
                 record.holds_slot = True
+            token_file = RunFiles(self._config.task_dir, state.run_id).token
+            if token_file.is_file() and (token := token_file.read_text().strip()):
+                self._admit_to_proxy(record, token, state.trace_context)
+            else:
+                log.warning(
+                    "run.token_not_recovered",
+                    run_id=state.run_id,
+                    hint="the proxy refuses this run's calls until it ends",
+                )
             if _finished_on_server(run.status):
                 record.killed = True
                 try:

@@ -176,10 +176,19 @@ ExecutorSettings = Annotated[
 
 
 class ProxySettings(_Section):
-    """Where the algorithms' proxy listens (the only endpoint they may reach)."""
+    """The algorithms' proxy (the only endpoint they may reach).
 
+    With podman the proxy listens on the run network's gateway and ``host`` is not used;
+    on Kubernetes it listens on ``host`` (``0.0.0.0``) and runs call ``advertise_host``
+    (the proxy Service's DNS name).
+    """
+
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 7654
+    advertise_host: str | None = None
+    max_body_mb: Annotated[int, Field(gt=0)] = 16
+    upstream_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
 class HealthSettings(_Section):

@@ -14,6 +14,7 @@ the protocols of ``proxy.protocols``, and serves it in its own event loop with
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -77,7 +78,10 @@ class ProxyServer:
         port: int | None = None,
         path: Path | str | None = None,
         shutdown_timeout: float = 5.0,
+        freebind: bool = False,
     ) -> None:
+        """``freebind``: bind ``host`` even if no interface has that address yet (podman's
+        run network gets its gateway address only while a container is attached)."""
         if (path is None) == (port is None):
             raise ValueError("ProxyServer: give either a port (with a host) or a unix path")
         self.app = app
@@ -85,6 +89,7 @@ class ProxyServer:
         self.path = None if path is None else Path(path)
         self._port = port
         self._shutdown_timeout = shutdown_timeout
+        self._freebind = freebind
         self._runner: web.AppRunner | None = None
 
     @property
@@ -114,6 +119,11 @@ class ProxyServer:
                 site = web.UnixSite(runner, self.path)
                 await site.start()
                 self.path.chmod(0o666)  # the algorithm's user is not the node's
+            elif self._freebind:
+                sock = _freebind_socket(self.host, self._port or 0)
+                site = web.SockSite(runner, sock)
+                await site.start()
+                self._port = int(sock.getsockname()[1])
             else:
                 site = web.TCPSite(runner, self.host, self._port)
                 await site.start()
@@ -148,3 +158,18 @@ def _bound_port(runner: web.AppRunner, fallback: int | None) -> int:
     if fallback is None:
         raise RuntimeError("ProxyServer: no bound address")
     return fallback
+
+
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # linux/in.h; missing from some builds
+
+
+def _freebind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

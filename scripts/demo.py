@@ -118,6 +118,7 @@ async def demo(workdir: Path) -> int:
                 databases=[{"label": "default", "type": "csv", "uri": str(DATA / csv)}],
                 executor={"kind": "podman", "socket": f"unix://{workdir / 'podman.sock'}"},
                 health={"port": free_port()},
+                proxy={"port": free_port()},
             )
             node = Node(settings, span_processors=(SimpleSpanProcessor(exporter),))
             stop = asyncio.Event()

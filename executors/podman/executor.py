@@ -154,9 +154,14 @@ class PodmanExecutor:
         try:
             existing = await self._api.inspect_container(name)
             if existing is not None:
-                bound.info("podman.run.adopted")
-                await self._adopt(existing)
-                return
+                if self._is_this_run(existing, spec):
+                    bound.info("podman.run.adopted")
+                    await self._adopt(existing)
+                    return
+                # Same name, another task: left by an earlier server (a reset database
+                # reuses run ids). It is not this run; replace it rather than adopt it.
+                bound.warning("podman.run.stale_container_removed")
+                await self._api.remove_container(name)
             self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
             problem = await self._ensure_image(spec.image)
             if problem is not None:
@@ -193,6 +198,11 @@ class PodmanExecutor:
             await self._start_created(name, run_id, bound)
         finally:
             self._starting.discard(run_id)
+
+    @staticmethod
+    def _is_this_run(document: dict[str, Any], spec: RunSpec) -> bool:
+        state = ContainerState.from_inspect(document)
+        return state is not None and state.task_id == spec.task_id
 
     async def _start_created(self, name: str, run_id: int, bound: Any) -> None:
         try:
@@ -351,6 +361,8 @@ class PodmanExecutor:
         elif action == "died":
             self._spawn(self._settle(container_id, run_id), name=f"podman-settle-{run_id}")
         elif action == "remove":
+            if self._run_of_container.get(container_id) != run_id:
+                return  # not the container this run has now (a stale or replayed event)
             phase = self._stream.phase_of(run_id)
             if phase is not None and not phase.is_terminal and run_id not in self._starting:
                 log.warning("podman.run.lost", run_id=run_id, container=container_id)

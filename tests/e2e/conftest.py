@@ -76,6 +76,7 @@ def node_settings(
         "executor": {"kind": "podman", "socket": podman.url},
         "max_concurrent_runs": 16,
         "health": {"port": free_port()},
+        "proxy": {"port": free_port()},
     }
     if org.private_key is not None:
         values["encryption"] = {"enabled": True, "private_key": org.private_key}
