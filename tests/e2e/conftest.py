@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration, V6Org, V6Server
 
 ROOT = Path(__file__).resolve().parents[2]
+SESSION = uuid.uuid4().hex[:6]
 DATA = ROOT / "algorithms" / "data"
 
 
@@ -66,7 +68,9 @@ def node_settings(
     **overrides: Any,
 ) -> dict[str, Any]:
     values: dict[str, Any] = {
-        "name": f"fednode-{org.name}",
+        # Run ids restart with every test session's fresh server database: a per-session
+        # name keeps one session's containers apart from another's leftovers.
+        "name": f"fednode-{org.name}-{SESSION}",
         "server_url": f"http://{server.host}",
         "port": server.port,
         "api_path": server.api_path,
