@@ -1,18 +1,56 @@
-"""Settings of the apptainer executor (``executor: {kind: apptainer, ...}``)."""
+"""Settings of the apptainer executor (``executor: {kind: apptainer, ...}`` in node.yaml).
+
+Defaults fit an unprivileged node on an HPC login or service host with apptainer >= 1.1
+(user-namespace mode, its default): images pulled once into a SIF cache, runs without any
+network unless they need the node's proxy, in which case they get a private network
+namespace whose only reachable endpoint is a relay to the proxy's unix socket (see
+``docs/executors.md``, apptainer section, for what each key changes).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+PullPolicy = Literal["always", "if-not-present", "never"]
+#: How a run that names a proxy reaches it: ``relay`` (its own network namespace with a
+#: loopback relay to ``proxy_socket``) or ``host`` (the host's network, no isolation).
+ProxyNetwork = Literal["relay", "host"]
 
 
 class ApptainerSettings(BaseModel):
-    """Runs algorithms with ``apptainer exec`` as asyncio subprocesses (HPC hosts)."""
+    """Runs algorithms with ``apptainer run`` as detached, supervised processes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["apptainer"] = "apptainer"
+    #: The apptainer (or singularity) executable: a name on ``PATH`` or a path.
     binary: str = "apptainer"
+    #: Where pulled images are kept as SIF files; ``None``: ``<task_dir>/.apptainer-images``.
+    #: A task may also name a ``.sif`` file in this directory directly.
     image_cache: Path | None = None
+    pull_policy: PullPolicy = "if-not-present"
+    #: Registry credentials for pulls, handed to ``apptainer pull`` in its environment
+    #: (``APPTAINER_DOCKER_USERNAME``/``_PASSWORD``), never on its command line.
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None
+    pull_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
+    #: Extra environment for apptainer itself, not the container (which starts clean):
+    #: e.g. ``APPTAINER_CACHEDIR``, ``APPTAINER_TMPDIR``, ``HTTPS_PROXY`` for pulls.
+    apptainer_environment: dict[str, str] = Field(default_factory=dict)
+    proxy_network: ProxyNetwork = "relay"
+    #: The node proxy's unix socket, which the ``relay`` arrangement forwards to.
+    proxy_socket: Path | None = None
+    #: Pass memory/CPU/pids limits (``--memory --cpus --pids-limit``); unprivileged
+    #: apptainer needs cgroups v2 with systemd for them, else it refuses to start the run.
+    cgroup_limits: bool = True
+    #: The GPU flag for runs that ask for GPUs: ``nv`` (NVIDIA) or ``rocm`` (AMD).
+    gpu_flag: Literal["nv", "rocm"] = "nv"
+    #: Seconds between SIGTERM and SIGKILL when a run is killed or passes its deadline.
+    kill_grace_seconds: Annotated[float, Field(ge=0)] = 10.0
+    #: The Python that runs each run's supervisor (stdlib only); ``None``: the node's own.
+    supervisor_python: str | None = None
+    #: Upper bound for one short apptainer call (``version``) and for a launch.
+    call_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0

@@ -1,0 +1,624 @@
+"""The apptainer executor: each run is an ``apptainer run`` under a detached supervisor.
+
+How a run goes, and where each step is observed:
+
+* ``start(spec)``: ``starting`` is published; the image is made a SIF in the cache
+  (:mod:`~executors.apptainer.images`, pulled per the policy; a missing image ends the run
+  as ``image-not-found`` here); the run's files, its ``--env-file`` and its record
+  (:mod:`~executors.apptainer.records`) are written; then the supervisor
+  (``supervisor.py``) is launched, detached from the node, and reports the pids.
+  ``running`` is published when it has started apptainer. A run that already has a record
+  is adopted, never started twice.
+* The end: the node holds a pidfd of each run's supervisor on the event loop
+  (``add_reader``: readable when the process exits). The supervisor writes ``exit.json``
+  before it exits, so when the pidfd fires the record is complete, and it is classified by
+  :func:`~executors.apptainer.records.phase_of`. No polling, no thread per run.
+* The deadline: one timer handle per running run on the event loop, armed from the
+  recorded start time (so a restarted node re-arms it, or fires it at once if it passed
+  while the node was down). It writes the ``deadline`` mark and asks the supervisor to
+  stop the run.
+* ``kill`` writes the kill mark, then sends SIGTERM to the supervisor, which sends SIGTERM
+  to apptainer's process group and SIGKILL after ``kill_grace_seconds``. Should the
+  supervisor not end by then (plus a margin), the node SIGKILLs both process groups.
+* After a restart ``open()`` reads every record of this node, publishes each run's phase,
+  and follows the running ones (pidfd, deadline), level-triggered like the other executors.
+
+Nothing here runs apptainer on the event loop's thread or polls; the subprocesses
+(``apptainer --version``, ``apptainer pull``, the supervisor's launcher) are asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import structlog
+from pydantic import BaseModel
+
+from executors.apptainer.command import (
+    PlanError,
+    env_file_text,
+    network_mode,
+    run_argv,
+    supervisor_plan,
+)
+from executors.apptainer.config import ApptainerSettings
+from executors.apptainer.images import ImageCache
+from executors.apptainer.records import (
+    Exit,
+    RunPaths,
+    RunStatus,
+    Supervisor,
+    Verdict,
+    phase_of,
+    process_alive,
+    read_json,
+    read_status,
+    records,
+    write_json,
+)
+from executors.base import (
+    ANNOTATION_TRACEPARENT,
+    LABEL_NODE,
+    ExecutorContext,
+    ExecutorError,
+    UnknownRun,
+    run_labels,
+)
+from executors.events import RunEventStream
+from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
+
+log = structlog.get_logger(__name__)
+
+SUPERVISOR = Path(__file__).resolve().with_name("supervisor.py")
+#: apptainer 1.1 made user-namespace mode the default and added ``--no-eval``.
+MIN_APPTAINER = (1, 1)
+#: Seconds past the supervisor's own grace before the node SIGKILLs a run itself.
+_BACKSTOP_MARGIN = 5.0
+#: How many removed runs are remembered, so nothing late about them is published.
+_GONE_MEMORY = 4096
+_VERSION = re.compile(r"(apptainer|singularity(?:-ce)?) version v?(\d+)\.(\d+)", re.IGNORECASE)
+
+_T = TypeVar("_T")
+
+
+class ApptainerExecutor:
+    """Runs each algorithm with ``apptainer run`` under a supervisor; see the module docstring."""
+
+    kind: ClassVar[str] = "apptainer"
+    settings_model: ClassVar[type[BaseModel]] = ApptainerSettings
+
+    def __init__(self, settings: ApptainerSettings, *, context: ExecutorContext) -> None:
+        self._settings = settings
+        self._context = context
+        self._stream = RunEventStream()
+        self._binary: str | None = None
+        self._images: ImageCache | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._euid = os.geteuid()
+        self._pidfds: dict[int, int] = {}
+        self._deadlines: dict[int, asyncio.TimerHandle] = {}
+        self._backstops: dict[int, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._starting: set[int] = set()
+        self._gone: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Find apptainer, check it, and take up every run of this node found on disk.
+
+        Returns once each of those runs has had its current phase published and the
+        running ones are followed.
+        """
+        binary = shutil.which(self._settings.binary)
+        if binary is None:
+            raise ExecutorError(
+                f"apptainer executable {self._settings.binary!r} not found "
+                "(executor.binary: a name on PATH or a path)"
+            )
+        _require_pidfd()
+        version = await self._version(binary)
+        self._binary = binary
+        self._loop = asyncio.get_running_loop()
+        cache = self._settings.image_cache or self._context.task_dir / ".apptainer-images"
+        self._images = ImageCache(
+            settings=self._settings, binary=binary, directory=cache, spawn=self._spawn_named
+        )
+        _prepare_directories(self._context.task_dir, self._images)
+        self._relist()
+        log.info(
+            "apptainer.opened",
+            binary=binary,
+            version=version,
+            image_cache=str(cache),
+            proxy_network=self._settings.proxy_network,
+            unprivileged=self._euid != 0,
+        )
+
+    async def close(self) -> None:
+        """Stop following runs; they keep running under their supervisors."""
+        loop = self._loop
+        for run_id in list(self._pidfds):
+            self._unwatch(run_id)
+        for handle in (*self._deadlines.values(), *self._backstops.values()):
+            handle.cancel()
+        self._deadlines.clear()
+        self._backstops.clear()
+        owned = list(self._tasks)
+        for task in owned:
+            task.cancel()
+        await asyncio.gather(*owned, return_exceptions=True)
+        self._tasks.clear()
+        if self._images is not None:
+            self._images.forget()
+        if loop is not None:
+            log.info("apptainer.closed")
+
+    def events(self) -> AsyncIterator[RunEvent]:
+        return aiter(self._stream)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def start(self, spec: RunSpec) -> None:
+        """Pull, prepare and launch the run; adopt it instead if it already has a record.
+
+        A missing image, a spec apptainer cannot run as asked, or a supervisor that cannot
+        start apptainer ends as a ``failed`` event with a reason; nothing here raises for a
+        single run's problem.
+        """
+        run_id = spec.run_id
+        if run_id in self._starting:
+            return  # a concurrent start() of the same run is doing it
+        paths = self._paths(run_id)
+        bound = log.bind(run_id=run_id, task_id=spec.task_id)
+        self._starting.add(run_id)
+        try:
+            status = read_status(paths)
+            if status is not None and self._ours(status):
+                bound.info("apptainer.run.adopted")
+                await self._adopt(paths, status)
+                return
+            self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
+            sif, problem = await self._image_cache().ensure(spec.image)
+            if sif is None:
+                bound.warning("apptainer.run.image_unavailable", image=spec.image, error=problem)
+                self._fail(run_id, Reason.IMAGE_NOT_FOUND, problem or "image unavailable")
+                return
+            try:
+                self._prepare(spec, paths, sif)
+            except PlanError as exc:
+                bound.error("apptainer.run.refused", error=str(exc))
+                self._fail(run_id, Reason.START_FAILED, str(exc))
+                return
+            if paths.files.killed:
+                bound.info("apptainer.run.killed_before_start")
+                self._stream.publish(
+                    RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
+                )
+                return
+            await self._launch(paths, deadline_seconds=spec.deadline_seconds)
+        finally:
+            self._starting.discard(run_id)
+
+    async def _adopt(self, paths: RunPaths, status: RunStatus) -> None:
+        """A run with a record: launch it if it never was, else follow and report it."""
+        verdict = phase_of(status)
+        if verdict.phase is Phase.STARTING:
+            self._stream.publish(RunEvent.now(status.run_id, Phase.STARTING))
+            await self._launch(paths, deadline_seconds=status.deadline_seconds)
+            return
+        self._take_up(status, verdict)
+
+    def _prepare(self, spec: RunSpec, paths: RunPaths, sif: Path) -> None:
+        """Write the run's files, env file and record (last: a record means "ready")."""
+        mode = network_mode(spec, self._settings)
+        argv = run_argv(
+            binary=self._binary_path(),
+            spec=spec,
+            sif=sif,
+            paths=paths,
+            settings=self._settings,
+            mode=mode,
+            euid=self._euid,
+        )
+        plan = supervisor_plan(argv=argv, spec=spec, settings=self._settings, mode=mode)
+        env_text = env_file_text(spec.environment)
+        labels = run_labels(spec, node_name=self._context.node_name)
+        traceparent = spec.trace_context.get("traceparent")
+        if traceparent:
+            labels[ANNOTATION_TRACEPARENT] = traceparent
+        paths.files.prepare(spec)
+        paths.state.mkdir(mode=0o700, exist_ok=True)
+        paths.workdir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(paths.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(env_text)
+        record = {
+            "run_id": spec.run_id,
+            "task_id": spec.task_id,
+            "labels": labels,
+            "image": spec.image,
+            "sif": str(sif),
+            "deadline_seconds": spec.deadline_seconds,
+            "network": mode.value,
+            "plan": plan,
+        }
+        write_json(paths.record, record)
+
+    async def _launch(self, paths: RunPaths, *, deadline_seconds: int) -> None:
+        """Start the run's supervisor and follow it; report ``running`` once apptainer runs."""
+        run_id = paths.run_id
+        python = self._settings.supervisor_python or sys.executable
+        try:
+            process = await asyncio.create_subprocess_exec(
+                python,
+                "-I",
+                str(SUPERVISOR),
+                str(paths.state),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=paths.state,
+            )
+            out, err = await asyncio.wait_for(
+                process.communicate(), timeout=self._settings.call_timeout_seconds
+            )
+        except (OSError, TimeoutError) as exc:
+            message = f"the run's supervisor could not be started ({python}): {exc!r}"
+            self._record_start_error(paths, message)
+            log.error("apptainer.run.launch_failed", run_id=run_id, error=message)
+            self._fail(run_id, Reason.START_FAILED, message)
+            return
+        report = _parse_report(out, err)
+        supervisor = Supervisor.from_document(report)
+        if supervisor is None:
+            message = str(report.get("error") or "the run's supervisor gave no report")
+            self._record_start_error(paths, message)
+            log.error("apptainer.run.start_failed", run_id=run_id, error=message)
+            self._fail(run_id, Reason.START_FAILED, message)
+            return
+        self._follow(run_id, supervisor)
+        self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
+        log.info(
+            "apptainer.run.started",
+            run_id=run_id,
+            supervisor_pid=supervisor.pid,
+            apptainer_pid=supervisor.child_pid,
+        )
+        self._arm_deadline(run_id, supervisor, deadline_seconds)
+        if paths.files.killed:
+            # kill() came while the supervisor was being launched.
+            self._terminate(run_id, supervisor)
+
+    async def kill(self, run_id: int) -> None:
+        """Stop the run (SIGTERM, SIGKILL after the grace); its end is ``killed``/``killed``."""
+        paths = self._paths(run_id)
+        status = read_status(paths)
+        if status is None or not self._ours(status):
+            if run_id in self._starting:
+                paths.files.mark_killed()  # start() checks this before and after launching
+                log.info("apptainer.run.kill_requested", run_id=run_id, before_start=True)
+            return
+        verdict = phase_of(status)
+        if verdict.phase.is_terminal:
+            return  # it ended on its own first; that end stands
+        paths.files.mark_killed()
+        log.info("apptainer.run.kill_requested", run_id=run_id)
+        if status.supervisor is None:
+            if run_id not in self._starting:  # a record never launched (node died mid-start)
+                self._stream.publish(
+                    RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
+                )
+            return
+        self._terminate(run_id, status.supervisor)
+
+    async def collect(self, run_id: int) -> RunOutput:
+        paths = self._paths(run_id)
+        if not _has_record(paths):
+            raise UnknownRun(run_id)
+        return RunOutput(paths.files.read_output(), paths.read_log())
+
+    async def cleanup(self, run_id: int) -> None:
+        """Stop following the run, end it if it still runs, and remove all its files."""
+        self._gone[run_id] = None
+        while len(self._gone) > _GONE_MEMORY:
+            self._gone.popitem(last=False)
+        self._unwatch(run_id)
+        for timers in (self._deadlines, self._backstops):
+            handle = timers.pop(run_id, None)
+            if handle is not None:
+                handle.cancel()
+        paths = self._paths(run_id)
+        status = read_status(paths)
+        if status is not None and status.alive and status.supervisor is not None:
+            log.warning("apptainer.run.removed_while_running", run_id=run_id)
+            _kill_groups(status.supervisor)
+        paths.files.remove()
+        self._stream.forget(run_id)
+        log.info("apptainer.run.cleaned_up", run_id=run_id)
+
+    async def list_runs(self) -> list[RunState]:
+        """Every run of this node with a record on disk, phases rebuilt from the files."""
+        runs: list[RunState] = []
+        for status in self._statuses():
+            verdict = phase_of(status)
+            runs.append(
+                RunState(
+                    run_id=status.run_id,
+                    task_id=status.task_id,
+                    phase=verdict.phase,
+                    reason=verdict.reason,
+                    exit_code=verdict.exit_code,
+                    trace_context=status.trace_context,
+                )
+            )
+        return sorted(runs, key=lambda state: state.run_id)
+
+    # -- following runs -----------------------------------------------------------------------
+
+    def _relist(self) -> None:
+        """Publish every run's current phase and follow the running ones (after a restart)."""
+        for status in self._statuses():
+            self._take_up(status, phase_of(status))
+
+    def _take_up(self, status: RunStatus, verdict: Verdict) -> None:
+        run_id = status.run_id
+        if verdict.phase is Phase.RUNNING and status.supervisor is not None:
+            self._follow(run_id, status.supervisor)
+            self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
+            self._arm_deadline(run_id, status.supervisor, status.deadline_seconds)
+            return
+        self._publish(status, verdict)
+
+    def _follow(self, run_id: int, supervisor: Supervisor) -> None:
+        """Watch the supervisor's exit with a pidfd on the event loop."""
+        if run_id in self._pidfds:
+            return
+        try:
+            fd = os.pidfd_open(supervisor.pid)
+        except ProcessLookupError:
+            self._loop_().call_soon(self._settle, run_id)
+            return
+        if not process_alive(supervisor.pid, supervisor.starttime):
+            os.close(fd)  # gone already, or the pid now belongs to another process
+            self._loop_().call_soon(self._settle, run_id)
+            return
+        self._pidfds[run_id] = fd
+        self._loop_().add_reader(fd, self._on_supervisor_exit, run_id)
+
+    def _unwatch(self, run_id: int) -> None:
+        fd = self._pidfds.pop(run_id, None)
+        if fd is None:
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(fd)
+        os.close(fd)
+
+    def _on_supervisor_exit(self, run_id: int) -> None:
+        self._unwatch(run_id)
+        self._settle(run_id)
+
+    def _settle(self, run_id: int) -> None:
+        """The supervisor is gone: read the record once and publish the run's end."""
+        for timers in (self._deadlines, self._backstops):
+            handle = timers.pop(run_id, None)
+            if handle is not None:
+                handle.cancel()
+        if run_id in self._gone:
+            return
+        status = read_status(self._paths(run_id))
+        if status is None:
+            return
+        self._publish(status, phase_of(status))
+
+    def _publish(self, status: RunStatus, verdict: Verdict) -> None:
+        run_id = status.run_id
+        if not verdict.phase.is_terminal:
+            self._stream.publish(RunEvent.now(run_id, verdict.phase))
+            return
+        if self._stream.phase_of(run_id) is Phase.STARTING and status.supervisor is not None:
+            # It ran, however briefly: report that before its end (order per run).
+            self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
+        event = RunEvent.now(
+            run_id,
+            verdict.phase,
+            verdict.reason,
+            exit_code=verdict.exit_code,
+            message=verdict.message,
+        )
+        if self._stream.publish(event):
+            log.info(
+                "apptainer.run.ended",
+                run_id=run_id,
+                phase=verdict.phase.value,
+                reason=verdict.reason.value if verdict.reason else None,
+                exit_code=verdict.exit_code,
+            )
+
+    def _fail(self, run_id: int, reason: Reason, message: str) -> None:
+        self._stream.publish(RunEvent.now(run_id, Phase.FAILED, reason, message=message))
+
+    # -- stopping runs ------------------------------------------------------------------------
+
+    def _arm_deadline(self, run_id: int, supervisor: Supervisor, deadline_seconds: int) -> None:
+        if deadline_seconds <= 0 or run_id in self._deadlines:
+            return
+        delay = supervisor.started_at + deadline_seconds - _now()
+        self._deadlines[run_id] = self._loop_().call_later(
+            max(0.0, delay), self._on_deadline, run_id
+        )
+
+    def _on_deadline(self, run_id: int) -> None:
+        self._deadlines.pop(run_id, None)
+        paths = self._paths(run_id)
+        status = read_status(paths)
+        if status is None or not status.alive or status.supervisor is None:
+            return
+        paths.mark_deadline()
+        log.warning(
+            "apptainer.run.deadline_passed", run_id=run_id, deadline_seconds=status.deadline_seconds
+        )
+        self._terminate(run_id, status.supervisor)
+
+    def _terminate(self, run_id: int, supervisor: Supervisor) -> None:
+        """Ask the supervisor to stop the run; SIGKILL both groups if it does not end in time."""
+        fd = self._pidfds.get(run_id)
+        try:
+            if fd is not None:
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+            elif process_alive(supervisor.pid, supervisor.starttime):
+                os.kill(supervisor.pid, signal.SIGTERM)
+            else:
+                return
+        except ProcessLookupError:
+            return
+        if run_id not in self._backstops:
+            delay = self._settings.kill_grace_seconds + _BACKSTOP_MARGIN
+            self._backstops[run_id] = self._loop_().call_later(
+                delay, self._backstop, run_id, supervisor
+            )
+
+    def _backstop(self, run_id: int, supervisor: Supervisor) -> None:
+        self._backstops.pop(run_id, None)
+        if process_alive(supervisor.pid, supervisor.starttime):
+            log.warning("apptainer.run.supervisor_unresponsive", run_id=run_id, pid=supervisor.pid)
+            _kill_groups(supervisor)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _statuses(self) -> list[RunStatus]:
+        found = []
+        for paths in records(self._context.task_dir):
+            if paths.run_id in self._gone:
+                continue
+            status = read_status(paths)
+            if status is not None and self._ours(status):
+                found.append(status)
+        return found
+
+    def _ours(self, status: RunStatus) -> bool:
+        return status.labels.get(LABEL_NODE) == self._context.node_name
+
+    def _record_start_error(self, paths: RunPaths, message: str) -> None:
+        if read_json(paths.exit) is None:
+            write_json(paths.exit, Exit(start_error=message)._asdict())
+
+    async def _version(self, binary: str) -> str:
+        """``apptainer --version``; refuses apptainer older than :data:`MIN_APPTAINER`."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                binary,
+                "--version",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **self._settings.apptainer_environment},
+            )
+            out, _ = await asyncio.wait_for(
+                process.communicate(), timeout=self._settings.call_timeout_seconds
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ExecutorError(f"could not run {binary} --version: {exc!r}") from exc
+        text = out.decode(errors="replace").strip()
+        if process.returncode != 0:
+            raise ExecutorError(f"{binary} --version failed ({process.returncode}): {text}")
+        match = _VERSION.search(text)
+        if match is None:
+            log.warning("apptainer.version_unknown", output=text)
+            return text
+        product, major, minor = match.group(1).lower(), int(match.group(2)), int(match.group(3))
+        if product == "apptainer" and (major, minor) < MIN_APPTAINER:
+            raise ExecutorError(
+                f"{binary} is {text}; fednode needs apptainer "
+                f"{'.'.join(map(str, MIN_APPTAINER))} or newer"
+            )
+        return text
+
+    def _paths(self, run_id: int) -> RunPaths:
+        return RunPaths(self._context.task_dir, run_id)
+
+    def _binary_path(self) -> str:
+        if self._binary is None:
+            raise ExecutorError("the apptainer executor is not open")
+        return self._binary
+
+    def _image_cache(self) -> ImageCache:
+        if self._images is None:
+            raise ExecutorError("the apptainer executor is not open")
+        return self._images
+
+    def _loop_(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise ExecutorError("the apptainer executor is not open")
+        return self._loop
+
+    def _spawn_named(self, coroutine: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("apptainer.task_crashed", task=task.get_name(), exc_info=error)
+
+
+def _require_pidfd() -> None:
+    """Runs are followed with pidfds (Linux >= 5.3); say so plainly where there are none."""
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError) as exc:
+        raise ExecutorError(
+            f"the apptainer executor follows runs with pidfds (Linux 5.3 or newer): {exc!r}"
+        ) from exc
+    os.close(fd)
+
+
+def _prepare_directories(task_dir: Path, images: ImageCache) -> None:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    images.prepare()
+
+
+def _has_record(paths: RunPaths) -> bool:
+    return paths.record.exists()
+
+
+def _parse_report(out: bytes, err: bytes) -> dict[str, Any]:
+    """The launcher's one JSON line; an ``error`` document when there is none."""
+    for line in reversed(out.decode(errors="replace").splitlines()):
+        with contextlib.suppress(json.JSONDecodeError):
+            document = json.loads(line)
+            if isinstance(document, dict):
+                return document
+    detail = err.decode(errors="replace").strip()[-2000:] or "no output"
+    return {"error": f"the run's supervisor gave no report: {detail}"}
+
+
+def _kill_groups(supervisor: Supervisor) -> None:
+    """SIGKILL apptainer's process group, then the supervisor's (its session)."""
+    if not process_alive(supervisor.pid, supervisor.starttime):
+        return
+    for group in (supervisor.child_pid, supervisor.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def _now() -> float:
+    return time.time()

@@ -1,0 +1,196 @@
+"""Images as apptainer sees them: references, the SIF cache, and pulls into it.
+
+Every run executes a SIF file from the node's image cache, never a registry reference
+directly: pulling first means a missing image or a refused pull is known (and reported as
+``image-not-found``) before any run process exists, and the FATAL error of a run's
+``apptainer run`` can only be about the run itself. What a task may name:
+
+* ``docker://…``, ``oras://…``, ``library://…``: pulled with ``apptainer pull`` into
+  ``<cache>/<sanitised reference>-<hash>.sif``;
+* a plain Docker reference (``harbor2.vantage6.ai/demo/average:latest``, what vantage6
+  sends): treated as ``docker://`` + the reference;
+* ``<name>.sif`` (relative to the cache, or an absolute path inside it): a SIF file the
+  operator placed in the cache; never pulled, and nothing outside the cache is accepted.
+
+Pull policy: ``if-not-present`` pulls a reference only when its SIF is missing; ``always``
+pulls on every start (concurrent starts of one image share one pull); ``never`` runs only
+what is already cached. A pull writes to a temporary name and is renamed into place, so a
+half-pulled image is never run; a run already executing keeps its open file when a later
+``always`` pull replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import structlog
+
+from executors.apptainer.config import ApptainerSettings
+
+log = structlog.get_logger(__name__)
+
+SCHEMES = ("docker://", "oras://", "library://")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_OUTPUT_TAIL = 2000
+
+
+class ImageSource(NamedTuple):
+    """Where a run's SIF comes from: ``uri`` to pull (``None``: a file in the cache)."""
+
+    uri: str | None
+    sif: Path
+
+
+def resolve(image: str, *, cache: Path) -> ImageSource | str:
+    """The source of ``image``, or why the apptainer executor cannot run it."""
+    if image.startswith(SCHEMES):
+        return ImageSource(image, cache / cache_name(image))
+    if "://" in image:
+        return (
+            f"image {image}: the apptainer executor runs docker://, oras:// and library:// "
+            "references, plain Docker references, and .sif files in its image cache"
+        )
+    if image.endswith(".sif"):
+        path = Path(image) if Path(image).is_absolute() else cache / image
+        resolved, root = path.resolve(), cache.resolve()
+        if not resolved.is_relative_to(root):
+            return f"image {image}: a local SIF file must be in the image cache {root}"
+        return ImageSource(None, resolved)
+    uri = f"docker://{image}"
+    return ImageSource(uri, cache / cache_name(uri))
+
+
+def cache_name(uri: str) -> str:
+    """The cache file name of a reference: readable, and unique by its hash."""
+    readable = _UNSAFE.sub("_", uri.split("://", 1)[-1]).strip("_.")[:80] or "image"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return f"{readable}-{digest}.sif"
+
+
+def pull_environment(settings: ApptainerSettings) -> dict[str, str]:
+    """The environment of ``apptainer pull``: the node's, the operator's extras, credentials."""
+    environment = {**os.environ, **settings.apptainer_environment}
+    if settings.registry_username and settings.registry_password:
+        environment["APPTAINER_DOCKER_USERNAME"] = settings.registry_username
+        environment["APPTAINER_DOCKER_PASSWORD"] = settings.registry_password.get_secret_value()
+    return environment
+
+
+def failure_text(output: bytes) -> str:
+    """What apptainer said went wrong: its last FATAL line, else the tail of its output."""
+    text = output.decode(errors="replace").strip()
+    fatal = [line.strip() for line in text.splitlines() if line.startswith("FATAL:")]
+    if fatal:
+        return fatal[-1]
+    return text[-_OUTPUT_TAIL:] or "(no output)"
+
+
+class ImageCache:
+    """Makes sure a run's image is a SIF file in the cache, pulling it per the policy."""
+
+    def __init__(
+        self,
+        *,
+        settings: ApptainerSettings,
+        binary: str,
+        directory: Path,
+        spawn: Callable[[Coroutine[Any, Any, str | None], str], asyncio.Task[str | None]],
+    ) -> None:
+        self._settings = settings
+        self._binary = binary
+        self.directory = directory
+        self._spawn = spawn
+        self._pulls: dict[str, asyncio.Task[str | None]] = {}
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def ensure(self, image: str) -> tuple[Path | None, str | None]:
+        """``(sif, None)`` when the image is ready to run, else ``(None, why not)``."""
+        source = resolve(image, cache=self.directory)
+        if isinstance(source, str):
+            return None, source
+        present = _exists(source.sif)
+        if source.uri is None:
+            if present:
+                return source.sif, None
+            return None, f"image {image}: no such SIF file in the image cache ({source.sif})"
+        policy = self._settings.pull_policy
+        if present and policy != "always":
+            return source.sif, None
+        if policy == "never":
+            return None, (
+                f"image {image} is not in the image cache {self.directory} (pull policy: never)"
+            )
+        pull = self._pulls.get(source.uri)
+        if pull is None:
+            uri = source.uri
+            pull = self._spawn(self._pull(uri, source.sif), f"apptainer-pull-{uri}")
+            self._pulls[uri] = pull
+            pull.add_done_callback(lambda _: self._pulls.pop(uri, None))
+        problem = await asyncio.shield(pull)
+        return (None, problem) if problem is not None else (source.sif, None)
+
+    def forget(self) -> None:
+        self._pulls.clear()
+
+    async def _pull(self, uri: str, sif: Path) -> str | None:
+        """Pull ``uri`` to ``sif``; ``None`` on success, else apptainer's reason."""
+        partial = sif.with_name(f".{sif.name}.{uuid.uuid4().hex[:8]}.pull")
+        argv = [self._binary, "--quiet", "pull", str(partial), uri]
+        log.info("apptainer.image.pulling", image=uri, sif=str(sif))
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=pull_environment(self._settings),
+            )
+        except OSError as exc:
+            return f"image {uri} could not be pulled: {exc}"
+        try:
+            output, _ = await asyncio.wait_for(
+                process.communicate(), timeout=self._settings.pull_timeout_seconds
+            )
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            _remove(partial)
+            seconds = self._settings.pull_timeout_seconds
+            return f"image {uri} could not be pulled in {seconds:g} s"
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            _remove(partial)
+            raise
+        if process.returncode != 0:
+            _remove(partial)
+            reason = failure_text(output)
+            log.warning("apptainer.image.pull_failed", image=uri, error=reason)
+            return f"image {uri} could not be pulled: {reason}"
+        try:
+            partial.replace(sif)
+        except OSError as exc:
+            _remove(partial)
+            return f"image {uri} was pulled but could not be stored as {sif}: {exc}"
+        log.info("apptainer.image.pulled", image=uri, sif=str(sif))
+        return None
+
+
+def _exists(path: Path) -> bool:
+    return path.is_file()
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

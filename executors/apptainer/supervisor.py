@@ -1,0 +1,268 @@
+"""A run's supervisor: keeps one ``apptainer run`` going without the node, and records its end.
+
+apptainer has no daemon that would outlive the node and remember how a container ended, so
+each run gets this small process instead (stdlib only, run by path with ``python -I``, so
+it does not depend on the node's packages staying importable). The node starts it as::
+
+    python -I supervisor.py <task_dir>/run-<id>/apptainer
+
+The first process (the *launcher*) forks the supervisor and exits as soon as the
+supervisor reports, on stdout, ``{"pid", "starttime", "child_pid", "started_at"}`` or
+``{"error"}``; so the supervisor is never the node's child (it is reparented, and the node
+never has to reap it), in the same way whether the node started it or adopted it after a
+restart. The supervisor:
+
+1. starts its own session (``setsid``): the node's signals and exit do not reach it;
+2. for runs that may reach the proxy in the ``relay`` arrangement, makes a private network
+   namespace (with a user namespace when unprivileged: ``unshare(CLONE_NEWUSER |
+   CLONE_NEWNET)``, mapping the node's uid to itself), brings ``lo`` up, and listens on
+   the proxy's loopback address in it; each connection is relayed to the node proxy's unix
+   socket (a path, which a network namespace does not hide). apptainer then runs in that
+   namespace with ``--userns``: its only reachable endpoint is the relay;
+3. runs apptainer in a process group of its own, with its output in ``log``, and dying
+   with the supervisor (``PR_SET_PDEATHSIG``);
+4. records ``supervisor.json``; on SIGTERM (the node's kill or deadline) it sends SIGTERM
+   to apptainer's process group and SIGKILL after the grace period;
+5. when apptainer ends, writes ``exit.json`` (``exit_code`` or ``signal``) and exits. A
+   launch that fails writes ``{"start_error"}`` instead.
+
+The node waits for the supervisor's exit on a pidfd and then reads ``exit.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+PR_SET_PDEATHSIG = 1
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_RELAY_CHUNK = 64 * 1024
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        sys.stderr.write("usage: supervisor.py <run state directory>\n")
+        return 2
+    state = Path(argv[1])
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        # The launcher: relay the supervisor's one report to the node, then leave.
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read()
+        if not report:
+            report = json.dumps({"error": "the supervisor ended before it reported"}).encode()
+        sys.stdout.buffer.write(report + b"\n")
+        sys.stdout.flush()
+        return 0
+    os.close(read_end)
+    os.setsid()
+    _detach_stdio()
+    code = 0
+    try:
+        code = supervise(state, report_fd=write_end)
+    except BaseException as exc:  # never leave without a record
+        _write_json(state / "exit.json", {"start_error": f"supervisor failed: {exc!r}"})
+        _report(write_end, {"error": f"supervisor failed: {exc!r}"})
+        code = 1
+    os._exit(code)
+
+
+def supervise(state: Path, *, report_fd: int) -> int:
+    """Start apptainer as planned in ``run.json``; follow it to its end; record the end."""
+    plan: dict[str, Any] = json.loads((state / "run.json").read_text())["plan"]
+    listener: socket.socket | None = None
+    try:
+        if plan.get("network"):
+            listener = private_network(plan["network"])
+    except OSError as exc:
+        message = f"could not make the run's private network namespace: {exc}"
+        _write_json(state / "exit.json", {"start_error": message})
+        _report(report_fd, {"error": message})
+        return 1
+    return asyncio.run(_supervise(state, plan, listener=listener, report_fd=report_fd))
+
+
+async def _supervise(
+    state: Path, plan: dict[str, Any], *, listener: socket.socket | None, report_fd: int
+) -> int:
+    loop = asyncio.get_running_loop()
+    terminate = asyncio.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, terminate.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    try:
+        with (state / "log").open("ab") as log:
+            child = await asyncio.create_subprocess_exec(
+                *plan["argv"],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **plan.get("environment", {})},
+                process_group=0,
+                preexec_fn=_die_with_parent,
+            )
+    except OSError as exc:
+        message = f"could not run {plan['argv'][0]}: {exc}"
+        _write_json(state / "exit.json", {"start_error": message})
+        _report(report_fd, {"error": message})
+        return 1
+    me = os.getpid()
+    record = {
+        "pid": me,
+        "starttime": _starttime(me),
+        "child_pid": child.pid,
+        "started_at": time.time(),
+    }
+    _write_json(state / "supervisor.json", record)
+    _report(report_fd, record)
+    relay = None
+    if listener is not None:
+        upstream = plan["network"]["upstream"]
+        relay = await asyncio.start_server(
+            lambda r, w: _relay(r, w, upstream=upstream), sock=listener
+        )
+    stopper = asyncio.create_task(_stop_on(terminate, child.pid, float(plan["grace_seconds"])))
+    returncode = await child.wait()
+    stopper.cancel()
+    if returncode < 0:
+        ended: dict[str, Any] = {"signal": -returncode}
+    else:
+        ended = {"exit_code": returncode}
+    ended["ended_at"] = time.time()
+    _write_json(state / "exit.json", ended)
+    if relay is not None:
+        relay.close()
+    return 0
+
+
+async def _stop_on(terminate: asyncio.Event, group: int, grace: float) -> None:
+    """On the node's SIGTERM: SIGTERM to apptainer's process group, SIGKILL after ``grace``."""
+    await terminate.wait()
+    _signal_group(group, signal.SIGTERM)
+    await asyncio.sleep(grace)
+    _signal_group(group, signal.SIGKILL)
+
+
+def _signal_group(group: int, number: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, number)
+
+
+# -- the private network namespace and its relay ---------------------------------------------
+
+
+def private_network(network: dict[str, Any]) -> socket.socket:
+    """Move this process into a new network namespace with only ``lo``; listen there.
+
+    Unprivileged, the network namespace needs a user namespace of its own, in which this
+    process keeps its uid and gid (one-to-one maps, no other ids): files keep their owners,
+    and apptainer, which runs in it as the same unprivileged user, makes its own nested user
+    namespace (``--userns``). As root, only the network namespace is new.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWNET if uid == 0 else CLONE_NEWNET | CLONE_NEWUSER
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.unshare(flags) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"unshare: {os.strerror(error)}")
+    if uid != 0:
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1\n")
+        Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1\n")
+    _loopback_up()
+    host, port = str(network["listen_host"]), int(network["listen_port"])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    listener.setblocking(False)
+    return listener
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(control, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(control, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+async def _relay(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: str
+) -> None:
+    """One connection from the run, relayed byte for byte to the proxy's unix socket."""
+    try:
+        up_reader, up_writer = await asyncio.open_unix_connection(upstream)
+    except OSError:
+        writer.close()
+        return
+    try:
+        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+    finally:
+        for end in (writer, up_writer):
+            end.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(_RELAY_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        writer.close()
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In apptainer's process (before exec): SIGKILL it if the supervisor dies first."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _starttime(pid: int) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rfind(")") + 2 :].split()[19])
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _report(fd: int, document: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(document).encode())
+        os.close(fd)
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(document))
+    temporary.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
