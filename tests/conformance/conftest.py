@@ -10,12 +10,22 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.conformance.apptainer_harness import apptainer_harness
 from tests.conformance.harness import EventRecorder, ExecutorUnderTest, Harness
 from tests.conformance.podman_harness import behaviour_image, podman_harness
 
-__all__ = ["behaviour_image", "executor_under_test", "harness", "podman_harness"]
+__all__ = [
+    "apptainer_harness",
+    "behaviour_image",
+    "executor_under_test",
+    "harness",
+    "podman_harness",
+]
 
-KINDS = [pytest.param("podman", marks=pytest.mark.podman, id="podman")]
+KINDS = [
+    pytest.param("podman", marks=pytest.mark.podman, id="podman"),
+    pytest.param("apptainer", id="apptainer"),  # a fake apptainer binary: no peer needed
+]
 
 
 @pytest.fixture(params=KINDS)

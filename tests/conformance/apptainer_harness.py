@@ -1,0 +1,108 @@
+"""The conformance harness for the apptainer executor, against a FAKE apptainer binary.
+
+apptainer cannot be installed on this machine (``shared/reference/feasibility.md`` §2), so
+the executor runs ``tests/fakes/apptainer_fake.py``: a stand-in that checks its arguments
+like apptainer 1.3 and behaves like a run (output, log, exit codes, death by signal), but
+isolates nothing. Everything of the executor itself is real: the supervisors, the pidfds,
+the deadline timers, the records on disk, the restart.
+
+What the fake cannot show is declared: it cannot run the real ``average`` or
+``diagnostics`` images, nor run out of memory, so only ``restart`` is among ``supports``.
+Its "registry" knows one image, the behaviour probe; every other reference is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from executors.apptainer.config import ApptainerSettings
+from executors.apptainer.executor import ApptainerExecutor
+from executors.apptainer.records import RunPaths, read_status, records
+from executors.base import ExecutorContext
+from tests.conformance.harness import Harness
+
+FAKE_APPTAINER = Path(__file__).resolve().parents[1] / "fakes" / "apptainer_fake.py"
+BEHAVIOUR_IMAGE = "localhost/fednode/behaviour:fake"
+
+
+class ApptainerHarness(Harness):
+    kind: ClassVar[str] = "apptainer"
+    supports: ClassVar[frozenset[str]] = frozenset({"restart"})
+    slack: ClassVar[float] = 15.0
+
+    def __init__(self, *, node_name: str, task_dir: Path, work: Path, **settings: Any) -> None:
+        super().__init__(node_name=node_name, task_dir=task_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        self.calls_file = work / "fake-apptainer-calls.jsonl"
+        self.registry_file = work / "fake-apptainer-registry.json"
+        self.registry: dict[str, dict[str, str]] = {
+            f"docker://{BEHAVIOUR_IMAGE}": {"program": "behave"},
+        }
+        self.write_registry()
+        values: dict[str, Any] = {
+            "binary": str(FAKE_APPTAINER),
+            "image_cache": work / "images",
+            "kill_grace_seconds": 3.0,
+            "apptainer_environment": {
+                "FAKE_APPTAINER_CALLS": str(self.calls_file),
+                "FAKE_APPTAINER_REGISTRY": str(self.registry_file),
+            },
+        }
+        values.update(settings)
+        self.settings = ApptainerSettings(**values)
+
+    def write_registry(self) -> None:
+        self.registry_file.write_text(json.dumps(self.registry))
+
+    def calls(self) -> list[dict[str, Any]]:
+        """Every call the fake apptainer recorded, oldest first."""
+        if not self.calls_file.exists():
+            return []
+        return [json.loads(line) for line in self.calls_file.read_text().splitlines()]
+
+    def behaviour_image(self) -> str:
+        return BEHAVIOUR_IMAGE
+
+    def average_image(self) -> str:
+        return "localhost/fednode/average:not-runnable-by-the-fake"
+
+    def diagnostics_image(self) -> str:
+        return "localhost/fednode/diagnostics:not-runnable-by-the-fake"
+
+    def missing_image(self) -> str:
+        return "localhost/fednode/no-such-image:never"
+
+    async def open_executor(self) -> ApptainerExecutor:
+        context = ExecutorContext(node_name=self.node_name, task_dir=self.task_dir)
+        executor = ApptainerExecutor(self.settings, context=context)
+        await executor.open()
+        return executor
+
+    async def object_exists(self, run_id: int) -> bool:
+        return RunPaths(self.task_dir, run_id).record.exists()
+
+    async def aclose(self) -> None:
+        """SIGKILL whatever runs the test left behind (their supervisors are detached)."""
+        from executors.apptainer.executor import _kill_groups
+
+        for paths in records(self.task_dir):
+            status = read_status(paths)
+            if status is not None and status.alive and status.supervisor is not None:
+                _kill_groups(status.supervisor)
+
+
+@pytest.fixture
+async def apptainer_harness(tmp_path: Path) -> AsyncIterator[ApptainerHarness]:
+    harness = ApptainerHarness(
+        node_name=f"conformance-{uuid.uuid4().hex[:8]}",
+        task_dir=tmp_path / "tasks",
+        work=tmp_path / "fake-apptainer",
+    )
+    yield harness
+    await harness.aclose()
