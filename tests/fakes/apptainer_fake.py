@@ -12,7 +12,8 @@ errors are apptainer's own (from apptainer's source: cobra's flag errors exit 1,
 Its contract, through its own environment (the container's is separate, see ``--cleanenv``):
 
 ``FAKE_APPTAINER_CALLS``
-    a file; each call appends one JSON line ``{"argv": [...], "pid", "euid", "cwd"}``.
+    a file; each call appends one JSON line ``{"argv": [...], "pid", "euid", "cwd",
+    "docker_username", "docker_password_set"}`` (the password itself is never written).
 ``FAKE_APPTAINER_REGISTRY``
     a JSON file ``{"<docker://|oras://|library:// reference>": {"program": "<name>"}}``:
     the images that "exist". Any other reference fails to pull with apptainer's message.
@@ -172,7 +173,15 @@ def record(argv: list[str]) -> None:
     path = os.environ.get("FAKE_APPTAINER_CALLS")
     if not path:
         return
-    call = {"argv": argv, "pid": os.getpid(), "euid": os.geteuid(), "cwd": str(Path.cwd())}
+    call = {
+        "argv": argv,
+        "pid": os.getpid(),
+        "euid": os.geteuid(),
+        "cwd": str(Path.cwd()),
+        # Registry credentials reach apptainer in its environment: say whether they did.
+        "docker_username": os.environ.get("APPTAINER_DOCKER_USERNAME"),
+        "docker_password_set": "APPTAINER_DOCKER_PASSWORD" in os.environ,
+    }
     line = json.dumps(call)
     with open(path, "a") as calls:  # noqa: PTH123 - one short append, like a shell's >>
         calls.write(line + "\n")
