@@ -344,7 +344,7 @@ class ApptainerExecutor:
         status = read_status(paths)
         if status is not None and status.alive and status.supervisor is not None:
             log.warning("apptainer.run.removed_while_running", run_id=run_id)
-            _kill_groups(status.supervisor)
+            kill_process_groups(status.supervisor)
         paths.files.remove()
         self._stream.forget(run_id)
         log.info("apptainer.run.cleaned_up", run_id=run_id)
@@ -495,7 +495,7 @@ class ApptainerExecutor:
         self._backstops.pop(run_id, None)
         if process_alive(supervisor.pid, supervisor.starttime):
             log.warning("apptainer.run.supervisor_unresponsive", run_id=run_id, pid=supervisor.pid)
-            _kill_groups(supervisor)
+            kill_process_groups(supervisor)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -611,8 +611,8 @@ def _parse_report(out: bytes, err: bytes) -> dict[str, Any]:
     return {"error": f"the run's supervisor gave no report: {detail}"}
 
 
-def _kill_groups(supervisor: Supervisor) -> None:
-    """SIGKILL apptainer's process group, then the supervisor's (its session)."""
+def kill_process_groups(supervisor: Supervisor) -> None:
+    """SIGKILL apptainer's process group, then the supervisor's (its session), if it lives."""
     if not process_alive(supervisor.pid, supervisor.starttime):
         return
     for group in (supervisor.child_pid, supervisor.pid):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import pytest
 
 from executors.apptainer.config import ApptainerSettings
-from executors.apptainer.executor import ApptainerExecutor
+from executors.apptainer.executor import ApptainerExecutor, kill_process_groups
 from executors.apptainer.records import RunPaths, read_status, records
 from executors.base import ExecutorContext
 from tests.conformance.harness import Harness
@@ -89,12 +89,10 @@ class ApptainerHarness(Harness):
 
     async def aclose(self) -> None:
         """SIGKILL whatever runs the test left behind (their supervisors are detached)."""
-        from executors.apptainer.executor import _kill_groups
-
         for paths in records(self.task_dir):
             status = read_status(paths)
             if status is not None and status.alive and status.supervisor is not None:
-                _kill_groups(status.supervisor)
+                kill_process_groups(status.supervisor)
 
 
 @pytest.fixture
