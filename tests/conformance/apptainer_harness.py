@@ -9,11 +9,17 @@ the deadline timers, the records on disk, the restart.
 What the fake cannot show is declared: it cannot run the real ``average`` or
 ``diagnostics`` images, nor run out of memory, so only ``restart`` is among ``supports``.
 Its "registry" knows one image, the behaviour probe; every other reference is missing.
+
+On a host with a real apptainer (the manual HPC check in ``docs/executors.md``), the same
+suite runs against it instead: ``FEDNODE_REAL_APPTAINER=$(command -v apptainer)`` and
+``FEDNODE_APPTAINER_IMAGE_CACHE=<dir holding behaviour.sif>`` select
+:class:`RealApptainerHarness`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -95,12 +101,42 @@ class ApptainerHarness(Harness):
                 kill_process_groups(status.supervisor)
 
 
+class RealApptainerHarness(ApptainerHarness):
+    """The same suite against a real apptainer (not on this machine: the manual HPC check).
+
+    The behaviour probe is ``behaviour.sif`` in the given image cache, built from
+    ``behaviour/behave.py`` by the operator (``docs/executors.md`` shows the definition).
+    """
+
+    def __init__(
+        self, *, node_name: str, task_dir: Path, work: Path, binary: str, image_cache: Path
+    ) -> None:
+        super().__init__(node_name=node_name, task_dir=task_dir, work=work)
+        cgroups = os.environ.get("FEDNODE_APPTAINER_CGROUPS", "1") != "0"
+        self.settings = ApptainerSettings(
+            binary=binary, image_cache=image_cache, kill_grace_seconds=3.0, cgroup_limits=cgroups
+        )
+
+    def behaviour_image(self) -> str:
+        return "behaviour.sif"
+
+
 @pytest.fixture
 async def apptainer_harness(tmp_path: Path) -> AsyncIterator[ApptainerHarness]:
-    harness = ApptainerHarness(
-        node_name=f"conformance-{uuid.uuid4().hex[:8]}",
-        task_dir=tmp_path / "tasks",
-        work=tmp_path / "fake-apptainer",
-    )
+    node_name = f"conformance-{uuid.uuid4().hex[:8]}"
+    real = os.environ.get("FEDNODE_REAL_APPTAINER")
+    harness: ApptainerHarness
+    if real:
+        harness = RealApptainerHarness(
+            node_name=node_name,
+            task_dir=tmp_path / "tasks",
+            work=tmp_path / "apptainer",
+            binary=real,
+            image_cache=Path(os.environ["FEDNODE_APPTAINER_IMAGE_CACHE"]),
+        )
+    else:
+        harness = ApptainerHarness(
+            node_name=node_name, task_dir=tmp_path / "tasks", work=tmp_path / "fake-apptainer"
+        )
     yield harness
     await harness.aclose()
