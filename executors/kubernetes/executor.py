@@ -64,7 +64,6 @@ from executors.kubernetes.manifests import (
     secret_name,
     token_secret,
 )
-from executors.kubernetes.observe import Observation
 from executors.kubernetes.tracker import RunTracker
 from executors.runfiles import RunFiles
 from executors.spec import RunEvent, RunOutput, RunSpec, RunState
@@ -97,7 +96,7 @@ class KubernetesExecutor:
         self._node_labels = node_selector_labels(context.node_name)
         self._stream = RunEventStream()
         self._tracker = RunTracker(stream=self._stream, backoff_limit=settings.backoff_limit,
-                                   give_up=self._give_up)
+                                   delete_job=self._delete_job)
         self._client: KubeClient | None = None
         self._informers: list[Informer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -159,6 +158,9 @@ class KubernetesExecutor:
         run_id = spec.run_id
         if run_id in self._tracker.jobs or run_id in self._starting:
             return
+        if run_id in self._tracker.killed:
+            self._tracker.killed_before_start(run_id, spec.task_id)
+            return
         self._starting.add(run_id)
         try:
             await self._start(client, spec)
@@ -200,13 +202,18 @@ class KubernetesExecutor:
 
     async def kill(self, run_id: int) -> None:
         client = self._require_open()
-        self._tracker.killed.add(run_id)
+        tracker = self._tracker
+        tracker.killed.add(run_id)  # sticky: a Job that appears later is deleted too
+        if run_id in tracker.deleting:
+            return
+        tracker.deleting.add(run_id)
         try:
             deleted = await _delete(client, self._job_path(run_id), what="delete jobs")
         except KubeError as error:
+            tracker.deleting.discard(run_id)
             raise ExecutorError(f"cannot delete the Job of run {run_id}: {error}") from error
-        if not deleted and run_id not in self._tracker.jobs:
-            self._tracker.killed.discard(run_id)  # nothing to kill
+        if not deleted:
+            tracker.deleting.discard(run_id)
 
     def events(self) -> AsyncIterator[RunEvent]:
         return aiter(self._stream)
@@ -232,9 +239,8 @@ class KubernetesExecutor:
     async def cleanup(self, run_id: int) -> None:
         client = self._require_open()
         tracker = self._tracker
-        deleted_by_us = run_id in tracker.killed or run_id in tracker.given_up
         try:
-            if run_id in tracker.jobs and not deleted_by_us:
+            if run_id in tracker.jobs and run_id not in tracker.deleting:
                 await _delete(client, self._job_path(run_id), what="delete jobs")
             if run_id not in self._owned_secrets:  # started before a restart: not known
                 await _delete(client, SECRETS.path(
@@ -270,18 +276,19 @@ class KubernetesExecutor:
         if not task.cancelled() and task.exception() is not None:
             log.error("k8s.task_failed", task=task.get_name(), error=repr(task.exception()))
 
-    def _give_up(self, run_id: int, seen: Observation) -> None:
-        """A run that can never progress (bad image): delete its Job so it does not linger."""
-        log.info("k8s.giving_up", run_id=run_id, reason=seen.reason, message=seen.message)
+    def _delete_job(self, run_id: int, why: str) -> None:
+        """The tracker's request: a killed run's late Job, or a run that can never progress
+        (a bad image) — delete the Job so that it does not linger."""
+        log.info("k8s.deleting_job", run_id=run_id, why=why)
         if self._client is not None:
-            self._spawn(self._delete_quietly(self._client, run_id), name=f"give-up-{run_id}")
+            self._spawn(self._delete_quietly(self._client, run_id), name=f"delete-{run_id}")
 
     async def _delete_quietly(self, client: KubeClient, run_id: int) -> None:
         try:
             await _delete(client, self._job_path(run_id), what="delete jobs")
         except KubeError as error:
-            log.warning("k8s.give_up_failed", run_id=run_id, error=str(error))
-            self._tracker.given_up.discard(run_id)  # the next change of the run retries
+            log.warning("k8s.delete_failed", run_id=run_id, error=str(error))
+            self._tracker.deleting.discard(run_id)  # the run's next change retries
 
     async def _check_namespace(self, client: KubeClient) -> None:
         settings, ns = self._settings, self._namespace
@@ -354,6 +361,7 @@ class KubernetesExecutor:
             async with asyncio.timeout(self._settings.sync_timeout_seconds):
                 await jobs.prime()
                 await pods.prime()
+            self._tracker.release()  # judge each run once, with both caches full
         except KubeError as error:
             raise ExecutorError(
                 f"cannot list Jobs and Pods in namespace {self._namespace!r}: {error}"

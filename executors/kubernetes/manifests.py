@@ -7,7 +7,7 @@ the shape of a run can be read (and tested) in one place:
   starting it twice), labelled with :func:`~executors.base.run_labels` (what the informers
   select on) and annotated with the ids and the trace context (what a restarted node
   rebuilds its state from); ``backoffLimit`` from the settings, ``activeDeadlineSeconds``
-  from the run's deadline, ``ttlSecondsAfterFinished`` as a safety net;
+  from the run's deadline (never early), ``ttlSecondsAfterFinished`` as a safety net;
 * a pod that passes Pod Security ``restricted`` (:mod:`policies.pod_security`), with no
   service-account token and no service links, CPU/memory requests and limits, GPUs as an
   extended-resource limit plus the GPU nodes' selector and tolerations;
@@ -187,13 +187,23 @@ def run_job(
         },
         "spec": {
             "backoffLimit": settings.backoff_limit,
-            "activeDeadlineSeconds": spec.deadline_seconds,
+            "activeDeadlineSeconds": active_deadline(spec.deadline_seconds),
             "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
             "completions": 1,
             "parallelism": 1,
             "template": {"metadata": pod_metadata, "spec": pod_spec},
         },
     }
+
+
+def active_deadline(deadline_seconds: int) -> int:
+    """The Job's ``activeDeadlineSeconds`` for a run's deadline.
+
+    The Job controller measures from ``status.startTime``, which has a resolution of one
+    second, so it can end a Job up to a second early; one second more keeps the promise
+    that a run is never stopped before its deadline.
+    """
+    return deadline_seconds + 1
 
 
 def _resources(spec: RunSpec, settings: KubernetesSettings) -> Json:

@@ -4,8 +4,9 @@
 out of a watch event, a relist after ``410 Gone``, or a restart — the event stream then lets
 each phase through once. Where the answer comes from:
 
-* the pod, first, because it changes first: scheduled → ``starting``, ``Running`` →
-  ``running``, ``Succeeded`` → ``succeeded``; ``Failed`` (not being deleted) → ``failed``
+* the pod, first, because it changes first: until it runs (no pod yet, waiting to be
+  scheduled — e.g. for a GPU —, pulling) → ``starting``, ``Running`` → ``running``,
+  ``Succeeded`` → ``succeeded``; ``Failed`` (not being deleted) → ``failed``
   once the Job has no retries left (``backoffLimit``), with ``oom-killed`` or ``crashed`` and
   the exit code. Waiting on an image (``ErrImagePull``, ``ImagePullBackOff``,
   ``InvalidImageName``) → ``image-not-found``; ``CreateContainerConfigError``,
@@ -47,7 +48,8 @@ class Observation(NamedTuple):
     give_up: bool = False  # the run can never progress: delete its Job
 
 
-PENDING = Observation(Phase.PENDING)
+#: The Job exists, its container does not run yet (``pending`` is the node's, before start).
+STARTING = Observation(Phase.STARTING)
 
 
 def observe(job: Json | None, pods: list[Json], *, backoff_limit: int) -> Observation:
@@ -59,7 +61,7 @@ def observe(job: Json | None, pods: list[Json], *, backoff_limit: int) -> Observ
         backoff_limit = int(job.get("spec", {}).get("backoffLimit", backoff_limit))
     pod = newest(pods)
     if pod is None:
-        return PENDING
+        return STARTING
     return _from_pod(pod, pods, backoff_limit=backoff_limit)
 
 
@@ -104,7 +106,7 @@ def _from_pod(pod: Json, pods: list[Json], *, backoff_limit: int) -> Observation
         failures = sum(1 for p in pods if p.get("status", {}).get("phase") == "Failed")
         if not deleting and failures > backoff_limit:
             return _failure(pod)
-        return Observation(Phase.RUNNING if status.get("startTime") else Phase.STARTING)
+        return STARTING  # killed, past its deadline, or to be retried: the Job will tell
     waiting = _waiting(status)
     if waiting is not None:
         reason, message = waiting
@@ -116,9 +118,7 @@ def _from_pod(pod: Json, pods: list[Json], *, backoff_limit: int) -> Observation
                                give_up=True)
     if phase == "Running":
         return Observation(Phase.RUNNING)
-    if pod.get("spec", {}).get("nodeName"):
-        return Observation(Phase.STARTING)
-    return PENDING
+    return STARTING
 
 
 def _waiting(status: Json) -> tuple[str, str] | None:

@@ -5,13 +5,22 @@ order. :class:`RunTracker` files every object under its run id (the ``fednode.io
 label), asks :func:`~executors.kubernetes.observe.observe` what the run's objects say now,
 and publishes that to the :class:`~executors.events.RunEventStream`, which lets each phase
 through once and never backwards. So the tracker is level-triggered: it does not matter
-which stream is ahead, nor whether a change came as a watch event or from a relist.
+which stream is ahead, nor whether a change came as a watch event or from a relist. While
+the executor opens, both caches are filled first (:meth:`RunTracker.release` then judges
+every run once), so a restarted node sees each run as it is, not half-listed.
 
-What observation alone cannot tell is what *we* did: a Job that vanishes was ``killed`` if
-the executor deleted it on request, and is ``lost`` otherwise (unless the run had ended
-already). After ``cleanup`` the run is dropped from memory once its objects are gone from
-both caches. No I/O happens here; giving up on a run that can never progress (an image
-that cannot be pulled) is delegated to the executor through a callback.
+What observation alone cannot tell is what *we* did:
+
+* a kill is sticky: a run killed before its Job exists (a kill racing the start) has its
+  Job deleted as soon as the Job appears;
+* a Job that vanishes was ``killed`` if the executor deleted it on request, and is
+  ``lost`` otherwise (unless the run had ended already);
+* a run whose Job is gone but which has not been cleaned up yet is still listed, with the
+  way it ended, until ``cleanup``; after ``cleanup`` the run is dropped from memory once its
+  objects are gone from both caches.
+
+No I/O happens here: deleting a Job (for a kill, or a run that can never progress) is
+delegated to the executor through a callback.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ from executors.kubernetes.observe import Observation, newest, observe
 from executors.spec import Phase, Reason, RunEvent, RunState
 
 Json = dict[str, Any]
-GiveUp = Callable[[int, Observation], None]
+#: Asks the executor to delete a run's Job (``why``: for the log).
+DeleteJob = Callable[[int, str], None]
 
 
 def run_id_of(obj: Json) -> int | None:
@@ -38,21 +48,35 @@ def run_id_of(obj: Json) -> int | None:
         return None
 
 
-class RunTracker:
-    """The executor's view of its runs, built only from the informers' objects."""
+def task_id_of(job: Json) -> int:
+    metadata = job.get("metadata", {})
+    labels, annotations = metadata.get("labels") or {}, metadata.get("annotations") or {}
+    value = labels.get(LABEL_TASK) or annotations.get(ANNOTATION_TASK) or "0"
+    return int(value) if value.isdigit() else 0
 
-    def __init__(self, *, stream: RunEventStream, backoff_limit: int, give_up: GiveUp) -> None:
+
+class RunTracker:
+    """The executor's view of its runs, built from the informers' objects."""
+
+    def __init__(
+        self, *, stream: RunEventStream, backoff_limit: int, delete_job: DeleteJob
+    ) -> None:
         self._stream = stream
         self._backoff_limit = backoff_limit
-        self._give_up = give_up
+        self._delete_job = delete_job
+        self._holding = True  # until both caches are filled (release)
         self.jobs: dict[int, Json] = {}
         self.pods: dict[int, dict[str, Json]] = {}
-        #: Runs whose Job the executor deleted on request (-> ``killed``, not ``lost``).
+        #: Runs killed on request (sticky: a Job that appears later is deleted too).
         self.killed: set[int] = set()
-        #: Runs whose Job the executor deleted because they could never progress.
-        self.given_up: set[int] = set()
+        #: Runs whose Job the executor has asked to delete (kill, or no way forward).
+        self.deleting: set[int] = set()
         #: Runs being cleaned up: no more events; forgotten when their objects are gone.
         self.cleaning: set[int] = set()
+        #: How each ended run ended (kept until cleanup, also once its Job is gone).
+        self.ended: dict[int, RunEvent] = {}
+        #: Task ids of ended runs whose Job is gone (so that they are still listed).
+        self.vanished: dict[int, int] = {}
 
     # -- informer handlers ---------------------------------------------------------------
 
@@ -62,7 +86,7 @@ class RunTracker:
             return
         if change is Change.DELETED:
             self.jobs.pop(run_id, None)
-            self._job_gone(run_id)
+            self._job_gone(run_id, job)
         else:
             self.jobs[run_id] = job
             self._update(run_id)
@@ -81,7 +105,13 @@ class RunTracker:
             self.pods.setdefault(run_id, {})[name] = pod
         self._update(run_id)
 
-    # -- what the executor asks -----------------------------------------------------------
+    def release(self) -> None:
+        """Both caches are filled: judge every run once, then follow changes."""
+        self._holding = False
+        for run_id in sorted(set(self.jobs) | set(self.pods)):
+            self._update(run_id)
+
+    # -- what the executor asks and tells -------------------------------------------------
 
     def pod_name(self, run_id: int) -> str | None:
         pod = newest(list(self.pods.get(run_id, {}).values()))
@@ -92,22 +122,32 @@ class RunTracker:
                        backoff_limit=self._backoff_limit)
 
     def states(self) -> list[RunState]:
-        """Every run that has a Job, as its objects show it now."""
+        """Every run not cleaned up: those with a Job as it is now, and ended ones whose
+        Job is gone (killed, lost, given up) as they ended."""
         states = []
-        for run_id, job in sorted(self.jobs.items()):
+        for run_id, job in self.jobs.items():
+            if run_id in self.cleaning:
+                continue
             seen = self.observation(run_id)
-            metadata = job.get("metadata", {})
-            labels, annotations = metadata.get("labels") or {}, metadata.get("annotations") or {}
-            task = labels.get(LABEL_TASK) or annotations.get(ANNOTATION_TASK) or "0"
-            states.append(RunState(
-                run_id=run_id,
-                task_id=int(task),
-                phase=seen.phase,
-                reason=seen.reason,
-                exit_code=seen.exit_code,
-                trace_context=trace_context_of(annotations),
-            ))
-        return states
+            ended = self.ended.get(run_id)
+            if ended is not None:  # what was reported is what the run is
+                seen = Observation(ended.phase, ended.reason, ended.exit_code, ended.message)
+            annotations = job.get("metadata", {}).get("annotations") or {}
+            states.append(RunState(run_id, task_id_of(job), seen.phase, seen.reason,
+                                   seen.exit_code, trace_context_of(annotations)))
+        for run_id, task_id in self.vanished.items():
+            ended = self.ended.get(run_id)
+            if ended is None or run_id in self.jobs or run_id in self.cleaning:
+                continue
+            states.append(RunState(run_id, task_id, ended.phase, ended.reason,
+                                   ended.exit_code))
+        return sorted(states, key=lambda s: s.run_id)
+
+    def killed_before_start(self, run_id: int, task_id: int) -> None:
+        """A start of a run already killed: nothing is created, the run ends killed."""
+        self._publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED,
+                                   message="killed before it started"))
+        self.vanished[run_id] = task_id
 
     def forget_when_gone(self, run_id: int) -> None:
         """After cleanup: publish nothing more; drop the run once its objects are gone."""
@@ -117,36 +157,56 @@ class RunTracker:
     # -- decisions ------------------------------------------------------------------------
 
     def _update(self, run_id: int) -> None:
+        if self._holding:
+            return
         if run_id in self.cleaning:
             self._forget_if_gone(run_id)
             return
+        job = self.jobs.get(run_id)
+        if run_id in self.killed and job is not None:
+            self._delete(run_id, "killed")  # a kill that came before the Job did
+        if job is None and self._stream.phase_of(run_id) is None:
+            return  # pods of a Job not seen yet (or one never ours to report): wait
         seen = self.observation(run_id)
-        self._stream.publish(RunEvent.now(run_id, seen.phase, seen.reason,
-                                          exit_code=seen.exit_code, message=seen.message))
-        if seen.give_up and run_id in self.jobs and run_id not in self.given_up:
-            self.given_up.add(run_id)
-            self._give_up(run_id, seen)
+        self._publish(RunEvent.now(run_id, seen.phase, seen.reason,
+                                   exit_code=seen.exit_code, message=seen.message))
+        if seen.give_up and job is not None:
+            self._delete(run_id, seen.message or "cannot progress")
 
-    def _job_gone(self, run_id: int) -> None:
+    def _delete(self, run_id: int, why: str) -> None:
+        if run_id in self.deleting:
+            return
+        self.deleting.add(run_id)
+        self._delete_job(run_id, why)
+
+    def _job_gone(self, run_id: int, job: Json) -> None:
+        self.deleting.discard(run_id)
+        if self._holding:
+            return
         if run_id in self.cleaning:
             self._forget_if_gone(run_id)
             return
         last = self._stream.phase_of(run_id)
         if last is not None and not last.is_terminal:
             if run_id in self.killed:
-                event = RunEvent.now(run_id, Phase.KILLED, Reason.KILLED,
-                                     message="the run's Job was deleted on request")
+                self._publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED,
+                                           message="the run's Job was deleted on request"))
             else:
-                event = RunEvent.now(run_id, Phase.FAILED, Reason.LOST,
-                                     message="the run's Job was deleted before it finished")
-            self._stream.publish(event)
-        self.killed.discard(run_id)
-        self.given_up.discard(run_id)
+                self._publish(RunEvent.now(
+                    run_id, Phase.FAILED, Reason.LOST,
+                    message="the run's Job was deleted before it finished"))
+        if run_id in self.ended:
+            self.vanished[run_id] = task_id_of(job)
+
+    def _publish(self, event: RunEvent) -> None:
+        if self._stream.publish(event) and event.phase.is_terminal:
+            self.ended[event.run_id] = event
 
     def _forget_if_gone(self, run_id: int) -> None:
         if run_id in self.jobs or self.pods.get(run_id):
             return
-        self.cleaning.discard(run_id)
-        self.killed.discard(run_id)
-        self.given_up.discard(run_id)
+        for memory in (self.cleaning, self.killed, self.deleting):
+            memory.discard(run_id)
+        self.ended.pop(run_id, None)
+        self.vanished.pop(run_id, None)
         self._stream.forget(run_id)
