@@ -127,7 +127,7 @@ async def test_a_run_is_reported_pending_to_succeeded_and_its_output_collected(
     await executor.start(make_spec(1))
     await events.wait_terminal(1, timeout=30)
 
-    assert events.phases(1) == [Phase.PENDING, Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
+    assert events.phases(1) == [Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
     final = events.terminal(1)
     assert final is not None
     assert (final.reason, final.exit_code) == (Reason.COMPLETED, 0)
@@ -163,7 +163,7 @@ async def test_the_job_is_locked_down_labelled_and_carries_what_a_restart_needs(
     assert meta["annotations"]["fednode.io/task-id"] == "1002"
     assert meta["annotations"][ANNOTATION_TRACEPARENT] == spec.trace_context["traceparent"]
     assert spec_["backoffLimit"] == 0
-    assert spec_["activeDeadlineSeconds"] == spec.deadline_seconds
+    assert spec_["activeDeadlineSeconds"] == spec.deadline_seconds + 1  # 1 s start-time grain
     assert spec_["ttlSecondsAfterFinished"] == 3600
     pod = spec_["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
@@ -256,9 +256,25 @@ async def test_kill_deletes_the_job_and_reports_killed(
     assert final is not None and (final.phase, final.reason) == (Phase.KILLED, Reason.KILLED)
     assert not await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 4),
                             k8s_namespace)
+    # the Job is gone, but until cleanup the run is listed as it ended
+    assert [(s.run_id, s.phase) for s in await executor.list_runs()] == [(4, Phase.KILLED)]
     await executor.kill(4)  # again, and an unknown run: both ignored
     await executor.kill(999_999)
     await executor.cleanup(4)
+    assert await executor.list_runs() == []
+
+
+async def test_a_kill_racing_the_start_still_kills_the_run(
+    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+) -> None:
+    spec = make_spec(9, annotations={POD_RUN_SECONDS: "forever"})
+    await asyncio.gather(executor.start(spec), executor.kill(9))  # the kill finds no Job yet
+    await events.wait_terminal(9)
+    final = events.terminal(9)
+    assert final is not None and final.phase is Phase.KILLED
+    await executor.start(spec)  # a start after the kill creates nothing
+    assert not await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 9),
+                            k8s_namespace)
 
 
 async def test_a_run_past_its_deadline_fails_with_deadline_exceeded(
@@ -343,10 +359,13 @@ async def test_a_gpu_run_lands_on_the_gpu_node_and_the_next_waits_while_gpus_are
     assert pods.items[0].spec.containers[0].resources.limits["nvidia.com/gpu"] == "4"
 
     await executor.start(make_spec(11, annotations=forever, gpus=1))
-    # all 4 GPUs are taken: the run waits unscheduled; nothing but "pending" is reported
+    # all 4 GPUs are taken: the run waits unscheduled; it stays "starting"
     await asyncio.sleep(3)
-    assert events.phases(11) == [Phase.PENDING]
-    assert {s.run_id: s.phase for s in await executor.list_runs()}[11] is Phase.PENDING
+    assert events.phases(11) == [Phase.STARTING]
+    assert {s.run_id: s.phase for s in await executor.list_runs()}[11] is Phase.STARTING
+    pods = await client.CoreV1Api(admin).list_namespaced_pod(
+        k8s_namespace, label_selector=f"{LABEL_RUN}=11")
+    assert pods.items[0].spec.node_name is None  # unschedulable: Insufficient nvidia.com/gpu
 
     await executor.kill(10)  # frees the GPUs: the waiting run is scheduled and runs
     await events.wait_phase(11, Phase.RUNNING, timeout=30)
