@@ -12,6 +12,7 @@ import pytest
 
 from tests.conformance.apptainer_harness import apptainer_harness
 from tests.conformance.harness import EventRecorder, ExecutorUnderTest, Harness
+from tests.conformance.kubernetes_harness import kubernetes_harness
 from tests.conformance.podman_harness import behaviour_image, podman_harness
 
 __all__ = [
@@ -19,12 +20,14 @@ __all__ = [
     "behaviour_image",
     "executor_under_test",
     "harness",
+    "kubernetes_harness",
     "podman_harness",
 ]
 
 KINDS = [
     pytest.param("podman", marks=pytest.mark.podman, id="podman"),
     pytest.param("apptainer", id="apptainer"),  # a fake apptainer binary: no peer needed
+    pytest.param("kubernetes", marks=pytest.mark.kubernetes, id="kubernetes"),  # kwok kubelets
 ]
 
 
