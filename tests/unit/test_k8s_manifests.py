@@ -1,0 +1,192 @@
+"""What a run looks like on Kubernetes, and the isolation objects and Role around it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from executors.kubernetes.config import DatabaseVolume, KubernetesSettings
+from executors.kubernetes.manifests import (
+    ManifestError,
+    job_name,
+    owner_patch,
+    run_job,
+    token_secret,
+)
+from executors.kubernetes.rbac import ROLE_RULES, role_binding_manifest, role_manifest
+from executors.spec import DatabaseMount, Resources, RunSpec
+from policies.network import RunIsolation, dns_peer, proxy_peer, run_network_policies
+from policies.pod_security import enforces, namespace_labels, pod_security_problems
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def spec(**fields: Any) -> RunSpec:
+    values: dict[str, Any] = {
+        "run_id": 12, "task_id": 34, "organization_id": 1, "collaboration_id": 2,
+        "image": "harbor.example/algo:1", "token": SecretStr("t0ken"),
+        "environment": {"HOST": "http://proxy", "PORT": "7654"},
+        "resources": Resources(cpu=1.5, memory_mb=512), **fields,
+    }
+    return RunSpec(**values)
+
+
+def job_for(run: RunSpec, settings: KubernetesSettings | None = None,
+            pin: str | None = None) -> dict[str, Any]:
+    return run_job(run, settings=settings or KubernetesSettings(), namespace="runs",
+                   name="j", labels={"a": "b"}, token_secret_name="j-token", pin_to_node=pin)
+
+
+def pod_of(job: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = job["spec"]["template"]["spec"]
+    return pod
+
+
+def test_the_pod_is_locked_down_as_pod_security_restricted_requires() -> None:
+    pod = pod_of(job_for(spec()))
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"] == {"requests": {"cpu": "1500m", "memory": "512Mi"},
+                                      "limits": {"cpu": "1500m", "memory": "512Mi"}}
+    assert {"name": "HOST", "value": "http://proxy"} in container["env"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "hostPath" not in str(volumes)
+    assert volumes["token"]["secret"]["secretName"] == "j-token"
+
+
+def test_a_gpu_run_asks_for_the_resource_and_goes_where_gpus_are() -> None:
+    settings = KubernetesSettings(
+        gpu_node_selector={"gpu": "yes"}, node_selector={"zone": "a"},
+        gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists",
+                          "effect": "NoSchedule"}],
+        gpu_type_label="nvidia.com/gpu.product")
+    pod = pod_of(job_for(spec(resources=Resources(gpus=2, gpu_type="A100")), settings))
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"zone": "a", "gpu": "yes", "nvidia.com/gpu.product": "A100"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    cpu_only = pod_of(job_for(spec(), settings))
+    assert cpu_only["nodeSelector"] == {"zone": "a"} and "tolerations" not in cpu_only
+
+
+def test_read_write_once_pins_the_run_to_the_nodes_kubernetes_node() -> None:
+    pod = pod_of(job_for(spec(), pin="worker-3"))
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["worker-3"]
+
+
+def test_databases_are_mounted_read_only_from_their_configured_volumes() -> None:
+    settings = KubernetesSettings(databases={
+        "default": DatabaseVolume(claim="data", sub_path="csv"),
+        "notes": DatabaseVolume(config_map="notes")})
+    run = spec(databases=(
+        DatabaseMount(label="default", type="csv", uri="/srv/data/a.csv", is_local_path=True),
+        DatabaseMount(label="notes", type="folder", uri="/srv/notes", is_local_path=True),
+        DatabaseMount(label="pg", type="sql", uri="postgres://db", is_local_path=False)))
+    pod = pod_of(job_for(run, settings))
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/data/default"]["readOnly"] and mounts["/mnt/data/default"]["subPath"] \
+        == "csv"
+    assert mounts["/mnt/data/notes"]["readOnly"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/mnt/data/default"]["name"]]["persistentVolumeClaim"] == {
+        "claimName": "data", "readOnly": True}
+    assert not any(p.startswith("/mnt/data/pg") for p in mounts)
+    with pytest.raises(ManifestError, match="no volume"):
+        job_for(run)
+
+
+def test_the_job_carries_ids_trace_and_safety_nets() -> None:
+    job = job_for(spec(parent_task_id=5, deadline_seconds=60,
+                       trace_context={"traceparent": "00-ab-cd-01", "tracestate": "x=1"}))
+    annotations = job["metadata"]["annotations"]
+    assert annotations["fednode.io/run-id"] == "12"
+    assert annotations["fednode.io/parent-task-id"] == "5"
+    assert annotations["fednode.io/traceparent"] == "00-ab-cd-01"
+    assert annotations["fednode.io/tracestate"] == "x=1"
+    assert job["spec"]["activeDeadlineSeconds"] == 61  # never before the deadline
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+
+
+def test_a_run_without_token_has_no_secret_mount_and_the_secret_is_immutable() -> None:
+    run = spec(token=None)
+    pod = pod_of(run_job(run, settings=KubernetesSettings(), namespace="n", name="j",
+                         labels={}, token_secret_name=None, pin_to_node=None))
+    assert all(v["name"] != "token" for v in pod["volumes"])
+    secret = token_secret(spec(), namespace="n", name="s", labels={})
+    assert secret["immutable"] is True and secret["data"]["token"] == "dDBrZW4="
+    patch = owner_patch({"metadata": {"name": "j", "uid": "u-1"}})
+    assert patch["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def test_job_names_are_stable_dns_labels_per_node_and_run() -> None:
+    name = job_name("hospital A", 123456789012)
+    assert name == job_name("hospital A", 123456789012) != job_name("hospital B", 123456789012)
+    assert DNS_LABEL.match(name) and len(name) <= 52  # room for the pod name's suffix
+
+
+def test_database_volume_needs_exactly_one_source() -> None:
+    with pytest.raises(ValidationError):
+        DatabaseVolume()
+    with pytest.raises(ValidationError):
+        DatabaseVolume(claim="a", config_map="b")
+    with pytest.raises(ValidationError):
+        DatabaseVolume(config_map="b", sub_path="x")
+
+
+# -- isolation objects and the Role -------------------------------------------------------
+
+
+def test_network_policies_deny_everything_then_allow_only_the_proxy_and_dns() -> None:
+    deny, egress = run_network_policies(RunIsolation(
+        namespace="runs", run_selector={"node": "n"},
+        allowed=(proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),
+                 dns_peer())))
+    assert deny["spec"] == {"podSelector": {"matchLabels": {"node": "n"}},
+                            "policyTypes": ["Ingress", "Egress"]}
+    proxy, dns = egress["spec"]["egress"]
+    assert proxy == {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "fednode"}},
+                "podSelector": {"matchLabels": {"app": "node"}}}],
+        "ports": [{"port": 7654, "protocol": "TCP"}]}
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
+    assert "ingress" not in egress["spec"]
+
+
+def test_pod_security_levels_are_checked_not_assumed() -> None:
+    assert pod_security_problems(namespace_labels("restricted")) == []
+    assert "missing" in pod_security_problems({})[0]
+    assert "weaker" in pod_security_problems(namespace_labels("baseline"))[0]
+    assert enforces(namespace_labels("restricted"), "baseline")
+    assert not enforces({}, "baseline")
+
+
+def test_the_role_is_namespaced_and_grants_only_what_the_executor_uses() -> None:
+    granted = {(group, resource): set(rule["verbs"])
+               for rule in ROLE_RULES for group in rule["apiGroups"]
+               for resource in rule["resources"]}
+    assert granted == {
+        ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+        ("", "pods"): {"list", "watch"},
+        ("", "pods/log"): {"get"},
+        ("", "secrets"): {"create", "patch", "delete"},
+        ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
+        ("", "namespaces"): {"get"},
+    }
+    assert role_manifest("runs")["kind"] == "Role"
+    binding = role_binding_manifest("runs", service_account="fednode",
+                                    service_account_namespace="fednode")
+    assert binding["roleRef"]["kind"] == "Role"
