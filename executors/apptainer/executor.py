@@ -82,8 +82,9 @@ from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
 log = structlog.get_logger(__name__)
 
 SUPERVISOR = Path(__file__).resolve().with_name("supervisor.py")
-#: apptainer 1.1 made user-namespace mode the default and added ``--no-eval``.
-MIN_APPTAINER = (1, 1)
+#: apptainer 1.1 made user-namespace mode the default and added ``--no-eval``; 1.2 added
+#: ``--no-mount bind-paths``.
+MIN_APPTAINER = (1, 2)
 #: Seconds past the supervisor's own grace before the node SIGKILLs a run itself.
 _BACKSTOP_MARGIN = 5.0
 #: How many removed runs are remembered, so nothing late about them is published.

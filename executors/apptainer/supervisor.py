@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import json
 import os
@@ -53,6 +52,8 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 _RELAY_CHUNK = 64 * 1024
+#: The C library, from the symbols already loaded (``find_library`` would run ldconfig).
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def main(argv: list[str]) -> int:
@@ -178,8 +179,7 @@ def private_network(network: dict[str, Any]) -> socket.socket:
     """
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWNET if uid == 0 else CLONE_NEWNET | CLONE_NEWUSER
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.unshare(flags) != 0:
+    if _LIBC.unshare(flags) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"unshare: {os.strerror(error)}")
     if uid != 0:
@@ -236,8 +236,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 def _die_with_parent() -> None:
     """In apptainer's process (before exec): SIGKILL it if the supervisor dies first."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _starttime(pid: int) -> int:

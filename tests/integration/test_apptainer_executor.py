@@ -258,12 +258,12 @@ async def test_a_missing_apptainer_binary_is_an_operator_error_at_open(tmp_path:
         await harness.open_executor()
 
 
-async def test_an_apptainer_older_than_1_1_is_refused_at_open(tmp_path: Path) -> None:
+async def test_an_apptainer_older_than_1_2_is_refused_at_open(tmp_path: Path) -> None:
     harness = ApptainerHarness(node_name="n", task_dir=tmp_path / "tasks", work=tmp_path / "w")
-    old = {**harness.settings.apptainer_environment, "FAKE_APPTAINER_VERSION": "1.0.3"}
+    old = {**harness.settings.apptainer_environment, "FAKE_APPTAINER_VERSION": "1.1.9"}
     harness.settings = harness.settings.model_copy(update={"apptainer_environment": old})
 
-    with pytest.raises(ExecutorError, match=r"1\.1 or newer"):
+    with pytest.raises(ExecutorError, match=r"1\.2 or newer"):
         await harness.open_executor()
 
 
