@@ -137,7 +137,7 @@ async def _supervise(
     if listener is not None:
         upstream = plan["network"]["upstream"]
         relay = await asyncio.start_server(
-            lambda r, w: _relay(r, w, upstream=upstream), sock=listener
+            lambda r, w: relay(r, w, upstream=upstream), sock=listener
         )
     stopper = asyncio.create_task(_stop_on(terminate, child.pid, float(plan["grace_seconds"])))
     returncode = await child.wait()
@@ -204,7 +204,7 @@ def _loopback_up() -> None:
         fcntl.ioctl(control, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-async def _relay(
+async def relay(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: str
 ) -> None:
     """One connection from the run, relayed byte for byte to the proxy's unix socket."""

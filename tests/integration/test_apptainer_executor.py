@@ -449,7 +449,7 @@ UNPRIVILEGED_PROBE = textwrap.dedent(
 
     async def main():
         server = await asyncio.start_server(
-            lambda r, w: supervisor._relay(r, w, upstream=sys.argv[2]), sock=listener
+            lambda r, w: supervisor.relay(r, w, upstream=sys.argv[2]), sock=listener
         )
         reader, writer = await asyncio.open_connection("127.0.0.1", 7654)
         writer.write(b"GET /probe HTTP/1.0\\r\\n\\r\\n")
