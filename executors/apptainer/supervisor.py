@@ -133,10 +133,10 @@ async def _supervise(
     }
     _write_json(state / "supervisor.json", record)
     _report(report_fd, record)
-    relay = None
+    relay_server = None
     if listener is not None:
         upstream = plan["network"]["upstream"]
-        relay = await asyncio.start_server(
+        relay_server = await asyncio.start_server(
             lambda r, w: relay(r, w, upstream=upstream), sock=listener
         )
     stopper = asyncio.create_task(_stop_on(terminate, child.pid, float(plan["grace_seconds"])))
@@ -148,8 +148,8 @@ async def _supervise(
         ended = {"exit_code": returncode}
     ended["ended_at"] = time.time()
     _write_json(state / "exit.json", ended)
-    if relay is not None:
-        relay.close()
+    if relay_server is not None:
+        relay_server.close()
     return 0
 
 
