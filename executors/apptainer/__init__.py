@@ -1,1 +1,1 @@
-"""The apptainer executor: ``apptainer exec`` as asyncio subprocesses, for HPC hosts."""
+"""The apptainer executor: ``apptainer run`` under a detached supervisor per run, for HPC hosts."""
