@@ -19,8 +19,8 @@ Isolation, on for every run and not configurable per run:
   file databases read-only at ``/mnt/data/<label>/…``, like the podman executor;
 * network: none (``--net --network none``: only ``lo``) unless the spec names a proxy;
   then, per ``proxy_network``, either a private network namespace made by the supervisor
-  whose only listener is a relay to the proxy (``--userns``, see ``supervisor.py``), or
-  the host's network;
+  whose only listener is a relay to the proxy (its unix socket, or its loopback TCP port
+  in the host's namespace; ``--userns``, see ``supervisor.py``), or the host's network;
 * ``--memory``/``--memory-swap`` (equal: no swap), ``--cpus``, ``--pids-limit`` when
   ``cgroup_limits`` is on; ``--nv``/``--rocm`` when GPUs are asked for.
 
@@ -164,16 +164,13 @@ def supervisor_plan(
     network: dict[str, Any] | None = None
     if mode is NetworkMode.RELAY:
         assert spec.proxy is not None
-        if settings.proxy_socket is None:
-            raise PlanError(
-                "the run needs the proxy, and proxy_network is 'relay', but proxy_socket "
-                "(the proxy's unix socket) is not set"
-            )
-        network = {
-            "listen_host": loopback_address(spec.proxy.host),
-            "listen_port": spec.proxy.port,
-            "upstream": str(settings.proxy_socket),
-        }
+        address = loopback_address(spec.proxy.host)
+        network = {"listen_host": address, "listen_port": spec.proxy.port}
+        if settings.proxy_socket is not None:
+            network["upstream"] = str(settings.proxy_socket)
+        else:
+            # The proxy listens on the same loopback address, in the host's namespace.
+            network["upstream_host"], network["upstream_port"] = address, spec.proxy.port
     return {
         "argv": argv,
         "environment": dict(settings.apptainer_environment),

@@ -3,7 +3,7 @@
 Defaults fit an unprivileged node on an HPC login or service host with apptainer >= 1.1
 (user-namespace mode, its default): images pulled once into a SIF cache, runs without any
 network unless they need the node's proxy, in which case they get a private network
-namespace whose only reachable endpoint is a relay to the proxy's unix socket (see
+namespace whose only reachable endpoint is a relay to the proxy (see
 ``docs/executors.md``, apptainer section, for what each key changes).
 """
 
@@ -15,8 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 PullPolicy = Literal["always", "if-not-present", "never"]
-#: How a run that names a proxy reaches it: ``relay`` (its own network namespace with a
-#: loopback relay to ``proxy_socket``) or ``host`` (the host's network, no isolation).
+#: How a run that names a proxy reaches it: ``relay`` (its own network namespace whose
+#: only listener relays to the proxy) or ``host`` (the host's network, no isolation).
 ProxyNetwork = Literal["relay", "host"]
 
 
@@ -41,7 +41,8 @@ class ApptainerSettings(BaseModel):
     #: e.g. ``APPTAINER_CACHEDIR``, ``APPTAINER_TMPDIR``, ``HTTPS_PROXY`` for pulls.
     apptainer_environment: dict[str, str] = Field(default_factory=dict)
     proxy_network: ProxyNetwork = "relay"
-    #: The node proxy's unix socket, which the ``relay`` arrangement forwards to.
+    #: The node proxy's unix socket for the ``relay`` arrangement; ``None``: the relay
+    #: dials the proxy's loopback TCP address (``RunSpec.proxy``) in the host's namespace.
     proxy_socket: Path | None = None
     #: Pass memory/CPU/pids limits (``--memory --cpus --pids-limit``); unprivileged
     #: apptainer needs cgroups v2 with systemd for them, else it refuses to start the run.

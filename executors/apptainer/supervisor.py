@@ -16,9 +16,10 @@ restart. The supervisor:
 2. for runs that may reach the proxy in the ``relay`` arrangement, makes a private network
    namespace (with a user namespace when unprivileged: ``unshare(CLONE_NEWUSER |
    CLONE_NEWNET)``, mapping the node's uid to itself), brings ``lo`` up, and listens on
-   the proxy's loopback address in it; each connection is relayed to the node proxy's unix
-   socket (a path, which a network namespace does not hide). apptainer then runs in that
-   namespace with ``--userns``: its only reachable endpoint is the relay;
+   the proxy's loopback address in it; each connection is relayed to the node's proxy:
+   its unix socket (a path, which a network namespace does not hide), or its loopback TCP
+   port through a :class:`Dialer` left in the host's namespace. apptainer then runs in
+   that namespace with ``--userns``: its only reachable endpoint is the relay;
 3. runs apptainer in a process group of its own, with its output in ``log``, and dying
    with the supervisor (``PR_SET_PDEATHSIG``);
 4. records ``supervisor.json``; on SIGTERM (the node's kill or deadline) it sends SIGTERM
@@ -43,7 +44,7 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -88,20 +89,27 @@ def main(argv: list[str]) -> int:
 def supervise(state: Path, *, report_fd: int) -> int:
     """Start apptainer as planned in ``run.json``; follow it to its end; record the end."""
     plan: dict[str, Any] = json.loads((state / "run.json").read_text())["plan"]
-    listener: socket.socket | None = None
+    network = plan.get("network")
+    relayed: tuple[socket.socket, Upstream] | None = None
     try:
-        if plan.get("network"):
-            listener = private_network(plan["network"])
+        if network:
+            # The upstream first: a TCP proxy is dialled from this, the host's, namespace.
+            upstream = upstream_of(network, keep_closed=[report_fd])
+            relayed = (private_network(network), upstream)
     except OSError as exc:
         message = f"could not make the run's private network namespace: {exc}"
         _write_json(state / "exit.json", {"start_error": message})
         _report(report_fd, {"error": message})
         return 1
-    return asyncio.run(_supervise(state, plan, listener=listener, report_fd=report_fd))
+    return asyncio.run(_supervise(state, plan, relayed=relayed, report_fd=report_fd))
 
 
 async def _supervise(
-    state: Path, plan: dict[str, Any], *, listener: socket.socket | None, report_fd: int
+    state: Path,
+    plan: dict[str, Any],
+    *,
+    relayed: tuple[socket.socket, Upstream] | None,
+    report_fd: int,
 ) -> int:
     loop = asyncio.get_running_loop()
     terminate = asyncio.Event()
@@ -134,8 +142,8 @@ async def _supervise(
     _write_json(state / "supervisor.json", record)
     _report(report_fd, record)
     relay_server = None
-    if listener is not None:
-        upstream = plan["network"]["upstream"]
+    if relayed is not None:
+        listener, upstream = relayed
         relay_server = await asyncio.start_server(
             lambda r, w: relay(r, w, upstream=upstream), sock=listener
         )
@@ -205,11 +213,11 @@ def _loopback_up() -> None:
 
 
 async def relay(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: str
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: Upstream
 ) -> None:
-    """One connection from the run, relayed byte for byte to the proxy's unix socket."""
+    """One connection from the run, relayed byte for byte to the proxy."""
     try:
-        up_reader, up_writer = await asyncio.open_unix_connection(upstream)
+        up_reader, up_writer = await upstream.connect()
     except OSError:
         writer.close()
         return
@@ -218,6 +226,92 @@ async def relay(
     finally:
         for end in (writer, up_writer):
             end.close()
+
+
+class Upstream(Protocol):
+    """Where the relay sends a run's connections: the node's proxy."""
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
+def upstream_of(network: dict[str, Any], *, keep_closed: list[int]) -> Upstream:
+    """The proxy's unix socket if the plan names one, else its TCP address via a dialer.
+
+    Call it before :func:`private_network`: the dialer must stay in the host's namespace.
+    """
+    if network.get("upstream"):
+        return UnixUpstream(str(network["upstream"]))
+    return Dialer(str(network["upstream_host"]), int(network["upstream_port"]), keep_closed)
+
+
+class UnixUpstream:
+    """The proxy on a unix socket: a path, which a network namespace does not hide."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(self.path)
+
+
+class Dialer:
+    """The proxy on TCP in the host's namespace, which the run's namespace cannot reach.
+
+    A process forked before the supervisor leaves the host's network namespace connects
+    on request and hands the connected socket back over a socketpair (``SCM_RIGHTS``); a
+    socket stays in the namespace it was made in, so the relay can use it from the run's.
+    The dialer ends when the supervisor does (end of file on the socketpair).
+    """
+
+    def __init__(self, host: str, port: int, keep_closed: list[int]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if os.fork() == 0:
+            ours.close()
+            for fd in keep_closed:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            _dial_forever(theirs, host, port)
+            os._exit(0)
+        theirs.close()
+        ours.setblocking(False)
+        self._channel = ours
+        self._lock: asyncio.Lock | None = None
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        loop = asyncio.get_running_loop()
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:  # one request in flight: answers arrive in order
+            await loop.sock_sendall(self._channel, b"dial")
+            await _readable(loop, self._channel)
+            message, fds, _flags, _address = socket.recv_fds(self._channel, 1024, 1)
+        if not fds:
+            raise OSError(message.decode(errors="replace") or "the dialer has ended")
+        return await asyncio.open_connection(sock=socket.socket(fileno=fds[0]))
+
+
+def _dial_forever(channel: socket.socket, host: str, port: int) -> None:
+    while channel.recv(16):
+        try:
+            connection = socket.create_connection((host, port), timeout=10)
+        except OSError as exc:
+            channel.send(f"cannot reach the proxy at {host}:{port}: {exc}".encode())
+            continue
+        with connection:
+            socket.send_fds(channel, [b"ok"], [connection.fileno()])
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -425,16 +425,39 @@ async def test_with_host_networking_a_run_shares_the_hosts_network(
     assert report["outside"]["reached"] is True  # no isolation: the documented trade
 
 
-async def test_a_relay_run_without_a_proxy_socket_setting_fails_to_start(
+@contextlib.asynccontextmanager
+async def fake_proxy_on_tcp() -> AsyncIterator[int]:
+    """Stands in for the node proxy on the host's loopback (what node/ serves today)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 14\r\n\r\nproxy-over-tcp")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_without_a_proxy_socket_the_relay_dials_the_proxys_tcp_port_on_the_host(
     make: Callable[..., Coroutine[Any, Any, Made]],
 ) -> None:
     executor, events, harness = await make(proxy_network="relay")
 
-    await executor.start(probe_spec(harness, 1, proxy_port=7654, outside=1))
-    end = await events.terminal(1, timeout=harness.slack)
+    async with fake_proxy_on_tcp() as proxy_port, host_listener() as other_port:
+        await executor.start(probe_spec(harness, 1, proxy_port=proxy_port, outside=other_port))
+        end = await events.terminal(1, timeout=harness.slack)
+        output = await executor.collect(1)
 
-    assert (end.phase, end.reason) == (Phase.FAILED, Reason.START_FAILED)
-    assert "proxy_socket" in end.message
+    assert end.phase is Phase.SUCCEEDED, output.log
+    report = json.loads(output.output)
+    assert report["interfaces"] == ["lo"]
+    assert report["proxy"]["answer"].endswith("proxy-over-tcp")  # same address, other netns
+    assert report["outside"]["reached"] is False
 
 
 UNPRIVILEGED_PROBE = textwrap.dedent(
@@ -443,24 +466,38 @@ UNPRIVILEGED_PROBE = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import supervisor
 
-    listener = supervisor.private_network(
-        {"listen_host": "127.0.0.1", "listen_port": 7654, "upstream": sys.argv[2]}
-    )
+    tcp_port = int(sys.argv[3])
+    dialer = supervisor.Dialer("127.0.0.1", tcp_port, [])  # before leaving the host's netns
+    listener = supervisor.private_network({"listen_host": "127.0.0.1", "listen_port": 7654})
+    second = socket.socket()
+    second.bind(("127.0.0.1", 7655))
+    second.listen()
+    second.setblocking(False)
+
+    async def get(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /probe HTTP/1.0\\r\\n\\r\\n")
+        return (await reader.read()).decode()
 
     async def main():
-        server = await asyncio.start_server(
-            lambda r, w: supervisor.relay(r, w, upstream=sys.argv[2]), sock=listener
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", 7654)
-        writer.write(b"GET /probe HTTP/1.0\\r\\n\\r\\n")
-        answer = await reader.read()
+        unix = supervisor.UnixUpstream(sys.argv[2])
+        servers = [
+            await asyncio.start_server(
+                lambda r, w: supervisor.relay(r, w, upstream=unix), sock=listener
+            ),
+            await asyncio.start_server(
+                lambda r, w: supervisor.relay(r, w, upstream=dialer), sock=second
+            ),
+        ]
+        answers = [await get(7654), await get(7655)]
         try:
-            socket.create_connection(("127.0.0.1", int(sys.argv[3])), timeout=2).close()
+            socket.create_connection(("127.0.0.1", tcp_port), timeout=2).close()
             outside = True
         except OSError:
             outside = False
-        server.close()
-        return answer.decode(), outside
+        for server in servers:
+            server.close()
+        return answers, outside
 
     answer, outside = asyncio.run(main())
     print(json.dumps({
@@ -482,7 +519,7 @@ async def test_an_unprivileged_supervisor_makes_the_relay_namespace_with_its_own
         pytest.skip("needs root to become another user for the test")
     shared = directory_nobody_can_reach()
     socket_path = shared / "proxy.sock"
-    async with fake_proxy_on_unix_socket(socket_path), host_listener() as host_port:
+    async with fake_proxy_on_unix_socket(socket_path), fake_proxy_on_tcp() as host_port:
         socket_path.chmod(0o666)
         process = await asyncio.create_subprocess_exec(
             "setpriv",
@@ -507,8 +544,9 @@ async def test_an_unprivileged_supervisor_makes_the_relay_namespace_with_its_own
     assert report["uid"] == 65534
     assert report["uid_map"] == ["65534", "65534", "1"]  # the same uid, nothing else mapped
     assert report["interfaces"] == ["lo"]
-    assert report["answer"].endswith("proxy-here")
-    assert report["outside"] is False
+    assert report["answer"][0].endswith("proxy-here")  # relayed to the unix socket
+    assert report["answer"][1].endswith("proxy-over-tcp")  # dialled from the host's netns
+    assert report["outside"] is False  # the same TCP port, directly: unreachable
 
 
 # -- helpers ------------------------------------------------------------------------------------

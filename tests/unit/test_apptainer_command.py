@@ -168,22 +168,35 @@ def test_an_environment_name_a_shell_cannot_assign_is_refused() -> None:
         env_file_text({"MY-DB_DATABASE_URI": "x"})
 
 
-def test_the_relay_plan_needs_the_proxy_socket_and_a_loopback_proxy_host() -> None:
+def test_the_relay_plan_relays_to_the_proxy_socket_or_its_loopback_tcp_port() -> None:
     run = spec(proxy=ProxyEndpoint(host="localhost", port=7654))
-    relay = ApptainerSettings(proxy_socket=Path("/run/fednode/proxy.sock"))
+    with_socket = ApptainerSettings(proxy_socket=Path("/run/fednode/proxy.sock"))
 
-    plan = supervisor_plan(argv=["x"], spec=run, settings=relay, mode=NetworkMode.RELAY)
+    to_socket = supervisor_plan(argv=["x"], spec=run, settings=with_socket, mode=NetworkMode.RELAY)
+    to_tcp = supervisor_plan(
+        argv=["x"], spec=run, settings=ApptainerSettings(), mode=NetworkMode.RELAY
+    )
 
-    assert plan["network"] == {
+    assert to_socket["network"] == {
         "listen_host": "127.0.0.1",
         "listen_port": 7654,
         "upstream": "/run/fednode/proxy.sock",
     }
-    with pytest.raises(PlanError, match="proxy_socket"):
-        supervisor_plan(argv=["x"], spec=run, settings=ApptainerSettings(), mode=NetworkMode.RELAY)
+    assert to_tcp["network"] == {
+        "listen_host": "127.0.0.1",
+        "listen_port": 7654,
+        "upstream_host": "127.0.0.1",
+        "upstream_port": 7654,
+    }
+
+
+def test_the_relay_plan_refuses_a_proxy_host_that_is_not_loopback() -> None:
     remote = spec(proxy=ProxyEndpoint(host="10.0.0.5", port=7654))
+
     with pytest.raises(PlanError, match="loopback"):
-        supervisor_plan(argv=["x"], spec=remote, settings=relay, mode=NetworkMode.RELAY)
+        supervisor_plan(
+            argv=["x"], spec=remote, settings=ApptainerSettings(), mode=NetworkMode.RELAY
+        )
 
 
 def test_a_run_without_proxy_has_no_network_in_its_plan() -> None:
