@@ -61,7 +61,7 @@ from node.server.models import (
     RunStatus,
 )
 from node.server.rest import ServerClient, ServerError
-from node.server.socket import ServerEvent, Sync
+from node.server.socket import Received, Sync
 from node.telemetry import carrier_of, context_from
 from policies.admission import Admission, Admitted
 from proxy import RunInfo, RunTable
@@ -173,14 +173,16 @@ class RunLifecycle:
 
     # -- the two streams ----------------------------------------------------------------
 
-    async def consume_server_events(self, events: asyncio.Queue[ServerEvent]) -> None:
+    async def consume_server_events(self, events: asyncio.Queue[Received]) -> None:
         """Dispatch server events; each is handled in its own owned task."""
         while True:
-            event = await events.get()
+            event, at_ns = await events.get()
             if isinstance(event, Sync):
-                self._work.spawn(self.sync(), name="sync")
+                self._work.spawn(self.sync(received_ns=at_ns), name="sync")
             elif isinstance(event, NewTask):
-                self._work.spawn(self.fetch_task(event.id), name=f"new-task-{event.id}")
+                self._work.spawn(
+                    self.fetch_task(event.id, received_ns=at_ns), name=f"new-task-{event.id}"
+                )
             elif isinstance(event, KillContainers):
                 self._work.spawn(self.kill(event), name="kill")
 
@@ -190,16 +192,16 @@ class RunLifecycle:
 
     # -- server side ----------------------------------------------------------------------
 
-    async def sync(self) -> None:
+    async def sync(self, *, received_ns: int | None = None) -> None:
         """Catch up with the server: every open run of this node is claimed or started."""
         runs = await self._open_runs()
         log.info("runs.sync", open_runs=len(runs), in_flight=len(self._runs))
         await self._notifier.emit("node_info_update", self._node_info())
-        self._take(runs)
+        self._take(runs, received_ns=received_ns)
 
-    async def fetch_task(self, task_id: int) -> None:
+    async def fetch_task(self, task_id: int, *, received_ns: int | None = None) -> None:
         """A ``new_task`` event: this node's open runs of that task, if any."""
-        self._take(await self._open_runs(task_id=task_id))
+        self._take(await self._open_runs(task_id=task_id), received_ns=received_ns)
 
     async def _open_runs(self, *, task_id: int | None = None) -> list[Run]:
         params: dict[str, str | int] = {
@@ -217,18 +219,22 @@ class RunLifecycle:
                 log.error("runs.bad_run_payload", error=str(exc), run_id=item.get("id"))
         return runs
 
-    def _take(self, runs: Sequence[Run]) -> None:
+    def _take(self, runs: Sequence[Run], *, received_ns: int | None = None) -> None:
         for run in runs:
             if run.id in self._runs or not self._accepting:
                 continue
-            self._runs[run.id] = self._remember(run)
+            self._runs[run.id] = self._remember(run, start_ns=received_ns)
             self._work.spawn(self._admit_and_start(run), name=f"start-run-{run.id}")
 
-    def _remember(self, run: Run, *, parent: dict[str, str] | None = None) -> _RunInFlight:
+    def _remember(
+        self, run: Run, *, parent: dict[str, str] | None = None, start_ns: int | None = None
+    ) -> _RunInFlight:
+        """Start remembering a run; its trace starts when the server's event arrived."""
         task = run.task
         span = self._tracer.start_span(
             "run",
             context=context_from(parent),
+            start_time=start_ns,
             attributes={
                 "fednode.run_id": run.id,
                 "fednode.task_id": task.id,
@@ -334,8 +340,10 @@ class RunLifecycle:
             await self._finish_without_container(record, RunStatus.KILLED, "killed before start")
             return
         record.timings["slot"] = time.monotonic()
-        await self._patch(run.id, {"started_at": _now()})
-        token = await self._container_token(run)
+        # Both must happen before the container starts; neither needs the other.
+        _, token = await asyncio.gather(
+            self._patch(run.id, {"started_at": _now()}), self._container_token(run)
+        )
         if token is None:
             await self._finish_without_container(
                 record, RunStatus.FAILED, "could not obtain an algorithm container token"
@@ -499,14 +507,25 @@ class RunLifecycle:
         return record
 
     async def _fetch_run(self, run_id: int) -> Run | None:
+        """The server's view of a run; ``None`` (and its runtime object removed) if unknown."""
         try:
             body = await self._server.request("GET", f"run/{run_id}")
             task = body.get("task") or {}
             if "image" not in task:
                 body["task"] = await self._server.request("GET", f"task/{task.get('id')}")
             return Run.model_validate(body)
-        except (ServerError, ValidationError, AttributeError) as exc:
-            log.error("run.unknown_to_server", run_id=run_id, error=str(exc))
+        except ServerError as exc:
+            if exc.status != 404:
+                log.error("run.server_lookup_failed", run_id=run_id, error=str(exc))
+                return None
+            # The server has no such run (its database was reset, or the run was deleted):
+            # the runtime object is an orphan. Remove it so it cannot be mistaken for a
+            # future run with the same id.
+            log.warning("run.orphan_removed", run_id=run_id, error=str(exc))
+            self._work.spawn(self._cleanup(run_id), name=f"cleanup-orphan-{run_id}")
+            return None
+        except (ValidationError, AttributeError) as exc:
+            log.error("run.bad_run_payload", run_id=run_id, error=str(exc))
             return None
 
     async def _finish_without_container(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 import tempfile
 import time
@@ -27,30 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from opentelemetry.sdk.trace import ReadableSpan  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
-    InMemorySpanExporter,
-)
 
-from node.app import Node  # noqa: E402
 from node.logging import configure_logging  # noqa: E402
-from node.settings import load_settings  # noqa: E402
 from tests.peers import podman as podman_peer  # noqa: E402
-from tests.peers import v6server as v6_peer  # noqa: E402
-from tests.peers.v6client import V6UserClient  # noqa: E402
+from tests.peers.stack import local_federation  # noqa: E402
 
 AVERAGE_IMAGE = podman_peer.AVERAGE_IMAGE
-DATA = REPO / "algorithms" / "data"
 
 
 def step(message: str) -> None:
     print(f"\n==> {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def print_trace(name: str, spans: list[ReadableSpan]) -> None:
@@ -76,67 +61,22 @@ def print_trace(name: str, spans: list[ReadableSpan]) -> None:
 
 
 async def demo(workdir: Path) -> int:
-    step("starting the vantage6 server 4.15.2 (sqlite, loopback)")
-    server = v6_peer.V6Server(workdir=workdir / "server", port=free_port())
-    server.workdir.mkdir()
-    server.write_config()
-    server.start()
-    print(f"  {server.api_url} (started in {server.last_start_seconds:.1f} s)")
-    podman = None
-    user = V6UserClient(
-        python=v6_peer._venv_python(),
-        script=v6_peer.USERCLIENT,
-        log_path=workdir / "userclient.log",
-    )
-    nodes: list[tuple[Node, asyncio.Event, asyncio.Task[None], InMemorySpanExporter]] = []
-    try:
-        step("setting up organizations A and B, a collaboration and two nodes")
-        user.login(
-            url=f"http://{server.host}",
-            port=server.port,
-            api_path=server.api_path,
-            username=server.root_username,
-            password=server.root_password,
-        )
-        collab = v6_peer._make_collaboration(
-            user, server, prefix="demo", encrypted=False, keydir=None
-        )
-        step("starting the podman API service")
-        podman = podman_peer._start_service(workdir / "podman.sock")
-
-        step("starting two fednode nodes")
-        for org, csv in ((collab.org_a, "employees_a.csv"), (collab.org_b, "employees_b.csv")):
-            exporter = InMemorySpanExporter()
-            settings = load_settings(
-                None,
-                name=f"fednode-{org.name}",
-                server_url=f"http://{server.host}",
-                port=server.port,
-                api_path=server.api_path,
-                api_key=org.api_key,
-                task_dir=workdir / f"tasks-{org.name}",
-                databases=[{"label": "default", "type": "csv", "uri": str(DATA / csv)}],
-                executor={"kind": "podman", "socket": f"unix://{workdir / 'podman.sock'}"},
-                health={"port": free_port()},
-                proxy={"port": free_port()},
-            )
-            node = Node(settings, span_processors=(SimpleSpanProcessor(exporter),))
-            stop = asyncio.Event()
-            nodes.append((node, stop, asyncio.create_task(node.run(stop)), exporter))
-            await asyncio.wait_for(node.ready.wait(), 60)
-            assert node.state.socket is not None
-            await asyncio.wait_for(node.state.socket.connected.wait(), 60)
-            print(f"  {settings.name}: organization {org.id}, data {csv}")
+    step("starting the vantage6 server 4.15.2, podman, and two fednode nodes")
+    began = time.monotonic()
+    async with local_federation(workdir) as fed:
+        print(f"  server {fed.server.api_url}; up in {time.monotonic() - began:.1f} s")
+        for local in fed.nodes:
+            print(f"  {local.node.settings.name}: organization {local.org.id}")
 
         step("sending partial_average(age) to both organizations")
         began = time.monotonic()
         task: dict[str, Any] = await asyncio.to_thread(
-            collab.create_task,
+            fed.collaboration.create_task,
             input_={"method": "partial_average", "kwargs": {"column_name": "age"}},
             image=AVERAGE_IMAGE,
         )
-        await asyncio.to_thread(user.wait_for_results, task["id"], timeout=120)
-        partials = await asyncio.to_thread(user.result_values, task["id"])
+        await asyncio.to_thread(fed.user.wait_for_results, task["id"], timeout=120)
+        partials = await asyncio.to_thread(fed.user.result_values, task["id"])
         took = time.monotonic() - began
         for partial in partials:
             print(f"  partial: {partial}")
@@ -144,19 +84,10 @@ async def demo(workdir: Path) -> int:
         print(f"  combined mean age: {mean:.3f}  (task {task['id']}, {took:.1f} s)")
 
         step("each run's trace")
-        for node, *_, exporter in nodes:
-            print_trace(node.settings.name, list(exporter.get_finished_spans()))
-        return 0
-    finally:
+        for local in fed.nodes:
+            print_trace(local.node.settings.name, local.spans)
         step("stopping everything")
-        for _, stop, _, _ in nodes:
-            stop.set()
-        for _, _, task_, _ in nodes:
-            await asyncio.wait_for(task_, 30)
-        user.close()
-        if podman is not None:
-            podman_peer._stop_service(podman)
-        server.stop()
+    return 0
 
 
 def main() -> int:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import socketio
 
@@ -42,6 +43,13 @@ class Sync:
 ServerEvent = Sync | NewTask | KillContainers
 
 
+class Received(NamedTuple):
+    """A server event and when it arrived (``time.time_ns()``, the start of its runs' traces)."""
+
+    event: ServerEvent
+    at_ns: int
+
+
 class SocketLink:
     """Keeps one socket.io connection to the server alive and turns its events into a queue."""
 
@@ -55,7 +63,7 @@ class SocketLink:
         transports: tuple[str, ...] = ("websocket",),
     ) -> None:
         self.url = url
-        self.events: asyncio.Queue[ServerEvent] = asyncio.Queue()
+        self.events: asyncio.Queue[Received] = asyncio.Queue()
         self._client = client
         self._ping_interval = ping_interval
         self._sync_timeout = sync_timeout
@@ -150,7 +158,7 @@ class SocketLink:
 
     async def _on_sync(self, *_: Any) -> None:
         self._synced.set()
-        self.events.put_nowait(Sync())
+        self.events.put_nowait(Received(Sync(), time.time_ns()))
 
     async def _on_new_task(self, data: Any) -> None:
         self._queue(NewTask, data)
@@ -172,7 +180,7 @@ class SocketLink:
 
     def _queue(self, model: type[NewTask] | type[KillContainers], data: Any) -> None:
         try:
-            self.events.put_nowait(model.model_validate(data))
+            self.events.put_nowait(Received(model.model_validate(data), time.time_ns()))
         except ValueError as exc:
             log.warning("socket.bad_event", model=model.__name__, error=str(exc), data=data)
 
