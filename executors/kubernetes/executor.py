@@ -17,9 +17,11 @@ How one run goes (five API requests in all, counted in :attr:`KubernetesExecutor
 4. ``cleanup``: delete the Job with background propagation (pods and Secret follow through
    the garbage collector) and the run's folder.
 
-``kill`` deletes the Job; the informer's ``DELETED`` then reports ``killed``. ``list_runs``
-answers from the informers' caches, so a restarted node rebuilds its runs from labels
-without asking the API server anything more.
+``kill`` deletes the Job; the informer's ``DELETED`` then reports ``killed``. A kill is
+remembered, so a kill that races the start deletes the Job as soon as it appears.
+``list_runs`` answers from the informers' caches (and, until cleanup, from how runs whose
+Job is gone ended), so a restarted node rebuilds its runs from labels without asking the
+API server anything more.
 
 At ``open`` the executor checks and applies its isolation: the runs namespace must
 enforce Pod Security ``restricted`` (verified — a namespaced Role cannot create it), and
