@@ -472,6 +472,29 @@ async def test_a_watch_broken_by_an_apiserver_restart_resumes_and_misses_nothing
     assert all(i.resumes + i.relists >= 1 for i in executor.informers)
 
 
+@pytest.mark.slow
+async def test_a_watch_ended_by_the_server_resumes_from_its_version_without_a_relist(
+    k8s_namespace: str, role_kubeconfig: Path, task_dir: Path,
+) -> None:
+    executor = KubernetesExecutor(
+        settings_for(k8s_namespace, role_kubeconfig, watch_timeout_seconds=10),
+        context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+    await executor.open()
+    try:
+        with EventLog(executor, task_dir) as log:
+            run_ids = [50, 51, 52]
+            # they end after the server has closed the first watch requests (10 s)
+            await asyncio.gather(*(executor.start(make_spec(r, annotations={
+                POD_RUN_SECONDS: "11"})) for r in run_ids))
+            await log.wait_terminal(run_ids, timeout=40)
+            await asyncio.sleep(0.5)
+            assert Counter(e.run_id for e in log.events if e.phase.is_terminal) == \
+                Counter(run_ids)
+        assert all(i.resumes >= 1 and i.relists == 0 for i in executor.informers)
+    finally:
+        await executor.close()
+
+
 async def test_a_new_executor_instance_rebuilds_the_runs_from_labels(
     k8s_namespace: str, role_kubeconfig: Path, task_dir: Path,
 ) -> None:
