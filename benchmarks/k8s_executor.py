@@ -1,7 +1,7 @@
 """Kubernetes executor: 500 runs on kwok, beside a 1-second list-polling reference.
 
 One command (from the repository root; starts the testbed if it is not up, and stops it
-again afterwards if it started it)::
+again afterwards if it started it; ``FEDNODE_TEST_KUBECONFIG`` names another cluster)::
 
     .venv/bin/python benchmarks/k8s_executor.py [--runs 500] [--concurrency 32]
 
@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import resource
 import shutil
 import statistics
@@ -331,9 +332,12 @@ def _run(obj: dict[str, Any]) -> int | None:
 
 
 def referee_main(args: argparse.Namespace) -> None:
-    """Start the testbed if needed (and stop it again), then measure."""
-    started_here = subprocess.run([str(SCRIPT), "status"], capture_output=True,
-                                  check=False).returncode != 0
+    """Start the testbed if needed (and stop it again), then measure. With
+    ``FEDNODE_TEST_KUBECONFIG`` (as for the tests) that cluster is used and nothing is
+    started or stopped."""
+    external = os.environ.get("FEDNODE_TEST_KUBECONFIG")
+    started_here = not external and subprocess.run(
+        [str(SCRIPT), "status"], capture_output=True, check=False).returncode != 0
     if started_here:
         print("starting the Kubernetes testbed (scripts/k8s-testbed up) ...", flush=True)
         subprocess.run([str(SCRIPT), "up"], check=True, capture_output=True)
@@ -352,7 +356,8 @@ async def referee(args: argparse.Namespace) -> None:
     quiet_logs()
     scratch = tempfile.mkdtemp(prefix="fednode-k8s-bench-")
     try:
-        testbed = K8sTestbed(kubeconfig=DEFAULT_KUBECONFIG, workdir=Path(scratch))
+        admin = Path(os.environ.get("FEDNODE_TEST_KUBECONFIG") or DEFAULT_KUBECONFIG)
+        testbed = K8sTestbed(kubeconfig=admin, workdir=Path(scratch))
         namespace = await testbed.create_namespace("fednode-bench")
         try:
             async with testbed.api_client() as admin, task_volume(admin, namespace):
