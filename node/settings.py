@@ -270,6 +270,20 @@ class NodeSettings(BaseSettings):
             seen.add(db.label)
         return databases
 
+    @model_validator(mode="after")
+    def _proxy_port_agrees(self) -> NodeSettings:
+        executor = self.executor
+        if (
+            isinstance(executor, KubernetesSettings)
+            and self.proxy.enabled
+            and executor.proxy_port != self.proxy.port
+        ):
+            raise ValueError(
+                f"executor.proxy_port ({executor.proxy_port}) must equal proxy.port "
+                f"({self.proxy.port}): the runs' NetworkPolicy lets them reach only that port"
+            )
+        return self
+
     @property
     def server_api_url(self) -> str:
         """The server's REST base, e.g. ``https://server.example:443/api``."""
@@ -385,6 +399,9 @@ def describe_validation_error(exc: ValidationError) -> list[str]:
             problems.append(f"{key}: unknown key (value {value}); {_known_keys(loc)}")
             continue
         message = error["msg"].removeprefix("Value error, ")
+        if not loc:  # a rule across keys: the message names them
+            problems.append(message)
+            continue
         problems.append(f"{key}: {message} (got {value})")
     return problems
 

@@ -56,6 +56,7 @@ def test_environment_overrides_beat_the_file(
 ) -> None:
     path = write(tmp_path, minimal + "proxy: {port: 7000}\nexecutor: {kind: kubernetes}\n")
     monkeypatch.setenv("FEDNODE_PROXY__PORT", "8123")
+    monkeypatch.setenv("FEDNODE_EXECUTOR__PROXY_PORT", "8123")
     monkeypatch.setenv("FEDNODE_EXECUTOR__NAMESPACE", "from-env")
     monkeypatch.setenv("FEDNODE_MAX_CONCURRENT_RUNS", "3")
     settings = load_settings(path)
@@ -148,3 +149,10 @@ def test_secrets_never_appear_in_messages_or_dumps(tmp_path: Path, minimal: str)
     dumped = str(redacted_dump(load_settings(write(tmp_path, good))))
     for secret in (API_KEY, "hunter2", "s3cret"):
         assert secret not in dumped
+
+
+def test_kubernetes_proxy_port_must_match_the_proxy(tmp_path: Path, minimal: str) -> None:
+    (problem,) = problems_of(
+        write(tmp_path, minimal + "proxy: {port: 8000}\nexecutor: {kind: kubernetes}\n")
+    )
+    assert "executor.proxy_port (7654) must equal proxy.port (8000)" in problem
