@@ -141,6 +141,7 @@ class Target:
     version: str
     args: tuple[str, ...]  # go sub-command and arguments, without the output flag
     install: bool = False  # `go install pkg@version` (kwok) instead of building in the wrapper
+    wrapper: Path = WRAPPER_DIR  # the module it is built in (the real worker adds two more)
 
     @property
     def key(self) -> str:
@@ -252,14 +253,21 @@ def build(args: argparse.Namespace) -> None:
     kwok = Target("kwok", KWOK_VERSION, ("install", *flags, "-ldflags", kwok_ldflags,
                                          f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"), True)
 
+    # The real worker's binaries are opt-in (`--real-worker`, FEDNODE_REAL_WORKER=1): they
+    # add a few minutes to a cold build that kwok-only CI does not need.
+    real_worker = args.real_worker or k8s_worker().wanted_from_env()
+    commands = (*KUBE_COMMANDS, *(k8s_worker().WORKER_KUBE_COMMANDS if real_worker else ()))
+    extra = k8s_worker().extra_targets(flags) if real_worker else []
+
     # The etcd version comes from the k8s go.mod; read it only when something is missing.
     recorded = read_json(VERSION_DIR / "versions.json")
     etcd_version = recorded.get("etcd", "")
-    kube = [Target(name, K8S_VERSION, ()) for name in KUBE_COMMANDS]
-    if etcd_version and all(t.is_current() for t in kube) and kwok.is_current() and \
-            Target("etcd", etcd_version, ()).is_current():
+    kube = [Target(name, K8S_VERSION, ()) for name in commands]
+    if etcd_version and all(t.is_current() for t in (*kube, *extra)) and kwok.is_current() \
+            and Target("etcd", etcd_version, ()).is_current():
         log(f"binaries are current in {BIN_DIR} (kubernetes {K8S_VERSION}, etcd {etcd_version},"
-            f" kwok {KWOK_VERSION}); nothing to build ({human(time.monotonic() - started)})")
+            f" kwok {KWOK_VERSION}{', real worker' if real_worker else ''}); nothing to build"
+            f" ({human(time.monotonic() - started)})")
         return
 
     log(f"building kubernetes {K8S_VERSION} + etcd + kwok {KWOK_VERSION} from Go modules "
@@ -274,23 +282,26 @@ def build(args: argparse.Namespace) -> None:
         Target("etcd", etcd_version, ("build", *flags, "-ldflags", "-s -w",
                                       "go.etcd.io/etcd/server/v3")),
         *(Target(name, K8S_VERSION, ("build", *flags, "-ldflags", ldflags,
-                                      f"k8s.io/kubernetes/cmd/{name}")) for name in KUBE_COMMANDS),
+                                      f"k8s.io/kubernetes/cmd/{name}")) for name in commands),
         kwok,
+        *extra,
     ]
     todo = [t for t in targets if not t.is_current()]
-    if any(not t.install for t in todo):
+    if any(not t.install and t.wrapper == WRAPPER_DIR for t in todo):
         step = time.monotonic()
         staging_version = "v0." + K8S_VERSION.split(".", 1)[1]  # v1.33.13 -> v0.33.13
         log(f"resolving the wrapper module ({len(staging)} staging modules -> "
             f"{staging_version}, etcd {etcd_version})")
         write_wrapper(staging, staging_version)
         run_logged(
-            [go, "get", *(f"k8s.io/kubernetes/cmd/{n}@{K8S_VERSION}" for n in KUBE_COMMANDS),
+            [go, "get", *(f"k8s.io/kubernetes/cmd/{n}@{K8S_VERSION}" for n in commands),
              f"go.etcd.io/etcd/server/v3@{etcd_version}"],
             cwd=WRAPPER_DIR, env=env, log_file=BUILD_LOG_DIR / "wrapper.log",
             what="resolving the wrapper module",
         )
         log(f"  wrapper resolved in {human(time.monotonic() - step)}")
+    if extra:
+        k8s_worker().prepare_wrappers(go, env, todo)
 
     timings: dict[str, float] = {}
     for target in targets:
@@ -311,7 +322,7 @@ def build(args: argparse.Namespace) -> None:
             shutil.rmtree(gobin, ignore_errors=True)
         else:
             argv = [go, target.args[0], "-o", str(tmp), *target.args[1:]]
-            run_logged(argv, cwd=WRAPPER_DIR, env=env,
+            run_logged(argv, cwd=target.wrapper, env=env,
                        log_file=BUILD_LOG_DIR / f"{target.name}.log",
                        what=f"building {target.name}")
             tmp.replace(out)
@@ -321,8 +332,8 @@ def build(args: argparse.Namespace) -> None:
             f"({out.stat().st_size / 2**20:.0f} MiB)")
 
     write_json(VERSION_DIR / "versions.json", {
-        "kubernetes": K8S_VERSION, "etcd": etcd_version, "kwok": KWOK_VERSION,
-        "recipe": RECIPE, "built": timings,
+        **recorded, "kubernetes": K8S_VERSION, "etcd": etcd_version, "kwok": KWOK_VERSION,
+        "recipe": RECIPE, "built": {**recorded.get("built", {}), **timings},
     })
     log(f"build done in {human(time.monotonic() - started)}: "
         + ", ".join(f"{n} {human(s)}" for n, s in timings.items()))
@@ -756,6 +767,36 @@ def write_pki() -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
+def issue_client_cert(file: str, common_name: str, organization: str | None) -> None:
+    """One more client certificate from the testbed CA (written to ``PKI/<file>.crt/.key``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((PKI / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((PKI / "ca.crt").read_bytes())
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_path = PKI / f"{file}.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    (PKI / f"{file}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 def kubeconfig_text(user: str, *, cert: Path | None = None, key: Path | None = None,
                     token: str | None = None, namespace: str | None = None) -> str:
     """A kubeconfig with everything embedded (client certs or a bearer token)."""
@@ -817,6 +858,17 @@ def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str,
     request = urllib.request.Request(
         f"https://{HOST}:{PORTS['kube-apiserver']}{path}", data=data, method=method,
         headers={"Content-Type": "application/json", "Accept": "application/json"})
+    with urllib.request.urlopen(request, context=tls_context(), timeout=10) as response:
+        result = json.loads(response.read() or b"{}")
+    return result if isinstance(result, dict) else {}
+
+
+def api_patch(path: str, patch: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch as the admin."""
+    request = urllib.request.Request(
+        f"https://{HOST}:{PORTS['kube-apiserver']}{path}", data=json.dumps(patch).encode(),
+        method="PATCH", headers={"Content-Type": "application/merge-patch+json",
+                                 "Accept": "application/json"})
     with urllib.request.urlopen(request, context=tls_context(), timeout=10) as response:
         result = json.loads(response.read() or b"{}")
     return result if isinstance(result, dict) else {}
@@ -896,6 +948,8 @@ def components() -> list[Component]:
             # 127.0.0.1 may not back the `kubernetes` Service's endpoints; nothing in the
             # testbed runs in-cluster, so leave that Service without endpoints.
             "--endpoint-reconciler-type=none",
+            # Logs and exec on the real worker: call kubelet at its address, not its name.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             # Default admission plugins (incl. PodSecurity, ServiceAccount, LimitRanger,
             # ResourceQuota, TaintNodesByCondition) stay on; privileged pods are allowed by the
             # API, so Pod Security labels on a namespace are what forbids them.
@@ -1041,7 +1095,8 @@ def node_problems() -> list[str]:
     return problems
 
 
-def healthy_report() -> list[tuple[str, bool, str]]:
+def healthy_report(*, worker: bool = True) -> list[tuple[str, bool, str]]:
+    """Health of every component (and of the real worker's, when it runs and ``worker``)."""
     report = []
     for component in components():
         if read_pid(component) is None:
@@ -1052,6 +1107,8 @@ def healthy_report() -> list[tuple[str, bool, str]]:
     if all(ok for _, ok, _ in report):
         problems = node_problems()
         report.append(("kwok nodes", not problems, "; ".join(problems) or "4 Ready"))
+    if worker and k8s_worker().enabled():
+        report += k8s_worker().health_report()
     return report
 
 
@@ -1071,11 +1128,29 @@ def up(args: argparse.Namespace) -> None:
     if missing:
         raise fail(f"binaries missing in {BIN_DIR}: {', '.join(missing)}; "
                    "run `scripts/k8s-testbed build` first")
+    worker = k8s_worker()
+    # Once started with the real worker, a plain `up` keeps it (another session may need it).
+    want_worker = args.real_worker or worker.wanted_from_env() or worker.enabled()
     with run_lock():
         if RUN_DIR.exists():
-            report = healthy_report()
+            report = healthy_report(worker=False)
             if all(ok for _, ok, _ in report):
-                log(f"already up and healthy ({human(time.monotonic() - started)})")
+                if want_worker:
+                    refresh_apiserver_flags()
+                worker_report = worker.health_report() if worker.enabled() else []
+                if not want_worker or (worker_report and all(ok for _, ok, _ in worker_report)):
+                    log(f"already up and healthy ({human(time.monotonic() - started)})")
+                    print_env()
+                    return
+                if worker.enabled():
+                    log("the real worker is unhealthy: "
+                        + "; ".join(f"{n}: {d}" for n, ok, d in worker_report if not ok)
+                        + " -> stopping it and starting it again")
+                    worker.teardown()
+                else:
+                    log("the control plane is up; adding the real worker")
+                start_worker(started, keep_on_failure=args.keep_on_failure)
+                log(f"up in {human(time.monotonic() - started)}; admin kubeconfig: {KUBECONFIG}")
                 print_env()
                 return
             if any(read_pid(c) is not None for c in components()):
@@ -1105,8 +1180,44 @@ def up(args: argparse.Namespace) -> None:
                     f"{RUN_DIR / 'logs'}; pass --keep-on-failure to keep it running)")
                 teardown(keep_logs=True)
             raise
+        if want_worker:
+            start_worker(started, keep_on_failure=args.keep_on_failure)
     log(f"up in {human(time.monotonic() - started)}; admin kubeconfig: {KUBECONFIG}")
     print_env()
+
+
+def refresh_apiserver_flags() -> None:
+    """Restart kube-apiserver if an older testbed started it with other flags.
+
+    The real worker needs ``--kubelet-preferred-address-types`` (logs, exec); kwok does not
+    care, so a kwok-only testbed started before that flag existed is restarted only here.
+    """
+    apiserver = next(c for c in components() if c.name == "kube-apiserver")
+    pid = read_pid(apiserver)
+    if pid is None:
+        return
+    running = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    if running != [arg.encode() for arg in apiserver.argv]:
+        log("restarting kube-apiserver with the current flags (watches break and resume)")
+        stop(apiserver, grace=3)
+        wait_healthy(apiserver, start(apiserver))
+
+
+def start_worker(started: float, *, keep_on_failure: bool) -> None:
+    """Add the real worker to a running control plane (the caller holds the run lock)."""
+    worker = k8s_worker()
+    began = time.monotonic()
+    log(f"starting the real worker {worker.NODE_NAME} (containerd, kubelet, kube-proxy, "
+        "Cilium, CoreDNS)")
+    try:
+        worker.bring_up(started)
+    except SystemExit:
+        if not keep_on_failure:
+            log("stopping the half-started real worker (logs kept in "
+                f"{RUN_DIR / 'logs'}; pass --keep-on-failure to keep it running)")
+            worker.teardown()
+        raise
+    log(f"real worker up in {human(time.monotonic() - began)}")
 
 
 def bring_up(started: float) -> None:
@@ -1154,6 +1265,9 @@ def port_in_use(port: int) -> bool:
 
 
 def teardown(*, keep_logs: bool = False) -> None:
+    worker = k8s_worker()
+    if worker.enabled() or any(read_pid(c) is not None for c in worker.components()):
+        worker.teardown()
     for component in reversed(components()):
         stop(component)
     if not RUN_DIR.exists():
@@ -1246,13 +1360,31 @@ def attach(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def k8s_worker() -> Any:
+    """The real-worker module (scripts/k8s_worker.py), imported on first use.
+
+    It imports this module back for its helpers; run as a script, this module is
+    ``__main__``, so it is registered under its own name first (one module, not two).
+    """
+    sys.modules.setdefault("k8s_testbed", sys.modules[__name__])
+    import k8s_worker as worker
+
+    return worker
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/k8s-testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build (or reuse) the pinned binaries")
     p_build.add_argument("--jobs", "-p", type=int, default=2, help="go build -p (default 2)")
+    p_build.add_argument("--real-worker", action="store_true",
+                         help="also build kubelet, kube-proxy, Cilium and CoreDNS "
+                              "(or FEDNODE_REAL_WORKER=1)")
     p_up = sub.add_parser("up", help="start the testbed (no-op when it is up and healthy)")
+    p_up.add_argument("--real-worker", action="store_true",
+                      help="add a real worker node (containerd, kubelet, Cilium) beside the "
+                           "kwok nodes (or FEDNODE_REAL_WORKER=1)")
     p_up.add_argument("--keep-on-failure", action="store_true",
                       help="leave the processes running when start-up fails (to debug)")
     sub.add_parser("down", help="stop everything and wipe the run state (keeps binaries)")
