@@ -1,0 +1,593 @@
+"""The chart installed by a real helm on the real API server, and a node acting with the
+credentials the chart gives it.
+
+``helm install`` runs as the installer (admin) into a namespace the chart creates with Pod
+Security ``restricted`` enforced. kwok plays the kubelets, so the node pod is scheduled
+and reported Running but runs no code: the node itself runs in this process, configured
+as the pod would be — the ``node.yaml`` of the installed ConfigMap, the API key of the
+installed Secret, and in-cluster credentials read from token files of the chart's
+ServiceAccount (a TokenRequest token, the cluster CA and the namespace, written where the
+in-cluster loader looks). Only what the pod's volumes provide is replaced: the task
+directory (the claim's mount) and the database file (the database claim's mount). The
+test plays the algorithm container: it writes the run's output file when the run's pod
+is Running, as in the executor's tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config import incluster_config
+
+from executors.base import LABEL_NODE, LABEL_RUN
+from executors.kubernetes import client as kube_client
+from executors.kubernetes.client import KubeClient, KubeError, connect
+from node.app import Node
+from node.contract import decode_value
+from node.settings import load_settings
+from tests.peers.kubernetes import K8sTestbed
+from tests.peers.v6server import V6Collaboration, V6Server
+from tests.unit.test_helm_support import CHART, helm
+
+pytestmark = [pytest.mark.kubernetes, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EMPLOYEES_A = REPO / "algorithms" / "data" / "employees_a.csv"
+RELEASE = "hospital"
+FULLNAME = "hospital-fednode"
+PARTIAL = {"method": "partial_average", "kwargs": {"column_name": "age"}}
+PARTIAL_OF_A = {"count": 10, "sum": 400}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Release:
+    """One installed release and what the test needs to act as its node."""
+
+    name: str
+    namespace: str  # where the chart put the node and its runs
+    release_namespace: str  # where helm keeps its record
+    node_name: str
+    admin_kubeconfig: Path
+    install_output: str
+    proxy_port: int
+    health_port: int
+    volumes: list[str] = field(default_factory=list)  # PersistentVolumes made for the test
+
+    def helm(self, *args: str, check: bool = True) -> str:
+        env = {**os.environ, "KUBECONFIG": str(self.admin_kubeconfig)}
+        result = helm(*args, "--namespace", self.release_namespace, check=check, env=env)
+        return result.stdout + result.stderr
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return [d for d in yaml.safe_load_all(self.helm("get", "manifest", self.name)) if d]
+
+
+async def pre_bound_volume(admin: Any, *, name: str, namespace: str, claim: str,
+                           mode: str) -> None:
+    """A volume reserved for the claim the chart makes (kwok mounts nothing, so its source
+    is irrelevant); the volume controller binds the claim as soon as it appears."""
+    core: Any = client.CoreV1Api(admin)
+    await core.create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": {"fednode.test/owner": "pytest"}},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": [mode],
+                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                 "hostPath": {"path": f"/tmp/{name}"},
+                 "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                              "namespace": namespace, "name": claim}},
+    })
+
+
+@pytest.fixture
+async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
+    async with k8s_testbed.api_client() as api:
+        yield api
+
+
+@pytest.fixture
+async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
+                  v6_plain: V6Collaboration, tmp_path: Path) -> AsyncIterator[Release]:
+    """The chart installed for organization A of the plain collaboration, with a file
+    database from a host path (the chart makes its volume and claim)."""
+    release_namespace = await k8s_testbed.create_namespace("fednode-helm-release")
+    namespace = f"fednode-helm-{uuid.uuid4().hex[:8]}"
+    installed = Release(
+        name=RELEASE, namespace=namespace, release_namespace=release_namespace,
+        node_name=f"helm-{uuid.uuid4().hex[:6]}", admin_kubeconfig=k8s_testbed.kubeconfig,
+        install_output="", proxy_port=free_port(), health_port=free_port(),
+    )
+    values = {
+        "nodeName": installed.node_name,
+        "server": {"url": f"http://{v6_server.host}", "port": v6_server.port,
+                   "apiPath": v6_server.api_path},
+        "apiKey": v6_plain.org_a.api_key,
+        "namespace": {"create": True, "name": namespace},
+        "taskVolume": {"storageClassName": "", "size": "1Gi"},
+        "databases": [{"label": "default", "type": "csv", "file": EMPLOYEES_A.name,
+                       "hostPath": {"path": str(EMPLOYEES_A.parent), "size": "1Gi"}}],
+        "proxy": {"port": installed.proxy_port},
+        "health": {"port": installed.health_port},
+        "image": {"repository": "localhost/fednode/node", "tag": "latest"},
+    }
+    task_volume = f"{namespace}-tasks"
+    await pre_bound_volume(admin, name=task_volume, namespace=namespace,
+                           claim=f"{FULLNAME}-tasks", mode="ReadWriteMany")
+    installed.volumes.append(task_volume)
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    try:
+        installed.install_output = installed.helm(
+            "install", RELEASE, str(CHART), "-f", str(tmp_path / "values.yaml"))
+        yield installed
+    finally:
+        installed.helm("uninstall", RELEASE, check=False)
+        await k8s_testbed.delete_namespace(namespace)  # kept by helm (resource policy)
+        core = client.CoreV1Api(admin)
+        for volume in installed.volumes:
+            with contextlib.suppress(ApiException):
+                await core.delete_persistent_volume(volume)
+
+
+async def service_account_token(admin: Any, release: Release) -> str:
+    """What the kubelet mounts into the node pod: a TokenRequest token of its account."""
+    request = await client.CoreV1Api(admin).create_namespaced_service_account_token(
+        FULLNAME, release.namespace, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)))
+    token: str = request.status.token
+    return token
+
+
+@contextlib.contextmanager
+def in_cluster(monkeypatch: pytest.MonkeyPatch, directory: Path, *, admin_kubeconfig: Path,
+               token: str, namespace: str) -> Iterator[None]:
+    """This process as if it were the node pod: the service account's files in
+    ``directory`` (token, ca.crt, namespace) and the KUBERNETES_SERVICE_* variables.
+
+    The executor's in-cluster loader (executors/kubernetes/client.py) checks
+    ``SERVICE_ACCOUNT_DIR`` and hands over to kubernetes_asyncio's loader, which reads its
+    own two file constants; all three are pointed at ``directory``.
+    """
+    kubeconfig = yaml.safe_load(admin_kubeconfig.read_text())
+    cluster = kubeconfig["clusters"][0]["cluster"]
+    server = urlsplit(cluster["server"])
+    if "certificate-authority-data" in cluster:
+        ca = base64.b64decode(cluster["certificate-authority-data"])
+    else:
+        authority = Path(cluster["certificate-authority"])
+        ca = (authority if authority.is_absolute()
+              else admin_kubeconfig.parent / authority).read_bytes()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "token").write_text(token)
+    (directory / "ca.crt").write_bytes(ca)
+    (directory / "namespace").write_text(namespace)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", str(server.hostname))
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port or 443))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setattr(kube_client, "SERVICE_ACCOUNT_DIR", directory)
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(directory / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(directory / "ca.crt"))
+    assert kube_client.in_cluster()
+    yield
+
+
+@contextlib.asynccontextmanager
+async def node_client(release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch,
+                      tmp_path: Path) -> AsyncIterator[KubeClient]:
+    """The executor's own JSON client, connected with the node's in-cluster credentials."""
+    token = await service_account_token(admin, release)
+    with in_cluster(monkeypatch, tmp_path / "serviceaccount", token=token,
+                    admin_kubeconfig=release.admin_kubeconfig, namespace=release.namespace):
+        api = await connect(kubeconfig=None, context=None, max_connections=4)
+        kube = KubeClient(api, request_timeout=10)
+        try:
+            yield kube
+        finally:
+            await kube.close()
+
+
+async def as_json(call: Any) -> Any:
+    """The JSON of a kubernetes_asyncio call made with ``_preload_content=False``."""
+    response = await call
+    return await response.json()
+
+
+async def status_of(call: Any) -> int:
+    """The HTTP status of one request (2xx as 200)."""
+    try:
+        await call
+    except KubeError as error:
+        return error.status
+    return 200
+
+
+# -- install -------------------------------------------------------------------------------
+
+
+async def test_helm_install_is_admitted_under_pod_security_restricted(
+    release: Release, admin: Any,
+) -> None:
+    core: Any = client.CoreV1Api(admin)
+    apps = client.AppsV1Api(admin)
+    manifest = release.manifest()
+
+    assert "PodSecurity" not in release.install_output  # no admission warning either
+    assert "Warning" not in release.install_output
+    assert sorted(o["kind"] for o in manifest) == sorted([
+        "Namespace", "ServiceAccount", "Secret", "ConfigMap", "PersistentVolume",
+        "PersistentVolumeClaim", "PersistentVolumeClaim", "Role", "RoleBinding", "Service",
+        "NetworkPolicy", "Deployment"])
+    assert not [o for o in manifest if o["kind"].startswith("Cluster")]
+    namespace = await core.read_namespace(release.namespace)
+    assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+    # the node pod is admitted and scheduled (kwok reports it Running)
+    deployment = await apps.read_namespaced_deployment(FULLNAME, release.namespace)
+    selector = ",".join(f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items())
+    pod = await wait_for_running_pod(core, release.namespace, selector)
+    assert pod.spec.security_context.run_as_non_root is True
+    (node,) = pod.spec.containers
+    assert node.security_context.read_only_root_filesystem is True
+
+    # the proxy Service really selects it: its EndpointSlice holds the pod's address
+    service = await core.read_namespaced_service(f"{FULLNAME}-proxy", release.namespace)
+    assert service.spec.selector.items() <= pod.metadata.labels.items()
+    addresses = await wait_for_endpoints(admin, release.namespace, f"{FULLNAME}-proxy")
+    assert addresses == [pod.status.pod_ip]
+
+    # claims bound: the task directory and the host-path database
+    claims = await core.list_namespaced_persistent_volume_claim(release.namespace)
+    assert {c.status.phase for c in claims.items} == {"Bound"}
+
+    # and the namespace refuses a pod that is not locked down
+    with pytest.raises(ApiException) as refused:
+        await core.create_namespaced_pod(release.namespace, {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "privileged"},
+            "spec": {"containers": [{"name": "c", "image": "busybox",
+                                     "securityContext": {"privileged": True}}]}})
+    assert refused.value.status == 403 and "violates PodSecurity" in str(refused.value.body)
+
+
+async def test_the_node_network_policy_is_given_the_api_servers_address(
+    release: Release, admin: Any,
+) -> None:
+    policy = await as_json(client.NetworkingV1Api(admin).read_namespaced_network_policy(
+        f"{FULLNAME}-node", release.namespace, _preload_content=False))
+    egress = policy["spec"]["egress"]
+    slice_ = await as_json(client.DiscoveryV1Api(admin).read_namespaced_endpoint_slice(
+        "kubernetes", "default", _preload_content=False))
+
+    api_server = egress[1]
+    assert api_server["to"] == [{"ipBlock": {"cidr": f"{address}/32"}}
+                                for e in slice_["endpoints"] for address in e["addresses"]]
+    assert api_server["ports"] == [{"port": p["port"], "protocol": "TCP"}
+                                   for p in slice_["ports"]]
+
+
+async def test_helm_uninstall_keeps_the_task_claim_and_its_namespace_only(
+    release: Release, admin: Any,
+) -> None:
+    output = release.helm("uninstall", release.name)
+
+    assert "[PersistentVolumeClaim] hospital-fednode-tasks" in output
+    core = client.CoreV1Api(admin)
+    claims = await core.list_namespaced_persistent_volume_claim(release.namespace)
+    assert [c.metadata.name for c in claims.items if c.metadata.deletion_timestamp is None
+            ] == [f"{FULLNAME}-tasks"]
+    assert (await core.read_namespace(release.namespace)).status.phase == "Active"
+    for gone in (core.read_namespaced_service_account(FULLNAME, release.namespace),
+                 core.read_namespaced_secret(FULLNAME, release.namespace),
+                 client.RbacAuthorizationV1Api(admin).read_namespaced_role(
+                     f"{FULLNAME}-executor", release.namespace)):
+        with pytest.raises(ApiException) as missing:
+            await gone
+        assert missing.value.status == 404
+
+
+# -- least privilege, with the node's own token -----------------------------------------------
+
+
+async def test_the_node_token_can_do_what_the_executor_needs_in_its_namespace(
+    release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    ns = release.namespace
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "rbac-probe", "labels": {LABEL_NODE: release.node_name}},
+           "spec": {"suspend": True, "template": {"spec": {
+               "restartPolicy": "Never", "automountServiceAccountToken": False,
+               "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
+                                   "seccompProfile": {"type": "RuntimeDefault"}},
+               "containers": [{"name": "c", "image": "busybox", "securityContext": {
+                   "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}}}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rbac-probe"},
+              "stringData": {"token": "t"}}
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "rbac-probe", "namespace": ns},
+              "spec": {"podSelector": {"matchLabels": {LABEL_RUN: "0"}},
+                       "policyTypes": ["Egress"]}}
+    jobs, pods = f"/apis/batch/v1/namespaces/{ns}/jobs", f"/api/v1/namespaces/{ns}/pods"
+    secrets = f"/api/v1/namespaces/{ns}/secrets"
+    policies = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
+
+    async with node_client(release, admin, monkeypatch, tmp_path) as kube:
+        allowed = {
+            "create jobs": kube.create(jobs, job, what="t"),
+            "get jobs": kube.get(f"{jobs}/rbac-probe", what="t"),
+            "list jobs": kube.get(jobs, what="t"),
+            "watch jobs": kube.get(jobs, query=(("watch", "1"), ("timeoutSeconds", "1")),
+                                   what="t"),
+            "delete jobs": kube.delete(f"{jobs}/rbac-probe", what="t"),
+            "list pods": kube.get(pods, what="t"),
+            "watch pods": kube.get(pods, query=(("watch", "1"), ("timeoutSeconds", "1")),
+                                   what="t"),
+            "create secrets": kube.create(secrets, secret, what="t"),
+            "patch secrets": kube.merge_patch(f"{secrets}/rbac-probe",
+                                              {"metadata": {"labels": {"a": "b"}}}, what="t"),
+            "delete secrets": kube.delete(f"{secrets}/rbac-probe", what="t"),
+            "apply networkpolicies": kube.apply(f"{policies}/rbac-probe", policy,
+                                                field_manager="fednode", what="t"),
+            "get its namespace": kube.get(f"/api/v1/namespaces/{ns}", what="t"),
+        }
+        statuses = {what: await status_of(call) for what, call in allowed.items()}
+        # a pod's log: authorized, then the API server finds no such pod
+        statuses["get pods/log"] = await status_of(kube.text(f"{pods}/none/log", what="t"))
+
+    assert statuses == {**{what: 200 for what in allowed}, "get pods/log": 404}
+
+
+async def test_the_node_token_is_refused_secrets_namespaces_and_anything_cluster_wide(
+    release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    ns, elsewhere = release.namespace, release.release_namespace
+    async with node_client(release, admin, monkeypatch, tmp_path) as kube:
+        refused = {
+            # its own API key, and any other secret, cannot be read or listed
+            "get its api-key secret": kube.get(f"/api/v1/namespaces/{ns}/secrets/{FULLNAME}",
+                                               what="t"),
+            "list secrets": kube.get(f"/api/v1/namespaces/{ns}/secrets", what="t"),
+            "list secrets elsewhere": kube.get(f"/api/v1/namespaces/{elsewhere}/secrets",
+                                               what="t"),
+            "list secrets cluster-wide": kube.get("/api/v1/secrets", what="t"),
+            "create secrets elsewhere": kube.create(
+                f"/api/v1/namespaces/{elsewhere}/secrets",
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}, what="t"),
+            # namespaces: only reading its own
+            "list namespaces": kube.get("/api/v1/namespaces", what="t"),
+            "get another namespace": kube.get(f"/api/v1/namespaces/{elsewhere}", what="t"),
+            "create namespaces": kube.create(
+                "/api/v1/namespaces",
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}, what="t"),
+            "label its namespace": kube.merge_patch(
+                f"/api/v1/namespaces/{ns}",
+                {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "privileged"}}},
+                what="t"),
+            # cluster-scoped objects
+            "list nodes": kube.get("/api/v1/nodes", what="t"),
+            "list persistentvolumes": kube.get("/api/v1/persistentvolumes", what="t"),
+            "list clusterroles": kube.get("/apis/rbac.authorization.k8s.io/v1/clusterroles",
+                                          what="t"),
+            # work outside its namespace, or not through Jobs
+            "list jobs cluster-wide": kube.get("/apis/batch/v1/jobs", what="t"),
+            "list jobs elsewhere": kube.get(f"/apis/batch/v1/namespaces/{elsewhere}/jobs",
+                                            what="t"),
+            "list pods elsewhere": kube.get(f"/api/v1/namespaces/{elsewhere}/pods", what="t"),
+            "create pods": kube.create(
+                f"/api/v1/namespaces/{ns}/pods",
+                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                 "spec": {"containers": [{"name": "c", "image": "busybox"}]}}, what="t"),
+            "delete pods": kube.delete(f"/api/v1/namespaces/{ns}/pods/x", what="t"),
+            "read its configmap": kube.get(f"/api/v1/namespaces/{ns}/configmaps/{FULLNAME}",
+                                           what="t"),
+            "change its deployment": kube.merge_patch(
+                f"/apis/apps/v1/namespaces/{ns}/deployments/{FULLNAME}",
+                {"spec": {"replicas": 2}}, what="t"),
+            # no way to widen its own rights, or its network policy
+            "change its role": kube.merge_patch(
+                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/{FULLNAME}-executor",
+                {"rules": []}, what="t"),
+            "create rolebindings": kube.create(
+                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                 "metadata": {"name": "x"},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                             "name": "admin"},
+                 "subjects": [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": ns}]},
+                what="t"),
+            "delete its network policy": kube.delete(
+                f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{FULLNAME}-node",
+                what="t"),
+        }
+        statuses = {what: await status_of(call) for what, call in refused.items()}
+
+    assert statuses == {what: 403 for what in refused}
+
+
+# -- a task end to end ------------------------------------------------------------------------
+
+
+async def wait_for_running_pod(core: Any, namespace: str, selector: str,
+                               timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = await core.list_namespaced_pod(namespace, label_selector=selector)
+        running = [p for p in pods.items if p.status.phase == "Running"]
+        if running:
+            return running[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no Running pod for {selector} in {namespace}: {pods.items}")
+        await asyncio.sleep(0.2)
+
+
+async def wait_for_endpoints(admin: Any, namespace: str, service: str,
+                             timeout: float = 30) -> list[str]:
+    discovery = client.DiscoveryV1Api(admin)
+    deadline = time.monotonic() + timeout
+    while True:
+        slices = await discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector=f"kubernetes.io/service-name={service}")
+        addresses = [a for s in slices.items for e in (s.endpoints or []) for a in e.addresses]
+        if addresses:
+            return addresses
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Service {service} has no endpoints after {timeout} s")
+        await asyncio.sleep(0.2)
+
+
+class Container:
+    """Plays the algorithm container of every run pod of one node: when the pod is
+    Running, it writes the partial result where the run's ``/mnt/task/output`` is."""
+
+    def __init__(self, admin: Any, namespace: str, node_name: str, task_dir: Path) -> None:
+        self.admin, self.namespace, self.node_name = admin, namespace, node_name
+        self.task_dir = task_dir
+        self.pods: dict[str, dict[str, Any]] = {}  # run id -> the pod as first seen Running
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Container:
+        self._task = asyncio.create_task(self._play(), name="container")
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _play(self) -> None:
+        core = client.CoreV1Api(self.admin)
+        async with watch.Watch() as stream:
+            async for event in stream.stream(
+                core.list_namespaced_pod, self.namespace,
+                label_selector=f"{LABEL_NODE}={self.node_name}", timeout_seconds=300,
+                _preload_content=False,
+            ):
+                pod = event["raw_object"]
+                run_id = pod["metadata"]["labels"].get(LABEL_RUN)
+                if pod["status"].get("phase") != "Running" or run_id in self.pods:
+                    continue
+                self.pods[run_id] = pod
+                run_dir = self.task_dir / f"run-{run_id}"
+                if run_dir.is_dir():
+                    (run_dir / "output").write_text(json.dumps(PARTIAL_OF_A))
+
+
+async def wait_until_ready(node: Node, running: asyncio.Task[None], timeout: float = 60) -> None:
+    async def ready() -> None:
+        await node.ready.wait()
+        assert node.state.socket is not None
+        await node.state.socket.connected.wait()
+
+    waiter = asyncio.create_task(ready())
+    done, _ = await asyncio.wait({waiter, running}, timeout=timeout,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if running in done:
+        waiter.cancel()
+        running.result()  # the node's start-up error
+        pytest.fail("the node stopped during start-up")
+    if waiter not in done:
+        waiter.cancel()
+        pytest.fail(f"the node was not ready within {timeout} s")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+@pytest.mark.v6server
+async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_task_end_to_end(
+    release: Release, admin: Any, v6_plain: V6Collaboration,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    core = client.CoreV1Api(admin)
+    # what the pod would mount: the ConfigMap's node.yaml, the Secret's key as env
+    config_map = await core.read_namespaced_config_map(FULLNAME, release.namespace)
+    node_yaml = tmp_path / "node.yaml"
+    node_yaml.write_text(config_map.data["node.yaml"])
+    secret = await core.read_namespaced_secret(FULLNAME, release.namespace)
+    monkeypatch.setenv("FEDNODE_API_KEY", base64.b64decode(secret.data["api-key"]).decode())
+    # what the pod's volumes would provide: the task claim and the database claim
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    rendered = yaml.safe_load(config_map.data["node.yaml"])
+    databases = [{**db, "uri": str(EMPLOYEES_A)} for db in rendered["databases"]]
+    token = await service_account_token(admin, release)
+
+    with in_cluster(monkeypatch, tmp_path / "serviceaccount", token=token,
+                    admin_kubeconfig=release.admin_kubeconfig, namespace=release.namespace):
+        settings = load_settings(node_yaml, task_dir=task_dir, databases=databases)
+        node = Node(settings, shutdown_grace=5.0)
+        stop = asyncio.Event()
+        running = asyncio.create_task(node.run(stop), name="node")
+        try:
+            await wait_until_ready(node, running)
+            health = f"http://127.0.0.1:{release.health_port}"
+            assert await asyncio.to_thread(http_status, f"{health}/readyz") == 200
+            assert await asyncio.to_thread(http_status, f"{health}/healthz") == 200
+
+            async with Container(admin, release.namespace, release.node_name,
+                                 task_dir) as container:
+                task = await asyncio.to_thread(
+                    v6_plain.create_task, input_=PARTIAL, image="localhost/fednode/average",
+                    organizations=[v6_plain.org_a.id])
+                await asyncio.to_thread(v6_plain.user.wait_for_results, task["id"],
+                                        timeout=90)
+                results = await asyncio.to_thread(v6_plain.user.result_values, task["id"])
+                runs = await asyncio.to_thread(v6_plain.user.runs, task["id"])
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 60)
+
+    assert results == [PARTIAL_OF_A]
+    assert [run["status"] for run in runs] == ["completed"]
+    (pod,) = [p for p in container.pods.values()
+              if p["metadata"]["labels"].get("fednode.io/task-id") == str(task["id"])]
+    # the run was told to call the proxy Service, on the proxy's port
+    env = {e["name"]: decode_value(e["value"]) for e in pod["spec"]["containers"][0]["env"]
+           if e["name"] in ("HOST", "PORT")}
+    assert env["HOST"] == f"http://{FULLNAME}-proxy.{release.namespace}.svc.cluster.local"
+    assert env["PORT"] == str(release.proxy_port)
+    # and mounted the chart's claims: the task directory and the database
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {f"{FULLNAME}-tasks", f"{FULLNAME}-db-default"}
+
+    # the runs' NetworkPolicies the node applied let them reach exactly the node pod
+    listed = await as_json(client.NetworkingV1Api(admin).list_namespaced_network_policy(
+        release.namespace, label_selector=f"{LABEL_NODE}={release.node_name}",
+        _preload_content=False))
+    policies = {p["metadata"]["name"]: p["spec"] for p in listed["items"]}
+    prefix = f"fednode-runs-{release.node_name}"
+    assert set(policies) == {f"{prefix}-default-deny", f"{prefix}-egress"}
+    to_proxy, to_dns = policies[f"{prefix}-egress"]["egress"]
+    service = await core.read_namespaced_service(f"{FULLNAME}-proxy", release.namespace)
+    assert to_proxy["to"][0]["podSelector"]["matchLabels"] == service.spec.selector
+    assert to_proxy["ports"] == [{"port": release.proxy_port, "protocol": "TCP"}]
+    node_pods = await core.list_namespaced_pod(release.namespace, label_selector=",".join(
+        f"{k}={v}" for k, v in service.spec.selector.items()))
+    assert len(node_pods.items) == 1  # the Deployment's pod carries those labels
+    assert to_dns["ports"][0]["port"] == 53
