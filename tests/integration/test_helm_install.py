@@ -21,7 +21,9 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -159,16 +161,11 @@ async def service_account_token(admin: Any, release: Release) -> str:
     return token
 
 
-@contextlib.contextmanager
-def in_cluster(monkeypatch: pytest.MonkeyPatch, directory: Path, *, admin_kubeconfig: Path,
-               token: str, namespace: str) -> Iterator[None]:
-    """This process as if it were the node pod: the service account's files in
-    ``directory`` (token, ca.crt, namespace) and the KUBERNETES_SERVICE_* variables.
-
-    The executor's in-cluster loader (executors/kubernetes/client.py) checks
-    ``SERVICE_ACCOUNT_DIR`` and hands over to kubernetes_asyncio's loader, which reads its
-    own two file constants; all three are pointed at ``directory``.
-    """
+def service_account_files(directory: Path, *, admin_kubeconfig: Path, token: str,
+                          namespace: str) -> tuple[str, int]:
+    """Write what the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount
+    (token, ca.crt, namespace) into ``directory``; the API server's host and port (what
+    the KUBERNETES_SERVICE_* variables say in a pod)."""
     kubeconfig = yaml.safe_load(admin_kubeconfig.read_text())
     cluster = kubeconfig["clusters"][0]["cluster"]
     server = urlsplit(cluster["server"])
@@ -182,8 +179,23 @@ def in_cluster(monkeypatch: pytest.MonkeyPatch, directory: Path, *, admin_kubeco
     (directory / "token").write_text(token)
     (directory / "ca.crt").write_bytes(ca)
     (directory / "namespace").write_text(namespace)
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", str(server.hostname))
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port or 443))
+    return str(server.hostname), server.port or 443
+
+
+@contextlib.contextmanager
+def in_cluster(monkeypatch: pytest.MonkeyPatch, directory: Path, *, admin_kubeconfig: Path,
+               token: str, namespace: str) -> Iterator[None]:
+    """This process as if it were the node pod: the service account's files in
+    ``directory`` and the KUBERNETES_SERVICE_* variables.
+
+    The executor's in-cluster loader (executors/kubernetes/client.py) checks
+    ``SERVICE_ACCOUNT_DIR`` and hands over to kubernetes_asyncio's loader, which reads its
+    own two file constants; all three are pointed at ``directory``.
+    """
+    host, port = service_account_files(directory, admin_kubeconfig=admin_kubeconfig,
+                                       token=token, namespace=namespace)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.setattr(kube_client, "SERVICE_ACCOUNT_DIR", directory)
     monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(directory / "token"))
@@ -591,3 +603,123 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
         f"{k}={v}" for k, v in service.spec.selector.items()))
     assert len(node_pods.items) == 1  # the Deployment's pod carries those labels
     assert to_dns["ports"][0]["port"] == 53
+
+
+# -- the node image, as the node pod would run it ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node_image() -> str:
+    """localhost/fednode/node built by scripts/node-image (a no-op when the sources match
+    an image already built)."""
+    began = time.monotonic()
+    result = subprocess.run([str(REPO / "scripts" / "node-image")], capture_output=True,
+                            text=True, check=False, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"scripts/node-image failed:\n{result.stderr[-4000:]}", pytrace=False)
+    image = result.stdout.strip().splitlines()[-1]
+    print(f"node image {image}: {time.monotonic() - began:.1f} s "
+          f"({result.stderr.strip().splitlines()[-1]})")
+    return image
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120
+           ) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, check=False,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: {result.stderr[-3000:]}")
+    return result
+
+
+#: How the chart runs the node container (deployment.yaml securityContext), in podman terms.
+RESTRICTED = ("--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+              "--security-opt", "no-new-privileges", "--user", "10001:10001")
+
+
+@pytest.mark.podman
+def test_the_node_image_checks_the_charts_config_as_uid_10001_with_a_read_only_root(
+    node_image: str, tmp_path: Path,
+) -> None:
+    from tests.unit.test_helm_support import REQUIRED_VALUES, merged, node_yaml, render
+
+    values = merged(REQUIRED_VALUES, {"databases": [
+        {"label": "default", "type": "csv", "file": EMPLOYEES_A.name, "claim": "data"}]})
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump(node_yaml(render(values, tmp_path))))
+
+    user = podman("run", "--rm", *RESTRICTED, "--entrypoint", "id", node_image)
+    checked = podman(
+        "run", "--rm", *RESTRICTED, "-e", "FEDNODE_API_KEY=from-the-secret",
+        "-v", f"{config}:/etc/fednode/node.yaml:ro",
+        "-v", f"{EMPLOYEES_A}:/mnt/data/default/{EMPLOYEES_A.name}:ro",
+        node_image, "config", "check", "-c", "/etc/fednode/node.yaml", check=False)
+
+    assert user.stdout.startswith("uid=10001(fednode) gid=10001(fednode)")
+    assert checked.returncode == 0, checked.stderr
+    effective = yaml.safe_load(checked.stdout)
+    assert effective["api_key"] == "***"
+    assert effective["executor"]["kind"] == "kubernetes"
+
+
+@pytest.mark.podman
+@pytest.mark.v6server
+async def test_the_node_image_runs_a_task_with_the_mounted_service_account(
+    release: Release, admin: Any, v6_plain: V6Collaboration, node_image: str, tmp_path: Path,
+) -> None:
+    """No stand-ins in the process: the image's own entrypoint, the installed node.yaml,
+    and the service account's files where the kubelet mounts them; the in-cluster loader
+    finds them unaided. Host networking stands in for the pod network."""
+    core = client.CoreV1Api(admin)
+    config_map = await core.read_namespaced_config_map(FULLNAME, release.namespace)
+    secret = await core.read_namespaced_secret(FULLNAME, release.namespace)
+    (tmp_path / "node.yaml").write_text(config_map.data["node.yaml"])
+    account = tmp_path / "serviceaccount"
+    host, port = service_account_files(
+        account, admin_kubeconfig=release.admin_kubeconfig,
+        token=await service_account_token(admin, release), namespace=release.namespace)
+    for path in account.iterdir():
+        path.chmod(0o644)
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    os.chown(task_dir, 10001, 10001)
+    name = f"fednode-helm-{uuid.uuid4().hex[:8]}"
+    podman(
+        "run", "-d", "--name", name, "--network", "host", *RESTRICTED,
+        "-e", f"FEDNODE_API_KEY={base64.b64decode(secret.data['api-key']).decode()}",
+        "-e", f"KUBERNETES_SERVICE_HOST={host}", "-e", f"KUBERNETES_SERVICE_PORT={port}",
+        "-v", f"{tmp_path / 'node.yaml'}:/etc/fednode/node.yaml:ro",
+        "-v", f"{account}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
+        "-v", f"{task_dir}:/var/lib/fednode/tasks",
+        "-v", f"{EMPLOYEES_A}:/mnt/data/default/{EMPLOYEES_A.name}:ro",
+        node_image)
+    try:
+        health = f"http://127.0.0.1:{release.health_port}"
+        deadline = time.monotonic() + 60
+        while await asyncio.to_thread(http_status_or_zero, f"{health}/readyz") != 200:
+            assert time.monotonic() < deadline, podman("logs", name).stdout[-4000:]
+            await asyncio.sleep(0.5)
+        async with Container(admin, release.namespace, release.node_name, task_dir):
+            task = await asyncio.to_thread(
+                v6_plain.create_task, input_=PARTIAL, image="localhost/fednode/average",
+                organizations=[v6_plain.org_a.id])
+            await asyncio.to_thread(v6_plain.user.wait_for_results, task["id"], timeout=90)
+            results = await asyncio.to_thread(v6_plain.user.result_values, task["id"])
+        stopped = podman("stop", "--time", "30", name)
+        exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        logged = podman("logs", name)
+        logs = logged.stdout + logged.stderr
+    finally:
+        podman("rm", "--force", name, check=False)
+
+    assert results == [PARTIAL_OF_A], logs[-4000:]
+    assert stopped.returncode == 0 and exit_code == "0", logs[-4000:]
+    events = [json.loads(line)["event"] for line in logs.splitlines() if line.startswith("{")]
+    assert "k8s.executor_open" in events and events[-1] == "node.stopped"
+
+
+def http_status_or_zero(url: str) -> int:
+    try:
+        return http_status(url)
+    except OSError:
+        return 0
