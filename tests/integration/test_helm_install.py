@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.server
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,6 +105,72 @@ async def pre_bound_volume(admin: Any, *, name: str, namespace: str, claim: str,
     })
 
 
+class Collector:
+    """An OTLP/HTTP receiver (what Jaeger, Tempo or a collector serve on 4318): keeps the
+    spans of every ``POST /v1/traces``. It serves from its own thread: the node flushes
+    its spans at shutdown from the event loop's thread, which must not be the server's."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, dict[str, Any]]] = []  # (name, attributes)
+        self.services: set[str] = set()
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                collector.receive(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def receive(self, body: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        export = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in export.resource_spans:
+            for attribute in resource_spans.resource.attributes:
+                if attribute.key == "service.name":
+                    self.services.add(attribute.value.string_value)
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    self.spans.append((span.name, {
+                        a.key: a.value.string_value or a.value.int_value
+                        for a in span.attributes}))
+
+    def __enter__(self) -> Collector:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.spans}
+
+    def run_of(self, task_id: int) -> dict[str, Any]:
+        """The attributes of the root span of the run of ``task_id``."""
+        (attributes,) = [a for name, a in self.spans
+                         if name == "run" and a.get("fednode.task_id") == task_id]
+        return attributes
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with Collector() as running:
+        yield running
+
+
 @pytest.fixture
 async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
     async with k8s_testbed.api_client() as api:
@@ -111,9 +179,11 @@ async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
-                  v6_plain: V6Collaboration, tmp_path: Path) -> AsyncIterator[Release]:
+                  v6_plain: V6Collaboration, collector: Collector, tmp_path: Path
+                  ) -> AsyncIterator[Release]:
     """The chart installed for organization A of the plain collaboration, with a file
-    database from a host path (the chart makes its volume and claim)."""
+    database from a host path (the chart makes its volume and claim), sending traces to
+    ``collector``."""
     release_namespace = await k8s_testbed.create_namespace("fednode-helm-release")
     namespace = f"fednode-helm-{uuid.uuid4().hex[:8]}"
     installed = Release(
@@ -132,6 +202,8 @@ async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
                        "hostPath": {"path": str(EMPLOYEES_A.parent), "size": "1Gi"}}],
         "proxy": {"port": installed.proxy_port},
         "health": {"port": installed.health_port},
+        "telemetry": {"otlpEndpoint": f"http://127.0.0.1:{collector.port}",
+                      "serviceName": "fednode-helm-test"},
         "image": {"repository": "localhost/fednode/node", "tag": "latest"},
     }
     task_volume = f"{namespace}-tasks"
@@ -532,7 +604,7 @@ def http_status(url: str) -> int:
 
 @pytest.mark.v6server
 async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_task_end_to_end(
-    release: Release, admin: Any, v6_plain: V6Collaboration,
+    release: Release, admin: Any, v6_plain: V6Collaboration, collector: Collector,
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     core = client.CoreV1Api(admin)
@@ -576,6 +648,10 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
 
     assert results == [PARTIAL_OF_A]
     assert [run["status"] for run in runs] == ["completed"]
+    # the run's trace reached the chart's OTLP endpoint (flushed at shutdown)
+    assert collector.names() == {"run", "admit", "start", "execute", "upload"}
+    assert collector.run_of(task["id"])["fednode.executor"] == "kubernetes"
+    assert collector.services == {"fednode-helm-test"}
     (pod,) = [p for p in container.pods.values()
               if p["metadata"]["labels"].get("fednode.io/task-id") == str(task["id"])]
     # the run was told to call the proxy Service, on the proxy's port
@@ -665,7 +741,8 @@ def test_the_node_image_checks_the_charts_config_as_uid_10001_with_a_read_only_r
 @pytest.mark.podman
 @pytest.mark.v6server
 async def test_the_node_image_runs_a_task_with_the_mounted_service_account(
-    release: Release, admin: Any, v6_plain: V6Collaboration, node_image: str, tmp_path: Path,
+    release: Release, admin: Any, v6_plain: V6Collaboration, collector: Collector,
+    node_image: str, tmp_path: Path,
 ) -> None:
     """No stand-ins in the process: the image's own entrypoint, the installed node.yaml,
     and the service account's files where the kubelet mounts them; the in-cluster loader
@@ -716,6 +793,8 @@ async def test_the_node_image_runs_a_task_with_the_mounted_service_account(
     assert stopped.returncode == 0 and exit_code == "0", logs[-4000:]
     events = [json.loads(line)["event"] for line in logs.splitlines() if line.startswith("{")]
     assert "k8s.executor_open" in events and events[-1] == "node.stopped"
+    assert collector.names() == {"run", "admit", "start", "execute", "upload"}
+    assert collector.run_of(task["id"])["fednode.node"]
 
 
 def http_status_or_zero(url: str) -> int:
