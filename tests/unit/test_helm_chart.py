@@ -99,6 +99,14 @@ CHART_SCHEMA_DATABASE_KEYS = tuple(
     ["properties"]["databases"]["items"]["properties"])
 
 
+def test_the_charts_app_version_is_fednodes_version_and_the_node_images_tag() -> None:
+    import tomllib
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]  # scripts/node-image tags it so
+
+
 # -- lint ---------------------------------------------------------------------------------
 
 
