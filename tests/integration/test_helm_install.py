@@ -78,6 +78,7 @@ class Release:
     install_output: str
     proxy_port: int
     health_port: int
+    access_mode: str
     volumes: list[str] = field(default_factory=list)  # PersistentVolumes made for the test
 
     def helm(self, *args: str, check: bool = True) -> str:
@@ -179,17 +180,20 @@ async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
-                  v6_plain: V6Collaboration, collector: Collector, tmp_path: Path
-                  ) -> AsyncIterator[Release]:
+                  v6_plain: V6Collaboration, collector: Collector, tmp_path: Path,
+                  request: pytest.FixtureRequest) -> AsyncIterator[Release]:
     """The chart installed for organization A of the plain collaboration, with a file
     database from a host path (the chart makes its volume and claim), sending traces to
-    ``collector``."""
+    ``collector``; the task claim is ReadWriteMany unless the test's parameter says
+    otherwise."""
+    access_mode = getattr(request, "param", "ReadWriteMany")
     release_namespace = await k8s_testbed.create_namespace("fednode-helm-release")
     namespace = f"fednode-helm-{uuid.uuid4().hex[:8]}"
     installed = Release(
         name=RELEASE, namespace=namespace, release_namespace=release_namespace,
         node_name=f"helm-{uuid.uuid4().hex[:6]}", admin_kubeconfig=k8s_testbed.kubeconfig,
         install_output="", proxy_port=free_port(), health_port=free_port(),
+        access_mode=access_mode,
     )
     values = {
         "nodeName": installed.node_name,
@@ -197,7 +201,7 @@ async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
                    "apiPath": v6_server.api_path},
         "apiKey": v6_plain.org_a.api_key,
         "namespace": {"create": True, "name": namespace},
-        "taskVolume": {"storageClassName": "", "size": "1Gi"},
+        "taskVolume": {"storageClassName": "", "size": "1Gi", "accessMode": access_mode},
         "databases": [{"label": "default", "type": "csv", "file": EMPLOYEES_A.name,
                        "hostPath": {"path": str(EMPLOYEES_A.parent), "size": "1Gi"}}],
         "proxy": {"port": installed.proxy_port},
@@ -208,7 +212,7 @@ async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
     }
     task_volume = f"{namespace}-tasks"
     await pre_bound_volume(admin, name=task_volume, namespace=namespace,
-                           claim=f"{FULLNAME}-tasks", mode="ReadWriteMany")
+                           claim=f"{FULLNAME}-tasks", mode=access_mode)
     installed.volumes.append(task_volume)
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     try:
@@ -603,11 +607,21 @@ def http_status(url: str) -> int:
 
 
 @pytest.mark.v6server
+@pytest.mark.parametrize("release", ["ReadWriteMany", "ReadWriteOnce"], indirect=True)
 async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_task_end_to_end(
     release: Release, admin: Any, v6_plain: V6Collaboration, collector: Collector,
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     core = client.CoreV1Api(admin)
+    deployment = await client.AppsV1Api(admin).read_namespaced_deployment(
+        FULLNAME, release.namespace)
+    (node_container,) = deployment.spec.template.spec.containers
+    # ReadWriteOnce: the downward API gives the node its pod's Kubernetes node
+    pinned = any(e.name == "FEDNODE_EXECUTOR__KUBERNETES_NODE" for e in node_container.env)
+    node_pod = await wait_for_running_pod(core, release.namespace, ",".join(
+        f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items()))
+    if pinned:
+        monkeypatch.setenv("FEDNODE_EXECUTOR__KUBERNETES_NODE", node_pod.spec.node_name)
     # what the pod would mount: the ConfigMap's node.yaml, the Secret's key as env
     config_map = await core.read_namespaced_config_map(FULLNAME, release.namespace)
     node_yaml = tmp_path / "node.yaml"
@@ -648,6 +662,7 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
 
     assert results == [PARTIAL_OF_A]
     assert [run["status"] for run in runs] == ["completed"]
+    assert pinned == (release.access_mode == "ReadWriteOnce")
     # the run's trace reached the chart's OTLP endpoint (flushed at shutdown)
     assert collector.names() == {"run", "admit", "start", "execute", "upload"}
     assert collector.run_of(task["id"])["fednode.executor"] == "kubernetes"
@@ -659,6 +674,11 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
            if e["name"] in ("HOST", "PORT")}
     assert env["HOST"] == f"http://{FULLNAME}-proxy.{release.namespace}.svc.cluster.local"
     assert env["PORT"] == str(release.proxy_port)
+    if pinned:  # on the Kubernetes node that has the node pod (and its RWO claim)
+        assert pod["spec"]["nodeName"] == node_pod.spec.node_name
+        (term,) = pod["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert node_pod.spec.node_name in str(term)
     # and mounted the chart's claims: the task directory and the database
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
