@@ -20,6 +20,11 @@ Fixtures:
 - ``k8s_testbed`` (session) -> ``K8sTestbed``
 - ``k8s_namespace`` (function, async) -> name of a fresh ``restricted`` namespace, deleted
   afterwards
+- ``k8s_real_worker`` (session) -> ``K8sRealWorker``: the testbed with its real worker
+  node (``scripts/k8s-testbed up --real-worker``): containerd, kubelet, Cilium enforcing
+  NetworkPolicy, CoreDNS. Pods pinned there (``K8sRealWorker.node_selector`` and
+  ``toleration``) really run. It stays up after the session unless this session started the
+  whole testbed.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ __all__ = [
     "POD_OOM_KILLED",
     "POD_RUN_SECONDS",
     "POD_START_SECONDS",
+    "REAL_NODE_IP",
+    "REAL_NODE_SELECTOR",
+    "REAL_TOLERATION",
+    "K8sRealWorker",
     "K8sTestbed",
 ]
 
@@ -63,6 +72,14 @@ POD_START_SECONDS = "fednode.test/start-seconds"  # "0" (default)
 POD_EXIT_CODE = "fednode.test/exit-code"  # "3" -> terminated exitCode 3, phase Failed
 POD_OOM_KILLED = "fednode.test/oom-killed"  # "true" -> exitCode 137, reason OOMKilled
 POD_IMAGE_MISSING = "fednode.test/image-missing"  # "true" -> Pending, ErrImagePull
+
+#: The real worker (scripts/k8s_worker.py): how to land there, and the host as pods see it.
+REAL_NODE = "fednode-worker-0"
+REAL_NODE_SELECTOR = {"fednode.test/real": "true"}
+REAL_TOLERATION = {"key": "fednode.test/real-worker", "operator": "Equal", "value": "true",
+                   "effect": "NoSchedule"}
+REAL_NODE_IP = "10.245.0.1"  # the pod bridge's address on the host (also the node IP)
+REAL_UP_TIMEOUT = 600.0
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE = "kwok-gpu-0"  # advertises nvidia.com/gpu: 4, label fednode.test/gpu=true
@@ -211,6 +228,175 @@ class K8sTestbed:
         }, sort_keys=False)
 
 
+#: A TCP relay (standard library only) from the pod's port to the node's proxy on the host:
+#: it stands where the chart's node pod stands, with the node pod's labels, so the runs'
+#: NetworkPolicy (egress to pods with those labels on the proxy port) is what admits them.
+RELAY = """
+import asyncio, os
+TARGET = (os.environ["TARGET_HOST"], int(os.environ["TARGET_PORT"]))
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+async def handle(reader, writer):
+    try:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*TARGET)
+    except OSError:
+        writer.close()
+        return
+    await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer),
+                         return_exceptions=True)
+async def main():
+    server = await asyncio.start_server(handle, "0.0.0.0", int(os.environ["LISTEN_PORT"]))
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+RELAY_IMAGE = "localhost/fednode/python-base:latest"
+
+
+def restricted_container(name: str, image: str, command: list[str], *,
+                         env: dict[str, str] | None = None, port: int | None = None
+                         ) -> dict[str, Any]:
+    """A container that passes Pod Security ``restricted`` (uid 10001, read-only root)."""
+    container: dict[str, Any] = {
+        "name": name, "image": image, "imagePullPolicy": "Never", "command": command,
+        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "runAsUser": 10001,
+                            "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "resources": {"limits": {"cpu": "200m", "memory": "64Mi"}},
+    }
+    if port is not None:
+        container["ports"] = [{"containerPort": port, "protocol": "TCP"}]
+        container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 1}
+    return container
+
+
+@dataclass
+class K8sRealWorker:
+    """The testbed's real worker node: pods scheduled there run in containerd for real."""
+
+    testbed: K8sTestbed
+    node_name: str = REAL_NODE
+    node_ip: str = REAL_NODE_IP
+    node_selector: dict[str, str] = field(default_factory=lambda: dict(REAL_NODE_SELECTOR))
+    toleration: dict[str, str] = field(default_factory=lambda: dict(REAL_TOLERATION))
+    cluster_domain: str = "cluster.local"
+
+    def import_images(self, *images: str) -> None:
+        """Copy podman images into the worker's containerd (a no-op for current ones)."""
+        result = _testbed("import-images", *images, timeout=600)
+        if result.returncode != 0:
+            pytest.fail(f"importing {images} into the real worker failed:\n"
+                        f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}", pytrace=False)
+
+    @contextlib.asynccontextmanager
+    async def task_volume(self, namespace: str, path: Path, *,
+                          claim: str = "fednode-tasks") -> AsyncIterator[str]:
+        """A claim in ``namespace`` bound to ``path`` on the host (a hostPath volume): the
+        node's task directory, which the run pods mount their ``run-<id>`` folder from."""
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        volume = f"{namespace}-{claim}"
+        size = {"storage": "1Gi"}
+        async with self.testbed.api_client() as api:
+            core = client.CoreV1Api(api)
+            # Bound here directly (claim, a volume reserved for it, the claim's status): the
+            # volume controller's own binding can wait for its 15 s resync.
+            created = await core.create_namespaced_persistent_volume_claim(namespace, {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim,
+                             "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+                "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
+                         "volumeName": volume, "resources": {"requests": size}},
+            })
+            await core.create_persistent_volume({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
+                "spec": {"capacity": size, "accessModes": ["ReadWriteMany"],
+                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                         "hostPath": {"path": str(path), "type": "Directory"},
+                         "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                      "namespace": namespace, "name": claim,
+                                      "uid": created.metadata.uid}},
+            })
+            await core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {
+                "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"],
+                           "capacity": size}})
+            try:
+                yield claim
+            finally:
+                with contextlib.suppress(ApiException):
+                    await core.delete_persistent_volume(volume)
+
+    async def proxy_relay(self, namespace: str, *, labels: dict[str, str], pod_port: int,
+                          node_port: int, name: str = "fednode-proxy") -> str:
+        """A relay pod (``labels``, listening on ``pod_port``) to the node's proxy at
+        ``node_ip:node_port`` on the host, and a Service ``name`` (port ``node_port``) in
+        front of it; returns the Service's DNS name, what runs are told to call."""
+        await self.run_pod(namespace, name, restricted_container(
+            "relay", RELAY_IMAGE, ["python3", "-c", RELAY], port=pod_port,
+            env={"TARGET_HOST": self.node_ip, "TARGET_PORT": str(node_port),
+                 "LISTEN_PORT": str(pod_port)}), labels=labels)
+        await self._create(namespace, "services", {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": labels,
+                     "ports": [{"port": node_port, "targetPort": pod_port, "protocol": "TCP"}]},
+        })
+        return f"{name}.{namespace}.svc.{self.cluster_domain}"
+
+    async def listener_pod(self, namespace: str, name: str = "listener", *,
+                           port: int = 8080) -> str:
+        """A pod that accepts TCP connections on ``port``; returns its IP."""
+        pod = await self.run_pod(namespace, name, restricted_container(
+            "listen", RELAY_IMAGE,
+            ["python3", "-c", "import socket,sys\ns=socket.create_server(('',int(sys.argv[1])))"
+                              "\nwhile True: s.accept()[0].close()", str(port)],
+            port=port), labels={"app": name})
+        return str(pod["status"]["podIP"])
+
+    async def run_pod(self, namespace: str, name: str, container: dict[str, Any], *,
+                      labels: dict[str, str], ready_within: float = 60) -> dict[str, Any]:
+        """Create a pod pinned to the real worker; return it once Ready (as JSON)."""
+        from kubernetes_asyncio import client, watch
+
+        await self._create(namespace, "pods", {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeSelector": self.node_selector, "tolerations": [self.toleration],
+                     "automountServiceAccountToken": False, "enableServiceLinks": False,
+                     "securityContext": {"runAsNonRoot": True,
+                                         "seccompProfile": {"type": "RuntimeDefault"}},
+                     "containers": [container]},
+        })
+        async with self.testbed.api_client() as api:
+            core = client.CoreV1Api(api)
+            async with asyncio.timeout(ready_within), watch.Watch() as w:
+                async for event in w.stream(core.list_namespaced_pod, namespace,
+                                            field_selector=f"metadata.name={name}",
+                                            _preload_content=False):
+                    pod = event["raw_object"]
+                    conditions = pod.get("status", {}).get("conditions", [])
+                    if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                        return dict(pod)
+        raise AssertionError(f"pod {namespace}/{name} never became Ready")
+
+    async def _create(self, namespace: str, plural: str, body: dict[str, Any]) -> None:
+        from kubernetes_asyncio import client
+
+        async with self.testbed.api_client() as api:
+            core = client.CoreV1Api(api)
+            if plural == "pods":
+                await core.create_namespaced_pod(namespace, body)
+            else:
+                await core.create_namespaced_service(namespace, body)
+
+
 def _testbed(*args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
@@ -266,3 +452,22 @@ async def k8s_namespace(k8s_testbed: K8sTestbed) -> AsyncIterator[str]:
     name = await k8s_testbed.create_namespace()
     yield name
     await k8s_testbed.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def k8s_real_worker(k8s_testbed: K8sTestbed) -> K8sRealWorker:
+    """The testbed with its real worker node (added if it is not there yet)."""
+    if k8s_testbed.external:
+        pytest.fail("real-worker tests need the testbed's own worker node; they do not run "
+                    "against FEDNODE_TEST_KUBECONFIG", pytrace=False)
+    began = time.monotonic()
+    result = _testbed("up", "--real-worker", timeout=REAL_UP_TIMEOUT)
+    if result.returncode != 0:
+        pytest.fail(
+            f"the real worker did not start (scripts/k8s-testbed up --real-worker, exit "
+            f"{result.returncode}, {time.monotonic() - began:.0f}s; it needs `scripts/"
+            f"k8s-testbed build --real-worker` and the Debian packages named below):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}",
+            pytrace=False,
+        )
+    return K8sRealWorker(testbed=k8s_testbed)
