@@ -1324,6 +1324,18 @@ def restart_apiserver(_: argparse.Namespace) -> None:
         f"in all {human(time.monotonic() - started)})")
 
 
+def import_images(args: argparse.Namespace) -> None:
+    """Copy podman images into the real worker's containerd (nothing is ever pulled)."""
+    worker = k8s_worker()
+    if not worker.enabled() or read_pid(worker.components()[0]) is None:
+        raise fail("the real worker is not running; `scripts/k8s-testbed up --real-worker`")
+    started = time.monotonic()
+    with run_lock():
+        done = worker.import_images(tuple(args.images))
+    log(f"imported {', '.join(done) if done else 'nothing (all current)'} in "
+        f"{human(time.monotonic() - started)}")
+
+
 def print_env(_: argparse.Namespace | None = None) -> None:
     print(f"export KUBECONFIG={KUBECONFIG}")
 
@@ -1390,6 +1402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything and wipe the run state (keeps binaries)")
     sub.add_parser("status", help="health of each component; exit 0 when all are healthy")
     sub.add_parser("env", help="print `export KUBECONFIG=...`")
+    p_import = sub.add_parser("import-images", help="copy podman images into the real "
+                              "worker's containerd (only those that changed)")
+    p_import.add_argument("images", nargs="+", help="image references known to podman")
     sub.add_parser("restart-apiserver", help="stop and start kube-apiserver only (watches "
                    "break; state is kept)")
     p_attach = sub.add_parser("attach", help="run the kwok nodes and stages against another "
@@ -1410,6 +1425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         attach(args)
     elif args.command == "restart-apiserver":
         restart_apiserver(args)
+    elif args.command == "import-images":
+        import_images(args)
     else:
         print_env(args)
     return 0

@@ -333,8 +333,12 @@ def ctr(*args: str, check: bool = True, timeout: float = 300,
     return result
 
 
-def import_images() -> list[str]:
-    """Bring the pause, coredns and podman images into containerd; return what was done."""
+def import_images(extra: tuple[str, ...] = ()) -> list[str]:
+    """Bring the pause, coredns and podman images (and ``extra`` ones) into containerd.
+
+    Returns the references imported; an image is imported again only when podman's image
+    id changed since (the ids are recorded beside containerd's store).
+    """
     stamps_file = CONTAINERD_ROOT / "fednode-imported.json"
     stamps = tb.read_json(stamps_file)
     done: list[str] = []
@@ -356,11 +360,14 @@ def import_images() -> list[str]:
 
     wanted = [i.strip() for i in os.environ.get("FEDNODE_REAL_WORKER_IMAGES", "").split(",")
               if i.strip()] or list(DEFAULT_IMAGES)
+    wanted += [ref for ref in extra if ref not in wanted]
     todo: list[str] = []
     for ref in wanted:
         found = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", ref],
                                capture_output=True, text=True, check=False)
         if found.returncode != 0:
+            if ref in extra:
+                raise tb.fail(f"podman has no image {ref}")
             tb.log(f"  note: podman has no {ref} (scripts/podman-setup builds it); not imported")
             continue
         if stamps.get(ref) != found.stdout.strip():
