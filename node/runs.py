@@ -221,7 +221,9 @@ class RunLifecycle:
 
     def _take(self, runs: Sequence[Run], *, received_ns: int | None = None) -> None:
         for run in runs:
-            if run.id in self._runs or not self._accepting:
+            # A run finished here may still be listed open by a listing made just before
+            # its result was PATCHed; it is done, not lost.
+            if run.id in self._runs or run.id in self._finished or not self._accepting:
                 continue
             self._runs[run.id] = self._remember(run, start_ns=received_ns)
             self._work.spawn(self._admit_and_start(run), name=f"start-run-{run.id}")
