@@ -618,9 +618,9 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
     (node_container,) = deployment.spec.template.spec.containers
     # ReadWriteOnce: the downward API gives the node its pod's Kubernetes node
     pinned = any(e.name == "FEDNODE_EXECUTOR__KUBERNETES_NODE" for e in node_container.env)
-    node_pod = await wait_for_running_pod(core, release.namespace, ",".join(
-        f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items()))
     if pinned:
+        node_pod = await wait_for_running_pod(core, release.namespace, ",".join(
+            f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items()))
         monkeypatch.setenv("FEDNODE_EXECUTOR__KUBERNETES_NODE", node_pod.spec.node_name)
     # what the pod would mount: the ConfigMap's node.yaml, the Secret's key as env
     config_map = await core.read_namespaced_config_map(FULLNAME, release.namespace)
