@@ -100,7 +100,9 @@ async def connect(
     configuration = k8s_client.Configuration()
     if kubeconfig is None and context is None and in_cluster():
         k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration
+            client_configuration=configuration,
+            token_filename=str(SERVICE_ACCOUNT_DIR / "token"),
+            cert_filename=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
         )
     else:
         await k8s_config.load_kube_config(

@@ -61,7 +61,6 @@ from executors.kubernetes.manifests import (
     job_name,
     label_selector,
     node_selector_labels,
-    owner_patch,
     run_job,
     secret_name,
     token_secret,
@@ -184,22 +183,20 @@ class KubernetesExecutor:
         RunFiles(self._context.task_dir, run_id).prepare(
             spec, owner=(self._settings.run_as_user, self._settings.run_as_group),
             write_token=False)
-        if token_name is not None:
-            secret = token_secret(spec, namespace=ns, name=token_name, labels=labels)
-            await _create(client, SECRETS.path(ns), secret, what="create secrets")
-        try:
-            created = await _create(client, JOBS.path(ns), job, what="create jobs")
-        except KubeError:
-            if token_name is not None:
-                await _delete(client, SECRETS.path(ns, token_name), what="delete secrets")
-            raise
+        created = await _create(client, JOBS.path(ns), job, what="create jobs")
         if token_name is None:
             return
         if created is None:  # it existed: a repeated start
             created = self._tracker.jobs.get(run_id) or await client.get(
                 JOBS.path(ns, name), what="get jobs")
-        await client.merge_patch(SECRETS.path(ns, token_name), owner_patch(created),
-                                 what="patch secrets")
+        # The pod waits (ContainerCreating) until its token Secret exists; the Secret is
+        # created owned by the Job, so it is garbage-collected with it.
+        secret = token_secret(spec, namespace=ns, name=token_name, labels=labels, owner=created)
+        try:
+            await _create(client, SECRETS.path(ns), secret, what="create secrets")
+        except KubeError:
+            await _delete(client, JOBS.path(ns, name), what="delete jobs")
+            raise
         self._owned_secrets.add(run_id)
 
     async def kill(self, run_id: int) -> None:

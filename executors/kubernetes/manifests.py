@@ -106,14 +106,23 @@ def trace_context_of(annotations: dict[str, str]) -> dict[str, str]:
 
 
 def token_secret(
-    spec: RunSpec, *, namespace: str, name: str, labels: dict[str, str]
+    spec: RunSpec, *, namespace: str, name: str, labels: dict[str, str], owner: Json
 ) -> Json:
-    """The run's container token, as an immutable Secret (the Job becomes its owner)."""
+    """The run's container token, as an immutable Secret owned by the run's Job ``owner``.
+
+    Created after the Job, already owned by it, so it goes with the Job and the node never
+    needs ``patch`` on Secrets (a patch answers with the Secret's data: reading by patching).
+    """
     token = spec.token.get_secret_value() if spec.token else ""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            **owner_patch(owner)["metadata"],
+        },
         "type": "Opaque",
         "immutable": True,
         "data": {TOKEN_FILE_NAME: base64.b64encode(token.encode()).decode()},

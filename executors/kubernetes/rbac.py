@@ -10,8 +10,9 @@ Every verb below is used, and nothing else is granted:
   ``watch`` (the shared informer), ``get`` (an idempotent start that met an existing Job
   the informer has not shown yet);
 * Pods: ``list`` and ``watch`` (waiting reasons, exit codes, OOM); ``pods/log``: ``get``;
-* Secrets: ``create`` (the run's token), ``patch`` (make the Job its owner, so it goes
-  with the Job), ``delete``; no ``get``/``list``: the node cannot read other secrets;
+* Secrets: ``create`` (the run's token, created owned by its Job so it goes with the Job)
+  and ``delete``; no ``get``/``list``/``patch`` (a patch answers with the Secret's data):
+  the node cannot read any secret, its own included;
 * NetworkPolicies: ``create`` and ``patch`` (server-side apply at start-up);
 * Namespaces: ``get`` — bound in the runs namespace, a Role grants reading *that*
   namespace only (its Pod Security labels are checked at start-up); creating or labelling
@@ -34,7 +35,7 @@ ROLE_RULES: list[dict[str, Any]] = [
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
     {
         "apiGroups": ["networking.k8s.io"],
         "resources": ["networkpolicies"],

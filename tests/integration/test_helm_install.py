@@ -430,8 +430,6 @@ async def test_the_node_token_can_do_what_the_executor_needs_in_its_namespace(
             "watch pods": kube.get(pods, query=(("watch", "1"), ("timeoutSeconds", "1")),
                                    what="t"),
             "create secrets": kube.create(secrets, secret, what="t"),
-            "patch secrets": kube.merge_patch(f"{secrets}/rbac-probe",
-                                              {"metadata": {"labels": {"a": "b"}}}, what="t"),
             "delete secrets": kube.delete(f"{secrets}/rbac-probe", what="t"),
             "apply networkpolicies": kube.apply(f"{policies}/rbac-probe", policy,
                                                 field_manager="fednode", what="t"),

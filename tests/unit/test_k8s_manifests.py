@@ -12,7 +12,6 @@ from executors.kubernetes.config import DatabaseVolume, KubernetesSettings
 from executors.kubernetes.manifests import (
     ManifestError,
     job_name,
-    owner_patch,
     run_job,
     token_secret,
 )
@@ -125,10 +124,11 @@ def test_a_run_without_token_has_no_secret_mount_and_the_secret_is_immutable() -
     pod = pod_of(run_job(run, settings=KubernetesSettings(), namespace="n", name="j",
                          labels={}, token_secret_name=None, pin_to_node=None))
     assert all(v["name"] != "token" for v in pod["volumes"])
-    secret = token_secret(spec(), namespace="n", name="s", labels={})
+    job = {"metadata": {"name": "j", "uid": "u-1"}}
+    secret = token_secret(spec(), namespace="n", name="s", labels={}, owner=job)
     assert secret["immutable"] is True and secret["data"]["token"] == "dDBrZW4="
-    patch = owner_patch({"metadata": {"name": "j", "uid": "u-1"}})
-    assert patch["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    # Created already owned by its Job: it goes with the Job, and no patch is needed.
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
 
 
 def test_job_names_are_stable_dns_labels_per_node_and_run() -> None:
@@ -182,7 +182,7 @@ def test_the_role_is_namespaced_and_grants_only_what_the_executor_uses() -> None
         ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
         ("", "pods"): {"list", "watch"},
         ("", "pods/log"): {"get"},
-        ("", "secrets"): {"create", "patch", "delete"},
+        ("", "secrets"): {"create", "delete"},
         ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
         ("", "namespaces"): {"get"},
     }
