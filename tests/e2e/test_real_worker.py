@@ -1,0 +1,324 @@
+"""The node on Kubernetes with pods that really run: real server, real worker, real policy.
+
+Each organization's node runs in this test process and uses the Kubernetes executor on
+the testbed's real worker (containerd + kubelet, Cilium enforcing NetworkPolicy, CoreDNS).
+A *site* is what the Helm chart would set up for one node: a runs namespace enforcing Pod
+Security ``restricted``, the task-directory claim (here a hostPath volume over the node's
+``task_dir``), the CSV database as a ConfigMap, and the proxy where the node pod would be.
+
+How a run pod reaches the node's proxy: the node listens on the pod bridge's address on
+the host (``REAL_NODE_IP``); a relay pod carrying the chart's node-pod labels forwards its
+port to it, and the Service ``fednode-proxy`` in front of the relay is the address runs
+are given. So the runs' NetworkPolicy (egress only to pods with those labels, on that
+port, and to ``kube-dns``) is exactly what it is in a cluster, and Cilium enforces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from executors.kubernetes.rbac import ROLE_RULES
+from node.app import Node
+from node.settings import load_settings
+from tests.conformance.podman_harness import build_behaviour_image
+from tests.e2e.conftest import DATA, SESSION, RunningNode, free_port, wait_until_connected
+from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
+from tests.peers.podman import PodmanService
+from tests.peers.v6server import V6Collaboration, V6Org, V6Server
+
+pytestmark = [pytest.mark.kubernetes, pytest.mark.v6server, pytest.mark.podman,
+              pytest.mark.slow]
+
+AVERAGE = "localhost/fednode/average:latest"
+DIAGNOSTICS = "localhost/fednode/diagnostics:latest"
+#: The chart's node pod labels (the executor's default ``proxy_pod_selector``).
+NODE_POD_LABELS = {"app.kubernetes.io/name": "fednode", "app.kubernetes.io/component": "node"}
+RUN_UID = 10001  # the executor's default run_as_user
+
+
+@dataclass
+class Site:
+    """What the chart sets up for one node, on the real worker."""
+
+    org: V6Org
+    namespace: str
+    task_dir: Path
+    csv: Path  # the node's database (also in the ConfigMap the runs mount)
+    kubeconfig: Path
+    proxy_port: int  # the node's proxy on the host, the relay pod's port, the Service's
+    proxy_host: str  # the Service runs are told to call
+    network_policies: bool
+
+
+MakeSite = Callable[..., Awaitable[Site]]
+StartRealNode = Callable[..., Awaitable[RunningNode]]
+
+
+@pytest.fixture(scope="session")
+def real_images(podman_service: PodmanService, k8s_real_worker: K8sRealWorker) -> str:
+    """The algorithm images in the worker's containerd; returns the probe's reference."""
+    behaviour = build_behaviour_image(podman_service)
+    k8s_real_worker.import_images(AVERAGE, DIAGNOSTICS, behaviour)
+    return behaviour
+
+
+@pytest.fixture
+async def make_site(
+    k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker, tmp_path: Path,
+    real_images: str,
+) -> AsyncIterator[MakeSite]:
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(collab: V6Collaboration, org: V6Org, *,
+                       network_policies: bool = True) -> Site:
+            namespace = await k8s_testbed.create_namespace(f"fednode-{org.name[:10]}")
+            stack.push_async_callback(k8s_testbed.delete_namespace, namespace)
+            task_dir = tmp_path / f"tasks-{namespace}"
+            task_dir.mkdir()
+            await stack.enter_async_context(k8s_real_worker.task_volume(namespace, task_dir))
+            csv = DATA / ("employees_a.csv" if org is collab.org_a else "employees_b.csv")
+            async with k8s_testbed.api_client() as api:
+                await client.CoreV1Api(api).create_namespaced_config_map(namespace, {
+                    "metadata": {"name": "database-default"},
+                    "data": {csv.name: csv.read_text()}})
+            kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace,
+                                                                       rules=ROLE_RULES)
+            proxy_port = free_port()
+            proxy_host = await k8s_real_worker.proxy_relay(
+                namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port)
+            return Site(org, namespace, task_dir, csv, kubeconfig, proxy_port, proxy_host,
+                        network_policies)
+
+        yield make
+
+
+@pytest.fixture
+async def start_real_node(
+    v6_server: V6Server, k8s_real_worker: K8sRealWorker
+) -> AsyncIterator[StartRealNode]:
+    started: list[RunningNode] = []
+
+    async def start(site: Site, **overrides: Any) -> RunningNode:
+        org = site.org
+        values: dict[str, Any] = {
+            "name": f"fednode-{org.name}-{SESSION}",
+            "server_url": f"http://{v6_server.host}",
+            "port": v6_server.port,
+            "api_path": v6_server.api_path,
+            "api_key": org.api_key,
+            "task_dir": site.task_dir,
+            "databases": [{"label": "default", "type": "csv", "uri": str(site.csv)}],
+            "executor": {
+                "kind": "kubernetes",
+                "kubeconfig": site.kubeconfig,
+                "namespace": site.namespace,
+                "proxy_namespace": site.namespace,
+                "proxy_port": site.proxy_port,  # the relay's pod port, as the chart's
+                "node_selector": k8s_real_worker.node_selector,
+                "tolerations": [k8s_real_worker.toleration],
+                "network_policies": site.network_policies,
+                "databases": {"default": {"config_map": "database-default"}},
+            },
+            "proxy": {"host": k8s_real_worker.node_ip, "port": site.proxy_port,
+                      "advertise_host": site.proxy_host},
+            "health": {"port": free_port()},
+            "max_concurrent_runs": 8,
+            # The worker has 2 cores; a run's default (1 CPU) would let two runs at most.
+            "policies": {"resources": {"default_cpu": 0.2, "default_memory_mb": 256}},
+        }
+        if org.private_key is not None:
+            values["encryption"] = {"enabled": True, "private_key": org.private_key}
+        values.update(overrides)
+        exporter = InMemorySpanExporter()
+        node = Node(load_settings(None, **values),
+                    span_processors=(SimpleSpanProcessor(exporter),), shutdown_grace=5.0)
+        stop = asyncio.Event()
+        task = asyncio.create_task(node.run(stop), name=f"node-{org.name}")
+        running = RunningNode(node, org, exporter, stop, task, overrides)
+        started.append(running)
+        await wait_until_connected(running, timeout=60)
+        return running
+
+    yield start
+    for running in started:
+        if not running.task.done():
+            with contextlib.suppress(Exception):
+                await running.shutdown()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+async def result_of(collab: V6Collaboration, task: dict[str, Any], timeout: float = 180
+                    ) -> list[Any]:
+    await asyncio.to_thread(collab.user.wait_for_results, task["id"], timeout=timeout)
+    return list(await asyncio.to_thread(collab.user.result_values, task["id"]))
+
+
+async def wait_for_run(collab: V6Collaboration, task_id: int, *, status: str | None = None,
+                       timeout: float = 120) -> dict[str, Any]:
+    """Until the task's one run has ``status`` (or any finished status)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        (run,) = await asyncio.to_thread(collab.user.runs, task_id)
+        if (status is None and run["finished_at"]) or run["status"] == status:
+            return dict(run)
+        if loop.time() > deadline:
+            pytest.fail(f"run of task {task_id} never reached {status or 'finished'}: {run}")
+        await asyncio.sleep(0.3)
+
+
+def uploads(node: RunningNode) -> Counter[int]:
+    """How many results each run had uploaded (one ``upload`` span under its ``run``)."""
+    roots = {s.context.span_id: s.attributes["fednode.run_id"]  # type: ignore[index]
+             for s in node.spans if s.name == "run"}
+    return Counter(int(roots[s.parent.span_id])  # type: ignore[arg-type]
+                   for s in node.spans
+                   if s.name == "upload" and s.parent is not None and s.parent.span_id in roots)
+
+
+@contextlib.asynccontextmanager
+async def host_listener(host: str) -> AsyncIterator[int]:
+    """A TCP listener on the host at ``host`` (the pod bridge's address); yields its port."""
+
+    async def close(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(close, host, 0, family=socket.AF_INET)
+    async with server:
+        yield int(server.sockets[0].getsockname()[1])
+
+
+async def diagnose(collab: V6Collaboration, org: V6Org, **kwargs: Any) -> dict[str, Any]:
+    task = await asyncio.to_thread(
+        collab.create_task, input_={"method": "diagnose", "kwargs": kwargs},
+        image=DIAGNOSTICS, organizations=[org.id])
+    (report,) = await result_of(collab, task)
+    return dict(report)
+
+
+async def probe_targets(k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker,
+                        host_port: int) -> dict[str, str]:
+    """Things a run must not reach, each really listening: name -> host:port."""
+    other = await k8s_testbed.create_namespace("fednode-other")
+    pod_ip = await k8s_real_worker.listener_pod(other)
+    return {
+        "host": f"{k8s_real_worker.node_ip}:{host_port}",
+        "pod": f"{pod_ip}:8080",
+        "apiserver-service": "10.96.0.1:443",
+        "apiserver": f"{k8s_real_worker.node_ip}:16443",
+    }
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+async def test_central_average_runs_in_real_pods_and_reaches_the_server_only_via_the_proxy(
+    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
+) -> None:
+    site_a = await make_site(v6_plain, v6_plain.org_a)
+    site_b = await make_site(v6_plain, v6_plain.org_b)
+    node_a = await start_real_node(site_a)
+    await start_real_node(site_b)
+    orgs = [v6_plain.org_a.id, v6_plain.org_b.id]
+    task = await asyncio.to_thread(
+        v6_plain.create_task,
+        input_={"method": "central_average",
+                "kwargs": {"column_name": "age", "organizations": orgs}},
+        image=AVERAGE, organizations=[v6_plain.org_a.id])
+
+    (result,) = await result_of(v6_plain, task)
+
+    # Computed by the algorithm in its pods (central on A, partials on A and B), the
+    # subtasks created and their results fetched through A's proxy, behind NetworkPolicy.
+    assert result["average"] == pytest.approx(41.875)
+    assert (result["sum"], result["count"]) == (670, 16)
+    runs = await asyncio.to_thread(v6_plain.user.runs, task["id"])
+    assert [r["status"] for r in runs] == ["completed"]
+    assert sum(uploads(node_a).values()) == 2  # the central run and A's partial
+
+
+async def test_a_real_pod_reaches_the_proxy_and_dns_and_nothing_else(
+    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
+    k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker,
+) -> None:
+    site = await make_site(v6_plain, v6_plain.org_a)
+    await start_real_node(site)
+    async with host_listener(k8s_real_worker.node_ip) as host_port:
+        targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
+        report = await diagnose(v6_plain, v6_plain.org_a, targets=list(targets.values()),
+                                dns_name=site.proxy_host, timeout=3)
+
+    attempts = {a["target"]: a for a in report["internet"]["attempts"]}
+    for name, target in targets.items():
+        assert attempts[target]["reachable"] is False, (name, attempts[target])
+    assert report["proxy"]["reachable"] is True, report["proxy"]
+    assert report["proxy"]["healthz"]["status"] is not None, report["proxy"]
+    # DNS as designed: the cluster DNS answers for the proxy's Service name.
+    assert report["dns"]["resolves"] is True, report["dns"]
+    # Pod Security restricted, as the container itself sees it.
+    identity = report["identity"]
+    assert (identity["uid"], identity["root"]) == (RUN_UID, False)
+    assert identity["no_new_privs"] is True
+    assert int(identity["cap_eff"], 16) == 0
+    assert identity["seccomp"] == "2"  # filter mode: RuntimeDefault
+    assert report["root_fs"]["read_only"] is True
+    assert report["root_fs"]["writable"] is False
+    assert report["scratch"]["writable"] is True
+
+
+async def test_without_the_network_policies_the_same_probe_gets_through(
+    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
+    k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker,
+) -> None:
+    site = await make_site(v6_plain, v6_plain.org_a, network_policies=False)
+    await start_real_node(site)
+    async with k8s_testbed.api_client() as api:
+        policies = await client.NetworkingV1Api(api).list_namespaced_network_policy(
+            site.namespace)
+    assert policies.items == []
+    async with host_listener(k8s_real_worker.node_ip) as host_port:
+        targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
+        report = await diagnose(v6_plain, v6_plain.org_a, targets=list(targets.values()),
+                                dns_name=site.proxy_host, timeout=3)
+
+    attempts = {a["target"]: a for a in report["internet"]["attempts"]}
+    for name, target in targets.items():
+        assert attempts[target]["reachable"] is True, (name, attempts[target])
+    assert report["proxy"]["reachable"] is True
+    assert report["dns"]["resolves"] is True
+
+
+async def test_node_restart_mid_run_adopts_the_running_pod(
+    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
+    real_images: str,
+) -> None:
+    site = await make_site(v6_plain, v6_plain.org_a)
+    first = await start_real_node(site)
+    task = await asyncio.to_thread(
+        v6_plain.create_task, input_={"sleep": 8, "output": '{"run": "long"}'},
+        image=real_images, organizations=[v6_plain.org_a.id])
+    await wait_for_run(v6_plain, task["id"], status="active")
+    await first.shutdown()  # kubelet keeps running the pod
+    await asyncio.sleep(2)
+
+    second = await start_real_node(site)
+    run = await wait_for_run(v6_plain, task["id"])
+    assert run["status"] == "completed"
+    assert await asyncio.to_thread(v6_plain.user.result_values, task["id"]) == [{"run": "long"}]
+    assert uploads(second) == Counter({run["id"]: 1})
+    assert not [s for s in second.spans if s.name == "start"]
+    assert uploads(first) == Counter()
