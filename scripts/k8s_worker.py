@@ -42,6 +42,7 @@ import io
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -114,9 +115,13 @@ DEBIAN_PACKAGES = {
     "podman": "/usr/bin/podman",
 }
 
-#: Kernel settings kubelet rewrites at start (protectKernelDefaults=false); `down` puts
-#: back what was there before.
-KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
+#: Kernel settings kubelet (protectKernelDefaults=false) and Cilium rewrite at start; `down`
+#: puts back what was there before (kernel.unprivileged_bpf_disabled=1 is one-way: the
+#: kernel refuses to lower it again).
+HOST_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops",
+                "kernel/timer_migration", "kernel/unprivileged_bpf_disabled",
+                "net/core/bpf_jit_enable", "net/ipv4/conf/all/rp_filter",
+                "net/ipv4/fib_multipath_use_neigh")
 
 
 def enabled() -> bool:
@@ -505,7 +510,8 @@ def kube_proxy_config() -> dict[str, Any]:
         "mode": "iptables",  # no IPVS in this kernel
         "clusterCIDR": NATIVE_ROUTING_CIDR,
         # Leave the conntrack sysctls and route_localnet as they are.
-        "conntrack": {"maxPerCore": 0, "min": 0},
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
+                      "tcpCloseWaitTimeout": "0s"},
         "iptables": {"localhostNodePorts": False, "syncPeriod": "30s", "minSyncPeriod": "0s"},
         "nodePortAddresses": [f"{NODE_IP}/32"],
     }
@@ -836,7 +842,8 @@ def mount_bpffs() -> None:
 
 
 def read_sysctls() -> dict[str, str]:
-    return {name: (Path("/proc/sys") / name).read_text().strip() for name in KUBELET_SYSCTLS}
+    return {name: (Path("/proc/sys") / name).read_text().strip() for name in HOST_SYSCTLS
+            if (Path("/proc/sys") / name).exists()}
 
 
 def node() -> dict[str, Any] | None:
@@ -988,35 +995,33 @@ def _kill_runtime_tasks() -> None:
 
 
 def _iptables_chains_cleanup() -> None:
-    """Remove the chains kube-proxy and Cilium left (both iptables backends)."""
-    for save, restore in (("iptables-nft-save", "iptables-nft-restore"),
-                          ("iptables-legacy-save", "iptables-legacy-restore")):
-        if shutil.which(save) is None:
-            continue
-        dump = subprocess.run([save], capture_output=True, text=True, check=False).stdout
-        table, out, touched = "", [], False
-        for line in dump.splitlines():
-            if line.startswith("*"):
-                table = line
-                out.append(line)
-            elif line.startswith(":"):
-                chain = line[1:].split()[0]
-                if chain.startswith(("KUBE-", "CILIUM_")):
-                    touched = True
-                    continue
-                out.append(line)
-            elif line.startswith("-A "):
-                if any(f" {name}" in f" {line}" for name in ("KUBE-", "CILIUM_")) and (
-                        " -j KUBE-" in line or " -j CILIUM_" in line
-                        or line.split()[1].startswith(("KUBE-", "CILIUM_"))):
-                    touched = True
-                    continue
-                out.append(line)
-            elif line == "COMMIT" or table:
-                out.append(line)
-        if touched:
-            subprocess.run([restore], input="\n".join(out) + "\n", text=True,
-                           capture_output=True, check=False)
+    """Remove the rules and chains kubelet, kube-proxy and Cilium left, rule by rule.
+
+    Never a whole-table restore: podman (netavark) may be changing its own rules meanwhile.
+    """
+    ours = ("KUBE-", "CILIUM_")
+    for family in ("iptables", "ip6tables"):
+        for backend in ("nft", "legacy"):
+            save, tool = f"{family}-{backend}-save", f"{family}-{backend}"
+            if shutil.which(save) is None:
+                continue
+            dump = subprocess.run([save], capture_output=True, text=True, check=False).stdout
+            table, chains, jumps = "", [], []
+            for line in dump.splitlines():
+                if line.startswith("*"):
+                    table = line[1:]
+                elif line.startswith(":") and line[1:].startswith(ours):
+                    chains.append((table, line[1:].split()[0]))
+                elif line.startswith("-A ") and not line.split()[1].startswith(ours) and any(
+                        f"-j {prefix}" in line for prefix in ours):
+                    jumps.append((table, shlex.split(line)[1:]))
+            for table, rule in jumps:
+                subprocess.run([tool, "-w", "-t", table, "-D", *rule], capture_output=True,
+                               check=False)
+            for verb in ("-F", "-X"):
+                for table, chain in chains:
+                    subprocess.run([tool, "-w", "-t", table, verb, chain], capture_output=True,
+                                   check=False)
 
 
 def _remove_cgroups() -> None:
