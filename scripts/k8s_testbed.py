@@ -19,6 +19,9 @@ Nothing here downloads release binaries: everything is compiled from the Go modu
   Ready, and records pids under ``~/.cache/fednode/k8s/run``. It is idempotent.
 * ``down`` stops the recorded processes and wipes the run state; ``status`` checks health;
   ``env`` prints the ``export KUBECONFIG=...`` line.
+* ``--real-worker`` (``build`` and ``up``; or ``FEDNODE_REAL_WORKER=1``) adds one real node
+  beside the kwok nodes, where pods really run and NetworkPolicy is enforced: see
+  ``scripts/k8s_worker.py``. ``import-images`` copies podman images to it.
 
 Run it through ``scripts/k8s-testbed`` (which picks the project's virtualenv).
 """
