@@ -261,6 +261,8 @@ def build(args: argparse.Namespace) -> None:
     real_worker = args.real_worker or k8s_worker().wanted_from_env()
     commands = (*KUBE_COMMANDS, *(k8s_worker().WORKER_KUBE_COMMANDS if real_worker else ()))
     extra = k8s_worker().extra_targets(flags) if real_worker else []
+    if real_worker:
+        k8s_worker().install_packages()  # containerd, runc, CNI plugins, clang, ...
 
     # The etcd version comes from the k8s go.mod; read it only when something is missing.
     recorded = read_json(VERSION_DIR / "versions.json")

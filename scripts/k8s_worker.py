@@ -262,6 +262,23 @@ def prepare_wrappers(go: str, env: dict[str, str], todo: list[tb.Target]) -> Non
         tb.log(f"  coredns wrapper resolved in {tb.human(time.monotonic() - step)}")
 
 
+def install_packages() -> None:
+    """Install the Debian packages the worker runs on (as scripts/podman-setup does)."""
+    missing = [pkg for pkg, path in DEBIAN_PACKAGES.items() if not Path(path).exists()]
+    if not missing:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise tb.fail(f"the real worker needs these Debian packages: {' '.join(missing)} "
+                      "(install them as root)")
+    tb.log(f"installing from Debian: {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log_file = tb.BUILD_LOG_DIR / "apt.log"
+    tb.run_logged(["apt-get", "update", "-qq"], cwd=tb.CACHE, env=env, log_file=log_file,
+                  what="apt-get update")
+    tb.run_logged(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+                  cwd=tb.CACHE, env=env, log_file=log_file, what="apt-get install")
+
+
 def cilium_module_dir() -> Path:
     return tb.GO_CACHE / "mod" / "github.com" / "cilium" / f"cilium@{CILIUM_VERSION}"
 
