@@ -993,12 +993,13 @@ def _kill_runtime_tasks() -> None:
     tasks = listed.stdout.decode().split()
     for task in tasks:
         ctr("tasks", "kill", "-a", "-s", "SIGKILL", task, check=False, timeout=30)
+    # containerd's CRI plugin deletes a task itself once it has exited.
     limit = time.monotonic() + 15
+    while tasks and time.monotonic() < limit:
+        time.sleep(0.1)
+        tasks = ctr("tasks", "ls", "-q", check=False, timeout=30).stdout.decode().split()
     for task in tasks:
-        while time.monotonic() < limit:
-            if ctr("tasks", "delete", task, check=False, timeout=30).returncode == 0:
-                break
-            time.sleep(0.2)
+        ctr("tasks", "delete", "--force", task, check=False, timeout=30)
     for container in ctr("containers", "ls", "-q", check=False, timeout=30).stdout.decode().split():
         info = ctr("containers", "info", container, check=False, timeout=30)
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -1056,11 +1057,16 @@ def _remove_cgroups() -> None:
 
 def teardown() -> None:
     """Stop the worker and undo what it did to the host (idempotent)."""
+    started = time.monotonic()
     record = tb.read_json(MARKER)
     comps = {c.name: c for c in components()}
     for name in ("cilium-agent", "kube-proxy", "kubelet"):
+        step = time.monotonic()
         tb.stop(comps[name], grace=10)
+        tb.log(f"  {name} stopped ({tb.human(time.monotonic() - step)})")
+    step = time.monotonic()
     _kill_runtime_tasks()
+    tb.log(f"  containers removed ({tb.human(time.monotonic() - step)})")
     tb.stop(comps["containerd"], grace=10)
     tb.stop(comps["apiserver-relay"], grace=3)
     for point in sorted(_mounts_under(WORKER_DIR), key=len, reverse=True):
@@ -1080,4 +1086,5 @@ def teardown() -> None:
     with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
         tb.api("DELETE", f"/api/v1/nodes/{NODE_NAME}")
     MARKER.unlink(missing_ok=True)
+    tb.log(f"real worker stopped, host changes undone ({tb.human(time.monotonic() - started)})")
 
