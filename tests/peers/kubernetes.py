@@ -300,15 +300,23 @@ class K8sRealWorker:
                           claim: str = "fednode-tasks") -> AsyncIterator[str]:
         """A claim in ``namespace`` bound to ``path`` on the host (a hostPath volume): the
         node's task directory, which the run pods mount their ``run-<id>`` folder from."""
-        from kubernetes_asyncio import client, watch
+        from kubernetes_asyncio import client
         from kubernetes_asyncio.client.exceptions import ApiException
 
         volume = f"{namespace}-{claim}"
         size = {"storage": "1Gi"}
         async with self.testbed.api_client() as api:
             core = client.CoreV1Api(api)
-            # The volume first, reserved for the claim: the claim is then bound as soon as
-            # the volume controller sees it (not at its next 15 s resync).
+            # Bound here directly, as tests/integration/test_k8s_executor_support.py does:
+            # the claim, a volume reserved for it by uid, the claim's status. Waiting for
+            # the volume controller instead costs seconds (up to its 15 s resync) per test.
+            created = await core.create_namespaced_persistent_volume_claim(namespace, {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim,
+                             "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+                "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
+                         "volumeName": volume, "resources": {"requests": size}},
+            })
             await core.create_persistent_volume({
                 "apiVersion": "v1", "kind": "PersistentVolume",
                 "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
@@ -316,22 +324,12 @@ class K8sRealWorker:
                          "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
                          "hostPath": {"path": str(path), "type": "Directory"},
                          "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                                      "namespace": namespace, "name": claim}},
+                                      "namespace": namespace, "name": claim,
+                                      "uid": created.metadata.uid}},
             })
-            created = await core.create_namespaced_persistent_volume_claim(namespace, {
-                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim},
-                "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
-                         "volumeName": volume, "resources": {"requests": size}},
-            })
-            if created.status.phase != "Bound":
-                async with asyncio.timeout(30), watch.Watch() as w:
-                    async for event in w.stream(
-                            core.list_namespaced_persistent_volume_claim, namespace,
-                            field_selector=f"metadata.name={claim}",
-                            resource_version=created.metadata.resource_version):
-                        if event["object"].status.phase == "Bound":
-                            break
+            await core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {
+                "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"],
+                           "capacity": size}})
             try:
                 yield claim
             finally:
