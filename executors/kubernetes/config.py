@@ -78,6 +78,8 @@ class KubernetesSettings(BaseModel):
     image_pull_secrets: list[str] = Field(default_factory=list)
     #: Size limit of the writable scratch directory ``/tmp`` (an emptyDir).
     scratch_size_limit: str = "1Gi"
+    #: Seconds a killed or timed-out run gets between SIGTERM and SIGKILL.
+    termination_grace_seconds: Annotated[int, Field(ge=0)] = 5
     priority_class_name: str | None = None
     #: Scheduling constraints of every run pod.
     node_selector: dict[str, str] = Field(default_factory=dict)

@@ -171,6 +171,9 @@ def run_job(
     }
     pod_spec: Json = {
         "restartPolicy": "Never",
+        # A killed run has nothing to save: a short grace ends it (algorithms often run as
+        # PID 1, which ignores SIGTERM, so the default 30 s would be spent waiting).
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(run_as_user=uid, run_as_group=gid),
