@@ -366,11 +366,14 @@ async def test_the_node_network_policy_is_given_the_api_servers_address(
     slice_ = await as_json(client.DiscoveryV1Api(admin).read_namespaced_endpoint_slice(
         "kubernetes", "default", _preload_content=False))
 
+    # Without endpoints in the slice (the kwok-only testbed publishes none; its real
+    # worker adds them) the chart falls back to any address on the usual ports.
     api_server = egress[1]
-    assert api_server["to"] == [{"ipBlock": {"cidr": f"{address}/32"}}
-                                for e in slice_["endpoints"] for address in e["addresses"]]
-    assert api_server["ports"] == [{"port": p["port"], "protocol": "TCP"}
-                                   for p in slice_["ports"]]
+    expected_to = [{"ipBlock": {"cidr": f"{address}/32"}}
+                   for e in slice_.get("endpoints") or [] for address in e["addresses"]]
+    expected_ports = [p["port"] for p in slice_.get("ports") or []] or [443, 6443]
+    assert api_server["to"] == (expected_to or [{"ipBlock": {"cidr": "0.0.0.0/0"}}])
+    assert api_server["ports"] == [{"port": port, "protocol": "TCP"} for port in expected_ports]
 
 
 async def test_helm_uninstall_keeps_the_task_claim_and_its_namespace_only(
