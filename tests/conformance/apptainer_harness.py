@@ -40,6 +40,11 @@ BEHAVIOUR_IMAGE = "localhost/fednode/behaviour:fake"
 class ApptainerHarness(Harness):
     kind: ClassVar[str] = "apptainer"
     supports: ClassVar[frozenset[str]] = frozenset({"restart"})
+    unsupported_because: ClassVar[str] = (
+        "apptainer cannot be installed here: the runtime is a named fake that runs no real "
+        "image, has no memory limit and no network; docs/executors.md has the manual check "
+        "for a real HPC host"
+    )
     slack: ClassVar[float] = 15.0
 
     def __init__(self, *, node_name: str, task_dir: Path, work: Path, **settings: Any) -> None:

@@ -58,6 +58,8 @@ class Harness(abc.ABC):
     kind: ClassVar[str]
     #: The subset of :data:`CAPABILITIES` this runtime can demonstrate.
     supports: ClassVar[frozenset[str]] = CAPABILITIES
+    #: Why the others cannot be shown here, and where they are proven instead.
+    unsupported_because: ClassVar[str] = ""
     #: Seconds a run takes to go from start to running at worst (scales the timeouts).
     slack: ClassVar[float] = 30.0
 

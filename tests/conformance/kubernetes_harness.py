@@ -80,6 +80,10 @@ class PlaysTheContainer:
 class KubernetesHarness(Harness):
     kind: ClassVar[str] = "kubernetes"
     supports: ClassVar[frozenset[str]] = frozenset({"oom", "restart"})
+    unsupported_because: ClassVar[str] = (
+        "kwok pods run no code and kwok has no CNI; the same behaviour on real pods is "
+        "proven by tests/integration/test_real_worker.py and tests/e2e/test_real_worker.py"
+    )
     slack: ClassVar[float] = 30.0
 
     def __init__(

@@ -21,7 +21,11 @@ pytestmark = [pytest.mark.slow]
 
 def require(under_test: ExecutorUnderTest, capability: str) -> None:
     if capability not in under_test.harness.supports:
-        pytest.skip(f"the {under_test.harness.kind} harness cannot show {capability!r}")
+        harness = under_test.harness
+        pytest.skip(
+            f"the {harness.kind} harness cannot show {capability!r}: "
+            f"{harness.unsupported_because}"
+        )
 
 
 async def test_average_algorithm_returns_the_partial_sum_and_count_of_the_sample_csv(

@@ -516,6 +516,8 @@ UNPRIVILEGED_PROBE = textwrap.dedent(
 async def test_an_unprivileged_supervisor_makes_the_relay_namespace_with_its_own_uid() -> None:
     """The supervisor's namespace code as an unprivileged user (nobody), as on an HPC host."""
     if os.geteuid() != 0:
+        # Root is needed to drop to 'nobody'; the test command runs as root (podman and the
+        # testbed need it too), so this only skips in a contributor's unprivileged shell.
         pytest.skip("needs root to become another user for the test")
     shared = directory_nobody_can_reach()
     socket_path = shared / "proxy.sock"
