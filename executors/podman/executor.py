@@ -73,7 +73,7 @@ class PodmanExecutor:
         self._subscribed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._run_of_container: dict[str, int] = {}
-        self._starting: set[int] = set()
+        self._starting: dict[int, asyncio.Event] = {}
         self._gone: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._pulls: dict[str, asyncio.Task[str | None]] = {}
         self._network: asyncio.Task[str | None] | None = None
@@ -148,9 +148,14 @@ class PodmanExecutor:
         ends as a ``failed`` event with a reason; only podman being unreachable raises.
         """
         run_id = spec.run_id
+        in_flight = self._starting.get(run_id)
+        if in_flight is not None:
+            # A start of this run is already under way here: its outcome is this one's.
+            await in_flight.wait()
+            return
         name = self._name(run_id)
         bound = log.bind(run_id=run_id, task_id=spec.task_id, container=name)
-        self._starting.add(run_id)
+        done = self._starting[run_id] = asyncio.Event()
         try:
             existing = await self._api.inspect_container(name)
             if existing is not None:
@@ -182,8 +187,8 @@ class PodmanExecutor:
             try:
                 container_id = await self._api.create_container(body)
             except LibpodError as exc:
-                if "already in use" in exc.message:  # a concurrent start of the same run
-                    existing = await self._api.inspect_container(name)
+                if "already in use" in exc.message:  # another process started this run
+                    existing = await self._inspect_once_created(name)
                     if existing is not None:
                         await self._adopt(existing)
                         return
@@ -197,7 +202,21 @@ class PodmanExecutor:
                 return
             await self._start_created(name, run_id, bound)
         finally:
-            self._starting.discard(run_id)
+            del self._starting[run_id]
+            done.set()
+
+    async def _inspect_once_created(self, name: str) -> dict[str, Any] | None:
+        """Inspect a container whose name podman reserved a moment ago.
+
+        podman reserves the name in its storage before the container is in its database,
+        so for a short while the name is taken and yet the container is not found.
+        """
+        for delay in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
+            await asyncio.sleep(delay)
+            document = await self._api.inspect_container(name)
+            if document is not None:
+                return document
+        return None
 
     @staticmethod
     def _is_this_run(document: dict[str, Any], spec: RunSpec) -> bool:
