@@ -66,6 +66,7 @@ from executors.kubernetes.manifests import (
     token_secret,
 )
 from executors.kubernetes.tracker import RunTracker
+from executors.kubernetes.transform import slim_job, slim_pod
 from executors.runfiles import RunFiles
 from executors.spec import RunEvent, RunOutput, RunSpec, RunState
 from policies.network import RunIsolation, dns_peer, proxy_peer, run_network_policies
@@ -352,10 +353,10 @@ class KubernetesExecutor:
         timeout = self._settings.watch_timeout_seconds
         jobs = Informer(client=client, resource=JOBS, namespace=self._namespace,
                         label_selector=selector, handler=self._tracker.on_job,
-                        watch_timeout=timeout)
+                        watch_timeout=timeout, transform=slim_job)
         pods = Informer(client=client, resource=PODS, namespace=self._namespace,
                         label_selector=selector, handler=self._tracker.on_pod,
-                        watch_timeout=timeout)
+                        watch_timeout=timeout, transform=slim_pod)
         try:
             async with asyncio.timeout(self._settings.sync_timeout_seconds):
                 await jobs.prime()

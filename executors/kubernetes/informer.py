@@ -18,9 +18,11 @@ Keeping the cache exact across trouble is the whole job:
   only wait in this module: it paces reconnects, it discovers nothing).
 
 The handler is a plain callable run in the informer's task, in stream order; it must be
-quick and must not raise (an exception is logged and the stream goes on). Objects are
-kept without ``metadata.managedFields`` (as client-go's informers are usually told to):
-nobody here reads them, and they are a good part of every object's size.
+quick and must not raise (an exception is logged and the stream goes on). As in
+client-go, every object goes through the informer's *transform* before it is cached or
+handed on, so the cache holds only what its readers read
+(:mod:`~executors.kubernetes.transform`; by default the object less
+``metadata.managedFields``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import structlog
 
 from executors.kubernetes.client import Json, KubeClient, KubeError, Resource
+from executors.kubernetes.transform import Transform, without_managed_fields
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -82,6 +85,7 @@ class Informer:
         label_selector: str,
         handler: Handler,
         watch_timeout: int,
+        transform: Transform = without_managed_fields,
     ) -> None:
         self._client = client
         self._resource = resource
@@ -89,6 +93,7 @@ class Informer:
         self._selector = label_selector
         self._handler = handler
         self._watch_timeout = watch_timeout
+        self._transform = transform
         self.store: dict[str, Json] = {}
         self.resource_version: str | None = None
         #: How often the stream was resumed from a version, and how often relisted (410).
@@ -153,7 +158,8 @@ class Informer:
                     continue
                 raise
             for item in page.get("items") or []:
-                items[item["metadata"]["name"]] = _slim(item)
+                obj = self._transform(item)
+                items[obj["metadata"]["name"]] = obj
             metadata = page.get("metadata") or {}
             version = str(metadata.get("resourceVersion") or version)
             cont = metadata.get("continue") or None
@@ -207,19 +213,23 @@ class Informer:
         except ValueError:
             log.warning("k8s.watch_bad_line", kind=self.kind, line=line[:200])
             return
-        kind, obj = event.get("type"), _slim(event.get("object") or {})
+        kind, raw = event.get("type"), event.get("object") or {}
         if kind == "ERROR":
-            error = KubeError.from_status(int(obj.get("code") or 500), obj)
+            error = KubeError.from_status(int(raw.get("code") or 500), raw)
             if error.status == 410:
                 raise _Gone()
             raise error
-        version = _version(obj)
         if kind == "BOOKMARK":
+            version = _version(raw)
             if version:
                 self.resource_version = version
             return
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            return
+        obj = self._transform(raw)
+        version = _version(obj)
         name = obj.get("metadata", {}).get("name")
-        if name is None or kind not in ("ADDED", "MODIFIED", "DELETED"):
+        if name is None:
             return
         change = Change(kind)
         if change is Change.DELETED:
@@ -236,13 +246,6 @@ class Informer:
         except Exception:
             log.exception("k8s.handler_failed", kind=self.kind, change=change.value,
                           name=obj.get("metadata", {}).get("name"))
-
-
-def _slim(obj: Json) -> Json:
-    metadata = obj.get("metadata")
-    if isinstance(metadata, dict):
-        metadata.pop("managedFields", None)
-    return obj
 
 
 def _version(obj: dict[str, Any]) -> str:
