@@ -34,6 +34,8 @@ LABEL_ACTION = "fednode.io/action"
 MANAGED_BY = "fednode"
 #: Annotation (or label, where the runtime has no annotations) with the W3C trace context.
 ANNOTATION_TRACEPARENT = "fednode.io/traceparent"
+#: Annotation (or label) with the run's sealed token (:attr:`RunSpec.sealed_token`).
+ANNOTATION_SEALED_TOKEN = "fednode.io/sealed-token"
 
 
 class ExecutorError(Exception):

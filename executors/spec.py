@@ -2,7 +2,9 @@
 
 ``RunSpec`` is everything an executor needs to start one run; ``RunEvent`` is what it
 reports back; ``RunState`` is what it can tell about a run from the runtime's own objects
-(labels, annotations) after a restart; ``RunOutput`` is what a finished run produced.
+(labels, annotations) after a restart, including the two values it keeps for the node
+without reading them (the trace context, the sealed token); ``RunOutput`` is what a
+finished run produced.
 
 Phases form one small state machine, the same for every runtime::
 
@@ -130,6 +132,10 @@ class RunSpec(BaseModel):
     annotations: dict[str, str] = Field(default_factory=dict)
     proxy: ProxyEndpoint | None = None
     trace_context: dict[str, str] = Field(default_factory=dict)
+    #: The run's token as the node sealed it: opaque to executors, which store it with the
+    #: run (annotation, label, record) and hand it back in :class:`RunState`, so a restarted
+    #: node can re-admit the run to the proxy without reading the token itself back.
+    sealed_token: str | None = None
 
 
 class RunEvent(NamedTuple):
@@ -164,6 +170,7 @@ class RunState(NamedTuple):
     reason: Reason | None = None
     exit_code: int | None = None
     trace_context: dict[str, str] = {}  # noqa: RUF012 - NamedTuple default, never mutated
+    sealed_token: str | None = None  # as the spec had it (see RunSpec.sealed_token)
 
 
 class RunOutput(NamedTuple):

@@ -5,9 +5,10 @@ the shape of a run can be read (and tested) in one place:
 
 * a ``batch/v1`` Job named after the run (so a second ``start`` meets ``409`` instead of
   starting it twice), labelled with :func:`~executors.base.run_labels` (what the informers
-  select on) and annotated with the ids and the trace context (what a restarted node
-  rebuilds its state from); ``backoffLimit`` from the settings, ``activeDeadlineSeconds``
-  from the run's deadline (never early), ``ttlSecondsAfterFinished`` as a safety net;
+  select on) and annotated with the ids, the trace context and the node's sealed copy of
+  the token (what a restarted node rebuilds its state from; it may not read the Secret);
+  ``backoffLimit`` from the settings, ``activeDeadlineSeconds`` from the run's deadline
+  (never early), ``ttlSecondsAfterFinished`` as a safety net;
 * a pod that passes Pod Security ``restricted`` (:mod:`policies.pod_security`), with no
   service-account token and no service links, CPU/memory requests and limits, GPUs as an
   extended-resource limit plus the GPU nodes' selector and tolerations;
@@ -22,7 +23,13 @@ import base64
 import hashlib
 from typing import Any
 
-from executors.base import ANNOTATION_TRACEPARENT, LABEL_MANAGED_BY, LABEL_NODE, MANAGED_BY
+from executors.base import (
+    ANNOTATION_SEALED_TOKEN,
+    ANNOTATION_TRACEPARENT,
+    LABEL_MANAGED_BY,
+    LABEL_NODE,
+    MANAGED_BY,
+)
 from executors.kubernetes.config import DatabaseVolume, KubernetesSettings
 from executors.spec import (
     CONTAINER_DATA_DIR,
@@ -92,6 +99,8 @@ def job_annotations(spec: RunSpec) -> dict[str, str]:
         annotations[ANNOTATION_TRACEPARENT] = spec.trace_context["traceparent"]
     if "tracestate" in spec.trace_context:
         annotations[ANNOTATION_TRACESTATE] = spec.trace_context["tracestate"]
+    if spec.sealed_token:
+        annotations[ANNOTATION_SEALED_TOKEN] = spec.sealed_token
     return annotations
 
 
@@ -103,6 +112,11 @@ def trace_context_of(annotations: dict[str, str]) -> dict[str, str]:
     if ANNOTATION_TRACESTATE in annotations:
         context["tracestate"] = annotations[ANNOTATION_TRACESTATE]
     return context
+
+
+def sealed_token_of(annotations: dict[str, str]) -> str | None:
+    """The node's sealed copy of the run's token a Job carries (see :func:`job_annotations`)."""
+    return annotations.get(ANNOTATION_SEALED_TOKEN) or None
 
 
 def token_secret(

@@ -31,7 +31,7 @@ from typing import Any
 from executors.base import LABEL_RUN, LABEL_TASK
 from executors.events import RunEventStream
 from executors.kubernetes.informer import Change
-from executors.kubernetes.manifests import ANNOTATION_TASK, trace_context_of
+from executors.kubernetes.manifests import ANNOTATION_TASK, sealed_token_of, trace_context_of
 from executors.kubernetes.observe import Observation, newest, observe
 from executors.spec import Phase, Reason, RunEvent, RunState
 
@@ -134,7 +134,8 @@ class RunTracker:
                 seen = Observation(ended.phase, ended.reason, ended.exit_code, ended.message)
             annotations = job.get("metadata", {}).get("annotations") or {}
             states.append(RunState(run_id, task_id_of(job), seen.phase, seen.reason,
-                                   seen.exit_code, trace_context_of(annotations)))
+                                   seen.exit_code, trace_context_of(annotations),
+                                   sealed_token_of(annotations)))
         for run_id, task_id in self.vanished.items():
             ended = self.ended.get(run_id)
             if ended is None or run_id in self.jobs or run_id in self.cleaning:

@@ -13,6 +13,7 @@ from executors.kubernetes.manifests import (
     ManifestError,
     job_name,
     run_job,
+    sealed_token_of,
     token_secret,
 )
 from executors.kubernetes.rbac import ROLE_RULES, role_binding_manifest, role_manifest
@@ -117,6 +118,14 @@ def test_the_job_carries_ids_trace_and_safety_nets() -> None:
     assert job["spec"]["activeDeadlineSeconds"] == 61  # never before the deadline
     assert job["spec"]["backoffLimit"] == 0
     assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+
+
+def test_the_job_carries_the_sealed_token_back_but_never_the_token() -> None:
+    job = job_for(spec(sealed_token="v1.c2VhbGVk"))
+    annotations = job["metadata"]["annotations"]
+    assert sealed_token_of(annotations) == "v1.c2VhbGVk"
+    assert "t0ken" not in str(job)  # the token itself is only in the Secret
+    assert sealed_token_of(job_for(spec())["metadata"]["annotations"]) is None
 
 
 def test_a_run_without_token_has_no_secret_mount_and_the_secret_is_immutable() -> None:
