@@ -39,6 +39,7 @@ from node.server.rest import Backoff, ServerClient, ServerError
 from node.server.socket import SocketLink
 from node.settings import NodeSettings
 from node.telemetry import make_tracer_provider
+from node.token_seal import TokenSeal
 from policies.admission import Admission, AdmissionPolicy, ResourcePolicy
 from proxy import ProxyLimits, ProxyServer, RunTable, make_proxy_app
 
@@ -116,6 +117,7 @@ class Node:
                 config=self._lifecycle_config(identity, executor, proxy),
                 tracer=tracer,
                 keys=keys,
+                token_seal=TokenSeal(api_key=settings.api_key.get_secret_value()),
                 proxy_runs=proxy_runs if proxy is not None else None,
             )
             self.state.lifecycle, self.state.socket = lifecycle, socket

@@ -17,7 +17,10 @@ every run the executor already has, so none is started twice; terminal runs foun
 are uploaded (a repeat upload of a finished run is refused by the server and treated as
 done); and on every ``sync`` the server's open runs are compared with what is claimed. A run
 the server thinks started but that no runtime object backs (lost while the node was down)
-is failed with a clear log rather than silently started a second time.
+is failed with a clear log rather than silently started a second time. A run still going is
+admitted to the proxy again with its token, from the sealed copy the executor kept with it
+(:mod:`node.token_seal`; on Kubernetes the node may not read the token's Secret) or else
+from the run's token file.
 
 Each run's work is a task owned by a :class:`~node.background.TaskOwner`; a failure in one
 run is logged and reported as that run's status, never a crash of the node.
@@ -47,6 +50,7 @@ from executors.spec import (
     Resources,
     RunEvent,
     RunSpec,
+    RunState,
 )
 from node.background import TaskOwner
 from node.contract import container_environment
@@ -63,6 +67,7 @@ from node.server.models import (
 from node.server.rest import ServerClient, ServerError
 from node.server.socket import Received, Sync
 from node.telemetry import carrier_of, context_from
+from node.token_seal import SealError, TokenSeal
 from policies.admission import Admission, Admitted
 from proxy import RunInfo, RunTable
 
@@ -150,6 +155,7 @@ class RunLifecycle:
         config: LifecycleConfig,
         tracer: trace.Tracer,
         keys: OrganizationKeys,
+        token_seal: TokenSeal,
         proxy_runs: RunTable | None = None,
     ) -> None:
         self._server = server
@@ -163,6 +169,7 @@ class RunLifecycle:
         self._runs: dict[int, _RunInFlight] = {}
         self._work = TaskOwner("runs")
         self._keys = keys
+        self._token_seal = token_seal
         self._proxy_runs = proxy_runs
         self._accepting = True
         # Runs finished by this process, so a late or repeated terminal event (a relist
@@ -376,6 +383,9 @@ class RunLifecycle:
             deadline_seconds=self._config.deadline_seconds,
             proxy=self._config.proxy,
             trace_context=trace_context,
+            # Kept by the executor with the run, so a restarted node gets the token back
+            # even where it may not read it from the runtime (Kubernetes Secrets).
+            sealed_token=self._token_seal.seal(token, run_id=run.id, task_id=run.task.id),
         )
         with self._tracer.start_as_current_span(
             "start", context=trace.set_span_in_context(record.span)
@@ -606,13 +616,14 @@ class RunLifecycle:
             if not self._slots.locked():
                 await self._slots.acquire()
                 record.holds_slot = True
-            token_file = RunFiles(self._config.task_dir, state.run_id).token
-            if token_file.is_file() and (token := token_file.read_text().strip()):
+            token, why_not = self._recover_token(state, run)
+            if token is not None:
                 self._admit_to_proxy(record, token, state.trace_context)
             else:
                 log.warning(
                     "run.token_not_recovered",
                     run_id=state.run_id,
+                    reason=why_not,
                     hint="the proxy refuses this run's calls until it ends",
                 )
             if _finished_on_server(run.status):
@@ -622,6 +633,37 @@ class RunLifecycle:
                 except ExecutorError as exc:
                     log.warning("run.kill_failed", run_id=state.run_id, error=str(exc))
         log.info("runs.reconciled", found=len(states), claimed=len(self._runs))
+
+    def _recover_token(self, state: RunState, run: Run) -> tuple[str | None, str]:
+        """An adopted run's container token, or why it cannot be had.
+
+        First the sealed copy the executor kept with the run (every runtime, including
+        Kubernetes, whose Secret the node may not read), bound to the run and task ids the
+        server gives; then the token file in the run's directory (podman, apptainer).
+        """
+        reasons = []
+        if state.sealed_token:
+            try:
+                return (
+                    self._token_seal.unseal(
+                        state.sealed_token, run_id=run.id, task_id=run.task.id
+                    ),
+                    "",
+                )
+            except SealError as exc:
+                reasons.append(f"sealed token: {exc}")
+        else:
+            reasons.append("no sealed token kept with the run")
+        token_file = RunFiles(self._config.task_dir, state.run_id).token
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            reasons.append(f"token file: {exc.strerror or exc}")
+        else:
+            if token:
+                return token, ""
+            reasons.append("token file: empty")
+        return None, "; ".join(reasons)
 
     # -- shutdown -------------------------------------------------------------------------
 
