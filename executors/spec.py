@@ -2,8 +2,8 @@
 
 ``RunSpec`` is everything an executor needs to start one run; ``RunEvent`` is what it
 reports back; ``RunState`` is what it can tell about a run from the runtime's own objects
-(labels, annotations) after a restart, including the two values it keeps for the node
-without reading them (the trace context, the sealed token); ``RunOutput`` is what a
+(labels, annotations) after a restart, including values it keeps for the node without
+reading them (the trace context; on Kubernetes the sealed token); ``RunOutput`` is what a
 finished run produced.
 
 Phases form one small state machine, the same for every runtime::
@@ -132,9 +132,11 @@ class RunSpec(BaseModel):
     annotations: dict[str, str] = Field(default_factory=dict)
     proxy: ProxyEndpoint | None = None
     trace_context: dict[str, str] = Field(default_factory=dict)
-    #: The run's token as the node sealed it: opaque to executors, which store it with the
-    #: run (annotation, label, record) and hand it back in :class:`RunState`, so a restarted
-    #: node can re-admit the run to the proxy without reading the token itself back.
+    #: The run's token as the node sealed it: opaque to executors. An executor whose runtime
+    #: keeps the token where the node cannot read it back (Kubernetes: a Secret) stores this
+    #: with the run (a Job annotation) and hands it back in :class:`RunState`, so a restarted
+    #: node can re-admit the run to the proxy; where the node can read the run's token file
+    #: back (podman, apptainer) the executor may ignore it.
     sealed_token: str | None = None
 
 
