@@ -7,8 +7,10 @@ last phase seen per run and lets an event through only when it moves the run for
 node then never has to de-duplicate.
 
 One consumer reads :meth:`RunEventStream.__aiter__` (the node's run lifecycle); producers
-call :meth:`RunEventStream.publish` from the executor's watcher task. ``forget`` drops a
-run's memory after cleanup, so memory stays bounded by the runs in flight.
+call :meth:`RunEventStream.publish` from the executor's watcher task, or its two shorthands
+for what every executor reports alike: :meth:`~RunEventStream.publish_end` (a run's end,
+with ``running`` first if it ran unseen) and :meth:`~RunEventStream.fail`. ``forget`` drops
+a run's memory after cleanup, so memory stays bounded by the runs in flight.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from executors.spec import Phase, RunEvent
+from executors.spec import Phase, Reason, RunEvent
 
 _ORDER = {
     Phase.PENDING: 0,
@@ -43,6 +45,20 @@ class RunEventStream:
         self._last[event.run_id] = event.phase
         self._queue.put_nowait(event)
         return True
+
+    def publish_end(self, event: RunEvent, *, ran: bool) -> bool:
+        """Queue a run's terminal ``event``; returns whether it was queued.
+
+        A run that ran (``ran``), however briefly, while only ``starting`` was published
+        gets ``running`` first, so that each run's events keep their order.
+        """
+        if ran and self._last.get(event.run_id) is Phase.STARTING:
+            self.publish(RunEvent.now(event.run_id, Phase.RUNNING))
+        return self.publish(event)
+
+    def fail(self, run_id: int, reason: Reason, message: str) -> bool:
+        """Queue ``failed`` for ``run_id`` with ``reason`` and ``message``."""
+        return self.publish(RunEvent.now(run_id, Phase.FAILED, reason, message=message))
 
     def phase_of(self, run_id: int) -> Phase | None:
         """The last phase published for ``run_id`` (``None`` if none or forgotten)."""
