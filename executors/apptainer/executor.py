@@ -30,7 +30,6 @@ Nothing here runs apptainer on the event loop's thread or polls; the subprocesse
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -39,9 +38,9 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import structlog
 from pydantic import BaseModel
@@ -77,7 +76,9 @@ from executors.base import (
     run_labels,
 )
 from executors.events import RunEventStream
+from executors.memory import GoneRuns, StartsInFlight
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
+from executors.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
@@ -87,11 +88,7 @@ SUPERVISOR = Path(__file__).resolve().with_name("supervisor.py")
 MIN_APPTAINER = (1, 2)
 #: Seconds past the supervisor's own grace before the node SIGKILLs a run itself.
 _BACKSTOP_MARGIN = 5.0
-#: How many removed runs are remembered, so nothing late about them is published.
-_GONE_MEMORY = 4096
 _VERSION = re.compile(r"(apptainer|singularity(?:-ce)?) version v?(\d+)\.(\d+)", re.IGNORECASE)
-
-_T = TypeVar("_T")
 
 
 class ApptainerExecutor:
@@ -111,9 +108,10 @@ class ApptainerExecutor:
         self._pidfds: dict[int, int] = {}
         self._deadlines: dict[int, asyncio.TimerHandle] = {}
         self._backstops: dict[int, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._starting: set[int] = set()
-        self._gone: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._tasks = TaskOwner("apptainer")
+        self._starting = StartsInFlight()
+        #: Removed runs: nothing late about them is published.
+        self._gone = GoneRuns()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -135,7 +133,7 @@ class ApptainerExecutor:
         self._loop = asyncio.get_running_loop()
         cache = self._settings.image_cache or self._context.task_dir / ".apptainer-images"
         self._images = ImageCache(
-            settings=self._settings, binary=binary, directory=cache, spawn=self._spawn_named
+            settings=self._settings, binary=binary, directory=cache, tasks=self._tasks
         )
         _prepare_directories(self._context.task_dir, self._images)
         self._relist()
@@ -157,13 +155,7 @@ class ApptainerExecutor:
             handle.cancel()
         self._deadlines.clear()
         self._backstops.clear()
-        owned = list(self._tasks)
-        for task in owned:
-            task.cancel()
-        await asyncio.gather(*owned, return_exceptions=True)
-        self._tasks.clear()
-        if self._images is not None:
-            self._images.forget()
+        await self._tasks.close()
         if loop is not None:
             log.info("apptainer.closed")
 
@@ -177,41 +169,39 @@ class ApptainerExecutor:
 
         A missing image, a spec apptainer cannot run as asked, or a supervisor that cannot
         start apptainer ends as a ``failed`` event with a reason; nothing here raises for a
-        single run's problem.
+        single run's problem. A second start of a run whose start is under way here waits
+        for that one instead.
         """
+        await self._starting.run(spec.run_id, lambda: self._start(spec))
+
+    async def _start(self, spec: RunSpec) -> None:
         run_id = spec.run_id
-        if run_id in self._starting:
-            return  # a concurrent start() of the same run is doing it
         paths = self._paths(run_id)
         bound = log.bind(run_id=run_id, task_id=spec.task_id)
-        self._starting.add(run_id)
+        status = read_status(paths)
+        if status is not None and self._ours(status):
+            bound.info("apptainer.run.adopted")
+            await self._adopt(paths, status)
+            return
+        self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
+        sif, problem = await self._image_cache().ensure(spec.image)
+        if sif is None:
+            bound.warning("apptainer.run.image_unavailable", image=spec.image, error=problem)
+            self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, problem or "image unavailable")
+            return
         try:
-            status = read_status(paths)
-            if status is not None and self._ours(status):
-                bound.info("apptainer.run.adopted")
-                await self._adopt(paths, status)
-                return
-            self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
-            sif, problem = await self._image_cache().ensure(spec.image)
-            if sif is None:
-                bound.warning("apptainer.run.image_unavailable", image=spec.image, error=problem)
-                self._fail(run_id, Reason.IMAGE_NOT_FOUND, problem or "image unavailable")
-                return
-            try:
-                self._prepare(spec, paths, sif)
-            except PlanError as exc:
-                bound.error("apptainer.run.refused", error=str(exc))
-                self._fail(run_id, Reason.START_FAILED, str(exc))
-                return
-            if paths.files.killed:
-                bound.info("apptainer.run.killed_before_start")
-                self._stream.publish(
-                    RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
-                )
-                return
-            await self._launch(paths, deadline_seconds=spec.deadline_seconds)
-        finally:
-            self._starting.discard(run_id)
+            self._prepare(spec, paths, sif)
+        except PlanError as exc:
+            bound.error("apptainer.run.refused", error=str(exc))
+            self._stream.fail(run_id, Reason.START_FAILED, str(exc))
+            return
+        if paths.files.killed:
+            bound.info("apptainer.run.killed_before_start")
+            self._stream.publish(
+                RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
+            )
+            return
+        await self._launch(paths, deadline_seconds=spec.deadline_seconds)
 
     async def _adopt(self, paths: RunPaths, status: RunStatus) -> None:
         """A run with a record: launch it if it never was, else follow and report it."""
@@ -280,7 +270,7 @@ class ApptainerExecutor:
             message = f"the run's supervisor could not be started ({python}): {exc!r}"
             self._record_start_error(paths, message)
             log.error("apptainer.run.launch_failed", run_id=run_id, error=message)
-            self._fail(run_id, Reason.START_FAILED, message)
+            self._stream.fail(run_id, Reason.START_FAILED, message)
             return
         report = _parse_report(out, err)
         supervisor = Supervisor.from_document(report)
@@ -288,7 +278,7 @@ class ApptainerExecutor:
             message = str(report.get("error") or "the run's supervisor gave no report")
             self._record_start_error(paths, message)
             log.error("apptainer.run.start_failed", run_id=run_id, error=message)
-            self._fail(run_id, Reason.START_FAILED, message)
+            self._stream.fail(run_id, Reason.START_FAILED, message)
             return
         self._follow(run_id, supervisor)
         self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
@@ -333,14 +323,9 @@ class ApptainerExecutor:
 
     async def cleanup(self, run_id: int) -> None:
         """Stop following the run, end it if it still runs, and remove all its files."""
-        self._gone[run_id] = None
-        while len(self._gone) > _GONE_MEMORY:
-            self._gone.popitem(last=False)
+        self._gone.add(run_id)
         self._unwatch(run_id)
-        for timers in (self._deadlines, self._backstops):
-            handle = timers.pop(run_id, None)
-            if handle is not None:
-                handle.cancel()
+        self._disarm(run_id)
         paths = self._paths(run_id)
         status = read_status(paths)
         if status is not None and status.alive and status.supervisor is not None:
@@ -414,10 +399,7 @@ class ApptainerExecutor:
 
     def _settle(self, run_id: int) -> None:
         """The supervisor is gone: read the record once and publish the run's end."""
-        for timers in (self._deadlines, self._backstops):
-            handle = timers.pop(run_id, None)
-            if handle is not None:
-                handle.cancel()
+        self._disarm(run_id)
         if run_id in self._gone:
             return
         status = read_status(self._paths(run_id))
@@ -430,9 +412,6 @@ class ApptainerExecutor:
         if not verdict.phase.is_terminal:
             self._stream.publish(RunEvent.now(run_id, verdict.phase))
             return
-        if self._stream.phase_of(run_id) is Phase.STARTING and status.supervisor is not None:
-            # It ran, however briefly: report that before its end (order per run).
-            self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
         event = RunEvent.now(
             run_id,
             verdict.phase,
@@ -440,7 +419,7 @@ class ApptainerExecutor:
             exit_code=verdict.exit_code,
             message=verdict.message,
         )
-        if self._stream.publish(event):
+        if self._stream.publish_end(event, ran=status.supervisor is not None):
             log.info(
                 "apptainer.run.ended",
                 run_id=run_id,
@@ -448,9 +427,6 @@ class ApptainerExecutor:
                 reason=verdict.reason.value if verdict.reason else None,
                 exit_code=verdict.exit_code,
             )
-
-    def _fail(self, run_id: int, reason: Reason, message: str) -> None:
-        self._stream.publish(RunEvent.now(run_id, Phase.FAILED, reason, message=message))
 
     # -- stopping runs ------------------------------------------------------------------------
 
@@ -461,6 +437,13 @@ class ApptainerExecutor:
         self._deadlines[run_id] = self._loop_().call_later(
             max(0.0, delay), self._on_deadline, run_id
         )
+
+    def _disarm(self, run_id: int) -> None:
+        """Cancel the run's deadline and backstop timers, if armed."""
+        for timers in (self._deadlines, self._backstops):
+            handle = timers.pop(run_id, None)
+            if handle is not None:
+                handle.cancel()
 
     def _on_deadline(self, run_id: int) -> None:
         self._deadlines.pop(run_id, None)
@@ -565,20 +548,6 @@ class ApptainerExecutor:
         if self._loop is None:
             raise ExecutorError("the apptainer executor is not open")
         return self._loop
-
-    def _spawn_named(self, coroutine: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
-        task = asyncio.create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("apptainer.task_crashed", task=task.get_name(), exc_info=error)
 
 
 def _require_pidfd() -> None:

@@ -27,13 +27,13 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import structlog
 
 from executors.apptainer.config import ApptainerSettings
+from executors.tasks import SharedWork, TaskOwner
 
 log = structlog.get_logger(__name__)
 
@@ -102,13 +102,12 @@ class ImageCache:
         settings: ApptainerSettings,
         binary: str,
         directory: Path,
-        spawn: Callable[[Coroutine[Any, Any, str | None], str], asyncio.Task[str | None]],
+        tasks: TaskOwner,
     ) -> None:
         self._settings = settings
         self._binary = binary
         self.directory = directory
-        self._spawn = spawn
-        self._pulls: dict[str, asyncio.Task[str | None]] = {}
+        self._pulls: SharedWork[str, str | None] = SharedWork(tasks)
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -130,17 +129,11 @@ class ImageCache:
             return None, (
                 f"image {image} is not in the image cache {self.directory} (pull policy: never)"
             )
-        pull = self._pulls.get(source.uri)
-        if pull is None:
-            uri = source.uri
-            pull = self._spawn(self._pull(uri, source.sif), f"apptainer-pull-{uri}")
-            self._pulls[uri] = pull
-            pull.add_done_callback(lambda _: self._pulls.pop(uri, None))
-        problem = await asyncio.shield(pull)
+        uri, sif = source.uri, source.sif
+        problem = await self._pulls.run(
+            uri, lambda: self._pull(uri, sif), name=f"apptainer-pull-{uri}"
+        )
         return (None, problem) if problem is not None else (source.sif, None)
-
-    def forget(self) -> None:
-        self._pulls.clear()
 
     async def _pull(self, uri: str, sif: Path) -> str | None:
         """Pull ``uri`` to ``sif``; ``None`` on success, else apptainer's reason."""

@@ -24,15 +24,15 @@ sleep is the reconnect backoff.
 from __future__ import annotations
 
 import asyncio
-import collections
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, ClassVar, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 import structlog
 from pydantic import BaseModel
 
 from executors.base import LABEL_NODE, ExecutorContext, ExecutorError, UnknownRun
 from executors.events import RunEventStream
+from executors.memory import GoneRuns, StartsInFlight
 from executors.podman.api import MIN_API_VERSION, LibpodClient, LibpodError, registry_auth
 from executors.podman.config import PodmanSettings
 from executors.podman.containers import (
@@ -45,15 +45,12 @@ from executors.podman.containers import (
 from executors.podman.exits import ExitWatch
 from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
+from executors.tasks import SharedWork, TaskOwner
 
 log = structlog.get_logger(__name__)
 
 _RECONNECT_FIRST = 0.1
 _RECONNECT_MAX = 5.0
-#: How many removed runs are remembered, so late podman events about them are ignored.
-_GONE_MEMORY = 4096
-
-_T = TypeVar("_T")
 
 
 class PodmanExecutor:
@@ -68,14 +65,14 @@ class PodmanExecutor:
         self._api = LibpodClient(settings.socket_path, timeout=settings.api_timeout_seconds)
         self._stream = RunEventStream()
         self._label_filter = f"{LABEL_NODE}={context.node_name}"
-        self._watcher: asyncio.Task[None] | None = None
         self._exit_watch: ExitWatch | None = None
         self._subscribed = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner("podman", expected=(ExecutorError, LibpodError))
         self._run_of_container: dict[str, int] = {}
-        self._starting: dict[int, asyncio.Event] = {}
-        self._gone: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._pulls: dict[str, asyncio.Task[str | None]] = {}
+        self._starting = StartsInFlight()
+        #: Removed runs: late podman events about them are ignored.
+        self._gone = GoneRuns()
+        self._pulls: SharedWork[str, str | None] = SharedWork(self._tasks)
         self._network: asyncio.Task[str | None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -102,7 +99,7 @@ class PodmanExecutor:
                 )
                 if watch.start():
                     self._exit_watch = watch
-            self._watcher = asyncio.create_task(self._follow_events(), name="podman-events")
+            self._tasks.spawn(self._follow_events(), name="podman-events")
             try:
                 await asyncio.wait_for(
                     self._subscribed.wait(), timeout=self._settings.api_timeout_seconds
@@ -126,13 +123,7 @@ class PodmanExecutor:
         if self._exit_watch is not None:
             self._exit_watch.close()
             self._exit_watch = None
-        owned = [t for t in (self._watcher, *self._tasks) if t is not None]
-        for task in owned:
-            task.cancel()
-        await asyncio.gather(*owned, return_exceptions=True)
-        self._watcher = None
-        self._tasks.clear()
-        self._pulls.clear()
+        await self._tasks.close()
         self._network = None
         await self._api.close()
 
@@ -145,65 +136,59 @@ class PodmanExecutor:
         """Create and start the run's container; adopt it instead if it already exists.
 
         A missing image, a refused network or a container podman will not create or start
-        ends as a ``failed`` event with a reason; only podman being unreachable raises.
+        ends as a ``failed`` event with a reason; only podman being unreachable raises. A
+        second start of a run whose start is under way here waits for that one instead.
         """
+        await self._starting.run(spec.run_id, lambda: self._start(spec))
+
+    async def _start(self, spec: RunSpec) -> None:
         run_id = spec.run_id
-        in_flight = self._starting.get(run_id)
-        if in_flight is not None:
-            # A start of this run is already under way here: its outcome is this one's.
-            await in_flight.wait()
-            return
         name = self._name(run_id)
         bound = log.bind(run_id=run_id, task_id=spec.task_id, container=name)
-        done = self._starting[run_id] = asyncio.Event()
+        existing = await self._api.inspect_container(name)
+        if existing is not None:
+            if self._is_this_run(existing, spec):
+                bound.info("podman.run.adopted")
+                await self._adopt(existing)
+                return
+            # Same name, another task: left by an earlier server (a reset database
+            # reuses run ids). It is not this run; replace it rather than adopt it.
+            bound.warning("podman.run.stale_container_removed")
+            await self._api.remove_container(name)
+        self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
+        problem = await self._ensure_image(spec.image)
+        if problem is not None:
+            bound.warning("podman.run.image_unavailable", image=spec.image, error=problem)
+            self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, problem)
+            return
+        if spec.proxy is not None:
+            problem = await self._ensure_network()
+            if problem is not None:
+                bound.error("podman.run.network_unavailable", error=problem)
+                self._stream.fail(run_id, Reason.START_FAILED, problem)
+                return
+        files = self._files(run_id)
+        files.prepare(spec, owner=(self._settings.run_uid, self._settings.run_gid))
+        body = create_body(
+            spec, settings=self._settings, node_name=self._context.node_name, files=files
+        )
         try:
-            existing = await self._api.inspect_container(name)
-            if existing is not None:
-                if self._is_this_run(existing, spec):
-                    bound.info("podman.run.adopted")
+            container_id = await self._api.create_container(body)
+        except LibpodError as exc:
+            if "already in use" in exc.message:  # another process started this run
+                existing = await self._inspect_once_created(name)
+                if existing is not None:
                     await self._adopt(existing)
                     return
-                # Same name, another task: left by an earlier server (a reset database
-                # reuses run ids). It is not this run; replace it rather than adopt it.
-                bound.warning("podman.run.stale_container_removed")
-                await self._api.remove_container(name)
-            self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
-            problem = await self._ensure_image(spec.image)
-            if problem is not None:
-                bound.warning("podman.run.image_unavailable", image=spec.image, error=problem)
-                self._fail(run_id, Reason.IMAGE_NOT_FOUND, problem)
-                return
-            if spec.proxy is not None:
-                problem = await self._ensure_network()
-                if problem is not None:
-                    bound.error("podman.run.network_unavailable", error=problem)
-                    self._fail(run_id, Reason.START_FAILED, problem)
-                    return
-            files = self._files(run_id)
-            files.prepare(spec, owner=(self._settings.run_uid, self._settings.run_gid))
-            body = create_body(
-                spec, settings=self._settings, node_name=self._context.node_name, files=files
-            )
-            try:
-                container_id = await self._api.create_container(body)
-            except LibpodError as exc:
-                if "already in use" in exc.message:  # another process started this run
-                    existing = await self._inspect_once_created(name)
-                    if existing is not None:
-                        await self._adopt(existing)
-                        return
-                bound.error("podman.run.create_failed", error=exc.message)
-                self._fail(run_id, Reason.START_FAILED, f"podman refused the container: {exc}")
-                return
-            self._run_of_container[container_id] = run_id
-            if files.killed:
-                bound.info("podman.run.killed_before_start")
-                self._stream.publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED))
-                return
-            await self._start_created(name, run_id, bound)
-        finally:
-            del self._starting[run_id]
-            done.set()
+            bound.error("podman.run.create_failed", error=exc.message)
+            self._stream.fail(run_id, Reason.START_FAILED, f"podman refused the container: {exc}")
+            return
+        self._run_of_container[container_id] = run_id
+        if files.killed:
+            bound.info("podman.run.killed_before_start")
+            self._stream.publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED))
+            return
+        await self._start_created(name, run_id, bound)
 
     async def _inspect_once_created(self, name: str) -> dict[str, Any] | None:
         """Inspect a container whose name podman reserved a moment ago.
@@ -228,7 +213,7 @@ class PodmanExecutor:
             await self._api.start_container(name)
         except LibpodError as exc:
             bound.error("podman.run.start_failed", error=exc.message)
-            self._fail(run_id, Reason.START_FAILED, f"podman could not start it: {exc}")
+            self._stream.fail(run_id, Reason.START_FAILED, f"podman could not start it: {exc}")
             return
         if self._files(run_id).killed:
             # kill() came while podman was starting it: it saw "created", so finish its job.
@@ -295,9 +280,7 @@ class PodmanExecutor:
 
     async def cleanup(self, run_id: int) -> None:
         """Remove the container and the run's files; later podman events about it are ignored."""
-        self._gone[run_id] = None
-        while len(self._gone) > _GONE_MEMORY:
-            self._gone.popitem(last=False)
+        self._gone.add(run_id)
         try:
             await self._api.remove_container(self._name(run_id))
         except LibpodError as exc:
@@ -378,23 +361,23 @@ class PodmanExecutor:
             self._run_of_container[container_id] = run_id
             self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
         elif action == "died":
-            self._spawn(self._settle(container_id, run_id), name=f"podman-settle-{run_id}")
+            self._tasks.spawn(self._settle(container_id, run_id), name=f"podman-settle-{run_id}")
         elif action == "remove":
             if self._run_of_container.get(container_id) != run_id:
                 return  # not the container this run has now (a stale or replayed event)
             phase = self._stream.phase_of(run_id)
             if phase is not None and not phase.is_terminal and run_id not in self._starting:
                 log.warning("podman.run.lost", run_id=run_id, container=container_id)
-                self._fail(run_id, Reason.LOST, "its container was removed while it ran")
+                self._stream.fail(run_id, Reason.LOST, "its container was removed while it ran")
 
     def _on_exit_file(self, container_id: str) -> None:
         run_id = self._run_of_container.get(container_id)
         if run_id is not None and run_id not in self._gone:
-            self._spawn(self._settle(container_id, run_id), name=f"podman-settle-{run_id}")
+            self._tasks.spawn(self._settle(container_id, run_id), name=f"podman-settle-{run_id}")
 
     def _on_exit_overflow(self) -> None:
         log.warning("podman.exit_watch.overflow")
-        self._spawn(self._relist(), name="podman-relist")
+        self._tasks.spawn(self._relist(), name="podman-relist")
 
     async def _settle(self, container_id: str, run_id: int) -> None:
         """A container ended: inspect it once and publish its terminal phase."""
@@ -405,7 +388,7 @@ class PodmanExecutor:
         if run_id in self._gone:
             return
         if document is None:
-            self._fail(run_id, Reason.LOST, "its container vanished as it ended")
+            self._stream.fail(run_id, Reason.LOST, "its container vanished as it ended")
             return
         state = ContainerState.from_inspect(document)
         if state is not None:
@@ -417,17 +400,15 @@ class PodmanExecutor:
             return
         run_id = state.run_id
         if verdict.phase.is_terminal:
-            if self._stream.phase_of(run_id) is Phase.STARTING and state.exit_code is not None:
-                # It ran, however briefly: report that before its end (order per run).
-                self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
-            if self._stream.publish(
+            if self._stream.publish_end(
                 RunEvent.now(
                     run_id,
                     verdict.phase,
                     verdict.reason,
                     exit_code=verdict.exit_code,
                     message=verdict.message,
-                )
+                ),
+                ran=state.exit_code is not None,
             ):
                 log.info(
                     "podman.run.ended",
@@ -439,9 +420,6 @@ class PodmanExecutor:
             return
         self._stream.publish(RunEvent.now(run_id, verdict.phase))
 
-    def _fail(self, run_id: int, reason: Reason, message: str) -> None:
-        self._stream.publish(RunEvent.now(run_id, Phase.FAILED, reason, message=message))
-
     # -- images and network -------------------------------------------------------------------
 
     async def _ensure_image(self, image: str) -> str | None:
@@ -451,12 +429,8 @@ class PodmanExecutor:
             return None
         if policy == "never":
             return f"image {image} is not present on this node (pull policy: never)"
-        pull = self._pulls.get(image)
-        if pull is None:
-            pull = self._spawn(self._pull(image), name=f"podman-pull-{image}")
-            self._pulls[image] = pull
-            pull.add_done_callback(lambda _: self._pulls.pop(image, None))
-        return await asyncio.shield(pull)
+        # Concurrent starts of one image share one pull.
+        return await self._pulls.run(image, lambda: self._pull(image), name=f"podman-pull-{image}")
 
     async def _pull(self, image: str) -> str | None:
         settings = self._settings
@@ -482,7 +456,7 @@ class PodmanExecutor:
             and (network.cancelled() or network.exception() or network.result() is not None)
         ):
             # First use, or the last attempt failed: (re)try; concurrent starts share one.
-            network = self._network = self._spawn(self._make_network(), name="podman-network")
+            network = self._network = self._tasks.spawn(self._make_network(), name="podman-network")
         return await asyncio.shield(network)
 
     async def _make_network(self) -> str | None:
@@ -521,19 +495,3 @@ class PodmanExecutor:
 
     def _files(self, run_id: int) -> RunFiles:
         return RunFiles(self._context.task_dir, run_id)
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, _T], *, name: str) -> asyncio.Task[_T]:
-        task = asyncio.create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if isinstance(error, ExecutorError | LibpodError):
-            log.warning("podman.task_failed", task=task.get_name(), error=str(error))
-        elif error is not None:
-            log.error("podman.task_crashed", task=task.get_name(), exc_info=error)
