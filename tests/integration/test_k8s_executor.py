@@ -23,6 +23,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from executors.base import (
+    ANNOTATION_SEALED_TOKEN,
     ANNOTATION_TRACEPARENT,
     LABEL_NODE,
     LABEL_RUN,
@@ -30,12 +31,14 @@ from executors.base import (
     ExecutorError,
     UnknownRun,
 )
-from executors.kubernetes.executor import KubernetesExecutor
+from executors.kubernetes.client import KubeClient, KubeError, connect
+from executors.kubernetes.executor import KubernetesExecutor, run_network_policy_manifests
 from executors.kubernetes.manifests import job_name, secret_name
-from executors.kubernetes.rbac import ROLE_RULES
+from executors.kubernetes.rbac import ROLE_RULES, role_rules
 from executors.spec import Phase, Reason
 from tests.integration.test_k8s_executor_support import (
     EventLog,
+    chart_network_policies,
     make_spec,
     output_of,
     settings_for,
@@ -68,9 +71,11 @@ async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
 async def role_kubeconfig(k8s_testbed: K8sTestbed, k8s_namespace: str, admin: Any
                           ) -> AsyncIterator[Path]:
     """A ServiceAccount bound to exactly the executor's Role (never admin), in a namespace
-    that has the task-directory claim (as the chart sets it up)."""
+    that has the task-directory claim and the runs' NetworkPolicies (as the chart sets it
+    up)."""
     async with task_volume(admin, k8s_namespace):
-        yield await k8s_testbed.service_account_kubeconfig(k8s_namespace, rules=ROLE_RULES)
+        rules = await chart_network_policies(admin, k8s_namespace, NODE)
+        yield await k8s_testbed.service_account_kubeconfig(k8s_namespace, rules=rules)
 
 
 @pytest.fixture
@@ -162,6 +167,7 @@ async def test_the_job_is_locked_down_labelled_and_carries_what_a_restart_needs(
     assert meta["labels"][LABEL_RUN] == "2" and meta["labels"][LABEL_NODE] == NODE
     assert meta["annotations"]["fednode.io/task-id"] == "1002"
     assert meta["annotations"][ANNOTATION_TRACEPARENT] == spec.trace_context["traceparent"]
+    assert meta["annotations"][ANNOTATION_SEALED_TOKEN] == spec.sealed_token
     assert spec_["backoffLimit"] == 0
     assert spec_["activeDeadlineSeconds"] == spec.deadline_seconds + 1  # 1 s start-time grain
     assert spec_["ttlSecondsAfterFinished"] == 3600
@@ -409,27 +415,107 @@ async def test_the_role_suffices_and_cluster_scoped_or_foreign_requests_are_refu
         await k8s_testbed.delete_namespace(other)
 
 
-async def test_network_policies_deny_all_but_the_proxy_and_dns_and_reapply_idempotently(
+async def test_open_verifies_the_charts_network_policies_and_refuses_missing_or_changed_ones(
     executor: KubernetesExecutor, admin: Any, k8s_namespace: str, role_kubeconfig: Path,
     task_dir: Path,
 ) -> None:
-    raw = await client.NetworkingV1Api(admin).list_namespaced_network_policy(
-        k8s_namespace, _preload_content=False)
-    policies = {p["metadata"]["name"]: p["spec"] for p in (await raw.json())["items"]}
-    deny = next(s for n, s in policies.items() if n.endswith("-default-deny"))
-    egress = next(s for n, s in policies.items() if n.endswith("-egress"))
-    assert deny["policyTypes"] == ["Ingress", "Egress"]
-    assert "ingress" not in deny and "egress" not in deny
-    assert deny["podSelector"]["matchLabels"][LABEL_NODE] == NODE
-    proxy, dns = egress["egress"]
-    assert proxy["ports"] == [{"port": 7654, "protocol": "TCP"}]
-    assert proxy["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "node"
-    assert {p["port"] for p in dns["ports"]} == {53}
+    # the executor (open, as the fixture's) only read them: the objects are the chart's
+    assert executor.requests["get networkpolicies"] == 2
+    assert "apply networkpolicies" not in executor.requests
+    api = client.NetworkingV1Api(admin)
+    raw = await api.list_namespaced_network_policy(k8s_namespace, _preload_content=False)
+    names = sorted(p["metadata"]["name"] for p in (await raw.json())["items"])
+    deny_name, egress_name = names  # <prefix>-default-deny, <prefix>-egress
 
-    again = KubernetesExecutor(settings_for(k8s_namespace, role_kubeconfig),
-                               context=ExecutorContext(node_name=NODE, task_dir=task_dir))
-    await again.open()  # server-side apply: the same objects, no conflict
-    await again.close()
+    def opening() -> KubernetesExecutor:
+        return KubernetesExecutor(settings_for(k8s_namespace, role_kubeconfig),
+                                  context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+
+    # widened behind the node's back: egress anywhere
+    await api.patch_namespaced_network_policy(egress_name, k8s_namespace, {"spec": {
+        "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}})
+    with pytest.raises(ExecutorError, match=f"{egress_name}.*differs.*0.0.0.0/0"):
+        await opening().open()
+    # gone
+    await api.delete_namespaced_network_policy(deny_name, k8s_namespace)
+    with pytest.raises(ExecutorError, match=f"{deny_name}.*missing.*runs.networkPolicies"):
+        await opening().open()
+
+
+async def test_the_node_token_cannot_write_network_policies_nor_read_or_patch_secrets(
+    executor: KubernetesExecutor, admin: Any, k8s_namespace: str, role_kubeconfig: Path,
+) -> None:
+    policies = f"/apis/networking.k8s.io/v1/namespaces/{k8s_namespace}/networkpolicies"
+    secrets = f"/api/v1/namespaces/{k8s_namespace}/secrets"
+    name = next(iter(executor_policy_names(k8s_namespace)))
+    await client.CoreV1Api(admin).create_namespaced_secret(k8s_namespace, {
+        "metadata": {"name": "someone-elses"}, "stringData": {"k": "v"}})
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "open-egress"},
+              "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                       "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}
+    api = await connect(kubeconfig=role_kubeconfig, context=None, max_connections=4)
+    kube = KubeClient(api, request_timeout=10)
+    try:
+        calls = {
+            "create networkpolicies": kube.create(policies, policy, what="t"),
+            "apply networkpolicies": kube.apply(f"{policies}/open-egress", policy,
+                                                field_manager="fednode", what="t"),
+            "patch its runs' policy": kube.merge_patch(
+                f"{policies}/{name}", {"spec": {"egress": [{}]}}, what="t"),
+            "delete its runs' policy": kube.delete(f"{policies}/{name}", what="t"),
+            "get another policy": kube.get(f"{policies}/open-egress", what="t"),
+            "get secrets": kube.get(f"{secrets}/someone-elses", what="t"),
+            "patch secrets": kube.merge_patch(f"{secrets}/someone-elses",
+                                              {"stringData": {"k": "w"}}, what="t"),
+        }
+        statuses = {}
+        for what, call in calls.items():
+            try:
+                await call
+                statuses[what] = 200
+            except KubeError as error:
+                statuses[what] = error.status
+    finally:
+        await kube.close()
+    assert statuses == {what: 403 for what in calls}
+
+
+def executor_policy_names(namespace: str) -> tuple[str, ...]:
+    settings = settings_for(namespace, Path("unused"))
+    return tuple(p["metadata"]["name"]
+                 for p in run_network_policy_manifests(settings, node_name=NODE))
+
+
+async def test_out_of_a_cluster_the_executor_can_apply_the_policies_itself_idempotently(
+    k8s_testbed: K8sTestbed, admin: Any, task_dir: Path,
+) -> None:
+    namespace = await k8s_testbed.create_namespace("fednode-apply")
+    try:
+        async with task_volume(admin, namespace):
+            kubeconfig = await k8s_testbed.service_account_kubeconfig(
+                namespace, rules=role_rules(NODE, apply_network_policies=True))
+            for _ in range(2):  # server-side apply: the same objects, no conflict
+                executor = KubernetesExecutor(
+                    settings_for(namespace, kubeconfig, network_policies="apply"),
+                    context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+                await executor.open()
+                await executor.close()
+        raw = await client.NetworkingV1Api(admin).list_namespaced_network_policy(
+            namespace, _preload_content=False)
+        policies = {p["metadata"]["name"]: p["spec"] for p in (await raw.json())["items"]}
+        deny = next(s for n, s in policies.items() if n.endswith("-default-deny"))
+        egress = next(s for n, s in policies.items() if n.endswith("-egress"))
+        assert deny["policyTypes"] == ["Ingress", "Egress"]
+        assert "ingress" not in deny and "egress" not in deny
+        assert deny["podSelector"]["matchLabels"][LABEL_NODE] == NODE
+        proxy, dns = egress["egress"]
+        assert proxy["ports"] == [{"port": 7654, "protocol": "TCP"}]
+        assert proxy["to"][0]["podSelector"]["matchLabels"][
+            "app.kubernetes.io/component"] == "node"
+        assert {p["port"] for p in dns["ports"]} == {53}
+    finally:
+        await k8s_testbed.delete_namespace(namespace)
 
 
 async def test_open_refuses_a_namespace_that_does_not_enforce_restricted(
@@ -495,6 +581,8 @@ async def test_a_new_executor_instance_rebuilds_the_runs_from_labels(
         assert states[30].phase is Phase.RUNNING and states[30].task_id == 1030
         assert states[31].phase is Phase.SUCCEEDED
         assert states[30].trace_context["traceparent"].startswith("00-")
+        # what the node needs to admit run 30 to its proxy again (it may not read Secrets)
+        assert states[30].sealed_token == "v1.sealed-token-of-run-30"
         with EventLog(second, task_dir) as log:
             await log.wait_terminal(31, timeout=10)  # the finish it missed is reported
             assert (await second.collect(31)).output == output_of(31)

@@ -21,7 +21,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import SecretStr
 
 from executors.kubernetes.config import KubernetesSettings
-from executors.kubernetes.executor import KubernetesExecutor
+from executors.kubernetes.executor import KubernetesExecutor, run_network_policy_manifests
+from executors.kubernetes.rbac import role_rules
 from executors.spec import Phase, Resources, RunEvent, RunSpec
 from tests.peers.kubernetes import GPU_TOLERATION, POD_RUN_SECONDS
 
@@ -39,6 +40,19 @@ def settings_for(namespace: str, kubeconfig: Path, **overrides: object) -> Kuber
         **overrides,
     }
     return KubernetesSettings.model_validate(values)
+
+
+async def chart_network_policies(
+    admin: Any, namespace: str, node_name: str, **overrides: object
+) -> list[dict[str, Any]]:
+    """What the chart does for a node: create its runs' NetworkPolicies (as admin, for
+    :func:`settings_for` with ``overrides``). Returns the rules of the node's Role, which
+    may only read those two policies."""
+    settings = settings_for(namespace, Path("unused"), **overrides)
+    api = client.NetworkingV1Api(admin)
+    for policy in run_network_policy_manifests(settings, node_name=node_name):
+        await api.create_namespaced_network_policy(namespace, policy)
+    return role_rules(node_name)
 
 
 @contextlib.asynccontextmanager
@@ -105,6 +119,7 @@ def make_spec(
         deadline_seconds=deadline_seconds,
         annotations={POD_RUN_SECONDS: "0.5", **(annotations or {})},
         trace_context={"traceparent": f"00-{run_id:032x}-{run_id:016x}-01"},
+        sealed_token=f"v1.sealed-token-of-run-{run_id}",  # opaque to the executor
     )
 
 
