@@ -349,8 +349,7 @@ def referee_main(args: argparse.Namespace) -> None:
 
 
 async def referee(args: argparse.Namespace) -> None:
-    from executors.kubernetes.rbac import ROLE_RULES
-    from tests.integration.test_k8s_executor_support import task_volume
+    from tests.integration.test_k8s_executor_support import chart_network_policies, task_volume
     from tests.peers.kubernetes import DEFAULT_KUBECONFIG, K8sTestbed
 
     quiet_logs()
@@ -361,8 +360,8 @@ async def referee(args: argparse.Namespace) -> None:
         namespace = await testbed.create_namespace("fednode-bench")
         try:
             async with testbed.api_client() as admin, task_volume(admin, namespace):
-                kubeconfig = await testbed.service_account_kubeconfig(
-                    namespace, rules=ROLE_RULES)
+                rules = await chart_network_policies(admin, namespace, NODE)
+                kubeconfig = await testbed.service_account_kubeconfig(namespace, rules=rules)
                 task_dir = Path(scratch) / "tasks"
                 task_dir.mkdir()
                 await measure(args, namespace, kubeconfig, task_dir)
@@ -460,7 +459,7 @@ def report(args: argparse.Namespace, node_ready: dict[str, Any],
     print(f"  per run: {per_run:.2f}   ("
           + ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) + ")")
     print(f"  opening the executor: {sum(node_ready['open_requests'].values())} requests "
-          f"(namespace check, 2 NetworkPolicies, 2 lists, 2 watches), once per start-up")
+          f"(namespace check, 2 NetworkPolicies read, 2 lists, 2 watches), once per start-up")
     print(f"  watch resumed {result['resumes']}x, relisted {result['relists']}x; "
           f"{result['watch_bytes'] / runs / 1024:.1f} KiB of watch events per run")
     print(f"  polling reference: {polled['polls']} lists in {wall:.0f} s "

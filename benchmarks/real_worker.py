@@ -46,11 +46,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 )
 
 from executors.base import LABEL_NODE, LABEL_RUN  # noqa: E402
-from executors.kubernetes.rbac import ROLE_RULES  # noqa: E402
 from node.app import Node  # noqa: E402
 from node.logging import configure_logging  # noqa: E402
 from node.settings import load_settings  # noqa: E402
 from tests.conformance.podman_harness import build_behaviour_image  # noqa: E402
+from tests.integration.test_k8s_executor_support import chart_network_policies  # noqa: E402
 from tests.peers import v6server as v6_peer  # noqa: E402
 from tests.peers.kubernetes import DEFAULT_KUBECONFIG, SCRIPT, K8sRealWorker, K8sTestbed  # noqa: E402
 from tests.peers.podman import PodmanService, _start_service, _stop_service  # noqa: E402
@@ -114,7 +114,10 @@ async def measure(*, label: str, testbed: K8sTestbed, worker: K8sRealWorker,
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(testbed.delete_namespace, namespace)
         await stack.enter_async_context(worker.task_volume(namespace, task_dir))
-        kubeconfig = await testbed.service_account_kubeconfig(namespace, rules=ROLE_RULES)
+        async with testbed.api_client() as admin:  # as the chart: the runs' policies
+            rules = await chart_network_policies(admin, namespace, node_name,
+                                                 proxy_port=proxy_port)
+        kubeconfig = await testbed.service_account_kubeconfig(namespace, rules=rules)
         executor: dict[str, Any] = {
             "kind": "kubernetes", "kubeconfig": kubeconfig, "namespace": namespace,
             "proxy_namespace": namespace, "proxy_port": proxy_port,

@@ -12,12 +12,17 @@ NetworkPolicies are additive, so the second only opens what the first closed. Th
 are the *pod's* ports (policies apply after a Service's address translation).
 
 Pure functions returning plain dicts: this module knows the manifests, not the client
-library. The Kubernetes executor applies them with server-side apply at start-up, and the
-Helm chart renders the same dicts.
+library. The Helm chart renders these objects (``runs-networkpolicy.yaml``); the
+Kubernetes executor only reads them back at start-up and refuses to start when one is
+missing or differs in substance (:func:`policy_differences`) — a node that could write
+them could also open its runs' egress. Only out of a cluster (development) is it told to
+apply them itself.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +30,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: The label Kubernetes puts on every namespace with the namespace's own name.
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+#: The fields of a NetworkPolicy's spec that decide what it allows.
+_SUBSTANCE = ("podSelector", "policyTypes", "ingress", "egress")
+
+
+def policy_name_prefix(node_name: str) -> str:
+    """The runs' policies' name prefix for a node: ``fednode-runs-<node>`` as a DNS label,
+    short enough for the suffixes (the chart's ``fednode.runsPolicyPrefix`` is the same)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"fednode-runs-{node_name}".lower())[:40].strip("-")
+
+
+def run_network_policy_names(name_prefix: str) -> tuple[str, str]:
+    """The names of the two policies :func:`run_network_policies` makes."""
+    return f"{name_prefix}-default-deny", f"{name_prefix}-egress"
 
 
 class PeerPods(BaseModel):
@@ -68,14 +86,15 @@ class RunIsolation(BaseModel):
 def run_network_policies(isolation: RunIsolation) -> list[dict[str, Any]]:
     """The NetworkPolicies isolating run pods: default deny, then egress to ``allowed``."""
     selector = {"matchLabels": dict(isolation.run_selector)}
+    deny_name, egress_name = run_network_policy_names(isolation.name_prefix)
     deny = _policy(
         isolation,
-        f"{isolation.name_prefix}-default-deny",
+        deny_name,
         {"podSelector": selector, "policyTypes": ["Ingress", "Egress"]},
     )
     egress = _policy(
         isolation,
-        f"{isolation.name_prefix}-egress",
+        egress_name,
         {
             "podSelector": selector,
             "policyTypes": ["Egress"],
@@ -107,3 +126,30 @@ def _egress_rule(peer: PeerPods) -> dict[str, Any]:
         ],
         "ports": [{"port": port, "protocol": protocol} for port, protocol in peer.ports],
     }
+
+
+def policy_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
+    """What in ``found``'s spec allows other traffic than ``expected``'s (empty: the same).
+
+    Compared in substance: the order of rules, peers, ports and policy types does not
+    matter, nor an empty value against a missing one; labels and annotations do not count.
+    """
+    want, have = expected.get("spec") or {}, found.get("spec") or {}
+    problems = []
+    for key in _SUBSTANCE:
+        if _canonical(want.get(key)) != _canonical(have.get(key)):
+            problems.append(f"spec.{key} is {json.dumps(have.get(key))}, "
+                            f"expected {json.dumps(want.get(key))}")
+    return problems
+
+
+def _canonical(value: Any) -> Any:
+    """A form in which equal policies are equal: lists as sorted, empties as ``None``."""
+    if isinstance(value, Mapping):
+        items = {k: _canonical(v) for k, v in value.items()}
+        kept = {k: v for k, v in items.items() if v is not None}
+        return kept or None
+    if isinstance(value, list):
+        values = [_canonical(v) for v in value]
+        return sorted(json.dumps(v, sort_keys=True) for v in values) or None
+    return value

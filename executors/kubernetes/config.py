@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Toleration = dict[str, str | int]
 
@@ -111,8 +111,13 @@ class KubernetesSettings(BaseModel):
     #: Refuse to start when the runs namespace does not enforce Pod Security restricted
     #: (``false``: log an error and go on).
     require_restricted_namespace: bool = True
-    #: Apply the NetworkPolicies (default deny; egress to the proxy and DNS only) at start-up.
-    network_policies: bool = True
+    #: The runs' NetworkPolicies (default deny; egress to the proxy and DNS only).
+    #: ``verify``: the chart renders them; the node only reads them at start-up and refuses
+    #: to start when one is missing or differs (its Role can ``get`` them, nothing more).
+    #: ``apply``: out of a cluster (development), the node applies them itself — its Role
+    #: then needs ``rbac.APPLY_NETWORK_POLICIES_RULE`` (create, patch). ``off``: no isolation
+    #: objects are checked. ``true``/``false`` read as ``verify``/``off``.
+    network_policies: Literal["verify", "apply", "off"] = "verify"
     #: Labels the node pod (which serves the proxy) really carries.
     proxy_pod_selector: dict[str, str] = Field(
         default_factory=lambda: {
@@ -127,3 +132,10 @@ class KubernetesSettings(BaseModel):
     proxy_port: Annotated[int, Field(ge=1, le=65535)] = 7654
     dns_namespace: str = "kube-system"
     dns_pod_selector: dict[str, str] = Field(default_factory=lambda: {"k8s-app": "kube-dns"})
+
+    @field_validator("network_policies", mode="before")
+    @classmethod
+    def _from_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "verify" if value else "off"
+        return value

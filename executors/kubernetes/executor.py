@@ -23,9 +23,11 @@ remembered, so a kill that races the start deletes the Job as soon as it appears
 Job is gone ended), so a restarted node rebuilds its runs from labels without asking the
 API server anything more.
 
-At ``open`` the executor checks and applies its isolation: the runs namespace must
-enforce Pod Security ``restricted`` (verified — a namespaced Role cannot create it), and
-the NetworkPolicies of :mod:`policies.network` are applied with server-side apply.
+At ``open`` the executor checks its isolation, which it cannot change: the runs namespace
+must enforce Pod Security ``restricted``, and the runs' NetworkPolicies of
+:mod:`policies.network` (rendered by the chart) must be there as expected — read by name,
+the only NetworkPolicy right the node's Role has. Out of a cluster
+(``network_policies: apply``) it applies them itself with server-side apply.
 """
 
 from __future__ import annotations
@@ -69,7 +71,14 @@ from executors.kubernetes.tracker import RunTracker
 from executors.kubernetes.transform import slim_job, slim_pod
 from executors.runfiles import RunFiles
 from executors.spec import RunEvent, RunOutput, RunSpec, RunState
-from policies.network import RunIsolation, dns_peer, proxy_peer, run_network_policies
+from policies.network import (
+    RunIsolation,
+    dns_peer,
+    policy_differences,
+    policy_name_prefix,
+    proxy_peer,
+    run_network_policies,
+)
 from policies.pod_security import enforces, pod_security_problems
 
 log = structlog.stdlib.get_logger(__name__)
@@ -103,6 +112,10 @@ class KubernetesExecutor:
         self._informers: list[Informer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._starting: set[int] = set()
+        # Starts that build their objects and talk to the API server at once: no more than
+        # the connections they could use (the rest would only hold their Job manifests and
+        # request bodies in memory while waiting for a connection).
+        self._start_slots = asyncio.Semaphore(max(1, settings.max_connections - 4))
         self._owned_secrets: set[int] = set()  # the Job owns it: garbage-collected with it
         self._pin: str | None = None
 
@@ -124,8 +137,10 @@ class KubernetesExecutor:
         self._client = KubeClient(api, request_timeout=settings.request_timeout_seconds)
         try:
             await self._check_namespace(self._client)
-            if settings.network_policies:
+            if settings.network_policies == "apply":
                 await self._apply_network_policies(self._client)
+            elif settings.network_policies == "verify":
+                await self._verify_network_policies(self._client)
             await self._start_informers(self._client)
         except BaseException:
             await self.close()
@@ -160,12 +175,13 @@ class KubernetesExecutor:
         run_id = spec.run_id
         if run_id in self._tracker.jobs or run_id in self._starting:
             return
-        if run_id in self._tracker.killed:
-            self._tracker.killed_before_start(run_id, spec.task_id)
-            return
         self._starting.add(run_id)
         try:
-            await self._start(client, spec)
+            async with self._start_slots:
+                if run_id in self._tracker.killed:  # also while it waited for a slot
+                    self._tracker.killed_before_start(run_id, spec.task_id)
+                    return
+                await self._start(client, spec)
         except KubeError as error:
             raise ExecutorError(f"Kubernetes refused run {run_id}: {error}") from error
         finally:
@@ -323,22 +339,8 @@ class KubernetesExecutor:
                 "forbids; use a PersistentVolumeClaim or a ConfigMap")
 
     async def _apply_network_policies(self, client: KubeClient) -> None:
-        settings = self._settings
-        proxy_namespace = (settings.proxy_namespace or service_account_namespace()
-                           or self._namespace)
-        isolation = RunIsolation(
-            namespace=self._namespace,
-            run_selector=self._node_labels,
-            allowed=(
-                proxy_peer(namespace=proxy_namespace, pod_selector=settings.proxy_pod_selector,
-                           port=settings.proxy_port),
-                dns_peer(namespace=settings.dns_namespace,
-                         pod_selector=settings.dns_pod_selector),
-            ),
-            name_prefix=_dns_label(f"fednode-runs-{self._context.node_name}"),
-            labels=self._node_labels,
-        )
-        for policy in run_network_policies(isolation):
+        for policy in run_network_policy_manifests(self._settings,
+                                                   node_name=self._context.node_name):
             path = NETWORK_POLICIES.path(self._namespace, policy["metadata"]["name"])
             try:
                 await client.apply(path, policy, field_manager=FIELD_MANAGER,
@@ -346,7 +348,39 @@ class KubernetesExecutor:
             except KubeError as error:
                 raise ExecutorError(
                     f"cannot apply NetworkPolicy {policy['metadata']['name']!r} in "
-                    f"{self._namespace!r}: {error}") from error
+                    f"{self._namespace!r}: {error} (network_policies: apply needs "
+                    "create and patch on networkpolicies: "
+                    "executors/kubernetes/rbac.py APPLY_NETWORK_POLICIES_RULE)") from error
+
+    async def _verify_network_policies(self, client: KubeClient) -> None:
+        """The runs' policies are the chart's: read each by name, refuse to start unless it
+        is there and allows exactly what :mod:`policies.network` says."""
+        ns = self._namespace
+        fix = ("install or upgrade the Helm chart with runs.networkPolicies: true (it renders "
+               "them), or out of a cluster set executor.network_policies: apply and grant "
+               "create/patch on networkpolicies (docs/executors.md)")
+        for expected in run_network_policy_manifests(self._settings,
+                                                     node_name=self._context.node_name):
+            name = expected["metadata"]["name"]
+            try:
+                found = await client.get(NETWORK_POLICIES.path(ns, name),
+                                         what="get networkpolicies")
+            except KubeError as error:
+                if error.status == 404:
+                    raise ExecutorError(
+                        f"the runs' NetworkPolicy {name!r} is missing in namespace {ns!r}: "
+                        f"{fix}") from error
+                raise ExecutorError(
+                    f"cannot read the runs' NetworkPolicy {name!r} in namespace {ns!r} "
+                    f"({error}); grant `get networkpolicies` with resourceNames {name!r} "
+                    "(executors/kubernetes/rbac.py network_policy_rule)") from error
+            problems = policy_differences(expected, found)
+            if problems:
+                raise ExecutorError(
+                    f"the runs' NetworkPolicy {name!r} in namespace {ns!r} differs from what "
+                    f"this node expects: {'; '.join(problems)}. Check the chart's values "
+                    "against the executor settings (proxy port and pod labels, DNS), or "
+                    f"{fix}")
 
     async def _start_informers(self, client: KubeClient) -> None:
         selector = label_selector(self._node_labels)
@@ -375,9 +409,25 @@ class KubernetesExecutor:
             self._spawn(informer.run(), name=f"informer-{informer.kind}")
 
 
-def _dns_label(text: str) -> str:
-    """``text`` as a DNS label (lower case, letters, digits, '-'), short enough for suffixes."""
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower())[:40].strip("-")
+def run_network_policy_manifests(settings: KubernetesSettings, *,
+                                 node_name: str) -> list[Json]:
+    """The runs' NetworkPolicies for these settings (what the chart renders and the
+    executor verifies or, with ``network_policies: apply``, applies)."""
+    labels = node_selector_labels(node_name)
+    proxy_namespace = (settings.proxy_namespace or service_account_namespace()
+                       or settings.namespace)
+    isolation = RunIsolation(
+        namespace=settings.namespace,
+        run_selector=labels,
+        allowed=(
+            proxy_peer(namespace=proxy_namespace, pod_selector=settings.proxy_pod_selector,
+                       port=settings.proxy_port),
+            dns_peer(namespace=settings.dns_namespace, pod_selector=settings.dns_pod_selector),
+        ),
+        name_prefix=policy_name_prefix(node_name),
+        labels=labels,
+    )
+    return run_network_policies(isolation)
 
 
 async def _create(client: KubeClient, path: str, body: Json, *, what: str) -> Json | None:

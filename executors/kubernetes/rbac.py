@@ -13,7 +13,12 @@ Every verb below is used, and nothing else is granted:
 * Secrets: ``create`` (the run's token, created owned by its Job so it goes with the Job)
   and ``delete``; no ``get``/``list``/``patch`` (a patch answers with the Secret's data):
   the node cannot read any secret, its own included;
-* NetworkPolicies: ``create`` and ``patch`` (server-side apply at start-up);
+* NetworkPolicies: ``get`` of the node's own two runs' policies only (``resourceNames``,
+  :func:`network_policy_rule`): the chart renders them, the node checks at start-up that
+  they are there and unchanged. It cannot create, change or delete any NetworkPolicy, so
+  a compromised node cannot open its runs' egress. Only with ``network_policies: apply``
+  (out of a cluster, development) does the executor write them itself; that needs
+  :data:`APPLY_NETWORK_POLICIES_RULE` (``get``, ``create``, ``patch``) instead;
 * Namespaces: ``get`` — bound in the runs namespace, a Role grants reading *that*
   namespace only (its Pod Security labels are checked at start-up); creating or labelling
   it is the chart's or the operator's job.
@@ -25,8 +30,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from policies.network import policy_name_prefix, run_network_policy_names
+
 ROLE_NAME = "fednode-executor"
 
+#: The rules that do not depend on the node's name (the chart's ``files/role-rules.yaml``);
+#: :func:`role_rules` adds the NetworkPolicy rule, which names the node's policies.
 ROLE_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": ["batch"],
@@ -36,22 +45,44 @@ ROLE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
-    {
-        "apiGroups": ["networking.k8s.io"],
-        "resources": ["networkpolicies"],
-        "verbs": ["create", "patch"],
-    },
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
 ]
 
+#: Instead of :func:`network_policy_rule`, for ``network_policies: apply`` only (the
+#: executor applies the runs' policies itself; ``create`` cannot be limited by name).
+APPLY_NETWORK_POLICIES_RULE: dict[str, Any] = {
+    "apiGroups": ["networking.k8s.io"],
+    "resources": ["networkpolicies"],
+    "verbs": ["get", "create", "patch"],
+}
 
-def role_manifest(namespace: str, *, name: str = ROLE_NAME) -> dict[str, Any]:
+
+def network_policy_rule(node_name: str) -> dict[str, Any]:
+    """Reading the node's two runs' NetworkPolicies, by name, and nothing else."""
+    return {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "resourceNames": list(run_network_policy_names(policy_name_prefix(node_name))),
+        "verbs": ["get"],
+    }
+
+
+def role_rules(node_name: str, *, apply_network_policies: bool = False) -> list[dict[str, Any]]:
+    """Every rule of the node's Role (what the chart renders for ``nodeName``)."""
+    extra = (APPLY_NETWORK_POLICIES_RULE if apply_network_policies
+             else network_policy_rule(node_name))
+    return [dict(rule) for rule in ROLE_RULES] + [dict(extra)]
+
+
+def role_manifest(
+    namespace: str, *, node_name: str, name: str = ROLE_NAME
+) -> dict[str, Any]:
     """The Role in the runs namespace."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": {"name": name, "namespace": namespace},
-        "rules": [dict(rule) for rule in ROLE_RULES],
+        "rules": role_rules(node_name),
     }
 
 

@@ -32,10 +32,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from executors.base import ExecutorContext
 from executors.kubernetes.executor import KubernetesExecutor
 from executors.kubernetes.manifests import job_name
-from executors.kubernetes.rbac import ROLE_RULES
 from executors.spec import Phase, Resources, RunEvent, RunOutput, RunSpec, RunState
 from tests.conformance.harness import Behaviour, Harness
-from tests.integration.test_k8s_executor_support import settings_for, task_volume
+from tests.integration.test_k8s_executor_support import (
+    chart_network_policies,
+    settings_for,
+    task_volume,
+)
 from tests.peers.kubernetes import POD_EXIT_CODE, POD_OOM_KILLED, POD_RUN_SECONDS, K8sTestbed
 
 
@@ -160,10 +163,11 @@ async def kubernetes_harness(
             reason="kwok keeps no container logs (pods/log answers 404); the crash itself "
                    "is covered by tests/integration/test_k8s_executor.py", strict=True))
     async with k8s_testbed.api_client() as admin, task_volume(admin, k8s_namespace):
-        kubeconfig = await k8s_testbed.service_account_kubeconfig(
-            k8s_namespace, rules=ROLE_RULES)
+        node_name = f"conformance-{uuid.uuid4().hex[:8]}"
+        rules = await chart_network_policies(admin, k8s_namespace, node_name)
+        kubeconfig = await k8s_testbed.service_account_kubeconfig(k8s_namespace, rules=rules)
         task_dir = tmp_path / "tasks"
         task_dir.mkdir()
         yield KubernetesHarness(
             testbed=k8s_testbed, namespace=k8s_namespace, kubeconfig=kubeconfig,
-            node_name=f"conformance-{uuid.uuid4().hex[:8]}", task_dir=task_dir)
+            node_name=node_name, task_dir=task_dir)

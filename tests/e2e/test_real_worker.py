@@ -34,6 +34,7 @@ from node.app import Node
 from node.settings import load_settings
 from tests.conformance.podman_harness import build_behaviour_image
 from tests.e2e.conftest import DATA, SESSION, RunningNode, free_port, wait_until_connected
+from tests.integration.test_k8s_executor_support import chart_network_policies
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration, V6Org, V6Server
@@ -93,9 +94,13 @@ async def make_site(
                 await client.CoreV1Api(api).create_namespaced_config_map(namespace, {
                     "metadata": {"name": "database-default"},
                     "data": {csv.name: csv.read_text()}})
-            kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace,
-                                                                       rules=ROLE_RULES)
             proxy_port = free_port()
+            rules = ROLE_RULES  # network_policies off: none to read
+            if network_policies:  # as the chart: they are made for the node, which reads them
+                async with k8s_testbed.api_client() as api:
+                    rules = await chart_network_policies(
+                        api, namespace, f"fednode-{org.name}-{SESSION}", proxy_port=proxy_port)
+            kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=rules)
             proxy_host = await k8s_real_worker.proxy_relay(
                 namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port)
             return Site(org, namespace, task_dir, csv, kubeconfig, proxy_port, proxy_host,

@@ -46,6 +46,7 @@ from executors.kubernetes.client import KubeClient, KubeError, connect
 from node.app import Node
 from node.contract import decode_value
 from node.settings import load_settings
+from policies.network import policy_name_prefix, run_network_policy_names
 from tests.peers.kubernetes import K8sTestbed
 from tests.peers.v6server import V6Collaboration, V6Server
 from tests.unit.test_helm_support import CHART, helm
@@ -413,10 +414,7 @@ async def test_the_node_token_can_do_what_the_executor_needs_in_its_namespace(
                    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}}}
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rbac-probe"},
               "stringData": {"token": "t"}}
-    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-              "metadata": {"name": "rbac-probe", "namespace": ns},
-              "spec": {"podSelector": {"matchLabels": {LABEL_RUN: "0"}},
-                       "policyTypes": ["Egress"]}}
+    deny, egress = run_network_policy_names(policy_name_prefix(release.node_name))
     jobs, pods = f"/apis/batch/v1/namespaces/{ns}/jobs", f"/api/v1/namespaces/{ns}/pods"
     secrets = f"/api/v1/namespaces/{ns}/secrets"
     policies = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
@@ -426,16 +424,15 @@ async def test_the_node_token_can_do_what_the_executor_needs_in_its_namespace(
             "create jobs": kube.create(jobs, job, what="t"),
             "get jobs": kube.get(f"{jobs}/rbac-probe", what="t"),
             "list jobs": kube.get(jobs, what="t"),
-            "watch jobs": kube.get(jobs, query=(("watch", "1"), ("timeoutSeconds", "1")),
-                                   what="t"),
+            "watch jobs": watch_status(kube, jobs),
             "delete jobs": kube.delete(f"{jobs}/rbac-probe", what="t"),
             "list pods": kube.get(pods, what="t"),
-            "watch pods": kube.get(pods, query=(("watch", "1"), ("timeoutSeconds", "1")),
-                                   what="t"),
+            "watch pods": watch_status(kube, pods),
             "create secrets": kube.create(secrets, secret, what="t"),
             "delete secrets": kube.delete(f"{secrets}/rbac-probe", what="t"),
-            "apply networkpolicies": kube.apply(f"{policies}/rbac-probe", policy,
-                                                field_manager="fednode", what="t"),
+            # its runs' NetworkPolicies, the chart's: read (checked at start-up), by name
+            "get its runs' default-deny policy": kube.get(f"{policies}/{deny}", what="t"),
+            "get its runs' egress policy": kube.get(f"{policies}/{egress}", what="t"),
             "get its namespace": kube.get(f"/api/v1/namespaces/{ns}", what="t"),
         }
         statuses = {what: await status_of(call) for what, call in allowed.items()}
@@ -445,12 +442,52 @@ async def test_the_node_token_can_do_what_the_executor_needs_in_its_namespace(
     assert statuses == {**{what: 200 for what in allowed}, "get pods/log": 404}
 
 
+async def watch_status(kube: KubeClient, path: str, *, within: float = 30) -> int:
+    """The status a real watch request gets. Authorization is decided before the stream's
+    first byte, so the response's status is the answer, and an empty stream (nothing
+    changes) is fine: the stream is left as soon as it is granted. A failure to get any
+    answer (status 0, e.g. an API server still starting) is retried for ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+                async with kube.stream(path, query=(("watch", "true"),
+                                                    ("allowWatchBookmarks", "true"),
+                                                    ("timeoutSeconds", 30)),
+                                       read_timeout=60, what="t"):
+                    return 200
+        except KubeError as error:
+            if error.status != 0 or time.monotonic() >= deadline:
+                return error.status
+        except TimeoutError:
+            return 0
+        await asyncio.sleep(0.5)
+
+
 async def test_the_node_token_is_refused_secrets_namespaces_and_anything_cluster_wide(
     release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     ns, elsewhere = release.namespace, release.release_namespace
+    policies = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
+    deny, _ = run_network_policy_names(policy_name_prefix(release.node_name))
+    opened = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "rbac-probe", "namespace": ns},
+              "spec": {"podSelector": {"matchLabels": {LABEL_RUN: "0"}},
+                       "policyTypes": ["Egress"],
+                       "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}
     async with node_client(release, admin, monkeypatch, tmp_path) as kube:
         refused = {
+            # secrets: no reading (the answer to a patch carries the data), no changing
+            "patch secrets": kube.merge_patch(f"/api/v1/namespaces/{ns}/secrets/{FULLNAME}",
+                                              {"metadata": {"labels": {"x": "y"}}}, what="t"),
+            # network policies: no writing, so no opening its runs' egress
+            "create networkpolicies": kube.create(policies, opened, what="t"),
+            "apply networkpolicies": kube.apply(f"{policies}/rbac-probe", opened,
+                                                field_manager="fednode", what="t"),
+            "patch its runs' policy": kube.merge_patch(
+                f"{policies}/{deny}", {"spec": {"policyTypes": ["Ingress"]}}, what="t"),
+            "delete its runs' policy": kube.delete(f"{policies}/{deny}", what="t"),
+            "get another policy": kube.get(f"{policies}/{FULLNAME}-node", what="t"),
             # its own API key, and any other secret, cannot be read or listed
             "get its api-key secret": kube.get(f"/api/v1/namespaces/{ns}/secrets/{FULLNAME}",
                                                what="t"),
@@ -685,7 +722,8 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
               if "persistentVolumeClaim" in v}
     assert claims == {f"{FULLNAME}-tasks", f"{FULLNAME}-db-default"}
 
-    # the runs' NetworkPolicies the node applied let them reach exactly the node pod
+    # the runs' NetworkPolicies the chart rendered (the node verified) let them reach
+    # exactly the node pod
     listed = await as_json(client.NetworkingV1Api(admin).list_namespaced_network_policy(
         release.namespace, label_selector=f"{LABEL_NODE}={release.node_name}",
         _preload_content=False))

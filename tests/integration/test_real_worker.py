@@ -23,10 +23,9 @@ from kubernetes_asyncio import client, watch
 from executors.base import ExecutorContext
 from executors.kubernetes.executor import KubernetesExecutor
 from executors.kubernetes.manifests import job_name
-from executors.kubernetes.rbac import ROLE_RULES
 from executors.spec import Phase, Reason, Resources, RunEvent, RunSpec
 from tests.conformance.podman_harness import build_behaviour_image
-from tests.integration.test_k8s_executor_support import settings_for
+from tests.integration.test_k8s_executor_support import chart_network_policies, settings_for
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
 
@@ -65,7 +64,9 @@ async def open_executor(
     worker through the executor's own node_selector and tolerations settings."""
     opened: list[KubernetesExecutor] = []
     async with k8s_real_worker.task_volume(namespace, task_dir):
-        kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=ROLE_RULES)
+        async with k8s_testbed.api_client() as admin:
+            rules = await chart_network_policies(admin, namespace, NODE)
+        kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=rules)
 
         async def open_one() -> KubernetesExecutor:
             executor = KubernetesExecutor(

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from executors.kubernetes.config import KubernetesSettings
-from executors.kubernetes.rbac import ROLE_RULES
+from executors.kubernetes.executor import run_network_policy_manifests
+from executors.kubernetes.rbac import ROLE_RULES, role_rules
 from node.settings import load_settings
 from policies.pod_security import container_security_context, namespace_labels
 from tests.unit.test_helm_support import (
@@ -43,6 +44,12 @@ def kinds(objects: list[dict[str, Any]]) -> list[str]:
 def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
     spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
     return spec
+
+
+def node_policy(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The node pod's own NetworkPolicy (the runs' two are the chart's too)."""
+    name = one(objects, "Deployment")["metadata"]["name"] + "-node"
+    return one(objects, "NetworkPolicy", name)
 
 
 def pod_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -125,7 +132,8 @@ def test_defaults_render_one_namespaced_node_with_nothing_cluster_wide(tmp_path:
 
     assert kinds(objects) == sorted([
         "Namespace", "ServiceAccount", "Secret", "ConfigMap", "PersistentVolumeClaim",
-        "Role", "RoleBinding", "Service", "NetworkPolicy", "Deployment"])
+        "Role", "RoleBinding", "Service", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+        "Deployment"])
     namespaced = [o for o in objects if o["kind"] != "Namespace"]
     assert {o["metadata"]["namespace"] for o in namespaced} == {"fednode"}
     namespace = one(objects, "Namespace")
@@ -138,7 +146,7 @@ def test_the_role_is_rbac_py_bound_to_the_node_service_account_only(tmp_path: Pa
     objects = render(REQUIRED_VALUES, tmp_path)
 
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
-    assert role["rules"] == ROLE_RULES
+    assert role["rules"] == role_rules("fn")  # reads its runs' NetworkPolicies, by name
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     account = one(objects, "ServiceAccount")
@@ -199,6 +207,28 @@ def test_the_proxy_service_and_the_runs_policies_select_labels_the_node_pod_carr
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
 
 
+@pytest.mark.parametrize("values", ["required", "full"])
+def test_the_chart_renders_exactly_the_runs_policies_the_node_verifies(
+    values: str, full_values: dict[str, Any], tmp_path: Path,
+) -> None:
+    objects = render(REQUIRED_VALUES if values == "required" else full_values, tmp_path)
+    config = node_yaml(objects)
+    executor = KubernetesSettings.model_validate(config["executor"])
+    assert executor.network_policies == "verify"
+
+    expected = run_network_policy_manifests(executor, node_name=config["name"])
+    rendered = {o["metadata"]["name"]: o for o in objects if o["kind"] == "NetworkPolicy"}
+    for policy in expected:
+        name = policy["metadata"]["name"]
+        assert rendered[name]["spec"] == policy["spec"]
+        assert rendered[name]["metadata"]["namespace"] == policy["metadata"]["namespace"]
+    # and the Role may read those two by name, and write no NetworkPolicy at all
+    (rule,) = [r for r in one(objects, "Role")["rules"] if r["resources"] == ["networkpolicies"]]
+    assert rule == {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+                    "resourceNames": [p["metadata"]["name"] for p in expected],
+                    "verbs": ["get"]}
+
+
 def test_the_default_node_yaml_is_a_valid_kubernetes_node_configuration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -230,7 +260,7 @@ def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_ser
     tmp_path: Path,
 ) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
-    policy = one(objects, "NetworkPolicy")["spec"]
+    policy = node_policy(objects)["spec"]
 
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels(objects).items()
     assert policy["policyTypes"] == ["Ingress", "Egress"]
@@ -355,7 +385,7 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert {"checksum/config", "checksum/secret"} <= set(template["annotations"])
 
     # the node's network policy
-    policy = one(objects, "NetworkPolicy")["spec"]
+    policy = node_policy(objects)["spec"]
     assert policy["ingress"][1]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
     dns, api_server, server, otlp, extra = policy["egress"]
     assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "coredns"}
@@ -382,7 +412,8 @@ def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -
         "name": "hospital-a-node", "key": "api-key"}
     assert "FEDNODE_EXECUTOR__KUBERNETES_NODE" not in env
     assert config["executor"]["task_volume_claim"] == "shared-tasks"
-    assert config["executor"]["network_policies"] is False
+    assert config["executor"]["network_policies"] == "off"
+    assert not any(r["resources"] == ["networkpolicies"] for r in one(objects, "Role")["rules"])
     assert config["executor"]["require_restricted_namespace"] is False
     keys = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "keys")
     assert keys["secret"]["secretName"] == "hospital-a-node"

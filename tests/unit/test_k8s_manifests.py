@@ -16,9 +16,22 @@ from executors.kubernetes.manifests import (
     sealed_token_of,
     token_secret,
 )
-from executors.kubernetes.rbac import ROLE_RULES, role_binding_manifest, role_manifest
+from executors.kubernetes.rbac import (
+    APPLY_NETWORK_POLICIES_RULE,
+    ROLE_RULES,
+    role_binding_manifest,
+    role_manifest,
+    role_rules,
+)
 from executors.spec import DatabaseMount, Resources, RunSpec
-from policies.network import RunIsolation, dns_peer, proxy_peer, run_network_policies
+from policies.network import (
+    RunIsolation,
+    dns_peer,
+    policy_differences,
+    policy_name_prefix,
+    proxy_peer,
+    run_network_policies,
+)
 from policies.pod_security import enforces, namespace_labels, pod_security_problems
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -192,10 +205,41 @@ def test_the_role_is_namespaced_and_grants_only_what_the_executor_uses() -> None
         ("", "pods"): {"list", "watch"},
         ("", "pods/log"): {"get"},
         ("", "secrets"): {"create", "delete"},
-        ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
         ("", "namespaces"): {"get"},
     }
-    assert role_manifest("runs")["kind"] == "Role"
+    assert role_manifest("runs", node_name="n")["kind"] == "Role"
     binding = role_binding_manifest("runs", service_account="fednode",
                                     service_account_namespace="fednode")
     assert binding["roleRef"]["kind"] == "Role"
+
+
+def test_the_node_may_only_read_its_own_runs_policies_unless_told_to_apply_them() -> None:
+    (rule,) = [r for r in role_rules("Hospital_A.node") if r["resources"] == ["networkpolicies"]]
+    assert rule["verbs"] == ["get"]
+    assert rule["resourceNames"] == ["fednode-runs-hospital-a-node-default-deny",
+                                     "fednode-runs-hospital-a-node-egress"]
+    (applying,) = [r for r in role_rules("n", apply_network_policies=True)
+                   if r["resources"] == ["networkpolicies"]]
+    assert applying == APPLY_NETWORK_POLICIES_RULE
+    assert set(applying["verbs"]) == {"get", "create", "patch"}
+    assert len(policy_name_prefix("x" * 63)) <= 40
+
+
+def test_a_policy_differs_only_in_substance() -> None:
+    isolation = RunIsolation(namespace="runs", run_selector={"fednode.io/node": "n"},
+                             allowed=(proxy_peer(namespace="fednode", pod_selector={"app": "node"},
+                                                 port=7654), dns_peer()))
+    _, egress = run_network_policies(isolation)
+    # what the API server gives back: its own metadata, rules in another order
+    found = {"metadata": {"name": "x", "uid": "u", "labels": {"other": "label"}},
+             "spec": {**egress["spec"], "egress": list(reversed(egress["spec"]["egress"])),
+                      "ingress": []}}
+    assert policy_differences(egress, found) == []
+    opened = {"spec": {**egress["spec"],
+                       "egress": [*egress["spec"]["egress"], {"to": [{"ipBlock": {
+                           "cidr": "0.0.0.0/0"}}]}]}}
+    (problem,) = policy_differences(egress, opened)
+    assert problem.startswith("spec.egress is") and "0.0.0.0/0" in problem
+    narrowed = {"spec": {**egress["spec"], "podSelector": {"matchLabels": {"run": "1"}}}}
+    assert [p.split(" ")[0] for p in policy_differences(egress, narrowed)] == [
+        "spec.podSelector"]

@@ -41,6 +41,11 @@ app.kubernetes.io/managed-by: fednode
 fednode.io/node: {{ include "fednode.nodeName" . }}
 {{- end -}}
 
+{{/* The runs' NetworkPolicies' name prefix (policies/network.py policy_name_prefix). */}}
+{{- define "fednode.runsPolicyPrefix" -}}
+{{- regexReplaceAll "[^a-z0-9-]+" (printf "fednode-runs-%s" (include "fednode.nodeName" .) | lower) "-" | trunc 40 | trimAll "-" -}}
+{{- end -}}
+
 {{- define "fednode.secretName" -}}
 {{- .Values.existingSecret | default (include "fednode.fullname" .) -}}
 {{- end -}}
