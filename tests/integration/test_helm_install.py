@@ -326,7 +326,7 @@ async def test_helm_install_is_admitted_under_pod_security_restricted(
     assert sorted(o["kind"] for o in manifest) == sorted([
         "Namespace", "ServiceAccount", "Secret", "ConfigMap", "PersistentVolume",
         "PersistentVolumeClaim", "PersistentVolumeClaim", "Role", "RoleBinding", "Service",
-        "NetworkPolicy", "Deployment"])
+        "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "Deployment"])  # node's, runs' two
     assert not [o for o in manifest if o["kind"].startswith("Cluster")]
     namespace = await core.read_namespace(release.namespace)
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
