@@ -172,17 +172,13 @@ async def result_of(collab: V6Collaboration, task: dict[str, Any], timeout: floa
     return list(await asyncio.to_thread(collab.user.result_values, task["id"]))
 
 
-async def wait_for_run(collab: V6Collaboration, task_id: int, *, status: str | None = None,
-                       timeout: float = 120) -> dict[str, Any]:
-    """Until the task's one run has ``status`` (or any finished status)."""
+async def wait_until(condition: Callable[[], bool], *, what: str, timeout: float = 120) -> None:
+    """Until ``condition()`` holds (e.g. about the spans a node has recorded so far)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
-        (run,) = await asyncio.to_thread(collab.user.runs, task_id)
-        if (status is None and run["finished_at"]) or run["status"] == status:
-            return dict(run)
+    while not condition():
         if loop.time() > deadline:
-            pytest.fail(f"run of task {task_id} never reached {status or 'finished'}: {run}")
+            pytest.fail(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.3)
 
 
@@ -307,23 +303,40 @@ async def test_without_the_network_policies_the_same_probe_gets_through(
     assert report["dns"]["resolves"] is True
 
 
-async def test_node_restart_mid_run_adopts_the_running_pod(
+async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_go_through(
     v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
-    real_images: str,
 ) -> None:
-    site = await make_site(v6_plain, v6_plain.org_a)
-    first = await start_real_node(site)
+    site_a = await make_site(v6_plain, v6_plain.org_a)
+    site_b = await make_site(v6_plain, v6_plain.org_b)
+    first = await start_real_node(site_a)
+    orgs = [v6_plain.org_a.id, v6_plain.org_b.id]
     task = await asyncio.to_thread(
-        v6_plain.create_task, input_={"sleep": 8, "output": '{"run": "long"}'},
-        image=real_images, organizations=[v6_plain.org_a.id])
-    await wait_for_run(v6_plain, task["id"], status="active")
-    await first.shutdown()  # kubelet keeps running the pod
+        v6_plain.create_task,
+        input_={"method": "central_average",
+                "kwargs": {"column_name": "age", "organizations": orgs}},
+        image=AVERAGE, organizations=[v6_plain.org_a.id])
+    # The central run has made its subtasks through A's proxy and A's partial is done; B's
+    # waits for B's node, so the central run is still polling the proxy for the results.
+    await wait_until(lambda: sum(uploads(first).values()) == 1, what="A's partial uploaded")
+    await first.shutdown()  # kubelet keeps the central pod running; its calls now fail
     await asyncio.sleep(2)
 
-    second = await start_real_node(site)
-    run = await wait_for_run(v6_plain, task["id"])
-    assert run["status"] == "completed"
-    assert await asyncio.to_thread(v6_plain.user.result_values, task["id"]) == [{"run": "long"}]
-    assert uploads(second) == Counter({run["id"]: 1})
+    second = await start_real_node(site_a)  # may not read the token Secret (ROLE_RULES)
+    await start_real_node(site_b)
+    results = await result_of(v6_plain, task)
+
+    # The central run got the partial results through the second node's proxy: the node
+    # admitted the adopted run's token again (from its sealed copy on the Job), no 401.
+    (run,) = await asyncio.to_thread(v6_plain.user.runs, task["id"])
+    assert run["status"] == "completed", run["log"]
+    (result,) = results
+    assert result["average"] == pytest.approx(41.875)
+    assert uploads(second)[run["id"]] == 1
     assert not [s for s in second.spans if s.name == "start"]
-    assert uploads(first) == Counter()
+    # (the proxy records a span only for a call whose token a run holds)
+    proxied = {str(s.name): s.attributes["http.response.status_code"]  # type: ignore[index]
+               for s in second.spans if s.name.startswith("proxy ")
+               and s.attributes["fednode.run_id"] == run["id"]}  # type: ignore[index]
+    assert proxied, "no call of the adopted run went through the restarted node's proxy"
+    assert all(status == 200 for status in proxied.values()), proxied
+
