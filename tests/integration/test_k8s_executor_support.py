@@ -55,19 +55,6 @@ async def chart_network_policies(
     return role_rules(node_name)
 
 
-async def chart_network_policies(
-    admin: Any, namespace: str, node_name: str, **overrides: object
-) -> list[dict[str, Any]]:
-    """What the chart does for a node: create its runs' NetworkPolicies (as admin, for
-    :func:`settings_for` with ``overrides``). Returns the rules of the node's Role, which
-    may only read those two policies."""
-    settings = settings_for(namespace, Path("unused"), **overrides)
-    api = client.NetworkingV1Api(admin)
-    for policy in run_network_policy_manifests(settings, node_name=node_name):
-        await api.create_namespaced_network_policy(namespace, policy)
-    return role_rules(node_name)
-
-
 @contextlib.asynccontextmanager
 async def task_volume(
     admin: Any, namespace: str, *, claim: str = "fednode-tasks"
