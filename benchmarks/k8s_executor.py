@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 import structlog  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
+from benchmarks.stats import percentile  # noqa: E402
 from executors.base import LABEL_RUN, ExecutorContext  # noqa: E402
 from executors.kubernetes.client import JOBS, PODS, KubeClient, Resource, connect  # noqa: E402
 from executors.kubernetes.config import KubernetesSettings  # noqa: E402
@@ -70,10 +71,6 @@ PREFIX = "@@ "
 
 # -- small helpers --------------------------------------------------------------------------
 
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def rss_kib() -> tuple[int, int]:

@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,11 +52,8 @@ import structlog
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
-    InMemorySpanExporter,
-)
 
+from benchmarks.stats import cell, percentile  # noqa: E402
 from executors.base import ExecutorContext  # noqa: E402
 from executors.kubernetes.client import KubeClient  # noqa: E402
 from executors.kubernetes.config import KubernetesSettings  # noqa: E402
@@ -68,23 +64,12 @@ from node.logging import configure_logging  # noqa: E402
 from node.server.rest import ServerClient  # noqa: E402
 from node.settings import load_settings  # noqa: E402
 from tests.integration.test_k8s_executor_support import chart_network_policies  # noqa: E402
-from tests.peers import v6server as v6_peer  # noqa: E402
 from tests.peers.kubernetes import DEFAULT_KUBECONFIG, POD_RUN_SECONDS, SCRIPT, K8sTestbed  # noqa: E402
-from tests.peers.stack import free_port  # noqa: E402
-from tests.peers.v6client import V6UserClient  # noqa: E402
+from tests.peers.stack import free_port, running_node, server_with_collaboration  # noqa: E402
 
 IMAGE = "localhost/fednode/bench-dispatch:1"  # kwok never pulls it
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return f"{'-':>24}"
-    return f"{statistics.median(values):9.1f} / {pct(values, 0.95):7.1f} ms"
 
 
 # ---- attributing waits ------------------------------------------------------------------
@@ -206,22 +191,11 @@ async def wait_until(predicate: Callable[[], bool], seconds: float, what: str) -
 
 async def measure(args: argparse.Namespace, workdir: Path) -> tuple[Split, Split, dict[str, float]]:
     testbed = K8sTestbed(kubeconfig=DEFAULT_KUBECONFIG, workdir=workdir)
-    server = v6_peer.V6Server(workdir=workdir / "server", port=free_port())
-    server.workdir.mkdir(parents=True)
-    server.write_config()
-    server.start()
-    user = V6UserClient(python=v6_peer._venv_python(), script=v6_peer.USERCLIENT,
-                        log_path=workdir / "userclient.log")
     waits = Waits()
-    undo = instrument(waits)
     async with contextlib.AsyncExitStack() as stack:
-        stack.callback(server.stop)
-        stack.callback(user.close)
-        stack.callback(undo)
-        user.login(url=f"http://{server.host}", port=server.port, api_path=server.api_path,
-                   username=server.root_username, password=server.root_password)
-        collab = v6_peer._make_collaboration(user, server, prefix="dispatch", encrypted=False,
-                                             keydir=None)
+        peers = stack.enter_context(server_with_collaboration(workdir, prefix="dispatch"))
+        server, collab = peers.server, peers.collaboration
+        stack.callback(instrument(waits))
         org = collab.org_a
         namespace = await testbed.create_namespace("fednode-bench-dispatch")
         stack.push_async_callback(testbed.delete_namespace, namespace)
@@ -245,15 +219,8 @@ async def measure(args: argparse.Namespace, workdir: Path) -> tuple[Split, Split
         )
         executor = Forever(KubernetesSettings.model_validate(executor_settings),
                            context=ExecutorContext(node_name=node_name, task_dir=task_dir))
-        exporter = InMemorySpanExporter()
-        node = Node(settings, executor=executor, span_processors=(SimpleSpanProcessor(exporter),))
-        stop = asyncio.Event()
-        node_task = asyncio.create_task(node.run(stop))
-        stack.push_async_callback(asyncio.wait_for, node_task, 60)
-        stack.callback(stop.set)
-        await asyncio.wait_for(node.ready.wait(), 60)
-        assert node.state.socket is not None
-        await asyncio.wait_for(node.state.socket.connected.wait(), 60)
+        local = await stack.enter_async_context(running_node(settings, executor=executor))
+        node, exporter = local.node, local.exporter
 
         def create(i: int) -> int:
             made = collab.create_task(input_={"i": i}, image=IMAGE, organizations=[org.id],
@@ -312,12 +279,14 @@ def main() -> None:
     for title, key in (("whole window", "total"), ("waiting for the vantage6 server", "server"),
                        ("waiting for the Kubernetes API", "kube"),
                        ("the node's own share", "node")):
-        print(f"  {title:<38}{cell(getattr(burst, key))}  {cell(getattr(steady, key))}")
-    print(f"  {'baseline: a 1 s poll adds':<38}{cell(baseline)}")
-    worst = max(pct(burst.node, 0.95), pct(steady.node, 0.95))
+        burst_cell, steady_cell = (
+            cell(getattr(phase, key), width=7, digits=1) for phase in (burst, steady))
+        print(f"  {title:<38}{burst_cell}  {steady_cell}")
+    print(f"  {'baseline: a 1 s poll adds':<38}{cell(baseline, width=7, digits=1)}")
+    worst = max(percentile(burst.node, 0.95), percentile(steady.node, 0.95))
     print(f"\nnode's own share p95: {worst:.1f} ms (target <= 50 ms): "
           f"{'met' if worst <= 50 else 'MISSED'}; "
-          f"{pct(baseline, 0.95) / max(worst, 1e-3):.0f}x below the 1 s poll's p95")
+          f"{percentile(baseline, 0.95) / max(worst, 1e-3):.0f}x below the 1 s poll's p95")
 
 
 if __name__ == "__main__":

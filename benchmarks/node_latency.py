@@ -32,21 +32,17 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.stats import percentile  # noqa: E402
 from node.logging import configure_logging  # noqa: E402
 from tests.conformance.podman_harness import build_behaviour_image  # noqa: E402
 from tests.peers.podman import PodmanService  # noqa: E402
 from tests.peers.stack import LocalFederation, local_federation  # noqa: E402
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def summary(name: str, values: list[float]) -> str:
     return (
         f"  {name:<34} median {statistics.median(values):8.1f} ms   "
-        f"p95 {pct(values, 0.95):8.1f} ms   (n={len(values)})"
+        f"p95 {percentile(values, 0.95):8.1f} ms   (n={len(values)})"
     )
 
 

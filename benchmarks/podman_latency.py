@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 import structlog  # noqa: E402
 
+from benchmarks.stats import percentile  # noqa: E402
 from executors.base import ExecutorContext  # noqa: E402
 from executors.podman.api import LibpodClient  # noqa: E402
 from executors.podman.config import PodmanSettings  # noqa: E402
@@ -58,11 +59,6 @@ from executors.spec import Phase, RunEvent, RunSpec  # noqa: E402
 
 IMAGE = "localhost/fednode/python-base:latest"
 
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 @dataclass

@@ -28,25 +28,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
-    InMemorySpanExporter,
-)
 
+from benchmarks.stats import cell  # noqa: E402
 from executors.base import LABEL_NODE, LABEL_RUN  # noqa: E402
-from node.app import Node  # noqa: E402
 from node.logging import configure_logging  # noqa: E402
 from node.settings import load_settings  # noqa: E402
 from tests.conformance.podman_harness import build_behaviour_image  # noqa: E402
@@ -54,21 +48,12 @@ from tests.integration.test_k8s_executor_support import chart_network_policies  
 from tests.peers import v6server as v6_peer  # noqa: E402
 from tests.peers.kubernetes import DEFAULT_KUBECONFIG, SCRIPT, K8sRealWorker, K8sTestbed  # noqa: E402
 from tests.peers.podman import PodmanService, _start_service, _stop_service  # noqa: E402
-from tests.peers.stack import free_port  # noqa: E402
+from tests.peers.stack import free_port, running_node, server_with_collaboration  # noqa: E402
 from tests.peers.v6client import V6UserClient  # noqa: E402
 
 NODE_POD_LABELS = {"app.kubernetes.io/name": "fednode", "app.kubernetes.io/component": "node"}
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return f"{'-':>22}"
-    return f"{statistics.median(values):8.0f} / {pct(values, 0.95):6.0f} ms"
 
 
 class Referee:
@@ -128,21 +113,14 @@ async def measure(*, label: str, testbed: K8sTestbed, worker: K8sRealWorker,
                          "tolerations": [worker.toleration]}
             proxy |= {"host": worker.node_ip, "advertise_host": await worker.proxy_relay(
                 namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port)}
-        exporter = InMemorySpanExporter()
-        node = Node(load_settings(
+        settings = load_settings(
             None, name=node_name, server_url=f"http://{server.host}", port=server.port,
             api_path=server.api_path, api_key=org.api_key, task_dir=task_dir,
             databases=[],  # the probe reads none
             executor=executor, proxy=proxy, health={"port": free_port()},
             policies={"resources": {"default_cpu": 0.2, "default_memory_mb": 256}},
-        ), span_processors=(SimpleSpanProcessor(exporter),))
-        stop = asyncio.Event()
-        task = asyncio.create_task(node.run(stop))
-        stack.push_async_callback(asyncio.wait_for, task, 30)
-        stack.callback(stop.set)
-        await asyncio.wait_for(node.ready.wait(), 60)
-        assert node.state.socket is not None
-        await asyncio.wait_for(node.state.socket.connected.wait(), 60)
+        )
+        exporter = (await stack.enter_async_context(running_node(settings, org=org))).exporter
         referee = Referee(testbed, namespace, node_name)
         stack.callback(referee.close)
         created: dict[int, int] = {}
@@ -178,25 +156,6 @@ async def measure(*, label: str, testbed: K8sTestbed, worker: K8sRealWorker,
     return out
 
 
-@contextlib.asynccontextmanager
-async def server_and_user(workdir: Path) -> AsyncIterator[tuple[Any, Any, Any]]:
-    server = v6_peer.V6Server(workdir=workdir / "server", port=free_port())
-    server.workdir.mkdir(parents=True)
-    server.write_config()
-    server.start()
-    user = V6UserClient(python=v6_peer._venv_python(), script=v6_peer.USERCLIENT,
-                        log_path=workdir / "userclient.log")
-    try:
-        user.login(url=f"http://{server.host}", port=server.port, api_path=server.api_path,
-                   username=server.root_username, password=server.root_password)
-        collab = v6_peer._make_collaboration(user, server, prefix="bench", encrypted=False,
-                                             keydir=None)
-        yield server, user, collab
-    finally:
-        user.close()
-        server.stop()
-
-
 async def main(runs: int) -> None:
     up = await asyncio.to_thread(subprocess.run, [str(SCRIPT), "up", "--real-worker"],
                                  capture_output=True, text=True, check=False)
@@ -217,7 +176,8 @@ async def main(runs: int) -> None:
         finally:
             _stop_service(podman)
         worker.import_images(image)
-        async with server_and_user(workdir) as (server, user, collab):
+        with server_with_collaboration(workdir, prefix="bench") as peers:
+            server, user, collab = peers.server, peers.user, peers.collaboration
             results = {}
             for label, real in (("real", True), ("kwok", False)):
                 print(f"{label}: {runs} tasks, one after another ...", flush=True)

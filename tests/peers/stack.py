@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from executors.base import Executor
 from node.app import Node
-from node.settings import load_settings
+from node.settings import NodeSettings, load_settings
 from tests.peers import podman as podman_peer
 from tests.peers import v6server as v6_peer
 from tests.peers.v6client import V6UserClient
@@ -41,7 +42,7 @@ def free_port() -> int:
 
 @dataclass
 class LocalNode:
-    org: V6Org
+    org: V6Org | None
     node: Node
     exporter: InMemorySpanExporter
     stop: asyncio.Event
@@ -50,6 +51,27 @@ class LocalNode:
     @property
     def spans(self) -> list[ReadableSpan]:
         return list(self.exporter.get_finished_spans())
+
+
+@contextlib.asynccontextmanager
+async def running_node(
+    settings: NodeSettings, *, org: V6Org | None = None, executor: Executor | None = None
+) -> AsyncIterator[LocalNode]:
+    """A node served in this event loop, ready and connected to the server's socket;
+    its spans in memory; stopped (within 60 s) on exit."""
+    exporter = InMemorySpanExporter()
+    node = Node(settings, executor=executor, span_processors=(SimpleSpanProcessor(exporter),))
+    stop = asyncio.Event()
+    local = LocalNode(org, node, exporter, stop, asyncio.create_task(node.run(stop)))
+    try:
+        await asyncio.wait_for(node.ready.wait(), 60)
+        assert node.state.socket is not None
+        await asyncio.wait_for(node.state.socket.connected.wait(), 60)
+        yield local
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(local.task, 60)
 
 
 @dataclass
@@ -61,11 +83,19 @@ class LocalFederation:
     podman_socket: Path
 
 
-@contextlib.asynccontextmanager
-async def local_federation(
-    workdir: Path, *, encrypted: bool = False, **node_settings: Any
-) -> AsyncIterator[LocalFederation]:
-    """Server, podman service and two connected nodes; everything stopped on exit."""
+@dataclass
+class ServerWithUsers:
+    server: v6_peer.V6Server
+    user: V6UserClient
+    collaboration: V6Collaboration
+
+
+@contextlib.contextmanager
+def server_with_collaboration(
+    workdir: Path, *, prefix: str = "local", encrypted: bool = False
+) -> Iterator[ServerWithUsers]:
+    """A fresh vantage6 server, its root user logged in, and a collaboration of
+    organizations A and B (with key pairs under ``workdir/keys`` when ``encrypted``)."""
     server = v6_peer.V6Server(workdir=workdir / "server", port=free_port())
     server.workdir.mkdir(parents=True)
     server.write_config()
@@ -75,9 +105,6 @@ async def local_federation(
         script=v6_peer.USERCLIENT,
         log_path=workdir / "userclient.log",
     )
-    podman_socket = workdir / "podman.sock"
-    podman = None
-    nodes: list[LocalNode] = []
     try:
         user.login(
             url=f"http://{server.host}",
@@ -90,44 +117,50 @@ async def local_federation(
         if keydir is not None:
             keydir.mkdir()
         collab = v6_peer._make_collaboration(
-            user, server, prefix="local", encrypted=encrypted, keydir=keydir
+            user, server, prefix=prefix, encrypted=encrypted, keydir=keydir
         )
-        podman = podman_peer._start_service(podman_socket)
-        for who, org in (("a", collab.org_a), ("b", collab.org_b)):
-            values: dict[str, Any] = {
-                # Unique per federation: a fresh server database reuses run ids.
-                "name": f"fednode-{org.name}-{uuid.uuid4().hex[:6]}",
-                "server_url": f"http://{server.host}",
-                "port": server.port,
-                "api_path": server.api_path,
-                "api_key": org.api_key,
-                "task_dir": workdir / f"tasks-{who}",
-                "databases": [{"label": "default", "type": "csv", "uri": str(CSV_OF[who])}],
-                "executor": {"kind": "podman", "socket": f"unix://{podman_socket}"},
-                "health": {"port": free_port()},
-                "proxy": {"port": free_port()},
-                **node_settings,
-            }
-            if org.private_key is not None:
-                values["encryption"] = {"enabled": True, "private_key": org.private_key}
-            exporter = InMemorySpanExporter()
-            node = Node(
-                load_settings(None, **values), span_processors=(SimpleSpanProcessor(exporter),)
-            )
-            stop = asyncio.Event()
-            local = LocalNode(org, node, exporter, stop, asyncio.create_task(node.run(stop)))
-            nodes.append(local)
-            await asyncio.wait_for(node.ready.wait(), 60)
-            assert node.state.socket is not None
-            await asyncio.wait_for(node.state.socket.connected.wait(), 60)
-        yield LocalFederation(server, user, collab, nodes, podman_socket)
+        yield ServerWithUsers(server, user, collab)
     finally:
-        for local in nodes:
-            local.stop.set()
-        for local in nodes:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(local.task, 30)
         user.close()
-        if podman is not None:
-            podman_peer._stop_service(podman)
         server.stop()
+
+
+@contextlib.asynccontextmanager
+async def local_federation(
+    workdir: Path, *, encrypted: bool = False, **node_settings: Any
+) -> AsyncIterator[LocalFederation]:
+    """Server, podman service and two connected nodes; everything stopped on exit."""
+    podman_socket = workdir / "podman.sock"
+    podman = None
+    nodes: list[LocalNode] = []
+    stack = contextlib.AsyncExitStack()
+    with server_with_collaboration(workdir, encrypted=encrypted) as peers:
+        server, user, collab = peers.server, peers.user, peers.collaboration
+        try:
+            podman = podman_peer._start_service(podman_socket)
+            for who, org in (("a", collab.org_a), ("b", collab.org_b)):
+                values: dict[str, Any] = {
+                    # Unique per federation: a fresh server database reuses run ids.
+                    "name": f"fednode-{org.name}-{uuid.uuid4().hex[:6]}",
+                    "server_url": f"http://{server.host}",
+                    "port": server.port,
+                    "api_path": server.api_path,
+                    "api_key": org.api_key,
+                    "task_dir": workdir / f"tasks-{who}",
+                    "databases": [{"label": "default", "type": "csv", "uri": str(CSV_OF[who])}],
+                    "executor": {"kind": "podman", "socket": f"unix://{podman_socket}"},
+                    "health": {"port": free_port()},
+                    "proxy": {"port": free_port()},
+                    **node_settings,
+                }
+                if org.private_key is not None:
+                    values["encryption"] = {"enabled": True, "private_key": org.private_key}
+                settings = load_settings(None, **values)
+                nodes.append(await stack.enter_async_context(running_node(settings, org=org)))
+            yield LocalFederation(server, user, collab, nodes, podman_socket)
+        finally:
+            for local in nodes:
+                local.stop.set()  # both stop at once; the stack then waits for each
+            await stack.aclose()
+            if podman is not None:
+                podman_peer._stop_service(podman)
