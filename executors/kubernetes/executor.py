@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import structlog
 from kubernetes_asyncio.config import ConfigException
@@ -69,8 +69,10 @@ from executors.kubernetes.manifests import (
 )
 from executors.kubernetes.tracker import RunTracker
 from executors.kubernetes.transform import slim_job, slim_pod
+from executors.memory import StartsInFlight
 from executors.runfiles import RunFiles
 from executors.spec import RunEvent, RunOutput, RunSpec, RunState
+from executors.tasks import TaskOwner
 from policies.network import (
     RunIsolation,
     dns_peer,
@@ -110,8 +112,8 @@ class KubernetesExecutor:
                                    delete_job=self._delete_job)
         self._client: KubeClient | None = None
         self._informers: list[Informer] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._starting: set[int] = set()
+        self._tasks = TaskOwner("kubernetes", expected=(KubeError, ExecutorError))
+        self._starting = StartsInFlight()
         # Starts that build their objects and talk to the API server at once: no more than
         # the connections they could use (the rest would only hold their Job manifests and
         # request bodies in memory while waiting for a connection).
@@ -149,11 +151,8 @@ class KubernetesExecutor:
                  jobs=len(self._tracker.jobs), node=self._context.node_name)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
+        self._tasks = TaskOwner("kubernetes", expected=(KubeError, ExecutorError))
         self._informers = []
         if self._client is not None:
             await self._client.close()
@@ -173,9 +172,13 @@ class KubernetesExecutor:
     async def start(self, spec: RunSpec) -> None:
         client = self._require_open()
         run_id = spec.run_id
-        if run_id in self._tracker.jobs or run_id in self._starting:
+        if run_id in self._tracker.jobs:
             return
-        self._starting.add(run_id)
+        # A second start of a run whose start is under way waits for that one's end.
+        await self._starting.run(run_id, lambda: self._start_in_slot(client, spec))
+
+    async def _start_in_slot(self, client: KubeClient, spec: RunSpec) -> None:
+        run_id = spec.run_id
         try:
             async with self._start_slots:
                 if run_id in self._tracker.killed:  # also while it waited for a slot
@@ -184,8 +187,6 @@ class KubernetesExecutor:
                 await self._start(client, spec)
         except KubeError as error:
             raise ExecutorError(f"Kubernetes refused run {run_id}: {error}") from error
-        finally:
-            self._starting.discard(run_id)
 
     async def _start(self, client: KubeClient, spec: RunSpec) -> None:
         node, ns, run_id = self._context.node_name, self._namespace, spec.run_id
@@ -282,22 +283,12 @@ class KubernetesExecutor:
     def _job_path(self, run_id: int) -> str:
         return JOBS.path(self._namespace, job_name(self._context.node_name, run_id))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("k8s.task_failed", task=task.get_name(), error=repr(task.exception()))
-
     def _delete_job(self, run_id: int, why: str) -> None:
         """The tracker's request: a killed run's late Job, or a run that can never progress
         (a bad image) — delete the Job so that it does not linger."""
         log.info("k8s.deleting_job", run_id=run_id, why=why)
         if self._client is not None:
-            self._spawn(self._delete_quietly(self._client, run_id), name=f"delete-{run_id}")
+            self._tasks.spawn(self._delete_quietly(self._client, run_id), name=f"delete-{run_id}")
 
     async def _delete_quietly(self, client: KubeClient, run_id: int) -> None:
         try:
@@ -406,7 +397,7 @@ class KubernetesExecutor:
                 f"{self._settings.sync_timeout_seconds}s") from error
         self._informers = [jobs, pods]
         for informer in self._informers:
-            self._spawn(informer.run(), name=f"informer-{informer.kind}")
+            self._tasks.spawn(informer.run(), name=f"informer-{informer.kind}")
 
 
 def run_network_policy_manifests(settings: KubernetesSettings, *,
