@@ -6,8 +6,10 @@ Runs everything on this machine and stops it all at the end:
    collaboration and a node for each;
 3. starts two fednode nodes in this process, each with its own CSV, running containers on
    podman;
-4. sends ``partial_average`` to both organizations, combines the partial sums into the
-   mean, and prints each node's trace of its run.
+4. sends ``central_average`` to organization A: its container, on A's node, creates
+   ``partial_average`` subtasks for A and B through A's proxy (the only door it has),
+   waits for their results through it and returns the mean; the demo prints the result
+   and each node's traces (the central run's proxied calls are spans in its trace).
 
 The peers are the same ones the tests use (``tests/peers``).
 """
@@ -48,15 +50,20 @@ def print_trace(name: str, spans: list[ReadableSpan]) -> None:
         attrs = span.attributes or {}
         extra = ""
         if span.name == "run":
-            extra = f"  run={attrs.get('fednode.run_id')} status={attrs.get('fednode.status')}"
-        print(f"    {'  ' * depth}{span.name:<10} {took:8.1f} ms{extra}")
+            extra = (
+                f"  run={attrs.get('fednode.run_id')} task={attrs.get('fednode.task_id')} "
+                f"status={attrs.get('fednode.status')}"
+            )
+        print(f"    {'  ' * depth}{span.name:<30} {took:8.1f} ms{extra}")
         for child in sorted(
             by_parent.get(span.context.span_id, []), key=lambda s: s.start_time or 0
         ):
             show(child, depth + 1)
 
-    print(f"  {name}: trace {spans[0].context.trace_id:032x}" if spans else f"  {name}: no spans")
-    for root in by_parent.get(None, []):
+    if not spans:
+        print(f"  {name}: no spans")
+    for root in sorted(by_parent.get(None, []), key=lambda s: s.start_time or 0):
+        print(f"  {name}: trace {root.context.trace_id:032x}")
         show(root, 0)
 
 
@@ -66,22 +73,25 @@ async def demo(workdir: Path) -> int:
     async with local_federation(workdir) as fed:
         print(f"  server {fed.server.api_url}; up in {time.monotonic() - began:.1f} s")
         for local in fed.nodes:
-            print(f"  {local.node.settings.name}: organization {local.org.id}")
+            print(f"  {local.node.settings.name}: organization {local.org and local.org.id}")
 
-        step("sending partial_average(age) to both organizations")
+        step("sending central_average(age) to organization A")
         began = time.monotonic()
+        orgs = [local.org.id for local in fed.nodes if local.org is not None]
         task: dict[str, Any] = await asyncio.to_thread(
             fed.collaboration.create_task,
-            input_={"method": "partial_average", "kwargs": {"column_name": "age"}},
+            input_={
+                "method": "central_average",
+                "kwargs": {"column_name": "age", "organizations": orgs},
+            },
             image=AVERAGE_IMAGE,
+            organizations=orgs[:1],
         )
-        await asyncio.to_thread(fed.user.wait_for_results, task["id"], timeout=120)
-        partials = await asyncio.to_thread(fed.user.result_values, task["id"])
+        await asyncio.to_thread(fed.user.wait_for_results, task["id"], timeout=180)
+        (result,) = await asyncio.to_thread(fed.user.result_values, task["id"])
         took = time.monotonic() - began
-        for partial in partials:
-            print(f"  partial: {partial}")
-        mean = sum(p["sum"] for p in partials) / sum(p["count"] for p in partials)
-        print(f"  combined mean age: {mean:.3f}  (task {task['id']}, {took:.1f} s)")
+        print(f"  the central run asked both organizations through A's proxy: {result}")
+        print(f"  mean age: {result['average']:.3f}  (task {task['id']}, {took:.1f} s)")
 
         step("each run's trace")
         for local in fed.nodes:
