@@ -90,10 +90,26 @@ def status(config: ConfigOption) -> None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         typer.echo(f"fednode: no node answers at {url} ({exc})", err=True)
         raise typer.Exit(1) from None
-    for key, value in body.items():
-        typer.echo(f"{key:>18}: {value}")
+    _print_status(body)
     if not body.get("ready"):
         raise typer.Exit(1)
+
+
+def _print_status(body: dict[str, object]) -> None:
+    """A table on a terminal; ``key: value`` lines otherwise (for scripts and logs)."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=False, box=None)
+        table.add_column(style="bold", justify="right")
+        table.add_column()
+        for key, value in body.items():
+            table.add_row(key, str(value))
+        Console().print(table)
+        return
+    for key, value in body.items():
+        typer.echo(f"{key:>18}: {value}")
 
 
 @config_app.command("check")
