@@ -2,7 +2,9 @@
 
 * Authenticates with the node's API key (``POST token/node``) and keeps the access token
   fresh: a background task refreshes it before it expires (``POST token/refresh``), and a
-  401 on any request re-authenticates once and repeats the request.
+  rejected token on any request — 401 (expired), or 422 (a signature the server cannot
+  verify, e.g. after its JWT secret changed) — re-authenticates once and repeats the
+  request. Requests rejected together for the same token renew it once between them.
 * Connection errors and 5xx answers are retried with bounded exponential backoff and full
   jitter; 4xx answers are :class:`ServerError` with the server's own message.
 * Pagination (``links.next``) is followed by :meth:`ServerClient.list_pages`.
@@ -32,6 +34,10 @@ log = get_logger(__name__)
 JSON = Any
 #: Refresh the access token this long before it expires (the server's default life is 6 h).
 REFRESH_MARGIN_SECONDS = 600
+#: Answers that mean "this token is not accepted": flask-jwt-extended sends 401 for an
+#: expired token and 422 for one it cannot decode or verify. (vantage6 also answers 401
+#: for "no permission"; renewing then is wasted once, but harmless.)
+TOKEN_REJECTED = frozenset({401, 422})
 
 
 class ServerError(Exception):
@@ -134,18 +140,20 @@ class ServerClient:
     async def authenticate(self) -> None:
         """Exchange the API key for tokens; starts the refresher the first time."""
         async with self._auth_lock:
-            data = await self._send(
-                "POST", "token/node", json_body={"api_key": self._api_key}, auth=False
-            )
-            self._tokens = TokenPair.model_validate(data)
-            self.node_id = int(jwt_claims(self._tokens.access_token)["sub"])
-            log.info("server.authenticated", node_id=self.node_id, api_url=self.api_url)
+            await self._log_in()
         if self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_forever(), name="token-refresh")
 
-    async def refresh(self) -> None:
-        """Swap the refresh token for a new access token; fall back to the API key."""
+    async def refresh(self, *, rejected: str | None = None) -> None:
+        """Swap the refresh token for a new access token; fall back to the API key.
+
+        ``rejected`` is the access token the server just refused: if another caller has
+        replaced it meanwhile, there is nothing left to renew.
+        """
         async with self._auth_lock:
+            held = self._tokens.access_token if self._tokens else None
+            if rejected is not None and held is not None and held != rejected:
+                return
             refresh = self._tokens.refresh_token if self._tokens else None
             if refresh is not None:
                 try:
@@ -163,7 +171,16 @@ class ServerClient:
                     return
                 except ServerError as exc:
                     log.warning("server.refresh_failed", error=str(exc))
-        await self.authenticate()
+            await self._log_in()
+
+    async def _log_in(self) -> None:
+        """``POST token/node`` with the API key (the caller holds the auth lock)."""
+        data = await self._send(
+            "POST", "token/node", json_body={"api_key": self._api_key}, auth=False
+        )
+        self._tokens = TokenPair.model_validate(data)
+        self.node_id = int(jwt_claims(self._tokens.access_token)["sub"])
+        log.info("server.authenticated", node_id=self.node_id, api_url=self.api_url)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -201,13 +218,14 @@ class ServerClient:
         params: Mapping[str, str | int] | None = None,
     ) -> JSON:
         """One API call with auth, retries and readable errors; returns the JSON body."""
+        sent_with = self.access_token
         try:
             return await self._send(method, path, json_body=json_body, params=params)
         except ServerError as exc:
-            if exc.status != 401:
+            if exc.status not in TOKEN_REJECTED:
                 raise
-            log.info("server.reauthenticating", reason=exc.message)
-        await self.refresh()
+            log.info("server.reauthenticating", status=exc.status, reason=exc.message)
+        await self.refresh(rejected=sent_with)
         return await self._send(method, path, json_body=json_body, params=params)
 
     async def list_pages(

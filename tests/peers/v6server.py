@@ -48,6 +48,9 @@ V6_VERSION = "4.15.2"
 ROOT_USER = "root"
 ROOT_PASSWORD = "fednode-root-password"  # a throwaway test server's
 START_TIMEOUT = 60.0
+#: The server signs its JWTs (HS256) with this; fixed, so tokens survive ``restart()``
+#: and a test can sign a token the server verifies (one that has expired, say).
+JWT_SECRET = "fednode-test-jwt-secret"
 
 
 def _free_port() -> int:
@@ -112,7 +115,7 @@ class V6Server:
             "api_path": self.api_path,
             "uri": f"sqlite:///{self.workdir / 'v6.sqlite'}",
             "allow_drop_all": False,
-            "jwt_secret_key": "fednode-test-jwt-secret",  # fixed: tokens survive restarts
+            "jwt_secret_key": JWT_SECRET,
             "directories": {"log": str(self.workdir / "log"), "data": str(self.workdir / "data")},
             "logging": {
                 "level": "INFO",
