@@ -183,7 +183,7 @@ class Node:
             "ready": not missing,
             "missing": missing,
             "name": self.settings.name,
-            "executor": self.settings.executor.kind,
+            "executor": self.settings.executor_kind,
             "node_id": identity.id if identity else None,
             "organization_id": identity.organization_id if identity else None,
             "collaboration_id": identity.collaboration_id if identity else None,
@@ -235,7 +235,7 @@ class Node:
 
     def _make_executor(self) -> Executor:
         settings = self.settings
-        factory = load_factory(settings.executor.kind)
+        factory = load_factory(settings.executor_kind)
         return factory(
             settings.executor,
             context=ExecutorContext(node_name=settings.name, task_dir=settings.task_dir),

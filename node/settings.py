@@ -29,12 +29,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     SecretStr,
+    SerializeAsAny,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -45,6 +49,8 @@ from pydantic_settings import (
 from executors.apptainer.config import ApptainerSettings
 from executors.kubernetes.config import KubernetesSettings
 from executors.podman.config import PodmanSettings
+from executors.registry import GROUP as EXECUTOR_GROUP
+from executors.registry import available_kinds, load_factory
 
 ENV_PREFIX = "FEDNODE_"
 ENV_NESTED_DELIMITER = "__"
@@ -170,8 +176,112 @@ class Policies(_Section):
         return patterns
 
 
+#: The executors fednode ships, by kind. Their settings are validated by their own models
+#: without loading the executor (so choosing podman never imports the Kubernetes client).
+BUILTIN_EXECUTORS: Mapping[str, type[BaseModel]] = MappingProxyType(
+    {"podman": PodmanSettings, "kubernetes": KubernetesSettings, "apptainer": ApptainerSettings}
+)
+_builtin_executor_settings: TypeAdapter[PodmanSettings | KubernetesSettings | ApptainerSettings]
+_builtin_executor_settings = TypeAdapter(
+    Annotated[PodmanSettings | KubernetesSettings | ApptainerSettings, Field(discriminator="kind")]
+)
+#: Error type of the problems with ``executor.kind`` itself; their message is complete.
+_KIND_ERROR = "fednode_executor_kind"
+
+
+def _executor_settings(value: Any) -> BaseModel:
+    """Validate ``executor``: the built-in kinds by their models, any other by its plugin's.
+
+    The set of kinds is open, as in any plugin system: a kind that is not built in is looked
+    up in the ``fednode.executors`` entry points and validated by that executor's
+    ``settings_model``. Errors keep the kind in their location, as pydantic's discriminated
+    union does, so :func:`describe_validation_error` can name the model's valid keys.
+    """
+    if isinstance(value, BaseModel) and "kind" in type(value).model_fields:
+        return value  # an already-built settings object (keyword argument or default)
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError(
+            "executor_mapping",
+            "expected a mapping with the executor's kind and its settings, e.g. {kind: podman}",
+        )
+    kind = value.get("kind")
+    if kind is None:
+        raise _kind_error(
+            kind, f"required key is missing; {_kinds_hint()}", input_value=dict(value)
+        )
+    if isinstance(kind, str) and kind in BUILTIN_EXECUTORS:
+        return _builtin_executor_settings.validate_python(value)
+    model = _plugin_settings_model(kind)
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise ValidationError.from_exception_data(
+            exc.title,
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError(error["type"], error["msg"]),
+                    loc=(kind, *error["loc"]),
+                    input=error["input"],
+                )
+                for error in exc.errors()
+            ],
+        ) from None
+
+
+def _plugin_settings_model(kind: Any) -> type[BaseModel]:
+    """The ``settings_model`` of the installed executor plugin of ``kind``."""
+    if not isinstance(kind, str):
+        raise _kind_error(kind, f"expected the name of an executor kind; {_kinds_hint()}")
+    try:
+        factory = load_factory(kind)
+    except LookupError:
+        raise _kind_error(
+            kind,
+            f"{kind!r} is neither built in nor an installed plugin; {_kinds_hint()}",
+        ) from None
+    except Exception as exc:  # a plugin that cannot even be imported is the operator's to fix
+        raise _kind_error(
+            kind, f"the executor plugin {kind!r} cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from None
+    model = getattr(factory, "settings_model", None)
+    if not (
+        isinstance(model, type) and issubclass(model, BaseModel) and "kind" in model.model_fields
+    ):
+        raise _kind_error(
+            kind,
+            f"the executor plugin {kind!r} is broken: its settings_model must be a pydantic "
+            "model with a 'kind' field (see docs/executors.md, 'Writing an executor plugin')",
+        )
+    return model
+
+
+def _kinds_hint() -> str:
+    known = ", ".join(sorted({*BUILTIN_EXECUTORS, *available_kinds()}))
+    return (
+        f"use one of: {known}, or install a plugin that registers its kind in the "
+        f"{EXECUTOR_GROUP!r} entry-point group (docs/executors.md, 'Writing an executor plugin')"
+    )
+
+
+def _kind_error(kind: Any, message: str, *, input_value: Any = None) -> ValidationError:
+    """An error located at ``executor.kind`` whose message is the whole story."""
+    return ValidationError.from_exception_data(
+        "executor",
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(_KIND_ERROR, message),
+                loc=("kind",),
+                input=kind if input_value is None else input_value,
+            )
+        ],
+    )
+
+
+#: ``executor``: one of the built-in settings models, or an installed plugin's (any model
+#: with a ``kind`` field). Serialised as the model it is, whatever its class.
 ExecutorSettings = Annotated[
-    PodmanSettings | KubernetesSettings | ApptainerSettings, Field(discriminator="kind")
+    PodmanSettings | KubernetesSettings | ApptainerSettings | SerializeAsAny[BaseModel],
+    PlainValidator(_executor_settings),
 ]
 
 
@@ -285,6 +395,11 @@ class NodeSettings(BaseSettings):
         return self
 
     @property
+    def executor_kind(self) -> str:
+        """The executor's kind (``podman``, ``kubernetes``, ``apptainer`` or a plugin's)."""
+        return str(self.executor.model_dump(include={"kind"})["kind"])
+
+    @property
     def server_api_url(self) -> str:
         """The server's REST base, e.g. ``https://server.example:443/api``."""
         return f"{self.server_url.rstrip('/')}:{self.port}{self.api_path}"
@@ -368,6 +483,13 @@ def _resolve_relative_paths(values: dict[str, Any], *, base: Path) -> None:
             holder = holder.get(key) if isinstance(holder, dict) else None
         if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str):
             holder[keys[-1]] = str(_absolute(holder[keys[-1]], base))
+    executor = values.get("executor")
+    if isinstance(executor, dict) and executor.get("kind") not in BUILTIN_EXECUTORS:
+        # A plugin's path fields, found by their type: relative to the file as well.
+        model = _executor_model(executor.get("kind", ""))
+        for name, field in model.model_fields.items() if model is not None else ():
+            if _mentions(field.annotation, Path) and isinstance(executor.get(name), str):
+                executor[name] = str(_absolute(executor[name], base))
     for db in values.get("databases") or []:
         if isinstance(db, dict) and isinstance(db.get("uri"), str) and "://" not in db["uri"]:
             db["uri"] = str(_absolute(db["uri"], base))
@@ -382,21 +504,19 @@ def describe_validation_error(exc: ValidationError) -> list[str]:
     """Turn pydantic's errors into one operator-readable line each."""
     problems = []
     for error in exc.errors():
-        loc = list(error["loc"])
-        # Drop discriminator tags pydantic inserts into the location (e.g. 'podman').
-        loc = [
-            part
-            for i, part in enumerate(loc)
-            if not (i > 0 and loc[i - 1] == "executor" and part in _EXECUTOR_KINDS)
-        ]
-        key = _format_loc(loc)
         kind = error["type"]
+        tagged = list(error["loc"])  # with the executor kind, e.g. executor.kubernetes.x
+        loc = _untagged(tagged, kind)
+        key = _format_loc(loc)
         if kind == "missing":
             problems.append(f"{key}: required key is missing; {_hint(loc)}")
             continue
-        value = _redact(loc, error.get("input"))
+        if kind == _KIND_ERROR:
+            problems.append(f"{key}: {error['msg']}")
+            continue
+        value = _redact(tagged, error.get("input"))
         if kind == "extra_forbidden":
-            problems.append(f"{key}: unknown key (value {value}); {_known_keys(loc)}")
+            problems.append(f"{key}: unknown key (value {value}); {_known_keys(tagged)}")
             continue
         message = error["msg"].removeprefix("Value error, ")
         if not loc:  # a rule across keys: the message names them
@@ -406,7 +526,16 @@ def describe_validation_error(exc: ValidationError) -> list[str]:
     return problems
 
 
-_EXECUTOR_KINDS = {"podman", "kubernetes", "apptainer"}
+def _untagged(loc: list[int | str], error_type: str) -> list[int | str]:
+    """``loc`` without the executor kind that validation puts after ``executor``.
+
+    Pydantic's discriminated union puts it there for the built-in kinds, and
+    :func:`_executor_settings` does the same for plugins; only the errors about the kind
+    itself are located without it.
+    """
+    if len(loc) > 1 and loc[0] == "executor" and error_type != _KIND_ERROR:
+        return [loc[0], *loc[2:]]
+    return loc
 
 
 def _format_loc(loc: list[int | str]) -> str:
@@ -417,7 +546,7 @@ def _format_loc(loc: list[int | str]) -> str:
 
 
 def _redact(loc: list[int | str], value: Any) -> str:
-    if any(str(part) in SECRET_KEYS for part in loc):
+    if _is_secret(loc):
         return REDACTED
     if isinstance(value, dict):
         return "a mapping"
@@ -425,16 +554,50 @@ def _redact(loc: list[int | str], value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _is_secret(loc: list[int | str]) -> bool:
+    """A secret by its name, or by its type (a plugin's ``SecretStr`` field, say)."""
+    if any(str(part) in SECRET_KEYS for part in loc):
+        return True
+    model = _model_at(loc[:-1]) if loc and isinstance(loc[-1], str) else None
+    field = model.model_fields.get(str(loc[-1])) if model is not None else None
+    return field is not None and _mentions(field.annotation, SecretStr)
+
+
+def _mentions(annotation: Any, wanted: type) -> bool:
+    if annotation is wanted:
+        return True
+    return any(_mentions(arg, wanted) for arg in getattr(annotation, "__args__", ()))
+
+
 def _model_at(loc: list[int | str]) -> type[BaseModel] | None:
+    """The settings model at a (tagged) location, if there is one."""
     model: type[BaseModel] | None = NodeSettings
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         if model is None or isinstance(part, int):
+            continue
+        if model is NodeSettings and part == "executor":
+            model = _executor_model(parts.pop(0)) if parts else None
             continue
         field = model.model_fields.get(part)
         if field is None:
             return None
         model = _section_of(field.annotation)
     return model
+
+
+def _executor_model(kind: object) -> type[BaseModel] | None:
+    """The settings model of an executor kind, built in or installed; None if neither."""
+    if not isinstance(kind, str):
+        return None
+    if kind in BUILTIN_EXECUTORS:
+        return BUILTIN_EXECUTORS[kind]
+    try:
+        model = getattr(load_factory(kind), "settings_model", None)
+    except Exception:  # described already, by the error about executor.kind
+        return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 def _section_of(annotation: Any) -> type[BaseModel] | None:
