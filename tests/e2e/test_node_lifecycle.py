@@ -10,9 +10,11 @@ import asyncio
 import json
 import subprocess
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 
 from executors.base import LABEL_RUN
 from tests.e2e.conftest import RunningNode, StartNode
@@ -81,6 +83,31 @@ def containers_of(podman: PodmanService, run_id: int) -> list[str]:
     return listing.stdout.split()
 
 
+def run_spans(node: RunningNode) -> dict[int, ReadableSpan]:
+    """The node's ``run`` span of each run (the root of that run's spans on this node)."""
+    return {int(s.attributes["fednode.run_id"]): s for s in node.spans if s.name == "run"}  # type: ignore[arg-type,index]
+
+
+def child_spans(node: RunningNode, name: str) -> dict[int, ReadableSpan]:
+    """The node's ``name`` span of each run, by run id."""
+    roots = {span.context.span_id: run_id for run_id, span in run_spans(node).items()}
+    return {
+        roots[s.parent.span_id]: s
+        for s in node.spans
+        if s.name == name and s.parent is not None and s.parent.span_id in roots
+    }
+
+
+def peak_overlap(intervals: list[tuple[int, int]]) -> int:
+    """The most intervals open at one instant (one ending as another begins: not both)."""
+    edges = sorted([(end, -1) for _, end in intervals] + [(start, 1) for start, _ in intervals])
+    open_now = peak = 0
+    for _, change in edges:
+        open_now += change
+        peak = max(peak, open_now)
+    return peak
+
+
 def uploads(node: RunningNode) -> Counter[int]:
     """How many results each run had uploaded (one ``upload`` span per upload)."""
     roots = {
@@ -114,6 +141,37 @@ async def test_fifty_tasks_at_once_all_complete_each_reported_once(
     assert set(counted.values()) == {1}
 
 
+async def test_runs_beyond_max_concurrent_runs_wait_and_start_in_arrival_order(
+    v6_plain: V6Collaboration, start_node: StartNode, behaviour_image: str
+) -> None:
+    node = await start_node(v6_plain, v6_plain.org_a, max_concurrent_runs=2)
+    tasks = [
+        await create(v6_plain, behaviour_image, sleep=1.5, output=json.dumps({"i": i}))
+        for i in range(6)
+    ]
+    runs = await wait_for_all(v6_plain, [t["id"] for t in tasks], timeout=120)
+
+    assert [run["status"] for run in runs] == ["completed"] * 6
+    # At most two containers ran at once (from the executor's running event to its end),
+    # and two did: the limit bounds the runs, it does not serialize them.
+    executing = child_spans(node, "execute")
+    assert sorted(executing) == sorted(run["id"] for run in runs)
+    assert peak_overlap([(s.start_time, s.end_time) for s in executing.values()]) == 2  # type: ignore[misc]
+    # Runs queued: several arrived (their trace began) while both slots were executing.
+    arrived = {run_id: span.start_time for run_id, span in run_spans(node).items()}
+    queued = [
+        run_id
+        for run_id, at in arrived.items()
+        if sum(s.start_time <= at < s.end_time for s in executing.values()) == 2  # type: ignore[operator]
+    ]
+    assert len(queued) >= 2, f"too few runs waited for a slot to show their order: {queued}"
+    # FIFO: the tasks arrived in the order they were made, and the node took its slots
+    # (and told the server ``started_at``) in that order.
+    assert sorted(arrived, key=arrived.__getitem__) == [run["id"] for run in runs]
+    started = [datetime.fromisoformat(run["started_at"]) for run in runs]
+    assert started == sorted(started)
+
+
 async def test_killing_a_task_stops_its_run(
     v6_plain: V6Collaboration,
     start_node: StartNode,
@@ -131,6 +189,30 @@ async def test_killing_a_task_stops_its_run(
     while containers_of(podman_service, run["id"]):
         assert loop.time() < deadline, "the killed run's container is still there"
         await asyncio.sleep(0.3)
+
+
+async def test_killing_one_task_leaves_the_nodes_other_run_running_to_completion(
+    v6_plain: V6Collaboration,
+    start_node: StartNode,
+    behaviour_image: str,
+    podman_service: PodmanService,
+) -> None:
+    await start_node(v6_plain, v6_plain.org_a)
+    doomed = await create(v6_plain, behaviour_image, sleep=120)
+    spared = await create(v6_plain, behaviour_image, sleep=6, output='{"spared": true}')
+    await wait_for_run(v6_plain, doomed["id"], status="active")
+    await wait_for_run(v6_plain, spared["id"], status="active")
+
+    await asyncio.to_thread(v6_plain.user.kill_task, doomed["id"])
+
+    killed = await wait_for_run(v6_plain, doomed["id"])
+    assert killed["status"] == "killed by user"
+    spared_run = await run_of(v6_plain, spared["id"])
+    assert spared_run["status"] == "active"  # still going after the kill was handled
+    assert containers_of(podman_service, spared_run["id"])
+    spared_run = await wait_for_run(v6_plain, spared["id"])
+    assert spared_run["status"] == "completed"
+    assert await asyncio.to_thread(v6_plain.user.result_values, spared["id"]) == [{"spared": True}]
 
 
 async def test_node_survives_a_server_restart_mid_run(
@@ -173,3 +255,12 @@ async def test_node_restart_mid_run_loses_and_duplicates_nothing(
     assert uploads(second) == Counter({short_run["id"]: 1, long_run["id"]: 1})
     assert not [s for s in second.spans if s.name == "start"]
     assert uploads(first) == Counter()
+    # Each run is still one trace: the second node's spans of an adopted run join the
+    # trace the first node began when the task arrived.
+    began, adopted = run_spans(first), run_spans(second)
+    for run_id in (short_run["id"], long_run["id"]):
+        root, follower = began[run_id].get_span_context(), adopted[run_id]
+        assert root is not None and follower.parent is not None
+        assert follower.parent.trace_id == root.trace_id
+        assert follower.parent.span_id == root.span_id
+        assert child_spans(second, "upload")[run_id].get_span_context().trace_id == root.trace_id  # type: ignore[union-attr]
