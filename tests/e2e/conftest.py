@@ -39,6 +39,7 @@ class RunningNode:
     stop: asyncio.Event
     task: asyncio.Task[None]
     settings_overrides: dict[str, Any] = field(default_factory=dict)
+    settings_values: dict[str, Any] = field(default_factory=dict)  # all, as given to the node
 
     @property
     def spans(self) -> list[ReadableSpan]:
@@ -95,8 +96,14 @@ async def start_node(
     started: list[RunningNode] = []
 
     async def start(
-        collaboration: V6Collaboration, org: V6Org, *, csv: Path | None = None, **overrides: Any
+        collaboration: V6Collaboration,
+        org: V6Org,
+        *,
+        csv: Path | None = None,
+        connected: bool = True,
+        **overrides: Any,
     ) -> RunningNode:
+        """Start a node; unless ``connected=False``, wait until it is connected."""
         csv = csv or DATA / ("employees_a.csv" if org is collaboration.org_a else "employees_b.csv")
         values = node_settings(
             org=org,
@@ -114,9 +121,10 @@ async def start_node(
         )
         stop = asyncio.Event()
         task = asyncio.create_task(node.run(stop), name=f"node-{org.name}")
-        running = RunningNode(node, org, exporter, stop, task, overrides)
+        running = RunningNode(node, org, exporter, stop, task, overrides, values)
         started.append(running)
-        await wait_until_connected(running)
+        if connected:
+            await wait_until_connected(running)
         return running
 
     yield start
