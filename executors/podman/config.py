@@ -2,8 +2,8 @@
 
 Defaults fit rootful podman 4.x on the node's own host: the API socket podman's system
 service listens on, conmon's exit directory under podman's ``tmp_dir``, and an internal
-network with a fixed subnet for runs that may reach the node's proxy (see
-``docs/executors.md``, podman section).
+network with a fixed subnet for runs that may reach the node's proxy, fenced in by an
+nftables ruleset (see ``docs/executors.md``, podman section).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 PullPolicy = Literal["always", "if-not-present", "never"]
+Firewall = Literal["nftables", "off"]
 
 
 class PodmanSettings(BaseModel):
@@ -31,6 +32,11 @@ class PodmanSettings(BaseModel):
     network: str = "fednode-runs"
     #: Its subnet; the first address is the gateway, where the node's proxy listens.
     network_subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.213.0.0/24")
+    #: ``nftables``: from that network the host accepts only TCP to the proxy, and runs do
+    #: not reach each other (``policies/podman_firewall.py``; needs ``nft`` and root or
+    #: CAP_NET_ADMIN). ``off``: runs can reach each other and every host service that
+    #: listens on all addresses, at the gateway.
+    firewall: Firewall = "nftables"
     #: The user the algorithm runs as (never root); it owns the run's files.
     run_uid: Annotated[int, Field(gt=0)] = 1000
     run_gid: Annotated[int, Field(gt=0)] = 1000

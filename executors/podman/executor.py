@@ -16,6 +16,10 @@ How a run goes, and where each step is observed:
   current phase, so nothing that happened while disconnected is lost (level-triggered).
 * ``kill`` records the request in the run's files, then sends SIGKILL; ``collect`` reads
   the output file and the container log; ``cleanup`` removes container and files.
+* A run that may call the proxy joins the runs' internal network, created once; before it
+  does, :class:`~executors.podman.firewall.RunsFirewall` makes sure the host's nftables
+  ruleset lets it reach only the proxy's port on the gateway (``firewall: nftables``).
+  ``close`` takes that port out again and leaves the rest: the runs stay fenced in.
 
 Nothing here waits in a loop: every state change arrives as a notification, and the only
 sleep is the reconnect backoff.
@@ -24,6 +28,7 @@ sleep is the reconnect backoff.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -43,6 +48,7 @@ from executors.podman.containers import (
     run_id_of,
 )
 from executors.podman.exits import ExitWatch
+from executors.podman.firewall import RunNetwork, RunsFirewall, remove_firewall
 from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import SharedWork, TaskOwner
@@ -73,7 +79,8 @@ class PodmanExecutor:
         #: Removed runs: late podman events about them are ignored.
         self._gone = GoneRuns()
         self._pulls: SharedWork[str, str | None] = SharedWork(self._tasks)
-        self._network: asyncio.Task[str | None] | None = None
+        self._network: asyncio.Task[RunNetwork | str] | None = None
+        self._firewall = RunsFirewall(seconds=settings.api_timeout_seconds)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -125,6 +132,8 @@ class PodmanExecutor:
             self._exit_watch = None
         await self._tasks.close()
         self._network = None
+        # The firewall's tables stay (the runs keep running); only this proxy's port goes.
+        await self._firewall.release()
         await self._api.close()
 
     def events(self) -> AsyncIterator[RunEvent]:
@@ -162,7 +171,7 @@ class PodmanExecutor:
             self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, problem)
             return
         if spec.proxy is not None:
-            problem = await self._ensure_network()
+            problem = await self._ensure_network(proxy_port=spec.proxy.port)
             if problem is not None:
                 bound.error("podman.run.network_unavailable", error=problem)
                 self._stream.fail(run_id, Reason.START_FAILED, problem)
@@ -448,20 +457,33 @@ class PodmanExecutor:
         log.info("podman.image.pulled", image=image)
         return None
 
-    async def _ensure_network(self) -> str | None:
-        """Create the runs' internal network once; ``None`` when it is usable, else why not."""
+    async def _ensure_network(self, *, proxy_port: int) -> str | None:
+        """Create the runs' internal network once and fence it in (per ``firewall``);
+        ``None`` when a run may join it to reach ``proxy_port``, else why not."""
         network = self._network
         if network is None or (
             network.done()
-            and (network.cancelled() or network.exception() or network.result() is not None)
+            and (network.cancelled() or network.exception() or isinstance(network.result(), str))
         ):
             # First use, or the last attempt failed: (re)try; concurrent starts share one.
             network = self._network = self._tasks.spawn(self._make_network(), name="podman-network")
-        return await asyncio.shield(network)
+        made = await asyncio.shield(network)
+        if isinstance(made, str):
+            return made
+        if self._settings.firewall == "off":
+            return None
+        return await self._firewall.allow(made, proxy_port=proxy_port)
 
-    async def _make_network(self) -> str | None:
+    async def _make_network(self) -> RunNetwork | str:
         settings = self._settings
         name = settings.network
+        if settings.firewall == "off":
+            log.warning(
+                "podman.firewall.off",
+                network=name,
+                detail="runs on it can reach each other and host services on the gateway",
+            )
+            await remove_firewall(name, seconds=settings.api_timeout_seconds)
         document = await self._api.inspect_network(name)
         if document is None:
             body = {
@@ -476,17 +498,18 @@ class PodmanExecutor:
             try:
                 await self._api.create_network(body)
                 log.info("podman.network.created", network=name, subnet=body["subnets"])
-                return None
             except LibpodError as exc:
                 if exc.status != 409:
                     return f"podman could not create network {name}: {exc.message}"
-                document = await self._api.inspect_network(name)
-        if document is None or not document.get("internal"):
+            document = await self._api.inspect_network(name)
+        if document is None:
+            return f"podman network {name} vanished as it was made"
+        if not document.get("internal"):
             return (
                 f"podman network {name} exists but is not internal; runs would get a route "
                 "out, so none is attached to it"
             )
-        return None
+        return _run_network(name, document)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -495,3 +518,27 @@ class PodmanExecutor:
 
     def _files(self, run_id: int) -> RunFiles:
         return RunFiles(self._context.task_dir, run_id)
+
+
+def _run_network(name: str, document: dict[str, Any]) -> RunNetwork | str:
+    """The bridge, subnet and gateway of a network, from libpod's inspect document.
+
+    netavark names the bridge when the network is created (``network_interface``, kept in
+    the network's config file) and brings it up when the first container attaches, so the
+    name is known, and stable, before any run joins.
+    """
+    bridge = document.get("network_interface")
+    for entry in document.get("subnets") or []:
+        try:
+            subnet = ipaddress.ip_network(str(entry.get("subnet")))
+            gateway = ipaddress.ip_address(str(entry.get("gateway")))
+        except ValueError:
+            continue
+        if isinstance(subnet, ipaddress.IPv4Network) and isinstance(gateway, ipaddress.IPv4Address):
+            if not bridge:
+                return f"podman network {name} names no bridge interface; it cannot be fenced in"
+            return RunNetwork(name=name, bridge=str(bridge), subnet=subnet, gateway=gateway)
+    return (
+        f"podman network {name} has no IPv4 subnet with a gateway, where the proxy would "
+        "listen (podman gives an internal network one only when asked: --gateway)"
+    )
