@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -62,3 +63,58 @@ def test_missing_config_file_exits_2_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "configuration file not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+API_KEY = "4c6f1d7e-8a39-4b1e-9f0d-2a7c5e3b9d10"
+GOOD = f"server_url: https://v6.example.org\napi_key: {API_KEY}\ntask_dir: ./tasks\n"
+#: The installed console script, as an operator runs it.
+FEDNODE = Path(sys.executable).with_name("fednode")
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        pytest.param(GOOD + "proxy: {port: 7000\n", "{path}: not valid YAML at line 5, column 1:",
+                     id="bad YAML"),
+        pytest.param(GOOD + "proxy: {prot: 7000}\n",
+                     "proxy.prot: unknown key (value 7000); remove it or use one of: "
+                     "advertise_host, enabled, host, max_body_mb, port, upstream_timeout_seconds",
+                     id="unknown key"),
+        pytest.param(GOOD + "max_concurrent_runs: lots\n",
+                     "max_concurrent_runs: Input should be a valid integer, unable to parse "
+                     "string as an integer (got 'lots')",
+                     id="wrong type"),
+        pytest.param(GOOD + "databases:\n  - {label: cohort, type: csv, uri: cohort.csv}\n",
+                     "databases[0].uri: csv file does not exist; give the path of the file "
+                     "(got '{dir}/cohort.csv')",
+                     id="database file that does not exist"),
+        pytest.param(GOOD + "encryption: {enabled: true, private_key: keys}\n",
+                     "encryption.private_key: private key cannot be read (Is a directory) "
+                     "(got '{dir}/keys')",
+                     id="unreadable private key"),
+        pytest.param(GOOD.replace(API_KEY, "{value: s3cr3t-key}"),
+                     "api_key: Input should be a valid string (got ***)",
+                     id="secret of the wrong type"),
+        pytest.param(GOOD + "executor: {kind: podman, registry_password: [s3cr3t-key]}\n",
+                     "executor.registry_password: Input should be a valid string (got ***)",
+                     id="executor secret of the wrong type"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_naming_the_key_and_no_secret(
+    tmp_path: Path, config: str, problem: str
+) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(config)
+    (tmp_path / "keys").mkdir()  # a private key path that is a folder: cannot be read
+    proc = subprocess.run(
+        [str(FEDNODE), "config", "check", "-c", str(path)],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    header, *problems = proc.stderr.splitlines()
+    assert header == f"fednode: {path} is not a valid configuration:"
+    (line,) = problems
+    assert line.strip().startswith(problem.format(path=path, dir=tmp_path))
+    assert "Traceback" not in proc.stderr
+    assert API_KEY not in proc.stderr and "s3cr3t" not in proc.stderr
