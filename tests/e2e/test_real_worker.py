@@ -339,4 +339,12 @@ async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_g
                and s.attributes["fednode.run_id"] == run["id"]}  # type: ignore[index]
     assert proxied, "no call of the adopted run went through the restarted node's proxy"
     assert all(status == 200 for status in proxied.values()), proxied
+    # Still one trace: the second node's spans of the adopted run join the first node's.
+    (began,) = [s for s in first.spans if s.name == "run"
+                and s.attributes["fednode.run_id"] == run["id"]]  # type: ignore[index]
+    adopted = [s for s in second.spans if s.name == "run"
+               and s.attributes["fednode.run_id"] == run["id"]]  # type: ignore[index]
+    assert began.context is not None and adopted
+    assert {(s.parent.trace_id, s.parent.span_id) for s in adopted  # type: ignore[union-attr]
+            } == {(began.context.trace_id, began.context.span_id)}
 
