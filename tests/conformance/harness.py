@@ -122,8 +122,14 @@ class Harness(abc.ABC):
             requested=[{"label": "default"}],
         )
 
-    def diagnostics_spec(self, run_id: int, **fields: Any) -> RunSpec:
-        task_input = {"method": "diagnose", "kwargs": {"timeout": 1}}
+    def diagnostics_spec(
+        self, run_id: int, *, targets: list[str] | None = None, **fields: Any
+    ) -> RunSpec:
+        """The diagnostics probe; ``targets`` (``host:port``) replace its internet targets."""
+        kwargs: dict[str, Any] = {"timeout": 1}
+        if targets is not None:
+            kwargs["targets"] = targets
+        task_input = {"method": "diagnose", "kwargs": kwargs}
         return self._spec(
             run_id, self.diagnostics_image(), json.dumps(task_input).encode(), **fields
         )

@@ -1,7 +1,8 @@
 """What only the podman executor does, against real podman (the shared behaviour is in
-``tests/conformance``): the container podman really created, the runs' internal network
-and the proxy on its gateway, pull policies, GPU requests on a host without GPUs, and
-following podman's event stream across a restart of the podman service itself.
+``tests/conformance``): the container podman really created, the runs' internal network,
+the proxy on its gateway and the nftables firewall that leaves runs only that, pull
+policies, GPU requests on a host without GPUs, and following podman's event stream across
+a restart of the podman service itself.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from executors.podman.api import LibpodClient
 from executors.podman.config import PodmanSettings
 from executors.podman.containers import container_name
 from executors.podman.executor import PodmanExecutor
+from executors.podman.firewall import NFT_COMMANDS
 from executors.spec import Phase, ProxyEndpoint, Reason, Resources
+from policies.podman_firewall import PORTS_SET, removal_ruleset, table_name
 from tests.conformance.harness import Behaviour, EventRecorder
 from tests.conformance.podman_harness import PodmanHarness, build_behaviour_image
 from tests.peers.podman import PodmanService
@@ -140,14 +143,31 @@ async def proxy_on(address: str) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
+def nft(*args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = next(c for c in (shutil.which(n) for n in NFT_COMMANDS) if c is not None)
+    return subprocess.run(
+        [command, *args], input=script, check=False, capture_output=True, text=True
+    )
+
+
 @pytest.fixture
 def run_network(podman_service: PodmanService) -> Iterator[tuple[str, str]]:
-    """A fresh network name and subnet for one test; the network is removed afterwards."""
+    """A fresh network name and subnet for one test; the network and the firewall tables
+    the executor made for it are removed afterwards."""
     name = f"fednode-it-{uuid.uuid4().hex[:6]}"
     yield name, "10.213.77.0/24"
     subprocess.run(
         podman_service.cli("network", "rm", "-f", name), check=False, capture_output=True
     )
+    removed = nft("-f", "-", script=removal_ruleset(name))
+    assert removed.returncode == 0, removed.stderr
+
+
+def allowed_ports(network: str) -> set[int]:
+    listed = nft("-j", "list", "set", "inet", table_name(network), PORTS_SET)
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = [e["set"] for e in json.loads(listed.stdout)["nftables"] if "set" in e]
+    return set(entry.get("elem", []))
 
 
 async def test_a_run_with_a_proxy_reaches_it_on_the_internal_networks_gateway_and_nothing_else(
@@ -172,6 +192,7 @@ async def test_a_run_with_a_proxy_reaches_it_on_the_internal_networks_gateway_an
     assert report["internet"]["reachable"] is False
     assert report["dns"]["resolves"] is False
     assert second.phase is Phase.SUCCEEDED
+    assert allowed_ports(network) == {port, 1}  # the second run's port was added
     client = LibpodClient(harness.settings.socket_path, timeout=30)
     await client.open()
     try:
@@ -181,6 +202,73 @@ async def test_a_run_with_a_proxy_reaches_it_on_the_internal_networks_gateway_an
     assert described is not None
     assert described["internal"] is True
     assert described["subnets"][0]["gateway"] == gateway
+
+
+@contextlib.contextmanager
+def peer_run(podman: PodmanService, network: str, address: str, port: int) -> Iterator[None]:
+    """Another container on the runs' network at ``address``, serving HTTP on ``port``.
+
+    Started with the podman CLI (it is no run of the executor's) and waited for from the
+    host, before any run applies the firewall (which also drops the host's view of it).
+    """
+    name = f"fednode-it-peer-{uuid.uuid4().hex[:6]}"
+    run = ["run", "-d", "--name", name, "--network", network, "--ip", address]
+    serve = ["python3", "-m", "http.server", str(port), "--bind", "0.0.0.0"]
+    started = subprocess.run(
+        podman.cli(*run, podman.base_image, *serve),
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((address, port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"the peer at {address}:{port} never listened"
+                time.sleep(0.1)
+        yield
+    finally:
+        subprocess.run(podman.cli("rm", "-f", "-t", "0", name), check=False, capture_output=True)
+
+
+@pytest.mark.parametrize("firewall", ["nftables", "off"])
+async def test_behind_the_firewall_a_run_reaches_the_proxy_and_no_other_host_service_nor_run(
+    make: Any, podman_service: PodmanService, run_network: tuple[str, str], firewall: str
+) -> None:
+    network, subnet = run_network
+    executor, events, harness = await make(
+        network=network, network_subnet=subnet, firewall=firewall
+    )
+    gateway, peer = harness.settings.network_gateway, "10.213.77.50"
+    create = ["network", "create", "--internal", "--disable-dns", "--subnet", subnet]
+    await asyncio.to_thread(
+        subprocess.run,
+        podman_service.cli(*create, "--gateway", gateway, network),
+        check=True,
+        capture_output=True,
+    )
+
+    with peer_run(podman_service, network, peer, 8080):
+        # The second listener stands for any host service: on the gateway, another port.
+        async with proxy_on(gateway) as port, proxy_on(gateway) as other:
+            spec = harness.diagnostics_spec(
+                1,
+                proxy=ProxyEndpoint(host=gateway, port=port),
+                targets=[f"{gateway}:{other}", f"{peer}:8080"],
+            )
+            await executor.start(spec)
+            end = await events.terminal(1, timeout=30)
+            report = json.loads((await executor.collect(1)).output)
+
+    reached = {a["target"]: a["reachable"] for a in report["internet"]["attempts"]}
+    assert end.phase is Phase.SUCCEEDED
+    assert report["proxy"]["healthz"]["status"] == 200
+    open_ = firewall == "off"  # without it both are reachable: the test sees the difference
+    assert reached == {f"{gateway}:{other}": open_, f"{peer}:8080": open_}
 
 
 async def test_a_network_with_a_route_out_is_refused(

@@ -3,7 +3,9 @@
 ``podman_service`` (session scope) starts ``podman system service --time=0`` on a socket
 in the session's temporary directory, or reuses the service at
 ``$FEDNODE_TEST_PODMAN_SOCKET``; waits until ``/_ping`` answers; checks that the locally
-built images are there; and stops the service it started at the end of the session.
+built images are there; and stops the service it started at the end of the session. At
+the end it also removes the nftables tables the executor made for the default runs'
+network (the nodes under test leave them in place when they stop, as a node should).
 
 Podman and the images come from ``scripts/podman-setup``. When either is missing the
 tests that use this peer fail with the reason and that command: they are never skipped,
@@ -24,6 +26,9 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from executors.podman.config import PodmanSettings
+from policies.podman_firewall import removal_ruleset
 
 REPO = Path(__file__).resolve().parents[2]
 SETUP_COMMAND = "scripts/podman-setup"
@@ -148,3 +153,11 @@ def podman_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanS
     finally:
         if process is not None:
             _stop_service(process)
+        _remove_firewall(PodmanSettings().network)
+
+
+def _remove_firewall(network: str) -> None:
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if nft is not None:
+        script = removal_ruleset(network)
+        subprocess.run([nft, "-f", "-"], input=script, text=True, check=False, capture_output=True)
