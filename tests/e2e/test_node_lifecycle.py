@@ -146,7 +146,7 @@ async def test_runs_beyond_max_concurrent_runs_wait_and_start_in_arrival_order(
 ) -> None:
     node = await start_node(v6_plain, v6_plain.org_a, max_concurrent_runs=2)
     tasks = [
-        await create(v6_plain, behaviour_image, sleep=1.5, output=json.dumps({"i": i}))
+        await create(v6_plain, behaviour_image, sleep=3, output=json.dumps({"i": i}))
         for i in range(6)
     ]
     runs = await wait_for_all(v6_plain, [t["id"] for t in tasks], timeout=120)
