@@ -106,7 +106,9 @@ class Node:
             await executor.open()
             keys = OrganizationKeys(server)
             tracer = self.tracer_provider.get_tracer("fednode")
-            proxy_runs = RunTable()
+            # Runs that kept going while the node was down call the proxy as soon as it
+            # listens; it holds their unknown tokens until reconcile has registered them.
+            proxy_runs = RunTable(restoring=True)
             proxy = await self._start_proxy(proxy_runs, NodeProxyCrypto(cryptor, keys), tracer)
             lifecycle = RunLifecycle(
                 server=server,
@@ -121,7 +123,10 @@ class Node:
                 proxy_runs=proxy_runs if proxy is not None else None,
             )
             self.state.lifecycle, self.state.socket = lifecycle, socket
-            await lifecycle.reconcile()
+            try:
+                await lifecycle.reconcile()
+            finally:
+                proxy_runs.mark_restored()
             services.spawn(socket.run(), name="socket")
             services.spawn(lifecycle.consume_server_events(socket.events), name="server-events")
             services.spawn(lifecycle.consume_executor_events(), name="executor-events")

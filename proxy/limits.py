@@ -26,6 +26,9 @@ class ProxyLimits:
     max_requests_per_run: int = 16
     #: Responses larger than this, or of unknown length, are streamed, not buffered.
     stream_threshold: int = 1024 * 1024
+    #: After a node restart, how long a request with a token not (yet) known waits for the
+    #: node to register the runs that kept going, before 503.
+    restore_wait: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0 or self.retries < 0 or self.max_connections < 1:

@@ -13,7 +13,9 @@
 ``guard``
     The door. In order: a request target that is not a plain path (absolute URL, ``..``,
     ``.``, percent-encoding, backslashes, empty segments) → 400; a declared body over the
-    limit → 413; no ``Authorization: Bearer`` token, or one no run holds → 401; the run
+    limit → 413; no ``Authorization: Bearer`` token, or one no run holds → 401 (right after a
+    node restart, an unknown token waits up to ``restore_wait`` until the node has
+    registered its runs again, then 401, or 503 if it is still at it); the run
     has finished → 403; a method and path outside the allow-list (``proxy.routes``) → 403;
     more than ``max_requests_per_run`` of the run's requests in flight → 429.
     Only ``/healthz`` needs no token.
@@ -21,6 +23,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Mapping
@@ -172,6 +175,17 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if token is None:
         raise ProxyError(401, "missing bearer token", headers=_WWW_AUTHENTICATE)
     run = context.runs.lookup(token)
+    if run is None and not context.runs.restored:
+        # The node has just restarted and is still registering the runs that kept going:
+        # hold the request for a moment rather than refuse a token it is about to know.
+        try:
+            async with asyncio.timeout(context.limits.restore_wait):
+                await context.runs.wait_restored()
+        except TimeoutError:
+            raise ProxyError(
+                503, "the node is restarting; try again shortly", headers={"Retry-After": "2"}
+            ) from None
+        run = context.runs.lookup(token)
     if run is None:
         raise ProxyError(401, "unknown token", headers=_WWW_AUTHENTICATE)
     request[RUN] = run

@@ -11,11 +11,13 @@ The proxy never imports ``node/``. At construction the node hands it:
 
 :class:`RunInfo` and :class:`RunTable` are a plain in-memory registry: enough for the
 node (register a run's token when its container starts, ``finish`` it when the container
-ends, ``discard`` it after a grace period) and for tests.
+ends, ``discard`` it after a grace period; after a restart, hold unknown tokens until the
+runs that kept going are registered again) and for tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -51,6 +53,16 @@ class RunRegistry(Protocol):
     """Finds the run a container token belongs to; called once per request (keep it O(1))."""
 
     def lookup(self, token: str) -> ProxyRun | None: ...
+
+    @property
+    def restored(self) -> bool:
+        """False while the node is still registering the runs it had before a restart: a
+        token unknown now may become known in a moment."""
+        ...
+
+    async def wait_restored(self) -> None:
+        """Return once :attr:`restored` is true."""
+        ...
 
 
 class ProxyCryptoError(Exception):
@@ -90,10 +102,29 @@ class RunInfo:
 
 
 class RunTable:
-    """An in-memory :class:`RunRegistry`: container token → :class:`RunInfo`."""
+    """An in-memory :class:`RunRegistry`: container token → :class:`RunInfo`.
 
-    def __init__(self) -> None:
+    ``restoring=True``: the node starts serving the proxy before it has re-registered the
+    runs that kept going while it was down (after a restart); it calls :meth:`mark_restored`
+    when that is done, and until then the proxy holds requests with unknown tokens instead
+    of refusing them.
+    """
+
+    def __init__(self, *, restoring: bool = False) -> None:
         self._runs: dict[str, RunInfo] = {}
+        self._restored = asyncio.Event()
+        if not restoring:
+            self._restored.set()
+
+    @property
+    def restored(self) -> bool:
+        return self._restored.is_set()
+
+    async def wait_restored(self) -> None:
+        await self._restored.wait()
+
+    def mark_restored(self) -> None:
+        self._restored.set()
 
     def add(self, token: str, run: RunInfo) -> None:
         self._runs[token] = run

@@ -650,6 +650,51 @@ async def test_the_proxy_serves_on_a_unix_socket(standin: StandIn, tmp_path: Pat
     assert not path.exists()
 
 
+async def test_right_after_a_restart_an_unknown_token_waits_until_the_runs_are_restored(
+    standin: StandIn,
+) -> None:
+    runs = RunTable(restoring=True)
+    app = make_proxy_app(upstream_api_url=standin.api_url, runs=runs, crypto=PlainCrypto())
+    async with (
+        ProxyServer(app, host="127.0.0.1", port=0) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        call = asyncio.create_task(
+            session.get(f"{server.url}/task/70", headers={"Authorization": f"Bearer {TOKEN}"})
+        )
+        await asyncio.sleep(0.2)
+        assert not call.done()  # held, not refused
+        runs.add(TOKEN, RunInfo(7, 70, 2, 1))  # the node re-registers the adopted run
+        runs.mark_restored()
+        async with await call as response:
+            assert response.status == 200
+        async with session.get(
+            f"{server.url}/task/70", headers={"Authorization": "Bearer forged"}
+        ) as response:
+            assert response.status == 401  # restored: unknown means unknown
+
+
+async def test_a_node_that_takes_too_long_to_restore_answers_503_with_retry_after(
+    standin: StandIn,
+) -> None:
+    app = make_proxy_app(
+        upstream_api_url=standin.api_url,
+        runs=RunTable(restoring=True),
+        crypto=PlainCrypto(),
+        limits=ProxyLimits(restore_wait=0.1),
+    )
+    async with (
+        ProxyServer(app, host="127.0.0.1", port=0) as server,
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{server.url}/task/70", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as response,
+    ):
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "2"
+        assert "restarting" in (await response.json())["msg"]
+
+
 async def test_stopping_closes_the_upstream_session(standin: StandIn) -> None:
     app = make_proxy_app(upstream_api_url=standin.api_url, runs=RunTable(), crypto=PlainCrypto())
     server = ProxyServer(app, host="127.0.0.1", port=0)
