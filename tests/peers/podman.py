@@ -98,6 +98,9 @@ def _start_service(socket_path: Path) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # conmon, which the service starts per container, writes a file named ``oom``
+            # into its working directory when a container is OOM-killed: not the checkout.
+            cwd=socket_path.parent,
         )
     deadline = time.monotonic() + START_TIMEOUT
     while _status(socket_path, "/_ping", timeout=1.0) != 200:
