@@ -100,7 +100,7 @@ def serve_fednode(port: int, upstream_api_url: str) -> None:
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-    from node.logging import configure_logging
+    from node.logging import configure_logging, direct_logger
     from proxy import ProxyServer, RunInfo, RunTable, make_proxy_app
 
     class DropSpans(SpanExporter):
@@ -127,6 +127,7 @@ def serve_fednode(port: int, upstream_api_url: str) -> None:
         runs=runs,
         crypto=Plain(),
         tracer=provider.get_tracer("fednode"),
+        access_log=direct_logger("proxy.access"),  # as node.app passes it
     )
 
     async def main() -> None:

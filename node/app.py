@@ -31,7 +31,7 @@ from executors.spec import DatabaseMount, ProxyEndpoint
 from node.background import TaskOwner
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
 from node.health import make_health_app
-from node.logging import get_logger
+from node.logging import direct_logger, get_logger
 from node.proxy_link import NodeProxyCrypto, OrganizationKeys, proxy_placement
 from node.runs import LifecycleConfig, RunLifecycle
 from node.server.models import NodeIdentity
@@ -282,6 +282,7 @@ class Node:
                 max_body_bytes=settings.proxy.max_body_mb * 1024 * 1024,
                 upstream_timeout=settings.proxy.upstream_timeout_seconds,
             ),
+            access_log=direct_logger("proxy.access"),
         )
         server = ProxyServer(
             app, host=placement.bind_host, port=settings.proxy.port, freebind=placement.freebind

@@ -8,6 +8,10 @@ lines come out in the same format with the same context.
 
 Context such as ``run_id``/``task_id`` is bound per task with :func:`bind_run`, using
 structlog's contextvars so concurrent runs never mix their keys.
+
+:func:`direct_logger` is for the one hot path that logs on every request (the proxy's
+access log): the same processors, level and output, without the standard library's
+records, handler and formatter in between (about a tenth of the proxy's CPU per request).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -23,10 +28,22 @@ import structlog
 Format = Literal["auto", "json", "console"]
 
 
+@dataclass(frozen=True)
+class _Output:
+    stream: TextIO
+    level: int
+    processors: tuple[structlog.types.Processor, ...]
+
+
+#: Where and how :func:`configure_logging` last said to log (for :func:`direct_logger`).
+_output: _Output | None = None
+
+
 def configure_logging(
     *, level: str = "INFO", fmt: Format = "auto", stream: TextIO | None = None
 ) -> None:
     """Set up structlog and the stdlib root logger to write to ``stream`` (stdout)."""
+    global _output
     stream = stream if stream is not None else sys.stdout
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
 
@@ -61,6 +78,12 @@ def configure_logging(
     for noisy in ("aiohttp.access", "engineio.client", "socketio.client"):
         logging.getLogger(noisy).setLevel(quiet)
 
+    _output = _Output(
+        stream=stream,
+        level=logging.getLevelName(level) if isinstance(level, str) else int(level),
+        # The logger's name is bound by direct_logger (it has no stdlib logger to ask).
+        processors=(*(p for p in shared if p is not structlog.stdlib.add_logger_name), renderer),
+    )
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -77,6 +100,22 @@ def get_logger(name: str, **initial: Any) -> structlog.stdlib.BoundLogger:
     """A logger named after its module, optionally with keys bound from the start."""
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
     return logger.bind(**initial) if initial else logger
+
+
+def direct_logger(name: str) -> Any:
+    """A logger for a hot path: same lines as :func:`get_logger`'s, written directly.
+
+    Before :func:`configure_logging` it is an ordinary :func:`get_logger` logger.
+    """
+    output = _output
+    if output is None:
+        return get_logger(name)
+    return structlog.wrap_logger(
+        structlog.WriteLogger(output.stream),
+        processors=list(output.processors),
+        wrapper_class=structlog.make_filtering_bound_logger(output.level),
+        cache_logger_on_first_use=True,
+    ).bind(logger=name)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 from opentelemetry.trace import Tracer
 
-from proxy.context import CONTEXT, ProxyContext
+from proxy.context import CONTEXT, AccessLog, ProxyContext
 from proxy.limits import ProxyLimits
 from proxy.middlewares import errors, guard, observe
 from proxy.protocols import ProxyCrypto, RunRegistry
@@ -39,8 +39,13 @@ def make_proxy_app(
     crypto: ProxyCrypto,
     tracer: Tracer | None = None,
     limits: ProxyLimits | None = None,
+    access_log: AccessLog | None = None,
 ) -> web.Application:
-    """The proxy application; its upstream session opens on startup, closes on cleanup."""
+    """The proxy application; its upstream session opens on startup, closes on cleanup.
+
+    ``access_log`` gets one ``proxy.request`` line per request (default: the structlog
+    logger ``proxy.access``; the node passes a direct one, as that path is hot).
+    """
     limits = limits or ProxyLimits()
     app = web.Application(
         middlewares=[observe, errors, guard],
@@ -52,6 +57,7 @@ def make_proxy_app(
         crypto=crypto,
         tracer=tracer,
         limits=limits,
+        access_log=access_log or structlog.stdlib.get_logger("proxy.access"),
     )
     add_routes(app)
     app.cleanup_ctx.append(_upstream_session)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from aiohttp import web
 from opentelemetry.trace import Tracer
@@ -12,6 +13,12 @@ from proxy.protocols import ProxyCrypto, ProxyRun, RunRegistry
 from proxy.upstream import Upstream
 
 
+class AccessLog(Protocol):
+    """Where the one line per request goes (a structlog logger)."""
+
+    def info(self, event: str, **kw: Any) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyContext:
     upstream: Upstream
@@ -19,6 +26,7 @@ class ProxyContext:
     crypto: ProxyCrypto
     tracer: Tracer | None
     limits: ProxyLimits
+    access_log: AccessLog
     #: Requests in flight per run id (bounded by ``limits.max_requests_per_run``).
     in_flight: dict[int, int] = field(default_factory=dict)
 

@@ -68,8 +68,9 @@ def _record(
 ) -> None:
     run = request.get(RUN)
     upstream_ms = request.get(UPSTREAM_MS)
+    context = request.app[CONTEXT]
     if run is None:  # who knocked without a valid token
-        log.info(
+        context.access_log.info(
             "proxy.request",
             run_id=None,
             method=request.method,
@@ -79,7 +80,7 @@ def _record(
             peer=request.remote,
         )
         return
-    log.info(
+    context.access_log.info(
         "proxy.request",
         run_id=run.run_id,
         task_id=run.task_id,
@@ -89,7 +90,7 @@ def _record(
         duration_ms=round(duration_ms, 3),
         upstream_ms=None if upstream_ms is None else round(upstream_ms, 3),
     )
-    tracer = request.app[CONTEXT].tracer
+    tracer = context.tracer
     if tracer is None:
         return
     attributes: dict[str, str | int | float] = {

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from node.logging import bind_run, configure_logging, get_logger
+from node.logging import bind_run, configure_logging, direct_logger, get_logger
 
 
 def lines_of(stream: io.StringIO) -> list[dict[str, object]]:
@@ -55,3 +55,19 @@ def test_console_format_is_not_json() -> None:
     text = out.getvalue()
     assert "hello" in text and "run_id" in text
     assert not text.lstrip().startswith("{")
+
+
+def test_a_direct_logger_writes_the_same_line_at_the_same_level() -> None:
+    out = io.StringIO()
+    configure_logging(level="INFO", fmt="json", stream=out)
+    get_logger("proxy.access").info("proxy.request", status=200)
+    direct = direct_logger("proxy.access")
+    direct.info("proxy.request", status=200)
+    direct.debug("hidden")
+    with bind_run(run_id=5):
+        direct.info("bound")
+    through_stdlib, straight, bound = lines_of(out)
+    for line in (through_stdlib, straight):
+        line.pop("timestamp")
+    assert straight == through_stdlib
+    assert bound["run_id"] == 5
