@@ -23,10 +23,11 @@ chain, so these tables can only take away; they never open what another table cl
 One pair of tables per runs' network, named after it (:func:`table_name`). The proxy
 ports live in a named set that an apply only *adds* to: two nodes may share one runs'
 network (each with its own proxy port), and neither may close the other's door. A node
-that stops takes its own port out (:func:`release_ruleset`) and leaves the rest: its runs
-keep running, still fenced in. Everything else — the chains and their rules, which name
-the bridge and the gateway — is flushed and written again in the same transaction, so a
-ruleset is replaced atomically and applying it twice changes nothing.
+that stops leaves its port in (its runs keep running and call it again once it is back);
+:func:`release_ruleset` takes a port out when a node is removed for good. Everything
+else — the chains and their rules, which name the bridge and the gateway — is flushed
+and written again in the same transaction, so a ruleset is replaced atomically and
+applying it twice changes nothing.
 
 Pure functions returning text for ``nft -f -``: the podman executor applies it
 (:mod:`executors.podman.firewall`); nothing here runs a command.

@@ -19,7 +19,8 @@ How a run goes, and where each step is observed:
 * A run that may call the proxy joins the runs' internal network, created once; before it
   does, :class:`~executors.podman.firewall.RunsFirewall` makes sure the host's nftables
   ruleset lets it reach only the proxy's port on the gateway (``firewall: nftables``).
-  ``close`` takes that port out again and leaves the rest: the runs stay fenced in.
+  ``close`` leaves it all, the port included: the runs stay fenced in and reach the
+  proxy again when the node is back.
 
 Nothing here waits in a loop: every state change arrives as a notification, and the only
 sleep is the reconnect backoff.
@@ -132,8 +133,8 @@ class PodmanExecutor:
             self._exit_watch = None
         await self._tasks.close()
         self._network = None
-        # The firewall's tables stay (the runs keep running); only this proxy's port goes.
-        await self._firewall.release()
+        # The firewall stays as it is, this proxy's port included: the runs keep running
+        # and call that port again as soon as the node is back (they were told it).
         await self._api.close()
 
     def events(self) -> AsyncIterator[RunEvent]:

@@ -118,6 +118,9 @@ class RunsFirewall:
     async def release(self) -> None:
         """Take the proxy ports this firewall allowed out of the set; the rules stay.
 
+        For taking a node down for good; not called on close, since runs that keep going
+        while the node restarts need its port again when it is back.
+
         A proxy's port is its own (two cannot listen on one gateway port), so no other
         node's door closes. Failures are logged: the node is stopping either way.
         """

@@ -193,6 +193,9 @@ async def test_a_run_with_a_proxy_reaches_it_on_the_internal_networks_gateway_an
     assert report["dns"]["resolves"] is False
     assert second.phase is Phase.SUCCEEDED
     assert allowed_ports(network) == {port, 1}  # the second run's port was added
+    await executor.close()
+    # Runs outlive a node restart and call the same port again: it stays allowed.
+    assert allowed_ports(network) == {port, 1}
     client = LibpodClient(harness.settings.socket_path, timeout=30)
     await client.open()
     try:
