@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import SecretStr
 
 from executors.kubernetes.config import KubernetesSettings
 from executors.kubernetes.executor import KubernetesExecutor, run_network_policy_manifests
 from executors.kubernetes.rbac import role_rules
 from executors.spec import Phase, Resources, RunEvent, RunSpec
-from tests.peers.kubernetes import GPU_TOLERATION, POD_RUN_SECONDS
+from tests.peers.kubernetes import GPU_TOLERATION, POD_RUN_SECONDS, bound_claim
 
 GPU_NODE_SELECTOR = {"fednode.test/gpu": "true"}
 
@@ -61,40 +60,12 @@ async def task_volume(
 ) -> AsyncIterator[str]:
     """A bound ReadWriteMany claim for the task directory, as the chart would provide.
 
-    The scheduler only places a pod whose claims are bound. kwok never mounts anything, so
-    the volume's source does not matter, and the claim is bound here directly (claim, then
-    a volume reserved for it, then the claim's status), which takes milliseconds where the
-    volume controller's own binding can wait for its 15 s resync.
+    kwok never mounts anything, so the volume's source does not matter.
     """
-    core = client.CoreV1Api(admin)
-    volume = f"{namespace}-{claim}"
-    size = {"storage": "1Gi"}
-    created = await core.create_namespaced_persistent_volume_claim(namespace, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": claim,
-                     "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
-        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
-                 "volumeName": volume, "resources": {"requests": size}},
-    })
-    await core.create_persistent_volume({
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
-        "spec": {
-            "capacity": size, "accessModes": ["ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-            "hostPath": {"path": f"/tmp/{volume}"},
-            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                         "namespace": namespace, "name": claim,
-                         "uid": created.metadata.uid},
-        },
-    })
-    try:
-        await core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {
-            "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": size}})
+    async with bound_claim(
+        admin, namespace, claim=claim, host_path={"path": f"/tmp/{namespace}-{claim}"}
+    ):
         yield claim
-    finally:
-        with contextlib.suppress(ApiException):
-            await core.delete_persistent_volume(volume)
 
 
 def make_spec(

@@ -300,41 +300,10 @@ class K8sRealWorker:
                           claim: str = "fednode-tasks") -> AsyncIterator[str]:
         """A claim in ``namespace`` bound to ``path`` on the host (a hostPath volume): the
         node's task directory, which the run pods mount their ``run-<id>`` folder from."""
-        from kubernetes_asyncio import client
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        volume = f"{namespace}-{claim}"
-        size = {"storage": "1Gi"}
-        async with self.testbed.api_client() as api:
-            core = client.CoreV1Api(api)
-            # Bound here directly, as tests/integration/test_k8s_executor_support.py does:
-            # the claim, a volume reserved for it by uid, the claim's status. Waiting for
-            # the volume controller instead costs seconds (up to its 15 s resync) per test.
-            created = await core.create_namespaced_persistent_volume_claim(namespace, {
-                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim,
-                             "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
-                "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
-                         "volumeName": volume, "resources": {"requests": size}},
-            })
-            await core.create_persistent_volume({
-                "apiVersion": "v1", "kind": "PersistentVolume",
-                "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
-                "spec": {"capacity": size, "accessModes": ["ReadWriteMany"],
-                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                         "hostPath": {"path": str(path), "type": "Directory"},
-                         "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                                      "namespace": namespace, "name": claim,
-                                      "uid": created.metadata.uid}},
-            })
-            await core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {
-                "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"],
-                           "capacity": size}})
-            try:
-                yield claim
-            finally:
-                with contextlib.suppress(ApiException):
-                    await core.delete_persistent_volume(volume)
+        async with self.testbed.api_client() as api, bound_claim(
+            api, namespace, claim=claim, host_path={"path": str(path), "type": "Directory"}
+        ):
+            yield claim
 
     async def proxy_relay(self, namespace: str, *, labels: dict[str, str], pod_port: int,
                           node_port: int, name: str = "fednode-proxy") -> str:
@@ -472,3 +441,47 @@ def k8s_real_worker(k8s_testbed: K8sTestbed) -> K8sRealWorker:
             pytrace=False,
         )
     return K8sRealWorker(testbed=k8s_testbed)
+
+
+@contextlib.asynccontextmanager
+async def bound_claim(
+    api: Any, namespace: str, *, claim: str, host_path: dict[str, str]
+) -> AsyncIterator[str]:
+    """A ReadWriteMany claim ``claim`` in ``namespace``, bound at once to a hostPath
+    volume (``host_path``: the PersistentVolume's ``hostPath``); the volume is deleted on
+    exit (the claim goes with its namespace).
+
+    Bound here directly — the claim, a volume reserved for it by uid, the claim's status —
+    because the scheduler places a pod only once its claims are bound, and waiting for the
+    volume controller to bind them costs up to its 15 s resync per test.
+    """
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    core = client.CoreV1Api(api)
+    volume = f"{namespace}-{claim}"
+    size = {"storage": "1Gi"}
+    created = await core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim,
+                     "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
+                 "volumeName": volume, "resources": {"requests": size}},
+    })
+    await core.create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
+        "spec": {"capacity": size, "accessModes": ["ReadWriteMany"],
+                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                 "hostPath": host_path,
+                 "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                              "namespace": namespace, "name": claim,
+                              "uid": created.metadata.uid}},
+    })
+    try:
+        await core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {
+            "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": size}})
+        yield claim
+    finally:
+        with contextlib.suppress(ApiException):
+            await core.delete_persistent_volume(volume)
