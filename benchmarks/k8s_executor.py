@@ -72,7 +72,6 @@ PREFIX = "@@ "
 # -- small helpers --------------------------------------------------------------------------
 
 
-
 def rss_kib() -> tuple[int, int]:
     """(current RSS, peak RSS) of this process in KiB."""
     fields = {}
@@ -106,10 +105,16 @@ async def hear() -> str:
 
 def spec_for(run_id: int) -> RunSpec:
     return RunSpec(
-        run_id=run_id, task_id=100_000 + run_id, organization_id=1, collaboration_id=1,
-        image="registry.example/fednode/average:1", input=b'{"method": "average"}',
-        token=SecretStr("container-token"), environment={"INPUT_FILE": "/mnt/task/input"},
-        resources=Resources(cpu=0.1, memory_mb=64), deadline_seconds=600,
+        run_id=run_id,
+        task_id=100_000 + run_id,
+        organization_id=1,
+        collaboration_id=1,
+        image="registry.example/fednode/average:1",
+        input=b'{"method": "average"}',
+        token=SecretStr("container-token"),
+        environment={"INPUT_FILE": "/mnt/task/input"},
+        resources=Resources(cpu=0.1, memory_mb=64),
+        deadline_seconds=600,
         trace_context={"traceparent": f"00-{run_id:032x}-{run_id:016x}-01"},
     )
 
@@ -120,13 +125,14 @@ def spec_for(run_id: int) -> RunSpec:
 async def node_main(args: argparse.Namespace) -> None:
     quiet_logs()
     task_dir = Path(args.task_dir)
-    settings = KubernetesSettings(kubeconfig=Path(args.kubeconfig), namespace=args.namespace,
-                                  proxy_namespace=args.namespace)
-    executor = KubernetesExecutor(settings, context=ExecutorContext(node_name=NODE,
-                                                                    task_dir=task_dir))
+    settings = KubernetesSettings(
+        kubeconfig=Path(args.kubeconfig), namespace=args.namespace, proxy_namespace=args.namespace
+    )
+    executor = KubernetesExecutor(
+        settings, context=ExecutorContext(node_name=NODE, task_dir=task_dir)
+    )
     await executor.open()
-    referee_api = await connect(kubeconfig=Path(args.kubeconfig), context=None,
-                                max_connections=4)
+    referee_api = await connect(kubeconfig=Path(args.kubeconfig), context=None, max_connections=4)
     referee = Referee(KubeClient(referee_api, request_timeout=30), args.namespace)
     watching = []
     for resource_ in (JOBS, PODS):
@@ -167,9 +173,17 @@ async def node_main(args: argparse.Namespace) -> None:
     await asyncio.gather(*(start(r) for r in run_ids))
     await all_ended.wait()
     cpu_runs = cpu_seconds() - cpu_before
-    say("DONE", {"called": called, "returned": returned, "seen": seen,
-                 "job_added": referee.job_added, "pod_running": referee.pod_running,
-                 "pod_succeeded": referee.pod_succeeded})
+    say(
+        "DONE",
+        {
+            "called": called,
+            "returned": returned,
+            "seen": seen,
+            "job_added": referee.job_added,
+            "pod_running": referee.pod_running,
+            "pod_succeeded": referee.pod_succeeded,
+        },
+    )
 
     await hear()  # CLEANUP: the poller has seen what it could
     outputs = 0
@@ -189,14 +203,20 @@ async def node_main(args: argparse.Namespace) -> None:
         task.cancel()
     await asyncio.gather(*watching, return_exceptions=True)
     await referee_api.close()
-    say("RESULT", {
-        "cpu_runs": cpu_runs, "cpu_all": cpu_seconds() - cpu_before,
-        "cpu_referee": referee.cpu,
-        "rss_kib": rss_kib(), "requests": dict(used), "outputs": outputs,
-        "watch_bytes": sum(i.received_bytes for i in executor.informers),
-        "resumes": sum(i.resumes for i in executor.informers),
-        "relists": sum(i.relists for i in executor.informers),
-    })
+    say(
+        "RESULT",
+        {
+            "cpu_runs": cpu_runs,
+            "cpu_all": cpu_seconds() - cpu_before,
+            "cpu_referee": referee.cpu,
+            "rss_kib": rss_kib(),
+            "requests": dict(used),
+            "outputs": outputs,
+            "watch_bytes": sum(i.received_bytes for i in executor.informers),
+            "resumes": sum(i.resumes for i in executor.informers),
+            "relists": sum(i.relists for i in executor.informers),
+        },
+    )
     consumer.cancel()
     await executor.close()
 
@@ -224,21 +244,32 @@ async def poller_main(args: argparse.Namespace) -> None:
     listener = asyncio.create_task(listen())
     while not stop.is_set() and len(finished) < args.runs:
         began = time.monotonic()
-        body = await client.text(JOBS.path(args.namespace),
-                                 query=(("labelSelector", selector),), what="list jobs")
+        body = await client.text(
+            JOBS.path(args.namespace), query=(("labelSelector", selector),), what="list jobs"
+        )
         now = time.monotonic()
         polls += 1
         received += len(body)
         for job in json.loads(body).get("items") or []:
             conditions = job.get("status", {}).get("conditions") or []
-            if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                   for c in conditions):
+            if any(
+                c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                for c in conditions
+            ):
                 run_id = int(job["metadata"]["labels"][LABEL_RUN])
                 finished.setdefault(run_id, now)
         # the reference's design: one list per second, whatever happens
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
-    say("RESULT", {"finished": finished, "polls": polls, "bytes": received,
-                   "cpu": cpu_seconds() - cpu_before, "rss_kib": rss_kib()})
+    say(
+        "RESULT",
+        {
+            "finished": finished,
+            "polls": polls,
+            "bytes": received,
+            "cpu": cpu_seconds() - cpu_before,
+            "rss_kib": rss_kib(),
+        },
+    )
     listener.cancel()
     await client.close()
 
@@ -255,8 +286,15 @@ class Child:
     @classmethod
     async def spawn(cls, role: str, *argv: str) -> Child:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--role", role, *argv,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=2**26)
+            sys.executable,
+            __file__,
+            "--role",
+            role,
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            limit=2**26,
+        )
         return cls(process, role)
 
     async def expect(self, kind: str, *, within: float) -> dict[str, Any]:
@@ -265,10 +303,12 @@ class Child:
             while True:
                 line = (await self.process.stdout.readline()).decode()
                 if not line:
-                    raise SystemExit(f"the {self.name} process ended before {kind} "
-                                     f"(exit {await self.process.wait()})")
+                    raise SystemExit(
+                        f"the {self.name} process ended before {kind} "
+                        f"(exit {await self.process.wait()})"
+                    )
                 if line.startswith(PREFIX + kind + " "):
-                    payload: dict[str, Any] = json.loads(line[len(PREFIX) + len(kind) + 1:])
+                    payload: dict[str, Any] = json.loads(line[len(PREFIX) + len(kind) + 1 :])
                     return payload
 
     def tell(self, word: str) -> None:
@@ -298,13 +338,18 @@ class Referee:
     async def watch(self, resource: Resource, ready: asyncio.Event) -> None:
         selector = label_selector(node_selector_labels(NODE))
         path = resource.path(self._namespace)
-        listed = await self._client.get(path, query=(("labelSelector", selector),),
-                                        what=f"list {resource.plural}")
-        query = (("watch", "true"), ("labelSelector", selector),
-                 ("resourceVersion", listed["metadata"]["resourceVersion"]),
-                 ("timeoutSeconds", 3600))
-        async with self._client.stream(path, query=query, read_timeout=3600,
-                                       what=f"watch {resource.plural}") as lines:
+        listed = await self._client.get(
+            path, query=(("labelSelector", selector),), what=f"list {resource.plural}"
+        )
+        query = (
+            ("watch", "true"),
+            ("labelSelector", selector),
+            ("resourceVersion", listed["metadata"]["resourceVersion"]),
+            ("timeoutSeconds", 3600),
+        )
+        async with self._client.stream(
+            path, query=query, read_timeout=3600, what=f"watch {resource.plural}"
+        ) as lines:
             ready.set()
             async for line in lines:
                 now, began = time.monotonic(), time.process_time()
@@ -333,8 +378,11 @@ def referee_main(args: argparse.Namespace) -> None:
     ``FEDNODE_TEST_KUBECONFIG`` (as for the tests) that cluster is used and nothing is
     started or stopped."""
     external = os.environ.get("FEDNODE_TEST_KUBECONFIG")
-    started_here = not external and subprocess.run(
-        [str(SCRIPT), "status"], capture_output=True, check=False).returncode != 0
+    started_here = (
+        not external
+        and subprocess.run([str(SCRIPT), "status"], capture_output=True, check=False).returncode
+        != 0
+    )
     if started_here:
         print("starting the Kubernetes testbed (scripts/k8s-testbed up) ...", flush=True)
         subprocess.run([str(SCRIPT), "up"], check=True, capture_output=True)
@@ -368,16 +416,28 @@ async def referee(args: argparse.Namespace) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-async def measure(args: argparse.Namespace, namespace: str, kubeconfig: Path,
-                  task_dir: Path) -> None:
-    common = ["--namespace", namespace, "--kubeconfig", str(kubeconfig),
-              "--runs", str(args.runs), "--concurrency", str(args.concurrency)]
+async def measure(
+    args: argparse.Namespace, namespace: str, kubeconfig: Path, task_dir: Path
+) -> None:
+    common = [
+        "--namespace",
+        namespace,
+        "--kubeconfig",
+        str(kubeconfig),
+        "--runs",
+        str(args.runs),
+        "--concurrency",
+        str(args.concurrency),
+    ]
     node = await Child.spawn("node", *common, "--task-dir", str(task_dir))
     poller = await Child.spawn("poller", *common)
     node_ready = await node.expect("READY", within=60)
     poller_ready = await poller.expect("READY", within=60)
-    print(f"{args.runs} runs, at most {args.concurrency} start() calls at a time; "
-          f"kwok runs each pod 1 s", flush=True)
+    print(
+        f"{args.runs} runs, at most {args.concurrency} start() calls at a time; "
+        f"kwok runs each pod 1 s",
+        flush=True,
+    )
     began = time.monotonic()
     poller.tell("GO")
     node.tell("GO")
@@ -394,16 +454,23 @@ async def measure(args: argparse.Namespace, namespace: str, kubeconfig: Path,
     report(args, node_ready, poller_ready, done, result, polled, ended - began)
 
 
-def report(args: argparse.Namespace, node_ready: dict[str, Any],
-           poller_ready: dict[str, Any], done: dict[str, Any], result: dict[str, Any],
-           polled: dict[str, Any], wall: float) -> None:
+def report(
+    args: argparse.Namespace,
+    node_ready: dict[str, Any],
+    poller_ready: dict[str, Any],
+    done: dict[str, Any],
+    result: dict[str, Any],
+    polled: dict[str, Any],
+    wall: float,
+) -> None:
     runs = args.runs
     called = {int(k): v for k, v in done["called"].items()}
     returned = {int(k): v for k, v in done["returned"].items()}
     seen = {k: v for k, v in done["seen"].items()}
     job_added, pod_running, pod_succeeded = (
         {int(k): v for k, v in done[key].items()}
-        for key in ("job_added", "pod_running", "pod_succeeded"))
+        for key in ("job_added", "pod_running", "pod_succeeded")
+    )
 
     def event(run_id: int, phase: str) -> float | None:
         value: float | None = seen.get(f"{run_id}:{phase}")
@@ -422,21 +489,27 @@ def report(args: argparse.Namespace, node_ready: dict[str, Any],
     succeeded = sum(1 for r in ids if event(r, "succeeded") is not None)
     unseen = [r for r in ids if r not in pod_succeeded]
     if unseen:
-        print(f"  (the referee's watch missed Pod Succeeded of runs {unseen[:10]}; "
-              f"their Jobs: {[job_added.get(r) is not None for r in unseen[:10]]})")
+        print(
+            f"  (the referee's watch missed Pod Succeeded of runs {unseen[:10]}; "
+            f"their Jobs: {[job_added.get(r) is not None for r in unseen[:10]]})"
+        )
 
     def line(name: str, values: list[float]) -> str:
         if not values:
             return f"  {name:<46} (no samples)"
-        return (f"  {name:<46} median {statistics.median(values) * 1000:8.1f} ms   "
-                f"p95 {percentile(values, 0.95) * 1000:8.1f} ms   (n={len(values)})")
+        return (
+            f"  {name:<46} median {statistics.median(values) * 1000:8.1f} ms   "
+            f"p95 {percentile(values, 0.95) * 1000:8.1f} ms   (n={len(values)})"
+        )
 
     requests = Counter(result["requests"])
     per_run = sum(requests.values()) / runs
     node_rss_open = node_ready["rss_kib"] / 1024
     node_rss_now, node_rss_peak = (v / 1024 for v in result["rss_kib"])
-    print(f"\n== latency ({succeeded}/{runs} runs succeeded; all ended after {wall:.1f} s, "
-          f"{runs / wall:.1f} runs/s: kwok's pace) ==")
+    print(
+        f"\n== latency ({succeeded}/{runs} runs succeeded; all ended after {wall:.1f} s, "
+        f"{runs / wall:.1f} runs/s: kwok's pace) =="
+    )
     print(line("start() called -> Job created (seen by watch)", start_job))
     print(line("start() called -> start() returned", start_return))
     print(line("Pod Running -> `running` event", running))
@@ -449,48 +522,73 @@ def report(args: argparse.Namespace, node_ready: dict[str, Any],
         # so a ratio is taken against a 1 ms floor rather than against noise
         ratio = statistics.median(polling) / max(statistics.median(watched), 0.001)
         ratio95 = percentile(polling, 0.95) / max(percentile(watched, 0.95), 0.001)
-        print(f"  polling is later by {later * 1000:.0f} ms at the median, {later95 * 1000:.0f} ms "
-              f"at p95: {ratio:.0f}x / {ratio95:.0f}x the watch (1 ms floor); "
-              f"{runs - len(polling)} completions never seen by polling within 15 s")
+        print(
+            f"  polling is later by {later * 1000:.0f} ms at the median, {later95 * 1000:.0f} ms "
+            f"at p95: {ratio:.0f}x / {ratio95:.0f}x the watch (1 ms floor); "
+            f"{runs - len(polling)} completions never seen by polling within 15 s"
+        )
     print("\n== API requests (node process, start to cleanup) ==")
-    print(f"  per run: {per_run:.2f}   ("
-          + ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) + ")")
-    print(f"  opening the executor: {sum(node_ready['open_requests'].values())} requests "
-          f"(namespace check, 2 NetworkPolicies read, 2 lists, 2 watches), once per start-up")
-    print(f"  watch resumed {result['resumes']}x, relisted {result['relists']}x; "
-          f"{result['watch_bytes'] / runs / 1024:.1f} KiB of watch events per run")
-    print(f"  polling reference: {polled['polls']} lists in {wall:.0f} s "
-          f"({polled['polls'] / runs:.2f} per run at this load; 86,400 a day when idle), "
-          f"{polled['bytes'] / max(1, polled['polls']) / 1024:.0f} KiB per list, "
-          f"{polled['bytes'] / runs / 1024:.1f} KiB per run")
+    print(
+        f"  per run: {per_run:.2f}   ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(requests.items()))
+        + ")"
+    )
+    print(
+        f"  opening the executor: {sum(node_ready['open_requests'].values())} requests "
+        f"(namespace check, 2 NetworkPolicies read, 2 lists, 2 watches), once per start-up"
+    )
+    print(
+        f"  watch resumed {result['resumes']}x, relisted {result['relists']}x; "
+        f"{result['watch_bytes'] / runs / 1024:.1f} KiB of watch events per run"
+    )
+    print(
+        f"  polling reference: {polled['polls']} lists in {wall:.0f} s "
+        f"({polled['polls'] / runs:.2f} per run at this load; 86,400 a day when idle), "
+        f"{polled['bytes'] / max(1, polled['polls']) / 1024:.0f} KiB per list, "
+        f"{polled['bytes'] / runs / 1024:.1f} KiB per run"
+    )
     print("\n== node process ==")
-    print(f"  RSS after open {node_rss_open:.1f} MiB, peak {node_rss_peak:.1f} MiB "
-          f"({(node_rss_peak - node_rss_open) * 1024 / runs:.1f} KiB per run in flight), "
-          f"at the end {node_rss_now:.1f} MiB")
+    print(
+        f"  RSS after open {node_rss_open:.1f} MiB, peak {node_rss_peak:.1f} MiB "
+        f"({(node_rss_peak - node_rss_open) * 1024 / runs:.1f} KiB per run in flight), "
+        f"at the end {node_rss_now:.1f} MiB"
+    )
     referee_cpu = result["cpu_referee"]
-    print(f"  CPU {(result['cpu_runs'] - referee_cpu) * 1000 / runs:.2f} ms per run until all "
-          f"ended, {(result['cpu_all'] - referee_cpu) * 1000 / runs:.2f} ms per run with "
-          f"collect + cleanup (the referee's parsing, {referee_cpu * 1000 / runs:.2f} ms per "
-          "run, taken out; its socket reads are not)")
+    print(
+        f"  CPU {(result['cpu_runs'] - referee_cpu) * 1000 / runs:.2f} ms per run until all "
+        f"ended, {(result['cpu_all'] - referee_cpu) * 1000 / runs:.2f} ms per run with "
+        f"collect + cleanup (the referee's parsing, {referee_cpu * 1000 / runs:.2f} ms per "
+        "run, taken out; its socket reads are not)"
+    )
     print(f"  outputs collected {result['outputs']}/{runs}")
     poll_rss = polled["rss_kib"][1] / 1024
-    print(f"  polling reference process: CPU {polled['cpu'] * 1000 / runs:.2f} ms per run, "
-          f"peak RSS {poll_rss:.1f} MiB (started at {poller_ready['rss_kib'] / 1024:.1f})")
+    print(
+        f"  polling reference process: CPU {polled['cpu'] * 1000 / runs:.2f} ms per run, "
+        f"peak RSS {poll_rss:.1f} MiB (started at {poller_ready['rss_kib'] / 1024:.1f})"
+    )
     print("\n== targets ==")
     p95 = percentile(watched, 0.95) * 1000 if watched else float("inf")
-    print(f"  completion seen p95 {p95:.1f} ms (target <= 20 ms): "
-          f"{'met' if p95 <= 20 else 'NOT met'}")
-    print(f"  API requests per run {per_run:.2f} (target <= 6): "
-          f"{'met' if per_run <= 6 else 'NOT met'}")
+    print(
+        f"  completion seen p95 {p95:.1f} ms (target <= 20 ms): {'met' if p95 <= 20 else 'NOT met'}"
+    )
+    print(
+        f"  API requests per run {per_run:.2f} (target <= 6): "
+        f"{'met' if per_run <= 6 else 'NOT met'}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=32,
-                        help="start() calls in flight at most (the node's max_concurrent_runs)")
-    parser.add_argument("--role", choices=("referee", "node", "poller"), default="referee",
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        help="start() calls in flight at most (the node's max_concurrent_runs)",
+    )
+    parser.add_argument(
+        "--role", choices=("referee", "node", "poller"), default="referee", help=argparse.SUPPRESS
+    )
     parser.add_argument("--namespace", help=argparse.SUPPRESS)
     parser.add_argument("--kubeconfig", help=argparse.SUPPRESS)
     parser.add_argument("--task-dir", help=argparse.SUPPRESS)

@@ -70,8 +70,6 @@ from tests.peers.stack import free_port, running_node, server_with_collaboration
 IMAGE = "localhost/fednode/bench-dispatch:1"  # kwok never pulls it
 
 
-
-
 # ---- attributing waits ------------------------------------------------------------------
 
 
@@ -202,29 +200,43 @@ async def measure(args: argparse.Namespace, workdir: Path) -> tuple[Split, Split
         node_name = f"fednode-dispatch-{int(time.time()) % 100000}"
         proxy_port = free_port()
         async with testbed.api_client() as admin:  # as the chart: the runs' policies
-            rules = await chart_network_policies(admin, namespace, node_name,
-                                                 proxy_port=proxy_port)
+            rules = await chart_network_policies(admin, namespace, node_name, proxy_port=proxy_port)
         kubeconfig = await testbed.service_account_kubeconfig(namespace, rules=rules)
         task_dir = workdir / "tasks"
         task_dir.mkdir()
-        executor_settings = {"kind": "kubernetes", "kubeconfig": kubeconfig,
-                             "namespace": namespace, "proxy_namespace": namespace,
-                             "proxy_port": proxy_port}
+        executor_settings = {
+            "kind": "kubernetes",
+            "kubeconfig": kubeconfig,
+            "namespace": namespace,
+            "proxy_namespace": namespace,
+            "proxy_port": proxy_port,
+        }
         settings = load_settings(
-            None, name=node_name, server_url=f"http://{server.host}", port=server.port,
-            api_path=server.api_path, api_key=org.api_key, task_dir=task_dir, databases=[],
-            executor=executor_settings, proxy={"port": proxy_port},
-            health={"port": free_port()}, max_concurrent_runs=args.in_flight + args.runs + 10,
+            None,
+            name=node_name,
+            server_url=f"http://{server.host}",
+            port=server.port,
+            api_path=server.api_path,
+            api_key=org.api_key,
+            task_dir=task_dir,
+            databases=[],
+            executor=executor_settings,
+            proxy={"port": proxy_port},
+            health={"port": free_port()},
+            max_concurrent_runs=args.in_flight + args.runs + 10,
             policies={"resources": {"default_cpu": 0.01, "default_memory_mb": 16}},
         )
-        executor = Forever(KubernetesSettings.model_validate(executor_settings),
-                           context=ExecutorContext(node_name=node_name, task_dir=task_dir))
+        executor = Forever(
+            KubernetesSettings.model_validate(executor_settings),
+            context=ExecutorContext(node_name=node_name, task_dir=task_dir),
+        )
         local = await stack.enter_async_context(running_node(settings, executor=executor))
         node, exporter = local.node, local.exporter
 
         def create(i: int) -> int:
-            made = collab.create_task(input_={"i": i}, image=IMAGE, organizations=[org.id],
-                                      name=f"dispatch-{i}")
+            made = collab.create_task(
+                input_={"i": i}, image=IMAGE, organizations=[org.id], name=f"dispatch-{i}"
+            )
             return int(made["id"])
 
         # Warm-up: one run (connections, caches), not counted.
@@ -235,10 +247,13 @@ async def measure(args: argparse.Namespace, workdir: Path) -> tuple[Split, Split
         burst_ids: set[int] = set()
         for i in range(args.in_flight):
             burst_ids.add(await asyncio.to_thread(create, i))
-        await wait_until(lambda: len(waits.job_created) >= args.in_flight + 1, 300,
-                         f"{args.in_flight} Jobs")
-        print(f"steady: {args.runs} tasks one after another, {args.in_flight} in flight ...",
-              flush=True)
+        await wait_until(
+            lambda: len(waits.job_created) >= args.in_flight + 1, 300, f"{args.in_flight} Jobs"
+        )
+        print(
+            f"steady: {args.runs} tasks one after another, {args.in_flight} in flight ...",
+            flush=True,
+        )
         steady_ids: set[int] = set()
         for i in range(args.runs):
             steady_ids.add(await asyncio.to_thread(create, args.in_flight + i))
@@ -272,21 +287,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fednode-dispatch-") as tmp:
         burst, steady, info = asyncio.run(measure(args, Path(tmp)))
     baseline = [random.uniform(0, 1000) for _ in range(10000)]
-    print(f"\nserver event -> Job created (POST returned), median / p95; "
-          f"{int(info['jobs'])} Jobs in flight at the end")
-    print(f"{'':40}{'burst (' + str(args.in_flight) + ')':>24}"
-          f"{'steady (' + str(args.runs) + ')':>26}")
-    for title, key in (("whole window", "total"), ("waiting for the vantage6 server", "server"),
-                       ("waiting for the Kubernetes API", "kube"),
-                       ("the node's own share", "node")):
+    print(
+        f"\nserver event -> Job created (POST returned), median / p95; "
+        f"{int(info['jobs'])} Jobs in flight at the end"
+    )
+    print(
+        f"{'':40}{'burst (' + str(args.in_flight) + ')':>24}{'steady (' + str(args.runs) + ')':>26}"
+    )
+    for title, key in (
+        ("whole window", "total"),
+        ("waiting for the vantage6 server", "server"),
+        ("waiting for the Kubernetes API", "kube"),
+        ("the node's own share", "node"),
+    ):
         burst_cell, steady_cell = (
-            cell(getattr(phase, key), width=7, digits=1) for phase in (burst, steady))
+            cell(getattr(phase, key), width=7, digits=1) for phase in (burst, steady)
+        )
         print(f"  {title:<38}{burst_cell}  {steady_cell}")
     print(f"  {'baseline: a 1 s poll adds':<38}{cell(baseline, width=7, digits=1)}")
     worst = max(percentile(burst.node, 0.95), percentile(steady.node, 0.95))
-    print(f"\nnode's own share p95: {worst:.1f} ms (target <= 50 ms): "
-          f"{'met' if worst <= 50 else 'MISSED'}; "
-          f"{percentile(baseline, 0.95) / max(worst, 1e-3):.0f}x below the 1 s poll's p95")
+    print(
+        f"\nnode's own share p95: {worst:.1f} ms (target <= 50 ms): "
+        f"{'met' if worst <= 50 else 'MISSED'}; "
+        f"{percentile(baseline, 0.95) / max(worst, 1e-3):.0f}x below the 1 s poll's p95"
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ from executors.spec import Phase, RunEvent, RunSpec  # noqa: E402
 IMAGE = "localhost/fednode/python-base:latest"
 
 
-
 @dataclass
 class Series:
     name: str

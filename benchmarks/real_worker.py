@@ -54,8 +54,6 @@ from tests.peers.v6client import V6UserClient  # noqa: E402
 NODE_POD_LABELS = {"app.kubernetes.io/name": "fednode", "app.kubernetes.io/component": "node"}
 
 
-
-
 class Referee:
     """Watches the runs' pods; records (wall clock, ns) when each is first Running/done."""
 
@@ -71,9 +69,12 @@ class Referee:
         async with self._testbed.api_client() as api:
             core = client.CoreV1Api(api)
             async with watch.Watch() as w:
-                async for event in w.stream(core.list_namespaced_pod, self._namespace,
-                                            label_selector=f"{LABEL_NODE}={self._node}",
-                                            timeout_seconds=3600):
+                async for event in w.stream(
+                    core.list_namespaced_pod,
+                    self._namespace,
+                    label_selector=f"{LABEL_NODE}={self._node}",
+                    timeout_seconds=3600,
+                ):
                     pod = event["object"]
                     now = time.time_ns()
                     run_id = int(pod.metadata.labels.get(LABEL_RUN, "0"))
@@ -87,9 +88,19 @@ class Referee:
         self._task.cancel()
 
 
-async def measure(*, label: str, testbed: K8sTestbed, worker: K8sRealWorker,
-                  server: v6_peer.V6Server, user: V6UserClient, collab: Any, image: str,
-                  runs: int, workdir: Path, real: bool) -> dict[str, list[float]]:
+async def measure(
+    *,
+    label: str,
+    testbed: K8sTestbed,
+    worker: K8sRealWorker,
+    server: v6_peer.V6Server,
+    user: V6UserClient,
+    collab: Any,
+    image: str,
+    runs: int,
+    workdir: Path,
+    real: bool,
+) -> dict[str, list[float]]:
     org = collab.org_a
     namespace = await testbed.create_namespace(f"fednode-bench-{label}")
     task_dir = workdir / f"tasks-{label}"
@@ -100,24 +111,36 @@ async def measure(*, label: str, testbed: K8sTestbed, worker: K8sRealWorker,
         stack.push_async_callback(testbed.delete_namespace, namespace)
         await stack.enter_async_context(worker.task_volume(namespace, task_dir))
         async with testbed.api_client() as admin:  # as the chart: the runs' policies
-            rules = await chart_network_policies(admin, namespace, node_name,
-                                                 proxy_port=proxy_port)
+            rules = await chart_network_policies(admin, namespace, node_name, proxy_port=proxy_port)
         kubeconfig = await testbed.service_account_kubeconfig(namespace, rules=rules)
         executor: dict[str, Any] = {
-            "kind": "kubernetes", "kubeconfig": kubeconfig, "namespace": namespace,
-            "proxy_namespace": namespace, "proxy_port": proxy_port,
+            "kind": "kubernetes",
+            "kubeconfig": kubeconfig,
+            "namespace": namespace,
+            "proxy_namespace": namespace,
+            "proxy_port": proxy_port,
         }
         proxy: dict[str, Any] = {"port": proxy_port}
         if real:
-            executor |= {"node_selector": worker.node_selector,
-                         "tolerations": [worker.toleration]}
-            proxy |= {"host": worker.node_ip, "advertise_host": await worker.proxy_relay(
-                namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port)}
+            executor |= {"node_selector": worker.node_selector, "tolerations": [worker.toleration]}
+            proxy |= {
+                "host": worker.node_ip,
+                "advertise_host": await worker.proxy_relay(
+                    namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port
+                ),
+            }
         settings = load_settings(
-            None, name=node_name, server_url=f"http://{server.host}", port=server.port,
-            api_path=server.api_path, api_key=org.api_key, task_dir=task_dir,
+            None,
+            name=node_name,
+            server_url=f"http://{server.host}",
+            port=server.port,
+            api_path=server.api_path,
+            api_key=org.api_key,
+            task_dir=task_dir,
             databases=[],  # the probe reads none
-            executor=executor, proxy=proxy, health={"port": free_port()},
+            executor=executor,
+            proxy=proxy,
+            health={"port": free_port()},
             policies={"resources": {"default_cpu": 0.2, "default_memory_mb": 256}},
         )
         exporter = (await stack.enter_async_context(running_node(settings, org=org))).exporter
@@ -127,8 +150,12 @@ async def measure(*, label: str, testbed: K8sTestbed, worker: K8sRealWorker,
         for i in range(runs + 1):  # the first run warms caches; it is not counted
             t0 = time.time_ns()
             made = await asyncio.to_thread(
-                collab.create_task, input_={"output": f'{{"i": {i}}}'}, image=image,
-                organizations=[org.id], name=f"bench-{label}-{i}")
+                collab.create_task,
+                input_={"output": f'{{"i": {i}}}'},
+                image=image,
+                organizations=[org.id],
+                name=f"bench-{label}-{i}",
+            )
             await asyncio.to_thread(user.wait_for_results, made["id"], timeout=120)
             if i:
                 created[made["id"]] = t0
@@ -157,8 +184,13 @@ async def measure(*, label: str, testbed: K8sTestbed, worker: K8sRealWorker,
 
 
 async def main(runs: int) -> None:
-    up = await asyncio.to_thread(subprocess.run, [str(SCRIPT), "up", "--real-worker"],
-                                 capture_output=True, text=True, check=False)
+    up = await asyncio.to_thread(
+        subprocess.run,
+        [str(SCRIPT), "up", "--real-worker"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if up.returncode != 0:
         sys.exit(f"the real worker did not start:\n{up.stdout[-2000:]}\n{up.stderr[-3000:]}")
     with tempfile.TemporaryDirectory(prefix="fednode-bench-") as tmp:
@@ -167,12 +199,15 @@ async def main(runs: int) -> None:
         worker = K8sRealWorker(testbed=testbed)
         podman = _start_service(workdir / "podman.sock")
         try:
-            image = build_behaviour_image(PodmanService(
-                socket_path=workdir / "podman.sock",
-                base_image="localhost/fednode/python-base:latest",
-                average_image="localhost/fednode/average:latest",
-                diagnostics_image="localhost/fednode/diagnostics:latest",
-                data_dir=REPO / "algorithms" / "data"))
+            image = build_behaviour_image(
+                PodmanService(
+                    socket_path=workdir / "podman.sock",
+                    base_image="localhost/fednode/python-base:latest",
+                    average_image="localhost/fednode/average:latest",
+                    diagnostics_image="localhost/fednode/diagnostics:latest",
+                    data_dir=REPO / "algorithms" / "data",
+                )
+            )
         finally:
             _stop_service(podman)
         worker.import_images(image)
@@ -182,15 +217,26 @@ async def main(runs: int) -> None:
             for label, real in (("real", True), ("kwok", False)):
                 print(f"{label}: {runs} tasks, one after another ...", flush=True)
                 results[label] = await measure(
-                    label=label, testbed=testbed, worker=worker, server=server, user=user,
-                    collab=collab, image=image, runs=runs, workdir=workdir, real=real)
+                    label=label,
+                    testbed=testbed,
+                    worker=worker,
+                    server=server,
+                    user=user,
+                    collab=collab,
+                    image=image,
+                    runs=runs,
+                    workdir=workdir,
+                    real=real,
+                )
 
     print(f"\nmedian / p95 over {runs} runs each (the first run of each side not counted)")
     print(f"{'':38}{'real worker':>22}{'kwok':>24}")
-    rows = (("server event -> Job created (node)", "event"),
-            ("Job created -> pod Running", "pod"),
-            ("pod finished -> result uploaded (node)", "upload"),
-            ("task created -> result uploaded", "total"))
+    rows = (
+        ("server event -> Job created (node)", "event"),
+        ("Job created -> pod Running", "pod"),
+        ("pod finished -> result uploaded (node)", "upload"),
+        ("task created -> result uploaded", "total"),
+    )
     for title, key in rows:
         print(f"  {title:<38}{cell(results['real'][key])}  {cell(results['kwok'][key])}")
 

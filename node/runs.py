@@ -645,9 +645,7 @@ class RunLifecycle:
         if state.sealed_token:
             try:
                 return (
-                    self._token_seal.unseal(
-                        state.sealed_token, run_id=run.id, task_id=run.task.id
-                    ),
+                    self._token_seal.unseal(state.sealed_token, run_id=run.id, task_id=run.task.id),
                     "",
                 )
             except SealError as exc:

@@ -138,8 +138,9 @@ def policy_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) ->
     problems = []
     for key in _SUBSTANCE:
         if _canonical(want.get(key)) != _canonical(have.get(key)):
-            problems.append(f"spec.{key} is {json.dumps(have.get(key))}, "
-                            f"expected {json.dumps(want.get(key))}")
+            problems.append(
+                f"spec.{key} is {json.dumps(have.get(key))}, expected {json.dumps(want.get(key))}"
+            )
     return problems
 
 

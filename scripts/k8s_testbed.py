@@ -164,8 +164,9 @@ class Target:
         )
 
 
-def run_logged(argv: Sequence[str], *, cwd: Path, env: dict[str, str], log_file: Path,
-               what: str) -> None:
+def run_logged(
+    argv: Sequence[str], *, cwd: Path, env: dict[str, str], log_file: Path, what: str
+) -> None:
     """Run a (long) go command into a log file, printing progress every 30 s."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -199,12 +200,18 @@ def kubernetes_gomod(go: str, env: dict[str, str]) -> tuple[str, str]:
     """Download the pinned k8s module's go.mod through the proxy; return (text, tag time)."""
     out = subprocess.run(
         [go, "mod", "download", "-json", f"k8s.io/kubernetes@{K8S_VERSION}"],
-        env=env, cwd=CACHE, capture_output=True, text=True, check=False,
+        env=env,
+        cwd=CACHE,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     info = json.loads(out.stdout) if out.stdout.strip() else {}
     if out.returncode != 0 or "GoMod" not in info:
-        raise fail(f"cannot fetch k8s.io/kubernetes@{K8S_VERSION} from the module proxy: "
-                   f"{info.get('Error') or out.stderr.strip()}")
+        raise fail(
+            f"cannot fetch k8s.io/kubernetes@{K8S_VERSION} from the module proxy: "
+            f"{info.get('Error') or out.stderr.strip()}"
+        )
     released = json.loads(Path(info["Info"]).read_text()).get("Time", "")
     return Path(info["GoMod"]).read_text(), released
 
@@ -251,10 +258,16 @@ def build(args: argparse.Namespace) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     jobs = str(args.jobs)
     flags = ("-p", jobs, "-trimpath")
-    kwok_ldflags = (f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION.lstrip('v')}"
-                    f" -X sigs.k8s.io/kwok/pkg/consts.KubeVersion={K8S_VERSION.lstrip('v')}")
-    kwok = Target("kwok", KWOK_VERSION, ("install", *flags, "-ldflags", kwok_ldflags,
-                                         f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"), True)
+    kwok_ldflags = (
+        f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION.lstrip('v')}"
+        f" -X sigs.k8s.io/kwok/pkg/consts.KubeVersion={K8S_VERSION.lstrip('v')}"
+    )
+    kwok = Target(
+        "kwok",
+        KWOK_VERSION,
+        ("install", *flags, "-ldflags", kwok_ldflags, f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"),
+        True,
+    )
 
     # The real worker's binaries are opt-in (`--real-worker`, FEDNODE_REAL_WORKER=1): they
     # add a few minutes to a cold build that kwok-only CI does not need.
@@ -268,15 +281,23 @@ def build(args: argparse.Namespace) -> None:
     recorded = read_json(VERSION_DIR / "versions.json")
     etcd_version = recorded.get("etcd", "")
     kube = [Target(name, K8S_VERSION, ()) for name in commands]
-    if etcd_version and all(t.is_current() for t in (*kube, *extra)) and kwok.is_current() \
-            and Target("etcd", etcd_version, ()).is_current():
-        log(f"binaries are current in {BIN_DIR} (kubernetes {K8S_VERSION}, etcd {etcd_version},"
+    if (
+        etcd_version
+        and all(t.is_current() for t in (*kube, *extra))
+        and kwok.is_current()
+        and Target("etcd", etcd_version, ()).is_current()
+    ):
+        log(
+            f"binaries are current in {BIN_DIR} (kubernetes {K8S_VERSION}, etcd {etcd_version},"
             f" kwok {KWOK_VERSION}{', real worker' if real_worker else ''}); nothing to build"
-            f" ({human(time.monotonic() - started)})")
+            f" ({human(time.monotonic() - started)})"
+        )
         return
 
-    log(f"building kubernetes {K8S_VERSION} + etcd + kwok {KWOK_VERSION} from Go modules "
-        f"(logs in {BUILD_LOG_DIR}; -p {jobs}; a cold build takes many minutes)")
+    log(
+        f"building kubernetes {K8S_VERSION} + etcd + kwok {KWOK_VERSION} from Go modules "
+        f"(logs in {BUILD_LOG_DIR}; -p {jobs}; a cold build takes many minutes)"
+    )
     gomod, released = kubernetes_gomod(go, env)
     etcd_version = required_version(gomod, "go.etcd.io/etcd/server/v3")
     staging = staging_replaces(gomod)
@@ -284,10 +305,19 @@ def build(args: argparse.Namespace) -> None:
         raise fail(f"found only {len(staging)} staging replaces in k8s {K8S_VERSION}'s go.mod")
     ldflags = version_ldflags(released)
     targets = [
-        Target("etcd", etcd_version, ("build", *flags, "-ldflags", "-s -w",
-                                      "go.etcd.io/etcd/server/v3")),
-        *(Target(name, K8S_VERSION, ("build", *flags, "-ldflags", ldflags,
-                                      f"k8s.io/kubernetes/cmd/{name}")) for name in commands),
+        Target(
+            "etcd",
+            etcd_version,
+            ("build", *flags, "-ldflags", "-s -w", "go.etcd.io/etcd/server/v3"),
+        ),
+        *(
+            Target(
+                name,
+                K8S_VERSION,
+                ("build", *flags, "-ldflags", ldflags, f"k8s.io/kubernetes/cmd/{name}"),
+            )
+            for name in commands
+        ),
         kwok,
         *extra,
     ]
@@ -295,13 +325,21 @@ def build(args: argparse.Namespace) -> None:
     if any(not t.install and t.wrapper == WRAPPER_DIR for t in todo):
         step = time.monotonic()
         staging_version = "v0." + K8S_VERSION.split(".", 1)[1]  # v1.33.13 -> v0.33.13
-        log(f"resolving the wrapper module ({len(staging)} staging modules -> "
-            f"{staging_version}, etcd {etcd_version})")
+        log(
+            f"resolving the wrapper module ({len(staging)} staging modules -> "
+            f"{staging_version}, etcd {etcd_version})"
+        )
         write_wrapper(staging, staging_version)
         run_logged(
-            [go, "get", *(f"k8s.io/kubernetes/cmd/{n}@{K8S_VERSION}" for n in commands),
-             f"go.etcd.io/etcd/server/v3@{etcd_version}"],
-            cwd=WRAPPER_DIR, env=env, log_file=BUILD_LOG_DIR / "wrapper.log",
+            [
+                go,
+                "get",
+                *(f"k8s.io/kubernetes/cmd/{n}@{K8S_VERSION}" for n in commands),
+                f"go.etcd.io/etcd/server/v3@{etcd_version}",
+            ],
+            cwd=WRAPPER_DIR,
+            env=env,
+            log_file=BUILD_LOG_DIR / "wrapper.log",
             what="resolving the wrapper module",
         )
         log(f"  wrapper resolved in {human(time.monotonic() - step)}")
@@ -320,28 +358,47 @@ def build(args: argparse.Namespace) -> None:
         if target.install:
             gobin = BIN_DIR / ".gobin"
             shutil.rmtree(gobin, ignore_errors=True)
-            run_logged([go, *target.args], cwd=CACHE, env={**env, "GOBIN": str(gobin)},
-                       log_file=BUILD_LOG_DIR / f"{target.name}.log",
-                       what=f"building {target.name}")
+            run_logged(
+                [go, *target.args],
+                cwd=CACHE,
+                env={**env, "GOBIN": str(gobin)},
+                log_file=BUILD_LOG_DIR / f"{target.name}.log",
+                what=f"building {target.name}",
+            )
             (gobin / target.name).replace(out)
             shutil.rmtree(gobin, ignore_errors=True)
         else:
             argv = [go, target.args[0], "-o", str(tmp), *target.args[1:]]
-            run_logged(argv, cwd=target.wrapper, env=env,
-                       log_file=BUILD_LOG_DIR / f"{target.name}.log",
-                       what=f"building {target.name}")
+            run_logged(
+                argv,
+                cwd=target.wrapper,
+                env=env,
+                log_file=BUILD_LOG_DIR / f"{target.name}.log",
+                what=f"building {target.name}",
+            )
             tmp.replace(out)
         target.stamp.write_text(target.key + "\n")
         timings[target.name] = time.monotonic() - step
-        log(f"  {target.name} built in {human(timings[target.name])} "
-            f"({out.stat().st_size / 2**20:.0f} MiB)")
+        log(
+            f"  {target.name} built in {human(timings[target.name])} "
+            f"({out.stat().st_size / 2**20:.0f} MiB)"
+        )
 
-    write_json(VERSION_DIR / "versions.json", {
-        **recorded, "kubernetes": K8S_VERSION, "etcd": etcd_version, "kwok": KWOK_VERSION,
-        "recipe": RECIPE, "built": {**recorded.get("built", {}), **timings},
-    })
-    log(f"build done in {human(time.monotonic() - started)}: "
-        + ", ".join(f"{n} {human(s)}" for n, s in timings.items()))
+    write_json(
+        VERSION_DIR / "versions.json",
+        {
+            **recorded,
+            "kubernetes": K8S_VERSION,
+            "etcd": etcd_version,
+            "kwok": KWOK_VERSION,
+            "recipe": RECIPE,
+            "built": {**recorded.get("built", {}), **timings},
+        },
+    )
+    log(
+        f"build done in {human(time.monotonic() - started)}: "
+        + ", ".join(f"{n} {human(s)}" for n, s in timings.items())
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -367,13 +424,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 ANNOTATION_PREFIX = "fednode.test/"
 POD_BEHAVIOUR = {
     "fednode.test/run-seconds": 'seconds the container "runs" before it exits (default 1; '
-                                'decimals allowed); "forever" = runs until deleted',
+    'decimals allowed); "forever" = runs until deleted',
     "fednode.test/start-seconds": "seconds from scheduled to Running (default 0)",
-    "fednode.test/exit-code": 'exit code of the container(s); non-zero -> reason Error, '
-                              'phase Failed (default "0" -> Completed, Succeeded)',
+    "fednode.test/exit-code": "exit code of the container(s); non-zero -> reason Error, "
+    'phase Failed (default "0" -> Completed, Succeeded)',
     "fednode.test/oom-killed": '"true" -> exit code 137, reason OOMKilled, phase Failed',
     "fednode.test/image-missing": '"true" -> stays Pending, waiting reason ErrImagePull '
-                                  '(also any image containing "/missing/" or ending ":missing")',
+    '(also any image containing "/missing/" or ending ":missing")',
 }
 
 NODE_SELECTOR_ANNOTATION = "kwok.x-k8s.io/node"
@@ -400,8 +457,11 @@ def kwok_nodes() -> list[dict[str, Any]]:
         return {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {"name": name, "labels": labels,
-                         "annotations": {NODE_SELECTOR_ANNOTATION: "fake"}},
+            "metadata": {
+                "name": name,
+                "labels": labels,
+                "annotations": {NODE_SELECTOR_ANNOTATION: "fake"},
+            },
             "spec": spec,
             "status": {"capacity": capacity, "allocatable": dict(capacity)},
         }
@@ -419,8 +479,10 @@ def kwok_nodes() -> list[dict[str, Any]]:
 # `@NAME@` markers are filled in by `kwok_stages()`; everything else is literal YAML and Go
 # templates as kwok renders them.
 _STAGE_PARTS = {
-    "@IMAGE_MISSING@": ('(.metadata.annotations["fednode.test/image-missing"] == "true") or '
-                        'any(.spec.containers[]; .image | test("/missing/|:missing$"))'),
+    "@IMAGE_MISSING@": (
+        '(.metadata.annotations["fednode.test/image-missing"] == "true") or '
+        'any(.spec.containers[]; .image | test("/missing/|:missing$"))'
+    ),
     "@FINISHING@": """\
     - jq: {key: '.metadata.deletionTimestamp', operator: DoesNotExist}
     - jq: {key: '.status.phase', operator: In, values: [Running]}
@@ -469,9 +531,13 @@ _TERMINATED = """\
 
 
 def _terminated(*, cond: str, exit_code: str, reason: str, phase: str, message: str = '""') -> str:
-    return (_TERMINATED.replace("@COND@", cond).replace("@EXIT_CODE@", exit_code)
-            .replace("@REASON@", reason).replace("@MESSAGE@", message)
-            .replace("@PHASE@", phase))
+    return (
+        _TERMINATED.replace("@COND@", cond)
+        .replace("@EXIT_CODE@", exit_code)
+        .replace("@REASON@", reason)
+        .replace("@MESSAGE@", message)
+        .replace("@PHASE@", phase)
+    )
 
 
 _KWOK_STAGES = """\
@@ -654,20 +720,31 @@ def kwok_stages() -> str:
     """The multi-document kwok config: every pod Stage (node stages stay kwok's defaults)."""
     parts = {
         **_STAGE_PARTS,
-        "@SUCCEEDED@": _terminated(cond="PodCompleted", exit_code="0", reason="Completed",
-                                   phase="Succeeded"),
+        "@SUCCEEDED@": _terminated(
+            cond="PodCompleted", exit_code="0", reason="Completed", phase="Succeeded"
+        ),
         "@FAILED@": _terminated(
-            cond="PodFailed", reason="Error", phase="Failed",
-            exit_code='{{ index $root.metadata.annotations "fednode.test/exit-code" }}'),
-        "@OOM_KILLED@": _terminated(cond="PodFailed", exit_code="137", reason="OOMKilled",
-                                    phase="Failed"),
-        "@KILLED@": _terminated(cond="PodFailed", exit_code="143", reason="Error",
-                                phase="Failed", message='"terminated on pod deletion"'),
+            cond="PodFailed",
+            reason="Error",
+            phase="Failed",
+            exit_code='{{ index $root.metadata.annotations "fednode.test/exit-code" }}',
+        ),
+        "@OOM_KILLED@": _terminated(
+            cond="PodFailed", exit_code="137", reason="OOMKilled", phase="Failed"
+        ),
+        "@KILLED@": _terminated(
+            cond="PodFailed",
+            exit_code="143",
+            reason="Error",
+            phase="Failed",
+            message='"terminated on pod deletion"',
+        ),
     }
     text = _KWOK_STAGES
     for marker, value in parts.items():
         text = text.replace(marker, value)
     return text
+
 
 # --------------------------------------------------------------------------------------
 # certificates and kubeconfigs
@@ -689,9 +766,13 @@ def write_pki() -> None:
 
     def save_key(name: str, key: Any) -> None:
         path = PKI / f"{name}.key"
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         path.chmod(0o600)
 
     def name(cn: str, org: str | None = None) -> x509.Name:
@@ -704,17 +785,31 @@ def write_pki() -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = name(cn)
         cert = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(expires + dt.timedelta(days=1))
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(expires + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .sign(key, hashes.SHA256())
         )
         save_key(file, key)
@@ -725,35 +820,71 @@ def write_pki() -> None:
     # The aggregation layer's own CA (requestheader authentication of proxied requests).
     proxy_ca_key, proxy_ca_name = make_ca("front-proxy-ca", "fednode-testbed-front-proxy-ca")
 
-    def issue(file: str, subject: x509.Name, *, server: bool, ca_key: Any = ca_key,
-              ca_name: x509.Name = ca_name) -> None:
+    def issue(
+        file: str,
+        subject: x509.Name,
+        *,
+        server: bool,
+        ca_key: Any = ca_key,
+        ca_name: x509.Name = ca_name,
+    ) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(expires)
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(expires)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
-                                         content_commitment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                           critical=False)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_encipherment=False,
+                    content_commitment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
         )
         if server:
             service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                *(x509.DNSName(d) for d in (
-                    "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                    "kubernetes.default.svc.cluster.local", "localhost")),
-                x509.IPAddress(ipaddress.ip_address(HOST)),
-                x509.IPAddress(ipaddress.ip_address("::1")),
-                x509.IPAddress(service_ip),
-            ]), critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        *(
+                            x509.DNSName(d)
+                            for d in (
+                                "kubernetes",
+                                "kubernetes.default",
+                                "kubernetes.default.svc",
+                                "kubernetes.default.svc.cluster.local",
+                                "localhost",
+                            )
+                        ),
+                        x509.IPAddress(ipaddress.ip_address(HOST)),
+                        x509.IPAddress(ipaddress.ip_address("::1")),
+                        x509.IPAddress(service_ip),
+                    ]
+                ),
+                critical=False,
+            )
         cert = builder.sign(ca_key, hashes.SHA256())
         save_key(file, key)
         (PKI / f"{file}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -763,13 +894,21 @@ def write_pki() -> None:
     issue("kube-controller-manager", name("system:kube-controller-manager"), server=False)
     issue("kube-scheduler", name("system:kube-scheduler"), server=False)
     issue("kwok", name("fednode-testbed-kwok", "system:masters"), server=False)
-    issue("front-proxy-client", name("front-proxy-client"), server=False,
-          ca_key=proxy_ca_key, ca_name=proxy_ca_name)
+    issue(
+        "front-proxy-client",
+        name("front-proxy-client"),
+        server=False,
+        ca_key=proxy_ca_key,
+        ca_name=proxy_ca_name,
+    )
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     save_key("sa", sa_key)
-    (PKI / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (PKI / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 def issue_client_cert(file: str, common_name: str, organization: str | None) -> None:
@@ -787,23 +926,37 @@ def issue_client_cert(file: str, common_name: str, organization: str | None) -> 
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=365))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     key_path = PKI / f"{file}.key"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     key_path.chmod(0o600)
     (PKI / f"{file}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def kubeconfig_text(user: str, *, cert: Path | None = None, key: Path | None = None,
-                    token: str | None = None, namespace: str | None = None) -> str:
+def kubeconfig_text(
+    user: str,
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+    token: str | None = None,
+    namespace: str | None = None,
+) -> str:
     """A kubeconfig with everything embedded (client certs or a bearer token)."""
     import base64
 
@@ -820,17 +973,25 @@ def kubeconfig_text(user: str, *, cert: Path | None = None, key: Path | None = N
     context: dict[str, str] = {"cluster": "fednode-testbed", "user": user}
     if namespace:
         context["namespace"] = namespace
-    return yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "fednode-testbed", "cluster": {
-            "server": f"https://{HOST}:{PORTS['kube-apiserver']}",
-            "certificate-authority-data": b64(PKI / "ca.crt"),
-        }}],
-        "users": [{"name": user, "user": credentials}],
-        "contexts": [{"name": "fednode-testbed", "context": context}],
-        "current-context": "fednode-testbed",
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "fednode-testbed",
+                    "cluster": {
+                        "server": f"https://{HOST}:{PORTS['kube-apiserver']}",
+                        "certificate-authority-data": b64(PKI / "ca.crt"),
+                    },
+                }
+            ],
+            "users": [{"name": user, "user": credentials}],
+            "contexts": [{"name": "fednode-testbed", "context": context}],
+            "current-context": "fednode-testbed",
+        },
+        sort_keys=False,
+    )
 
 
 def write_kubeconfigs() -> None:
@@ -861,8 +1022,11 @@ def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str,
     """One request to kube-apiserver as the admin; raises urllib.error.HTTPError on failure."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        f"https://{HOST}:{PORTS['kube-apiserver']}{path}", data=data, method=method,
-        headers={"Content-Type": "application/json", "Accept": "application/json"})
+        f"https://{HOST}:{PORTS['kube-apiserver']}{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
     with urllib.request.urlopen(request, context=tls_context(), timeout=10) as response:
         result = json.loads(response.read() or b"{}")
     return result if isinstance(result, dict) else {}
@@ -871,9 +1035,11 @@ def api(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str,
 def api_patch(path: str, patch: dict[str, Any]) -> dict[str, Any]:
     """A JSON merge patch as the admin."""
     request = urllib.request.Request(
-        f"https://{HOST}:{PORTS['kube-apiserver']}{path}", data=json.dumps(patch).encode(),
-        method="PATCH", headers={"Content-Type": "application/merge-patch+json",
-                                 "Accept": "application/json"})
+        f"https://{HOST}:{PORTS['kube-apiserver']}{path}",
+        data=json.dumps(patch).encode(),
+        method="PATCH",
+        headers={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
+    )
     with urllib.request.urlopen(request, context=tls_context(), timeout=10) as response:
         result = json.loads(response.read() or b"{}")
     return result if isinstance(result, dict) else {}
@@ -918,82 +1084,132 @@ def components() -> list[Component]:
     pki, run, b = PKI, RUN_DIR, BIN_DIR
     etcd_url = f"http://{HOST}:{PORTS['etcd-client']}"
     peer_url = f"http://{HOST}:{PORTS['etcd-peer']}"
-    serving = [f"--tls-cert-file={pki / 'serving.crt'}",
-               f"--tls-private-key-file={pki / 'serving.key'}"]
+    serving = [
+        f"--tls-cert-file={pki / 'serving.crt'}",
+        f"--tls-private-key-file={pki / 'serving.key'}",
+    ]
 
     def client_of(name: str) -> list[str]:
         kubeconfig = run / f"{name}.kubeconfig"
-        return [f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
-                f"--authorization-kubeconfig={kubeconfig}", f"--bind-address={HOST}",
-                f"--secure-port={PORTS[name]}", "--leader-elect=false", *serving]
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--bind-address={HOST}",
+            f"--secure-port={PORTS[name]}",
+            "--leader-elect=false",
+            *serving,
+        ]
 
     return [
-        Component("etcd", [
-            str(b / "etcd"), "--name=fednode-testbed", f"--data-dir={run / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=fednode-testbed={peer_url}",
-            "--unsafe-no-fsync",  # a throwaway test store: speed over durability
-            "--log-level=warn",
-        ], f"{etcd_url}/health", timeout=30),
-        Component("kube-apiserver", [
-            str(b / "kube-apiserver"),
-            f"--etcd-servers={etcd_url}",
-            f"--bind-address={HOST}", f"--advertise-address={HOST}",
-            f"--secure-port={PORTS['kube-apiserver']}",
-            *serving, f"--client-ca-file={pki / 'ca.crt'}", f"--cert-dir={run / 'apiserver'}",
-            "--authorization-mode=RBAC",
-            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
-            "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
-            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
-            # 127.0.0.1 may not back the `kubernetes` Service's endpoints; nothing in the
-            # testbed runs in-cluster, so leave that Service without endpoints.
-            "--endpoint-reconciler-type=none",
-            # Logs and exec on the real worker: call kubelet at its address, not its name.
-            "--kubelet-preferred-address-types=InternalIP,Hostname",
-            # Default admission plugins (incl. PodSecurity, ServiceAccount, LimitRanger,
-            # ResourceQuota, TaintNodesByCondition) stay on; privileged pods are allowed by the
-            # API, so Pod Security labels on a namespace are what forbids them.
-            "--allow-privileged=true",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--profiling=false",
-            "--v=1",
-        ], f"https://{HOST}:{PORTS['kube-apiserver']}/readyz", tls=True, timeout=120),
-        Component("kube-controller-manager", [
-            str(b / "kube-controller-manager"), *client_of("kube-controller-manager"),
-            "--controllers=*",  # job, garbage collector, ttl-after-finished, namespace, SA, ...
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
-            f"--cluster-signing-key-file={pki / 'ca.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            f"--flex-volume-plugin-dir={run / 'flexvolume'}",  # it creates the directory
-            "--kube-api-qps=100", "--kube-api-burst=200",
-            "--profiling=false", "--v=1",
-        ], f"https://{HOST}:{PORTS['kube-controller-manager']}/healthz", tls=True),
-        Component("kube-scheduler", [
-            str(b / "kube-scheduler"), *client_of("kube-scheduler"),
-            "--kube-api-qps=100", "--kube-api-burst=200", "--profiling=false", "--v=1",
-        ], f"https://{HOST}:{PORTS['kube-scheduler']}/healthz", tls=True),
-        Component("kwok", kwok_argv(run / "kwok.kubeconfig", run / "kwok.yaml", PORTS["kwok"]),
-                  f"http://{HOST}:{PORTS['kwok']}/healthz", timeout=30),
+        Component(
+            "etcd",
+            [
+                str(b / "etcd"),
+                "--name=fednode-testbed",
+                f"--data-dir={run / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=fednode-testbed={peer_url}",
+                "--unsafe-no-fsync",  # a throwaway test store: speed over durability
+                "--log-level=warn",
+            ],
+            f"{etcd_url}/health",
+            timeout=30,
+        ),
+        Component(
+            "kube-apiserver",
+            [
+                str(b / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                f"--bind-address={HOST}",
+                f"--advertise-address={HOST}",
+                f"--secure-port={PORTS['kube-apiserver']}",
+                *serving,
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--cert-dir={run / 'apiserver'}",
+                "--authorization-mode=RBAC",
+                f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+                # 127.0.0.1 may not back the `kubernetes` Service's endpoints; nothing in the
+                # testbed runs in-cluster, so leave that Service without endpoints.
+                "--endpoint-reconciler-type=none",
+                # Logs and exec on the real worker: call kubelet at its address, not its name.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+                # Default admission plugins (incl. PodSecurity, ServiceAccount, LimitRanger,
+                # ResourceQuota, TaintNodesByCondition) stay on; privileged pods are allowed by the
+                # API, so Pod Security labels on a namespace are what forbids them.
+                "--allow-privileged=true",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--profiling=false",
+                "--v=1",
+            ],
+            f"https://{HOST}:{PORTS['kube-apiserver']}/readyz",
+            tls=True,
+            timeout=120,
+        ),
+        Component(
+            "kube-controller-manager",
+            [
+                str(b / "kube-controller-manager"),
+                *client_of("kube-controller-manager"),
+                "--controllers=*",  # job, garbage collector, ttl-after-finished, namespace, SA, ...
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--flex-volume-plugin-dir={run / 'flexvolume'}",  # it creates the directory
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
+                "--profiling=false",
+                "--v=1",
+            ],
+            f"https://{HOST}:{PORTS['kube-controller-manager']}/healthz",
+            tls=True,
+        ),
+        Component(
+            "kube-scheduler",
+            [
+                str(b / "kube-scheduler"),
+                *client_of("kube-scheduler"),
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
+                "--profiling=false",
+                "--v=1",
+            ],
+            f"https://{HOST}:{PORTS['kube-scheduler']}/healthz",
+            tls=True,
+        ),
+        Component(
+            "kwok",
+            kwok_argv(run / "kwok.kubeconfig", run / "kwok.yaml", PORTS["kwok"]),
+            f"http://{HOST}:{PORTS['kwok']}/healthz",
+            timeout=30,
+        ),
     ]
 
 
 def kwok_argv(kubeconfig: Path, config: Path, port: int) -> list[str]:
     return [
-        str(BIN_DIR / "kwok"), f"--kubeconfig={kubeconfig}", f"--config={config}",
+        str(BIN_DIR / "kwok"),
+        f"--kubeconfig={kubeconfig}",
+        f"--config={config}",
         "--manage-all-nodes=false",
         f"--manage-nodes-with-annotation-selector={NODE_SELECTOR_ANNOTATION}=fake",
-        f"--cidr={POD_CIDR}", "--node-ip=10.99.0.1",
+        f"--cidr={POD_CIDR}",
+        "--node-ip=10.99.0.1",
         "--node-lease-duration-seconds=40",
         f"--server-address={HOST}:{port}",
     ]
@@ -1020,8 +1236,12 @@ def start(component: Component) -> subprocess.Popen[bytes]:
         directory.mkdir(parents=True, exist_ok=True)
     with component.log_file.open("ab") as out:
         proc = subprocess.Popen(
-            component.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            cwd=RUN_DIR, env={**os.environ, **component.env},
+            component.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=RUN_DIR,
+            env={**os.environ, **component.env},
             start_new_session=True,  # outlives this script and the pytest run that started it
         )
     write_json(component.pid_file, {"pid": proc.pid, "exe": component.argv[0]})
@@ -1033,14 +1253,19 @@ def wait_healthy(component: Component, proc: subprocess.Popen[bytes]) -> None:
     reason = ""
     while time.monotonic() < limit:
         if proc.poll() is not None:
-            raise fail(f"{component.name} exited during start-up (exit {proc.returncode})",
-                       log_file=component.log_file)
+            raise fail(
+                f"{component.name} exited during start-up (exit {proc.returncode})",
+                log_file=component.log_file,
+            )
         ok, reason = component.healthy()
         if ok:
             return
         time.sleep(0.2)
-    raise fail(f"{component.name} did not become healthy within {component.timeout:.0f}s "
-               f"(last answer: {reason})", log_file=component.log_file)
+    raise fail(
+        f"{component.name} did not become healthy within {component.timeout:.0f}s "
+        f"(last answer: {reason})",
+        log_file=component.log_file,
+    )
 
 
 def stop(component: Component, *, grace: float = 10) -> None:
@@ -1093,8 +1318,11 @@ def node_problems() -> list[str]:
         ready = [c for c in node.get("status", {}).get("conditions", []) if c["type"] == "Ready"]
         if not ready or ready[0]["status"] != "True":
             problems.append(f"{name}: not Ready")
-        taints = [t["key"] for t in node.get("spec", {}).get("taints", [])
-                  if t["key"].startswith("node.kubernetes.io/")]
+        taints = [
+            t["key"]
+            for t in node.get("spec", {}).get("taints", [])
+            if t["key"].startswith("node.kubernetes.io/")
+        ]
         if taints:
             problems.append(f"{name}: tainted {','.join(taints)}")
     return problems
@@ -1127,12 +1355,16 @@ def up(args: argparse.Namespace) -> None:
         import cryptography  # noqa: F401
         import yaml  # noqa: F401
     except ImportError as error:
-        raise fail(f"`up` needs cryptography and PyYAML ({error}); run scripts/dev-env, "
-                   "then use scripts/k8s-testbed (it picks .venv/bin/python)") from error
+        raise fail(
+            f"`up` needs cryptography and PyYAML ({error}); run scripts/dev-env, "
+            "then use scripts/k8s-testbed (it picks .venv/bin/python)"
+        ) from error
     missing = missing_binaries()
     if missing:
-        raise fail(f"binaries missing in {BIN_DIR}: {', '.join(missing)}; "
-                   "run `scripts/k8s-testbed build` first")
+        raise fail(
+            f"binaries missing in {BIN_DIR}: {', '.join(missing)}; "
+            "run `scripts/k8s-testbed build` first"
+        )
     worker = k8s_worker()
     # Once started with the real worker, a plain `up` keeps it (another session may need it).
     want_worker = args.real_worker or worker.wanted_from_env() or worker.enabled()
@@ -1148,9 +1380,11 @@ def up(args: argparse.Namespace) -> None:
                     print_env()
                     return
                 if worker.enabled():
-                    log("the real worker is unhealthy: "
+                    log(
+                        "the real worker is unhealthy: "
                         + "; ".join(f"{n}: {d}" for n, ok, d in worker_report if not ok)
-                        + " -> stopping it and starting it again")
+                        + " -> stopping it and starting it again"
+                    )
                     worker.teardown()
                 else:
                     log("the control plane is up; adding the real worker")
@@ -1159,30 +1393,43 @@ def up(args: argparse.Namespace) -> None:
                 print_env()
                 return
             if any(read_pid(c) is not None for c in components()):
-                log("found a half-started or unhealthy testbed: "
+                log(
+                    "found a half-started or unhealthy testbed: "
                     + "; ".join(f"{n}: {d}" for n, ok, d in report if not ok)
-                    + " -> stopping it and starting again")
+                    + " -> stopping it and starting again"
+                )
             else:
                 log(f"removing the state of a stopped testbed in {RUN_DIR}")
             teardown()
         busy = [f"{name} {port}" for name, port in PORTS.items() if port_in_use(port)]
         if busy:
-            raise fail("ports already in use by another process: " + ", ".join(busy)
-                       + " (an older testbed whose pid files were lost? stop it first)")
+            raise fail(
+                "ports already in use by another process: "
+                + ", ".join(busy)
+                + " (an older testbed whose pid files were lost? stop it first)"
+            )
         RUN_DIR.mkdir(parents=True)
         write_pki()
         write_kubeconfigs()
         (RUN_DIR / "kwok.yaml").write_text(kwok_stages())
-        write_json(RUN_DIR / "state.json", {
-            "kubernetes": K8S_VERSION, "kwok": KWOK_VERSION, "ports": PORTS,
-            "kubeconfig": str(KUBECONFIG), "started": dt.datetime.now(dt.UTC).isoformat(),
-        })
+        write_json(
+            RUN_DIR / "state.json",
+            {
+                "kubernetes": K8S_VERSION,
+                "kwok": KWOK_VERSION,
+                "ports": PORTS,
+                "kubeconfig": str(KUBECONFIG),
+                "started": dt.datetime.now(dt.UTC).isoformat(),
+            },
+        )
         try:
             bring_up(started)
         except SystemExit:
             if not args.keep_on_failure:
-                log("stopping the half-started testbed (logs kept in "
-                    f"{RUN_DIR / 'logs'}; pass --keep-on-failure to keep it running)")
+                log(
+                    "stopping the half-started testbed (logs kept in "
+                    f"{RUN_DIR / 'logs'}; pass --keep-on-failure to keep it running)"
+                )
                 teardown(keep_logs=True)
             raise
         if want_worker:
@@ -1212,14 +1459,18 @@ def start_worker(started: float, *, keep_on_failure: bool) -> None:
     """Add the real worker to a running control plane (the caller holds the run lock)."""
     worker = k8s_worker()
     began = time.monotonic()
-    log(f"starting the real worker {worker.NODE_NAME} (containerd, kubelet, kube-proxy, "
-        "Cilium, CoreDNS)")
+    log(
+        f"starting the real worker {worker.NODE_NAME} (containerd, kubelet, kube-proxy, "
+        "Cilium, CoreDNS)"
+    )
     try:
         worker.bring_up(started)
     except SystemExit:
         if not keep_on_failure:
-            log("stopping the half-started real worker (logs kept in "
-                f"{RUN_DIR / 'logs'}; pass --keep-on-failure to keep it running)")
+            log(
+                "stopping the half-started real worker (logs kept in "
+                f"{RUN_DIR / 'logs'}; pass --keep-on-failure to keep it running)"
+            )
             worker.teardown()
         raise
     log(f"real worker up in {human(time.monotonic() - began)}")
@@ -1242,8 +1493,10 @@ def bring_up(started: float) -> None:
     limit = time.monotonic() + 60
     while problems := node_problems():
         if time.monotonic() > limit:
-            raise fail("kwok nodes not Ready within 60s: " + "; ".join(problems),
-                       log_file=by_name["kwok"].log_file)
+            raise fail(
+                "kwok nodes not Ready within 60s: " + "; ".join(problems),
+                log_file=by_name["kwok"].log_file,
+            )
         time.sleep(0.2)
     log(f"kwok nodes Ready ({human(time.monotonic() - started)})")
     # Namespaces get their `default` ServiceAccount from the controller-manager; wait for the
@@ -1255,9 +1508,10 @@ def bring_up(started: float) -> None:
             break
         except urllib.error.HTTPError as error:
             if error.code != 404 or time.monotonic() > limit:
-                raise fail("the default ServiceAccount did not appear (serviceaccount "
-                           "controller)", log_file=by_name["kube-controller-manager"].log_file
-                           ) from error
+                raise fail(
+                    "the default ServiceAccount did not appear (serviceaccount controller)",
+                    log_file=by_name["kube-controller-manager"].log_file,
+                ) from error
             time.sleep(0.2)
 
 
@@ -1293,8 +1547,10 @@ def down(_: argparse.Namespace) -> None:
     with run_lock():
         running = [c.name for c in components() if read_pid(c) is not None]
         teardown()
-    log(f"down ({'stopped ' + ', '.join(running) if running else 'nothing was running'}; "
-        f"state wiped; binaries kept in {BIN_DIR}) in {human(time.monotonic() - started)}")
+    log(
+        f"down ({'stopped ' + ', '.join(running) if running else 'nothing was running'}; "
+        f"state wiped; binaries kept in {BIN_DIR}) in {human(time.monotonic() - started)}"
+    )
 
 
 def status(_: argparse.Namespace) -> int:
@@ -1325,8 +1581,10 @@ def restart_apiserver(_: argparse.Namespace) -> None:
         stop(apiserver, grace=3)  # its graceful drain of open watches would take ~10 s
         stopped = time.monotonic()
         wait_healthy(apiserver, start(apiserver))
-    log(f"kube-apiserver restarted (down {human(time.monotonic() - stopped)}, "
-        f"in all {human(time.monotonic() - started)})")
+    log(
+        f"kube-apiserver restarted (down {human(time.monotonic() - stopped)}, "
+        f"in all {human(time.monotonic() - started)})"
+    )
 
 
 def import_images(args: argparse.Namespace) -> None:
@@ -1337,8 +1595,10 @@ def import_images(args: argparse.Namespace) -> None:
     started = time.monotonic()
     with run_lock():
         done = worker.import_images(tuple(args.images))
-    log(f"imported {', '.join(done) if done else 'nothing (all current)'} in "
-        f"{human(time.monotonic() - started)}")
+    log(
+        f"imported {', '.join(done) if done else 'nothing (all current)'} in "
+        f"{human(time.monotonic() - started)}"
+    )
 
 
 def print_env(_: argparse.Namespace | None = None) -> None:
@@ -1363,8 +1623,13 @@ def attach(args: argparse.Namespace) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "kwok.yaml").write_text(kwok_stages())
     nodes = json.dumps({"apiVersion": "v1", "kind": "List", "items": kwok_nodes()})
-    created = subprocess.run([kubectl, f"--kubeconfig={kubeconfig}", "apply", "-f", "-"],
-                             input=nodes, text=True, capture_output=True, check=False)
+    created = subprocess.run(
+        [kubectl, f"--kubeconfig={kubeconfig}", "apply", "-f", "-"],
+        input=nodes,
+        text=True,
+        capture_output=True,
+        check=False,
+    )
     if created.returncode != 0:
         raise fail(f"creating the kwok nodes failed: {created.stderr.strip()}")
     log(f"kwok nodes created in the cluster of {kubeconfig}; running kwok (Ctrl-C stops it)")
@@ -1390,33 +1655,54 @@ def k8s_worker() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/k8s-testbed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/k8s-testbed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build (or reuse) the pinned binaries")
     p_build.add_argument("--jobs", "-p", type=int, default=2, help="go build -p (default 2)")
-    p_build.add_argument("--real-worker", action="store_true",
-                         help="also build kubelet, kube-proxy, Cilium and CoreDNS "
-                              "(or FEDNODE_REAL_WORKER=1)")
+    p_build.add_argument(
+        "--real-worker",
+        action="store_true",
+        help="also build kubelet, kube-proxy, Cilium and CoreDNS (or FEDNODE_REAL_WORKER=1)",
+    )
     p_up = sub.add_parser("up", help="start the testbed (no-op when it is up and healthy)")
-    p_up.add_argument("--real-worker", action="store_true",
-                      help="add a real worker node (containerd, kubelet, Cilium) beside the "
-                           "kwok nodes (or FEDNODE_REAL_WORKER=1)")
-    p_up.add_argument("--keep-on-failure", action="store_true",
-                      help="leave the processes running when start-up fails (to debug)")
+    p_up.add_argument(
+        "--real-worker",
+        action="store_true",
+        help="add a real worker node (containerd, kubelet, Cilium) beside the "
+        "kwok nodes (or FEDNODE_REAL_WORKER=1)",
+    )
+    p_up.add_argument(
+        "--keep-on-failure",
+        action="store_true",
+        help="leave the processes running when start-up fails (to debug)",
+    )
     sub.add_parser("down", help="stop everything and wipe the run state (keeps binaries)")
     sub.add_parser("status", help="health of each component; exit 0 when all are healthy")
     sub.add_parser("env", help="print `export KUBECONFIG=...`")
-    p_import = sub.add_parser("import-images", help="copy podman images into the real "
-                              "worker's containerd (only those that changed)")
+    p_import = sub.add_parser(
+        "import-images",
+        help="copy podman images into the real worker's containerd (only those that changed)",
+    )
     p_import.add_argument("images", nargs="+", help="image references known to podman")
-    sub.add_parser("restart-apiserver", help="stop and start kube-apiserver only (watches "
-                   "break; state is kept)")
-    p_attach = sub.add_parser("attach", help="run the kwok nodes and stages against another "
-                              "cluster (e.g. kind), in the foreground")
+    sub.add_parser(
+        "restart-apiserver",
+        help="stop and start kube-apiserver only (watches break; state is kept)",
+    )
+    p_attach = sub.add_parser(
+        "attach",
+        help="run the kwok nodes and stages against another cluster (e.g. kind), in the foreground",
+    )
     p_attach.add_argument("--kubeconfig", required=True, help="admin kubeconfig of that cluster")
-    p_attach.add_argument("--port", type=int, default=PORTS["kwok"] + 1,
-                          help=f"kwok's health port (default {PORTS['kwok'] + 1})")
+    p_attach.add_argument(
+        "--port",
+        type=int,
+        default=PORTS["kwok"] + 1,
+        help=f"kwok's health port (default {PORTS['kwok'] + 1})",
+    )
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args)

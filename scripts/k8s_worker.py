@@ -62,8 +62,12 @@ import k8s_testbed as tb
 NODE_NAME = "fednode-worker-0"
 REAL_LABEL = "fednode.test/real"  # value "true": pin a pod here with a nodeSelector
 REAL_TAINT = {"key": "fednode.test/real-worker", "value": "true", "effect": "NoSchedule"}
-REAL_TOLERATION = {"key": REAL_TAINT["key"], "operator": "Equal", "value": "true",
-                   "effect": "NoSchedule"}
+REAL_TOLERATION = {
+    "key": REAL_TAINT["key"],
+    "operator": "Equal",
+    "value": "true",
+    "effect": "NoSchedule",
+}
 
 BRIDGE = "fednode0"
 POD_SUBNET = "10.245.0.0/24"
@@ -92,8 +96,11 @@ PAUSE_IMAGE = "localhost/fednode/pause:1"
 COREDNS_IMAGE = f"localhost/fednode/coredns:{COREDNS_VERSION.lstrip('v')}"
 #: Podman images imported into containerd (FEDNODE_REAL_WORKER_IMAGES, comma separated,
 #: overrides; images podman does not have are skipped with a note).
-DEFAULT_IMAGES = ("localhost/fednode/python-base:latest", "localhost/fednode/average:latest",
-                  "localhost/fednode/diagnostics:latest")
+DEFAULT_IMAGES = (
+    "localhost/fednode/python-base:latest",
+    "localhost/fednode/average:latest",
+    "localhost/fednode/diagnostics:latest",
+)
 
 WORKER_DIR = tb.RUN_DIR / "worker"
 CONTAINERD_ROOT = tb.K8S_HOME / "containerd"  # image store, kept across down/up
@@ -107,21 +114,34 @@ MARKER = tb.RUN_DIR / "real-worker.json"
 
 #: Debian packages the worker needs (binaries checked at `up`).
 DEBIAN_PACKAGES = {
-    "containerd": "/usr/bin/containerd", "runc": "/usr/sbin/runc",
-    "containernetworking-plugins": "/usr/lib/cni/bridge", "catatonit": "/usr/bin/catatonit",
-    "iptables": "/usr/sbin/iptables", "ipset": "/usr/sbin/ipset",
-    "conntrack": "/usr/sbin/conntrack", "socat": "/usr/bin/socat", "clang": "/usr/bin/clang",
-    "llvm": "/usr/bin/llc", "bpftool": "/usr/sbin/bpftool", "iproute2": "/usr/sbin/ip",
+    "containerd": "/usr/bin/containerd",
+    "runc": "/usr/sbin/runc",
+    "containernetworking-plugins": "/usr/lib/cni/bridge",
+    "catatonit": "/usr/bin/catatonit",
+    "iptables": "/usr/sbin/iptables",
+    "ipset": "/usr/sbin/ipset",
+    "conntrack": "/usr/sbin/conntrack",
+    "socat": "/usr/bin/socat",
+    "clang": "/usr/bin/clang",
+    "llvm": "/usr/bin/llc",
+    "bpftool": "/usr/sbin/bpftool",
+    "iproute2": "/usr/sbin/ip",
     "podman": "/usr/bin/podman",
 }
 
 #: Kernel settings kubelet (protectKernelDefaults=false) and Cilium rewrite at start; `down`
 #: puts back what was there before (kernel.unprivileged_bpf_disabled=1 is one-way: the
 #: kernel refuses to lower it again).
-HOST_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops",
-                "kernel/timer_migration", "kernel/unprivileged_bpf_disabled",
-                "net/core/bpf_jit_enable", "net/ipv4/conf/all/rp_filter",
-                "net/ipv4/fib_multipath_use_neigh")
+HOST_SYSCTLS = (
+    "vm/overcommit_memory",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/timer_migration",
+    "kernel/unprivileged_bpf_disabled",
+    "net/core/bpf_jit_enable",
+    "net/ipv4/conf/all/rp_filter",
+    "net/ipv4/fib_multipath_use_neigh",
+)
 
 
 def enabled() -> bool:
@@ -205,17 +225,28 @@ def write_cilium_source() -> None:
 
 def extra_targets(flags: tuple[str, ...]) -> list[tb.Target]:
     """The worker's binaries that are not built in the kubernetes wrapper."""
-    cilium_ldflags = (f"-s -w -X github.com/cilium/cilium/pkg/version.ciliumVersion="
-                      f"{CILIUM_VERSION.lstrip('v')}")
+    cilium_ldflags = (
+        f"-s -w -X github.com/cilium/cilium/pkg/version.ciliumVersion={CILIUM_VERSION.lstrip('v')}"
+    )
     return [
-        tb.Target("cilium-agent", f"{CILIUM_VERSION}+{CILIUM_PATCH}",
-                  ("build", *flags, "-ldflags", cilium_ldflags, "github.com/cilium/cilium/daemon"),
-                  wrapper=CILIUM_WRAPPER),
-        tb.Target("cilium-cni", CILIUM_VERSION,
-                  ("build", *flags, "-ldflags", "-s -w",
-                   "github.com/cilium/cilium/plugins/cilium-cni"), wrapper=CILIUM_WRAPPER),
-        tb.Target("coredns", COREDNS_VERSION,
-                  ("build", *flags, "-ldflags", "-s -w", "."), wrapper=COREDNS_WRAPPER),
+        tb.Target(
+            "cilium-agent",
+            f"{CILIUM_VERSION}+{CILIUM_PATCH}",
+            ("build", *flags, "-ldflags", cilium_ldflags, "github.com/cilium/cilium/daemon"),
+            wrapper=CILIUM_WRAPPER,
+        ),
+        tb.Target(
+            "cilium-cni",
+            CILIUM_VERSION,
+            ("build", *flags, "-ldflags", "-s -w", "github.com/cilium/cilium/plugins/cilium-cni"),
+            wrapper=CILIUM_WRAPPER,
+        ),
+        tb.Target(
+            "coredns",
+            COREDNS_VERSION,
+            ("build", *flags, "-ldflags", "-s -w", "."),
+            wrapper=COREDNS_WRAPPER,
+        ),
     ]
 
 
@@ -232,33 +263,51 @@ def prepare_wrappers(go: str, env: dict[str, str], todo: list[tb.Target]) -> Non
             "replace (\n"
             "\tgithub.com/cilium/cilium => ./cilium\n"
             "\tgo.universe.tf/metallb => github.com/cilium/metallb "
-            "v0.1.1-0.20220829170633-5d7dfb1129f7\n)\n")
+            "v0.1.1-0.20220829170633-5d7dfb1129f7\n)\n"
+        )
         (CILIUM_WRAPPER / "go.sum").unlink(missing_ok=True)
         step = time.monotonic()
         # The module must be in the cache before it can be copied.
-        tb.run_logged([go, "mod", "download", f"github.com/cilium/cilium@{CILIUM_VERSION}"],
-                      cwd=tb.CACHE, env=env, log_file=tb.BUILD_LOG_DIR / "cilium.log",
-                      what="downloading the cilium module")
+        tb.run_logged(
+            [go, "mod", "download", f"github.com/cilium/cilium@{CILIUM_VERSION}"],
+            cwd=tb.CACHE,
+            env=env,
+            log_file=tb.BUILD_LOG_DIR / "cilium.log",
+            what="downloading the cilium module",
+        )
         write_cilium_source()
         tb.log(f"resolving the cilium {CILIUM_VERSION} wrapper module")
-        tb.run_logged([go, "get", f"github.com/cilium/cilium/daemon@{CILIUM_VERSION}",
-                       f"github.com/cilium/cilium/plugins/cilium-cni@{CILIUM_VERSION}"],
-                      cwd=CILIUM_WRAPPER, env=env, log_file=tb.BUILD_LOG_DIR / "cilium.log",
-                      what="resolving the cilium wrapper module")
+        tb.run_logged(
+            [
+                go,
+                "get",
+                f"github.com/cilium/cilium/daemon@{CILIUM_VERSION}",
+                f"github.com/cilium/cilium/plugins/cilium-cni@{CILIUM_VERSION}",
+            ],
+            cwd=CILIUM_WRAPPER,
+            env=env,
+            log_file=tb.BUILD_LOG_DIR / "cilium.log",
+            what="resolving the cilium wrapper module",
+        )
         tb.log(f"  cilium wrapper resolved in {tb.human(time.monotonic() - step)}")
     if COREDNS_WRAPPER in wrappers:
         COREDNS_WRAPPER.mkdir(parents=True, exist_ok=True)
         (COREDNS_WRAPPER / "go.mod").write_text(
             "// Generated by fednode scripts/k8s_worker.py; safe to delete.\n"
             "module fednode.test/k8s-worker-coredns\n\ngo 1.25.0\n\n"
-            f"require github.com/coredns/coredns {COREDNS_VERSION}\n")
+            f"require github.com/coredns/coredns {COREDNS_VERSION}\n"
+        )
         (COREDNS_WRAPPER / "go.sum").unlink(missing_ok=True)
         (COREDNS_WRAPPER / "main.go").write_text(_COREDNS_MAIN)
         step = time.monotonic()
         tb.log(f"resolving the coredns {COREDNS_VERSION} wrapper module")
-        tb.run_logged([go, "mod", "tidy"], cwd=COREDNS_WRAPPER, env=env,
-                      log_file=tb.BUILD_LOG_DIR / "coredns.log",
-                      what="resolving the coredns wrapper module")
+        tb.run_logged(
+            [go, "mod", "tidy"],
+            cwd=COREDNS_WRAPPER,
+            env=env,
+            log_file=tb.BUILD_LOG_DIR / "coredns.log",
+            what="resolving the coredns wrapper module",
+        )
         tb.log(f"  coredns wrapper resolved in {tb.human(time.monotonic() - step)}")
 
 
@@ -268,15 +317,27 @@ def install_packages() -> None:
     if not missing:
         return
     if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise tb.fail(f"the real worker needs these Debian packages: {' '.join(missing)} "
-                      "(install them as root)")
+        raise tb.fail(
+            f"the real worker needs these Debian packages: {' '.join(missing)} "
+            "(install them as root)"
+        )
     tb.log(f"installing from Debian: {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log_file = tb.BUILD_LOG_DIR / "apt.log"
-    tb.run_logged(["apt-get", "update", "-qq"], cwd=tb.CACHE, env=env, log_file=log_file,
-                  what="apt-get update")
-    tb.run_logged(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                  cwd=tb.CACHE, env=env, log_file=log_file, what="apt-get install")
+    tb.run_logged(
+        ["apt-get", "update", "-qq"],
+        cwd=tb.CACHE,
+        env=env,
+        log_file=log_file,
+        what="apt-get update",
+    )
+    tb.run_logged(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        cwd=tb.CACHE,
+        env=env,
+        log_file=log_file,
+        what="apt-get install",
+    )
 
 
 def cilium_module_dir() -> Path:
@@ -288,8 +349,9 @@ def cilium_module_dir() -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def oci_archive(ref: str, files: dict[str, tuple[bytes, int]], *, entrypoint: list[str],
-                user: str = "") -> bytes:
+def oci_archive(
+    ref: str, files: dict[str, tuple[bytes, int]], *, entrypoint: list[str], user: str = ""
+) -> bytes:
     """A one-layer OCI image archive (``ctr images import`` format) holding ``files``.
 
     ``files`` maps a path in the image to (content, mode). Directories are implied.
@@ -310,28 +372,54 @@ def oci_archive(ref: str, files: dict[str, tuple[bytes, int]], *, entrypoint: li
             info.size, info.mode = len(content), mode
             layer.addfile(info, io.BytesIO(content))
     layer_bytes = layer_buf.getvalue()
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Entrypoint": entrypoint, "User": user, "Env": ["PATH=/"]},
-        "rootfs": {"type": "layers", "diff_ids": [digest(layer_bytes)]},
-    }, sort_keys=True).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": digest(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": digest(layer_bytes), "size": len(layer_bytes)}],
-    }, sort_keys=True).encode()
-    index = json.dumps({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": digest(manifest), "size": len(manifest),
-                       "annotations": {
-                           "io.containerd.image.name": ref,
-                           "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1]}}],
-    }, sort_keys=True).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Entrypoint": entrypoint, "User": user, "Env": ["PATH=/"]},
+            "rootfs": {"type": "layers", "diff_ids": [digest(layer_bytes)]},
+        },
+        sort_keys=True,
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest(layer_bytes),
+                    "size": len(layer_bytes),
+                }
+            ],
+        },
+        sort_keys=True,
+    ).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": digest(manifest),
+                    "size": len(manifest),
+                    "annotations": {
+                        "io.containerd.image.name": ref,
+                        "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1],
+                    },
+                }
+            ],
+        },
+        sort_keys=True,
+    ).encode()
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as archive:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -344,14 +432,21 @@ def oci_archive(ref: str, files: dict[str, tuple[bytes, int]], *, entrypoint: li
     return out.getvalue()
 
 
-def ctr(*args: str, check: bool = True, timeout: float = 300,
-        stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run(["/usr/bin/ctr", "--address", str(CONTAINERD_SOCK), "-n", "k8s.io",
-                             *args], input=stdin, capture_output=True, timeout=timeout,
-                            check=False)
+def ctr(
+    *args: str, check: bool = True, timeout: float = 300, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run(
+        ["/usr/bin/ctr", "--address", str(CONTAINERD_SOCK), "-n", "k8s.io", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
     if check and result.returncode != 0:
-        raise tb.fail(f"ctr {' '.join(args[:3])} failed: "
-                      f"{result.stderr.decode(errors='replace').strip()[-800:]}")
+        raise tb.fail(
+            f"ctr {' '.join(args[:3])} failed: "
+            f"{result.stderr.decode(errors='replace').strip()[-800:]}"
+        )
     return result
 
 
@@ -373,20 +468,35 @@ def import_images(extra: tuple[str, ...] = ()) -> list[str]:
         done.append(ref)
 
     catatonit = Path("/usr/bin/catatonit").read_bytes()
-    local(PAUSE_IMAGE, hashlib.sha256(catatonit).hexdigest(), lambda: oci_archive(
-        PAUSE_IMAGE, {"pause": (catatonit, 0o755)}, entrypoint=["/pause", "-P"],
-        user="65535:65535"))
+    local(
+        PAUSE_IMAGE,
+        hashlib.sha256(catatonit).hexdigest(),
+        lambda: oci_archive(
+            PAUSE_IMAGE,
+            {"pause": (catatonit, 0o755)},
+            entrypoint=["/pause", "-P"],
+            user="65535:65535",
+        ),
+    )
     coredns = (tb.BIN_DIR / "coredns").read_bytes()
-    local(COREDNS_IMAGE, hashlib.sha256(coredns).hexdigest(), lambda: oci_archive(
-        COREDNS_IMAGE, {"coredns": (coredns, 0o755)}, entrypoint=["/coredns"]))
+    local(
+        COREDNS_IMAGE,
+        hashlib.sha256(coredns).hexdigest(),
+        lambda: oci_archive(COREDNS_IMAGE, {"coredns": (coredns, 0o755)}, entrypoint=["/coredns"]),
+    )
 
-    wanted = [i.strip() for i in os.environ.get("FEDNODE_REAL_WORKER_IMAGES", "").split(",")
-              if i.strip()] or list(DEFAULT_IMAGES)
+    wanted = [
+        i.strip() for i in os.environ.get("FEDNODE_REAL_WORKER_IMAGES", "").split(",") if i.strip()
+    ] or list(DEFAULT_IMAGES)
     wanted += [ref for ref in extra if ref not in wanted]
     todo: list[str] = []
     for ref in wanted:
-        found = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", ref],
-                               capture_output=True, text=True, check=False)
+        found = subprocess.run(
+            ["podman", "image", "inspect", "--format", "{{.Id}}", ref],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if found.returncode != 0:
             if ref in extra:
                 raise tb.fail(f"podman has no image {ref}")
@@ -397,8 +507,11 @@ def import_images(extra: tuple[str, ...] = ()) -> list[str]:
             stamps[ref] = found.stdout.strip()
     if todo:
         archive = WORKER_DIR / "podman-images.tar"
-        subprocess.run(["podman", "save", "-m", "--format", "docker-archive", "-o",
-                        str(archive), *todo], check=True, capture_output=True)
+        subprocess.run(
+            ["podman", "save", "-m", "--format", "docker-archive", "-o", str(archive), *todo],
+            check=True,
+            capture_output=True,
+        )
         try:
             ctr("images", "import", str(archive), timeout=600)
         finally:
@@ -418,7 +531,7 @@ def containerd_config() -> str:
 # Generated by fednode scripts/k8s_worker.py
 version = 2
 root = "{CONTAINERD_ROOT}"
-state = "{WORKER_DIR / 'containerd'}"
+state = "{WORKER_DIR / "containerd"}"
 oom_score = 0
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
@@ -427,7 +540,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [ttrpc]
   address = "{CONTAINERD_SOCK}.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
-  path = "{WORKER_DIR / 'containerd-opt'}"
+  path = "{WORKER_DIR / "containerd-opt"}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
   # No CAP_SYS_RESOURCE here: a negative oom_score_adj (sandboxes, Guaranteed pods) fails
@@ -454,11 +567,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 def cni_config(*, with_cilium: bool) -> dict[str, Any]:
     plugins: list[dict[str, Any]] = [
-        {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False,
-         "hairpinMode": True,
-         "ipam": {"type": "host-local", "dataDir": str(WORKER_DIR / "cni-ipam"),
-                  "ranges": [[{"subnet": POD_SUBNET, "gateway": NODE_IP}]],
-                  "routes": [{"dst": "0.0.0.0/0"}]}},
+        {
+            "type": "bridge",
+            "bridge": BRIDGE,
+            "isGateway": True,
+            "ipMasq": False,
+            "hairpinMode": True,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": str(WORKER_DIR / "cni-ipam"),
+                "ranges": [[{"subnet": POD_SUBNET, "gateway": NODE_IP}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        },
         {"type": "portmap", "capabilities": {"portMappings": True}},
     ]
     if with_cilium:
@@ -495,8 +616,12 @@ def kubelet_config() -> dict[str, Any]:
         "serializeImagePulls": False,
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        "evictionHard": {"memory.available": "200Mi", "nodefs.available": "2%",
-                         "imagefs.available": "2%", "nodefs.inodesFree": "2%"},
+        "evictionHard": {
+            "memory.available": "200Mi",
+            "nodefs.available": "2%",
+            "imagefs.available": "2%",
+            "nodefs.inodesFree": "2%",
+        },
         "evictionPressureTransitionPeriod": "10s",
         "nodeStatusUpdateFrequency": "5s",
         "nodeStatusReportFrequency": "1m",
@@ -527,8 +652,12 @@ def kube_proxy_config() -> dict[str, Any]:
         "mode": "iptables",  # no IPVS in this kernel
         "clusterCIDR": NATIVE_ROUTING_CIDR,
         # Leave the conntrack sysctls and route_localnet as they are.
-        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
-                      "tcpCloseWaitTimeout": "0s"},
+        "conntrack": {
+            "maxPerCore": 0,
+            "min": 0,
+            "tcpEstablishedTimeout": "0s",
+            "tcpCloseWaitTimeout": "0s",
+        },
         "iptables": {"localhostNodePorts": False, "syncPeriod": "30s", "minSyncPeriod": "0s"},
         "nodePortAddresses": [f"{NODE_IP}/32"],
     }
@@ -548,11 +677,14 @@ def cilium_argv() -> list[str]:
         "--routing-mode=native",
         f"--ipv4-native-routing-cidr={NATIVE_ROUTING_CIDR}",
         "--ipam=kubernetes",
-        "--enable-ipv4=true", "--enable-ipv6=false",
-        "--enable-ipv4-masquerade=false", "--enable-bpf-masquerade=false",
+        "--enable-ipv4=true",
+        "--enable-ipv6=false",
+        "--enable-ipv4-masquerade=false",
+        "--enable-bpf-masquerade=false",
         "--kube-proxy-replacement=false",
         "--enable-l7-proxy=false",
-        "--enable-health-checking=false", "--enable-endpoint-health-checking=false",
+        "--enable-health-checking=false",
+        "--enable-endpoint-health-checking=false",
         "--enable-hubble=false",
         "--identity-allocation-mode=crd",
         "--enable-policy=default",
@@ -587,8 +719,13 @@ class WorkerComponent(tb.Component):
 def _containerd_ready() -> tuple[bool, str]:
     if not CONTAINERD_SOCK.exists():
         return False, "no socket yet"
-    result = subprocess.run(["/usr/bin/ctr", "--address", str(CONTAINERD_SOCK), "version"],
-                            capture_output=True, text=True, timeout=5, check=False)
+    result = subprocess.run(
+        ["/usr/bin/ctr", "--address", str(CONTAINERD_SOCK), "version"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
+    )
     return result.returncode == 0, (result.stderr or result.stdout).strip()[-200:]
 
 
@@ -633,33 +770,63 @@ def components() -> list[WorkerComponent]:
     b, run = tb.BIN_DIR, tb.RUN_DIR
     path_env = {"PATH": f"{CNI_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     return [
-        WorkerComponent("containerd", ["/usr/bin/containerd", "--config",
-                                       str(WORKER_DIR / "containerd.toml")],
-                        "", timeout=30, env=path_env, check=_containerd_ready),
-        WorkerComponent("apiserver-relay", [
-            "/usr/bin/socat",
-            f"TCP-LISTEN:{PORTS['apiserver-relay']},bind={NODE_IP},fork,reuseaddr",
-            f"TCP:{tb.HOST}:{tb.PORTS['kube-apiserver']}",
-        ], "", timeout=10, check=_tcp_open(NODE_IP, PORTS["apiserver-relay"])),
-        WorkerComponent("kubelet", [
-            str(b / "kubelet"),
-            f"--config={WORKER_DIR / 'kubelet.yaml'}",
-            f"--kubeconfig={run / 'kubelet.kubeconfig'}",
-            f"--root-dir={KUBELET_ROOT}",
-            f"--cert-dir={KUBELET_ROOT / 'pki'}",
-            f"--hostname-override={NODE_NAME}",
-            f"--node-ip={NODE_IP}",
-            f"--node-labels={REAL_LABEL}=true",
-            "--v=1",
-        ], f"http://{tb.HOST}:{PORTS['kubelet-healthz']}/healthz", timeout=90, env=path_env),
-        WorkerComponent("kube-proxy", [
-            str(b / "kube-proxy"), f"--config={WORKER_DIR / 'kube-proxy.yaml'}", "--v=1",
-        ], "", timeout=60, env=path_env,
-            check=_http_json_healthy(f"http://{tb.HOST}:{PORTS['kube-proxy-healthz']}/healthz")),
+        WorkerComponent(
+            "containerd",
+            ["/usr/bin/containerd", "--config", str(WORKER_DIR / "containerd.toml")],
+            "",
+            timeout=30,
+            env=path_env,
+            check=_containerd_ready,
+        ),
+        WorkerComponent(
+            "apiserver-relay",
+            [
+                "/usr/bin/socat",
+                f"TCP-LISTEN:{PORTS['apiserver-relay']},bind={NODE_IP},fork,reuseaddr",
+                f"TCP:{tb.HOST}:{tb.PORTS['kube-apiserver']}",
+            ],
+            "",
+            timeout=10,
+            check=_tcp_open(NODE_IP, PORTS["apiserver-relay"]),
+        ),
+        WorkerComponent(
+            "kubelet",
+            [
+                str(b / "kubelet"),
+                f"--config={WORKER_DIR / 'kubelet.yaml'}",
+                f"--kubeconfig={run / 'kubelet.kubeconfig'}",
+                f"--root-dir={KUBELET_ROOT}",
+                f"--cert-dir={KUBELET_ROOT / 'pki'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                f"--node-labels={REAL_LABEL}=true",
+                "--v=1",
+            ],
+            f"http://{tb.HOST}:{PORTS['kubelet-healthz']}/healthz",
+            timeout=90,
+            env=path_env,
+        ),
+        WorkerComponent(
+            "kube-proxy",
+            [
+                str(b / "kube-proxy"),
+                f"--config={WORKER_DIR / 'kube-proxy.yaml'}",
+                "--v=1",
+            ],
+            "",
+            timeout=60,
+            env=path_env,
+            check=_http_json_healthy(f"http://{tb.HOST}:{PORTS['kube-proxy-healthz']}/healthz"),
+        ),
         # Cilium's /healthz answers 200 with an empty body once the agent is up.
-        WorkerComponent("cilium-agent", cilium_argv(), "", timeout=180,
-                        env={**path_env, "K8S_NODE_NAME": NODE_NAME},
-                        check=_http_ok(f"http://{tb.HOST}:{PORTS['cilium-health']}/healthz")),
+        WorkerComponent(
+            "cilium-agent",
+            cilium_argv(),
+            "",
+            timeout=180,
+            env={**path_env, "K8S_NODE_NAME": NODE_NAME},
+            check=_http_ok(f"http://{tb.HOST}:{PORTS['cilium-health']}/healthz"),
+        ),
     ]
 
 
@@ -669,10 +836,14 @@ def components() -> list[WorkerComponent]:
 
 
 def missing_prerequisites() -> list[str]:
-    missing = [f"{pkg} ({path})" for pkg, path in DEBIAN_PACKAGES.items()
-               if not Path(path).exists()]
-    missing += [f"{name} (scripts/k8s-testbed build --real-worker)" for name in WORKER_BINARIES
-                if not (tb.BIN_DIR / name).is_file()]
+    missing = [
+        f"{pkg} ({path})" for pkg, path in DEBIAN_PACKAGES.items() if not Path(path).exists()
+    ]
+    missing += [
+        f"{name} (scripts/k8s-testbed build --real-worker)"
+        for name in WORKER_BINARIES
+        if not (tb.BIN_DIR / name).is_file()
+    ]
     if not cilium_module_dir().joinpath("bpf").is_dir():
         missing.append(f"cilium's BPF sources in {cilium_module_dir()} (build --real-worker)")
     return missing
@@ -681,8 +852,15 @@ def missing_prerequisites() -> list[str]:
 def write_files() -> None:
     import yaml
 
-    for directory in (WORKER_DIR, CNI_BIN, CNI_CONF, CONTAINERD_ROOT, KUBELET_ROOT,
-                      WORKER_DIR / "pod-logs", CILIUM_LIB):
+    for directory in (
+        WORKER_DIR,
+        CNI_BIN,
+        CNI_CONF,
+        CONTAINERD_ROOT,
+        KUBELET_ROOT,
+        WORKER_DIR / "pod-logs",
+        CILIUM_LIB,
+    ):
         directory.mkdir(parents=True, exist_ok=True)
     (WORKER_DIR / "containerd.toml").write_text(containerd_config())
     for plugin in ("bridge", "host-local", "loopback", "portmap"):
@@ -694,12 +872,14 @@ def write_files() -> None:
     (CILIUM_LIB / "bpf").unlink(missing_ok=True)
     (CILIUM_LIB / "bpf").symlink_to(cilium_module_dir() / "bpf")
     (CNI_CONF / "10-fednode-worker.conflist").write_text(
-        json.dumps(cni_config(with_cilium=True), indent=2))
+        json.dumps(cni_config(with_cilium=True), indent=2)
+    )
     # Pods with dnsPolicy Default get this; nothing outside the cluster resolves.
     (WORKER_DIR / "resolv.conf").write_text(f"nameserver {DNS_SERVICE_IP}\n")
     (WORKER_DIR / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(), sort_keys=False))
     (WORKER_DIR / "kube-proxy.yaml").write_text(
-        yaml.safe_dump(kube_proxy_config(), sort_keys=False))
+        yaml.safe_dump(kube_proxy_config(), sort_keys=False)
+    )
 
 
 def write_credentials() -> None:
@@ -709,8 +889,9 @@ def write_credentials() -> None:
     tb.issue_client_cert("cilium", "fednode-testbed-cilium", "system:masters")
     for who in ("kubelet", "kube-proxy", "cilium"):
         path = tb.RUN_DIR / f"{who}.kubeconfig"
-        path.write_text(tb.kubeconfig_text(who, cert=tb.PKI / f"{who}.crt",
-                                           key=tb.PKI / f"{who}.key"))
+        path.write_text(
+            tb.kubeconfig_text(who, cert=tb.PKI / f"{who}.crt", key=tb.PKI / f"{who}.key")
+        )
         path.chmod(0o600)
 
 
@@ -728,20 +909,29 @@ def apply(obj: dict[str, Any]) -> None:
     else:
         group_version = obj["apiVersion"]
         prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-        plural = {"Endpoints": "endpoints", "EndpointSlice": "endpointslices",
-                  "Service": "services", "ServiceAccount": "serviceaccounts",
-                  "ConfigMap": "configmaps", "Deployment": "deployments",
-                  "Pod": "pods"}[obj["kind"]]
+        plural = {
+            "Endpoints": "endpoints",
+            "EndpointSlice": "endpointslices",
+            "Service": "services",
+            "ServiceAccount": "serviceaccounts",
+            "ConfigMap": "configmaps",
+            "Deployment": "deployments",
+            "Pod": "pods",
+        }[obj["kind"]]
         base = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
     try:
         tb.api("POST", base, obj)
     except urllib.error.HTTPError as error:
         if error.code != 409:
-            raise tb.fail(f"creating {obj['kind']} {meta['name']}: {error.code} "
-                          f"{error.read().decode(errors='replace')[:300]}") from error
+            raise tb.fail(
+                f"creating {obj['kind']} {meta['name']}: {error.code} "
+                f"{error.read().decode(errors='replace')[:300]}"
+            ) from error
         current = tb.api("GET", f"{base}/{meta['name']}")
-        obj = {**obj, "metadata": {**meta, "resourceVersion":
-                                   current["metadata"]["resourceVersion"]}}
+        obj = {
+            **obj,
+            "metadata": {**meta, "resourceVersion": current["metadata"]["resourceVersion"]},
+        }
         tb.api("PUT", f"{base}/{meta['name']}", obj)
 
 
@@ -749,83 +939,166 @@ def bootstrap_objects() -> list[dict[str, Any]]:
     """RBAC for the worker's identities, the `kubernetes` endpoints, the DNS add-on."""
     relay = {"addresses": [NODE_IP]}
     dns_labels = {"k8s-app": "kube-dns"}
-    corefile = (f"{CLUSTER_DOMAIN}:53 {{\n    errors\n    health :8080\n    ready :8181\n"
-                f"    kubernetes {CLUSTER_DOMAIN} in-addr.arpa {{\n       pods insecure\n"
-                f"       fallthrough in-addr.arpa\n    }}\n    cache 10\n}}\n"
-                # Everything else: refused here, never forwarded (the testbed has no upstream)
-                ".:53 {\n    errors\n}\n")
+    corefile = (
+        f"{CLUSTER_DOMAIN}:53 {{\n    errors\n    health :8080\n    ready :8181\n"
+        f"    kubernetes {CLUSTER_DOMAIN} in-addr.arpa {{\n       pods insecure\n"
+        f"       fallthrough in-addr.arpa\n    }}\n    cache 10\n}}\n"
+        # Everything else: refused here, never forwarded (the testbed has no upstream)
+        ".:53 {\n    errors\n}\n"
+    )
     return [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "fednode-testbed:nodes"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                     "name": "system:node"},
-         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
-                       "name": "system:nodes"}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "fednode-testbed:kube-proxy"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                     "name": "system:node-proxier"},
-         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                       "name": "system:kube-proxy"}]},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "fednode-testbed:nodes"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:node",
+            },
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "fednode-testbed:kube-proxy"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:node-proxier",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "User",
+                    "name": "system:kube-proxy",
+                }
+            ],
+        },
         # The API server as pods see it: the `kubernetes` Service -> the relay on the node.
-        {"apiVersion": "v1", "kind": "Endpoints",
-         "metadata": {"name": "kubernetes", "namespace": "default",
-                      "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
-         "subsets": [{"addresses": [{"ip": NODE_IP}],
-                      "ports": [{"name": "https", "port": PORTS["apiserver-relay"],
-                                 "protocol": "TCP"}]}]},
-        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-         "metadata": {"name": "kubernetes", "namespace": "default",
-                      "labels": {"kubernetes.io/service-name": "kubernetes",
-                                 "endpointslice.kubernetes.io/managed-by":
-                                     "fednode-testbed"}},
-         "addressType": "IPv4",
-         "endpoints": [{**relay, "conditions": {"ready": True}}],
-         "ports": [{"name": "https", "port": PORTS["apiserver-relay"], "protocol": "TCP"}]},
-        {"apiVersion": "v1", "kind": "ServiceAccount",
-         "metadata": {"name": "coredns", "namespace": "kube-system"}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-         "metadata": {"name": "fednode-testbed:coredns"},
-         "rules": [{"apiGroups": [""], "resources": ["services", "pods", "namespaces"],
-                    "verbs": ["list", "watch"]},
-                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                    "verbs": ["list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "fednode-testbed:coredns"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                     "name": "fednode-testbed:coredns"},
-         "subjects": [{"kind": "ServiceAccount", "name": "coredns",
-                       "namespace": "kube-system"}]},
-        {"apiVersion": "v1", "kind": "ConfigMap",
-         "metadata": {"name": "coredns", "namespace": "kube-system"},
-         "data": {"Corefile": corefile}},
-        {"apiVersion": "apps/v1", "kind": "Deployment",
-         "metadata": {"name": "coredns", "namespace": "kube-system", "labels": dns_labels},
-         "spec": {"replicas": 1, "selector": {"matchLabels": dns_labels},
-                  "template": {"metadata": {"labels": dns_labels}, "spec": {
-                      "serviceAccountName": "coredns",
-                      "nodeSelector": {REAL_LABEL: "true"},
-                      "tolerations": [REAL_TOLERATION],
-                      "dnsPolicy": "Default",
-                      "containers": [{
-                          "name": "coredns", "image": COREDNS_IMAGE,
-                          "imagePullPolicy": "Never",
-                          "args": ["-conf", "/etc/coredns/Corefile"],
-                          "ports": [{"containerPort": 53, "protocol": "UDP", "name": "dns"},
-                                    {"containerPort": 53, "protocol": "TCP",
-                                     "name": "dns-tcp"}],
-                          "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181},
-                                             "periodSeconds": 2},
-                          "resources": {"limits": {"memory": "128Mi"}},
-                          "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns"}],
-                      }],
-                      "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
-                  }}}},
-        {"apiVersion": "v1", "kind": "Service",
-         "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": dns_labels},
-         "spec": {"clusterIP": DNS_SERVICE_IP, "selector": dns_labels,
-                  "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
-                            {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}},
+        {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"},
+            },
+            "subsets": [
+                {
+                    "addresses": [{"ip": NODE_IP}],
+                    "ports": [
+                        {"name": "https", "port": PORTS["apiserver-relay"], "protocol": "TCP"}
+                    ],
+                }
+            ],
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {
+                    "kubernetes.io/service-name": "kubernetes",
+                    "endpointslice.kubernetes.io/managed-by": "fednode-testbed",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{**relay, "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": PORTS["apiserver-relay"], "protocol": "TCP"}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "fednode-testbed:coredns"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["services", "pods", "namespaces"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "fednode-testbed:coredns"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "fednode-testbed:coredns",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+            "data": {"Corefile": corefile},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "coredns", "namespace": "kube-system", "labels": dns_labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": dns_labels},
+                "template": {
+                    "metadata": {"labels": dns_labels},
+                    "spec": {
+                        "serviceAccountName": "coredns",
+                        "nodeSelector": {REAL_LABEL: "true"},
+                        "tolerations": [REAL_TOLERATION],
+                        "dnsPolicy": "Default",
+                        "containers": [
+                            {
+                                "name": "coredns",
+                                "image": COREDNS_IMAGE,
+                                "imagePullPolicy": "Never",
+                                "args": ["-conf", "/etc/coredns/Corefile"],
+                                "ports": [
+                                    {"containerPort": 53, "protocol": "UDP", "name": "dns"},
+                                    {"containerPort": 53, "protocol": "TCP", "name": "dns-tcp"},
+                                ],
+                                "readinessProbe": {
+                                    "httpGet": {"path": "/ready", "port": 8181},
+                                    "periodSeconds": 2,
+                                },
+                                "resources": {"limits": {"memory": "128Mi"}},
+                                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns"}],
+                            }
+                        ],
+                        "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": dns_labels},
+            "spec": {
+                "clusterIP": DNS_SERVICE_IP,
+                "selector": dns_labels,
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                ],
+            },
+        },
     ]
 
 
@@ -838,14 +1111,20 @@ def cilium_crds() -> list[dict[str, Any]]:
 
 def ensure_bridge() -> None:
     """The bridge and its address exist before any pod, so the relay can bind to them."""
-    links = subprocess.run(["ip", "-j", "addr", "show", "dev", BRIDGE], capture_output=True,
-                           text=True, check=False)
+    links = subprocess.run(
+        ["ip", "-j", "addr", "show", "dev", BRIDGE], capture_output=True, text=True, check=False
+    )
     if links.returncode != 0:
         subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
-        links = subprocess.run(["ip", "-j", "addr", "show", "dev", BRIDGE],
-                               capture_output=True, text=True, check=True)
-    addresses = [a["local"] for link in json.loads(links.stdout)
-                 for a in link.get("addr_info", []) if a.get("family") == "inet"]
+        links = subprocess.run(
+            ["ip", "-j", "addr", "show", "dev", BRIDGE], capture_output=True, text=True, check=True
+        )
+    addresses = [
+        a["local"]
+        for link in json.loads(links.stdout)
+        for a in link.get("addr_info", [])
+        if a.get("family") == "inet"
+    ]
     prefix = ipaddress.ip_network(POD_SUBNET).prefixlen
     if NODE_IP not in addresses:
         subprocess.run(["ip", "addr", "add", f"{NODE_IP}/{prefix}", "dev", BRIDGE], check=True)
@@ -859,8 +1138,11 @@ def mount_bpffs() -> None:
 
 
 def read_sysctls() -> dict[str, str]:
-    return {name: (Path("/proc/sys") / name).read_text().strip() for name in HOST_SYSCTLS
-            if (Path("/proc/sys") / name).exists()}
+    return {
+        name: (Path("/proc/sys") / name).read_text().strip()
+        for name in HOST_SYSCTLS
+        if (Path("/proc/sys") / name).exists()
+    }
 
 
 def node() -> dict[str, Any] | None:
@@ -879,16 +1161,16 @@ def node_problems() -> list[str]:
         return [f"cannot read node {NODE_NAME}: {error}"]
     if current is None:
         return [f"{NODE_NAME}: not registered"]
-    ready = [c for c in current.get("status", {}).get("conditions", [])
-             if c["type"] == "Ready"]
+    ready = [c for c in current.get("status", {}).get("conditions", []) if c["type"] == "Ready"]
     if not ready or ready[0]["status"] != "True":
         reason = ready[0].get("message", "") if ready else "no Ready condition"
         return [f"{NODE_NAME}: not Ready ({reason[:160]})"]
     return []
 
 
-def wait_for(what: str, done: Callable[[], bool], *, within: float, log_file: Path,
-             poll: float = 0.25) -> None:
+def wait_for(
+    what: str, done: Callable[[], bool], *, within: float, log_file: Path, poll: float = 0.25
+) -> None:
     limit = time.monotonic() + within
     while not done():
         if time.monotonic() > limit:
@@ -912,12 +1194,14 @@ def bring_up(started: float) -> None:
     """Start the worker on a running control plane (the caller holds the run lock)."""
     missing = missing_prerequisites()
     if missing:
-        raise tb.fail("the real worker needs: " + "; ".join(missing)
-                      + " (apt-get install containerd runc containernetworking-plugins "
-                      "catatonit iptables ipset conntrack socat clang llvm; "
-                      "scripts/k8s-testbed build --real-worker)")
-    tb.write_json(MARKER, {"node": NODE_NAME, "sysctls": read_sysctls(),
-                           "started": time.time()})
+        raise tb.fail(
+            "the real worker needs: "
+            + "; ".join(missing)
+            + " (apt-get install containerd runc containernetworking-plugins "
+            "catatonit iptables ipset conntrack socat clang llvm; "
+            "scripts/k8s-testbed build --real-worker)"
+        )
+    tb.write_json(MARKER, {"node": NODE_NAME, "sysctls": read_sysctls(), "started": time.time()})
     write_files()
     write_credentials()
     ensure_bridge()
@@ -938,22 +1222,33 @@ def bring_up(started: float) -> None:
     for obj in [*bootstrap_objects()[:4], *cilium_crds()]:
         apply(obj)
     start("kubelet")
-    wait_for("the real node did not register", lambda: node() is not None, within=60,
-             log_file=by_name["kubelet"].log_file)
+    wait_for(
+        "the real node did not register",
+        lambda: node() is not None,
+        within=60,
+        log_file=by_name["kubelet"].log_file,
+    )
     current = node() or {}
     if not current.get("spec", {}).get("podCIDR"):
         # Cilium's IPAM reads its router address range from here (pods use the bridge's).
-        tb.api_patch(f"/api/v1/nodes/{NODE_NAME}", {"spec": {"podCIDR": CILIUM_POD_CIDR,
-                                                             "podCIDRs": [CILIUM_POD_CIDR]}})
+        tb.api_patch(
+            f"/api/v1/nodes/{NODE_NAME}",
+            {"spec": {"podCIDR": CILIUM_POD_CIDR, "podCIDRs": [CILIUM_POD_CIDR]}},
+        )
     start("kube-proxy")
     start("cilium-agent")
-    wait_for("the real node did not become Ready", lambda: not node_problems(), within=90,
-             log_file=by_name["kubelet"].log_file)
+    wait_for(
+        "the real node did not become Ready",
+        lambda: not node_problems(),
+        within=90,
+        log_file=by_name["kubelet"].log_file,
+    )
     tb.log(f"node {NODE_NAME} Ready ({tb.human(time.monotonic() - started)})")
     for obj in bootstrap_objects()[4:]:
         apply(obj)
-    wait_for("CoreDNS did not become ready", dns_ready, within=90,
-             log_file=by_name["kubelet"].log_file)
+    wait_for(
+        "CoreDNS did not become ready", dns_ready, within=90, log_file=by_name["kubelet"].log_file
+    )
     tb.log(f"cluster DNS ready ({tb.human(time.monotonic() - started)})")
 
 
@@ -1007,8 +1302,9 @@ def _kill_runtime_tasks() -> None:
             for namespace in spec["linux"]["namespaces"]:
                 path = namespace.get("path", "")
                 if namespace["type"] == "network" and path.startswith("/var/run/netns/cni-"):
-                    subprocess.run(["ip", "netns", "delete", Path(path).name],
-                                   capture_output=True, check=False)
+                    subprocess.run(
+                        ["ip", "netns", "delete", Path(path).name], capture_output=True, check=False
+                    )
         ctr("containers", "rm", container, check=False, timeout=30)
 
 
@@ -1030,16 +1326,21 @@ def _iptables_chains_cleanup() -> None:
                     table = line[1:]
                 elif line.startswith(":") and line[1:].startswith(ours):
                     chains.append((table, line[1:].split()[0]))
-                elif line.startswith("-A ") and not line.split()[1].startswith(ours) and any(
-                        f"-j {prefix}" in line for prefix in ours):
+                elif (
+                    line.startswith("-A ")
+                    and not line.split()[1].startswith(ours)
+                    and any(f"-j {prefix}" in line for prefix in ours)
+                ):
                     jumps.append((table, shlex.split(line)[1:]))
             for table, rule in jumps:
-                subprocess.run([tool, "-w", "-t", table, "-D", *rule], capture_output=True,
-                               check=False)
+                subprocess.run(
+                    [tool, "-w", "-t", table, "-D", *rule], capture_output=True, check=False
+                )
             for verb in ("-F", "-X"):
                 for table, chain in chains:
-                    subprocess.run([tool, "-w", "-t", table, verb, chain], capture_output=True,
-                                   check=False)
+                    subprocess.run(
+                        [tool, "-w", "-t", table, verb, chain], capture_output=True, check=False
+                    )
 
 
 def _remove_cgroups() -> None:
@@ -1047,8 +1348,9 @@ def _remove_cgroups() -> None:
         top = hierarchy / "kubepods"
         if not top.is_dir():
             continue
-        for directory in sorted((p for p in top.rglob("*") if p.is_dir()),
-                                key=lambda p: len(p.parts), reverse=True):
+        for directory in sorted(
+            (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        ):
             with contextlib.suppress(OSError):
                 directory.rmdir()
         with contextlib.suppress(OSError):
@@ -1087,4 +1389,3 @@ def teardown() -> None:
         tb.api("DELETE", f"/api/v1/nodes/{NODE_NAME}")
     MARKER.unlink(missing_ok=True)
     tb.log(f"real worker stopped, host changes undone ({tb.human(time.monotonic() - started)})")
-

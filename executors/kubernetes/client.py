@@ -49,8 +49,11 @@ class KubeError(Exception):
     def from_status(cls, status: int, body: Any) -> KubeError:
         """From a ``Status`` object (an error response, or a watch ``ERROR`` event)."""
         if isinstance(body, dict):
-            return cls(int(body.get("code") or status), str(body.get("reason") or ""),
-                       str(body.get("message") or ""))
+            return cls(
+                int(body.get("code") or status),
+                str(body.get("reason") or ""),
+                str(body.get("message") or ""),
+            )
         return cls(status, "", str(body)[:500])
 
 
@@ -80,9 +83,10 @@ def namespace_path(name: str) -> str:
 
 
 def in_cluster() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (
-        SERVICE_ACCOUNT_DIR / "token"
-    ).is_file()
+    return (
+        bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        and (SERVICE_ACCOUNT_DIR / "token").is_file()
+    )
 
 
 def service_account_namespace() -> str | None:

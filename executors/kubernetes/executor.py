@@ -97,19 +97,22 @@ class KubernetesExecutor:
 
     def __init__(self, settings: BaseModel, *, context: ExecutorContext) -> None:
         if not isinstance(settings, KubernetesSettings):
-            raise ExecutorError(f"the Kubernetes executor needs KubernetesSettings, "
-                                f"not {type(settings).__name__}")
+            raise ExecutorError(
+                f"the Kubernetes executor needs KubernetesSettings, not {type(settings).__name__}"
+            )
         if len(context.node_name) > 63 or not _LABEL_VALUE.match(context.node_name):
             raise ExecutorError(
                 f"node name {context.node_name!r} cannot be a Kubernetes label value "
-                "(at most 63 letters, digits, '-', '_', '.'; alphanumeric at both ends)")
+                "(at most 63 letters, digits, '-', '_', '.'; alphanumeric at both ends)"
+            )
         self._settings = settings
         self._context = context
         self._namespace = settings.namespace
         self._node_labels = node_selector_labels(context.node_name)
         self._stream = RunEventStream()
-        self._tracker = RunTracker(stream=self._stream, backoff_limit=settings.backoff_limit,
-                                   delete_job=self._delete_job)
+        self._tracker = RunTracker(
+            stream=self._stream, backoff_limit=settings.backoff_limit, delete_job=self._delete_job
+        )
         self._client: KubeClient | None = None
         self._informers: list[Informer] = []
         self._tasks = TaskOwner("kubernetes", expected=(KubeError, ExecutorError))
@@ -129,11 +132,15 @@ class KubernetesExecutor:
             if not settings.kubernetes_node:
                 raise ExecutorError(
                     "task_volume_access ReadWriteOnce pins runs to the node pod's Kubernetes "
-                    "node: set executor.kubernetes_node (the chart sets it from spec.nodeName)")
+                    "node: set executor.kubernetes_node (the chart sets it from spec.nodeName)"
+                )
             self._pin = settings.kubernetes_node
         try:
-            api = await connect(kubeconfig=settings.kubeconfig, context=settings.context,
-                                max_connections=settings.max_connections)
+            api = await connect(
+                kubeconfig=settings.kubeconfig,
+                context=settings.context,
+                max_connections=settings.max_connections,
+            )
         except (ConfigException, OSError, ValueError) as error:
             raise ExecutorError(f"cannot configure the Kubernetes client: {error}") from error
         self._client = KubeClient(api, request_timeout=settings.request_timeout_seconds)
@@ -147,8 +154,12 @@ class KubernetesExecutor:
         except BaseException:
             await self.close()
             raise
-        log.info("k8s.executor_open", namespace=self._namespace,
-                 jobs=len(self._tracker.jobs), node=self._context.node_name)
+        log.info(
+            "k8s.executor_open",
+            namespace=self._namespace,
+            jobs=len(self._tracker.jobs),
+            node=self._context.node_name,
+        )
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -194,19 +205,27 @@ class KubernetesExecutor:
         labels = run_labels(spec, node_name=node)
         token_name = secret_name(node, run_id) if spec.token is not None else None
         try:
-            job = run_job(spec, settings=self._settings, namespace=ns, name=name, labels=labels,
-                          token_secret_name=token_name, pin_to_node=self._pin)
+            job = run_job(
+                spec,
+                settings=self._settings,
+                namespace=ns,
+                name=name,
+                labels=labels,
+                token_secret_name=token_name,
+                pin_to_node=self._pin,
+            )
         except ManifestError as error:
             raise ExecutorError(str(error)) from error
         RunFiles(self._context.task_dir, run_id).prepare(
-            spec, owner=(self._settings.run_as_user, self._settings.run_as_group),
-            write_token=False)
+            spec, owner=(self._settings.run_as_user, self._settings.run_as_group), write_token=False
+        )
         created = await _create(client, JOBS.path(ns), job, what="create jobs")
         if token_name is None:
             return
         if created is None:  # it existed: a repeated start
             created = self._tracker.jobs.get(run_id) or await client.get(
-                JOBS.path(ns, name), what="get jobs")
+                JOBS.path(ns, name), what="get jobs"
+            )
         # The pod waits (ContainerCreating) until its token Secret exists; the Secret is
         # created owned by the Job, so it is garbage-collected with it.
         secret = token_secret(spec, namespace=ns, name=token_name, labels=labels, owner=created)
@@ -246,9 +265,12 @@ class KubernetesExecutor:
             try:
                 text = await client.text(
                     PODS.path(self._namespace, pod, "log"),
-                    query=(("container", CONTAINER_NAME),
-                           ("limitBytes", self._settings.log_limit_bytes)),
-                    what="get pods/log")
+                    query=(
+                        ("container", CONTAINER_NAME),
+                        ("limitBytes", self._settings.log_limit_bytes),
+                    ),
+                    what="get pods/log",
+                )
             except KubeError as error:  # never started (bad image), or already removed
                 log.info("k8s.no_log", run_id=run_id, pod=pod, status=error.status)
         return RunOutput(files.read_output(), text)
@@ -260,9 +282,11 @@ class KubernetesExecutor:
             if run_id in tracker.jobs and run_id not in tracker.deleting:
                 await _delete(client, self._job_path(run_id), what="delete jobs")
             if run_id not in self._owned_secrets:  # started before a restart: not known
-                await _delete(client, SECRETS.path(
-                    self._namespace, secret_name(self._context.node_name, run_id)),
-                    what="delete secrets")
+                await _delete(
+                    client,
+                    SECRETS.path(self._namespace, secret_name(self._context.node_name, run_id)),
+                    what="delete secrets",
+                )
         except KubeError as error:
             raise ExecutorError(f"cannot clean up run {run_id}: {error}") from error
         self._owned_secrets.discard(run_id)
@@ -305,83 +329,109 @@ class KubernetesExecutor:
             if error.status == 404:
                 raise ExecutorError(
                     f"namespace {ns!r} does not exist; the chart (or the operator) creates it, "
-                    "labelled pod-security.kubernetes.io/enforce=restricted") from error
+                    "labelled pod-security.kubernetes.io/enforce=restricted"
+                ) from error
             if error.status == 403 and not settings.require_restricted_namespace:
                 log.warning("k8s.namespace_unverified", namespace=ns, error=str(error))
                 return
             raise ExecutorError(
                 f"cannot read namespace {ns!r} to verify its Pod Security level ({error}); "
                 "grant `get namespaces` in the runs namespace's Role "
-                "(executors/kubernetes/rbac.py)") from error
+                "(executors/kubernetes/rbac.py)"
+            ) from error
         labels = (namespace.get("metadata") or {}).get("labels") or {}
         problems = pod_security_problems(labels)
         if problems:
-            message = (f"namespace {ns!r} does not enforce Pod Security 'restricted': "
-                       + "; ".join(problems))
+            message = f"namespace {ns!r} does not enforce Pod Security 'restricted': " + "; ".join(
+                problems
+            )
             if settings.require_restricted_namespace:
-                raise ExecutorError(message + " (label it, or set "
-                                    "require_restricted_namespace: false)")
+                raise ExecutorError(
+                    message + " (label it, or set require_restricted_namespace: false)"
+                )
             log.error("k8s.namespace_not_restricted", namespace=ns, problems=problems)
         host_paths = [label for label, v in settings.databases.items() if v.host_path]
         if host_paths and enforces(labels, "baseline"):
             raise ExecutorError(
                 f"databases {host_paths} use hostPath volumes, which Pod Security "
                 f"{labels.get('pod-security.kubernetes.io/enforce')!r} in namespace {ns!r} "
-                "forbids; use a PersistentVolumeClaim or a ConfigMap")
+                "forbids; use a PersistentVolumeClaim or a ConfigMap"
+            )
 
     async def _apply_network_policies(self, client: KubeClient) -> None:
-        for policy in run_network_policy_manifests(self._settings,
-                                                   node_name=self._context.node_name):
+        for policy in run_network_policy_manifests(
+            self._settings, node_name=self._context.node_name
+        ):
             path = NETWORK_POLICIES.path(self._namespace, policy["metadata"]["name"])
             try:
-                await client.apply(path, policy, field_manager=FIELD_MANAGER,
-                                   what="apply networkpolicies")
+                await client.apply(
+                    path, policy, field_manager=FIELD_MANAGER, what="apply networkpolicies"
+                )
             except KubeError as error:
                 raise ExecutorError(
                     f"cannot apply NetworkPolicy {policy['metadata']['name']!r} in "
                     f"{self._namespace!r}: {error} (network_policies: apply needs "
                     "create and patch on networkpolicies: "
-                    "executors/kubernetes/rbac.py APPLY_NETWORK_POLICIES_RULE)") from error
+                    "executors/kubernetes/rbac.py APPLY_NETWORK_POLICIES_RULE)"
+                ) from error
 
     async def _verify_network_policies(self, client: KubeClient) -> None:
         """The runs' policies are the chart's: read each by name, refuse to start unless it
         is there and allows exactly what :mod:`policies.network` says."""
         ns = self._namespace
-        fix = ("install or upgrade the Helm chart with runs.networkPolicies: true (it renders "
-               "them), or out of a cluster set executor.network_policies: apply and grant "
-               "create/patch on networkpolicies (docs/executors.md)")
-        for expected in run_network_policy_manifests(self._settings,
-                                                     node_name=self._context.node_name):
+        fix = (
+            "install or upgrade the Helm chart with runs.networkPolicies: true (it renders "
+            "them), or out of a cluster set executor.network_policies: apply and grant "
+            "create/patch on networkpolicies (docs/executors.md)"
+        )
+        for expected in run_network_policy_manifests(
+            self._settings, node_name=self._context.node_name
+        ):
             name = expected["metadata"]["name"]
             try:
-                found = await client.get(NETWORK_POLICIES.path(ns, name),
-                                         what="get networkpolicies")
+                found = await client.get(
+                    NETWORK_POLICIES.path(ns, name), what="get networkpolicies"
+                )
             except KubeError as error:
                 if error.status == 404:
                     raise ExecutorError(
-                        f"the runs' NetworkPolicy {name!r} is missing in namespace {ns!r}: "
-                        f"{fix}") from error
+                        f"the runs' NetworkPolicy {name!r} is missing in namespace {ns!r}: {fix}"
+                    ) from error
                 raise ExecutorError(
                     f"cannot read the runs' NetworkPolicy {name!r} in namespace {ns!r} "
                     f"({error}); grant `get networkpolicies` with resourceNames {name!r} "
-                    "(executors/kubernetes/rbac.py network_policy_rule)") from error
+                    "(executors/kubernetes/rbac.py network_policy_rule)"
+                ) from error
             problems = policy_differences(expected, found)
             if problems:
                 raise ExecutorError(
                     f"the runs' NetworkPolicy {name!r} in namespace {ns!r} differs from what "
                     f"this node expects: {'; '.join(problems)}. Check the chart's values "
                     "against the executor settings (proxy port and pod labels, DNS), or "
-                    f"{fix}")
+                    f"{fix}"
+                )
 
     async def _start_informers(self, client: KubeClient) -> None:
         selector = label_selector(self._node_labels)
         timeout = self._settings.watch_timeout_seconds
-        jobs = Informer(client=client, resource=JOBS, namespace=self._namespace,
-                        label_selector=selector, handler=self._tracker.on_job,
-                        watch_timeout=timeout, transform=slim_job)
-        pods = Informer(client=client, resource=PODS, namespace=self._namespace,
-                        label_selector=selector, handler=self._tracker.on_pod,
-                        watch_timeout=timeout, transform=slim_pod)
+        jobs = Informer(
+            client=client,
+            resource=JOBS,
+            namespace=self._namespace,
+            label_selector=selector,
+            handler=self._tracker.on_job,
+            watch_timeout=timeout,
+            transform=slim_job,
+        )
+        pods = Informer(
+            client=client,
+            resource=PODS,
+            namespace=self._namespace,
+            label_selector=selector,
+            handler=self._tracker.on_pod,
+            watch_timeout=timeout,
+            transform=slim_pod,
+        )
         try:
             async with asyncio.timeout(self._settings.sync_timeout_seconds):
                 await jobs.prime()
@@ -394,25 +444,27 @@ class KubernetesExecutor:
         except TimeoutError as error:
             raise ExecutorError(
                 f"listing Jobs and Pods in {self._namespace!r} took more than "
-                f"{self._settings.sync_timeout_seconds}s") from error
+                f"{self._settings.sync_timeout_seconds}s"
+            ) from error
         self._informers = [jobs, pods]
         for informer in self._informers:
             self._tasks.spawn(informer.run(), name=f"informer-{informer.kind}")
 
 
-def run_network_policy_manifests(settings: KubernetesSettings, *,
-                                 node_name: str) -> list[Json]:
+def run_network_policy_manifests(settings: KubernetesSettings, *, node_name: str) -> list[Json]:
     """The runs' NetworkPolicies for these settings (what the chart renders and the
     executor verifies or, with ``network_policies: apply``, applies)."""
     labels = node_selector_labels(node_name)
-    proxy_namespace = (settings.proxy_namespace or service_account_namespace()
-                       or settings.namespace)
+    proxy_namespace = settings.proxy_namespace or service_account_namespace() or settings.namespace
     isolation = RunIsolation(
         namespace=settings.namespace,
         run_selector=labels,
         allowed=(
-            proxy_peer(namespace=proxy_namespace, pod_selector=settings.proxy_pod_selector,
-                       port=settings.proxy_port),
+            proxy_peer(
+                namespace=proxy_namespace,
+                pod_selector=settings.proxy_pod_selector,
+                port=settings.proxy_port,
+            ),
             dns_peer(namespace=settings.dns_namespace, pod_selector=settings.dns_pod_selector),
         ),
         name_prefix=policy_name_prefix(node_name),

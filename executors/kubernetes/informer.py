@@ -132,8 +132,9 @@ class Informer:
                 log.info("k8s.watch_expired", kind=self.kind, version=self.resource_version)
                 self.resource_version = None
             except KubeError as error:
-                log.warning("k8s.watch_failed", kind=self.kind, status=error.status,
-                            error=str(error))
+                log.warning(
+                    "k8s.watch_failed", kind=self.kind, status=error.status, error=str(error)
+                )
                 if error.status == 410:
                     self.resource_version = None
                 await backoff.pause()
@@ -146,12 +147,15 @@ class Informer:
         cont: str | None = None
         while True:
             query: list[tuple[str, str | int]] = [
-                ("labelSelector", self._selector), ("limit", LIST_PAGE_SIZE)]
+                ("labelSelector", self._selector),
+                ("limit", LIST_PAGE_SIZE),
+            ]
             if cont:
                 query.append(("continue", cont))
             try:
                 page = await self._client.get(
-                    self._resource.path(self._namespace), query=query, what=f"list {self._what}")
+                    self._resource.path(self._namespace), query=query, what=f"list {self._what}"
+                )
             except KubeError as error:
                 if error.status == 410 and cont:  # the continue token expired: start over
                     items, cont = {}, None
@@ -244,8 +248,12 @@ class Informer:
         try:
             self._handler(change, obj)
         except Exception:
-            log.exception("k8s.handler_failed", kind=self.kind, change=change.value,
-                          name=obj.get("metadata", {}).get("name"))
+            log.exception(
+                "k8s.handler_failed",
+                kind=self.kind,
+                change=change.value,
+                name=obj.get("metadata", {}).get("name"),
+            )
 
 
 def _version(obj: dict[str, Any]) -> str:

@@ -258,39 +258,59 @@ def _schedule(
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if pin_to_node:
-        term = {"matchFields": [{"key": "metadata.name", "operator": "In",
-                                 "values": [pin_to_node]}]}
-        pod_spec["affinity"] = {"nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+        term = {
+            "matchFields": [{"key": "metadata.name", "operator": "In", "values": [pin_to_node]}]
+        }
+        pod_spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+            }
+        }
 
 
 def _storage(
     spec: RunSpec, settings: KubernetesSettings, token_secret_name: str | None
 ) -> tuple[list[Json], list[Json]]:
     mounts: list[Json] = [
-        {"name": _TASK_VOLUME, "mountPath": CONTAINER_TASK_DIR,
-         "subPath": run_directory(spec.run_id)},
+        {
+            "name": _TASK_VOLUME,
+            "mountPath": CONTAINER_TASK_DIR,
+            "subPath": run_directory(spec.run_id),
+        },
         {"name": _SCRATCH_VOLUME, "mountPath": CONTAINER_SCRATCH_DIR},
     ]
     volumes: list[Json] = [
-        {"name": _TASK_VOLUME,
-         "persistentVolumeClaim": {"claimName": settings.task_volume_claim}},
+        {"name": _TASK_VOLUME, "persistentVolumeClaim": {"claimName": settings.task_volume_claim}},
         {"name": _SCRATCH_VOLUME, "emptyDir": {"sizeLimit": settings.scratch_size_limit}},
     ]
     if token_secret_name is not None:
-        mounts.append({"name": _TOKEN_VOLUME, "readOnly": True, "subPath": TOKEN_FILE_NAME,
-                       "mountPath": f"{CONTAINER_TASK_DIR}/{TOKEN_FILE_NAME}"})
-        volumes.append({"name": _TOKEN_VOLUME, "secret": {
-            "secretName": token_secret_name, "defaultMode": 0o444}})
+        mounts.append(
+            {
+                "name": _TOKEN_VOLUME,
+                "readOnly": True,
+                "subPath": TOKEN_FILE_NAME,
+                "mountPath": f"{CONTAINER_TASK_DIR}/{TOKEN_FILE_NAME}",
+            }
+        )
+        volumes.append(
+            {
+                "name": _TOKEN_VOLUME,
+                "secret": {"secretName": token_secret_name, "defaultMode": 0o444},
+            }
+        )
     for index, database in enumerate(d for d in spec.databases if d.is_local_path):
         source = settings.databases.get(database.label)
         if source is None:
             raise ManifestError(
                 f"database {database.label!r} is a file database but the Kubernetes executor "
-                f"has no volume for it (executor.databases.{database.label})")
+                f"has no volume for it (executor.databases.{database.label})"
+            )
         volume_name = f"db-{index}"
-        mount: Json = {"name": volume_name, "readOnly": True,
-                       "mountPath": f"{CONTAINER_DATA_DIR}/{database.label}"}
+        mount: Json = {
+            "name": volume_name,
+            "readOnly": True,
+            "mountPath": f"{CONTAINER_DATA_DIR}/{database.label}",
+        }
         if source.sub_path:
             mount["subPath"] = source.sub_path
         mounts.append(mount)

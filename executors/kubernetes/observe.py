@@ -33,8 +33,7 @@ IMAGE_ERRORS = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 )
 START_ERRORS = frozenset(
-    {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
-     "RunContainerError"}
+    {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
 )
 
 
@@ -69,13 +68,15 @@ def newest(pods: list[Json]) -> Json | None:
     """The run's current pod (a Job with retries may have several)."""
     if not pods:
         return None
-    return max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "",
-                                    p["metadata"]["name"]))
+    return max(
+        pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"])
+    )
 
 
 def _from_job(job: Json, pods: list[Json]) -> Observation | None:
     conditions = {
-        c.get("type"): c for c in job.get("status", {}).get("conditions") or []
+        c.get("type"): c
+        for c in job.get("status", {}).get("conditions") or []
         if c.get("status") == "True"
     }
     for kind in ("Complete", "SuccessCriteriaMet"):
@@ -111,11 +112,13 @@ def _from_pod(pod: Json, pods: list[Json], *, backoff_limit: int) -> Observation
     if waiting is not None:
         reason, message = waiting
         if reason in IMAGE_ERRORS:
-            return Observation(Phase.FAILED, Reason.IMAGE_NOT_FOUND, None,
-                               f"{reason}: {message}", give_up=True)
+            return Observation(
+                Phase.FAILED, Reason.IMAGE_NOT_FOUND, None, f"{reason}: {message}", give_up=True
+            )
         if reason in START_ERRORS:
-            return Observation(Phase.FAILED, Reason.CRASHED, None, f"{reason}: {message}",
-                               give_up=True)
+            return Observation(
+                Phase.FAILED, Reason.CRASHED, None, f"{reason}: {message}", give_up=True
+            )
     if phase == "Running":
         return Observation(Phase.RUNNING)
     return STARTING

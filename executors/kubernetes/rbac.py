@@ -69,14 +69,13 @@ def network_policy_rule(node_name: str) -> dict[str, Any]:
 
 def role_rules(node_name: str, *, apply_network_policies: bool = False) -> list[dict[str, Any]]:
     """Every rule of the node's Role (what the chart renders for ``nodeName``)."""
-    extra = (APPLY_NETWORK_POLICIES_RULE if apply_network_policies
-             else network_policy_rule(node_name))
+    extra = (
+        APPLY_NETWORK_POLICIES_RULE if apply_network_policies else network_policy_rule(node_name)
+    )
     return [dict(rule) for rule in ROLE_RULES] + [dict(extra)]
 
 
-def role_manifest(
-    namespace: str, *, node_name: str, name: str = ROLE_NAME
-) -> dict[str, Any]:
+def role_manifest(namespace: str, *, node_name: str, name: str = ROLE_NAME) -> dict[str, Any]:
     """The Role in the runs namespace."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",

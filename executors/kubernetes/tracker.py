@@ -118,8 +118,11 @@ class RunTracker:
         return None if pod is None else str(pod["metadata"]["name"])
 
     def observation(self, run_id: int) -> Observation:
-        return observe(self.jobs.get(run_id), list(self.pods.get(run_id, {}).values()),
-                       backoff_limit=self._backoff_limit)
+        return observe(
+            self.jobs.get(run_id),
+            list(self.pods.get(run_id, {}).values()),
+            backoff_limit=self._backoff_limit,
+        )
 
     def states(self) -> list[RunState]:
         """Every run not cleaned up: those with a Job as it is now, and ended ones whose
@@ -133,21 +136,29 @@ class RunTracker:
             if ended is not None:  # what was reported is what the run is
                 seen = Observation(ended.phase, ended.reason, ended.exit_code, ended.message)
             annotations = job.get("metadata", {}).get("annotations") or {}
-            states.append(RunState(run_id, task_id_of(job), seen.phase, seen.reason,
-                                   seen.exit_code, trace_context_of(annotations),
-                                   sealed_token_of(annotations)))
+            states.append(
+                RunState(
+                    run_id,
+                    task_id_of(job),
+                    seen.phase,
+                    seen.reason,
+                    seen.exit_code,
+                    trace_context_of(annotations),
+                    sealed_token_of(annotations),
+                )
+            )
         for run_id, task_id in self.vanished.items():
             ended = self.ended.get(run_id)
             if ended is None or run_id in self.jobs or run_id in self.cleaning:
                 continue
-            states.append(RunState(run_id, task_id, ended.phase, ended.reason,
-                                   ended.exit_code))
+            states.append(RunState(run_id, task_id, ended.phase, ended.reason, ended.exit_code))
         return sorted(states, key=lambda s: s.run_id)
 
     def killed_before_start(self, run_id: int, task_id: int) -> None:
         """A start of a run already killed: nothing is created, the run ends killed."""
-        self._publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED,
-                                   message="killed before it started"))
+        self._publish(
+            RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before it started")
+        )
         self.vanished[run_id] = task_id
 
     def forget_when_gone(self, run_id: int) -> None:
@@ -169,8 +180,11 @@ class RunTracker:
         if job is None and self._stream.phase_of(run_id) is None:
             return  # pods of a Job not seen yet (or one never ours to report): wait
         seen = self.observation(run_id)
-        self._publish(RunEvent.now(run_id, seen.phase, seen.reason,
-                                   exit_code=seen.exit_code, message=seen.message))
+        self._publish(
+            RunEvent.now(
+                run_id, seen.phase, seen.reason, exit_code=seen.exit_code, message=seen.message
+            )
+        )
         if seen.give_up and job is not None:
             self._delete(run_id, seen.message or "cannot progress")
 
@@ -190,12 +204,23 @@ class RunTracker:
         last = self._stream.phase_of(run_id)
         if last is not None and not last.is_terminal:
             if run_id in self.killed:
-                self._publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED,
-                                           message="the run's Job was deleted on request"))
+                self._publish(
+                    RunEvent.now(
+                        run_id,
+                        Phase.KILLED,
+                        Reason.KILLED,
+                        message="the run's Job was deleted on request",
+                    )
+                )
             else:
-                self._publish(RunEvent.now(
-                    run_id, Phase.FAILED, Reason.LOST,
-                    message="the run's Job was deleted before it finished"))
+                self._publish(
+                    RunEvent.now(
+                        run_id,
+                        Phase.FAILED,
+                        Reason.LOST,
+                        message="the run's Job was deleted before it finished",
+                    )
+                )
         if run_id in self.ended:
             self.vanished[run_id] = task_id_of(job)
 

@@ -38,8 +38,15 @@ Json = dict[str, Any]
 #: An informer's transform: the object as it will be cached and handed to the handler.
 Transform = Callable[[Json], Json]
 
-_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp",
-             "deletionTimestamp", "ownerReferences")
+_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "ownerReferences",
+)
 _CONDITION = ("type", "status", "reason", "message")
 _WAITING = ("reason", "message")
 _TERMINATED = ("exitCode", "reason", "message", "signal")
@@ -66,8 +73,9 @@ def slim_job(job: Json) -> Json:
     status = job.get("status")
     conditions = status.get("conditions") if isinstance(status, dict) else None
     if conditions:
-        slim["status"] = {"conditions": [_pick(c, _CONDITION) for c in conditions
-                                         if isinstance(c, dict)]}
+        slim["status"] = {
+            "conditions": [_pick(c, _CONDITION) for c in conditions if isinstance(c, dict)]
+        }
     return slim
 
 
@@ -79,8 +87,7 @@ def slim_pod(pod: Json) -> Json:
         kept = _pick(status, ("phase", "message"))
         containers = status.get("containerStatuses")
         if containers:
-            kept["containerStatuses"] = [_container(c) for c in containers
-                                         if isinstance(c, dict)]
+            kept["containerStatuses"] = [_container(c) for c in containers if isinstance(c, dict)]
         if kept:
             slim["status"] = kept
     return slim

@@ -90,7 +90,12 @@ class KubernetesHarness(Harness):
     slack: ClassVar[float] = 30.0
 
     def __init__(
-        self, *, testbed: K8sTestbed, namespace: str, kubeconfig: Path, node_name: str,
+        self,
+        *,
+        testbed: K8sTestbed,
+        namespace: str,
+        kubeconfig: Path,
+        node_name: str,
         task_dir: Path,
     ) -> None:
         super().__init__(node_name=node_name, task_dir=task_dir)
@@ -130,8 +135,8 @@ class KubernetesHarness(Harness):
 
     async def open_executor(self) -> PlaysTheContainer:
         executor = KubernetesExecutor(
-            self.settings,
-            context=ExecutorContext(node_name=self.node_name, task_dir=self.task_dir))
+            self.settings, context=ExecutorContext(node_name=self.node_name, task_dir=self.task_dir)
+        )
         await executor.open()
         return PlaysTheContainer(executor, self)
 
@@ -139,7 +144,8 @@ class KubernetesHarness(Harness):
         async with self.testbed.api_client() as api:
             try:
                 await client.BatchV1Api(api).read_namespaced_job(
-                    job_name(self.node_name, run_id), self.namespace)
+                    job_name(self.node_name, run_id), self.namespace
+                )
             except ApiException as error:
                 if error.status == 404:
                     return False
@@ -159,9 +165,13 @@ async def kubernetes_harness(
 ) -> AsyncIterator[KubernetesHarness]:
     """A fresh restricted namespace with the task claim and a Role-bound ServiceAccount."""
     if request.node.originalname in NEEDS_CONTAINER_LOGS:
-        request.node.add_marker(pytest.mark.xfail(
-            reason="kwok keeps no container logs (pods/log answers 404); the crash itself "
-                   "is covered by tests/integration/test_k8s_executor.py", strict=True))
+        request.node.add_marker(
+            pytest.mark.xfail(
+                reason="kwok keeps no container logs (pods/log answers 404); the crash itself "
+                "is covered by tests/integration/test_k8s_executor.py",
+                strict=True,
+            )
+        )
     async with k8s_testbed.api_client() as admin, task_volume(admin, k8s_namespace):
         node_name = f"conformance-{uuid.uuid4().hex[:8]}"
         rules = await chart_network_policies(admin, k8s_namespace, node_name)
@@ -169,5 +179,9 @@ async def kubernetes_harness(
         task_dir = tmp_path / "tasks"
         task_dir.mkdir()
         yield KubernetesHarness(
-            testbed=k8s_testbed, namespace=k8s_namespace, kubeconfig=kubeconfig,
-            node_name=node_name, task_dir=task_dir)
+            testbed=k8s_testbed,
+            namespace=k8s_namespace,
+            kubeconfig=kubeconfig,
+            node_name=node_name,
+            task_dir=task_dir,
+        )

@@ -23,8 +23,7 @@ def require(under_test: ExecutorUnderTest, capability: str) -> None:
     if capability not in under_test.harness.supports:
         harness = under_test.harness
         pytest.skip(
-            f"the {harness.kind} harness cannot show {capability!r}: "
-            f"{harness.unsupported_because}"
+            f"the {harness.kind} harness cannot show {capability!r}: {harness.unsupported_because}"
         )
 
 

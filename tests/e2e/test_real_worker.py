@@ -39,8 +39,7 @@ from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration, V6Org, V6Server
 
-pytestmark = [pytest.mark.kubernetes, pytest.mark.v6server, pytest.mark.podman,
-              pytest.mark.slow]
+pytestmark = [pytest.mark.kubernetes, pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
 
 AVERAGE = "localhost/fednode/average:latest"
 DIAGNOSTICS = "localhost/fednode/diagnostics:latest"
@@ -77,13 +76,16 @@ def real_images(podman_service: PodmanService, k8s_real_worker: K8sRealWorker) -
 
 @pytest.fixture
 async def make_site(
-    k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker, tmp_path: Path,
+    k8s_testbed: K8sTestbed,
+    k8s_real_worker: K8sRealWorker,
+    tmp_path: Path,
     real_images: str,
 ) -> AsyncIterator[MakeSite]:
     async with contextlib.AsyncExitStack() as stack:
 
-        async def make(collab: V6Collaboration, org: V6Org, *,
-                       network_policies: bool = True) -> Site:
+        async def make(
+            collab: V6Collaboration, org: V6Org, *, network_policies: bool = True
+        ) -> Site:
             namespace = await k8s_testbed.create_namespace(f"fednode-{org.name[:10]}")
             stack.push_async_callback(k8s_testbed.delete_namespace, namespace)
             task_dir = tmp_path / f"tasks-{namespace}"
@@ -91,20 +93,24 @@ async def make_site(
             await stack.enter_async_context(k8s_real_worker.task_volume(namespace, task_dir))
             csv = DATA / ("employees_a.csv" if org is collab.org_a else "employees_b.csv")
             async with k8s_testbed.api_client() as api:
-                await client.CoreV1Api(api).create_namespaced_config_map(namespace, {
-                    "metadata": {"name": "database-default"},
-                    "data": {csv.name: csv.read_text()}})
+                await client.CoreV1Api(api).create_namespaced_config_map(
+                    namespace,
+                    {"metadata": {"name": "database-default"}, "data": {csv.name: csv.read_text()}},
+                )
             proxy_port = free_port()
             rules = ROLE_RULES  # network_policies off: none to read
             if network_policies:  # as the chart: they are made for the node, which reads them
                 async with k8s_testbed.api_client() as api:
                     rules = await chart_network_policies(
-                        api, namespace, f"fednode-{org.name}-{SESSION}", proxy_port=proxy_port)
+                        api, namespace, f"fednode-{org.name}-{SESSION}", proxy_port=proxy_port
+                    )
             kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=rules)
             proxy_host = await k8s_real_worker.proxy_relay(
-                namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port)
-            return Site(org, namespace, task_dir, csv, kubeconfig, proxy_port, proxy_host,
-                        network_policies)
+                namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port
+            )
+            return Site(
+                org, namespace, task_dir, csv, kubeconfig, proxy_port, proxy_host, network_policies
+            )
 
         yield make
 
@@ -136,8 +142,11 @@ async def start_real_node(
                 "network_policies": site.network_policies,
                 "databases": {"default": {"config_map": "database-default"}},
             },
-            "proxy": {"host": k8s_real_worker.node_ip, "port": site.proxy_port,
-                      "advertise_host": site.proxy_host},
+            "proxy": {
+                "host": k8s_real_worker.node_ip,
+                "port": site.proxy_port,
+                "advertise_host": site.proxy_host,
+            },
             "health": {"port": free_port()},
             "max_concurrent_runs": 8,
             # The worker has 2 cores; a run's default (1 CPU) would let two runs at most.
@@ -147,8 +156,11 @@ async def start_real_node(
             values["encryption"] = {"enabled": True, "private_key": org.private_key}
         values.update(overrides)
         exporter = InMemorySpanExporter()
-        node = Node(load_settings(None, **values),
-                    span_processors=(SimpleSpanProcessor(exporter),), shutdown_grace=5.0)
+        node = Node(
+            load_settings(None, **values),
+            span_processors=(SimpleSpanProcessor(exporter),),
+            shutdown_grace=5.0,
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(node.run(stop), name=f"node-{org.name}")
         running = RunningNode(node, org, exporter, stop, task, overrides)
@@ -166,8 +178,9 @@ async def start_real_node(
 # -- helpers ---------------------------------------------------------------------------------
 
 
-async def result_of(collab: V6Collaboration, task: dict[str, Any], timeout: float = 180
-                    ) -> list[Any]:
+async def result_of(
+    collab: V6Collaboration, task: dict[str, Any], timeout: float = 180
+) -> list[Any]:
     await asyncio.to_thread(collab.user.wait_for_results, task["id"], timeout=timeout)
     return list(await asyncio.to_thread(collab.user.result_values, task["id"]))
 
@@ -184,11 +197,16 @@ async def wait_until(condition: Callable[[], bool], *, what: str, timeout: float
 
 def uploads(node: RunningNode) -> Counter[int]:
     """How many results each run had uploaded (one ``upload`` span under its ``run``)."""
-    roots = {s.context.span_id: s.attributes["fednode.run_id"]  # type: ignore[index]
-             for s in node.spans if s.name == "run"}
-    return Counter(int(roots[s.parent.span_id])  # type: ignore[arg-type]
-                   for s in node.spans
-                   if s.name == "upload" and s.parent is not None and s.parent.span_id in roots)
+    roots = {
+        s.context.span_id: s.attributes["fednode.run_id"]  # type: ignore[index]
+        for s in node.spans
+        if s.name == "run"
+    }
+    return Counter(
+        int(roots[s.parent.span_id])  # type: ignore[arg-type]
+        for s in node.spans
+        if s.name == "upload" and s.parent is not None and s.parent.span_id in roots
+    )
 
 
 @contextlib.asynccontextmanager
@@ -205,14 +223,18 @@ async def host_listener(host: str) -> AsyncIterator[int]:
 
 async def diagnose(collab: V6Collaboration, org: V6Org, **kwargs: Any) -> dict[str, Any]:
     task = await asyncio.to_thread(
-        collab.create_task, input_={"method": "diagnose", "kwargs": kwargs},
-        image=DIAGNOSTICS, organizations=[org.id])
+        collab.create_task,
+        input_={"method": "diagnose", "kwargs": kwargs},
+        image=DIAGNOSTICS,
+        organizations=[org.id],
+    )
     (report,) = await result_of(collab, task)
     return dict(report)
 
 
-async def probe_targets(k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker,
-                        host_port: int) -> dict[str, str]:
+async def probe_targets(
+    k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker, host_port: int
+) -> dict[str, str]:
     """Things a run must not reach, each really listening: name -> host:port."""
     other = await k8s_testbed.create_namespace("fednode-other")
     pod_ip = await k8s_real_worker.listener_pod(other)
@@ -228,7 +250,9 @@ async def probe_targets(k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker,
 
 
 async def test_central_average_runs_in_real_pods_and_reaches_the_server_only_via_the_proxy(
-    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
+    v6_plain: V6Collaboration,
+    make_site: MakeSite,
+    start_real_node: StartRealNode,
 ) -> None:
     site_a = await make_site(v6_plain, v6_plain.org_a)
     site_b = await make_site(v6_plain, v6_plain.org_b)
@@ -237,9 +261,13 @@ async def test_central_average_runs_in_real_pods_and_reaches_the_server_only_via
     orgs = [v6_plain.org_a.id, v6_plain.org_b.id]
     task = await asyncio.to_thread(
         v6_plain.create_task,
-        input_={"method": "central_average",
-                "kwargs": {"column_name": "age", "organizations": orgs}},
-        image=AVERAGE, organizations=[v6_plain.org_a.id])
+        input_={
+            "method": "central_average",
+            "kwargs": {"column_name": "age", "organizations": orgs},
+        },
+        image=AVERAGE,
+        organizations=[v6_plain.org_a.id],
+    )
 
     (result,) = await result_of(v6_plain, task)
 
@@ -253,15 +281,23 @@ async def test_central_average_runs_in_real_pods_and_reaches_the_server_only_via
 
 
 async def test_a_real_pod_reaches_the_proxy_and_dns_and_nothing_else(
-    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
-    k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker,
+    v6_plain: V6Collaboration,
+    make_site: MakeSite,
+    start_real_node: StartRealNode,
+    k8s_testbed: K8sTestbed,
+    k8s_real_worker: K8sRealWorker,
 ) -> None:
     site = await make_site(v6_plain, v6_plain.org_a)
     await start_real_node(site)
     async with host_listener(k8s_real_worker.node_ip) as host_port:
         targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
-        report = await diagnose(v6_plain, v6_plain.org_a, targets=list(targets.values()),
-                                dns_name=site.proxy_host, timeout=3)
+        report = await diagnose(
+            v6_plain,
+            v6_plain.org_a,
+            targets=list(targets.values()),
+            dns_name=site.proxy_host,
+            timeout=3,
+        )
 
     attempts = {a["target"]: a for a in report["internet"]["attempts"]}
     for name, target in targets.items():
@@ -282,19 +318,26 @@ async def test_a_real_pod_reaches_the_proxy_and_dns_and_nothing_else(
 
 
 async def test_without_the_network_policies_the_same_probe_gets_through(
-    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
-    k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker,
+    v6_plain: V6Collaboration,
+    make_site: MakeSite,
+    start_real_node: StartRealNode,
+    k8s_testbed: K8sTestbed,
+    k8s_real_worker: K8sRealWorker,
 ) -> None:
     site = await make_site(v6_plain, v6_plain.org_a, network_policies=False)
     await start_real_node(site)
     async with k8s_testbed.api_client() as api:
-        policies = await client.NetworkingV1Api(api).list_namespaced_network_policy(
-            site.namespace)
+        policies = await client.NetworkingV1Api(api).list_namespaced_network_policy(site.namespace)
     assert policies.items == []
     async with host_listener(k8s_real_worker.node_ip) as host_port:
         targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
-        report = await diagnose(v6_plain, v6_plain.org_a, targets=list(targets.values()),
-                                dns_name=site.proxy_host, timeout=3)
+        report = await diagnose(
+            v6_plain,
+            v6_plain.org_a,
+            targets=list(targets.values()),
+            dns_name=site.proxy_host,
+            timeout=3,
+        )
 
     attempts = {a["target"]: a for a in report["internet"]["attempts"]}
     for name, target in targets.items():
@@ -304,7 +347,9 @@ async def test_without_the_network_policies_the_same_probe_gets_through(
 
 
 async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_go_through(
-    v6_plain: V6Collaboration, make_site: MakeSite, start_real_node: StartRealNode,
+    v6_plain: V6Collaboration,
+    make_site: MakeSite,
+    start_real_node: StartRealNode,
 ) -> None:
     site_a = await make_site(v6_plain, v6_plain.org_a)
     site_b = await make_site(v6_plain, v6_plain.org_b)
@@ -312,9 +357,13 @@ async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_g
     orgs = [v6_plain.org_a.id, v6_plain.org_b.id]
     task = await asyncio.to_thread(
         v6_plain.create_task,
-        input_={"method": "central_average",
-                "kwargs": {"column_name": "age", "organizations": orgs}},
-        image=AVERAGE, organizations=[v6_plain.org_a.id])
+        input_={
+            "method": "central_average",
+            "kwargs": {"column_name": "age", "organizations": orgs},
+        },
+        image=AVERAGE,
+        organizations=[v6_plain.org_a.id],
+    )
     # The central run has made its subtasks through A's proxy and A's partial is done; B's
     # waits for B's node, so the central run is still polling the proxy for the results.
     await wait_until(lambda: sum(uploads(first).values()) == 1, what="A's partial uploaded")
@@ -334,17 +383,22 @@ async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_g
     assert uploads(second)[run["id"]] == 1
     assert not [s for s in second.spans if s.name == "start"]
     # (the proxy records a span only for a call whose token a run holds)
-    proxied = {str(s.name): s.attributes["http.response.status_code"]  # type: ignore[index]
-               for s in second.spans if s.name.startswith("proxy ")
-               and s.attributes["fednode.run_id"] == run["id"]}  # type: ignore[index]
+    proxied = {
+        str(s.name): s.attributes["http.response.status_code"]  # type: ignore[index]
+        for s in second.spans
+        if s.name.startswith("proxy ") and s.attributes["fednode.run_id"] == run["id"]
+    }  # type: ignore[index]
     assert proxied, "no call of the adopted run went through the restarted node's proxy"
     assert all(status == 200 for status in proxied.values()), proxied
     # Still one trace: the second node's spans of the adopted run join the first node's.
-    (began,) = [s for s in first.spans if s.name == "run"
-                and s.attributes["fednode.run_id"] == run["id"]]  # type: ignore[index]
-    adopted = [s for s in second.spans if s.name == "run"
-               and s.attributes["fednode.run_id"] == run["id"]]  # type: ignore[index]
+    (began,) = [
+        s for s in first.spans if s.name == "run" and s.attributes["fednode.run_id"] == run["id"]
+    ]  # type: ignore[index]
+    adopted = [
+        s for s in second.spans if s.name == "run" and s.attributes["fednode.run_id"] == run["id"]
+    ]  # type: ignore[index]
     assert began.context is not None and adopted
-    assert {(s.parent.trace_id, s.parent.span_id) for s in adopted  # type: ignore[union-attr]
-            } == {(began.context.trace_id, began.context.span_id)}
-
+    assert {
+        (s.parent.trace_id, s.parent.span_id)
+        for s in adopted  # type: ignore[union-attr]
+    } == {(began.context.trace_id, began.context.span_id)}

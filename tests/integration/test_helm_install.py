@@ -91,20 +91,30 @@ class Release:
         return [d for d in yaml.safe_load_all(self.helm("get", "manifest", self.name)) if d]
 
 
-async def pre_bound_volume(admin: Any, *, name: str, namespace: str, claim: str,
-                           mode: str) -> None:
+async def pre_bound_volume(admin: Any, *, name: str, namespace: str, claim: str, mode: str) -> None:
     """A volume reserved for the claim the chart makes (kwok mounts nothing, so its source
     is irrelevant); the volume controller binds the claim as soon as it appears."""
     core: Any = client.CoreV1Api(admin)
-    await core.create_persistent_volume({
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": name, "labels": {"fednode.test/owner": "pytest"}},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": [mode],
-                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                 "hostPath": {"path": f"/tmp/{name}"},
-                 "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                              "namespace": namespace, "name": claim}},
-    })
+    await core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name, "labels": {"fednode.test/owner": "pytest"}},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": [mode],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": {"path": f"/tmp/{name}"},
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": namespace,
+                    "name": claim,
+                },
+            },
+        }
+    )
 
 
 class Collector:
@@ -145,9 +155,15 @@ class Collector:
                     self.services.add(attribute.value.string_value)
             for scope in resource_spans.scope_spans:
                 for span in scope.spans:
-                    self.spans.append((span.name, {
-                        a.key: a.value.string_value or a.value.int_value
-                        for a in span.attributes}))
+                    self.spans.append(
+                        (
+                            span.name,
+                            {
+                                a.key: a.value.string_value or a.value.int_value
+                                for a in span.attributes
+                            },
+                        )
+                    )
 
     def __enter__(self) -> Collector:
         self._thread.start()
@@ -162,8 +178,9 @@ class Collector:
 
     def run_of(self, task_id: int) -> dict[str, Any]:
         """The attributes of the root span of the run of ``task_id``."""
-        (attributes,) = [a for name, a in self.spans
-                         if name == "run" and a.get("fednode.task_id") == task_id]
+        (attributes,) = [
+            a for name, a in self.spans if name == "run" and a.get("fednode.task_id") == task_id
+        ]
         return attributes
 
 
@@ -180,9 +197,15 @@ async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
-                  v6_plain: V6Collaboration, collector: Collector, tmp_path: Path,
-                  request: pytest.FixtureRequest) -> AsyncIterator[Release]:
+async def release(
+    k8s_testbed: K8sTestbed,
+    admin: Any,
+    v6_server: V6Server,
+    v6_plain: V6Collaboration,
+    collector: Collector,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Release]:
     """The chart installed for organization A of the plain collaboration, with a file
     database from a host path (the chart makes its volume and claim), sending traces to
     ``collector``; the task claim is ReadWriteMany unless the test's parameter says
@@ -191,34 +214,52 @@ async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
     release_namespace = await k8s_testbed.create_namespace("fednode-helm-release")
     namespace = f"fednode-helm-{uuid.uuid4().hex[:8]}"
     installed = Release(
-        name=RELEASE, namespace=namespace, release_namespace=release_namespace,
-        node_name=f"helm-{uuid.uuid4().hex[:6]}", admin_kubeconfig=k8s_testbed.kubeconfig,
-        install_output="", proxy_port=free_port(), health_port=free_port(),
+        name=RELEASE,
+        namespace=namespace,
+        release_namespace=release_namespace,
+        node_name=f"helm-{uuid.uuid4().hex[:6]}",
+        admin_kubeconfig=k8s_testbed.kubeconfig,
+        install_output="",
+        proxy_port=free_port(),
+        health_port=free_port(),
         access_mode=access_mode,
     )
     values = {
         "nodeName": installed.node_name,
-        "server": {"url": f"http://{v6_server.host}", "port": v6_server.port,
-                   "apiPath": v6_server.api_path},
+        "server": {
+            "url": f"http://{v6_server.host}",
+            "port": v6_server.port,
+            "apiPath": v6_server.api_path,
+        },
         "apiKey": v6_plain.org_a.api_key,
         "namespace": {"create": True, "name": namespace},
         "taskVolume": {"storageClassName": "", "size": "1Gi", "accessMode": access_mode},
-        "databases": [{"label": "default", "type": "csv", "file": EMPLOYEES_A.name,
-                       "hostPath": {"path": str(EMPLOYEES_A.parent), "size": "1Gi"}}],
+        "databases": [
+            {
+                "label": "default",
+                "type": "csv",
+                "file": EMPLOYEES_A.name,
+                "hostPath": {"path": str(EMPLOYEES_A.parent), "size": "1Gi"},
+            }
+        ],
         "proxy": {"port": installed.proxy_port},
         "health": {"port": installed.health_port},
-        "telemetry": {"otlpEndpoint": f"http://127.0.0.1:{collector.port}",
-                      "serviceName": "fednode-helm-test"},
+        "telemetry": {
+            "otlpEndpoint": f"http://127.0.0.1:{collector.port}",
+            "serviceName": "fednode-helm-test",
+        },
         "image": {"repository": "localhost/fednode/node", "tag": "latest"},
     }
     task_volume = f"{namespace}-tasks"
-    await pre_bound_volume(admin, name=task_volume, namespace=namespace,
-                           claim=f"{FULLNAME}-tasks", mode=access_mode)
+    await pre_bound_volume(
+        admin, name=task_volume, namespace=namespace, claim=f"{FULLNAME}-tasks", mode=access_mode
+    )
     installed.volumes.append(task_volume)
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     try:
         installed.install_output = installed.helm(
-            "install", RELEASE, str(CHART), "-f", str(tmp_path / "values.yaml"))
+            "install", RELEASE, str(CHART), "-f", str(tmp_path / "values.yaml")
+        )
         yield installed
     finally:
         installed.helm("uninstall", RELEASE, check=False)
@@ -232,14 +273,19 @@ async def release(k8s_testbed: K8sTestbed, admin: Any, v6_server: V6Server,
 async def service_account_token(admin: Any, release: Release) -> str:
     """What the kubelet mounts into the node pod: a TokenRequest token of its account."""
     request = await client.CoreV1Api(admin).create_namespaced_service_account_token(
-        FULLNAME, release.namespace, client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)))
+        FULLNAME,
+        release.namespace,
+        client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+        ),
+    )
     token: str = request.status.token
     return token
 
 
-def service_account_files(directory: Path, *, admin_kubeconfig: Path, token: str,
-                          namespace: str) -> tuple[str, int]:
+def service_account_files(
+    directory: Path, *, admin_kubeconfig: Path, token: str, namespace: str
+) -> tuple[str, int]:
     """Write what the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount
     (token, ca.crt, namespace) into ``directory``; the API server's host and port (what
     the KUBERNETES_SERVICE_* variables say in a pod)."""
@@ -250,8 +296,9 @@ def service_account_files(directory: Path, *, admin_kubeconfig: Path, token: str
         ca = base64.b64decode(cluster["certificate-authority-data"])
     else:
         authority = Path(cluster["certificate-authority"])
-        ca = (authority if authority.is_absolute()
-              else admin_kubeconfig.parent / authority).read_bytes()
+        ca = (
+            authority if authority.is_absolute() else admin_kubeconfig.parent / authority
+        ).read_bytes()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "token").write_text(token)
     (directory / "ca.crt").write_bytes(ca)
@@ -260,8 +307,14 @@ def service_account_files(directory: Path, *, admin_kubeconfig: Path, token: str
 
 
 @contextlib.contextmanager
-def in_cluster(monkeypatch: pytest.MonkeyPatch, directory: Path, *, admin_kubeconfig: Path,
-               token: str, namespace: str) -> Iterator[None]:
+def in_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+    directory: Path,
+    *,
+    admin_kubeconfig: Path,
+    token: str,
+    namespace: str,
+) -> Iterator[None]:
     """This process as if it were the node pod: the service account's files in
     ``directory`` and the KUBERNETES_SERVICE_* variables.
 
@@ -269,8 +322,9 @@ def in_cluster(monkeypatch: pytest.MonkeyPatch, directory: Path, *, admin_kubeco
     ``SERVICE_ACCOUNT_DIR`` and hands over to kubernetes_asyncio's loader, which reads its
     own two file constants; all three are pointed at ``directory``.
     """
-    host, port = service_account_files(directory, admin_kubeconfig=admin_kubeconfig,
-                                       token=token, namespace=namespace)
+    host, port = service_account_files(
+        directory, admin_kubeconfig=admin_kubeconfig, token=token, namespace=namespace
+    )
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
     monkeypatch.delenv("KUBECONFIG", raising=False)
@@ -282,12 +336,18 @@ def in_cluster(monkeypatch: pytest.MonkeyPatch, directory: Path, *, admin_kubeco
 
 
 @contextlib.asynccontextmanager
-async def node_client(release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch,
-                      tmp_path: Path) -> AsyncIterator[KubeClient]:
+async def node_client(
+    release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> AsyncIterator[KubeClient]:
     """The executor's own JSON client, connected with the node's in-cluster credentials."""
     token = await service_account_token(admin, release)
-    with in_cluster(monkeypatch, tmp_path / "serviceaccount", token=token,
-                    admin_kubeconfig=release.admin_kubeconfig, namespace=release.namespace):
+    with in_cluster(
+        monkeypatch,
+        tmp_path / "serviceaccount",
+        token=token,
+        admin_kubeconfig=release.admin_kubeconfig,
+        namespace=release.namespace,
+    ):
         api = await connect(kubeconfig=None, context=None, max_connections=4)
         kube = KubeClient(api, request_timeout=10)
         try:
@@ -315,7 +375,8 @@ async def status_of(call: Any) -> int:
 
 
 async def test_helm_install_is_admitted_under_pod_security_restricted(
-    release: Release, admin: Any,
+    release: Release,
+    admin: Any,
 ) -> None:
     core: Any = client.CoreV1Api(admin)
     apps = client.AppsV1Api(admin)
@@ -323,10 +384,24 @@ async def test_helm_install_is_admitted_under_pod_security_restricted(
 
     assert "PodSecurity" not in release.install_output  # no admission warning either
     assert "Warning" not in release.install_output
-    assert sorted(o["kind"] for o in manifest) == sorted([
-        "Namespace", "ServiceAccount", "Secret", "ConfigMap", "PersistentVolume",
-        "PersistentVolumeClaim", "PersistentVolumeClaim", "Role", "RoleBinding", "Service",
-        "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "Deployment"])  # node's, runs' two
+    assert sorted(o["kind"] for o in manifest) == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "Secret",
+            "ConfigMap",
+            "PersistentVolume",
+            "PersistentVolumeClaim",
+            "PersistentVolumeClaim",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "NetworkPolicy",
+            "NetworkPolicy",
+            "NetworkPolicy",
+            "Deployment",
+        ]
+    )  # node's, runs' two
     assert not [o for o in manifest if o["kind"].startswith("Cluster")]
     namespace = await core.read_namespace(release.namespace)
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -351,47 +426,71 @@ async def test_helm_install_is_admitted_under_pod_security_restricted(
 
     # and the namespace refuses a pod that is not locked down
     with pytest.raises(ApiException) as refused:
-        await core.create_namespaced_pod(release.namespace, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "privileged"},
-            "spec": {"containers": [{"name": "c", "image": "busybox",
-                                     "securityContext": {"privileged": True}}]}})
+        await core.create_namespaced_pod(
+            release.namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "privileged"},
+                "spec": {
+                    "containers": [
+                        {"name": "c", "image": "busybox", "securityContext": {"privileged": True}}
+                    ]
+                },
+            },
+        )
     assert refused.value.status == 403 and "violates PodSecurity" in str(refused.value.body)
 
 
 async def test_the_node_network_policy_is_given_the_api_servers_address(
-    release: Release, admin: Any,
+    release: Release,
+    admin: Any,
 ) -> None:
-    policy = await as_json(client.NetworkingV1Api(admin).read_namespaced_network_policy(
-        f"{FULLNAME}-node", release.namespace, _preload_content=False))
+    policy = await as_json(
+        client.NetworkingV1Api(admin).read_namespaced_network_policy(
+            f"{FULLNAME}-node", release.namespace, _preload_content=False
+        )
+    )
     egress = policy["spec"]["egress"]
-    slice_ = await as_json(client.DiscoveryV1Api(admin).read_namespaced_endpoint_slice(
-        "kubernetes", "default", _preload_content=False))
+    slice_ = await as_json(
+        client.DiscoveryV1Api(admin).read_namespaced_endpoint_slice(
+            "kubernetes", "default", _preload_content=False
+        )
+    )
 
     # Without endpoints in the slice (the kwok-only testbed publishes none; its real
     # worker adds them) the chart falls back to any address on the usual ports.
     api_server = egress[1]
-    expected_to = [{"ipBlock": {"cidr": f"{address}/32"}}
-                   for e in slice_.get("endpoints") or [] for address in e["addresses"]]
+    expected_to = [
+        {"ipBlock": {"cidr": f"{address}/32"}}
+        for e in slice_.get("endpoints") or []
+        for address in e["addresses"]
+    ]
     expected_ports = [p["port"] for p in slice_.get("ports") or []] or [443, 6443]
     assert api_server["to"] == (expected_to or [{"ipBlock": {"cidr": "0.0.0.0/0"}}])
     assert api_server["ports"] == [{"port": port, "protocol": "TCP"} for port in expected_ports]
 
 
 async def test_helm_uninstall_keeps_the_task_claim_and_its_namespace_only(
-    release: Release, admin: Any,
+    release: Release,
+    admin: Any,
 ) -> None:
     output = release.helm("uninstall", release.name)
 
     assert "[PersistentVolumeClaim] hospital-fednode-tasks" in output
     core = client.CoreV1Api(admin)
     claims = await core.list_namespaced_persistent_volume_claim(release.namespace)
-    assert [c.metadata.name for c in claims.items if c.metadata.deletion_timestamp is None
-            ] == [f"{FULLNAME}-tasks"]
+    assert [c.metadata.name for c in claims.items if c.metadata.deletion_timestamp is None] == [
+        f"{FULLNAME}-tasks"
+    ]
     assert (await core.read_namespace(release.namespace)).status.phase == "Active"
-    for gone in (core.read_namespaced_service_account(FULLNAME, release.namespace),
-                 core.read_namespaced_secret(FULLNAME, release.namespace),
-                 client.RbacAuthorizationV1Api(admin).read_namespaced_role(
-                     f"{FULLNAME}-executor", release.namespace)):
+    for gone in (
+        core.read_namespaced_service_account(FULLNAME, release.namespace),
+        core.read_namespaced_secret(FULLNAME, release.namespace),
+        client.RbacAuthorizationV1Api(admin).read_namespaced_role(
+            f"{FULLNAME}-executor", release.namespace
+        ),
+    ):
         with pytest.raises(ApiException) as missing:
             await gone
         assert missing.value.status == 404
@@ -401,19 +500,47 @@ async def test_helm_uninstall_keeps_the_task_claim_and_its_namespace_only(
 
 
 async def test_the_node_token_can_do_what_the_executor_needs_in_its_namespace(
-    release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    release: Release,
+    admin: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     ns = release.namespace
-    job = {"apiVersion": "batch/v1", "kind": "Job",
-           "metadata": {"name": "rbac-probe", "labels": {LABEL_NODE: release.node_name}},
-           "spec": {"suspend": True, "template": {"spec": {
-               "restartPolicy": "Never", "automountServiceAccountToken": False,
-               "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
-                                   "seccompProfile": {"type": "RuntimeDefault"}},
-               "containers": [{"name": "c", "image": "busybox", "securityContext": {
-                   "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}}}
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rbac-probe"},
-              "stringData": {"token": "t"}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "rbac-probe", "labels": {LABEL_NODE: release.node_name}},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "busybox",
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }
+                    ],
+                }
+            },
+        },
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "rbac-probe"},
+        "stringData": {"token": "t"},
+    }
     deny, egress = run_network_policy_names(policy_name_prefix(release.node_name))
     jobs, pods = f"/apis/batch/v1/namespaces/{ns}/jobs", f"/api/v1/namespaces/{ns}/pods"
     secrets = f"/api/v1/namespaces/{ns}/secrets"
@@ -451,10 +578,16 @@ async def watch_status(kube: KubeClient, path: str, *, within: float = 30) -> in
     while True:
         try:
             async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
-                async with kube.stream(path, query=(("watch", "true"),
-                                                    ("allowWatchBookmarks", "true"),
-                                                    ("timeoutSeconds", 30)),
-                                       read_timeout=60, what="t"):
+                async with kube.stream(
+                    path,
+                    query=(
+                        ("watch", "true"),
+                        ("allowWatchBookmarks", "true"),
+                        ("timeoutSeconds", 30),
+                    ),
+                    read_timeout=60,
+                    what="t",
+                ):
                     return 200
         except KubeError as error:
             if error.status != 0 or time.monotonic() >= deadline:
@@ -465,84 +598,123 @@ async def watch_status(kube: KubeClient, path: str, *, within: float = 30) -> in
 
 
 async def test_the_node_token_is_refused_secrets_namespaces_and_anything_cluster_wide(
-    release: Release, admin: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    release: Release,
+    admin: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     ns, elsewhere = release.namespace, release.release_namespace
     policies = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
     deny, _ = run_network_policy_names(policy_name_prefix(release.node_name))
-    opened = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-              "metadata": {"name": "rbac-probe", "namespace": ns},
-              "spec": {"podSelector": {"matchLabels": {LABEL_RUN: "0"}},
-                       "policyTypes": ["Egress"],
-                       "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}
+    opened = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "rbac-probe", "namespace": ns},
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_RUN: "0"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}],
+        },
+    }
     async with node_client(release, admin, monkeypatch, tmp_path) as kube:
         refused = {
             # secrets: no reading (the answer to a patch carries the data), no changing
-            "patch secrets": kube.merge_patch(f"/api/v1/namespaces/{ns}/secrets/{FULLNAME}",
-                                              {"metadata": {"labels": {"x": "y"}}}, what="t"),
+            "patch secrets": kube.merge_patch(
+                f"/api/v1/namespaces/{ns}/secrets/{FULLNAME}",
+                {"metadata": {"labels": {"x": "y"}}},
+                what="t",
+            ),
             # network policies: no writing, so no opening its runs' egress
             "create networkpolicies": kube.create(policies, opened, what="t"),
-            "apply networkpolicies": kube.apply(f"{policies}/rbac-probe", opened,
-                                                field_manager="fednode", what="t"),
+            "apply networkpolicies": kube.apply(
+                f"{policies}/rbac-probe", opened, field_manager="fednode", what="t"
+            ),
             "patch its runs' policy": kube.merge_patch(
-                f"{policies}/{deny}", {"spec": {"policyTypes": ["Ingress"]}}, what="t"),
+                f"{policies}/{deny}", {"spec": {"policyTypes": ["Ingress"]}}, what="t"
+            ),
             "delete its runs' policy": kube.delete(f"{policies}/{deny}", what="t"),
             "get another policy": kube.get(f"{policies}/{FULLNAME}-node", what="t"),
             # its own API key, and any other secret, cannot be read or listed
-            "get its api-key secret": kube.get(f"/api/v1/namespaces/{ns}/secrets/{FULLNAME}",
-                                               what="t"),
+            "get its api-key secret": kube.get(
+                f"/api/v1/namespaces/{ns}/secrets/{FULLNAME}", what="t"
+            ),
             "list secrets": kube.get(f"/api/v1/namespaces/{ns}/secrets", what="t"),
-            "list secrets elsewhere": kube.get(f"/api/v1/namespaces/{elsewhere}/secrets",
-                                               what="t"),
+            "list secrets elsewhere": kube.get(f"/api/v1/namespaces/{elsewhere}/secrets", what="t"),
             "list secrets cluster-wide": kube.get("/api/v1/secrets", what="t"),
             "create secrets elsewhere": kube.create(
                 f"/api/v1/namespaces/{elsewhere}/secrets",
-                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}, what="t"),
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}},
+                what="t",
+            ),
             # namespaces: only reading its own
             "list namespaces": kube.get("/api/v1/namespaces", what="t"),
             "get another namespace": kube.get(f"/api/v1/namespaces/{elsewhere}", what="t"),
             "create namespaces": kube.create(
                 "/api/v1/namespaces",
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}, what="t"),
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}},
+                what="t",
+            ),
             "label its namespace": kube.merge_patch(
                 f"/api/v1/namespaces/{ns}",
                 {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "privileged"}}},
-                what="t"),
+                what="t",
+            ),
             # cluster-scoped objects
             "list nodes": kube.get("/api/v1/nodes", what="t"),
             "list persistentvolumes": kube.get("/api/v1/persistentvolumes", what="t"),
-            "list clusterroles": kube.get("/apis/rbac.authorization.k8s.io/v1/clusterroles",
-                                          what="t"),
+            "list clusterroles": kube.get(
+                "/apis/rbac.authorization.k8s.io/v1/clusterroles", what="t"
+            ),
             # work outside its namespace, or not through Jobs
             "list jobs cluster-wide": kube.get("/apis/batch/v1/jobs", what="t"),
-            "list jobs elsewhere": kube.get(f"/apis/batch/v1/namespaces/{elsewhere}/jobs",
-                                            what="t"),
+            "list jobs elsewhere": kube.get(
+                f"/apis/batch/v1/namespaces/{elsewhere}/jobs", what="t"
+            ),
             "list pods elsewhere": kube.get(f"/api/v1/namespaces/{elsewhere}/pods", what="t"),
             "create pods": kube.create(
                 f"/api/v1/namespaces/{ns}/pods",
-                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
-                 "spec": {"containers": [{"name": "c", "image": "busybox"}]}}, what="t"),
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "x"},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+                },
+                what="t",
+            ),
             "delete pods": kube.delete(f"/api/v1/namespaces/{ns}/pods/x", what="t"),
-            "read its configmap": kube.get(f"/api/v1/namespaces/{ns}/configmaps/{FULLNAME}",
-                                           what="t"),
+            "read its configmap": kube.get(
+                f"/api/v1/namespaces/{ns}/configmaps/{FULLNAME}", what="t"
+            ),
             "change its deployment": kube.merge_patch(
                 f"/apis/apps/v1/namespaces/{ns}/deployments/{FULLNAME}",
-                {"spec": {"replicas": 2}}, what="t"),
+                {"spec": {"replicas": 2}},
+                what="t",
+            ),
             # no way to widen its own rights, or its network policy
             "change its role": kube.merge_patch(
                 f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/{FULLNAME}-executor",
-                {"rules": []}, what="t"),
+                {"rules": []},
+                what="t",
+            ),
             "create rolebindings": kube.create(
                 f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
-                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                 "metadata": {"name": "x"},
-                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                             "name": "admin"},
-                 "subjects": [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": ns}]},
-                what="t"),
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": "x"},
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "ClusterRole",
+                        "name": "admin",
+                    },
+                    "subjects": [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": ns}],
+                },
+                what="t",
+            ),
             "delete its network policy": kube.delete(
                 f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{FULLNAME}-node",
-                what="t"),
+                what="t",
+            ),
         }
         statuses = {what: await status_of(call) for what, call in refused.items()}
 
@@ -552,8 +724,9 @@ async def test_the_node_token_is_refused_secrets_namespaces_and_anything_cluster
 # -- a task end to end ------------------------------------------------------------------------
 
 
-async def wait_for_running_pod(core: Any, namespace: str, selector: str,
-                               timeout: float = 30) -> Any:
+async def wait_for_running_pod(
+    core: Any, namespace: str, selector: str, timeout: float = 30
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         pods = await core.list_namespaced_pod(namespace, label_selector=selector)
@@ -565,13 +738,15 @@ async def wait_for_running_pod(core: Any, namespace: str, selector: str,
         await asyncio.sleep(0.2)
 
 
-async def wait_for_endpoints(admin: Any, namespace: str, service: str,
-                             timeout: float = 30) -> list[str]:
+async def wait_for_endpoints(
+    admin: Any, namespace: str, service: str, timeout: float = 30
+) -> list[str]:
     discovery = client.DiscoveryV1Api(admin)
     deadline = time.monotonic() + timeout
     while True:
         slices = await discovery.list_namespaced_endpoint_slice(
-            namespace, label_selector=f"kubernetes.io/service-name={service}")
+            namespace, label_selector=f"kubernetes.io/service-name={service}"
+        )
         addresses = [a for s in slices.items for e in (s.endpoints or []) for a in e.addresses]
         if addresses:
             return addresses
@@ -604,8 +779,10 @@ class Container:
         core = client.CoreV1Api(self.admin)
         async with watch.Watch() as stream:
             async for event in stream.stream(
-                core.list_namespaced_pod, self.namespace,
-                label_selector=f"{LABEL_NODE}={self.node_name}", timeout_seconds=300,
+                core.list_namespaced_pod,
+                self.namespace,
+                label_selector=f"{LABEL_NODE}={self.node_name}",
+                timeout_seconds=300,
                 _preload_content=False,
             ):
                 pod = event["raw_object"]
@@ -625,8 +802,9 @@ async def wait_until_ready(node: Node, running: asyncio.Task[None], timeout: flo
         await node.state.socket.connected.wait()
 
     waiter = asyncio.create_task(ready())
-    done, _ = await asyncio.wait({waiter, running}, timeout=timeout,
-                                 return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait(
+        {waiter, running}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+    )
     if running in done:
         waiter.cancel()
         running.result()  # the node's start-up error
@@ -647,18 +825,26 @@ def http_status(url: str) -> int:
 @pytest.mark.v6server
 @pytest.mark.parametrize("release", ["ReadWriteMany", "ReadWriteOnce"], indirect=True)
 async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_task_end_to_end(
-    release: Release, admin: Any, v6_plain: V6Collaboration, collector: Collector,
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    release: Release,
+    admin: Any,
+    v6_plain: V6Collaboration,
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     core = client.CoreV1Api(admin)
     deployment = await client.AppsV1Api(admin).read_namespaced_deployment(
-        FULLNAME, release.namespace)
+        FULLNAME, release.namespace
+    )
     (node_container,) = deployment.spec.template.spec.containers
     # ReadWriteOnce: the downward API gives the node its pod's Kubernetes node
     pinned = any(e.name == "FEDNODE_EXECUTOR__KUBERNETES_NODE" for e in node_container.env)
     if pinned:
-        node_pod = await wait_for_running_pod(core, release.namespace, ",".join(
-            f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items()))
+        node_pod = await wait_for_running_pod(
+            core,
+            release.namespace,
+            ",".join(f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items()),
+        )
         monkeypatch.setenv("FEDNODE_EXECUTOR__KUBERNETES_NODE", node_pod.spec.node_name)
     # what the pod would mount: the ConfigMap's node.yaml, the Secret's key as env
     config_map = await core.read_namespaced_config_map(FULLNAME, release.namespace)
@@ -673,8 +859,13 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
     databases = [{**db, "uri": str(EMPLOYEES_A)} for db in rendered["databases"]]
     token = await service_account_token(admin, release)
 
-    with in_cluster(monkeypatch, tmp_path / "serviceaccount", token=token,
-                    admin_kubeconfig=release.admin_kubeconfig, namespace=release.namespace):
+    with in_cluster(
+        monkeypatch,
+        tmp_path / "serviceaccount",
+        token=token,
+        admin_kubeconfig=release.admin_kubeconfig,
+        namespace=release.namespace,
+    ):
         settings = load_settings(node_yaml, task_dir=task_dir, databases=databases)
         node = Node(settings, shutdown_grace=5.0)
         stop = asyncio.Event()
@@ -685,13 +876,16 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
             assert await asyncio.to_thread(http_status, f"{health}/readyz") == 200
             assert await asyncio.to_thread(http_status, f"{health}/healthz") == 200
 
-            async with Container(admin, release.namespace, release.node_name,
-                                 task_dir) as container:
+            async with Container(
+                admin, release.namespace, release.node_name, task_dir
+            ) as container:
                 task = await asyncio.to_thread(
-                    v6_plain.create_task, input_=PARTIAL, image="localhost/fednode/average",
-                    organizations=[v6_plain.org_a.id])
-                await asyncio.to_thread(v6_plain.user.wait_for_results, task["id"],
-                                        timeout=90)
+                    v6_plain.create_task,
+                    input_=PARTIAL,
+                    image="localhost/fednode/average",
+                    organizations=[v6_plain.org_a.id],
+                )
+                await asyncio.to_thread(v6_plain.user.wait_for_results, task["id"], timeout=90)
                 results = await asyncio.to_thread(v6_plain.user.result_values, task["id"])
                 runs = await asyncio.to_thread(v6_plain.user.runs, task["id"])
         finally:
@@ -705,28 +899,42 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
     assert collector.names() == {"run", "admit", "start", "execute", "upload"}
     assert collector.run_of(task["id"])["fednode.executor"] == "kubernetes"
     assert collector.services == {"fednode-helm-test"}
-    (pod,) = [p for p in container.pods.values()
-              if p["metadata"]["labels"].get("fednode.io/task-id") == str(task["id"])]
+    (pod,) = [
+        p
+        for p in container.pods.values()
+        if p["metadata"]["labels"].get("fednode.io/task-id") == str(task["id"])
+    ]
     # the run was told to call the proxy Service, on the proxy's port
-    env = {e["name"]: decode_value(e["value"]) for e in pod["spec"]["containers"][0]["env"]
-           if e["name"] in ("HOST", "PORT")}
+    env = {
+        e["name"]: decode_value(e["value"])
+        for e in pod["spec"]["containers"][0]["env"]
+        if e["name"] in ("HOST", "PORT")
+    }
     assert env["HOST"] == f"http://{FULLNAME}-proxy.{release.namespace}.svc.cluster.local"
     assert env["PORT"] == str(release.proxy_port)
     if pinned:  # on the Kubernetes node that has the node pod (and its RWO claim)
         assert pod["spec"]["nodeName"] == node_pod.spec.node_name
         (term,) = pod["spec"]["affinity"]["nodeAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
         assert node_pod.spec.node_name in str(term)
     # and mounted the chart's claims: the task directory and the database
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
-              if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {f"{FULLNAME}-tasks", f"{FULLNAME}-db-default"}
 
     # the runs' NetworkPolicies the chart rendered (the node verified) let them reach
     # exactly the node pod
-    listed = await as_json(client.NetworkingV1Api(admin).list_namespaced_network_policy(
-        release.namespace, label_selector=f"{LABEL_NODE}={release.node_name}",
-        _preload_content=False))
+    listed = await as_json(
+        client.NetworkingV1Api(admin).list_namespaced_network_policy(
+            release.namespace,
+            label_selector=f"{LABEL_NODE}={release.node_name}",
+            _preload_content=False,
+        )
+    )
     policies = {p["metadata"]["name"]: p["spec"] for p in listed["items"]}
     prefix = f"fednode-runs-{release.node_name}"
     assert set(policies) == {f"{prefix}-default-deny", f"{prefix}-egress"}
@@ -734,8 +942,10 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
     service = await core.read_namespaced_service(f"{FULLNAME}-proxy", release.namespace)
     assert to_proxy["to"][0]["podSelector"]["matchLabels"] == service.spec.selector
     assert to_proxy["ports"] == [{"port": release.proxy_port, "protocol": "TCP"}]
-    node_pods = await core.list_namespaced_pod(release.namespace, label_selector=",".join(
-        f"{k}={v}" for k, v in service.spec.selector.items()))
+    node_pods = await core.list_namespaced_pod(
+        release.namespace,
+        label_selector=",".join(f"{k}={v}" for k, v in service.spec.selector.items()),
+    )
     assert len(node_pods.items) == 1  # the Deployment's pod carries those labels
     assert to_dns["ports"][0]["port"] == 53
 
@@ -748,47 +958,84 @@ def node_image() -> str:
     """localhost/fednode/node built by scripts/node-image (a no-op when the sources match
     an image already built)."""
     began = time.monotonic()
-    result = subprocess.run([str(REPO / "scripts" / "node-image")], capture_output=True,
-                            text=True, check=False, timeout=900)
+    result = subprocess.run(
+        [str(REPO / "scripts" / "node-image")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
     if result.returncode != 0:
         pytest.fail(f"scripts/node-image failed:\n{result.stderr[-4000:]}", pytrace=False)
     image = result.stdout.strip().splitlines()[-1]
-    print(f"node image {image}: {time.monotonic() - began:.1f} s "
-          f"({result.stderr.strip().splitlines()[-1]})")
+    print(
+        f"node image {image}: {time.monotonic() - began:.1f} s "
+        f"({result.stderr.strip().splitlines()[-1]})"
+    )
     return image
 
 
-def podman(*args: str, check: bool = True, timeout: float = 120
-           ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["podman", *args], capture_output=True, text=True, check=False,
-                            timeout=timeout)
+def podman(
+    *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        ["podman", *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)}: {result.stderr[-3000:]}")
     return result
 
 
 #: How the chart runs the node container (deployment.yaml securityContext), in podman terms.
-RESTRICTED = ("--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
-              "--security-opt", "no-new-privileges", "--user", "10001:10001")
+RESTRICTED = (
+    "--read-only",
+    "--tmpfs",
+    "/tmp",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges",
+    "--user",
+    "10001:10001",
+)
 
 
 @pytest.mark.podman
 def test_the_node_image_checks_the_charts_config_as_uid_10001_with_a_read_only_root(
-    node_image: str, tmp_path: Path,
+    node_image: str,
+    tmp_path: Path,
 ) -> None:
     from tests.unit.test_helm_support import REQUIRED_VALUES, merged, node_yaml, render
 
-    values = merged(REQUIRED_VALUES, {"databases": [
-        {"label": "default", "type": "csv", "file": EMPLOYEES_A.name, "claim": "data"}]})
+    values = merged(
+        REQUIRED_VALUES,
+        {
+            "databases": [
+                {"label": "default", "type": "csv", "file": EMPLOYEES_A.name, "claim": "data"}
+            ]
+        },
+    )
     config = tmp_path / "node.yaml"
     config.write_text(yaml.safe_dump(node_yaml(render(values, tmp_path))))
 
     user = podman("run", "--rm", *RESTRICTED, "--entrypoint", "id", node_image)
     checked = podman(
-        "run", "--rm", *RESTRICTED, "-e", "FEDNODE_API_KEY=from-the-secret",
-        "-v", f"{config}:/etc/fednode/node.yaml:ro",
-        "-v", f"{EMPLOYEES_A}:/mnt/data/default/{EMPLOYEES_A.name}:ro",
-        node_image, "config", "check", "-c", "/etc/fednode/node.yaml", check=False)
+        "run",
+        "--rm",
+        *RESTRICTED,
+        "-e",
+        "FEDNODE_API_KEY=from-the-secret",
+        "-v",
+        f"{config}:/etc/fednode/node.yaml:ro",
+        "-v",
+        f"{EMPLOYEES_A}:/mnt/data/default/{EMPLOYEES_A.name}:ro",
+        node_image,
+        "config",
+        "check",
+        "-c",
+        "/etc/fednode/node.yaml",
+        check=False,
+    )
 
     assert user.stdout.startswith("uid=10001(fednode) gid=10001(fednode)")
     assert checked.returncode == 0, checked.stderr
@@ -800,8 +1047,12 @@ def test_the_node_image_checks_the_charts_config_as_uid_10001_with_a_read_only_r
 @pytest.mark.podman
 @pytest.mark.v6server
 async def test_the_node_image_runs_a_task_with_the_mounted_service_account(
-    release: Release, admin: Any, v6_plain: V6Collaboration, collector: Collector,
-    node_image: str, tmp_path: Path,
+    release: Release,
+    admin: Any,
+    v6_plain: V6Collaboration,
+    collector: Collector,
+    node_image: str,
+    tmp_path: Path,
 ) -> None:
     """No stand-ins in the process: the image's own entrypoint, the installed node.yaml,
     and the service account's files where the kubelet mounts them; the in-cluster loader
@@ -812,8 +1063,11 @@ async def test_the_node_image_runs_a_task_with_the_mounted_service_account(
     (tmp_path / "node.yaml").write_text(config_map.data["node.yaml"])
     account = tmp_path / "serviceaccount"
     host, port = service_account_files(
-        account, admin_kubeconfig=release.admin_kubeconfig,
-        token=await service_account_token(admin, release), namespace=release.namespace)
+        account,
+        admin_kubeconfig=release.admin_kubeconfig,
+        token=await service_account_token(admin, release),
+        namespace=release.namespace,
+    )
     for path in account.iterdir():
         path.chmod(0o644)
     task_dir = tmp_path / "tasks"
@@ -821,14 +1075,29 @@ async def test_the_node_image_runs_a_task_with_the_mounted_service_account(
     os.chown(task_dir, 10001, 10001)
     name = f"fednode-helm-{uuid.uuid4().hex[:8]}"
     podman(
-        "run", "-d", "--name", name, "--network", "host", *RESTRICTED,
-        "-e", f"FEDNODE_API_KEY={base64.b64decode(secret.data['api-key']).decode()}",
-        "-e", f"KUBERNETES_SERVICE_HOST={host}", "-e", f"KUBERNETES_SERVICE_PORT={port}",
-        "-v", f"{tmp_path / 'node.yaml'}:/etc/fednode/node.yaml:ro",
-        "-v", f"{account}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
-        "-v", f"{task_dir}:/var/lib/fednode/tasks",
-        "-v", f"{EMPLOYEES_A}:/mnt/data/default/{EMPLOYEES_A.name}:ro",
-        node_image)
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        *RESTRICTED,
+        "-e",
+        f"FEDNODE_API_KEY={base64.b64decode(secret.data['api-key']).decode()}",
+        "-e",
+        f"KUBERNETES_SERVICE_HOST={host}",
+        "-e",
+        f"KUBERNETES_SERVICE_PORT={port}",
+        "-v",
+        f"{tmp_path / 'node.yaml'}:/etc/fednode/node.yaml:ro",
+        "-v",
+        f"{account}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
+        "-v",
+        f"{task_dir}:/var/lib/fednode/tasks",
+        "-v",
+        f"{EMPLOYEES_A}:/mnt/data/default/{EMPLOYEES_A.name}:ro",
+        node_image,
+    )
     try:
         health = f"http://127.0.0.1:{release.health_port}"
         deadline = time.monotonic() + 60
@@ -837,8 +1106,11 @@ async def test_the_node_image_runs_a_task_with_the_mounted_service_account(
             await asyncio.sleep(0.5)
         async with Container(admin, release.namespace, release.node_name, task_dir):
             task = await asyncio.to_thread(
-                v6_plain.create_task, input_=PARTIAL, image="localhost/fednode/average",
-                organizations=[v6_plain.org_a.id])
+                v6_plain.create_task,
+                input_=PARTIAL,
+                image="localhost/fednode/average",
+                organizations=[v6_plain.org_a.id],
+            )
             await asyncio.to_thread(v6_plain.user.wait_for_results, task["id"], timeout=90)
             results = await asyncio.to_thread(v6_plain.user.result_values, task["id"])
         stopped = podman("stop", "--time", "30", name)

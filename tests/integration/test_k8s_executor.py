@@ -68,8 +68,9 @@ async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def role_kubeconfig(k8s_testbed: K8sTestbed, k8s_namespace: str, admin: Any
-                          ) -> AsyncIterator[Path]:
+async def role_kubeconfig(
+    k8s_testbed: K8sTestbed, k8s_namespace: str, admin: Any
+) -> AsyncIterator[Path]:
     """A ServiceAccount bound to exactly the executor's Role (never admin), in a namespace
     that has the task-directory claim and the runs' NetworkPolicies (as the chart sets it
     up)."""
@@ -107,7 +108,8 @@ async def events(executor: KubernetesExecutor, task_dir: Path) -> AsyncIterator[
 async def read_job(admin: Any, namespace: str, run_id: int) -> dict[str, Any]:
     """The run's Job as plain JSON (as the executor itself sees it)."""
     raw = await client.BatchV1Api(admin).read_namespaced_job(
-        job_name(NODE, run_id), namespace, _preload_content=False)
+        job_name(NODE, run_id), namespace, _preload_content=False
+    )
     job: dict[str, Any] = await raw.json()
     return job
 
@@ -126,7 +128,10 @@ async def exists(call: Any, *args: Any) -> bool:
 
 
 async def test_a_run_is_reported_pending_to_succeeded_and_its_output_collected(
-    executor: KubernetesExecutor, events: EventLog, task_dir: Path, admin: Any,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    task_dir: Path,
+    admin: Any,
     k8s_namespace: str,
 ) -> None:
     await executor.start(make_spec(1))
@@ -143,10 +148,12 @@ async def test_a_run_is_reported_pending_to_succeeded_and_its_output_collected(
     core = client.CoreV1Api(admin)
     await executor.cleanup(1)
     assert not (task_dir / "run-1").exists()
-    assert not await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 1),
-                            k8s_namespace)
-    assert await executor.list_runs() == [] or all(s.run_id != 1
-                                                   for s in await executor.list_runs())
+    assert not await exists(
+        client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 1), k8s_namespace
+    )
+    assert await executor.list_runs() == [] or all(
+        s.run_id != 1 for s in await executor.list_runs()
+    )
     # the token Secret goes with the Job (owner reference, garbage collector)
     deadline = time.monotonic() + 20
     while await exists(core.read_namespaced_secret, secret_name(NODE, 1), k8s_namespace):
@@ -155,7 +162,10 @@ async def test_a_run_is_reported_pending_to_succeeded_and_its_output_collected(
 
 
 async def test_the_job_is_locked_down_labelled_and_carries_what_a_restart_needs(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
     task_dir: Path,
 ) -> None:
     spec = make_spec(2, annotations={POD_RUN_SECONDS: "forever"})
@@ -181,8 +191,10 @@ async def test_the_job_is_locked_down_labelled_and_carries_what_a_restart_needs(
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert context["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert container["resources"] == {"requests": {"cpu": "500m", "memory": "256Mi"},
-                                      "limits": {"cpu": "500m", "memory": "256Mi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "256Mi"},
+        "limits": {"cpu": "500m", "memory": "256Mi"},
+    }
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/mnt/task"]["subPath"] == "run-2"
     assert mounts["/mnt/task/token"]["readOnly"] is True
@@ -192,14 +204,18 @@ async def test_the_job_is_locked_down_labelled_and_carries_what_a_restart_needs(
     assert (task_dir / "run-2" / "input").read_bytes() == spec.input
     # the pod was admitted under Pod Security restricted (the namespace enforces it)
     pods = await client.CoreV1Api(admin).list_namespaced_pod(
-        k8s_namespace, label_selector=f"{LABEL_RUN}=2")
+        k8s_namespace, label_selector=f"{LABEL_RUN}=2"
+    )
     assert len(pods.items) == 1 and pods.items[0].status.phase == "Running"
     await executor.kill(2)
     await events.wait_terminal(2)
 
 
 async def test_start_is_idempotent_and_a_repeated_start_creates_nothing(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
 ) -> None:
     spec = make_spec(3, annotations={POD_RUN_SECONDS: "forever"})
     await asyncio.gather(executor.start(spec), executor.start(spec))
@@ -208,7 +224,8 @@ async def test_start_is_idempotent_and_a_repeated_start_creates_nothing(
     await executor.start(spec)  # known to the informer: not even a request
     assert executor.requests.get("create jobs", 0) == before
     jobs = await client.BatchV1Api(admin).list_namespaced_job(
-        k8s_namespace, label_selector=f"{LABEL_RUN}=3")
+        k8s_namespace, label_selector=f"{LABEL_RUN}=3"
+    )
     assert len(jobs.items) == 1
     await executor.kill(3)
     await events.wait_terminal(3)
@@ -219,7 +236,10 @@ async def test_start_is_idempotent_and_a_repeated_start_creates_nothing(
 
 @pytest.mark.slow
 async def test_200_runs_started_at_once_each_reported_once_even_when_finishing_together(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
 ) -> None:
     run_ids = list(range(100, 300))
     # every pod runs 2 s after it starts: kwok finishes many of them in the same instant
@@ -237,8 +257,9 @@ async def test_200_runs_started_at_once_each_reported_once_even_when_finishing_t
         assert events.phases(r)[-2:] == [Phase.RUNNING, Phase.SUCCEEDED]
     # completions landing in the same instant (kwok stamps finishedAt to the second)
     pods = await client.CoreV1Api(admin).list_namespaced_pod(k8s_namespace)
-    finished = Counter(p.status.container_statuses[0].state.terminated.finished_at
-                       for p in pods.items)
+    finished = Counter(
+        p.status.container_statuses[0].state.terminated.finished_at for p in pods.items
+    )
     assert max(finished.values()) >= 5, finished
 
     outputs = await asyncio.gather(*(executor.collect(r) for r in run_ids))
@@ -252,7 +273,10 @@ async def test_200_runs_started_at_once_each_reported_once_even_when_finishing_t
 
 
 async def test_kill_deletes_the_job_and_reports_killed(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
 ) -> None:
     await executor.start(make_spec(4, annotations={POD_RUN_SECONDS: "forever"}))
     await events.wait_phase(4, Phase.RUNNING)
@@ -260,8 +284,9 @@ async def test_kill_deletes_the_job_and_reports_killed(
     await events.wait_terminal(4)
     final = events.terminal(4)
     assert final is not None and (final.phase, final.reason) == (Phase.KILLED, Reason.KILLED)
-    assert not await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 4),
-                            k8s_namespace)
+    assert not await exists(
+        client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 4), k8s_namespace
+    )
     # the Job is gone, but until cleanup the run is listed as it ended
     assert [(s.run_id, s.phase) for s in await executor.list_runs()] == [(4, Phase.KILLED)]
     await executor.kill(4)  # again, and an unknown run: both ignored
@@ -271,7 +296,10 @@ async def test_kill_deletes_the_job_and_reports_killed(
 
 
 async def test_a_kill_racing_the_start_still_kills_the_run(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
 ) -> None:
     spec = make_spec(9, annotations={POD_RUN_SECONDS: "forever"})
     await asyncio.gather(executor.start(spec), executor.kill(9))  # the kill finds no Job yet
@@ -279,15 +307,16 @@ async def test_a_kill_racing_the_start_still_kills_the_run(
     final = events.terminal(9)
     assert final is not None and final.phase is Phase.KILLED
     await executor.start(spec)  # a start after the kill creates nothing
-    assert not await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 9),
-                            k8s_namespace)
+    assert not await exists(
+        client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 9), k8s_namespace
+    )
 
 
 async def test_a_run_past_its_deadline_fails_with_deadline_exceeded(
-    executor: KubernetesExecutor, events: EventLog,
+    executor: KubernetesExecutor,
+    events: EventLog,
 ) -> None:
-    await executor.start(make_spec(5, annotations={POD_RUN_SECONDS: "forever"},
-                                   deadline_seconds=2))
+    await executor.start(make_spec(5, annotations={POD_RUN_SECONDS: "forever"}, deadline_seconds=2))
     await events.wait_terminal(5, timeout=30)
     final = events.terminal(5)
     assert final is not None
@@ -295,11 +324,17 @@ async def test_a_run_past_its_deadline_fails_with_deadline_exceeded(
 
 
 async def test_an_image_that_cannot_be_pulled_fails_fast_and_its_job_is_removed(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
 ) -> None:
     began = time.monotonic()
-    await executor.start(make_spec(6, annotations={POD_IMAGE_MISSING: "true"},
-                                   image="registry.example/missing/nothing:1"))
+    await executor.start(
+        make_spec(
+            6, annotations={POD_IMAGE_MISSING: "true"}, image="registry.example/missing/nothing:1"
+        )
+    )
     await events.wait_terminal(6, timeout=30)
     final = events.terminal(6)
     assert final is not None
@@ -307,8 +342,9 @@ async def test_an_image_that_cannot_be_pulled_fails_fast_and_its_job_is_removed(
     assert "ErrImagePull" in final.message
     assert time.monotonic() - began < 10
     deadline = time.monotonic() + 20
-    while await exists(client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 6),
-                       k8s_namespace):
+    while await exists(
+        client.BatchV1Api(admin).read_namespaced_job, job_name(NODE, 6), k8s_namespace
+    ):
         assert time.monotonic() < deadline, "the Job of a run with a bad image lingers"
         await asyncio.sleep(0.2)
     assert (await executor.collect(6)).log == ""
@@ -320,8 +356,11 @@ async def test_an_image_that_cannot_be_pulled_fails_fast_and_its_job_is_removed(
     ids=["exit-3", "oom-killed"],
 )
 async def test_a_failing_container_is_reported_with_its_reason_and_exit_code(
-    executor: KubernetesExecutor, events: EventLog, annotations: dict[str, str],
-    reason: Reason, exit_code: int,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    annotations: dict[str, str],
+    reason: Reason,
+    exit_code: int,
 ) -> None:
     await executor.start(make_spec(7, annotations=annotations))
     await events.wait_terminal(7)
@@ -332,12 +371,16 @@ async def test_a_failing_container_is_reported_with_its_reason_and_exit_code(
 
 
 async def test_a_job_deleted_behind_the_executors_back_is_reported_lost(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
 ) -> None:
     await executor.start(make_spec(8, annotations={POD_RUN_SECONDS: "forever"}))
     await events.wait_phase(8, Phase.RUNNING)
     await client.BatchV1Api(admin).delete_namespaced_job(
-        job_name(NODE, 8), k8s_namespace, propagation_policy="Background")
+        job_name(NODE, 8), k8s_namespace, propagation_policy="Background"
+    )
     await events.wait_terminal(8)
     final = events.terminal(8)
     assert final is not None and (final.phase, final.reason) == (Phase.FAILED, Reason.LOST)
@@ -354,13 +397,17 @@ async def test_collect_of_a_run_never_seen_is_an_unknown_run(
 
 
 async def test_a_gpu_run_lands_on_the_gpu_node_and_the_next_waits_while_gpus_are_taken(
-    executor: KubernetesExecutor, events: EventLog, admin: Any, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    admin: Any,
+    k8s_namespace: str,
 ) -> None:
     forever = {POD_RUN_SECONDS: "forever"}
     await executor.start(make_spec(10, annotations=forever, gpus=4))
     await events.wait_phase(10, Phase.RUNNING)
     pods = await client.CoreV1Api(admin).list_namespaced_pod(
-        k8s_namespace, label_selector=f"{LABEL_RUN}=10")
+        k8s_namespace, label_selector=f"{LABEL_RUN}=10"
+    )
     assert pods.items[0].spec.node_name == GPU_NODE
     assert pods.items[0].spec.containers[0].resources.limits["nvidia.com/gpu"] == "4"
 
@@ -370,13 +417,15 @@ async def test_a_gpu_run_lands_on_the_gpu_node_and_the_next_waits_while_gpus_are
     assert events.phases(11) == [Phase.STARTING]
     assert {s.run_id: s.phase for s in await executor.list_runs()}[11] is Phase.STARTING
     pods = await client.CoreV1Api(admin).list_namespaced_pod(
-        k8s_namespace, label_selector=f"{LABEL_RUN}=11")
+        k8s_namespace, label_selector=f"{LABEL_RUN}=11"
+    )
     assert pods.items[0].spec.node_name is None  # unschedulable: Insufficient nvidia.com/gpu
 
     await executor.kill(10)  # frees the GPUs: the waiting run is scheduled and runs
     await events.wait_phase(11, Phase.RUNNING, timeout=30)
     pods = await client.CoreV1Api(admin).list_namespaced_pod(
-        k8s_namespace, label_selector=f"{LABEL_RUN}=11")
+        k8s_namespace, label_selector=f"{LABEL_RUN}=11"
+    )
     assert pods.items[0].spec.node_name == GPU_NODE
     await executor.kill(11)
     await events.wait_terminal([10, 11])
@@ -386,8 +435,11 @@ async def test_a_gpu_run_lands_on_the_gpu_node_and_the_next_waits_while_gpus_are
 
 
 async def test_the_role_suffices_and_cluster_scoped_or_foreign_requests_are_refused(
-    executor: KubernetesExecutor, events: EventLog, k8s_testbed: K8sTestbed,
-    role_kubeconfig: Path, k8s_namespace: str,
+    executor: KubernetesExecutor,
+    events: EventLog,
+    k8s_testbed: K8sTestbed,
+    role_kubeconfig: Path,
+    k8s_namespace: str,
 ) -> None:
     # everything above ran as this ServiceAccount; one full run here for good measure
     await executor.start(make_spec(12))
@@ -416,7 +468,10 @@ async def test_the_role_suffices_and_cluster_scoped_or_foreign_requests_are_refu
 
 
 async def test_open_verifies_the_charts_network_policies_and_refuses_missing_or_changed_ones(
-    executor: KubernetesExecutor, admin: Any, k8s_namespace: str, role_kubeconfig: Path,
+    executor: KubernetesExecutor,
+    admin: Any,
+    k8s_namespace: str,
+    role_kubeconfig: Path,
     task_dir: Path,
 ) -> None:
     # the executor (open, as the fixture's) only read them: the objects are the chart's
@@ -428,12 +483,17 @@ async def test_open_verifies_the_charts_network_policies_and_refuses_missing_or_
     deny_name, egress_name = names  # <prefix>-default-deny, <prefix>-egress
 
     def opening() -> KubernetesExecutor:
-        return KubernetesExecutor(settings_for(k8s_namespace, role_kubeconfig),
-                                  context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+        return KubernetesExecutor(
+            settings_for(k8s_namespace, role_kubeconfig),
+            context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+        )
 
     # widened behind the node's back: egress anywhere
-    await api.patch_namespaced_network_policy(egress_name, k8s_namespace, {"spec": {
-        "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}})
+    await api.patch_namespaced_network_policy(
+        egress_name,
+        k8s_namespace,
+        {"spec": {"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}},
+    )
     with pytest.raises(ExecutorError, match=f"{egress_name}.*differs.*0.0.0.0/0"):
         await opening().open()
     # gone
@@ -443,31 +503,44 @@ async def test_open_verifies_the_charts_network_policies_and_refuses_missing_or_
 
 
 async def test_the_node_token_cannot_write_network_policies_nor_read_or_patch_secrets(
-    executor: KubernetesExecutor, admin: Any, k8s_namespace: str, role_kubeconfig: Path,
+    executor: KubernetesExecutor,
+    admin: Any,
+    k8s_namespace: str,
+    role_kubeconfig: Path,
 ) -> None:
     policies = f"/apis/networking.k8s.io/v1/namespaces/{k8s_namespace}/networkpolicies"
     secrets = f"/api/v1/namespaces/{k8s_namespace}/secrets"
     name = next(iter(executor_policy_names(k8s_namespace)))
-    await client.CoreV1Api(admin).create_namespaced_secret(k8s_namespace, {
-        "metadata": {"name": "someone-elses"}, "stringData": {"k": "v"}})
-    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-              "metadata": {"name": "open-egress"},
-              "spec": {"podSelector": {}, "policyTypes": ["Egress"],
-                       "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}
+    await client.CoreV1Api(admin).create_namespaced_secret(
+        k8s_namespace, {"metadata": {"name": "someone-elses"}, "stringData": {"k": "v"}}
+    )
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "open-egress"},
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}],
+        },
+    }
     api = await connect(kubeconfig=role_kubeconfig, context=None, max_connections=4)
     kube = KubeClient(api, request_timeout=10)
     try:
         calls = {
             "create networkpolicies": kube.create(policies, policy, what="t"),
-            "apply networkpolicies": kube.apply(f"{policies}/open-egress", policy,
-                                                field_manager="fednode", what="t"),
+            "apply networkpolicies": kube.apply(
+                f"{policies}/open-egress", policy, field_manager="fednode", what="t"
+            ),
             "patch its runs' policy": kube.merge_patch(
-                f"{policies}/{name}", {"spec": {"egress": [{}]}}, what="t"),
+                f"{policies}/{name}", {"spec": {"egress": [{}]}}, what="t"
+            ),
             "delete its runs' policy": kube.delete(f"{policies}/{name}", what="t"),
             "get another policy": kube.get(f"{policies}/open-egress", what="t"),
             "get secrets": kube.get(f"{secrets}/someone-elses", what="t"),
-            "patch secrets": kube.merge_patch(f"{secrets}/someone-elses",
-                                              {"stringData": {"k": "w"}}, what="t"),
+            "patch secrets": kube.merge_patch(
+                f"{secrets}/someone-elses", {"stringData": {"k": "w"}}, what="t"
+            ),
         }
         statuses = {}
         for what, call in calls.items():
@@ -483,26 +556,32 @@ async def test_the_node_token_cannot_write_network_policies_nor_read_or_patch_se
 
 def executor_policy_names(namespace: str) -> tuple[str, ...]:
     settings = settings_for(namespace, Path("unused"))
-    return tuple(p["metadata"]["name"]
-                 for p in run_network_policy_manifests(settings, node_name=NODE))
+    return tuple(
+        p["metadata"]["name"] for p in run_network_policy_manifests(settings, node_name=NODE)
+    )
 
 
 async def test_out_of_a_cluster_the_executor_can_apply_the_policies_itself_idempotently(
-    k8s_testbed: K8sTestbed, admin: Any, task_dir: Path,
+    k8s_testbed: K8sTestbed,
+    admin: Any,
+    task_dir: Path,
 ) -> None:
     namespace = await k8s_testbed.create_namespace("fednode-apply")
     try:
         async with task_volume(admin, namespace):
             kubeconfig = await k8s_testbed.service_account_kubeconfig(
-                namespace, rules=role_rules(NODE, apply_network_policies=True))
+                namespace, rules=role_rules(NODE, apply_network_policies=True)
+            )
             for _ in range(2):  # server-side apply: the same objects, no conflict
                 executor = KubernetesExecutor(
                     settings_for(namespace, kubeconfig, network_policies="apply"),
-                    context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+                    context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+                )
                 await executor.open()
                 await executor.close()
         raw = await client.NetworkingV1Api(admin).list_namespaced_network_policy(
-            namespace, _preload_content=False)
+            namespace, _preload_content=False
+        )
         policies = {p["metadata"]["name"]: p["spec"] for p in (await raw.json())["items"]}
         deny = next(s for n, s in policies.items() if n.endswith("-default-deny"))
         egress = next(s for n, s in policies.items() if n.endswith("-egress"))
@@ -511,21 +590,23 @@ async def test_out_of_a_cluster_the_executor_can_apply_the_policies_itself_idemp
         assert deny["podSelector"]["matchLabels"][LABEL_NODE] == NODE
         proxy, dns = egress["egress"]
         assert proxy["ports"] == [{"port": 7654, "protocol": "TCP"}]
-        assert proxy["to"][0]["podSelector"]["matchLabels"][
-            "app.kubernetes.io/component"] == "node"
+        assert proxy["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "node"
         assert {p["port"] for p in dns["ports"]} == {53}
     finally:
         await k8s_testbed.delete_namespace(namespace)
 
 
 async def test_open_refuses_a_namespace_that_does_not_enforce_restricted(
-    k8s_testbed: K8sTestbed, task_dir: Path,
+    k8s_testbed: K8sTestbed,
+    task_dir: Path,
 ) -> None:
     namespace = await k8s_testbed.create_namespace("fednode-baseline", pod_security="baseline")
     try:
         kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=ROLE_RULES)
-        executor = KubernetesExecutor(settings_for(namespace, kubeconfig),
-                                      context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+        executor = KubernetesExecutor(
+            settings_for(namespace, kubeconfig),
+            context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+        )
         with pytest.raises(ExecutorError, match="restricted"):
             await executor.open()
     finally:
@@ -537,29 +618,37 @@ async def test_open_refuses_a_namespace_that_does_not_enforce_restricted(
 
 @pytest.mark.slow
 async def test_a_watch_ended_by_the_server_resumes_from_its_version_without_a_relist(
-    k8s_namespace: str, role_kubeconfig: Path, task_dir: Path,
+    k8s_namespace: str,
+    role_kubeconfig: Path,
+    task_dir: Path,
 ) -> None:
     executor = KubernetesExecutor(
         settings_for(k8s_namespace, role_kubeconfig, watch_timeout_seconds=10),
-        context=ExecutorContext(node_name=NODE, task_dir=task_dir))
+        context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+    )
     await executor.open()
     try:
         with EventLog(executor, task_dir) as log:
             run_ids = [50, 51, 52]
             # they end after the server has closed the first watch requests (10 s)
-            await asyncio.gather(*(executor.start(make_spec(r, annotations={
-                POD_RUN_SECONDS: "11"})) for r in run_ids))
+            await asyncio.gather(
+                *(
+                    executor.start(make_spec(r, annotations={POD_RUN_SECONDS: "11"}))
+                    for r in run_ids
+                )
+            )
             await log.wait_terminal(run_ids, timeout=40)
             await asyncio.sleep(0.5)
-            assert Counter(e.run_id for e in log.events if e.phase.is_terminal) == \
-                Counter(run_ids)
+            assert Counter(e.run_id for e in log.events if e.phase.is_terminal) == Counter(run_ids)
         assert all(i.resumes >= 1 and i.relists == 0 for i in executor.informers)
     finally:
         await executor.close()
 
 
 async def test_a_new_executor_instance_rebuilds_the_runs_from_labels(
-    k8s_namespace: str, role_kubeconfig: Path, task_dir: Path,
+    k8s_namespace: str,
+    role_kubeconfig: Path,
+    task_dir: Path,
 ) -> None:
     context = ExecutorContext(node_name=NODE, task_dir=task_dir)
     settings = settings_for(k8s_namespace, role_kubeconfig)
@@ -568,8 +657,11 @@ async def test_a_new_executor_instance_rebuilds_the_runs_from_labels(
     with EventLog(first, task_dir) as log:
         await first.start(make_spec(30, annotations={POD_RUN_SECONDS: "forever"}))
         await first.start(make_spec(31, annotations={POD_RUN_SECONDS: "2"}))
-        await log.wait(lambda: Phase.RUNNING in log.phases(30) and
-                       Phase.RUNNING in log.phases(31), timeout=30, what="both running")
+        await log.wait(
+            lambda: Phase.RUNNING in log.phases(30) and Phase.RUNNING in log.phases(31),
+            timeout=30,
+            what="both running",
+        )
     await first.close()  # the node goes down; run 31 finishes meanwhile
     await asyncio.sleep(3)
 
@@ -602,16 +694,22 @@ async def test_a_new_executor_instance_rebuilds_the_runs_from_labels(
 
 @pytest.mark.slow
 async def test_a_watch_broken_by_an_apiserver_restart_resumes_and_misses_nothing(
-    executor: KubernetesExecutor, events: EventLog,
+    executor: KubernetesExecutor,
+    events: EventLog,
 ) -> None:
     run_ids = list(range(20, 40))
     # they finish while the API server is down or coming back
-    await asyncio.gather(*(executor.start(make_spec(r, annotations={POD_RUN_SECONDS: "3"}))
-                           for r in run_ids))
-    await events.wait(lambda: all(Phase.RUNNING in events.phases(r) for r in run_ids),
-                      timeout=60, what="all running")
+    await asyncio.gather(
+        *(executor.start(make_spec(r, annotations={POD_RUN_SECONDS: "3"})) for r in run_ids)
+    )
+    await events.wait(
+        lambda: all(Phase.RUNNING in events.phases(r) for r in run_ids),
+        timeout=60,
+        what="all running",
+    )
     restart = await asyncio.create_subprocess_exec(
-        str(SCRIPT), "restart-apiserver", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        str(SCRIPT), "restart-apiserver", stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     out, _ = await restart.communicate()
     assert restart.returncode == 0, out.decode()
 

@@ -144,14 +144,21 @@ class EventLog:
         try:
             await asyncio.wait_for(until(), timeout)
         except TimeoutError:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                 f"last events: {self.events[-10:]}") from None
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}; last events: {self.events[-10:]}"
+            ) from None
 
     async def wait_terminal(self, run_ids: list[int] | int, *, timeout: float = 60) -> None:
         ids = [run_ids] if isinstance(run_ids, int) else run_ids
-        await self.wait(lambda: all(self.terminal(r) is not None for r in ids),
-                        timeout=timeout, what=f"terminal events of {len(ids)} run(s)")
+        await self.wait(
+            lambda: all(self.terminal(r) is not None for r in ids),
+            timeout=timeout,
+            what=f"terminal events of {len(ids)} run(s)",
+        )
 
     async def wait_phase(self, run_id: int, phase: Phase, *, timeout: float = 30) -> None:
-        await self.wait(lambda: phase in self.phases(run_id), timeout=timeout,
-                        what=f"run {run_id} {phase.value}")
+        await self.wait(
+            lambda: phase in self.phases(run_id),
+            timeout=timeout,
+            what=f"run {run_id} {phase.value}",
+        )

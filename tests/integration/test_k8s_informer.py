@@ -75,10 +75,11 @@ async def admin(k8s_testbed: K8sTestbed) -> AsyncIterator[Any]:
 async def executor_client(k8s_testbed: K8sTestbed, k8s_namespace: str) -> AsyncIterator[KubeClient]:
     """A client acting as the executor's ServiceAccount, with exactly the executor's Role."""
     kubeconfig: Path = await k8s_testbed.service_account_kubeconfig(
-        k8s_namespace, rules=role_rules(NODE))
+        k8s_namespace, rules=role_rules(NODE)
+    )
     kube = KubeClient(
-        await connect(kubeconfig=kubeconfig, context=None, max_connections=4),
-        request_timeout=30)
+        await connect(kubeconfig=kubeconfig, context=None, max_connections=4), request_timeout=30
+    )
     yield kube
     await kube.close()
 
@@ -98,13 +99,19 @@ async def running(informer: Informer) -> AsyncIterator[asyncio.Task[None]]:
 def suspended_job(name: str, *, labels: dict[str, str] | None = None) -> dict[str, Any]:
     key, value = SELECTOR.split("=")
     return {
-        "apiVersion": "batch/v1", "kind": "Job",
+        "apiVersion": "batch/v1",
+        "kind": "Job",
         "metadata": {"name": name, "labels": {key: value} if labels is None else labels},
-        "spec": {"suspend": True, "template": {"spec": {
-            "restartPolicy": "Never",
-            "securityContext": {"runAsNonRoot": True},
-            "containers": [restricted_container("c", "busybox", ["true"])],
-        }}},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "securityContext": {"runAsNonRoot": True},
+                    "containers": [restricted_container("c", "busybox", ["true"])],
+                }
+            },
+        },
     }
 
 
@@ -132,21 +139,32 @@ def cached_versions(informer: Informer) -> dict[str, str]:
 
 
 async def test_a_watch_that_cannot_resume_gets_410_relists_and_hands_on_what_it_missed(
-    admin: Any, k8s_namespace: str, executor_client: KubeClient,
+    admin: Any,
+    k8s_namespace: str,
+    executor_client: KubeClient,
 ) -> None:
     jobs = client.BatchV1Api(admin)
     for name in ("job-a", "job-b", "job-c"):
         await create_settled(jobs, k8s_namespace, name)
     seen = Seen()
-    informer = Informer(client=executor_client, resource=JOBS, namespace=k8s_namespace,
-                        label_selector=SELECTOR, handler=seen, watch_timeout=60)
+    informer = Informer(
+        client=executor_client,
+        resource=JOBS,
+        namespace=k8s_namespace,
+        label_selector=SELECTOR,
+        handler=seen,
+        watch_timeout=60,
+    )
     await informer.prime()
     assert seen.since(0) == Counter({(Change.ADDED, n): 1 for n in ("job-a", "job-b", "job-c")})
 
     async with running(informer):  # live: a new Job arrives through the watch
         settled = await create_settled(jobs, k8s_namespace, "job-d")
-        await seen.wait(lambda: cached_versions(informer).get("job-d") == settled, timeout=10,
-                        what="job-d through the watch")
+        await seen.wait(
+            lambda: cached_versions(informer).get("job-d") == settled,
+            timeout=10,
+            what="job-d through the watch",
+        )
     assert informer.relists == 0
     assert cached_versions(informer) == await server_versions(admin, k8s_namespace)
 
@@ -154,24 +172,35 @@ async def test_a_watch_that_cannot_resume_gets_410_relists_and_hands_on_what_it_
     informer.resource_version = ANCIENT_VERSION
     mark = len(seen.changes)
     await jobs.delete_namespaced_job("job-a", k8s_namespace, propagation_policy="Background")
-    await jobs.patch_namespaced_job("job-b", k8s_namespace,
-                                    {"metadata": {"annotations": {"touched": "yes"}}})
+    await jobs.patch_namespaced_job(
+        "job-b", k8s_namespace, {"metadata": {"annotations": {"touched": "yes"}}}
+    )
     for name in ("job-e", "job-f"):
         await create_settled(jobs, k8s_namespace, name)
 
-    missed = Counter({(Change.DELETED, "job-a"): 1, (Change.MODIFIED, "job-b"): 1,
-                      (Change.ADDED, "job-e"): 1, (Change.ADDED, "job-f"): 1})
+    missed = Counter(
+        {
+            (Change.DELETED, "job-a"): 1,
+            (Change.MODIFIED, "job-b"): 1,
+            (Change.ADDED, "job-e"): 1,
+            (Change.ADDED, "job-f"): 1,
+        }
+    )
     async with running(informer):
         await seen.wait(lambda: seen.since(mark) == missed, timeout=20, what="the relist")
         assert informer.relists == 1
         assert cached_versions(informer) == await server_versions(admin, k8s_namespace)
         # The watch goes on from the relist's version: a new Job once, nothing repeated.
         settled = await create_settled(jobs, k8s_namespace, "job-g")
-        await seen.wait(lambda: cached_versions(informer).get("job-g") == settled, timeout=10,
-                        what="job-g through the watch after the relist")
+        await seen.wait(
+            lambda: cached_versions(informer).get("job-g") == settled,
+            timeout=10,
+            what="job-g through the watch after the relist",
+        )
         await asyncio.sleep(0.5)  # room for a duplicate to show up, were there one
     assert seen.since(mark) == missed + Counter(
-        {(Change.ADDED, "job-g"): 1, (Change.MODIFIED, "job-g"): 1})  # created, then settled
+        {(Change.ADDED, "job-g"): 1, (Change.MODIFIED, "job-g"): 1}
+    )  # created, then settled
     assert informer.relists == 1
     assert cached_versions(informer) == await server_versions(admin, k8s_namespace)
     assert set(informer.store) == {"job-b", "job-c", "job-d", "job-e", "job-f", "job-g"}
@@ -179,22 +208,36 @@ async def test_a_watch_that_cannot_resume_gets_410_relists_and_hands_on_what_it_
 
 @pytest.mark.slow
 async def test_a_quiet_watch_advances_its_version_by_bookmarks(
-    admin: Any, k8s_namespace: str, executor_client: KubeClient,
+    admin: Any,
+    k8s_namespace: str,
+    executor_client: KubeClient,
 ) -> None:
     jobs = client.BatchV1Api(admin)
     seen = Seen()
     # The API server sends a bookmark 2 s before a watch's timeout, so 5 s suffices.
-    informer = Informer(client=executor_client, resource=JOBS, namespace=k8s_namespace,
-                        label_selector=SELECTOR, handler=seen, watch_timeout=5)
+    informer = Informer(
+        client=executor_client,
+        resource=JOBS,
+        namespace=k8s_namespace,
+        label_selector=SELECTOR,
+        handler=seen,
+        watch_timeout=5,
+    )
     bookmarks = watch_bookmarks(informer)
     await informer.prime()
     listed = int(informer.resource_version or 0)
     async with running(informer):
         # A Job the informer does not select moves the server's version, not its stream.
-        target = int(await create_settled(
-            jobs, k8s_namespace, "unselected", labels={"fednode.io/test": "other"}))
-        await bookmarks.wait(lambda: int(informer.resource_version or 0) >= target,
-                             timeout=15, what="a bookmark at the unselected Job's version")
+        target = int(
+            await create_settled(
+                jobs, k8s_namespace, "unselected", labels={"fednode.io/test": "other"}
+            )
+        )
+        await bookmarks.wait(
+            lambda: int(informer.resource_version or 0) >= target,
+            timeout=15,
+            what="a bookmark at the unselected Job's version",
+        )
     assert int(informer.resource_version or 0) >= target > listed
     assert seen.changes == []
     assert informer.relists == 0

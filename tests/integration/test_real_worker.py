@@ -70,9 +70,12 @@ async def open_executor(
 
         async def open_one() -> KubernetesExecutor:
             executor = KubernetesExecutor(
-                settings_for(namespace, kubeconfig,
-                             node_selector=k8s_real_worker.node_selector,
-                             tolerations=[k8s_real_worker.toleration]),
+                settings_for(
+                    namespace,
+                    kubeconfig,
+                    node_selector=k8s_real_worker.node_selector,
+                    tolerations=[k8s_real_worker.toleration],
+                ),
                 context=ExecutorContext(node_name=NODE, task_dir=task_dir),
             )
             await executor.open()
@@ -104,13 +107,20 @@ class Events:
     def phases(self, run_id: int) -> list[Phase]:
         return [e.phase for e in self.by_run[run_id]]
 
-    async def wait(self, run_id: int, phase: Phase | None = None, *,
-                   timeout: float = 120) -> RunEvent:
+    async def wait(
+        self, run_id: int, phase: Phase | None = None, *, timeout: float = 120
+    ) -> RunEvent:
         """The run's first event in ``phase`` (any terminal phase when ``None``)."""
 
         def found() -> RunEvent | None:
-            return next((e for e in self.by_run[run_id]
-                         if (e.phase is phase if phase else e.phase.is_terminal)), None)
+            return next(
+                (
+                    e
+                    for e in self.by_run[run_id]
+                    if (e.phase is phase if phase else e.phase.is_terminal)
+                ),
+                None,
+            )
 
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: found() is not None)
@@ -119,11 +129,16 @@ class Events:
         return event
 
 
-def spec(run_id: int, image: str, *, memory_mb: int = 128, deadline_seconds: int = 600,
-         **behaviour: Any) -> RunSpec:
+def spec(
+    run_id: int, image: str, *, memory_mb: int = 128, deadline_seconds: int = 600, **behaviour: Any
+) -> RunSpec:
     return RunSpec(
-        run_id=run_id, task_id=5000 + run_id, organization_id=1, collaboration_id=1,
-        image=image, input=json.dumps(behaviour).encode(),
+        run_id=run_id,
+        task_id=5000 + run_id,
+        organization_id=1,
+        collaboration_id=1,
+        image=image,
+        input=json.dumps(behaviour).encode(),
         environment={"INPUT_FILE": "/mnt/task/input", "OUTPUT_FILE": "/mnt/task/output"},
         resources=Resources(cpu=0.5, memory_mb=memory_mb),
         deadline_seconds=deadline_seconds,
@@ -133,12 +148,14 @@ def spec(run_id: int, image: str, *, memory_mb: int = 128, deadline_seconds: int
 async def pod_of(k8s_testbed: K8sTestbed, namespace: str, run_id: int) -> list[Any]:
     async with k8s_testbed.api_client() as api:
         pods = await client.CoreV1Api(api).list_namespaced_pod(
-            namespace, label_selector=f"job-name={job_name(NODE, run_id)}")
+            namespace, label_selector=f"job-name={job_name(NODE, run_id)}"
+        )
     return list(pods.items)
 
 
-async def pods_gone(k8s_testbed: K8sTestbed, namespace: str, run_id: int, *,
-                    within: float = 60) -> None:
+async def pods_gone(
+    k8s_testbed: K8sTestbed, namespace: str, run_id: int, *, within: float = 60
+) -> None:
     """Until the run's pods are gone (deleted by kubelet after the container stopped)."""
     selector = f"job-name={job_name(NODE, run_id)}"
     async with k8s_testbed.api_client() as api, asyncio.timeout(within):
@@ -148,9 +165,12 @@ async def pods_gone(k8s_testbed: K8sTestbed, namespace: str, run_id: int, *,
         if not left:
             return
         async with watch.Watch() as w:
-            async for event in w.stream(core.list_namespaced_pod, namespace,
-                                        label_selector=selector,
-                                        resource_version=listed.metadata.resource_version):
+            async for event in w.stream(
+                core.list_namespaced_pod,
+                namespace,
+                label_selector=selector,
+                resource_version=listed.metadata.resource_version,
+            ):
                 if event["type"] == "DELETED":
                     left.discard(event["object"].metadata.name)
                     if not left:
@@ -158,13 +178,19 @@ async def pods_gone(k8s_testbed: K8sTestbed, namespace: str, run_id: int, *,
 
 
 async def test_the_container_writes_its_output_and_log_on_the_real_worker(
-    open_executor: Callable[[], Any], real_behaviour_image: str, k8s_testbed: K8sTestbed,
-    namespace: str, k8s_real_worker: K8sRealWorker,
+    open_executor: Callable[[], Any],
+    real_behaviour_image: str,
+    k8s_testbed: K8sTestbed,
+    namespace: str,
+    k8s_real_worker: K8sRealWorker,
 ) -> None:
     executor = await open_executor()
     events = Events(executor)
-    await executor.start(spec(1, real_behaviour_image, output='{"written": "by the pod"}',
-                              log="hello from a real pod"))
+    await executor.start(
+        spec(
+            1, real_behaviour_image, output='{"written": "by the pod"}', log="hello from a real pod"
+        )
+    )
     final = await events.wait(1)
     events.close()
 
@@ -197,16 +223,16 @@ async def test_a_run_over_its_memory_limit_is_oom_killed_by_the_kernel(
 ) -> None:
     executor = await open_executor()
     events = Events(executor)
-    await executor.start(spec(3, real_behaviour_image, memory_mb=64, allocate_mb=256,
-                              sleep=30))
+    await executor.start(spec(3, real_behaviour_image, memory_mb=64, allocate_mb=256, sleep=30))
     final = await events.wait(3)
     events.close()
-    assert (final.phase, final.reason, final.exit_code) == (Phase.FAILED, Reason.OOM_KILLED,
-                                                            137)
+    assert (final.phase, final.reason, final.exit_code) == (Phase.FAILED, Reason.OOM_KILLED, 137)
 
 
 async def test_a_run_past_its_deadline_is_stopped_by_the_job_controller(
-    open_executor: Callable[[], Any], real_behaviour_image: str, k8s_testbed: K8sTestbed,
+    open_executor: Callable[[], Any],
+    real_behaviour_image: str,
+    k8s_testbed: K8sTestbed,
     namespace: str,
 ) -> None:
     executor = await open_executor()
@@ -215,15 +241,16 @@ async def test_a_run_past_its_deadline_is_stopped_by_the_job_controller(
     await executor.start(spec(4, real_behaviour_image, sleep=120, deadline_seconds=8))
     final = await events.wait(4)
     events.close()
-    assert (final.phase, final.reason) == (Phase.FAILED, Reason.DEADLINE_EXCEEDED), (
-        events.by_run[4])
+    assert (final.phase, final.reason) == (Phase.FAILED, Reason.DEADLINE_EXCEEDED), events.by_run[4]
     assert Phase.RUNNING in events.phases(4)  # it was really running when it was stopped
     assert time.monotonic() - began < 60
     await pods_gone(k8s_testbed, namespace, 4)  # the Job controller deletes the pod
 
 
 async def test_killing_a_run_stops_its_real_container(
-    open_executor: Callable[[], Any], real_behaviour_image: str, k8s_testbed: K8sTestbed,
+    open_executor: Callable[[], Any],
+    real_behaviour_image: str,
+    k8s_testbed: K8sTestbed,
     namespace: str,
 ) -> None:
     executor = await open_executor()

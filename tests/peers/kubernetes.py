@@ -76,8 +76,12 @@ POD_IMAGE_MISSING = "fednode.test/image-missing"  # "true" -> Pending, ErrImageP
 #: The real worker (scripts/k8s_worker.py): how to land there, and the host as pods see it.
 REAL_NODE = "fednode-worker-0"
 REAL_NODE_SELECTOR = {"fednode.test/real": "true"}
-REAL_TOLERATION = {"key": "fednode.test/real-worker", "operator": "Equal", "value": "true",
-                   "effect": "NoSchedule"}
+REAL_TOLERATION = {
+    "key": "fednode.test/real-worker",
+    "operator": "Equal",
+    "value": "true",
+    "effect": "NoSchedule",
+}
 REAL_NODE_IP = "10.245.0.1"  # the pod bridge's address on the host (also the node IP)
 REAL_UP_TIMEOUT = 600.0
 
@@ -88,16 +92,28 @@ GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedu
 #: What a fednode executor may do in its own namespace (the default Role of
 #: ``K8sTestbed.service_account_kubeconfig``).
 EXECUTOR_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["batch"], "resources": ["jobs"],
-     "verbs": ["get", "list", "watch", "create", "delete", "deletecollection", "patch"]},
-    {"apiGroups": [""], "resources": ["pods"],
-     "verbs": ["get", "list", "watch", "delete", "deletecollection"]},
+    {
+        "apiGroups": ["batch"],
+        "resources": ["jobs"],
+        "verbs": ["get", "list", "watch", "create", "delete", "deletecollection", "patch"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["pods"],
+        "verbs": ["get", "list", "watch", "delete", "deletecollection"],
+    },
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["configmaps", "secrets"],
-     "verbs": ["get", "list", "watch", "create", "delete", "deletecollection"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
-     "verbs": ["get", "list", "watch", "create", "delete", "patch"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps", "secrets"],
+        "verbs": ["get", "list", "watch", "create", "delete", "deletecollection"],
+    },
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["get", "list", "watch", "create", "delete", "patch"],
+    },
 ]
 
 
@@ -116,16 +132,19 @@ class K8sTestbed:
         """A ``kubernetes_asyncio`` ApiClient for ``kubeconfig`` (default: admin)."""
         from kubernetes_asyncio import config
 
-        client = await config.new_client_from_config(config_file=str(kubeconfig or
-                                                                     self.kubeconfig))
+        client = await config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
         try:
             yield client
         finally:
             await client.close()
 
-    async def create_namespace(self, prefix: str = "fednode-test", *,
-                               pod_security: str = "restricted",
-                               labels: dict[str, str] | None = None) -> str:
+    async def create_namespace(
+        self,
+        prefix: str = "fednode-test",
+        *,
+        pod_security: str = "restricted",
+        labels: dict[str, str] | None = None,
+    ) -> str:
         """Create a namespace enforcing Pod Security ``pod_security``; return its name.
 
         Returns once the namespace's ``default`` ServiceAccount exists (the ServiceAccount
@@ -134,21 +153,32 @@ class K8sTestbed:
         from kubernetes_asyncio import client, watch
 
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        ps = {f"pod-security.kubernetes.io/{mode}": pod_security
-              for mode in ("enforce", "audit", "warn")}
-        ps |= {f"pod-security.kubernetes.io/{mode}-version": "latest"
-               for mode in ("enforce", "audit", "warn")}
+        ps = {
+            f"pod-security.kubernetes.io/{mode}": pod_security
+            for mode in ("enforce", "audit", "warn")
+        }
+        ps |= {
+            f"pod-security.kubernetes.io/{mode}-version": "latest"
+            for mode in ("enforce", "audit", "warn")
+        }
         async with self.api_client() as api:
             core = client.CoreV1Api(api)
-            await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-                name=name, labels={"fednode.test/owner": "pytest", **ps, **(labels or {})})))
+            await core.create_namespace(
+                client.V1Namespace(
+                    metadata=client.V1ObjectMeta(
+                        name=name, labels={"fednode.test/owner": "pytest", **ps, **(labels or {})}
+                    )
+                )
+            )
             self._namespaces.add(name)
             listed = await core.list_namespaced_service_account(
-                name, field_selector="metadata.name=default")
+                name, field_selector="metadata.name=default"
+            )
             if not listed.items:
                 async with watch.Watch() as w:
                     async for event in w.stream(
-                        core.list_namespaced_service_account, name,
+                        core.list_namespaced_service_account,
+                        name,
                         field_selector="metadata.name=default",
                         resource_version=listed.metadata.resource_version,
                         timeout_seconds=30,
@@ -173,8 +203,12 @@ class K8sTestbed:
         self._namespaces.discard(name)
 
     async def service_account_kubeconfig(
-        self, namespace: str, name: str = "fednode-executor", *,
-        rules: list[dict[str, Any]] | None = None, expiration_seconds: int = 3600,
+        self,
+        namespace: str,
+        name: str = "fednode-executor",
+        *,
+        rules: list[dict[str, Any]] | None = None,
+        expiration_seconds: int = 3600,
     ) -> Path:
         """A kubeconfig acting as ServiceAccount ``namespace/name``, bound to a namespaced
         Role with ``rules`` (default ``EXECUTOR_RULES``); its token comes from TokenRequest."""
@@ -182,24 +216,41 @@ class K8sTestbed:
 
         async with self.api_client() as api:
             core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-            await core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
-                metadata=client.V1ObjectMeta(name=name)))
-            await rbac.create_namespaced_role(namespace, {
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                "metadata": {"name": name},
-                "rules": rules if rules is not None else EXECUTOR_RULES,
-            })
-            await rbac.create_namespaced_role_binding(namespace, {
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                "metadata": {"name": name},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                            "name": name},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
-            })
+            await core.create_namespaced_service_account(
+                namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name))
+            )
+            await rbac.create_namespaced_role(
+                namespace,
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "Role",
+                    "metadata": {"name": name},
+                    "rules": rules if rules is not None else EXECUTOR_RULES,
+                },
+            )
+            await rbac.create_namespaced_role_binding(
+                namespace,
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": name},
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "Role",
+                        "name": name,
+                    },
+                    "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+                },
+            )
             token = await core.create_namespaced_service_account_token(
-                name, namespace, client.AuthenticationV1TokenRequest(
-                    spec=client.V1TokenRequestSpec(audiences=[],
-                                                   expiration_seconds=expiration_seconds)))
+                name,
+                namespace,
+                client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(
+                        audiences=[], expiration_seconds=expiration_seconds
+                    )
+                ),
+            )
         path = self.workdir / f"{namespace}.{name}.kubeconfig"
         path.write_text(self._kubeconfig_for_token(token.status.token, namespace, name))
         path.chmod(0o600)
@@ -209,23 +260,31 @@ class K8sTestbed:
         admin = yaml.safe_load(self.kubeconfig.read_text())
         context_name = admin.get("current-context")
         context = next(c["context"] for c in admin["contexts"] if c["name"] == context_name)
-        cluster = dict(next(c["cluster"] for c in admin["clusters"]
-                            if c["name"] == context["cluster"]))
+        cluster = dict(
+            next(c["cluster"] for c in admin["clusters"] if c["name"] == context["cluster"])
+        )
         authority = cluster.pop("certificate-authority", None)
         if authority:  # embed, so the file stands alone
             ca_path = Path(authority)
             if not ca_path.is_absolute():
                 ca_path = self.kubeconfig.parent / ca_path
-            cluster["certificate-authority-data"] = base64.b64encode(
-                ca_path.read_bytes()).decode()
-        return yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "cluster", "cluster": cluster}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": user, "context": {"cluster": "cluster", "user": user,
-                                                   "namespace": namespace}}],
-            "current-context": user,
-        }, sort_keys=False)
+            cluster["certificate-authority-data"] = base64.b64encode(ca_path.read_bytes()).decode()
+        return yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "cluster", "cluster": cluster}],
+                "users": [{"name": user, "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": user,
+                        "context": {"cluster": "cluster", "user": user, "namespace": namespace},
+                    }
+                ],
+                "current-context": user,
+            },
+            sort_keys=False,
+        )
 
 
 #: A TCP relay (standard library only) from the pod's port to the node's proxy on the host:
@@ -258,17 +317,29 @@ asyncio.run(main())
 RELAY_IMAGE = "localhost/fednode/python-base:latest"
 
 
-def restricted_container(name: str, image: str, command: list[str], *,
-                         env: dict[str, str] | None = None, port: int | None = None
-                         ) -> dict[str, Any]:
+def restricted_container(
+    name: str,
+    image: str,
+    command: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+) -> dict[str, Any]:
     """A container that passes Pod Security ``restricted`` (uid 10001, read-only root)."""
     container: dict[str, Any] = {
-        "name": name, "image": image, "imagePullPolicy": "Never", "command": command,
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "Never",
+        "command": command,
         "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "runAsNonRoot": True, "runAsUser": 10001,
-                            "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "resources": {"limits": {"cpu": "200m", "memory": "64Mi"}},
     }
     if port is not None:
@@ -292,64 +363,133 @@ class K8sRealWorker:
         """Copy podman images into the worker's containerd (a no-op for current ones)."""
         result = _testbed("import-images", *images, timeout=600)
         if result.returncode != 0:
-            pytest.fail(f"importing {images} into the real worker failed:\n"
-                        f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}", pytrace=False)
+            pytest.fail(
+                f"importing {images} into the real worker failed:\n"
+                f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}",
+                pytrace=False,
+            )
 
     @contextlib.asynccontextmanager
-    async def task_volume(self, namespace: str, path: Path, *,
-                          claim: str = "fednode-tasks") -> AsyncIterator[str]:
+    async def task_volume(
+        self, namespace: str, path: Path, *, claim: str = "fednode-tasks"
+    ) -> AsyncIterator[str]:
         """A claim in ``namespace`` bound to ``path`` on the host (a hostPath volume): the
         node's task directory, which the run pods mount their ``run-<id>`` folder from."""
-        async with self.testbed.api_client() as api, bound_claim(
-            api, namespace, claim=claim, host_path={"path": str(path), "type": "Directory"}
+        async with (
+            self.testbed.api_client() as api,
+            bound_claim(
+                api, namespace, claim=claim, host_path={"path": str(path), "type": "Directory"}
+            ),
         ):
             yield claim
 
-    async def proxy_relay(self, namespace: str, *, labels: dict[str, str], pod_port: int,
-                          node_port: int, name: str = "fednode-proxy") -> str:
+    async def proxy_relay(
+        self,
+        namespace: str,
+        *,
+        labels: dict[str, str],
+        pod_port: int,
+        node_port: int,
+        name: str = "fednode-proxy",
+    ) -> str:
         """A relay pod (``labels``, listening on ``pod_port``) to the node's proxy at
         ``node_ip:node_port`` on the host, and a Service ``name`` (port ``node_port``) in
         front of it; returns the Service's DNS name, what runs are told to call."""
-        await self.run_pod(namespace, name, restricted_container(
-            "relay", RELAY_IMAGE, ["python3", "-c", RELAY], port=pod_port,
-            env={"TARGET_HOST": self.node_ip, "TARGET_PORT": str(node_port),
-                 "LISTEN_PORT": str(pod_port)}), labels=labels)
-        await self._create(namespace, "services", {
-            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"selector": labels,
-                     "ports": [{"port": node_port, "targetPort": pod_port, "protocol": "TCP"}]},
-        })
+        await self.run_pod(
+            namespace,
+            name,
+            restricted_container(
+                "relay",
+                RELAY_IMAGE,
+                ["python3", "-c", RELAY],
+                port=pod_port,
+                env={
+                    "TARGET_HOST": self.node_ip,
+                    "TARGET_PORT": str(node_port),
+                    "LISTEN_PORT": str(pod_port),
+                },
+            ),
+            labels=labels,
+        )
+        await self._create(
+            namespace,
+            "services",
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name},
+                "spec": {
+                    "selector": labels,
+                    "ports": [{"port": node_port, "targetPort": pod_port, "protocol": "TCP"}],
+                },
+            },
+        )
         return f"{name}.{namespace}.svc.{self.cluster_domain}"
 
-    async def listener_pod(self, namespace: str, name: str = "listener", *,
-                           port: int = 8080) -> str:
+    async def listener_pod(
+        self, namespace: str, name: str = "listener", *, port: int = 8080
+    ) -> str:
         """A pod that accepts TCP connections on ``port``; returns its IP."""
-        pod = await self.run_pod(namespace, name, restricted_container(
-            "listen", RELAY_IMAGE,
-            ["python3", "-c", "import socket,sys\ns=socket.create_server(('',int(sys.argv[1])))"
-                              "\nwhile True: s.accept()[0].close()", str(port)],
-            port=port), labels={"app": name})
+        pod = await self.run_pod(
+            namespace,
+            name,
+            restricted_container(
+                "listen",
+                RELAY_IMAGE,
+                [
+                    "python3",
+                    "-c",
+                    "import socket,sys\ns=socket.create_server(('',int(sys.argv[1])))"
+                    "\nwhile True: s.accept()[0].close()",
+                    str(port),
+                ],
+                port=port,
+            ),
+            labels={"app": name},
+        )
         return str(pod["status"]["podIP"])
 
-    async def run_pod(self, namespace: str, name: str, container: dict[str, Any], *,
-                      labels: dict[str, str], ready_within: float = 60) -> dict[str, Any]:
+    async def run_pod(
+        self,
+        namespace: str,
+        name: str,
+        container: dict[str, Any],
+        *,
+        labels: dict[str, str],
+        ready_within: float = 60,
+    ) -> dict[str, Any]:
         """Create a pod pinned to the real worker; return it once Ready (as JSON)."""
         from kubernetes_asyncio import client, watch
 
-        await self._create(namespace, "pods", {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
-            "spec": {"nodeSelector": self.node_selector, "tolerations": [self.toleration],
-                     "automountServiceAccountToken": False, "enableServiceLinks": False,
-                     "securityContext": {"runAsNonRoot": True,
-                                         "seccompProfile": {"type": "RuntimeDefault"}},
-                     "containers": [container]},
-        })
+        await self._create(
+            namespace,
+            "pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "nodeSelector": self.node_selector,
+                    "tolerations": [self.toleration],
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                },
+            },
+        )
         async with self.testbed.api_client() as api:
             core = client.CoreV1Api(api)
             async with asyncio.timeout(ready_within), watch.Watch() as w:
-                async for event in w.stream(core.list_namespaced_pod, namespace,
-                                            field_selector=f"metadata.name={name}",
-                                            _preload_content=False):
+                async for event in w.stream(
+                    core.list_namespaced_pod,
+                    namespace,
+                    field_selector=f"metadata.name={name}",
+                    _preload_content=False,
+                ):
                     pod = event["raw_object"]
                     conditions = pod.get("status", {}).get("conditions", [])
                     if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
@@ -368,8 +508,9 @@ class K8sRealWorker:
 
 
 def _testbed(*args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -398,8 +539,7 @@ def k8s_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sTestbed
                 pytrace=False,
             )
         started_here = True
-    testbed = K8sTestbed(kubeconfig=DEFAULT_KUBECONFIG, workdir=workdir,
-                         started_here=started_here)
+    testbed = K8sTestbed(kubeconfig=DEFAULT_KUBECONFIG, workdir=workdir, started_here=started_here)
     yield testbed
     if started_here and os.environ.get("FEDNODE_KEEP_PEERS") != "1":
         _testbed("down", timeout=120)
@@ -428,8 +568,11 @@ async def k8s_namespace(k8s_testbed: K8sTestbed) -> AsyncIterator[str]:
 def k8s_real_worker(k8s_testbed: K8sTestbed) -> K8sRealWorker:
     """The testbed with its real worker node (added if it is not there yet)."""
     if k8s_testbed.external:
-        pytest.fail("real-worker tests need the testbed's own worker node; they do not run "
-                    "against FEDNODE_TEST_KUBECONFIG", pytrace=False)
+        pytest.fail(
+            "real-worker tests need the testbed's own worker node; they do not run "
+            "against FEDNODE_TEST_KUBECONFIG",
+            pytrace=False,
+        )
     began = time.monotonic()
     result = _testbed("up", "--real-worker", timeout=REAL_UP_TIMEOUT)
     if result.returncode != 0:
@@ -461,26 +604,47 @@ async def bound_claim(
     core = client.CoreV1Api(api)
     volume = f"{namespace}-{claim}"
     size = {"storage": "1Gi"}
-    created = await core.create_namespaced_persistent_volume_claim(namespace, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": claim,
-                     "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
-        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
-                 "volumeName": volume, "resources": {"requests": size}},
-    })
-    await core.create_persistent_volume({
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
-        "spec": {"capacity": size, "accessModes": ["ReadWriteMany"],
-                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                 "hostPath": host_path,
-                 "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                              "namespace": namespace, "name": claim,
-                              "uid": created.metadata.uid}},
-    })
+    created = await core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": size},
+            },
+        },
+    )
+    await core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume, "labels": {"fednode.test/owner": "pytest"}},
+            "spec": {
+                "capacity": size,
+                "accessModes": ["ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": host_path,
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": namespace,
+                    "name": claim,
+                    "uid": created.metadata.uid,
+                },
+            },
+        }
+    )
     try:
-        await core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {
-            "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": size}})
+        await core.patch_namespaced_persistent_volume_claim_status(
+            claim,
+            namespace,
+            {"status": {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": size}},
+        )
         yield claim
     finally:
         with contextlib.suppress(ApiException):

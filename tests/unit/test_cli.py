@@ -74,30 +74,45 @@ FEDNODE = Path(sys.executable).with_name("fednode")
 @pytest.mark.parametrize(
     ("config", "problem"),
     [
-        pytest.param(GOOD + "proxy: {port: 7000\n", "{path}: not valid YAML at line 5, column 1:",
-                     id="bad YAML"),
-        pytest.param(GOOD + "proxy: {prot: 7000}\n",
-                     "proxy.prot: unknown key (value 7000); remove it or use one of: "
-                     "advertise_host, enabled, host, max_body_mb, port, upstream_timeout_seconds",
-                     id="unknown key"),
-        pytest.param(GOOD + "max_concurrent_runs: lots\n",
-                     "max_concurrent_runs: Input should be a valid integer, unable to parse "
-                     "string as an integer (got 'lots')",
-                     id="wrong type"),
-        pytest.param(GOOD + "databases:\n  - {label: cohort, type: csv, uri: cohort.csv}\n",
-                     "databases[0].uri: csv file does not exist; give the path of the file "
-                     "(got '{dir}/cohort.csv')",
-                     id="database file that does not exist"),
-        pytest.param(GOOD + "encryption: {enabled: true, private_key: keys}\n",
-                     "encryption.private_key: private key cannot be read (Is a directory) "
-                     "(got '{dir}/keys')",
-                     id="unreadable private key"),
-        pytest.param(GOOD.replace(API_KEY, "{value: s3cr3t-key}"),
-                     "api_key: Input should be a valid string (got ***)",
-                     id="secret of the wrong type"),
-        pytest.param(GOOD + "executor: {kind: podman, registry_password: [s3cr3t-key]}\n",
-                     "executor.registry_password: Input should be a valid string (got ***)",
-                     id="executor secret of the wrong type"),
+        pytest.param(
+            GOOD + "proxy: {port: 7000\n",
+            "{path}: not valid YAML at line 5, column 1:",
+            id="bad YAML",
+        ),
+        pytest.param(
+            GOOD + "proxy: {prot: 7000}\n",
+            "proxy.prot: unknown key (value 7000); remove it or use one of: "
+            "advertise_host, enabled, host, max_body_mb, port, upstream_timeout_seconds",
+            id="unknown key",
+        ),
+        pytest.param(
+            GOOD + "max_concurrent_runs: lots\n",
+            "max_concurrent_runs: Input should be a valid integer, unable to parse "
+            "string as an integer (got 'lots')",
+            id="wrong type",
+        ),
+        pytest.param(
+            GOOD + "databases:\n  - {label: cohort, type: csv, uri: cohort.csv}\n",
+            "databases[0].uri: csv file does not exist; give the path of the file "
+            "(got '{dir}/cohort.csv')",
+            id="database file that does not exist",
+        ),
+        pytest.param(
+            GOOD + "encryption: {enabled: true, private_key: keys}\n",
+            "encryption.private_key: private key cannot be read (Is a directory) "
+            "(got '{dir}/keys')",
+            id="unreadable private key",
+        ),
+        pytest.param(
+            GOOD.replace(API_KEY, "{value: s3cr3t-key}"),
+            "api_key: Input should be a valid string (got ***)",
+            id="secret of the wrong type",
+        ),
+        pytest.param(
+            GOOD + "executor: {kind: podman, registry_password: [s3cr3t-key]}\n",
+            "executor.registry_password: Input should be a valid string (got ***)",
+            id="executor secret of the wrong type",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_the_key_and_no_secret(
@@ -108,7 +123,10 @@ def test_bad_input_exits_2_with_one_line_naming_the_key_and_no_secret(
     (tmp_path / "keys").mkdir()  # a private key path that is a folder: cannot be read
     proc = subprocess.run(
         [str(FEDNODE), "config", "check", "-c", str(path)],
-        capture_output=True, text=True, check=False, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout == ""

@@ -62,8 +62,7 @@ def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(node)
 
 
-def load_node_yaml(config: dict[str, Any], tmp_path: Path,
-                   monkeypatch: pytest.MonkeyPatch) -> Any:
+def load_node_yaml(config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The chart's node.yaml through the node's own loader (the key comes from the env)."""
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -75,8 +74,12 @@ def load_node_yaml(config: dict[str, Any], tmp_path: Path,
 
 
 def test_the_generated_role_rules_and_values_reference_are_current() -> None:
-    result = subprocess.run([str(REPO / "scripts" / "gen-helm-docs"), "--check"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [str(REPO / "scripts" / "gen-helm-docs"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -93,8 +96,11 @@ def test_the_value_sets_set_every_documented_key() -> None:
             values = values[key]
         return True
 
-    missing = [".".join(p) for p in schema_leaves()
-               if not has(FULL_VALUES, p) and not has(EXISTING_VALUES, p)]
+    missing = [
+        ".".join(p)
+        for p in schema_leaves()
+        if not has(FULL_VALUES, p) and not has(EXISTING_VALUES, p)
+    ]
     assert missing == []
     item_keys = set().union(*(db.keys() for db in FULL_VALUES["databases"]))
     documented = set(CHART_SCHEMA_DATABASE_KEYS)
@@ -102,8 +108,10 @@ def test_the_value_sets_set_every_documented_key() -> None:
 
 
 CHART_SCHEMA_DATABASE_KEYS = tuple(
-    yaml.safe_load((CHART / "values.schema.json").read_text())
-    ["properties"]["databases"]["items"]["properties"])
+    yaml.safe_load((CHART / "values.schema.json").read_text())["properties"]["databases"]["items"][
+        "properties"
+    ]
+)
 
 
 def test_the_charts_app_version_is_fednodes_version_and_the_node_images_tag() -> None:
@@ -130,10 +138,22 @@ def test_helm_lint_passes(which: str, full_values: dict[str, Any], tmp_path: Pat
 def test_defaults_render_one_namespaced_node_with_nothing_cluster_wide(tmp_path: Path) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
 
-    assert kinds(objects) == sorted([
-        "Namespace", "ServiceAccount", "Secret", "ConfigMap", "PersistentVolumeClaim",
-        "Role", "RoleBinding", "Service", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
-        "Deployment"])
+    assert kinds(objects) == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "Secret",
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "NetworkPolicy",
+            "NetworkPolicy",
+            "NetworkPolicy",
+            "Deployment",
+        ]
+    )
     namespaced = [o for o in objects if o["kind"] != "Namespace"]
     assert {o["metadata"]["namespace"] for o in namespaced} == {"fednode"}
     namespace = one(objects, "Namespace")
@@ -147,12 +167,15 @@ def test_the_role_is_rbac_py_bound_to_the_node_service_account_only(tmp_path: Pa
 
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
     assert role["rules"] == role_rules("fn")  # reads its runs' NetworkPolicies, by name
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     account = one(objects, "ServiceAccount")
-    assert binding["subjects"] == [{"kind": "ServiceAccount",
-                                    "name": account["metadata"]["name"],
-                                    "namespace": "fednode"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "fednode"}
+    ]
     assert pod_spec(objects)["serviceAccountName"] == account["metadata"]["name"]
     assert account["automountServiceAccountToken"] is False
     assert pod_spec(objects)["automountServiceAccountToken"] is True
@@ -169,8 +192,9 @@ def test_the_node_pod_is_restricted_like_its_runs(tmp_path: Path) -> None:
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert spec["securityContext"]["fsGroup"] == 10001
     # the same container context the executor gives every run, with the runs' uid/gid
-    assert node["securityContext"] == container_security_context(run_as_user=10001,
-                                                                 run_as_group=10001)
+    assert node["securityContext"] == container_security_context(
+        run_as_user=10001, run_as_group=10001
+    )
     mounts = {m["mountPath"]: m for m in node["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
@@ -196,12 +220,18 @@ def test_the_proxy_service_and_the_runs_policies_select_labels_the_node_pod_carr
     assert service["spec"]["selector"].items() <= labels.items()
     assert config["executor"]["proxy_pod_selector"].items() <= labels.items()
     assert config["executor"]["proxy_namespace"] == "fednode"
-    assert (service["spec"]["ports"][0]["port"] == ports["proxy"]
-            == config["executor"]["proxy_port"] == config["proxy"]["port"] == 7654)
+    assert (
+        service["spec"]["ports"][0]["port"]
+        == ports["proxy"]
+        == config["executor"]["proxy_port"]
+        == config["proxy"]["port"]
+        == 7654
+    )
     assert service["spec"]["ports"][0]["targetPort"] == "proxy"
     assert config["proxy"]["host"] == "0.0.0.0"
     assert config["proxy"]["advertise_host"] == (
-        f"{service['metadata']['name']}.fednode.svc.cluster.local")
+        f"{service['metadata']['name']}.fednode.svc.cluster.local"
+    )
     assert config["health"] == {"enabled": True, "host": "0.0.0.0", "port": ports["health"]}
     # the runs' own selector (executors/base.py run_labels) is not the node pod's
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
@@ -209,7 +239,9 @@ def test_the_proxy_service_and_the_runs_policies_select_labels_the_node_pod_carr
 
 @pytest.mark.parametrize("values", ["required", "full"])
 def test_the_chart_renders_exactly_the_runs_policies_the_node_verifies(
-    values: str, full_values: dict[str, Any], tmp_path: Path,
+    values: str,
+    full_values: dict[str, Any],
+    tmp_path: Path,
 ) -> None:
     objects = render(REQUIRED_VALUES if values == "required" else full_values, tmp_path)
     config = node_yaml(objects)
@@ -224,13 +256,17 @@ def test_the_chart_renders_exactly_the_runs_policies_the_node_verifies(
         assert rendered[name]["metadata"]["namespace"] == policy["metadata"]["namespace"]
     # and the Role may read those two by name, and write no NetworkPolicy at all
     (rule,) = [r for r in one(objects, "Role")["rules"] if r["resources"] == ["networkpolicies"]]
-    assert rule == {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
-                    "resourceNames": [p["metadata"]["name"] for p in expected],
-                    "verbs": ["get"]}
+    assert rule == {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "resourceNames": [p["metadata"]["name"] for p in expected],
+        "verbs": ["get"],
+    }
 
 
 def test_the_default_node_yaml_is_a_valid_kubernetes_node_configuration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
     claim = one(objects, "PersistentVolumeClaim")
@@ -253,7 +289,8 @@ def test_the_default_node_yaml_is_a_valid_kubernetes_node_configuration(
     mounts = {m["mountPath"]: m["name"] for m in container(objects)["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
     assert volumes[mounts["/var/lib/fednode/tasks"]]["persistentVolumeClaim"] == {
-        "claimName": claim["metadata"]["name"]}
+        "claimName": claim["metadata"]["name"]
+    }
 
 
 def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_server(
@@ -265,18 +302,25 @@ def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_ser
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels(objects).items()
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     from_runs, health = policy["ingress"]
-    assert from_runs["from"] == [{"podSelector": {"matchLabels": {
-        "app.kubernetes.io/managed-by": "fednode", "fednode.io/node": "fn"}}}]
+    assert from_runs["from"] == [
+        {
+            "podSelector": {
+                "matchLabels": {"app.kubernetes.io/managed-by": "fednode", "fednode.io/node": "fn"}
+            }
+        }
+    ]
     assert from_runs["ports"] == [{"port": 7654, "protocol": "TCP"}]
     assert health == {"ports": [{"port": 7656, "protocol": "TCP"}]}
     dns, api_server, server = policy["egress"]
     assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "kube-system"}
+        "kubernetes.io/metadata.name": "kube-system"
+    }
     assert {p["port"] for p in dns["ports"]} == {53}
     # offline (helm template) the API server's address is unknown
-    assert api_server == {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
-                          "ports": [{"port": 443, "protocol": "TCP"},
-                                    {"port": 6443, "protocol": "TCP"}]}
+    assert api_server == {
+        "to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+        "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+    }
     assert server["ports"] == [{"port": 443, "protocol": "TCP"}]
 
 
@@ -284,20 +328,26 @@ def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_ser
 
 
 def test_every_option_reaches_the_objects_and_node_yaml(
-    full_values: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    full_values: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     objects = render(full_values, tmp_path)
     config = node_yaml(objects)
     spec, node = pod_spec(objects), container(objects)
 
     # the node's settings (databases and key checked below: their files exist in the pod)
-    assert config["encryption"] == {"enabled": True,
-                                    "private_key": "/var/run/secrets/fednode/private-key.pem"}
+    assert config["encryption"] == {
+        "enabled": True,
+        "private_key": "/var/run/secrets/fednode/private-key.pem",
+    }
     key = tmp_path / "private-key.pem"
     key.write_text(full_values["encryption"]["privateKey"])
-    settings = load_node_yaml({**config, "databases": [],
-                               "encryption": {"enabled": True, "private_key": str(key)}},
-                              tmp_path, monkeypatch)
+    settings = load_node_yaml(
+        {**config, "databases": [], "encryption": {"enabled": True, "private_key": str(key)}},
+        tmp_path,
+        monkeypatch,
+    )
     assert settings.name == "hospital-a"
     assert settings.server_api_url == "https://v6.example.org:5000/api/v2"
     assert settings.policies.allowed_algorithms == ["^registry.example.org/.*$"]
@@ -319,24 +369,27 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert executor.image_pull_secrets == ["regcred"]
     assert executor.dns_namespace == "dns-system"
     assert executor.proxy_port == 8654
-    assert {label: v.model_dump(exclude_none=True) for label, v in executor.databases.items()
-            } == {"default": {"claim": "hospital-data", "sub_path": "exports"},
-                  "local": {"claim": "fn-fednode-db-local"},
-                  "codes": {"config_map": "fednode-codes"},
-                  "images": {"claim": "imaging"}}
+    assert {label: v.model_dump(exclude_none=True) for label, v in executor.databases.items()} == {
+        "default": {"claim": "hospital-data", "sub_path": "exports"},
+        "local": {"claim": "fn-fednode-db-local"},
+        "codes": {"config_map": "fednode-codes"},
+        "images": {"claim": "imaging"},
+    }
     assert config["databases"] == [
         {"label": "default", "type": "csv", "uri": "/mnt/data/default/employees.csv"},
         {"label": "local", "type": "parquet", "uri": "/mnt/data/local/cohort.parquet"},
         {"label": "codes", "type": "csv", "uri": "/mnt/data/codes/codes.csv"},
         {"label": "images", "type": "folder", "uri": "/mnt/data/images"},
-        {"label": "warehouse", "type": "sql", "uri": "postgresql://warehouse.example.org/db"}]
+        {"label": "warehouse", "type": "sql", "uri": "postgresql://warehouse.example.org/db"},
+    ]
 
     # the node pod mounts each file database where node.yaml says it is
     mounts = {m["mountPath"]: m for m in node["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert mounts["/mnt/data/default"]["subPath"] == "exports"
     assert volumes[mounts["/mnt/data/local"]["name"]]["persistentVolumeClaim"]["claimName"] == (
-        "fn-fednode-db-local")
+        "fn-fednode-db-local"
+    )
     assert volumes[mounts["/mnt/data/codes"]["name"]]["configMap"] == {"name": "fednode-codes"}
     assert all(mounts[f"/mnt/data/{label}"]["readOnly"] for label in ("default", "images"))
     keys = volumes[mounts["/var/run/secrets/fednode"]["name"]]["secret"]
@@ -350,20 +403,25 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert volume["spec"]["hostPath"] == {"path": "/srv/data", "type": "Directory"}
     assert volume["spec"]["claimRef"]["name"] == "fn-fednode-db-local"
     assert volume["spec"]["claimRef"]["namespace"] == "fednode-a"
-    assert volume["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0][
-        "matchExpressions"][0]["values"] == ["worker-1"]
+    assert volume["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][
+        0
+    ]["values"] == ["worker-1"]
     assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
     assert volume["spec"]["capacity"] == {"storage": "5Gi"}
 
     # ReadWriteOnce: runs are pinned to the node pod's Kubernetes node
     env = {e["name"]: e for e in node["env"]}
     assert env["FEDNODE_EXECUTOR__KUBERNETES_NODE"]["valueFrom"] == {
-        "fieldRef": {"fieldPath": "spec.nodeName"}}
+        "fieldRef": {"fieldPath": "spec.nodeName"}
+    }
     assert env["FEDNODE_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "key"
     assert env["OTEL_RESOURCE_ATTRIBUTES"]["value"] == "site=hospital-a"
     tasks = one(objects, "PersistentVolumeClaim", "fn-fednode-tasks")
-    assert tasks["spec"] == {"accessModes": ["ReadWriteOnce"], "storageClassName": "nfs",
-                             "resources": {"requests": {"storage": "50Gi"}}}
+    assert tasks["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "nfs",
+        "resources": {"requests": {"storage": "50Gi"}},
+    }
     assert "annotations" not in tasks["metadata"]  # keep: false
 
     # the node pod
@@ -389,8 +447,10 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert policy["ingress"][1]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
     dns, api_server, server, otlp, extra = policy["egress"]
     assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "coredns"}
-    assert api_server == {"to": [{"ipBlock": {"cidr": "198.51.100.1/32"}}],
-                          "ports": [{"port": 6443, "protocol": "TCP"}]}
+    assert api_server == {
+        "to": [{"ipBlock": {"cidr": "198.51.100.1/32"}}],
+        "ports": [{"port": 6443, "protocol": "TCP"}],
+    }
     assert server["to"] == [{"ipBlock": {"cidr": "192.0.2.10/32"}}]
     assert otlp["ports"] == [{"port": 4318, "protocol": "TCP"}]
     assert extra == FULL_VALUES["networkPolicy"]["extraEgress"][0]
@@ -409,7 +469,9 @@ def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -
     assert {o["metadata"]["namespace"] for o in objects} == {"hospital"}
     env = {e["name"]: e for e in node["env"]}
     assert env["FEDNODE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": "hospital-a-node", "key": "api-key"}
+        "name": "hospital-a-node",
+        "key": "api-key",
+    }
     assert "FEDNODE_EXECUTOR__KUBERNETES_NODE" not in env
     assert config["executor"]["task_volume_claim"] == "shared-tasks"
     assert config["executor"]["network_policies"] == "off"
@@ -425,41 +487,72 @@ def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -
 # -- wrong values -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"servr": {"url": "https://x.org"}}, "additional properties 'servr' not allowed"),
-    ({"server": {"url": "ftp://v6.example.org"}}, "at '/server/url'"),
-    ({"server": {"url": "https://v6.example.org:5000"}}, "at '/server/url'"),
-    ({"server": {"port": 70000}}, "at '/server/port'"),
-    ({"proxy": {"port": "7654"}}, "at '/proxy/port'"),
-    ({"taskVolume": {"accessMode": "ReadOnlyMany"}}, "at '/taskVolume/accessMode'"),
-    ({"taskVolume": {"size": "ten gigs"}}, "at '/taskVolume/size'"),
-    ({"runs": {"runAsUser": 0}}, "at '/runs/runAsUser'"),
-    ({"logging": {"level": "LOUD"}}, "at '/logging/level'"),
-    ({"databases": [{"label": "1st", "type": "csv"}]}, "at '/databases/0/label'"),
-    ({"databases": [{"label": "x", "type": "xml"}]}, "at '/databases/0/type'"),
-    ({"networkPolicy": {"server": {"to": []}}}, "at '/networkPolicy/server/to'"),
-    ({"nodeName": "Hospital A"}, "at '/nodeName'"),
-    ({"apiKey": ""}, "apiKey or existingSecret is required"),
-    ({"server": {"url": ""}}, "server.url is required"),
-    ({"existingSecret": "mine"}, "give apiKey or existingSecret, not both"),
-    ({"encryption": {"enabled": True}}, "encryption.enabled needs the organization's private key"),
-    ({"encryption": {"enabled": True, "privateKey": "not a key"}}, "is not a PEM private key"),
-    ({"namespace": {"create": True, "name": "fednode-system"}}, "is the release namespace"),
-    ({"namespace": {"create": True, "name": ""}}, "namespace.create needs namespace.name"),
-    ({"databases": [{"label": "a", "type": "csv", "file": "a.csv"}]},
-     "needs exactly one of claim, hostPath, configMap"),
-    ({"databases": [{"label": "a", "type": "csv", "claim": "c"}]}, "needs file"),
-    ({"databases": [{"label": "a", "type": "sql"}]}, "needs uri"),
-    ({"databases": [{"label": "a", "type": "sql", "uri": "x", "claim": "c"}]}, "is not a file"),
-    ({"databases": [{"label": "a", "type": "csv", "file": "a.csv", "configMap": "m",
-                     "subPath": "d"}]}, "subPath only applies to a claim"),
-    ({"databases": [{"label": "a", "type": "sql", "uri": "db-x"},
-                    {"label": "a", "type": "sql", "uri": "db-y"}]}, "label \"a\" is used twice"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"servr": {"url": "https://x.org"}}, "additional properties 'servr' not allowed"),
+        ({"server": {"url": "ftp://v6.example.org"}}, "at '/server/url'"),
+        ({"server": {"url": "https://v6.example.org:5000"}}, "at '/server/url'"),
+        ({"server": {"port": 70000}}, "at '/server/port'"),
+        ({"proxy": {"port": "7654"}}, "at '/proxy/port'"),
+        ({"taskVolume": {"accessMode": "ReadOnlyMany"}}, "at '/taskVolume/accessMode'"),
+        ({"taskVolume": {"size": "ten gigs"}}, "at '/taskVolume/size'"),
+        ({"runs": {"runAsUser": 0}}, "at '/runs/runAsUser'"),
+        ({"logging": {"level": "LOUD"}}, "at '/logging/level'"),
+        ({"databases": [{"label": "1st", "type": "csv"}]}, "at '/databases/0/label'"),
+        ({"databases": [{"label": "x", "type": "xml"}]}, "at '/databases/0/type'"),
+        ({"networkPolicy": {"server": {"to": []}}}, "at '/networkPolicy/server/to'"),
+        ({"nodeName": "Hospital A"}, "at '/nodeName'"),
+        ({"apiKey": ""}, "apiKey or existingSecret is required"),
+        ({"server": {"url": ""}}, "server.url is required"),
+        ({"existingSecret": "mine"}, "give apiKey or existingSecret, not both"),
+        (
+            {"encryption": {"enabled": True}},
+            "encryption.enabled needs the organization's private key",
+        ),
+        ({"encryption": {"enabled": True, "privateKey": "not a key"}}, "is not a PEM private key"),
+        ({"namespace": {"create": True, "name": "fednode-system"}}, "is the release namespace"),
+        ({"namespace": {"create": True, "name": ""}}, "namespace.create needs namespace.name"),
+        (
+            {"databases": [{"label": "a", "type": "csv", "file": "a.csv"}]},
+            "needs exactly one of claim, hostPath, configMap",
+        ),
+        ({"databases": [{"label": "a", "type": "csv", "claim": "c"}]}, "needs file"),
+        ({"databases": [{"label": "a", "type": "sql"}]}, "needs uri"),
+        ({"databases": [{"label": "a", "type": "sql", "uri": "x", "claim": "c"}]}, "is not a file"),
+        (
+            {
+                "databases": [
+                    {"label": "a", "type": "csv", "file": "a.csv", "configMap": "m", "subPath": "d"}
+                ]
+            },
+            "subPath only applies to a claim",
+        ),
+        (
+            {
+                "databases": [
+                    {"label": "a", "type": "sql", "uri": "db-x"},
+                    {"label": "a", "type": "sql", "uri": "db-y"},
+                ]
+            },
+            'label "a" is used twice',
+        ),
+    ],
+)
 def test_a_wrong_value_fails_helm_template_with_a_message_naming_it(
-    values: dict[str, Any], message: str, tmp_path: Path,
+    values: dict[str, Any],
+    message: str,
+    tmp_path: Path,
 ) -> None:
-    result = helm("template", "fn", str(CHART), "--namespace", "fednode-system",
-                  values=merged(REQUIRED_VALUES, values), tmp=tmp_path, check=False)
+    result = helm(
+        "template",
+        "fn",
+        str(CHART),
+        "--namespace",
+        "fednode-system",
+        values=merged(REQUIRED_VALUES, values),
+        tmp=tmp_path,
+        check=False,
+    )
     assert result.returncode != 0
     assert message in result.stderr, result.stderr

@@ -37,13 +37,26 @@ FULL_VALUES: dict[str, Any] = {
     "secretKeys": {"apiKey": "key", "privateKey": "pem"},
     "encryption": {"enabled": True, "privateKey": "(set by private_key_pem())"},
     "namespace": {"create": True, "name": "fednode-a"},
-    "taskVolume": {"storageClassName": "nfs", "size": "50Gi", "accessMode": "ReadWriteOnce",
-                   "keep": False},
+    "taskVolume": {
+        "storageClassName": "nfs",
+        "size": "50Gi",
+        "accessMode": "ReadWriteOnce",
+        "keep": False,
+    },
     "databases": [
-        {"label": "default", "type": "csv", "file": "employees.csv", "claim": "hospital-data",
-         "subPath": "exports"},
-        {"label": "local", "type": "parquet", "file": "cohort.parquet",
-         "hostPath": {"path": "/srv/data", "node": "worker-1", "size": "5Gi"}},
+        {
+            "label": "default",
+            "type": "csv",
+            "file": "employees.csv",
+            "claim": "hospital-data",
+            "subPath": "exports",
+        },
+        {
+            "label": "local",
+            "type": "parquet",
+            "file": "cohort.parquet",
+            "hostPath": {"path": "/srv/data", "node": "worker-1", "size": "5Gi"},
+        },
         {"label": "codes", "type": "csv", "file": "codes.csv", "configMap": "fednode-codes"},
         {"label": "images", "type": "folder", "claim": "imaging"},
         {"label": "warehouse", "type": "sql", "uri": "postgresql://warehouse.example.org/db"},
@@ -52,59 +65,106 @@ FULL_VALUES: dict[str, Any] = {
         "allowedAlgorithms": ["^registry.example.org/.*$"],
         "allowedOrganizations": [1, 2000000],
         "allowedUsers": [3],
-        "resources": {"defaultCpu": 0.5, "defaultMemoryMb": 512, "maxCpu": 8,
-                      "maxMemoryMb": 2000000, "maxGpus": 2, "defaultDeadlineSeconds": 7200},
+        "resources": {
+            "defaultCpu": 0.5,
+            "defaultMemoryMb": 512,
+            "maxCpu": 8,
+            "maxMemoryMb": 2000000,
+            "maxGpus": 2,
+            "defaultDeadlineSeconds": 7200,
+        },
     },
     "maxConcurrentRuns": 8,
     "runs": {
-        "runAsUser": 20001, "runAsGroup": 20002, "backoffLimit": 1,
-        "ttlSecondsAfterFinished": 600, "imagePullPolicy": "Always",
-        "imagePullSecrets": ["regcred"], "scratchSizeLimit": "2Gi", "priorityClassName": "low",
+        "runAsUser": 20001,
+        "runAsGroup": 20002,
+        "backoffLimit": 1,
+        "ttlSecondsAfterFinished": 600,
+        "imagePullPolicy": "Always",
+        "imagePullSecrets": ["regcred"],
+        "scratchSizeLimit": "2Gi",
+        "priorityClassName": "low",
         "nodeSelector": {"pool": "analytics"},
-        "tolerations": [{"key": "pool", "operator": "Equal", "value": "analytics",
-                         "effect": "NoSchedule"}],
-        "gpu": {"resourceName": "amd.com/gpu", "nodeSelector": {"gpu": "true"},
-                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                "typeLabel": "nvidia.com/gpu.product"},
+        "tolerations": [
+            {"key": "pool", "operator": "Equal", "value": "analytics", "effect": "NoSchedule"}
+        ],
+        "gpu": {
+            "resourceName": "amd.com/gpu",
+            "nodeSelector": {"gpu": "true"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "typeLabel": "nvidia.com/gpu.product",
+        },
         "networkPolicies": True,
         "requireRestrictedNamespace": True,
     },
     "proxy": {"port": 8654, "maxBodyMb": 32, "upstreamTimeoutSeconds": 120},
     "health": {"port": 8656},
     "clusterDomain": "example.local",
-    "telemetry": {"otlpEndpoint": "http://jaeger-collector.tracing:4318",
-                  "serviceName": "fednode-a", "samplingRatio": 0.5},
+    "telemetry": {
+        "otlpEndpoint": "http://jaeger-collector.tracing:4318",
+        "serviceName": "fednode-a",
+        "samplingRatio": 0.5,
+    },
     "logging": {"level": "DEBUG", "format": "console"},
     "networkPolicy": {
         "enabled": True,
         "dns": {"namespace": "dns-system", "podSelector": {"k8s-app": "coredns"}},
         "server": {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [5000]},
         "apiServer": {"to": [{"ipBlock": {"cidr": "198.51.100.1/32"}}], "ports": [6443]},
-        "otlp": {"to": [{"namespaceSelector": {"matchLabels": {
-            "kubernetes.io/metadata.name": "tracing"}}}]},
+        "otlp": {
+            "to": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracing"}}}
+            ]
+        },
         "healthFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
-        "extraEgress": [{"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
-                         "ports": [{"port": 443, "protocol": "TCP"}]}],
+        "extraEgress": [
+            {
+                "to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}],
+            }
+        ],
     },
-    "image": {"repository": "registry.example.org/fednode/node", "tag": "0.1.0",
-              "pullPolicy": "Always"},
+    "image": {
+        "repository": "registry.example.org/fednode/node",
+        "tag": "0.1.0",
+        "pullPolicy": "Always",
+    },
     "imagePullSecrets": ["regcred"],
-    "resources": {"requests": {"cpu": "200m", "memory": "300Mi"},
-                  "limits": {"cpu": "1", "memory": "1Gi"}},
+    "resources": {
+        "requests": {"cpu": "200m", "memory": "300Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    },
     "probes": {
-        "liveness": {"initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 3,
-                     "failureThreshold": 4, "successThreshold": 1},
-        "readiness": {"initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 3,
-                      "failureThreshold": 4, "successThreshold": 1},
+        "liveness": {
+            "initialDelaySeconds": 1,
+            "periodSeconds": 2,
+            "timeoutSeconds": 3,
+            "failureThreshold": 4,
+            "successThreshold": 1,
+        },
+        "readiness": {
+            "initialDelaySeconds": 1,
+            "periodSeconds": 2,
+            "timeoutSeconds": 3,
+            "failureThreshold": 4,
+            "successThreshold": 1,
+        },
     },
     "podAnnotations": {"example.org/team": "research"},
     "podLabels": {"example.org/tier": "analytics"},
     "nodeSelector": {"pool": "system"},
-    "tolerations": [{"key": "pool", "operator": "Equal", "value": "system",
-                     "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-        "nodeSelectorTerms": [{"matchExpressions": [
-            {"key": "pool", "operator": "In", "values": ["system"]}]}]}}},
+    "tolerations": [
+        {"key": "pool", "operator": "Equal", "value": "system", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}
+                ]
+            }
+        }
+    },
     "priorityClassName": "high",
     "terminationGracePeriodSeconds": 60,
     "extraEnv": [{"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "site=hospital-a"}],
@@ -130,23 +190,28 @@ def private_key_pem() -> str:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 def helm_binary() -> Path:
     """The helm that scripts/helm-setup built; fails the test when it is missing."""
-    result = subprocess.run([str(HELM_SETUP), "path"], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run([str(HELM_SETUP), "path"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        pytest.fail("helm is not built: run scripts/helm-setup (scripts/setup-peers does)",
-                    pytrace=False)
+        pytest.fail(
+            "helm is not built: run scripts/helm-setup (scripts/setup-peers does)", pytrace=False
+        )
     return Path(result.stdout.strip())
 
 
-def helm(*args: str, values: dict[str, Any] | None = None, tmp: Path | None = None,
-         check: bool = True, env: dict[str, str] | None = None
-         ) -> subprocess.CompletedProcess[str]:
+def helm(
+    *args: str,
+    values: dict[str, Any] | None = None,
+    tmp: Path | None = None,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run helm; ``values`` go in as a file (``-f``)."""
     command = [str(helm_binary()), *args]
     if values is not None:
@@ -156,23 +221,26 @@ def helm(*args: str, values: dict[str, Any] | None = None, tmp: Path | None = No
         command += ["-f", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
-def render(values: dict[str, Any], tmp: Path, *, release: str = "fn",
-           namespace: str = "fednode-system") -> list[dict[str, Any]]:
+def render(
+    values: dict[str, Any], tmp: Path, *, release: str = "fn", namespace: str = "fednode-system"
+) -> list[dict[str, Any]]:
     """``helm template`` of the chart: the objects, in helm's order."""
-    result = helm("template", release, str(CHART), "--namespace", namespace,
-                  values=values, tmp=tmp)
+    result = helm("template", release, str(CHART), "--namespace", namespace, values=values, tmp=tmp)
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     """The one object of ``kind`` (and ``name``)."""
-    found = [o for o in objects if o["kind"] == kind
-             and (name is None or o["metadata"]["name"] == name)]
+    found = [
+        o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
     return found[0]
 
@@ -195,8 +263,9 @@ def merged(*layers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def schema_leaves(node: dict[str, Any] = SCHEMA, path: tuple[str, ...] = ()
-                  ) -> list[tuple[str, ...]]:
+def schema_leaves(
+    node: dict[str, Any] = SCHEMA, path: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
     """Every documented key: the leaves of the schema's closed objects."""
     leaves: list[tuple[str, ...]] = []
     for key, child in node.get("properties", {}).items():

@@ -39,18 +39,31 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 def spec(**fields: Any) -> RunSpec:
     values: dict[str, Any] = {
-        "run_id": 12, "task_id": 34, "organization_id": 1, "collaboration_id": 2,
-        "image": "harbor.example/algo:1", "token": SecretStr("t0ken"),
+        "run_id": 12,
+        "task_id": 34,
+        "organization_id": 1,
+        "collaboration_id": 2,
+        "image": "harbor.example/algo:1",
+        "token": SecretStr("t0ken"),
         "environment": {"HOST": "http://proxy", "PORT": "7654"},
-        "resources": Resources(cpu=1.5, memory_mb=512), **fields,
+        "resources": Resources(cpu=1.5, memory_mb=512),
+        **fields,
     }
     return RunSpec(**values)
 
 
-def job_for(run: RunSpec, settings: KubernetesSettings | None = None,
-            pin: str | None = None) -> dict[str, Any]:
-    return run_job(run, settings=settings or KubernetesSettings(), namespace="runs",
-                   name="j", labels={"a": "b"}, token_secret_name="j-token", pin_to_node=pin)
+def job_for(
+    run: RunSpec, settings: KubernetesSettings | None = None, pin: str | None = None
+) -> dict[str, Any]:
+    return run_job(
+        run,
+        settings=settings or KubernetesSettings(),
+        namespace="runs",
+        name="j",
+        labels={"a": "b"},
+        token_secret_name="j-token",
+        pin_to_node=pin,
+    )
 
 
 def pod_of(job: dict[str, Any]) -> dict[str, Any]:
@@ -71,8 +84,10 @@ def test_the_pod_is_locked_down_as_pod_security_restricted_requires() -> None:
     assert context["allowPrivilegeEscalation"] is False
     assert context["readOnlyRootFilesystem"] is True
     assert context["capabilities"] == {"drop": ["ALL"]}
-    assert container["resources"] == {"requests": {"cpu": "1500m", "memory": "512Mi"},
-                                      "limits": {"cpu": "1500m", "memory": "512Mi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "1500m", "memory": "512Mi"},
+        "limits": {"cpu": "1500m", "memory": "512Mi"},
+    }
     assert {"name": "HOST", "value": "http://proxy"} in container["env"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "hostPath" not in str(volumes)
@@ -81,10 +96,11 @@ def test_the_pod_is_locked_down_as_pod_security_restricted_requires() -> None:
 
 def test_a_gpu_run_asks_for_the_resource_and_goes_where_gpus_are() -> None:
     settings = KubernetesSettings(
-        gpu_node_selector={"gpu": "yes"}, node_selector={"zone": "a"},
-        gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists",
-                          "effect": "NoSchedule"}],
-        gpu_type_label="nvidia.com/gpu.product")
+        gpu_node_selector={"gpu": "yes"},
+        node_selector={"zone": "a"},
+        gpu_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        gpu_type_label="nvidia.com/gpu.product",
+    )
     pod = pod_of(job_for(spec(resources=Resources(gpus=2, gpu_type="A100")), settings))
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["nodeSelector"] == {"zone": "a", "gpu": "yes", "nvidia.com/gpu.product": "A100"}
@@ -100,29 +116,43 @@ def test_read_write_once_pins_the_run_to_the_nodes_kubernetes_node() -> None:
 
 
 def test_databases_are_mounted_read_only_from_their_configured_volumes() -> None:
-    settings = KubernetesSettings(databases={
-        "default": DatabaseVolume(claim="data", sub_path="csv"),
-        "notes": DatabaseVolume(config_map="notes")})
-    run = spec(databases=(
-        DatabaseMount(label="default", type="csv", uri="/srv/data/a.csv", is_local_path=True),
-        DatabaseMount(label="notes", type="folder", uri="/srv/notes", is_local_path=True),
-        DatabaseMount(label="pg", type="sql", uri="postgres://db", is_local_path=False)))
+    settings = KubernetesSettings(
+        databases={
+            "default": DatabaseVolume(claim="data", sub_path="csv"),
+            "notes": DatabaseVolume(config_map="notes"),
+        }
+    )
+    run = spec(
+        databases=(
+            DatabaseMount(label="default", type="csv", uri="/srv/data/a.csv", is_local_path=True),
+            DatabaseMount(label="notes", type="folder", uri="/srv/notes", is_local_path=True),
+            DatabaseMount(label="pg", type="sql", uri="postgres://db", is_local_path=False),
+        )
+    )
     pod = pod_of(job_for(run, settings))
     mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts["/mnt/data/default"]["readOnly"] and mounts["/mnt/data/default"]["subPath"] \
-        == "csv"
+    assert (
+        mounts["/mnt/data/default"]["readOnly"] and mounts["/mnt/data/default"]["subPath"] == "csv"
+    )
     assert mounts["/mnt/data/notes"]["readOnly"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[mounts["/mnt/data/default"]["name"]]["persistentVolumeClaim"] == {
-        "claimName": "data", "readOnly": True}
+        "claimName": "data",
+        "readOnly": True,
+    }
     assert not any(p.startswith("/mnt/data/pg") for p in mounts)
     with pytest.raises(ManifestError, match="no volume"):
         job_for(run)
 
 
 def test_the_job_carries_ids_trace_and_safety_nets() -> None:
-    job = job_for(spec(parent_task_id=5, deadline_seconds=60,
-                       trace_context={"traceparent": "00-ab-cd-01", "tracestate": "x=1"}))
+    job = job_for(
+        spec(
+            parent_task_id=5,
+            deadline_seconds=60,
+            trace_context={"traceparent": "00-ab-cd-01", "tracestate": "x=1"},
+        )
+    )
     annotations = job["metadata"]["annotations"]
     assert annotations["fednode.io/run-id"] == "12"
     assert annotations["fednode.io/parent-task-id"] == "5"
@@ -143,8 +173,17 @@ def test_the_job_carries_the_sealed_token_back_but_never_the_token() -> None:
 
 def test_a_run_without_token_has_no_secret_mount_and_the_secret_is_immutable() -> None:
     run = spec(token=None)
-    pod = pod_of(run_job(run, settings=KubernetesSettings(), namespace="n", name="j",
-                         labels={}, token_secret_name=None, pin_to_node=None))
+    pod = pod_of(
+        run_job(
+            run,
+            settings=KubernetesSettings(),
+            namespace="n",
+            name="j",
+            labels={},
+            token_secret_name=None,
+            pin_to_node=None,
+        )
+    )
     assert all(v["name"] != "token" for v in pod["volumes"])
     job = {"metadata": {"name": "j", "uid": "u-1"}}
     secret = token_secret(spec(), namespace="n", name="s", labels={}, owner=job)
@@ -172,17 +211,30 @@ def test_database_volume_needs_exactly_one_source() -> None:
 
 
 def test_network_policies_deny_everything_then_allow_only_the_proxy_and_dns() -> None:
-    deny, egress = run_network_policies(RunIsolation(
-        namespace="runs", run_selector={"node": "n"},
-        allowed=(proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),
-                 dns_peer())))
-    assert deny["spec"] == {"podSelector": {"matchLabels": {"node": "n"}},
-                            "policyTypes": ["Ingress", "Egress"]}
+    deny, egress = run_network_policies(
+        RunIsolation(
+            namespace="runs",
+            run_selector={"node": "n"},
+            allowed=(
+                proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),
+                dns_peer(),
+            ),
+        )
+    )
+    assert deny["spec"] == {
+        "podSelector": {"matchLabels": {"node": "n"}},
+        "policyTypes": ["Ingress", "Egress"],
+    }
     proxy, dns = egress["spec"]["egress"]
     assert proxy == {
-        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "fednode"}},
-                "podSelector": {"matchLabels": {"app": "node"}}}],
-        "ports": [{"port": 7654, "protocol": "TCP"}]}
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "fednode"}},
+                "podSelector": {"matchLabels": {"app": "node"}},
+            }
+        ],
+        "ports": [{"port": 7654, "protocol": "TCP"}],
+    }
     assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
     assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
     assert "ingress" not in egress["spec"]
@@ -197,9 +249,12 @@ def test_pod_security_levels_are_checked_not_assumed() -> None:
 
 
 def test_the_role_is_namespaced_and_grants_only_what_the_executor_uses() -> None:
-    granted = {(group, resource): set(rule["verbs"])
-               for rule in ROLE_RULES for group in rule["apiGroups"]
-               for resource in rule["resources"]}
+    granted = {
+        (group, resource): set(rule["verbs"])
+        for rule in ROLE_RULES
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
     assert granted == {
         ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
         ("", "pods"): {"list", "watch"},
@@ -208,38 +263,56 @@ def test_the_role_is_namespaced_and_grants_only_what_the_executor_uses() -> None
         ("", "namespaces"): {"get"},
     }
     assert role_manifest("runs", node_name="n")["kind"] == "Role"
-    binding = role_binding_manifest("runs", service_account="fednode",
-                                    service_account_namespace="fednode")
+    binding = role_binding_manifest(
+        "runs", service_account="fednode", service_account_namespace="fednode"
+    )
     assert binding["roleRef"]["kind"] == "Role"
 
 
 def test_the_node_may_only_read_its_own_runs_policies_unless_told_to_apply_them() -> None:
     (rule,) = [r for r in role_rules("Hospital_A.node") if r["resources"] == ["networkpolicies"]]
     assert rule["verbs"] == ["get"]
-    assert rule["resourceNames"] == ["fednode-runs-hospital-a-node-default-deny",
-                                     "fednode-runs-hospital-a-node-egress"]
-    (applying,) = [r for r in role_rules("n", apply_network_policies=True)
-                   if r["resources"] == ["networkpolicies"]]
+    assert rule["resourceNames"] == [
+        "fednode-runs-hospital-a-node-default-deny",
+        "fednode-runs-hospital-a-node-egress",
+    ]
+    (applying,) = [
+        r
+        for r in role_rules("n", apply_network_policies=True)
+        if r["resources"] == ["networkpolicies"]
+    ]
     assert applying == APPLY_NETWORK_POLICIES_RULE
     assert set(applying["verbs"]) == {"get", "create", "patch"}
     assert len(policy_name_prefix("x" * 63)) <= 40
 
 
 def test_a_policy_differs_only_in_substance() -> None:
-    isolation = RunIsolation(namespace="runs", run_selector={"fednode.io/node": "n"},
-                             allowed=(proxy_peer(namespace="fednode", pod_selector={"app": "node"},
-                                                 port=7654), dns_peer()))
+    isolation = RunIsolation(
+        namespace="runs",
+        run_selector={"fednode.io/node": "n"},
+        allowed=(
+            proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),
+            dns_peer(),
+        ),
+    )
     _, egress = run_network_policies(isolation)
     # what the API server gives back: its own metadata, rules in another order
-    found = {"metadata": {"name": "x", "uid": "u", "labels": {"other": "label"}},
-             "spec": {**egress["spec"], "egress": list(reversed(egress["spec"]["egress"])),
-                      "ingress": []}}
+    found = {
+        "metadata": {"name": "x", "uid": "u", "labels": {"other": "label"}},
+        "spec": {
+            **egress["spec"],
+            "egress": list(reversed(egress["spec"]["egress"])),
+            "ingress": [],
+        },
+    }
     assert policy_differences(egress, found) == []
-    opened = {"spec": {**egress["spec"],
-                       "egress": [*egress["spec"]["egress"], {"to": [{"ipBlock": {
-                           "cidr": "0.0.0.0/0"}}]}]}}
+    opened = {
+        "spec": {
+            **egress["spec"],
+            "egress": [*egress["spec"]["egress"], {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}],
+        }
+    }
     (problem,) = policy_differences(egress, opened)
     assert problem.startswith("spec.egress is") and "0.0.0.0/0" in problem
     narrowed = {"spec": {**egress["spec"], "podSelector": {"matchLabels": {"run": "1"}}}}
-    assert [p.split(" ")[0] for p in policy_differences(egress, narrowed)] == [
-        "spec.podSelector"]
+    assert [p.split(" ")[0] for p in policy_differences(egress, narrowed)] == ["spec.podSelector"]

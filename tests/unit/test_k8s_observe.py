@@ -19,16 +19,25 @@ Json = dict[str, Any]
 
 def job(run_id: int = 1, *, conditions: list[Json] | None = None, backoff: int = 0) -> Json:
     return {
-        "metadata": {"name": f"job-{run_id}", "resourceVersion": "1",
-                     "labels": {"fednode.io/run-id": str(run_id), "fednode.io/task-id": "9"}},
+        "metadata": {
+            "name": f"job-{run_id}",
+            "resourceVersion": "1",
+            "labels": {"fednode.io/run-id": str(run_id), "fednode.io/task-id": "9"},
+        },
         "spec": {"backoffLimit": backoff},
         "status": {"conditions": conditions or []},
     }
 
 
 def pod(
-    run_id: int = 1, *, name: str = "p", phase: str = "Pending", node: str | None = None,
-    waiting: str | None = None, terminated: Json | None = None, deleting: bool = False,
+    run_id: int = 1,
+    *,
+    name: str = "p",
+    phase: str = "Pending",
+    node: str | None = None,
+    waiting: str | None = None,
+    terminated: Json | None = None,
+    deleting: bool = False,
     created: str = "2026-01-01T00:00:00Z",
 ) -> Json:
     state: Json = {}
@@ -36,8 +45,11 @@ def pod(
         state = {"waiting": {"reason": waiting, "message": f"{waiting} details"}}
     if terminated:
         state = {"terminated": terminated}
-    metadata: Json = {"name": name, "creationTimestamp": created,
-                      "labels": {"fednode.io/run-id": str(run_id)}}
+    metadata: Json = {
+        "name": name,
+        "creationTimestamp": created,
+        "labels": {"fednode.io/run-id": str(run_id)},
+    }
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T00:01:00Z"
     return {
@@ -58,24 +70,44 @@ def condition(kind: str, reason: str = "", message: str = "") -> Json:
         ([pod()], (Phase.STARTING, None, None)),  # waiting to be scheduled (e.g. for GPUs)
         ([pod(node="n")], (Phase.STARTING, None, None)),
         ([pod(phase="Running", node="n")], (Phase.RUNNING, None, None)),
-        ([pod(phase="Succeeded", terminated={"exitCode": 0})], (Phase.SUCCEEDED,
-                                                                Reason.COMPLETED, 0)),
-        ([pod(phase="Failed", terminated={"exitCode": 3, "reason": "Error"})],
-         (Phase.FAILED, Reason.CRASHED, 3)),
-        ([pod(phase="Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})],
-         (Phase.FAILED, Reason.OOM_KILLED, 137)),
+        (
+            [pod(phase="Succeeded", terminated={"exitCode": 0})],
+            (Phase.SUCCEEDED, Reason.COMPLETED, 0),
+        ),
+        (
+            [pod(phase="Failed", terminated={"exitCode": 3, "reason": "Error"})],
+            (Phase.FAILED, Reason.CRASHED, 3),
+        ),
+        (
+            [pod(phase="Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})],
+            (Phase.FAILED, Reason.OOM_KILLED, 137),
+        ),
         # a pod ended by a deletion (kill, deadline) is no crash: the Job will say
-        ([pod(phase="Failed", deleting=True, terminated={"exitCode": 143})],
-         (Phase.STARTING, None, None)),
+        (
+            [pod(phase="Failed", deleting=True, terminated={"exitCode": 143})],
+            (Phase.STARTING, None, None),
+        ),
         ([pod(waiting="ErrImagePull")], (Phase.FAILED, Reason.IMAGE_NOT_FOUND, None)),
         ([pod(waiting="ImagePullBackOff")], (Phase.FAILED, Reason.IMAGE_NOT_FOUND, None)),
         ([pod(waiting="InvalidImageName")], (Phase.FAILED, Reason.IMAGE_NOT_FOUND, None)),
         ([pod(waiting="CreateContainerConfigError")], (Phase.FAILED, Reason.CRASHED, None)),
         ([pod(waiting="ContainerCreating")], (Phase.STARTING, None, None)),
     ],
-    ids=["no-pod", "unscheduled", "scheduled", "running", "succeeded", "exit-3", "oom",
-         "deleted", "err-image-pull", "image-pull-backoff", "invalid-image", "config-error",
-         "creating"],
+    ids=[
+        "no-pod",
+        "unscheduled",
+        "scheduled",
+        "running",
+        "succeeded",
+        "exit-3",
+        "oom",
+        "deleted",
+        "err-image-pull",
+        "image-pull-backoff",
+        "invalid-image",
+        "config-error",
+        "creating",
+    ],
 )
 def test_a_pod_tells_the_phase_reason_and_exit_code(
     pods: list[Json], expected: tuple[Phase, Reason | None, int | None]
@@ -97,27 +129,35 @@ def test_a_failed_pod_with_retries_left_is_not_the_end_of_the_run() -> None:
     retry = pod(name="b", phase="Running", created="2026-01-01T00:00:05Z")
     assert observe(job(backoff=1), [failed], backoff_limit=0).phase is Phase.STARTING
     assert observe(job(backoff=1), [failed, retry], backoff_limit=0).phase is Phase.RUNNING
-    second = pod(name="b", phase="Failed", created="2026-01-01T00:00:05Z",
-                 terminated={"exitCode": 2})
+    second = pod(
+        name="b", phase="Failed", created="2026-01-01T00:00:05Z", terminated={"exitCode": 2}
+    )
     seen = observe(job(backoff=1), [failed, second], backoff_limit=0)
     assert (seen.phase, seen.exit_code) == (Phase.FAILED, 2)  # the newest pod's
 
 
 def test_the_jobs_conditions_decide_deadline_and_completion() -> None:
-    killed_by_deadline = pod(phase="Failed", deleting=True,
-                             terminated={"exitCode": 143, "reason": "Error"})
+    killed_by_deadline = pod(
+        phase="Failed", deleting=True, terminated={"exitCode": 143, "reason": "Error"}
+    )
     for kind in ("FailureTarget", "Failed"):
-        seen = observe(job(conditions=[condition(kind, "DeadlineExceeded", "too long")]),
-                       [killed_by_deadline], backoff_limit=0)
+        seen = observe(
+            job(conditions=[condition(kind, "DeadlineExceeded", "too long")]),
+            [killed_by_deadline],
+            backoff_limit=0,
+        )
         assert (seen.phase, seen.reason, seen.message) == (
-            Phase.FAILED, Reason.DEADLINE_EXCEEDED, "too long")
+            Phase.FAILED,
+            Reason.DEADLINE_EXCEEDED,
+            "too long",
+        )
     for kind in ("SuccessCriteriaMet", "Complete"):
         seen = observe(job(conditions=[condition(kind)]), [], backoff_limit=0)
-        assert (seen.phase, seen.reason, seen.exit_code) == (Phase.SUCCEEDED,
-                                                             Reason.COMPLETED, 0)
+        assert (seen.phase, seen.reason, seen.exit_code) == (Phase.SUCCEEDED, Reason.COMPLETED, 0)
     oom = pod(phase="Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
-    seen = observe(job(conditions=[condition("Failed", "BackoffLimitExceeded")]), [oom],
-                   backoff_limit=0)
+    seen = observe(
+        job(conditions=[condition("Failed", "BackoffLimitExceeded")]), [oom], backoff_limit=0
+    )
     assert (seen.phase, seen.reason, seen.exit_code) == (Phase.FAILED, Reason.OOM_KILLED, 137)
 
 
@@ -142,9 +182,11 @@ class Recorder:
     def __init__(self) -> None:
         self.stream = RecordingStream()
         self.deleted: list[tuple[int, str]] = []
-        self.tracker = RunTracker(stream=self.stream, backoff_limit=0,
-                                  delete_job=lambda run_id, why: self.deleted.append(
-                                      (run_id, why)))
+        self.tracker = RunTracker(
+            stream=self.stream,
+            backoff_limit=0,
+            delete_job=lambda run_id, why: self.deleted.append((run_id, why)),
+        )
         self.tracker.release()
 
     def phases(self, run_id: int) -> list[Phase]:
@@ -164,7 +206,9 @@ def test_a_vanished_job_is_killed_if_we_killed_it_else_lost() -> None:
     assert r.tracker.ended[2].reason is Reason.LOST
     # until cleanup, both are still listed as they ended
     assert [(s.run_id, s.phase, s.task_id) for s in r.tracker.states()] == [
-        (1, Phase.KILLED, 9), (2, Phase.FAILED, 9)]
+        (1, Phase.KILLED, 9),
+        (2, Phase.FAILED, 9),
+    ]
 
 
 def test_a_kill_before_the_job_exists_deletes_the_job_once_it_appears() -> None:
@@ -207,8 +251,7 @@ def test_nothing_is_judged_until_both_caches_are_filled() -> None:
 def test_after_cleanup_a_run_is_silent_and_forgotten_once_its_objects_are_gone() -> None:
     r = Recorder()
     r.tracker.on_job(Change.ADDED, job(7))
-    r.tracker.on_pod(Change.MODIFIED, pod(7, phase="Succeeded",
-                                          terminated={"exitCode": 0}))
+    r.tracker.on_pod(Change.MODIFIED, pod(7, phase="Succeeded", terminated={"exitCode": 0}))
     r.tracker.forget_when_gone(7)
     assert r.tracker.states() == []
     r.tracker.on_job(Change.DELETED, job(7))

@@ -19,58 +19,114 @@ from executors.kubernetes.transform import slim_job, slim_pod, without_managed_f
 from executors.spec import Resources, RunSpec
 
 Json = dict[str, Any]
-MANAGED = [{"manager": "kube-controller-manager", "operation": "Update",
-            "fieldsV1": {"f:status": {"f:conditions": {}, "f:active": {}}}}]
+MANAGED = [
+    {
+        "manager": "kube-controller-manager",
+        "operation": "Update",
+        "fieldsV1": {"f:status": {"f:conditions": {}, "f:active": {}}},
+    }
+]
 
 
 def whole_job(*, conditions: list[Json] | None = None) -> Json:
     """A Job as the API server sends it: the executor's manifest plus server fields."""
-    spec = RunSpec(run_id=7, task_id=70, organization_id=1, collaboration_id=2,
-                   image="harbor.example/algo:1", token=SecretStr("t"),
-                   environment={"HOST": "http://proxy", "PORT": "7654"},
-                   resources=Resources(cpu=0.5, memory_mb=256),
-                   trace_context={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
-    job = run_job(spec, settings=KubernetesSettings(), namespace="runs", name="fednode-n-7",
-                  labels=run_labels(spec, node_name="n"), token_secret_name="fednode-n-7-token",
-                  pin_to_node=None)
-    job["metadata"].update({
-        "uid": "4a0c-uid", "resourceVersion": "1234", "generation": 1,
-        "creationTimestamp": "2026-01-01T00:00:00Z", "managedFields": MANAGED,
-    })
+    spec = RunSpec(
+        run_id=7,
+        task_id=70,
+        organization_id=1,
+        collaboration_id=2,
+        image="harbor.example/algo:1",
+        token=SecretStr("t"),
+        environment={"HOST": "http://proxy", "PORT": "7654"},
+        resources=Resources(cpu=0.5, memory_mb=256),
+        trace_context={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+    )
+    job = run_job(
+        spec,
+        settings=KubernetesSettings(),
+        namespace="runs",
+        name="fednode-n-7",
+        labels=run_labels(spec, node_name="n"),
+        token_secret_name="fednode-n-7-token",
+        pin_to_node=None,
+    )
+    job["metadata"].update(
+        {
+            "uid": "4a0c-uid",
+            "resourceVersion": "1234",
+            "generation": 1,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "managedFields": MANAGED,
+        }
+    )
     job["metadata"]["annotations"]["example.org/added-later"] = "sealed"
     job["spec"]["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": "4a0c"}}
     job["status"] = {
-        "startTime": "2026-01-01T00:00:01Z", "active": 1, "ready": 0, "terminating": 0,
+        "startTime": "2026-01-01T00:00:01Z",
+        "active": 1,
+        "ready": 0,
+        "terminating": 0,
         "uncountedTerminatedPods": {},
-        "conditions": [{**c, "lastProbeTime": "2026-01-01T00:00:09Z",
-                        "lastTransitionTime": "2026-01-01T00:00:09Z"}
-                       for c in conditions or []],
+        "conditions": [
+            {
+                **c,
+                "lastProbeTime": "2026-01-01T00:00:09Z",
+                "lastTransitionTime": "2026-01-01T00:00:09Z",
+            }
+            for c in conditions or []
+        ],
     }
     return job
 
 
-def whole_pod(job: Json, *, name: str = "fednode-n-7-abcde", phase: str = "Running",
-              state: Json | None = None, last_state: Json | None = None,
-              deleting: bool = False, created: str = "2026-01-01T00:00:02Z") -> Json:
+def whole_pod(
+    job: Json,
+    *,
+    name: str = "fednode-n-7-abcde",
+    phase: str = "Running",
+    state: Json | None = None,
+    last_state: Json | None = None,
+    deleting: bool = False,
+    created: str = "2026-01-01T00:00:02Z",
+) -> Json:
     """A Pod as the API server sends it: the Job's template plus a full status."""
     template = copy.deepcopy(job["spec"]["template"])
     metadata = {
-        **template["metadata"], "name": name, "namespace": "runs", "uid": f"uid-{name}",
-        "resourceVersion": "1240", "creationTimestamp": created, "managedFields": MANAGED,
+        **template["metadata"],
+        "name": name,
+        "namespace": "runs",
+        "uid": f"uid-{name}",
+        "resourceVersion": "1240",
+        "creationTimestamp": created,
+        "managedFields": MANAGED,
         "generateName": "fednode-n-7-",
-        "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "fednode-n-7",
-                             "uid": "4a0c-uid", "controller": True}],
+        "ownerReferences": [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": "fednode-n-7",
+                "uid": "4a0c-uid",
+                "controller": True,
+            }
+        ],
     }
-    metadata["labels"] = {**metadata.get("labels", {}), "job-name": "fednode-n-7",
-                          "batch.kubernetes.io/controller-uid": "4a0c"}
+    metadata["labels"] = {
+        **metadata.get("labels", {}),
+        "job-name": "fednode-n-7",
+        "batch.kubernetes.io/controller-uid": "4a0c",
+    }
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T00:01:00Z"
         metadata["deletionGracePeriodSeconds"] = 5
     container = {
-        "name": "algorithm", "image": "harbor.example/algo:1", "imageID": "sha256:ab",
-        "containerID": "containerd://ff", "ready": phase == "Running", "restartCount": 0,
-        "started": phase == "Running", "state": state or {"running": {
-            "startedAt": "2026-01-01T00:00:03Z"}},
+        "name": "algorithm",
+        "image": "harbor.example/algo:1",
+        "imageID": "sha256:ab",
+        "containerID": "containerd://ff",
+        "ready": phase == "Running",
+        "restartCount": 0,
+        "started": phase == "Running",
+        "state": state or {"running": {"startedAt": "2026-01-01T00:00:03Z"}},
         "lastState": last_state or {},
         "volumeMounts": [{"name": "task", "mountPath": "/mnt/task"}],
     }
@@ -78,7 +134,10 @@ def whole_pod(job: Json, *, name: str = "fednode-n-7-abcde", phase: str = "Runni
         "metadata": metadata,
         "spec": {**template["spec"], "nodeName": "kwok-node-0"},
         "status": {
-            "phase": phase, "hostIP": "10.0.0.1", "podIP": "10.1.0.9", "qosClass": "Guaranteed",
+            "phase": phase,
+            "hostIP": "10.0.0.1",
+            "podIP": "10.1.0.9",
+            "qosClass": "Guaranteed",
             "startTime": "2026-01-01T00:00:02Z",
             "conditions": [{"type": "Ready", "status": "True"}],
             "containerStatuses": [container],
@@ -91,9 +150,16 @@ def condition(kind: str, reason: str = "", message: str = "") -> Json:
 
 
 def terminated(code: int, reason: str, message: str = "") -> Json:
-    return {"terminated": {"exitCode": code, "reason": reason, "message": message,
-                           "startedAt": "2026-01-01T00:00:03Z",
-                           "finishedAt": "2026-01-01T00:00:05Z", "containerID": "c://x"}}
+    return {
+        "terminated": {
+            "exitCode": code,
+            "reason": reason,
+            "message": message,
+            "startedAt": "2026-01-01T00:00:03Z",
+            "finishedAt": "2026-01-01T00:00:05Z",
+            "containerID": "c://x",
+        }
+    }
 
 
 def waiting(reason: str) -> Json:
@@ -107,28 +173,59 @@ def _cases() -> dict[str, tuple[Json, list[Json]]]:
         "running": (plain, [whole_pod(plain)]),
         "pending": (plain, [whole_pod(plain, phase="Pending", state=waiting("ContainerCreating"))]),
         "image": (plain, [whole_pod(plain, phase="Pending", state=waiting("ErrImagePull"))]),
-        "config": (plain, [whole_pod(plain, phase="Pending",
-                                     state=waiting("CreateContainerConfigError"))]),
+        "config": (
+            plain,
+            [whole_pod(plain, phase="Pending", state=waiting("CreateContainerConfigError"))],
+        ),
         "crashed": (plain, [whole_pod(plain, phase="Failed", state=terminated(3, "Error"))]),
         "oom": (plain, [whole_pod(plain, phase="Failed", state=terminated(137, "OOMKilled"))]),
-        "last-state": (plain, [whole_pod(plain, phase="Failed", state={},
-                                         last_state=terminated(2, "Error", "bad input"))]),
-        "deleting": (plain, [whole_pod(plain, phase="Failed", deleting=True,
-                                       state=terminated(143, "Error"))]),
-        "retried": (whole_job(), [
-            whole_pod(plain, name="a", phase="Failed", state=terminated(1, "Error"),
-                      created="2026-01-01T00:00:02Z"),
-            whole_pod(plain, name="b", phase="Running", created="2026-01-01T00:00:09Z")]),
-        "complete": (whole_job(conditions=[condition("SuccessCriteriaMet"),
-                                           condition("Complete")]),
-                     [whole_pod(plain, phase="Succeeded", state=terminated(0, "Completed"))]),
-        "deadline": (whole_job(conditions=[condition("Failed", "DeadlineExceeded",
-                                                     "Job was active longer than allowed")]),
-                     [whole_pod(plain, phase="Failed", deleting=True,
-                                state=terminated(143, "Error"))]),
-        "job-failed": (whole_job(conditions=[condition("FailureTarget", "BackoffLimitExceeded",
-                                                       "Job has reached the backoff limit")]),
-                       [whole_pod(plain, phase="Failed", state=terminated(4, "Error", "why"))]),
+        "last-state": (
+            plain,
+            [
+                whole_pod(
+                    plain, phase="Failed", state={}, last_state=terminated(2, "Error", "bad input")
+                )
+            ],
+        ),
+        "deleting": (
+            plain,
+            [whole_pod(plain, phase="Failed", deleting=True, state=terminated(143, "Error"))],
+        ),
+        "retried": (
+            whole_job(),
+            [
+                whole_pod(
+                    plain,
+                    name="a",
+                    phase="Failed",
+                    state=terminated(1, "Error"),
+                    created="2026-01-01T00:00:02Z",
+                ),
+                whole_pod(plain, name="b", phase="Running", created="2026-01-01T00:00:09Z"),
+            ],
+        ),
+        "complete": (
+            whole_job(conditions=[condition("SuccessCriteriaMet"), condition("Complete")]),
+            [whole_pod(plain, phase="Succeeded", state=terminated(0, "Completed"))],
+        ),
+        "deadline": (
+            whole_job(
+                conditions=[
+                    condition("Failed", "DeadlineExceeded", "Job was active longer than allowed")
+                ]
+            ),
+            [whole_pod(plain, phase="Failed", deleting=True, state=terminated(143, "Error"))],
+        ),
+        "job-failed": (
+            whole_job(
+                conditions=[
+                    condition(
+                        "FailureTarget", "BackoffLimitExceeded", "Job has reached the backoff limit"
+                    )
+                ]
+            ),
+            [whole_pod(plain, phase="Failed", state=terminated(4, "Error", "why"))],
+        ),
     }
 
 
@@ -136,8 +233,9 @@ def _cases() -> dict[str, tuple[Json, list[Json]]]:
 def test_trimmed_objects_are_judged_as_the_whole_ones(case: str) -> None:
     job, pods = _cases()[case]
     whole = observe(job, pods, backoff_limit=0)
-    trimmed = observe(slim_job(copy.deepcopy(job)), [slim_pod(copy.deepcopy(p)) for p in pods],
-                      backoff_limit=0)
+    trimmed = observe(
+        slim_job(copy.deepcopy(job)), [slim_pod(copy.deepcopy(p)) for p in pods], backoff_limit=0
+    )
     assert trimmed == whole
 
 
