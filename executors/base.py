@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from executors.credentials import RegistryCredential
 from executors.spec import RunEvent, RunOutput, RunSpec, RunState
 
 #: Label keys put on every runtime object (Kubernetes label syntax, valid for podman too).
@@ -57,6 +58,8 @@ class ExecutorContext(BaseModel):
 
     node_name: str
     task_dir: Path
+    #: One credential per registry; an executor hands a pull only its image's registry's.
+    registry_credentials: tuple[RegistryCredential, ...] = ()
 
 
 def run_labels(spec: RunSpec, *, node_name: str) -> dict[str, str]:

@@ -8,5 +8,6 @@ server. A peer that cannot start fails its tests with the reason; nothing is moc
 pytest_plugins = [
     "tests.peers.kubernetes",
     "tests.peers.podman",
+    "tests.peers.registry",
     "tests.peers.v6server",
 ]

@@ -12,12 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from executors.credentials import unscoped_credential
 
 PullPolicy = Literal["always", "if-not-present", "never"]
 #: How a run that names a proxy reaches it: ``relay`` (its own network namespace whose
 #: only listener relays to the proxy) or ``host`` (the host's network, no isolation).
 ProxyNetwork = Literal["relay", "host"]
+#: The variables apptainer (and singularity) read registry credentials for pulls from.
+PULL_CREDENTIAL_VARIABLES = frozenset(
+    f"{tool}_{name}"
+    for tool in ("APPTAINER", "SINGULARITY")
+    for name in ("DOCKER_USERNAME", "DOCKER_PASSWORD")
+)
 
 
 class ApptainerSettings(BaseModel):
@@ -32,13 +40,15 @@ class ApptainerSettings(BaseModel):
     #: A task may also name a ``.sif`` file in this directory directly.
     image_cache: Path | None = None
     pull_policy: PullPolicy = "if-not-present"
-    #: Registry credentials for pulls, handed to ``apptainer pull`` in its environment
-    #: (``APPTAINER_DOCKER_USERNAME``/``_PASSWORD``), never on its command line.
-    registry_username: str | None = None
-    registry_password: SecretStr | None = None
+    #: Retired (a credential for every registry); set, they are a configuration error
+    #: pointing to the top-level ``docker_registries``, whose credential of the image's
+    #: registry is handed to ``apptainer pull`` in its environment (never its command line).
+    registry_username: Annotated[str | None, AfterValidator(unscoped_credential)] = None
+    registry_password: Annotated[SecretStr | None, AfterValidator(unscoped_credential)] = None
     pull_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
     #: Extra environment for apptainer itself, not the container (which starts clean):
     #: e.g. ``APPTAINER_CACHEDIR``, ``APPTAINER_TMPDIR``, ``HTTPS_PROXY`` for pulls.
+    #: Registry credentials are refused here: they would go to every registry.
     apptainer_environment: dict[str, str] = Field(default_factory=dict)
     proxy_network: ProxyNetwork = "relay"
     #: The node proxy's unix socket for the ``relay`` arrangement; ``None``: the relay
@@ -55,3 +65,15 @@ class ApptainerSettings(BaseModel):
     supervisor_python: str | None = None
     #: Upper bound for one short apptainer call (``version``) and for a launch.
     call_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("apptainer_environment")
+    @classmethod
+    def _no_registry_credentials(cls, environment: dict[str, str]) -> dict[str, str]:
+        found = sorted(name for name in environment if name.upper() in PULL_CREDENTIAL_VARIABLES)
+        if found:
+            raise ValueError(
+                f"{', '.join(found)} would send one credential to every registry a task "
+                "names; remove it and list the credential under the top-level "
+                "'docker_registries' (registry, username, password)"
+            )
+        return environment

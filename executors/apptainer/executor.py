@@ -133,7 +133,11 @@ class ApptainerExecutor:
         self._loop = asyncio.get_running_loop()
         cache = self._settings.image_cache or self._context.task_dir / ".apptainer-images"
         self._images = ImageCache(
-            settings=self._settings, binary=binary, directory=cache, tasks=self._tasks
+            settings=self._settings,
+            binary=binary,
+            directory=cache,
+            tasks=self._tasks,
+            credentials=self._context.registry_credentials,
         )
         _prepare_directories(self._context.task_dir, self._images)
         self._relist()

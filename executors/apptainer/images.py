@@ -27,17 +27,21 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 import structlog
 
-from executors.apptainer.config import ApptainerSettings
+from executors.apptainer.config import PULL_CREDENTIAL_VARIABLES, ApptainerSettings
+from executors.credentials import RegistryCredential, credential_for
 from executors.tasks import SharedWork, TaskOwner
 
 log = structlog.get_logger(__name__)
 
 SCHEMES = ("docker://", "oras://", "library://")
+#: The schemes whose pulls authenticate to a registry named in the reference.
+REGISTRY_SCHEMES = ("docker://", "oras://")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _OUTPUT_TAIL = 2000
 
@@ -75,12 +79,24 @@ def cache_name(uri: str) -> str:
     return f"{readable}-{digest}.sif"
 
 
-def pull_environment(settings: ApptainerSettings) -> dict[str, str]:
-    """The environment of ``apptainer pull``: the node's, the operator's extras, credentials."""
-    environment = {**os.environ, **settings.apptainer_environment}
-    if settings.registry_username and settings.registry_password:
-        environment["APPTAINER_DOCKER_USERNAME"] = settings.registry_username
-        environment["APPTAINER_DOCKER_PASSWORD"] = settings.registry_password.get_secret_value()
+def pull_environment(
+    settings: ApptainerSettings, *, uri: str, credentials: Iterable[RegistryCredential] = ()
+) -> dict[str, str]:
+    """The environment of ``apptainer pull uri``: the node's and the operator's extras, less
+    any registry credential, plus the credential of ``uri``'s registry if one is configured.
+
+    apptainer offers ``APPTAINER_DOCKER_USERNAME``/``_PASSWORD`` to whatever registry it
+    pulls from, so they are set for one pull only, and only when its registry matches.
+    """
+    environment = {
+        name: value
+        for name, value in {**os.environ, **settings.apptainer_environment}.items()
+        if name.upper() not in PULL_CREDENTIAL_VARIABLES
+    }
+    credential = credential_for(uri, credentials) if uri.startswith(REGISTRY_SCHEMES) else None
+    if credential is not None:
+        environment["APPTAINER_DOCKER_USERNAME"] = credential.username
+        environment["APPTAINER_DOCKER_PASSWORD"] = credential.password.get_secret_value()
     return environment
 
 
@@ -103,8 +119,10 @@ class ImageCache:
         binary: str,
         directory: Path,
         tasks: TaskOwner,
+        credentials: tuple[RegistryCredential, ...] = (),
     ) -> None:
         self._settings = settings
+        self._credentials = credentials
         self._binary = binary
         self.directory = directory
         self._pulls: SharedWork[str, str | None] = SharedWork(tasks)
@@ -146,7 +164,7 @@ class ImageCache:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=pull_environment(self._settings),
+                env=pull_environment(self._settings, uri=uri, credentials=self._credentials),
             )
         except OSError as exc:
             return f"image {uri} could not be pulled: {exc}"

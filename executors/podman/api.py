@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from executors.base import ExecutorError
+from executors.credentials import RegistryCredential
 
 #: podman 4.0 is the oldest libpod API with the endpoints and fields used here; a newer
 #: service answers this prefix the same way.
@@ -59,9 +60,15 @@ def demultiplex(data: bytes) -> bytes:
     return b"".join(chunks) + data[offset:]
 
 
-def registry_auth(username: str, password: str) -> str:
-    """The ``X-Registry-Auth`` header value: base64 (URL-safe) of the credentials JSON."""
-    raw = json.dumps({"username": username, "password": password}).encode()
+def registry_auth(credential: RegistryCredential) -> str:
+    """The ``X-Registry-Auth`` header value for a pull from ``credential.registry`` only.
+
+    libpod takes either one bare credential, which it offers to whatever registry the pull
+    ends up at, or a map from registry to credential, which it offers only to that
+    registry. fednode always sends the map (base64url of its JSON), with one entry.
+    """
+    entry = {"username": credential.username, "password": credential.password.get_secret_value()}
+    raw = json.dumps({credential.registry: entry}).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 

@@ -12,7 +12,9 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+
+from executors.credentials import unscoped_credential
 
 PullPolicy = Literal["always", "if-not-present", "never"]
 Firewall = Literal["nftables", "off"]
@@ -26,8 +28,10 @@ class PodmanSettings(BaseModel):
     kind: Literal["podman"] = "podman"
     socket: str = "unix:///run/podman/podman.sock"
     pull_policy: PullPolicy = "if-not-present"
-    registry_username: str | None = None
-    registry_password: SecretStr | None = None
+    #: Retired (a credential for every registry); set, they are a configuration error
+    #: pointing to the top-level ``docker_registries`` (one credential per registry).
+    registry_username: Annotated[str | None, AfterValidator(unscoped_credential)] = None
+    registry_password: Annotated[SecretStr | None, AfterValidator(unscoped_credential)] = None
     #: The internal network (no route out) runs join when their spec names a proxy.
     network: str = "fednode-runs"
     #: Its subnet; the first address is the gateway, where the node's proxy listens.
@@ -37,9 +41,11 @@ class PodmanSettings(BaseModel):
     #: CAP_NET_ADMIN). ``off``: runs can reach each other and every host service that
     #: listens on all addresses, at the gateway.
     firewall: Firewall = "nftables"
-    #: The user the algorithm runs as (never root); it owns the run's files.
-    run_uid: Annotated[int, Field(gt=0)] = 1000
-    run_gid: Annotated[int, Field(gt=0)] = 1000
+    #: The user the algorithm runs as (never root); it owns the run's files. The default
+    #: is an id no account on the host should have (as distroless images' ``nonroot``):
+    #: not 1000, often the first person's account, whose files a run could then reach.
+    run_uid: Annotated[int, Field(gt=0)] = 65532
+    run_gid: Annotated[int, Field(gt=0)] = 65532
     #: Size of the container's writable ``/tmp`` (the root file system is read-only).
     scratch_size_mb: Annotated[int, Field(gt=0)] = 1024
     #: The CDI device kind GPUs are requested as (``<kind>=<index>``).

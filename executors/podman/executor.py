@@ -37,6 +37,7 @@ import structlog
 from pydantic import BaseModel
 
 from executors.base import LABEL_NODE, ExecutorContext, ExecutorError, UnknownRun
+from executors.credentials import credential_for
 from executors.events import RunEventStream
 from executors.memory import GoneRuns, StartsInFlight
 from executors.podman.api import MIN_API_VERSION, LibpodClient, LibpodError, registry_auth
@@ -444,12 +445,9 @@ class PodmanExecutor:
 
     async def _pull(self, image: str) -> str | None:
         settings = self._settings
-        auth = None
-        if settings.registry_username and settings.registry_password:
-            auth = registry_auth(
-                settings.registry_username, settings.registry_password.get_secret_value()
-            )
-        log.info("podman.image.pulling", image=image)
+        credential = credential_for(image, self._context.registry_credentials)
+        auth = registry_auth(credential) if credential is not None else None
+        log.info("podman.image.pulling", image=image, registry_login=credential is not None)
         try:
             await self._api.pull_image(image, auth=auth, seconds=settings.pull_timeout_seconds)
         except (LibpodError, ExecutorError) as exc:

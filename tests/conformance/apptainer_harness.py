@@ -31,6 +31,7 @@ from executors.apptainer.config import ApptainerSettings
 from executors.apptainer.executor import ApptainerExecutor, kill_process_groups
 from executors.apptainer.records import RunPaths, read_status, records
 from executors.base import ExecutorContext
+from executors.credentials import RegistryCredential
 from tests.conformance.harness import Harness
 
 FAKE_APPTAINER = Path(__file__).resolve().parents[1] / "fakes" / "apptainer_fake.py"
@@ -49,6 +50,10 @@ class ApptainerHarness(Harness):
 
     def __init__(self, *, node_name: str, task_dir: Path, work: Path, **settings: Any) -> None:
         super().__init__(node_name=node_name, task_dir=task_dir)
+        #: What the node hands the executor as ``docker_registries``.
+        self.credentials: tuple[RegistryCredential, ...] = tuple(
+            settings.pop("registry_credentials", ())
+        )
         work.mkdir(parents=True, exist_ok=True)
         self.calls_file = work / "fake-apptainer-calls.jsonl"
         self.registry_file = work / "fake-apptainer-registry.json"
@@ -90,7 +95,11 @@ class ApptainerHarness(Harness):
         return "localhost/fednode/no-such-image:never"
 
     async def open_executor(self) -> ApptainerExecutor:
-        context = ExecutorContext(node_name=self.node_name, task_dir=self.task_dir)
+        context = ExecutorContext(
+            node_name=self.node_name,
+            task_dir=self.task_dir,
+            registry_credentials=self.credentials,
+        )
         executor = ApptainerExecutor(self.settings, context=context)
         await executor.open()
         return executor

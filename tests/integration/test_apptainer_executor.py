@@ -31,6 +31,7 @@ import pytest
 from executors.apptainer.executor import SUPERVISOR, ApptainerExecutor
 from executors.apptainer.records import RunPaths, process_stat, read_status
 from executors.base import ExecutorError
+from executors.credentials import RegistryCredential
 from executors.spec import DatabaseMount, Phase, ProxyEndpoint, Reason, Resources, RunSpec
 from tests.conformance.apptainer_harness import BEHAVIOUR_IMAGE, ApptainerHarness
 from tests.conformance.harness import AVERAGE_CSV, Behaviour, EventRecorder
@@ -155,9 +156,8 @@ async def test_an_image_is_pulled_once_and_every_run_executes_the_cached_sif(
 async def test_pull_policy_always_pulls_on_each_start_and_passes_credentials_in_the_env(
     make: Callable[..., Coroutine[Any, Any, Made]],
 ) -> None:
-    executor, events, harness = await make(
-        pull_policy="always", registry_username="robot", registry_password="s3cret"
-    )
+    credential = RegistryCredential(registry="localhost", username="robot", password="s3cret")
+    executor, events, harness = await make(pull_policy="always", registry_credentials=[credential])
 
     for i in (1, 2):
         await executor.start(harness.spec(i))
@@ -167,6 +167,29 @@ async def test_pull_policy_always_pulls_on_each_start_and_passes_credentials_in_
     assert len(pulls) == 2
     assert all(c["docker_username"] == "robot" and c["docker_password_set"] for c in pulls)
     assert not any("s3cret" in " ".join(c["argv"]) for c in harness.calls())
+
+
+async def test_a_pull_from_another_registry_gets_no_credentials_not_even_inherited_ones(
+    make: Callable[..., Coroutine[Any, Any, Made]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The attack: a task names an image on a registry its sender controls. Credentials
+    # the node has (configured for localhost, or in the node's own environment) must not
+    # reach it. (The FAKE apptainer records what a pull's environment held.)
+    monkeypatch.setenv("APPTAINER_DOCKER_USERNAME", "inherited")
+    monkeypatch.setenv("APPTAINER_DOCKER_PASSWORD", "inherited-secret")
+    credential = RegistryCredential(registry="localhost", username="robot", password="s3cret")
+    executor, events, harness = await make(pull_policy="always", registry_credentials=[credential])
+    harness.registry["docker://attacker.example/fednode/behaviour:fake"] = {"program": "behave"}
+    harness.write_registry()
+
+    await executor.start(
+        harness.spec(1).model_copy(update={"image": "attacker.example/fednode/behaviour:fake"})
+    )
+    await events.terminal(1, timeout=harness.slack)
+
+    pulls = [c for c in harness.calls() if "pull" in c["argv"][:3]]
+    assert [c["argv"][-1] for c in pulls] == ["docker://attacker.example/fednode/behaviour:fake"]
+    assert pulls[0]["docker_username"] is None and not pulls[0]["docker_password_set"]
 
 
 async def test_pull_policy_never_runs_only_what_is_in_the_cache(

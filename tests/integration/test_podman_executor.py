@@ -101,7 +101,7 @@ async def test_the_container_podman_runs_is_isolated_and_limited_as_the_spec_say
     await executor.kill(1)
 
     host = document["HostConfig"]
-    assert document["Config"]["User"] == "1000:1000"
+    assert document["Config"]["User"] == "65532:65532"
     assert host["ReadonlyRootfs"] is True
     assert "CapEff:\t0000000000000000" in status
     assert "NoNewPrivs:\t1" in status

@@ -87,7 +87,9 @@ def _fail(reason: str) -> NoReturn:
     pytest.fail(f"podman peer: {reason}. Run `{SETUP_COMMAND}` first.", pytrace=False)
 
 
-def _start_service(socket_path: Path) -> subprocess.Popen[bytes]:
+def _start_service(
+    socket_path: Path, *, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     podman = shutil.which("podman")
     if podman is None:
         _fail("podman is not installed")
@@ -98,6 +100,7 @@ def _start_service(socket_path: Path) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
             # conmon, which the service starts per container, writes a file named ``oom``
             # into its working directory when a container is OOM-killed: not the checkout.
             cwd=socket_path.parent,

@@ -6,6 +6,7 @@ import base64
 import json
 import struct
 
+from executors.credentials import RegistryCredential
 from executors.podman.api import demultiplex, registry_auth
 
 
@@ -24,10 +25,13 @@ def test_a_log_that_is_not_multiplexed_is_returned_as_it_is() -> None:
     assert demultiplex(b"") == b""
 
 
-def test_registry_credentials_are_base64_json() -> None:
-    header = registry_auth("robot", "s3cret")
+def test_registry_credentials_are_base64_json_keyed_by_their_registry() -> None:
+    credential = RegistryCredential(
+        registry="harbor.example.org", username="robot", password="s3cret"
+    )
+
+    header = registry_auth(credential)
 
     assert json.loads(base64.urlsafe_b64decode(header)) == {
-        "username": "robot",
-        "password": "s3cret",
+        "harbor.example.org": {"username": "robot", "password": "s3cret"}
     }

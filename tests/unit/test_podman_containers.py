@@ -53,7 +53,7 @@ def body_of(run: RunSpec, settings: PodmanSettings | None = None) -> dict[str, A
 def test_every_run_is_isolated_whatever_its_spec_says() -> None:
     body = body_of(spec(resources=Resources(cpu=1.5, memory_mb=512, pids=64)))
 
-    assert body["user"] == "1000:1000"
+    assert body["user"] == "65532:65532"
     assert body["read_only_filesystem"] is True
     assert body["cap_drop"] == ["ALL"]
     assert body["no_new_privileges"] is True
