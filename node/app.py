@@ -32,6 +32,7 @@ from node.background import TaskOwner
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
 from node.health import make_health_app
 from node.logging import direct_logger, get_logger
+from node.posture import posture_warnings
 from node.proxy_link import NodeProxyCrypto, OrganizationKeys, proxy_placement
 from node.runs import LifecycleConfig, RunLifecycle
 from node.server.models import NodeIdentity
@@ -87,6 +88,8 @@ class Node:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; raises :class:`NodeStartError` on fatal set-up errors."""
         settings = self.settings
+        for warning in await asyncio.to_thread(posture_warnings, settings):
+            log.warning(warning.event, message=warning.message, **warning.keys)
         server = ServerClient(
             api_url=settings.server_api_url, api_key=settings.api_key.get_secret_value()
         )
@@ -161,7 +164,10 @@ class Node:
         health = self.settings.health
         if not health.enabled:
             return None
-        runner = web.AppRunner(make_health_app(status=self.status), access_log=None)
+        runner = web.AppRunner(
+            make_health_app(status=self.status, status_public=health.status_public),
+            access_log=None,
+        )
         await runner.setup()
         try:
             await web.TCPSite(runner, health.host, health.port).start()
@@ -243,7 +249,11 @@ class Node:
         factory = load_factory(settings.executor_kind)
         return factory(
             settings.executor,
-            context=ExecutorContext(node_name=settings.name, task_dir=settings.task_dir),
+            context=ExecutorContext(
+                node_name=settings.name,
+                task_dir=settings.task_dir,
+                registry_credentials=tuple(settings.docker_registries),
+            ),
         )
 
     def _socket_url(self) -> str:
@@ -254,6 +264,8 @@ class Node:
         limits = policies.resources
         return AdmissionPolicy(
             allowed_algorithms=tuple(policies.allowed_algorithms),
+            require_image_digest=policies.require_image_digest,
+            known_databases=tuple(db.label for db in self.settings.databases),
             allowed_organizations=tuple(policies.allowed_organizations),
             allowed_users=tuple(policies.allowed_users),
             resources=ResourcePolicy(

@@ -15,6 +15,7 @@ import typer
 import yaml
 
 from node import __version__
+from node.posture import posture_warnings
 from node.settings import ConfigError, NodeSettings, load_settings, redacted_dump
 
 EXIT_BAD_CONFIG = 2
@@ -116,6 +117,8 @@ def _print_status(body: dict[str, object]) -> None:
 def config_check(config: ConfigOption) -> None:
     """Validate a configuration; print the effective configuration with secrets redacted."""
     settings = load_or_exit(config)
+    for warning in posture_warnings(settings):
+        typer.echo(f"fednode: warning: {warning.message}", err=True)
     typer.echo(f"# {config}: valid. Effective configuration (secrets redacted):")
     typer.echo(yaml.safe_dump(redacted_dump(settings), sort_keys=False).rstrip())
 

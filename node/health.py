@@ -3,7 +3,11 @@
 * ``GET /healthz`` — the process and its event loop answer (a liveness probe);
 * ``GET /readyz`` — the node is authenticated, its executor is open and its socket to the
   server is connected (a readiness probe); 503 with the missing pieces otherwise;
-* ``GET /status`` — a small JSON summary that ``fednode status`` prints.
+* ``GET /status`` — a small JSON summary that ``fednode status`` prints. It tells who the
+  node is (node, organization and collaboration ids) and how busy it is, so by default it
+  answers only calls from loopback (``fednode status`` on the node's host, or ``kubectl
+  exec`` into its pod), even where the probes listen on every address for the kubelet;
+  anyone else gets 403 (``health.status_public: true`` lifts that).
 
 It listens on its own port (``health`` settings), apart from the proxy that algorithms
 call, so a probe never competes with algorithm traffic and algorithms never see it.
@@ -11,6 +15,7 @@ call, so a probe never competes with algorithm traffic and algorithms never see 
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +27,7 @@ from node import __version__
 StatusSource = Callable[[], dict[str, Any]]
 
 
-def make_health_app(*, status: StatusSource) -> web.Application:
+def make_health_app(*, status: StatusSource, status_public: bool = False) -> web.Application:
     """``status()`` returns at least ``{"ready": bool, "missing": [...]}``."""
     started = time.monotonic()
 
@@ -37,7 +42,11 @@ def make_health_app(*, status: StatusSource) -> web.Application:
             status=code,
         )
 
-    async def status_view(_: web.Request) -> web.Response:
+    async def status_view(request: web.Request) -> web.Response:
+        if not status_public and not is_loopback(request.remote):
+            raise web.HTTPForbidden(
+                text="/status answers only the node's own host (health.status_public: false)\n"
+            )
         body = {
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - started, 1),
@@ -50,3 +59,15 @@ def make_health_app(*, status: StatusSource) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_view)
     return app
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Whether a peer address is this host's own (a unix socket peer has none: local)."""
+    if not remote:
+        return True
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)

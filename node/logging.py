@@ -25,6 +25,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
+from node.redaction import redact_event
+
 Format = Literal["auto", "json", "console"]
 
 
@@ -53,6 +55,7 @@ def configure_logging(
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
+        redact_event,  # no value of a secret-named key, no password in a URI
     ]
     renderer: structlog.types.Processor
     if use_json:
@@ -62,7 +65,7 @@ def configure_logging(
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
 
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), redact_event],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(stream)

@@ -326,6 +326,7 @@ class RunLifecycle:
                 image=run.task.image,
                 organization_id=record.init_org_id,
                 user_id=run.task.init_user.id if run.task.init_user else None,
+                databases=[db.label for db in run.task.databases],
             )
             admit.set_attribute("fednode.admitted", isinstance(decision, Admitted))
         if not isinstance(decision, Admitted):

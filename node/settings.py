@@ -47,17 +47,15 @@ from pydantic_settings import (
 )
 
 from executors.apptainer.config import ApptainerSettings
+from executors.credentials import RegistryCredential, duplicate_registries
 from executors.kubernetes.config import KubernetesSettings
 from executors.podman.config import PodmanSettings
 from executors.registry import GROUP as EXECUTOR_GROUP
 from executors.registry import available_kinds, load_factory
+from node.redaction import REDACTED, is_secret_name, redact
 
 ENV_PREFIX = "FEDNODE_"
 ENV_NESTED_DELIMITER = "__"
-
-#: Keys whose values never appear in messages or in ``config check`` output.
-SECRET_KEYS = frozenset({"api_key", "password", "token", "registry_password"})
-REDACTED = "***"
 
 
 class ConfigError(Exception):
@@ -160,7 +158,10 @@ class ResourceLimits(_Section):
 class Policies(_Section):
     """Who and what may run here; empty lists mean "no restriction" as in vantage6."""
 
+    #: Regular expressions an image must match as a WHOLE (``re.fullmatch``).
     allowed_algorithms: list[str] = Field(default_factory=list)
+    #: Refuse images not pinned by digest (``name@sha256:<64 hex>``).
+    require_image_digest: bool = False
     allowed_organizations: list[int] = Field(default_factory=list)
     allowed_users: list[int] = Field(default_factory=list)
     resources: ResourceLimits = Field(default_factory=ResourceLimits)
@@ -307,6 +308,10 @@ class HealthSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 7656
+    #: ``/status`` (node, organization and collaboration ids, runs in flight) answers only
+    #: calls from the node's own host (loopback) unless this is true; the probes
+    #: ``/healthz`` and ``/readyz`` answer anyone who reaches ``host``.
+    status_public: bool = False
 
 
 class TelemetrySettings(_Section):
@@ -348,6 +353,8 @@ class NodeSettings(BaseSettings):
     databases: list[Database] = Field(default_factory=list)
     encryption: Encryption = Field(default_factory=Encryption)
     policies: Policies = Field(default_factory=Policies)
+    #: Registry credentials, one per registry (vantage6's key); each goes only to its own.
+    docker_registries: list[RegistryCredential] = Field(default_factory=list)
     executor: ExecutorSettings = Field(default_factory=PodmanSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
@@ -379,6 +386,18 @@ class NodeSettings(BaseSettings):
                 raise ValueError(f"database label {db.label!r} is used twice")
             seen.add(db.label)
         return databases
+
+    @field_validator("docker_registries")
+    @classmethod
+    def _one_credential_per_registry(
+        cls, credentials: list[RegistryCredential]
+    ) -> list[RegistryCredential]:
+        twice = duplicate_registries(credentials)
+        if twice:
+            raise ValueError(
+                f"registry {', '.join(twice)} has more than one credential; keep one per registry"
+            )
+        return credentials
 
     @model_validator(mode="after")
     def _proxy_port_agrees(self) -> NodeSettings:
@@ -556,7 +575,7 @@ def _redact(loc: list[int | str], value: Any) -> str:
 
 def _is_secret(loc: list[int | str]) -> bool:
     """A secret by its name, or by its type (a plugin's ``SecretStr`` field, say)."""
-    if any(str(part) in SECRET_KEYS for part in loc):
+    if any(is_secret_name(str(part)) for part in loc):
         return True
     model = _model_at(loc[:-1]) if loc and isinstance(loc[-1], str) else None
     field = model.model_fields.get(str(loc[-1])) if model is not None else None
@@ -625,21 +644,5 @@ def _hint(loc: list[int | str]) -> str:
 
 def redacted_dump(settings: NodeSettings) -> dict[str, Any]:
     """The effective configuration as plain data, with every secret replaced by ``***``."""
-    dumped: dict[str, Any] = _redact_tree(settings.model_dump(mode="json"))
+    dumped: dict[str, Any] = redact(settings.model_dump(mode="json"))
     return dumped
-
-
-_URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
-
-
-def _redact_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: (REDACTED if k in SECRET_KEYS and v is not None else _redact_tree(v))
-            for k, v in value.items()
-        }
-    if isinstance(value, str):
-        return _URI_PASSWORD.sub(rf"\g<head>{REDACTED}@", value)
-    if isinstance(value, list):
-        return [_redact_tree(v) for v in value]
-    return value

@@ -6,14 +6,21 @@ applied), or :class:`Refused` with a reason an operator and a researcher can rea
 turns a refusal into the server status ``not allowed``.
 
 Rules, as in vantage6: an image must match one of ``allowed_algorithms`` (regular
-expressions, matched from the start); the task's initiating organization must be in
-``allowed_organizations`` and its user in ``allowed_users`` — except that when both lists
-are set, being in either one is enough (vantage6's own rule). Empty lists allow all.
+expressions that must match the WHOLE image reference: ``harbor.example/demo/`` admits
+nothing but itself, and a dot matches any character unless escaped, so write
+``harbor\\.example/demo/.*``); with ``require_image_digest`` it must also be pinned by
+digest (``name@sha256:<64 hex>``: a tag can be moved to other code, a digest cannot); the
+task's initiating organization must be in ``allowed_organizations`` and its user in
+``allowed_users`` — except that when both lists are set, being in either one is enough
+(vantage6's own rule). Empty lists allow all. The databases a task names must be ones the
+node has (``known_databases``): a label the node does not know would only fail later, in
+the runtime, with a less clear message (or none).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,9 +54,16 @@ class AdmissionPolicy(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     allowed_algorithms: tuple[str, ...] = ()
+    require_image_digest: bool = False
     allowed_organizations: tuple[int, ...] = ()
     allowed_users: tuple[int, ...] = ()
     resources: ResourcePolicy = Field(default_factory=ResourcePolicy)
+    #: The labels of the node's databases; ``None``: not checked.
+    known_databases: tuple[str, ...] | None = None
+
+
+#: An image pinned by digest ends in this (the OCI sha256 digest, lower-case hex).
+PINNED = re.compile(r"@sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +102,37 @@ class Admission:
         organization_id: int | None,
         user_id: int | None,
         request: ResourceRequest | None = None,
+        databases: Sequence[str] = (),
     ) -> Decision:
-        if self._images and not any(rx.match(image) for rx in self._images):
-            return Refused(f"image {image!r} is not in this node's allowed algorithms")
-        refused = self._check_initiator(organization_id, user_id)
+        refused = (
+            self._check_image(image)
+            or self._check_initiator(organization_id, user_id)
+            or self._check_databases(databases)
+        )
         if refused is not None:
             return refused
         return self._grant(request or ResourceRequest())
+
+    def _check_image(self, image: str) -> Refused | None:
+        if self._images and not any(rx.fullmatch(image) for rx in self._images):
+            return Refused(f"image {image!r} matches none of policies.allowed_algorithms")
+        if self._policy.require_image_digest and PINNED.search(image) is None:
+            return Refused(
+                f"image {image!r} is not pinned by digest, and policies.require_image_digest "
+                "asks for 'name@sha256:<64 hex digits>'"
+            )
+        return None
+
+    def _check_databases(self, labels: Sequence[str]) -> Refused | None:
+        known = self._policy.known_databases
+        if known is None:
+            return None
+        unknown = [label for label in labels if label not in known]
+        if not unknown:
+            return None
+        listed = ", ".join(repr(label[:64]) for label in unknown[:5])
+        has = ", ".join(known) if known else "none"
+        return Refused(f"the task names database(s) {listed} that this node does not have ({has})")
 
     def _check_initiator(self, organization_id: int | None, user_id: int | None) -> Refused | None:
         orgs, users = self._policy.allowed_organizations, self._policy.allowed_users

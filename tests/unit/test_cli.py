@@ -109,9 +109,22 @@ FEDNODE = Path(sys.executable).with_name("fednode")
             id="secret of the wrong type",
         ),
         pytest.param(
-            GOOD + "executor: {kind: podman, registry_password: [s3cr3t-key]}\n",
-            "executor.registry_password: Input should be a valid string (got ***)",
-            id="executor secret of the wrong type",
+            GOOD + "docker_registries: [{registry: h.example, username: u, password: [s3cr3t]}]\n",
+            "docker_registries[0].password: Input should be a valid string (got ***)",
+            id="registry secret of the wrong type",
+        ),
+        pytest.param(
+            GOOD + "executor: {kind: podman, registry_password: s3cr3t-key}\n",
+            "executor.registry_password: one credential for every registry is no longer "
+            "accepted (it was sent to any registry a task names); move it to the top-level "
+            "'docker_registries' list",
+            id="retired credential for every registry",
+        ),
+        pytest.param(
+            GOOD + "docker_registries: [{registry: 'h.example/team', username: u, password: p}]\n",
+            "docker_registries[0].registry: 'h.example/team' has a path; give the registry's "
+            "host or host:port only",
+            id="registry with a path",
         ),
     ],
 )

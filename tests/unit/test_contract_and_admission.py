@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from executors.spec import DatabaseMount, ProxyEndpoint
 from node.contract import container_environment, decode_value, encode_value
 from policies.admission import (
@@ -52,7 +54,54 @@ def test_image_must_match_an_allowed_pattern() -> None:
         admission.decide(image="localhost/fednode/average", organization_id=1, user_id=1), Admitted
     )
     refused = admission.decide(image="evil/miner", organization_id=1, user_id=1)
-    assert isinstance(refused, Refused) and "allowed algorithms" in refused.reason
+    assert isinstance(refused, Refused) and "policies.allowed_algorithms" in refused.reason
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "harbor.example/demo/evil",  # a prefix pattern no longer admits what follows it
+        "harbor.example/demo/average:1.0-evil",
+        "harborXexample/demo/average:1.0",  # an escaped dot matches only a dot
+        "harbor.example.attacker.example/demo/average:1.0",
+        "attacker.example/harbor.example/demo/average:1.0",
+    ],
+)
+def test_allowed_algorithms_must_match_the_whole_image(image: str) -> None:
+    admission = policy(
+        allowed_algorithms=["harbor.example/demo/", r"harbor\.example/demo/average:1\.0"]
+    )
+    assert isinstance(
+        admission.decide(image="harbor.example/demo/average:1.0", organization_id=1, user_id=1),
+        Admitted,
+    )
+    refused = admission.decide(image=image, organization_id=1, user_id=1)
+    assert isinstance(refused, Refused), image
+
+
+def test_digest_pinning_refuses_a_tag_and_names_the_setting() -> None:
+    admission = policy(require_image_digest=True)
+    pinned = "harbor.example/demo/average@sha256:" + "a" * 64
+    assert isinstance(admission.decide(image=pinned, organization_id=1, user_id=1), Admitted)
+    for image in (
+        "harbor.example/demo/average:1.0",
+        "harbor.example/demo/average@sha256:" + "a" * 63,
+        "harbor.example/demo/average@sha256:" + "A" * 64,
+    ):
+        refused = admission.decide(image=image, organization_id=1, user_id=1)
+        assert isinstance(refused, Refused), image
+        assert "policies.require_image_digest" in refused.reason
+
+
+def test_a_database_the_node_does_not_have_is_refused_with_the_labels_it_has() -> None:
+    admission = policy(known_databases=["default", "pg"])
+    assert isinstance(
+        admission.decide(image="x", organization_id=1, user_id=1, databases=["pg"]), Admitted
+    )
+    for labels in (["a=b"], ["default", "nope"], [""]):
+        refused = admission.decide(image="x", organization_id=1, user_id=1, databases=labels)
+        assert isinstance(refused, Refused), labels
+        assert "this node does not have (default, pg)" in refused.reason
 
 
 def test_organization_or_user_lists_allow_either() -> None:

@@ -71,3 +71,23 @@ def test_a_direct_logger_writes_the_same_line_at_the_same_level() -> None:
         line.pop("timestamp")
     assert straight == through_stdlib
     assert bound["run_id"] == 5
+
+
+def test_values_of_secret_named_keys_and_uri_passwords_never_reach_a_log_line() -> None:
+    out = io.StringIO()
+    configure_logging(level="INFO", fmt="json", stream=out)
+    get_logger("x").info(
+        "pull",
+        image="harbor.example.org/a:1",
+        environment={"APPTAINER_DOCKER_PASSWORD": "pw-1", "HOME": "/root"},
+        headers={"X-Registry-Auth": "pw-2"},
+        api_key="pw-3",
+        uri="postgresql://me:pw-4@db/x",
+    )
+    logging.getLogger("aiohttp.client").warning("library", extra={"client_secret": "pw-5"})
+    text = out.getvalue()
+    for secret in ("pw-1", "pw-2", "pw-3", "pw-4", "pw-5"):
+        assert secret not in text
+    first = lines_of(out)[0]
+    assert first["image"] == "harbor.example.org/a:1"
+    assert first["environment"] == {"APPTAINER_DOCKER_PASSWORD": "***", "HOME": "/root"}

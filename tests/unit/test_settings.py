@@ -144,11 +144,53 @@ def test_secrets_never_appear_in_messages_or_dumps(tmp_path: Path, minimal: str)
 
     good = minimal + (
         "databases:\n  - {label: pg, type: sql, uri: 'postgresql://me:s3cret@db/x'}\n"
-        "executor: {kind: podman, registry_password: hunter2}\n"
+        "docker_registries: [{registry: harbor.example.org, username: robot, password: hunter2}]\n"
+        "executor:\n  kind: apptainer\n  apptainer_environment:\n"
+        "    MY_SERVICE_TOKEN: t0ken-value\n    HTTPS_PROXY: 'http://me:pr0xy-pw@proxy:3128'\n"
+        "    LIBRARY_AUTH: libauth-value\n    APPTAINER_CACHEDIR: /var/cache/apptainer\n"
     )
-    dumped = str(redacted_dump(load_settings(write(tmp_path, good))))
-    for secret in (API_KEY, "hunter2", "s3cret"):
-        assert secret not in dumped
+    dumped = redacted_dump(load_settings(write(tmp_path, good)))
+    for secret in (API_KEY, "hunter2", "s3cret", "t0ken-value", "pr0xy-pw", "libauth-value"):
+        assert secret not in str(dumped)
+    # What is not a secret stays readable.
+    assert dumped["docker_registries"][0]["username"] == "robot"
+    assert dumped["executor"]["apptainer_environment"]["APPTAINER_CACHEDIR"] == (
+        "/var/cache/apptainer"
+    )
+
+
+def test_a_credential_for_every_registry_is_refused_with_the_fix(
+    tmp_path: Path, minimal: str
+) -> None:
+    for kind in ("podman", "apptainer"):
+        config = minimal + f"executor: {{kind: {kind}, registry_username: robot}}\n"
+        (problem,) = problems_of(write(tmp_path, config))
+        assert problem.startswith("executor.registry_username: one credential for every")
+        assert "docker_registries" in problem
+    config = minimal + (
+        "executor: {kind: apptainer, apptainer_environment: {APPTAINER_DOCKER_PASSWORD: pw1}}\n"
+    )
+    (problem,) = problems_of(write(tmp_path, config))
+    assert "APPTAINER_DOCKER_PASSWORD would send one credential to every registry" in problem
+    assert "pw1" not in problem
+
+
+def test_docker_registries_hold_one_credential_per_registry_host(
+    tmp_path: Path, minimal: str
+) -> None:
+    config = minimal + (
+        "docker_registries:\n"
+        "  - {registry: 'https://index.docker.io/v1/', username: a, password: p}\n"
+        "  - {registry: 'Harbor.Example.org:8443', username: b, password: p}\n"
+    )
+    settings = load_settings(write(tmp_path, config))
+    assert [c.registry for c in settings.docker_registries] == [
+        "docker.io",
+        "harbor.example.org:8443",
+    ]
+    twice = config + "  - {registry: registry-1.docker.io, username: c, password: p}\n"
+    (problem,) = problems_of(write(tmp_path, twice))
+    assert "registry docker.io has more than one credential" in problem
 
 
 def test_kubernetes_proxy_port_must_match_the_proxy(tmp_path: Path, minimal: str) -> None:
