@@ -103,7 +103,7 @@ async def test_disallowed_missing_and_crashing_runs_get_their_statuses(
     )
     (run,) = await wait_for_statuses(v6_plain, refused["id"], 1)
     assert run["status"] == "not allowed"
-    assert "allowed algorithms" in run["log"]
+    assert "policies.allowed_algorithms" in run["log"]
     (run,) = await wait_for_statuses(v6_plain, missing["id"], 1)
     assert run["status"] == "non-existing Docker image"
     (run,) = await wait_for_statuses(v6_plain, crashing["id"], 1)
