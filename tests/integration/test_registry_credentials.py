@@ -20,7 +20,7 @@ from executors.base import ExecutorContext
 from executors.credentials import RegistryCredential
 from executors.podman.config import PodmanSettings
 from executors.podman.executor import PodmanExecutor
-from executors.spec import Phase, Reason
+from executors.spec import Phase, Reason, RunEvent
 from tests.conformance.harness import EventRecorder
 from tests.conformance.podman_harness import PodmanHarness
 from tests.peers.registry import Registries, Registry, RegistryPodman
@@ -62,19 +62,32 @@ async def node(
         await harness.aclose()
 
 
+async def run_image(
+    node: tuple[PodmanExecutor, EventRecorder, PodmanHarness],
+    registry: Registry,
+    image: str,
+    *,
+    run_id: int,
+) -> tuple[RunEvent, str]:
+    """Run ``image`` to its end; the end, and what ``registry`` logged meanwhile."""
+    executor, events, harness = node
+    before = len(registry.log())
+    await executor.start(harness.spec(run_id).model_copy(update={"image": image}))
+    ended = await events.terminal(run_id, timeout=120)
+    return ended, registry.log()[before:]
+
+
 async def test_a_pull_from_the_configured_registry_authenticates_and_the_run_succeeds(
     node: tuple[PodmanExecutor, EventRecorder, PodmanHarness],
     registries: Registries,
     registry_podman: RegistryPodman,
 ) -> None:
-    executor, events, harness = node
-    image = registry_podman.image(registries.trusted)
+    trusted = registries.trusted
 
-    await executor.start(harness.spec(1).model_copy(update={"image": image}))
-    ended = await events.terminal(1, timeout=120)
+    ended, seen = await run_image(node, trusted, registry_podman.image(trusted), run_id=1)
 
     assert ended.phase is Phase.SUCCEEDED, ended
-    assert f"auth.user.name={registries.trusted.username}" in registries.trusted.log()
+    assert f"auth.user.name={trusted.username}" in seen
 
 
 async def test_a_pull_from_another_registry_carries_no_credentials(
@@ -82,14 +95,10 @@ async def test_a_pull_from_another_registry_carries_no_credentials(
     registries: Registries,
     registry_podman: RegistryPodman,
 ) -> None:
-    executor, events, harness = node
-    before = len(registries.other.log())
-    image = registry_podman.image(registries.other)
+    other = registries.other
 
-    await executor.start(harness.spec(2).model_copy(update={"image": image}))
-    ended = await events.terminal(2, timeout=120)
+    ended, seen = await run_image(node, other, registry_podman.image(other), run_id=2)
 
-    seen = registries.other.log()[before:]
     assert ended.phase is Phase.FAILED and ended.reason is Reason.IMAGE_NOT_FOUND, ended
     assert "/v2/" in seen  # the pull did reach the other registry...
-    assert registries.other.username not in seen  # ...without the credential
+    assert other.username not in seen  # ...without the credential

@@ -131,19 +131,10 @@ def _start_registry(
                 f"docker-registry exited with {process.returncode}: {log_path.read_text()[-2000:]}"
             )
         if time.monotonic() > deadline:
-            _stop(process)
+            _stop_service(process)
             _fail(f"docker-registry did not answer on {host} within {START_TIMEOUT:.0f} s")
         time.sleep(0.05)
     return Registry(name, host, USERNAME, password, log_path), process
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +158,7 @@ def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registries]
         yield Registries(trusted=made["trusted"], other=made["other"])
     finally:
         for process in started:
-            _stop(process)
+            _stop_service(process)
 
 
 @pytest.fixture(scope="session")
