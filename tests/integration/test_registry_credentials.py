@@ -4,8 +4,9 @@ Two real registries (``tests/peers/registry.py``) hold the same image and accept
 username and password; the node is configured with the credential of one of them. A pull
 from that one authenticates and the run succeeds. A task naming the image on the other
 registry is the attack: a node that sent its credential along would pull it, and that
-registry's log would name the user. It must get no credential at all, and the run ends
-as a missing image.
+registry's log would record an ``authorized request``. It must get no credential at all
+(the registry logs each of its requests as carrying no basic credentials: ``invalid
+authorization credential``), and the run ends as a missing image.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from tests.conformance.podman_harness import PodmanHarness
 from tests.peers.registry import Registries, Registry, RegistryPodman
 
 pytestmark = [pytest.mark.podman, pytest.mark.registry, pytest.mark.slow]
+
+#: What the distribution registry logs for a request whose basic credential it accepted,
+#: and for one that carried no basic credential at all.
+AUTHORIZED = 'msg="authorized request"'
+NO_CREDENTIALS = "invalid authorization credential"
 
 
 def credential(registry: Registry) -> RegistryCredential:
@@ -87,7 +93,7 @@ async def test_a_pull_from_the_configured_registry_authenticates_and_the_run_suc
     ended, seen = await run_image(node, trusted, registry_podman.image(trusted), run_id=1)
 
     assert ended.phase is Phase.SUCCEEDED, ended
-    assert f"auth.user.name={trusted.username}" in seen
+    assert AUTHORIZED in seen
 
 
 async def test_a_pull_from_another_registry_carries_no_credentials(
@@ -100,5 +106,5 @@ async def test_a_pull_from_another_registry_carries_no_credentials(
     ended, seen = await run_image(node, other, registry_podman.image(other), run_id=2)
 
     assert ended.phase is Phase.FAILED and ended.reason is Reason.IMAGE_NOT_FOUND, ended
-    assert "/v2/" in seen  # the pull did reach the other registry...
-    assert other.username not in seen  # ...without the credential
+    assert NO_CREDENTIALS in seen  # the pull did reach the other registry...
+    assert AUTHORIZED not in seen and other.username not in seen  # ...without a credential
