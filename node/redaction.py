@@ -15,7 +15,6 @@ Secrets). Passwords written into URIs (``postgresql://me:pw@db``) are hidden too
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import MutableMapping
 from typing import Any
@@ -32,11 +31,21 @@ _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s
 
 def is_secret_name(name: object) -> bool:
     """Whether a key, setting, variable or header of this name holds a secret."""
-    return isinstance(name, str) and _secret_name(name)
+    if not isinstance(name, str):
+        return False
+    verdict = _verdicts.get(name)
+    if verdict is None:
+        verdict = _judge(name)
+        if len(_verdicts) < _MAX_VERDICTS:  # log keys are few and repeat: judged once each
+            _verdicts[name] = verdict
+    return verdict
 
 
-@functools.lru_cache(maxsize=4096)  # log keys are few and repeat: checked once each
-def _secret_name(name: str) -> bool:
+_verdicts: dict[str, bool] = {}
+_MAX_VERDICTS = 4096
+
+
+def _judge(name: str) -> bool:
     lowered = name.lower()
     if lowered in NOT_SECRET:
         return False
@@ -64,10 +73,13 @@ def redact(value: Any) -> Any:
 def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: hide secret-named keys and URI passwords in an event."""
     for key, value in event.items():
-        if key == "event":
+        if value is None or key == "event":
             continue
-        if is_secret_name(key) and value is not None:
+        if is_secret_name(key):
             event[key] = REDACTED
-        elif isinstance(value, dict | list | tuple | str):
+        elif isinstance(value, str):
+            if "@" in value and "://" in value:
+                event[key] = _URI_PASSWORD.sub(rf"\g<head>{REDACTED}@", value)
+        elif isinstance(value, dict | list | tuple):
             event[key] = redact(value)
     return event

@@ -198,3 +198,15 @@ def test_kubernetes_proxy_port_must_match_the_proxy(tmp_path: Path, minimal: str
         write(tmp_path, minimal + "proxy: {port: 8000}\nexecutor: {kind: kubernetes}\n")
     )
     assert "executor.proxy_port (7654) must equal proxy.port (8000)" in problem
+
+
+def test_docker_registries_can_come_from_the_environment_as_json(
+    tmp_path: Path, minimal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "FEDNODE_DOCKER_REGISTRIES",
+        '[{"registry": "harbor.example.org", "username": "robot", "password": "from-env"}]',
+    )
+    (credential,) = load_settings(write(tmp_path, minimal)).docker_registries
+    assert credential.registry == "harbor.example.org"
+    assert credential.password.get_secret_value() == "from-env"
