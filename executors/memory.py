@@ -33,10 +33,13 @@ class GoneRuns:
         self._capacity = capacity
         self._ids: collections.OrderedDict[int, None] = collections.OrderedDict()
 
-    def add(self, run_id: int) -> None:
+    def add(self, run_id: int) -> int | None:
+        """Remember ``run_id``; returns the id forgotten to make room for it, if any."""
         self._ids[run_id] = None
+        forgotten = None
         while len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
+            forgotten, _ = self._ids.popitem(last=False)
+        return forgotten
 
     def __contains__(self, run_id: object) -> bool:
         return run_id in self._ids

@@ -2,8 +2,8 @@
 
 ``node`` composes the other packages (``executors``, ``policies``, ``proxy``); they never
 import it. See the module docstrings for how one run flows from the server to a result:
-``node.app`` (start-up) → ``node.server.socket`` (events) → ``node.runs`` (lifecycle) →
-``executors`` (the container) → ``node.runs`` again (result upload).
+``node.app`` (start-up) → ``node.server.socket`` (events) → ``node.lifecycle`` (admit, start)
+→ ``executors`` (the container) → ``node.lifecycle`` again (result upload).
 """
 
 from importlib import metadata

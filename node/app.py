@@ -31,10 +31,10 @@ from executors.spec import DatabaseMount, ProxyEndpoint
 from node.background import TaskOwner
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
 from node.health import make_health_app
+from node.lifecycle import LifecycleConfig, RunLifecycle
 from node.logging import direct_logger, get_logger
 from node.posture import posture_warnings
 from node.proxy_link import NodeProxyCrypto, OrganizationKeys, proxy_placement
-from node.runs import LifecycleConfig, RunLifecycle
 from node.server.models import NodeIdentity
 from node.server.rest import Backoff, ServerClient, ServerError
 from node.server.socket import SocketLink

@@ -2,12 +2,12 @@
 
 Why this exists: the proxy accepts a run's calls only while the node's run table holds the
 run's container token, and that table lives in memory. After a restart the node adopts the
-runs still going (:meth:`node.runs.RunLifecycle.reconcile`) and must give the proxy their
-tokens again. Podman and apptainer runs keep the token in a file under ``task_dir`` that
-the node can read back; a Kubernetes run keeps it only in a Secret, which the node may
-create and delete but deliberately not read (so the node's credentials cannot harvest
-tokens). Rather than widen that, the node seals the token itself before the run starts and
-hands the sealed value to the executor as an opaque string
+runs still going (:meth:`node.lifecycle.reconcile.Reconciler.reconcile`) and must give the
+proxy their tokens again. Podman and apptainer runs keep the token in a file under
+``task_dir`` that the node can read back; a Kubernetes run keeps it only in a Secret,
+which the node may create and delete but deliberately not read (so the node's credentials
+cannot harvest tokens). Rather than widen that, the node seals the token itself before the
+run starts and hands the sealed value to the executor as an opaque string
 (:attr:`executors.spec.RunSpec.sealed_token`); the executor stores it with the run (a Job
 annotation, a container label, the run's record) and hands it back in
 :class:`executors.spec.RunState`. Whoever can read those objects sees only ciphertext.

@@ -1,0 +1,192 @@
+"""What the node remembers about runs while they are in flight — all of it rebuildable.
+
+Nothing here is the truth about a run: that lives on the server and in the runtime's own
+objects (labels, annotations), and :mod:`node.lifecycle.reconcile` rebuilds this memory
+from them after a restart. What it holds is what the node needs between two events:
+
+* one :class:`RunInFlight` per run taken, from the server's event to its upload: its trace
+  span, whether it holds a slot, whether a kill was asked for, its container token;
+* the slots (``max_concurrent_runs``, FIFO: runs wait in order, many start at once);
+* the ids of runs finished lately (:class:`executors.memory.GoneRuns`, bounded), so a late
+  or repeated terminal event — a relist after a reconnect, reconcile racing the executor's
+  own replay, a listing made just before the result was PATCHed — is not uploaded twice;
+* the proxy's run table: a run's token is registered before its container starts, refused
+  (403) from its terminal event on, and forgotten (401) when its id is evicted here.
+
+A run leaves the memory in one of two ways, each its own function: :meth:`InFlight.finished`
+(the server has its final status) or :meth:`InFlight.retry_later` (the server still has it
+open; the next ``sync`` or restart picks it up again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from executors.memory import GoneRuns
+from node.lifecycle.spec import LifecycleConfig
+from node.server.models import Run, RunStatus
+from node.telemetry import context_from
+from proxy import RunInfo, RunTable
+
+#: How many finished run ids the lifecycle remembers to ignore repeated terminal events.
+FINISHED_MEMORY = 10_000
+
+
+@dataclass
+class RunInFlight:
+    """What the node remembers about one run while it is in flight (rebuildable)."""
+
+    run_id: int
+    task_id: int
+    image: str
+    init_org_id: int | None
+    parent_id: int | None
+    span: Span
+    holds_slot: bool = False
+    killed: bool = False
+    finishing: bool = False
+    execute_span: Span | None = None
+    token: str | None = None
+
+
+class InFlight:
+    """The runs in flight, the slots, the finished ids and the proxy's view of them."""
+
+    def __init__(
+        self,
+        *,
+        config: LifecycleConfig,
+        tracer: trace.Tracer,
+        proxy_runs: RunTable | None,
+        finished_memory: int = FINISHED_MEMORY,
+    ) -> None:
+        self._config = config
+        self._tracer = tracer
+        self._proxy_runs = proxy_runs
+        self._slots = asyncio.Semaphore(config.max_concurrent_runs)
+        self.runs: dict[int, RunInFlight] = {}
+        self._finished = GoneRuns(finished_memory)
+        # The container tokens of finished runs, forgotten by the proxy when their id is.
+        self._finished_tokens: dict[int, str] = {}
+
+    def known(self, run_id: int) -> bool:
+        """Whether the run is in flight or finished lately (so not to be taken again)."""
+        return run_id in self.runs or run_id in self._finished
+
+    def is_finished(self, run_id: int) -> bool:
+        return run_id in self._finished
+
+    def remember(
+        self, run: Run, *, parent: dict[str, str] | None = None, start_ns: int | None = None
+    ) -> RunInFlight:
+        """Start remembering a run; its trace starts when the server's event arrived."""
+        task = run.task
+        span = self._tracer.start_span(
+            "run",
+            context=context_from(parent),
+            start_time=start_ns,
+            attributes={
+                "fednode.run_id": run.id,
+                "fednode.task_id": task.id,
+                "fednode.image": task.image,
+                "fednode.executor": self._config.executor_kind,
+                "fednode.node": self._config.identity.name,
+            },
+        )
+        record = RunInFlight(
+            run_id=run.id,
+            task_id=task.id,
+            image=task.image,
+            init_org_id=task.init_org.id if task.init_org else None,
+            parent_id=task.parent.id if task.parent else None,
+            span=span,
+        )
+        self.runs[run.id] = record
+        return record
+
+    # -- slots ------------------------------------------------------------------------------
+
+    async def take_slot(self, record: RunInFlight) -> None:
+        """Wait for a free slot, in order of asking."""
+        await self._slots.acquire()
+        record.holds_slot = True
+
+    async def take_free_slot(self, record: RunInFlight) -> None:
+        """Take a slot if one is free: an adopted run already runs, it never waits (after a
+        restart the limit may be exceeded briefly)."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            record.holds_slot = True
+
+    def release_slot(self, record: RunInFlight) -> None:
+        if record.holds_slot:
+            record.holds_slot = False
+            self._slots.release()
+
+    # -- the proxy --------------------------------------------------------------------------
+
+    def admit_to_proxy(
+        self, record: RunInFlight, token: str, trace_context: dict[str, str]
+    ) -> None:
+        """From now on the proxy accepts this run's token (until the run ends)."""
+        record.token = token
+        if self._proxy_runs is not None:
+            me = self._config.identity
+            self._proxy_runs.add(
+                token,
+                RunInfo(
+                    run_id=record.run_id,
+                    task_id=record.task_id,
+                    organization_id=me.organization_id,
+                    collaboration_id=me.collaboration_id,
+                    trace_context=trace_context,
+                ),
+            )
+
+    def withdraw_from_proxy(self, record: RunInFlight) -> None:
+        """The run's container never started: the proxy forgets its token (401)."""
+        if record.token is not None and self._proxy_runs is not None:
+            self._proxy_runs.discard(record.token)
+        record.token = None
+
+    def refuse_at_proxy(self, record: RunInFlight) -> None:
+        """The run has ended: the proxy refuses its token (403) from now on."""
+        if record.token is not None and self._proxy_runs is not None:
+            self._proxy_runs.finish(record.token)
+
+    # -- leaving the memory -----------------------------------------------------------------
+
+    def finished(self, record: RunInFlight, *, status: str, reason: str | None = None) -> None:
+        """The server has the run's final ``status``: forget the run, remember its id."""
+        self._let_go(record, status=status, reason=reason)
+        self.refuse_at_proxy(record)
+        if record.token is not None:
+            self._finished_tokens[record.run_id] = record.token
+        evicted = self._finished.add(record.run_id)
+        if evicted is not None:
+            token = self._finished_tokens.pop(evicted, None)
+            if token is not None and self._proxy_runs is not None:
+                self._proxy_runs.discard(token)
+
+    def retry_later(self, record: RunInFlight, *, why: str) -> None:
+        """The server still has the run open: forget it here so the next sync takes it."""
+        self._let_go(record, status=why)
+
+    def _let_go(self, record: RunInFlight, *, status: str, reason: str | None = None) -> None:
+        self.release_slot(record)
+        record.span.set_attribute("fednode.status", status)
+        if reason is not None:
+            record.span.set_attribute("fednode.reason", reason)
+        if status != RunStatus.COMPLETED.value:
+            record.span.set_status(Status(StatusCode.ERROR, status))
+        record.span.end()
+        self.runs.pop(record.run_id, None)
+
+    def end_spans(self) -> None:
+        """At shutdown: the spans of runs still in flight end with the process."""
+        for record in self.runs.values():
+            record.span.end()

@@ -1,0 +1,195 @@
+"""The façade: one :class:`RunLifecycle` per node wires the parts and consumes two streams.
+
+It never polls. It consumes:
+
+* server events from the socket link — ``sync`` (catch up: every open run of this node is
+  claimed or started), ``new_task`` (this node's open runs of that task), and
+  ``kill_containers`` (kill exactly the listed runs of this organization);
+* run events from the executor (running, succeeded, failed, killed), handed to
+  :class:`~node.lifecycle.finish.Finisher`.
+
+Each run the server lists open and this process does not know yet is remembered
+(:class:`~node.lifecycle.inflight.InFlight`) and handed on in its own owned task: to
+:class:`~node.lifecycle.start.Starter` if it never started, to
+:meth:`~node.lifecycle.reconcile.Reconciler.adopt` if the server says it did. A failure in
+one run is logged and reported as that run's status, never a crash of the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+
+from executors.base import Executor, ExecutorError
+from node.background import TaskOwner
+from node.crypto import Cryptor
+from node.lifecycle.finish import Finisher
+from node.lifecycle.inflight import InFlight
+from node.lifecycle.reconcile import Reconciler
+from node.lifecycle.server import RunServer, StatusNotifier
+from node.lifecycle.spec import LifecycleConfig
+from node.lifecycle.start import Starter
+from node.logging import get_logger
+from node.proxy_link import OrganizationKeys
+from node.server.models import KillContainers, NewTask, Run
+from node.server.rest import ServerClient
+from node.server.socket import Received, Sync
+from node.token_seal import TokenSeal
+from policies.admission import Admission
+from proxy import RunTable
+
+log = get_logger(__name__)
+
+
+class RunLifecycle:
+    """Drives runs from server events and executor events; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        server: ServerClient,
+        notifier: StatusNotifier,
+        executor: Executor,
+        admission: Admission,
+        cryptor: Cryptor,
+        config: LifecycleConfig,
+        tracer: trace.Tracer,
+        keys: OrganizationKeys,
+        token_seal: TokenSeal,
+        proxy_runs: RunTable | None = None,
+        upload_backoff: float = 1.0,
+    ) -> None:
+        self._config = config
+        self._cryptor = cryptor
+        self._executor = executor
+        self._work = TaskOwner("runs")
+        self._accepting = True
+        self._server = RunServer(
+            server=server,
+            notifier=notifier,
+            identity=config.identity,
+            upload_backoff=upload_backoff,
+        )
+        self._inflight = InFlight(config=config, tracer=tracer, proxy_runs=proxy_runs)
+        self._finisher = Finisher(
+            server=self._server,
+            executor=executor,
+            inflight=self._inflight,
+            cryptor=cryptor,
+            keys=keys,
+            tracer=tracer,
+            work=self._work,
+        )
+        self._starter = Starter(
+            server=self._server,
+            executor=executor,
+            admission=admission,
+            cryptor=cryptor,
+            token_seal=token_seal,
+            inflight=self._inflight,
+            finisher=self._finisher,
+            config=config,
+            tracer=tracer,
+        )
+        self._reconciler = Reconciler(
+            executor=executor,
+            inflight=self._inflight,
+            finisher=self._finisher,
+            token_seal=token_seal,
+            config=config,
+        )
+
+    # -- the two streams ----------------------------------------------------------------
+
+    async def consume_server_events(self, events: asyncio.Queue[Received]) -> None:
+        """Dispatch server events; each is handled in its own owned task."""
+        while True:
+            event, at_ns = await events.get()
+            if isinstance(event, Sync):
+                self._work.spawn(self.sync(received_ns=at_ns), name="sync")
+            elif isinstance(event, NewTask):
+                self._work.spawn(
+                    self.fetch_task(event.id, received_ns=at_ns), name=f"new-task-{event.id}"
+                )
+            elif isinstance(event, KillContainers):
+                self._work.spawn(self.kill(event), name="kill")
+
+    async def consume_executor_events(self) -> None:
+        async for event in self._executor.events():
+            self._finisher.on_run_event(event)
+
+    # -- server events ------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """At start-up, before the first sync: claim what the executor already has."""
+        await self._reconciler.reconcile()
+
+    async def sync(self, *, received_ns: int | None = None) -> None:
+        """Catch up with the server: every open run of this node is claimed or started."""
+        runs = await self._server.open_runs()
+        log.info("runs.sync", open_runs=len(runs), in_flight=self.in_flight)
+        await self._server.emit_node_info(self._node_info())
+        self._take(runs, received_ns=received_ns)
+
+    async def fetch_task(self, task_id: int, *, received_ns: int | None = None) -> None:
+        """A ``new_task`` event: this node's open runs of that task, if any."""
+        self._take(await self._server.open_runs(task_id=task_id), received_ns=received_ns)
+
+    def _take(self, runs: Sequence[Run], *, received_ns: int | None = None) -> None:
+        for run in runs:
+            # A run finished here may still be listed open by a listing made just before
+            # its result was PATCHed; it is done, not lost.
+            if self._inflight.known(run.id) or not self._accepting:
+                continue
+            record = self._inflight.remember(run, start_ns=received_ns)
+            if run.started_at is not None:
+                # Started before (by us, before a restart or a failed upload).
+                self._work.spawn(self._reconciler.adopt(run, record), name=f"adopt-run-{run.id}")
+            else:
+                self._work.spawn(self._starter.start(run, record), name=f"start-run-{run.id}")
+
+    async def kill(self, event: KillContainers) -> None:
+        """Kill exactly the listed runs of this node's organization."""
+        me = self._config.identity
+        if event.collaboration_id != me.collaboration_id:
+            return
+        if event.node_id is not None and event.node_id != me.id:
+            return
+        if event.kill_list is None:
+            targets = list(self._inflight.runs)
+        else:
+            targets = [t.run_id for t in event.kill_list if t.organization_id == me.organization_id]
+        for run_id in targets:
+            record = self._inflight.runs.get(run_id)
+            if record is not None:
+                record.killed = True  # a run still waiting for a slot never starts
+            log.info("run.kill_requested", run_id=run_id)
+            try:
+                await self._executor.kill(run_id)
+            except ExecutorError as exc:
+                log.warning("run.kill_failed", run_id=run_id, error=str(exc))
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def close(self, *, grace: float = 5.0) -> None:
+        """Stop taking runs; let in-flight uploads finish for ``grace`` seconds."""
+        self._accepting = False
+        await self._work.close(grace=grace)
+        self._inflight.end_spans()
+
+    # -- what the node tells ----------------------------------------------------------------
+
+    def _node_info(self) -> dict[str, Any]:
+        return {
+            "encryption": self._cryptor.encrypted,
+            "allowed_algorithms": list(self._config.allowed_algorithms) or "all",
+            "database_labels": [db.label for db in self._config.databases],
+            "database_types": {f"db_type_{db.label}": db.type for db in self._config.databases},
+        }
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight.runs)

@@ -1,0 +1,196 @@
+"""Claiming what already exists: runs the runtime has, and runs the server says started.
+
+The node keeps no state of its own across a restart: what is true lives in the executor's
+objects (labelled with run and task ids, annotated with the trace context and the sealed
+token) and on the server. :meth:`Reconciler.reconcile` runs once at start-up, before the
+first ``sync``, and claims every run the executor has, so none is started twice:
+
+* a run still going is followed: it takes a free slot (after a restart the limit may be
+  exceeded briefly), and the proxy accepts its token again — recovered first from the
+  sealed copy the executor kept with the run (:mod:`node.token_seal`; on Kubernetes the
+  node may not read the token's Secret), else from the run's token file;
+* a run that ended while the node was down is finished (uploaded) as if its event had just
+  come; a repeat upload of a run finished before is refused by the server and treated as
+  done;
+* a run the server has already ended (killed by its user while the node was away) is
+  killed here too;
+* a runtime object the server does not know at all is removed
+  (:meth:`node.lifecycle.finish.Finisher.look_up_object`);
+* a run directory under ``task_dir`` that no runtime object backs — left behind by a
+  start that failed after the executor wrote the decrypted input — is removed.
+
+Later, on every ``sync``, a run the server lists as started (``started_at`` set) but that
+this process does not follow goes through :meth:`Reconciler.adopt`: followed if the
+runtime has it, else failed with a clear log — a run lost while the node was down is never
+silently started a second time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from executors.base import Executor, ExecutorError
+from executors.runfiles import RunFiles
+from executors.spec import RunEvent, RunState
+from node.lifecycle.finish import Finisher
+from node.lifecycle.inflight import InFlight, RunInFlight
+from node.lifecycle.spec import LifecycleConfig
+from node.logging import bind_run, get_logger
+from node.server.models import Run, RunStatus
+from node.server.rest import ServerError
+from node.token_seal import SealError, TokenSeal
+
+log = get_logger(__name__)
+
+#: The run directories' names under ``task_dir``: ``run-<id>`` (:class:`RunFiles`).
+RUN_DIRECTORY_PREFIX = "run-"
+
+
+class Reconciler:
+    """Claims the runs that exist already; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        executor: Executor,
+        inflight: InFlight,
+        finisher: Finisher,
+        token_seal: TokenSeal,
+        config: LifecycleConfig,
+    ) -> None:
+        self._executor = executor
+        self._inflight = inflight
+        self._finisher = finisher
+        self._token_seal = token_seal
+        self._config = config
+
+    async def reconcile(self) -> None:
+        """Claim what the executor already has, before taking anything new."""
+        states = await self._executor.list_runs()
+        for state in states:
+            if state.run_id in self._inflight.runs:
+                continue
+            run = await self._finisher.look_up_object(state.run_id)
+            if run is None:
+                continue
+            record = self._inflight.remember(run, parent=state.trace_context)
+            if state.phase.is_terminal:
+                self._finisher.on_run_event(_event_of(state))
+                continue
+            await self._inflight.take_free_slot(record)
+            token, why_not = self.recover_token(state, run)
+            if token is not None:
+                self._inflight.admit_to_proxy(record, token, state.trace_context)
+            else:
+                log.warning(
+                    "run.token_not_recovered",
+                    run_id=state.run_id,
+                    reason=why_not,
+                    hint="the proxy refuses this run's calls until it ends",
+                )
+            if _finished_on_server(run.status):
+                record.killed = True
+                await self._kill(state.run_id)
+        swept = self._sweep({state.run_id for state in states} | set(self._inflight.runs))
+        log.info(
+            "runs.reconciled", found=len(states), claimed=len(self._inflight.runs), swept=swept
+        )
+
+    async def adopt(self, run: Run, record: RunInFlight) -> None:
+        """A run the server says started: follow its runtime object, never start another."""
+        with bind_run(run_id=run.id, task_id=run.task.id):
+            try:
+                state = next(
+                    (s for s in await self._executor.list_runs() if s.run_id == run.id), None
+                )
+                if state is not None:
+                    log.info("run.adopted", phase=state.phase.value)
+                    if state.phase.is_terminal:
+                        self._finisher.on_run_event(_event_of(state))
+                    return
+                await self._finisher.end_without_container(
+                    record,
+                    RunStatus.FAILED,
+                    "the run's container was lost while the node was down; not restarting "
+                    "it to avoid running it twice",
+                )
+            except ServerError as exc:
+                log.error("run.server_error", error=str(exc))
+                self._inflight.retry_later(record, why="server error")
+            except Exception:
+                log.exception("run.adopt_crashed")
+                await self._finisher.end_without_container(
+                    record, RunStatus.FAILED, "fednode could not follow the run (node error)"
+                )
+
+    def recover_token(self, state: RunState, run: Run) -> tuple[str | None, str]:
+        """An adopted run's container token, or why it cannot be had.
+
+        First the sealed copy the executor kept with the run (every runtime, including
+        Kubernetes, whose Secret the node may not read), bound to the run and task ids the
+        server gives; then the token file in the run's directory (podman, apptainer).
+        """
+        reasons = []
+        if state.sealed_token:
+            try:
+                return (
+                    self._token_seal.unseal(state.sealed_token, run_id=run.id, task_id=run.task.id),
+                    "",
+                )
+            except SealError as exc:
+                reasons.append(f"sealed token: {exc}")
+        else:
+            reasons.append("no sealed token kept with the run")
+        token_file = RunFiles(self._config.task_dir, state.run_id).token
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            reasons.append(f"token file: {exc.strerror or exc}")
+        else:
+            if token:
+                return token, ""
+            reasons.append("token file: empty")
+        return None, "; ".join(reasons)
+
+    def _sweep(self, known: set[int]) -> int:
+        """Remove the run directories no runtime object and no run in flight backs."""
+        swept = 0
+        for run_id in _run_directories(self._config.task_dir):
+            if run_id not in known:
+                log.warning("run.directory_swept", run_id=run_id)
+                RunFiles(self._config.task_dir, run_id).remove()
+                swept += 1
+        return swept
+
+    async def _kill(self, run_id: int) -> None:
+        try:
+            await self._executor.kill(run_id)
+        except ExecutorError as exc:
+            log.warning("run.kill_failed", run_id=run_id, error=str(exc))
+
+
+def _run_directories(task_dir: Path) -> list[int]:
+    """The run ids of the real directories named ``run-<id>`` directly under ``task_dir``."""
+    try:
+        entries = list(os.scandir(task_dir))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        suffix = entry.name.removeprefix(RUN_DIRECTORY_PREFIX)
+        if suffix != entry.name and suffix.isdigit() and entry.is_dir(follow_symlinks=False):
+            found.append(int(suffix))
+    return found
+
+
+def _event_of(state: RunState) -> RunEvent:
+    """A terminal state found in the runtime, as the event nobody saw."""
+    return RunEvent.now(state.run_id, state.phase, state.reason, exit_code=state.exit_code)
+
+
+def _finished_on_server(status: str) -> bool:
+    try:
+        return RunStatus(status).is_finished
+    except ValueError:
+        return False

@@ -1,0 +1,77 @@
+"""From the server's run to the executor's :class:`~executors.spec.RunSpec`, without I/O.
+
+:func:`build_spec` is the one place that decides what a run's container gets: the run's
+ids and image, its decrypted input, its token (and the sealed copy the executor keeps with
+the run), the vantage6 environment (databases, proxy address, trace context), the
+resources the admission policy granted and the node's deadline. It is pure — everything it
+needs is handed to it — so what a run is started with is testable without a server, a
+runtime or an event loop. :class:`LifecycleConfig` holds the node-level facts it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from executors.spec import DatabaseMount, ProxyEndpoint, Resources, RunSpec
+from node.contract import container_environment
+from node.server.models import NodeIdentity, Run
+from policies.admission import Admitted
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """The node-level facts the lifecycle needs, fixed at start-up."""
+
+    identity: NodeIdentity
+    databases: tuple[DatabaseMount, ...]
+    proxy: ProxyEndpoint | None
+    max_concurrent_runs: int
+    deadline_seconds: int
+    executor_kind: str
+    task_dir: Path
+    allowed_algorithms: tuple[str, ...] = ()
+
+
+def build_spec(
+    run: Run,
+    *,
+    config: LifecycleConfig,
+    admitted: Admitted,
+    input_bytes: bytes,
+    token: str,
+    sealed_token: str,
+    trace_context: dict[str, str],
+) -> RunSpec:
+    """What the executor is asked to start for ``run``, as the admission policy allowed it.
+
+    ``sealed_token`` is ``token`` as :class:`node.token_seal.TokenSeal` sealed it: the
+    executor keeps it with the run so that a restarted node gets the token back even where
+    it may not read it from the runtime (Kubernetes Secrets).
+    """
+    task = run.task
+    granted = admitted.resources
+    return RunSpec(
+        run_id=run.id,
+        task_id=task.id,
+        organization_id=config.identity.organization_id,
+        collaboration_id=config.identity.collaboration_id,
+        parent_task_id=task.parent.id if task.parent else None,
+        image=task.image,
+        input=input_bytes,
+        token=SecretStr(token),
+        environment=container_environment(
+            databases=config.databases,
+            requested=[db.model_dump() for db in task.databases],
+            proxy=config.proxy,
+            trace_context=trace_context,
+        ),
+        databases=config.databases,
+        resources=Resources(cpu=granted.cpu, memory_mb=granted.memory_mb, gpus=granted.gpus),
+        deadline_seconds=config.deadline_seconds,
+        proxy=config.proxy,
+        trace_context=trace_context,
+        sealed_token=sealed_token,
+    )
