@@ -13,6 +13,7 @@ import pytest
 from tests.conformance.apptainer_harness import apptainer_harness
 from tests.conformance.harness import EventRecorder, ExecutorUnderTest, Harness
 from tests.conformance.kubernetes_harness import kubernetes_harness
+from tests.conformance.memory_harness import memory_harness
 from tests.conformance.podman_harness import behaviour_image, podman_harness
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "executor_under_test",
     "harness",
     "kubernetes_harness",
+    "memory_harness",
     "podman_harness",
 ]
 
@@ -28,6 +30,7 @@ KINDS = [
     pytest.param("podman", marks=pytest.mark.podman, id="podman"),
     pytest.param("apptainer", id="apptainer"),  # a fake apptainer binary: no peer needed
     pytest.param("kubernetes", marks=pytest.mark.kubernetes, id="kubernetes"),  # kwok kubelets
+    pytest.param("memory", id="memory"),  # the in-memory TEST executor: no peer needed
 ]
 
 

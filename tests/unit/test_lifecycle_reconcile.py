@@ -1,0 +1,126 @@
+"""Reconciling after a restart: adopted runs, their tokens, lost runs, stray directories.
+
+A "restart" closes one lifecycle and opens another over the same in-memory runtime (runs
+keep going, as containers do) and the same server stand-in
+(``tests/unit/lifecycle_node.py``); each test takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from executors.runfiles import RunFiles
+from executors.spec import RunSpec
+from node.server.models import RunStatus
+from node.token_seal import TokenSeal
+from proxy import RunTable
+from tests.fakes.memory_executor import MemoryRuntime
+from tests.fakes.server_standin import ServerStandIn
+from tests.unit.lifecycle_node import API_KEY, behaviour, lifecycle_under_test
+
+
+async def test_a_run_still_going_after_a_restart_is_followed_not_started_again(
+    tmp_path: Path,
+) -> None:
+    runtime = MemoryRuntime(task_dir=tmp_path / "tasks")
+    server = ServerStandIn()
+    async with lifecycle_under_test(tmp_path, runtime=runtime, server=server) as before:
+        before.add_run(1, behaviour(sleep=0.3, output="kept going"))
+        await before.lifecycle.sync()
+        await before.until(lambda: before.notifier.statuses(1) == ["active"])
+
+    proxy_runs = RunTable()
+    async with lifecycle_under_test(
+        tmp_path, runtime=runtime, server=server, proxy_runs=proxy_runs
+    ) as after:
+        info = proxy_runs.lookup("container-token-1")  # the stand-in's first token
+        assert info is not None and info.run_id == 1 and info.active
+        await after.lifecycle.sync()  # the server lists it open and started: adopted
+
+        assert await after.finished(1) == RunStatus.COMPLETED.value
+        assert after.cryptor.decrypt(server.runs[1]["result"]) == b"kept going"
+        assert runtime.started == [1]
+    await runtime.aclose()
+
+
+async def test_the_sealed_token_is_recovered_before_the_token_file(tmp_path: Path) -> None:
+    runtime = _running(tmp_path, file_token="file-token", sealed=("sealed-token", API_KEY))
+    proxy_runs = RunTable()
+    async with lifecycle_under_test(
+        tmp_path, runtime=runtime, server=_started_run(), proxy_runs=proxy_runs
+    ):
+        assert proxy_runs.lookup("sealed-token") is not None
+        assert proxy_runs.lookup("file-token") is None
+    await runtime.aclose()
+
+
+async def test_the_token_file_is_used_when_the_sealed_token_does_not_open(
+    tmp_path: Path,
+) -> None:
+    runtime = _running(tmp_path, file_token="file-token", sealed=("sealed-token", "old-key"))
+    proxy_runs = RunTable()
+    async with lifecycle_under_test(
+        tmp_path, runtime=runtime, server=_started_run(), proxy_runs=proxy_runs
+    ):
+        assert proxy_runs.lookup("file-token") is not None
+        assert len(proxy_runs) == 1
+    await runtime.aclose()
+
+
+async def test_a_run_the_server_says_started_but_the_runtime_lost_is_failed_not_restarted(
+    tmp_path: Path,
+) -> None:
+    server = _started_run()
+    async with lifecycle_under_test(tmp_path, server=server) as node:
+        await node.lifecycle.sync()
+
+        assert await node.finished(1) == RunStatus.FAILED.value
+        assert "lost while the node was down" in node.log_of(1)
+        assert node.runtime.started == []
+
+
+async def test_run_directories_nothing_backs_are_swept_at_start_up(tmp_path: Path) -> None:
+    runtime = _running(tmp_path, file_token="t", sealed=("t", API_KEY))
+    task_dir = tmp_path / "tasks"
+    stray = RunFiles(task_dir, 5)
+    stray.directory.mkdir(mode=0o700)
+    stray.input.write_bytes(b"decrypted input left by a failed start")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not the node's")
+    (task_dir / "run-6").symlink_to(elsewhere)
+    (task_dir / ".apptainer-images").mkdir()
+
+    async with lifecycle_under_test(tmp_path, runtime=runtime, server=_started_run()):
+        assert not stray.directory.exists()
+        assert RunFiles(task_dir, 1).input.exists()  # backed by a run: kept
+        assert (elsewhere / "keep").exists()  # a link is never followed
+        assert (task_dir / ".apptainer-images").is_dir()
+    await runtime.aclose()
+
+
+def _running(tmp_path: Path, *, file_token: str, sealed: tuple[str, str]) -> MemoryRuntime:
+    """A runtime with run 1 going: its token file and the sealed token kept with it."""
+    token, key = sealed
+    runtime = MemoryRuntime(task_dir=tmp_path / "tasks")
+    spec = RunSpec(
+        run_id=1,
+        task_id=1001,
+        organization_id=1,
+        collaboration_id=1,
+        image="localhost/fednode/behaviour:in-memory",
+        input=behaviour(sleep=30),
+        token=SecretStr(file_token),
+        sealed_token=TokenSeal(api_key=key).seal(token, run_id=1, task_id=1001),
+    )
+    RunFiles(runtime.task_dir, 1).prepare(spec)
+    runtime.launch(spec)
+    return runtime
+
+
+def _started_run() -> ServerStandIn:
+    server = ServerStandIn()
+    server.add_run(1, started=True)
+    return server
