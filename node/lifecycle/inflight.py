@@ -178,6 +178,8 @@ class InFlight:
 
     def _let_go(self, record: RunInFlight, *, status: str, reason: str | None = None) -> None:
         self.release_slot(record)
+        if self.runs.get(record.run_id) is not record:
+            return  # let go of before (its end raced its start)
         record.span.set_attribute("fednode.status", status)
         if reason is not None:
             record.span.set_attribute("fednode.reason", reason)

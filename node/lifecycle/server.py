@@ -95,7 +95,13 @@ class RunServer:
         await self._patch(run_id, {"started_at": now()})
 
     async def mark_active(self, run_id: int) -> None:
-        await self._patch(run_id, {"status": RunStatus.ACTIVE.value})
+        """Status ``active``; a no-op if the run's end was uploaded first (a fast run)."""
+        try:
+            await self._patch(run_id, {"status": RunStatus.ACTIVE.value})
+        except ServerError as exc:
+            if not _already_finished(exc):
+                raise
+            log.info("run.finished_before_active", run_id=run_id)
 
     async def upload(self, run_id: int, body: dict[str, Any]) -> None:
         """The run's final PATCH, retried with backoff while the server is unreachable."""

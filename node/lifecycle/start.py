@@ -145,8 +145,11 @@ class Starter:
                 )
                 return
         log.info("run.started", image=run.task.image)
+        if record.finishing:
+            return  # a fast run's end came first; the server must not hear "active" after it
         await self._server.mark_active(run.id)
-        await self._server.announce(record, RunStatus.ACTIVE)
+        if not record.finishing:
+            await self._server.announce(record, RunStatus.ACTIVE)
 
     def _admit(self, run: Run, record: RunInFlight) -> Admitted | str:
         """The policies' decision: what the run may use, or why it may not run."""

@@ -7,16 +7,19 @@ algorithm (``behaviour``), which sleeps, exits and writes output as its input sa
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 
-from executors.base import LABEL_RUN
+from executors.base import LABEL_NODE, LABEL_RUN
+from executors.runfiles import RunFiles
 from tests.e2e.conftest import RunningNode, StartNode
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration
@@ -73,9 +76,13 @@ async def wait_for_all(
     return [done[task_id] for task_id in task_ids]
 
 
-def containers_of(podman: PodmanService, run_id: int) -> list[str]:
+def containers_of(podman: PodmanService, run_id: int, *, node: str | None = None) -> list[str]:
+    """The containers of a run (of one node's, if given: run ids repeat across servers)."""
+    filters = ["--filter", f"label={LABEL_RUN}={run_id}"]
+    if node is not None:
+        filters += ["--filter", f"label={LABEL_NODE}={node}"]
     listing = subprocess.run(
-        podman.cli("ps", "-a", "--filter", f"label={LABEL_RUN}={run_id}", "--format", "{{.ID}}"),
+        podman.cli("ps", "-a", *filters, "--format", "{{.ID}}"),
         capture_output=True,
         text=True,
         check=True,
@@ -264,3 +271,48 @@ async def test_node_restart_mid_run_loses_and_duplicates_nothing(
         assert follower.parent.trace_id == root.trace_id
         assert follower.parent.span_id == root.span_id
         assert child_spans(second, "upload")[run_id].get_span_context().trace_id == root.trace_id  # type: ignore[union-attr]
+
+
+async def test_a_result_that_cannot_be_encrypted_for_the_initiator_fails_the_run_and_frees_the_slot(
+    v6_encrypted: V6Collaboration,
+    start_node: StartNode,
+    behaviour_image: str,
+    podman_service: PodmanService,
+) -> None:
+    """Issue 13.3: one such run used to hold its slot forever and stay ``active``."""
+    user, root = v6_encrypted.user, v6_encrypted.root_org_id
+    assert v6_encrypted.root_private_key is not None
+    valid_key = await asyncio.to_thread(user.public_key_of, v6_encrypted.root_private_key)
+    # The researcher's organization (the tasks' initiator) gets a key nobody can encrypt for.
+    await asyncio.to_thread(user.set_public_key, root, base64.b64encode(b"not a key").decode())
+    try:
+        node = await start_node(v6_encrypted, v6_encrypted.org_a, max_concurrent_runs=1)
+        secret = await create(v6_encrypted, behaviour_image, output="for the initiator only")
+        no_output = await create(v6_encrypted, behaviour_image, output="")
+        failed = await wait_for_run(v6_encrypted, secret["id"], timeout=60)
+        following = await wait_for_run(v6_encrypted, no_output["id"], timeout=60)
+    finally:
+        await asyncio.to_thread(user.set_public_key, root, valid_key)
+
+    assert failed["status"] == "failed"
+    assert "cannot be encrypted for the initiating organization" in failed["log"]
+    assert not failed.get("result")
+    assert following["status"] == "completed"  # the slot was freed
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while containers_of(podman_service, failed["id"], node=node.node.settings.name):
+        assert loop.time() < deadline, "the failed run's container was not cleaned up"
+        await asyncio.sleep(0.3)
+
+
+async def test_a_run_directory_nothing_backs_is_swept_when_the_node_starts(
+    v6_plain: V6Collaboration, start_node: StartNode, tmp_path: Path
+) -> None:
+    """Issue 13.8: decrypted input left by a start that failed after the files were made."""
+    stray = RunFiles(tmp_path / f"tasks-{v6_plain.org_a.name}", 999_999)
+    stray.directory.mkdir(parents=True, mode=0o700)
+    stray.input.write_bytes(b"decrypted input of a run that never started")
+
+    await start_node(v6_plain, v6_plain.org_a)
+
+    assert not stray.directory.exists()
