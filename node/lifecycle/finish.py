@@ -202,7 +202,13 @@ class Finisher:
         self, record: RunInFlight, status: RunStatus, message: str
     ) -> None:
         """End a run that never got (or lost) its container, with a status and a reason."""
-        await self._server.end(record.run_id, status, message)
+        try:
+            await self._server.end(record.run_id, status, message)
+        except ServerError as exc:
+            # Refused (4xx): the run stays open on the server; the next sync tries again.
+            log.error("run.end_failed", status=status.value, error=str(exc))
+            self._inflight.retry_later(record, why="end refused")
+            return
         await self._server.announce(record, status)
         self._inflight.finished(record, status=status.value)
 
