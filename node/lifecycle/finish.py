@@ -107,7 +107,11 @@ class Finisher:
             record.finishing = True
             self._inflight.refuse_at_proxy(record)
             self._inflight.release_slot(record)  # the container is done
-        self._work.spawn(self._finish(event, record), name=f"finish-run-{event.run_id}")
+        try:
+            self._work.spawn(self._finish(event, record), name=f"finish-run-{event.run_id}")
+        except RuntimeError:
+            # The node is stopping: the next start's reconcile uploads this end.
+            log.info("run.finish_deferred", run_id=event.run_id)
 
     async def _finish(self, event: RunEvent, record: RunInFlight | None) -> None:
         if record is None:
@@ -247,7 +251,12 @@ class Finisher:
             return None
 
     def _spawn_cleanup(self, run_id: int) -> None:
-        self._work.spawn(self._cleanup(run_id), name=f"cleanup-run-{run_id}")
+        try:
+            self._work.spawn(self._cleanup(run_id), name=f"cleanup-run-{run_id}")
+        except RuntimeError:
+            # The node is stopping: the runtime object stays, and the next start's
+            # reconcile finds it finished on the server and removes it then.
+            log.info("run.cleanup_deferred", run_id=run_id)
 
     async def _cleanup(self, run_id: int) -> None:
         try:

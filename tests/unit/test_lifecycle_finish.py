@@ -133,3 +133,20 @@ async def test_finished_ids_are_evicted_oldest_first_and_the_proxy_forgets_their
     assert proxy_runs.lookup("token-1") is None  # forgotten: 401
     finished_2 = proxy_runs.lookup("token-2")
     assert finished_2 is not None and not finished_2.active  # remembered, refused: 403
+
+
+async def test_an_upload_that_ends_while_the_node_stops_is_not_reported_failed(
+    tmp_path: Path,
+) -> None:
+    async with lifecycle_under_test(tmp_path) as node:
+        node.add_run(1, behaviour(sleep=0.05, output="just in time"))
+        await node.lifecycle.sync()
+        await node.until(lambda: node.notifier.statuses(1) == ["active"])
+        node.server.unreachable = 10  # the upload is still being retried when the node stops
+        await node.until(lambda: node.runtime.runs[1].phase.is_terminal)
+
+        await node.lifecycle.close(grace=5)
+
+        assert node.server.status(1) == RunStatus.COMPLETED.value
+        assert node.notifier.statuses(1)[-1] == "completed"
+        assert 1 in node.runtime.runs  # removed by the next start's reconcile instead
