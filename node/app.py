@@ -107,7 +107,11 @@ class Node:
             cryptor = await self._cryptor(server, identity)
             executor = self._executor or self._make_executor()
             await executor.open()
-            keys = OrganizationKeys(server)
+            keys = OrganizationKeys(
+                server,
+                collaboration_id=identity.collaboration_id,
+                ttl=settings.proxy.key_cache_seconds,
+            )
             tracer = self.tracer_provider.get_tracer("fednode")
             # Runs that kept going while the node was down call the proxy as soon as it
             # listens; it holds their unknown tokens until reconcile has registered them.
@@ -293,6 +297,11 @@ class Node:
             limits=ProxyLimits(
                 max_body_bytes=settings.proxy.max_body_mb * 1024 * 1024,
                 upstream_timeout=settings.proxy.upstream_timeout_seconds,
+                max_response_bytes=settings.proxy.max_response_mb * 1024 * 1024,
+                max_connections_per_run=settings.proxy.max_connections_per_run,
+                keepalive_timeout=settings.proxy.keepalive_timeout_seconds,
+                max_task_organizations=settings.proxy.max_task_organizations,
+                max_body_work=settings.proxy.max_body_work,
             ),
             access_log=direct_logger("proxy.access"),
         )

@@ -1,7 +1,7 @@
 """What the proxy needs from the node, handed to it as the small protocols it defines.
 
-* :class:`OrganizationKeys` — organizations' public keys from the server, cached (the run
-  lifecycle uses it too, to encrypt results for the task's initiator);
+* :class:`OrganizationKeys` — organizations' public keys from the server, cached for a
+  while (the run lifecycle uses it too, to encrypt results for the task's initiator);
 * :class:`NodeProxyCrypto` — the node's cryptor as ``proxy.ProxyCrypto``;
 * :func:`proxy_placement` — where the proxy listens and what address runs are given, per
   executor kind (podman: the run network's gateway; Kubernetes: the configured Service
@@ -10,29 +10,104 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import structlog
 
 from executors.apptainer.config import ApptainerSettings
 from executors.kubernetes.config import KubernetesSettings
 from executors.podman.config import PodmanSettings
 from node.crypto import CryptoError, Cryptor
-from node.server.rest import ServerClient
+from node.server.rest import ServerClient, ServerError
 from node.settings import NodeSettings
 from proxy import ProxyCryptoError
 
+log = structlog.stdlib.get_logger(__name__)
+
+#: Organizations asked for per page of the collaboration's listing.
+KEYS_PAGE_SIZE = 500
+
 
 class OrganizationKeys:
-    """Public keys of organizations as the server stores them (base64 PEM), cached."""
+    """Public keys of organizations as the server stores them (base64 PEM), cached.
 
-    def __init__(self, server: ServerClient) -> None:
+    With ``collaboration_id`` (the node's), keys come from one listing of the
+    collaboration's organizations (``GET organization?collaboration_id=``, pages of
+    ``KEYS_PAGE_SIZE``), however many are asked for at once: concurrent misses share one
+    listing, and an organization outside the collaboration is simply unknown (``None``)
+    — an algorithm naming 10,000 organizations costs one listing, not 10,000 calls.
+    Every key is forgotten after ``ttl`` seconds, so a rotated key is picked up; an
+    organization missing from a listing makes the next miss list again only once
+    ``retry_after`` has passed. Without ``collaboration_id`` each organization is fetched
+    on its own (``GET organization/<id>``), cached the same way.
+    """
+
+    def __init__(
+        self,
+        server: ServerClient,
+        *,
+        collaboration_id: int | None = None,
+        ttl: float = 300.0,
+        retry_after: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._server = server
+        self._collaboration_id = collaboration_id
+        self._ttl = ttl
+        self._retry_after = min(retry_after, ttl)
+        self._clock = clock
         self._keys: dict[int, str | None] = {}
+        self._listed_at: float | None = None
+        self._fetched_at: dict[int, float] = {}  # per organization, without a listing
+        self._lock = asyncio.Lock()
 
     async def public_key(self, organization_id: int) -> str | None:
-        if organization_id not in self._keys:
+        if self._collaboration_id is None:
+            return await self._one(organization_id)
+        if self._fresh(organization_id):
+            return self._keys.get(organization_id)
+        async with self._lock:  # one listing for all who miss at once
+            if not self._fresh(organization_id):
+                await self._list()
+        return self._keys.get(organization_id)
+
+    def _fresh(self, organization_id: int) -> bool:
+        listed_at = self._listed_at
+        if listed_at is None:
+            return False
+        age = self._clock() - listed_at
+        if organization_id in self._keys:
+            return age < self._ttl
+        return age < self._retry_after  # not in the collaboration a moment ago
+
+    async def _list(self) -> None:
+        organizations = await self._server.list_pages(
+            "organization",
+            params={"collaboration_id": self._collaboration_id or 0, "per_page": KEYS_PAGE_SIZE},
+        )
+        self._keys = {
+            int(org["id"]): _key_of(org)
+            for org in organizations
+            if isinstance(org, dict) and type(org.get("id")) is int
+        }
+        self._listed_at = self._clock()
+        log.debug("proxy.keys_listed", organizations=len(self._keys))
+
+    async def _one(self, organization_id: int) -> str | None:
+        fetched_at = self._fetched_at.get(organization_id)
+        if fetched_at is None or self._clock() - fetched_at >= self._ttl:
             org = await self._server.request("GET", f"organization/{organization_id}")
-            self._keys[organization_id] = (org or {}).get("public_key") or None
+            self._keys[organization_id] = _key_of(org)
+            self._fetched_at[organization_id] = self._clock()
         return self._keys[organization_id]
+
+
+def _key_of(org: Any) -> str | None:
+    key = org.get("public_key") if isinstance(org, dict) else None
+    return key if isinstance(key, str) and key else None
 
 
 class NodeProxyCrypto:
@@ -47,7 +122,16 @@ class NodeProxyCrypto:
         return self._cryptor.encrypted
 
     async def encrypt_for(self, organization_id: int, data: bytes) -> str:
-        key = await self._keys.public_key(organization_id) if self.encrypted else None
+        try:
+            key = await self._keys.public_key(organization_id) if self.encrypted else None
+        except ServerError as exc:
+            raise ProxyCryptoError(
+                f"organization {organization_id}: its public key could not be read: {exc}"
+            ) from None
+        if self.encrypted and key is None:
+            raise ProxyCryptoError(
+                f"organization {organization_id} has no public key in this collaboration"
+            )
         try:
             return self._cryptor.encrypt(data, key)
         except CryptoError as exc:

@@ -300,6 +300,18 @@ class ProxySettings(_Section):
     advertise_host: str | None = None
     max_body_mb: Annotated[int, Field(gt=0)] = 16
     upstream_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    #: Largest answer of the server passed to an algorithm; larger → 502.
+    max_response_mb: Annotated[int, Field(gt=0)] = 64
+    #: Connections one run may hold open to the proxy; more → 429 and closed.
+    max_connections_per_run: Annotated[int, Field(gt=0)] = 32
+    #: Idle keep-alive connections of algorithms are closed after this long.
+    keepalive_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    #: Organizations one subtask may name (each needs its public key); more → 400.
+    max_task_organizations: Annotated[int, Field(gt=0)] = 256
+    #: Request/answer bodies parsed, encrypted or decrypted at once (all runs together).
+    max_body_work: Annotated[int, Field(gt=0)] = 4
+    #: Organizations' public keys are read again after this long (rotated keys).
+    key_cache_seconds: Annotated[float, Field(gt=0)] = 300.0
 
 
 class HealthSettings(_Section):

@@ -14,6 +14,7 @@ the protocols of ``proxy.protocols``, and serves it in its own event loop with
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,6 +59,7 @@ def make_proxy_app(
         tracer=tracer,
         limits=limits,
         access_log=access_log or structlog.stdlib.get_logger("proxy.access"),
+        body_work=asyncio.Semaphore(limits.max_body_work),
     )
     add_routes(app)
     app.cleanup_ctx.append(_upstream_session)
@@ -115,6 +117,8 @@ class ProxyServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self._shutdown_timeout,
+            # Also closes a connection that sends no (complete) request within it.
+            keepalive_timeout=self.app[CONTEXT].limits.keepalive_timeout,
         )
         await runner.setup()
         site: web.BaseSite

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,12 +28,19 @@ class ProxyContext:
     tracer: Tracer | None
     limits: ProxyLimits
     access_log: AccessLog
+    #: Bodies being parsed, encrypted or decrypted (``limits.max_body_work`` at once).
+    body_work: asyncio.Semaphore
     #: Requests in flight per run id (bounded by ``limits.max_requests_per_run``).
     in_flight: dict[int, int] = field(default_factory=dict)
+    #: Connections that carried a request of each run id (closed ones are pruned lazily;
+    #: bounded by ``limits.max_connections_per_run``).
+    connections: dict[int, set[asyncio.BaseTransport]] = field(default_factory=dict)
 
 
 CONTEXT = web.AppKey("fednode.proxy", ProxyContext)
 #: The run whose token authenticated the request (set by the guard middleware).
 RUN = web.RequestKey("fednode.proxy.run", ProxyRun)
+#: That run's container token (set by the guard middleware).
+TOKEN = web.RequestKey("fednode.proxy.token", str)
 #: Milliseconds spent waiting for the server (set by the handlers that call it).
 UPSTREAM_MS = web.RequestKey("fednode.proxy.upstream_ms", float)

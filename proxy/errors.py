@@ -13,14 +13,26 @@ from aiohttp import web
 class ProxyError(Exception):
     """A refusal or failure with the HTTP status the algorithm should see."""
 
-    def __init__(self, status: int, msg: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        msg: str,
+        *,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
+        """``close``: the connection is closed after this answer (no keep-alive)."""
         super().__init__(msg)
         self.status = status
         self.msg = msg
         self.headers = headers
+        self.close = close
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.msg, headers=self.headers)
+        response = error_response(self.status, self.msg, headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 def error_response(status: int, msg: str, *, headers: dict[str, str] | None = None) -> web.Response:

@@ -3,25 +3,48 @@
 By the time a handler runs, the guard middleware has authenticated the container token
 and checked the method and path. The token goes on to the server unchanged, as the
 algorithm's own credential: the server decides what that container may see or create.
+
+What the proxy adds with the node's own key — decrypting results — is narrower than what
+the token may see: only results of the run's own subtasks. The run table remembers the
+tasks each run created (from the server's answers to its ``POST /task``); a task it does
+not know (the node restarted, say) is looked up once with the run's token, and counts as
+the run's when the server names the run's task as its ``parent``. Parsing, encrypting and
+decrypting bodies share ``max_body_work`` permits, and large JSON is handled in a worker
+thread, so no body stalls the event loop or multiplies memory without bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy.context import CONTEXT, UPSTREAM_MS
+from proxy.context import CONTEXT, RUN, TOKEN, UPSTREAM_MS, ProxyContext
 from proxy.errors import ProxyError
-from proxy.payloads import decrypt_results, encrypt_inputs, parse_json, task_organizations
-from proxy.upstream import relayed_headers
+from proxy.payloads import (
+    decrypt_results,
+    encrypt_inputs,
+    parse_json,
+    parse_results,
+    task_organizations,
+)
+from proxy.upstream import is_encoded, relayed_headers
 
 log = structlog.stdlib.get_logger(__name__)
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 _CHUNK = 64 * 1024
+#: Bodies larger than this are parsed and serialized in a worker thread.
+_THREAD_AT = 256 * 1024
+#: Tasks a single results answer may name that the proxy does not know yet.
+_MAX_TASK_LOOKUPS = 16
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -37,8 +60,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
         "GET", request.raw_path, headers=_upstream_headers(request)
     ) as upstream:
         length = upstream.content_length
+        if length is not None and length > context.limits.max_response_bytes:
+            raise context.upstream.too_large(length)
         if length is not None and length <= context.limits.stream_threshold:
-            body = await upstream.read()
+            body = await context.upstream.read(upstream)
             request[UPSTREAM_MS] = (time.perf_counter() - started) * 1e3
             return web.Response(
                 status=upstream.status, body=body, headers=relayed_headers(upstream.headers)
@@ -51,11 +76,12 @@ async def create_task(request: web.Request) -> web.Response:
     """``POST /task``: a subtask; its input encrypted per organization when required."""
     context = request.app[CONTEXT]
     raw = await request.read()
-    body = parse_json(raw)
-    organizations = task_organizations(body)
-    if context.crypto.encrypted:
-        await encrypt_inputs(organizations, context.crypto)
-        raw = json.dumps(body).encode()
+    async with context.body_work:
+        body = await _in_thread_if_large(len(raw), parse_json, raw)
+        organizations = task_organizations(body, limit=context.limits.max_task_organizations)
+        if context.crypto.encrypted:
+            await encrypt_inputs(organizations, context.crypto)
+            raw = await _in_thread_if_large(len(raw), _dump, body)
     started = time.perf_counter()
     reply = await context.upstream.call(
         "POST",
@@ -64,18 +90,93 @@ async def create_task(request: web.Request) -> web.Response:
         body=raw,
     )
     request[UPSTREAM_MS] = (time.perf_counter() - started) * 1e3
+    if reply.status < 300:
+        task_id = _created_task_id(reply.body)
+        if task_id is not None:
+            context.runs.note_subtask(request[TOKEN], task_id)
     return reply.response()
 
 
 async def read_results(request: web.Request) -> web.Response:
-    """``GET /result[/<id>]``, ``/run[/<id>]``: results decrypted for the algorithm."""
+    """``GET /result[/<id>]``, ``/run[/<id>]``: results of the run's own subtasks decrypted
+    for the algorithm; an answer with any other task's result is refused (403)."""
     context = request.app[CONTEXT]
     started = time.perf_counter()
     reply = await context.upstream.call("GET", request.raw_path, headers=_upstream_headers(request))
     request[UPSTREAM_MS] = (time.perf_counter() - started) * 1e3
-    if reply.status == 200 and context.crypto.encrypted:
-        return reply.response(await decrypt_results(reply.body, context.crypto))
-    return reply.response()
+    if reply.status != 200 or not context.crypto.encrypted:
+        return reply.response()
+    async with context.body_work:
+        parsed = await asyncio.to_thread(parse_results, reply.body)
+    if parsed is None:
+        return reply.response()
+    await _require_own_tasks(request, context, parsed.task_ids)
+    async with context.body_work:
+        body = await asyncio.to_thread(decrypt_results, parsed, context.crypto)
+    return reply.response(body)
+
+
+async def _require_own_tasks(
+    request: web.Request, context: ProxyContext, task_ids: set[int | None]
+) -> None:
+    run, token = request[RUN], request[TOKEN]
+    unknown = {t for t in task_ids if t is None or not context.runs.owns_subtask(token, t)}
+    if not unknown:
+        return
+    if None in unknown:
+        raise ProxyError(403, "the answer holds a result that names no task; not decrypted")
+    if len(unknown) > _MAX_TASK_LOOKUPS:
+        raise ProxyError(
+            403,
+            f"the answer holds results of {len(unknown)} tasks; ask for one subtask's "
+            "results at a time (result?task_id=<id>)",
+        )
+    ids = sorted(t for t in unknown if t is not None)
+    checked = await asyncio.gather(*(_is_own(request, context, t) for t in ids))
+    foreign = [t for t, own in zip(ids, checked, strict=True) if not own]
+    if foreign:
+        raise ProxyError(
+            403,
+            f"results of task(s) {', '.join(map(str, foreign))} are not decrypted for run "
+            f"{run.run_id}: the proxy decrypts only the results of subtasks this run created",
+        )
+
+
+async def _is_own(request: web.Request, context: ProxyContext, task_id: int) -> bool:
+    """Ask the server whether ``task_id`` is a subtask of the run's task (its parent)."""
+    reply = await context.upstream.call(
+        "GET", f"/task/{task_id}", headers=_upstream_headers(request)
+    )
+    if reply.status != 200:
+        return False
+    try:
+        task = json.loads(reply.body)
+    except ValueError:
+        return False
+    parent = task.get("parent") if isinstance(task, dict) else None
+    own = isinstance(parent, dict) and parent.get("id") == request[RUN].task_id
+    if own:
+        context.runs.note_subtask(request[TOKEN], task_id)
+    return own
+
+
+def _created_task_id(raw: bytes) -> int | None:
+    try:
+        task = json.loads(raw)
+    except ValueError:
+        return None
+    task_id = task.get("id") if isinstance(task, dict) else None
+    return task_id if type(task_id) is int else None
+
+
+def _dump(body: Any) -> bytes:
+    return json.dumps(body).encode()
+
+
+async def _in_thread_if_large(size: int, work: Callable[[_T], _R], arg: _T) -> _R:
+    if size > _THREAD_AT:
+        return await asyncio.to_thread(work, arg)
+    return work(arg)
 
 
 async def blob_storage(request: web.Request) -> web.Response:
@@ -96,13 +197,18 @@ def _upstream_headers(request: web.Request, *, content_type: str | None = None) 
 
 async def _stream(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=relayed_headers(upstream.headers))
-    if upstream.content_length is not None:
+    if upstream.content_length is not None and not is_encoded(upstream):
         response.content_length = upstream.content_length
+    limit = request.app[CONTEXT].limits.max_response_bytes
     await response.prepare(request)
+    sent = 0
     try:
         async for chunk in upstream.content.iter_chunked(_CHUNK):
+            sent += len(chunk)
+            if sent > limit:
+                raise _TooLarge(f"over max_response_bytes ({limit})")
             await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, TimeoutError, _TooLarge) as exc:
         # The status line is gone already: cut the connection so the algorithm sees a
         # truncated answer, never a complete-looking one.
         log.warning("proxy.stream_broken", path=request.path, error=repr(exc))
@@ -111,3 +217,7 @@ async def _stream(request: web.Request, upstream: aiohttp.ClientResponse) -> web
         return response
     await response.write_eof()
     return response
+
+
+class _TooLarge(Exception):
+    """A streamed answer of unknown length ran past ``max_response_bytes``."""

@@ -1,4 +1,5 @@
-"""The proxy's bounds: request size, upstream time, retries, connection pool."""
+"""The proxy's bounds: request and answer sizes, upstream time, retries, connections,
+body work, and what one run may hold of each."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ class ProxyLimits:
     #: After a node restart, how long a request with a token not (yet) known waits for the
     #: node to register the runs that kept going, before 503.
     restore_wait: float = 30.0
+    #: Largest answer of the server the proxy reads (buffered or streamed); larger → 502.
+    max_response_bytes: int = 64 * 1024 * 1024
+    #: Bodies parsed, encrypted or decrypted at once (all runs together); the rest wait.
+    max_body_work: int = 4
+    #: Organizations one subtask may name; more → 400 (each may cost a key lookup).
+    max_task_organizations: int = 256
+    #: Connections one run may hold open to the proxy; a request on one more → 429 and
+    #: that connection is closed.
+    max_connections_per_run: int = 32
+    #: How long an algorithm's idle keep-alive connection stays open.
+    keepalive_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 0 or self.retries < 0 or self.max_connections < 1:
@@ -37,3 +49,13 @@ class ProxyLimits:
             raise ValueError("ProxyLimits: max_requests_per_run must be at least 1")
         if self.upstream_timeout <= 0 or self.connect_timeout <= 0 or self.retry_backoff < 0:
             raise ValueError("ProxyLimits: timeouts must be positive")
+        if self.keepalive_timeout <= 0:
+            raise ValueError("ProxyLimits: timeouts must be positive")
+        for name in (
+            "max_response_bytes",
+            "max_body_work",
+            "max_task_organizations",
+            "max_connections_per_run",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ProxyLimits: {name} must be at least 1")

@@ -17,8 +17,9 @@
     node restart, an unknown token waits up to ``restore_wait`` until the node has
     registered its runs again, then 401, or 503 if it is still at it); the run
     has finished → 403; a method and path outside the allow-list (``proxy.routes``) → 403;
-    more than ``max_requests_per_run`` of the run's requests in flight → 429.
-    Only ``/healthz`` needs no token.
+    a request on a connection beyond the run's ``max_connections_per_run`` → 429 and that
+    connection is closed; more than ``max_requests_per_run`` of the run's requests in
+    flight → 429. Only ``/healthz`` needs no token.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from proxy.context import CONTEXT, RUN, UPSTREAM_MS
+from proxy.context import CONTEXT, RUN, TOKEN, UPSTREAM_MS, ProxyContext
 from proxy.errors import ProxyError, error_response
 from proxy.routes import PUBLIC_ROUTES
 
@@ -45,6 +46,8 @@ log = structlog.stdlib.get_logger("proxy.access")
 #: Every path an algorithm may call is made of these; anything else is malformed.
 _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_-]+)+|/")
 _WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="fednode-proxy"'}
+#: Runs with connections on record past which the record is swept of closed connections.
+_SWEEP_AT = 256
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -190,12 +193,14 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if run is None:
         raise ProxyError(401, "unknown token", headers=_WWW_AUTHENTICATE)
     request[RUN] = run
+    request[TOKEN] = token
     if not run.active:
         raise ProxyError(403, f"run {run.run_id} has finished; its token is no longer accepted")
     if info.http_exception is not None:
         raise ProxyError(
             403, f"{request.method} {request.path} is not an endpoint algorithms may call"
         )
+    _claim_connection(context, run.run_id, request.transport)
     in_flight = context.in_flight
     count = in_flight.get(run.run_id, 0)
     if count >= context.limits.max_requests_per_run:
@@ -212,6 +217,41 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             del in_flight[run.run_id]
         else:
             in_flight[run.run_id] -= 1
+
+
+def _claim_connection(
+    context: ProxyContext, run_id: int, transport: asyncio.BaseTransport | None
+) -> None:
+    """Count the connection against the run; refuse and close one past its limit."""
+    if transport is None:
+        return
+    held = context.connections.get(run_id)
+    if held is None:
+        if len(context.connections) >= _SWEEP_AT:
+            _sweep(context.connections)
+        held = context.connections[run_id] = set()
+    elif transport in held:
+        return
+    limit = context.limits.max_connections_per_run
+    if len(held) >= limit:
+        held.difference_update([t for t in held if t.is_closing()])
+        if len(held) >= limit:
+            raise ProxyError(
+                429,
+                f"run {run_id} has {len(held)} connections to the proxy open already "
+                f"(limit {limit}); reuse them or close some",
+                close=True,
+            )
+    held.add(transport)
+
+
+def _sweep(connections: dict[int, set[asyncio.BaseTransport]]) -> None:
+    for run_id in list(connections):
+        open_ = {t for t in connections[run_id] if not t.is_closing()}
+        if open_:
+            connections[run_id] = open_
+        else:
+            del connections[run_id]
 
 
 def _bearer(header: str | None) -> str | None:

@@ -14,6 +14,10 @@ Both follow vantage6-node 4.15.2's proxy (``vantage6/node/proxy_server.py``) so 
   decodes. A result that cannot be decrypted is passed on unchanged with a warning, as
   the v4 proxy does. Inputs are never decrypted (they are for the organization that
   runs them). Unencrypted, decrypting is base64 in and out, so nothing is touched.
+
+Unlike the v4 proxy, fednode's decrypts only results of the calling run's own subtasks:
+:class:`ResultsBody` names the task of every result it would decrypt (``task.id`` of
+each record), and the handler refuses the answer unless all of them are the run's.
 """
 
 from __future__ import annotations
@@ -39,13 +43,19 @@ def parse_json(raw: bytes) -> Any:
         raise ProxyError(400, f"the request body is not valid JSON: {exc}") from None
 
 
-def task_organizations(body: Any) -> list[dict[str, Any]]:
+def task_organizations(body: Any, *, limit: int) -> list[dict[str, Any]]:
     """The ``organizations`` of a task-creation body, checked enough to be encrypted."""
     if not isinstance(body, dict):
         raise ProxyError(400, "the request body must be a JSON object")
     organizations = body.get("organizations")
     if not isinstance(organizations, list) or not organizations:
         raise ProxyError(400, "Organizations missing from input")
+    if len(organizations) > limit:
+        raise ProxyError(
+            400,
+            f"a subtask may name at most {limit} organizations "
+            f"(proxy.max_task_organizations); this one names {len(organizations)}",
+        )
     for index, org in enumerate(organizations):
         if not isinstance(org, dict) or type(org.get("id")) is not int:
             raise ProxyError(400, f"organizations[{index}] must be an object with an integer id")
@@ -77,35 +87,62 @@ async def encrypt_inputs(organizations: list[dict[str, Any]], crypto: ProxyCrypt
     await asyncio.gather(*(one(i, org) for i, org in enumerate(organizations)))
 
 
-async def decrypt_results(raw: bytes, crypto: ProxyCrypto) -> bytes:
-    """The server's run/result body (one record or a ``{"data": [...]}`` page), with each
-    ``result`` decrypted. RSA work runs in a worker thread, off the event loop."""
-    return await asyncio.to_thread(_decrypt_body, raw, crypto)
+class ResultsBody:
+    """A run/result answer of the server (one record or a ``{"data": [...]}`` page), parsed,
+    with the records whose ``result`` the proxy would decrypt."""
+
+    __slots__ = ("body", "records")
+
+    def __init__(self, body: Any, records: list[dict[str, Any]]) -> None:
+        self.body = body
+        self.records = records
+
+    @property
+    def task_ids(self) -> set[int | None]:
+        """The task of each result to decrypt (``None``: a record that names none)."""
+        return {_task_id(record) for record in self.records}
 
 
-def _decrypt_body(raw: bytes, crypto: ProxyCrypto) -> bytes:
+def parse_results(raw: bytes) -> ResultsBody | None:
+    """``None`` when there is nothing to decrypt (not JSON, no results)."""
     try:
         body = json.loads(raw)
     except ValueError:
-        return raw
+        return None
     records = body.get("data") if isinstance(body, dict) and "data" in body else [body]
     if not isinstance(records, list):
-        return raw
-    changed = False
-    for record in records:
-        if isinstance(record, dict):
-            changed = _decrypt_record(record, crypto) or changed
-    return json.dumps(body).encode() if changed else raw
+        return None
+    wanted = [r for r in records if isinstance(r, dict) and _encrypted_result(r) is not None]
+    return ResultsBody(body, wanted) if wanted else None
 
 
-def _decrypt_record(record: dict[str, Any], crypto: ProxyCrypto) -> bool:
+def decrypt_results(parsed: ResultsBody, crypto: ProxyCrypto) -> bytes:
+    """The answer with each result decrypted; CPU work: call it in a worker thread."""
+    for record in parsed.records:
+        _decrypt_record(record, crypto)
+    return json.dumps(parsed.body).encode()
+
+
+def _encrypted_result(record: dict[str, Any]) -> str | None:
     result = record.get("result")
     if not result or not isinstance(result, str) or record.get("blob_storage_used"):
-        return False
+        return None
+    return result
+
+
+def _task_id(record: dict[str, Any]) -> int | None:
+    task = record.get("task")
+    task_id = task.get("id") if isinstance(task, dict) else None
+    return task_id if type(task_id) is int else None
+
+
+def _decrypt_record(record: dict[str, Any], crypto: ProxyCrypto) -> None:
+    result = _encrypted_result(record)
+    if result is None:
+        return
     try:
         plain = crypto.decrypt(result)
     except Exception as exc:  # the algorithm gets it as it is, like the v4 proxy does
         log.warning("proxy.result_not_decrypted", record_id=record.get("id"), error=str(exc))
-        return False
+        return
     record["result"] = base64.b64encode(plain).decode("ascii")
-    return True

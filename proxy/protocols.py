@@ -3,7 +3,8 @@
 The proxy never imports ``node/``. At construction the node hands it:
 
 * a :class:`RunRegistry` — "which run holds this container token?" — answering with a
-  :class:`ProxyRun` (ids, whether the run is still active, its W3C trace context);
+  :class:`ProxyRun` (ids, whether the run is still active, its W3C trace context), and
+  keeping the ids of the subtasks each run created (only their results are decrypted);
 * a :class:`ProxyCrypto` — whether the collaboration is encrypted, encryption of a
   subtask's input for a receiving organization (the node knows how to find that
   organization's public key), and decryption of what was encrypted for this node's
@@ -64,6 +65,17 @@ class RunRegistry(Protocol):
         """Return once :attr:`restored` is true."""
         ...
 
+    def note_subtask(self, token: str, task_id: int) -> None:
+        """The run holding ``token`` created task ``task_id`` (its results are the run's)."""
+        ...
+
+    def owns_subtask(self, token: str, task_id: int) -> bool:
+        """Whether ``task_id`` is known to be a subtask of the run holding ``token``.
+
+        A cache, not the truth: after a node restart it is empty, and the proxy asks the
+        server (the task's ``parent``) before it refuses."""
+        ...
+
 
 class ProxyCryptoError(Exception):
     """Input cannot be encrypted for an organization (no public key, bad key): a 400."""
@@ -112,6 +124,7 @@ class RunTable:
 
     def __init__(self, *, restoring: bool = False) -> None:
         self._runs: dict[str, RunInfo] = {}
+        self._subtasks: dict[str, set[int]] = {}
         self._restored = asyncio.Event()
         if not restoring:
             self._restored.set()
@@ -127,6 +140,7 @@ class RunTable:
         self._restored.set()
 
     def add(self, token: str, run: RunInfo) -> None:
+        """Accept ``token`` for ``run``; adding a known token again keeps its subtasks."""
         self._runs[token] = run
 
     def finish(self, token: str) -> None:
@@ -138,6 +152,14 @@ class RunTable:
     def discard(self, token: str) -> None:
         """Forget the token (401 from now on)."""
         self._runs.pop(token, None)
+        self._subtasks.pop(token, None)
+
+    def note_subtask(self, token: str, task_id: int) -> None:
+        if token in self._runs:
+            self._subtasks.setdefault(token, set()).add(task_id)
+
+    def owns_subtask(self, token: str, task_id: int) -> bool:
+        return task_id in self._subtasks.get(token, ())
 
     def lookup(self, token: str) -> RunInfo | None:
         return self._runs.get(token)

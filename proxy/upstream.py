@@ -4,6 +4,12 @@ One :class:`aiohttp.ClientSession` per proxy, opened when the app starts and clo
 it stops; every run's requests share its keep-alive connections. Cookies are never kept
 (one run must not see another's), proxies from the environment are never used.
 
+Answers are asked for uncompressed (``Accept-Encoding: identity``): a compressing front
+of the server (nginx ``gzip on``, an ingress) would otherwise send a ``Content-Length`` of
+the compressed bytes, which the proxy must not pass on with the inflated ones. No answer
+is read past ``max_response_bytes`` (counted after any decompression, should a server
+compress anyway): larger → 502.
+
 Failures become :class:`~proxy.errors.ProxyError` with the status the algorithm sees:
 
 * the server cannot be reached (connection refused, DNS, connect timeout) → 503;
@@ -35,6 +41,7 @@ from proxy.limits import ProxyLimits
 log = structlog.stdlib.get_logger(__name__)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_CHUNK = 64 * 1024
 #: The server's response headers an algorithm gets (the rest describe the hop, not the data).
 RELAYED_HEADERS = ("Content-Type", "Content-Disposition", "total-count", "Link")
 
@@ -78,6 +85,7 @@ class Upstream:
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
+            headers={"Accept-Encoding": "identity"},
         )
 
     async def close(self) -> None:
@@ -108,8 +116,31 @@ class Upstream:
     ) -> Reply:
         """The whole answer, buffered."""
         async with self.exchange(method, target, headers=headers, body=body) as response:
-            data = await response.read()
+            data = await self.read(response)
             return Reply(response.status, data, relayed_headers(response.headers))
+
+    async def read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body of ``response``, never more than ``max_response_bytes`` (→ 502)."""
+        limit = self._limits.max_response_bytes
+        length = response.content_length
+        if length is not None and length > limit:
+            raise self.too_large(length)
+        if length is not None and not is_encoded(response):
+            return await response.read()  # exactly ``length`` bytes
+        data = bytearray()
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            data += chunk
+            if len(data) > limit:
+                raise self.too_large(None)
+        return bytes(data)
+
+    def too_large(self, length: int | None) -> ProxyError:
+        size = "" if length is None else f" ({length} bytes)"
+        return ProxyError(
+            502,
+            f"the server's answer{size} is larger than the proxy passes on "
+            f"({self._limits.max_response_bytes} bytes, proxy.max_response_mb)",
+        )
 
     async def _send(
         self, method: str, target: str, headers: dict[str, str], body: bytes | None
@@ -151,6 +182,11 @@ class Upstream:
         return ProxyError(
             504, f"the server did not answer within {self._limits.upstream_timeout:g} s"
         )
+
+
+def is_encoded(response: aiohttp.ClientResponse) -> bool:
+    """Whether the server compressed the body (its ``Content-Length`` is not what we read)."""
+    return response.headers.get("Content-Encoding", "identity").lower() != "identity"
 
 
 def _describe(exc: BaseException) -> str:

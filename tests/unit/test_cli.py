@@ -82,7 +82,9 @@ FEDNODE = Path(sys.executable).with_name("fednode")
         pytest.param(
             GOOD + "proxy: {prot: 7000}\n",
             "proxy.prot: unknown key (value 7000); remove it or use one of: "
-            "advertise_host, enabled, host, max_body_mb, port, upstream_timeout_seconds",
+            "advertise_host, enabled, host, keepalive_timeout_seconds, key_cache_seconds, "
+            "max_body_mb, max_body_work, max_connections_per_run, max_response_mb, "
+            "max_task_organizations, port, upstream_timeout_seconds",
             id="unknown key",
         ),
         pytest.param(

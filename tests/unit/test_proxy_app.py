@@ -441,12 +441,18 @@ async def test_a_bad_subtask_is_a_400_with_the_reason(
 async def test_results_come_back_decrypted_as_base64_of_the_plain_bytes(
     make_proxy: ProxyFactory, standin: StandIn
 ) -> None:
+    task = {"id": 700, "link": "/api/task/700"}
     page = {
         "data": [
-            {"id": 1, "result": 'enc:2:{"sum": 3}', "blob_storage_used": False},
-            {"id": 2, "result": None, "blob_storage_used": False},
-            {"id": 3, "result": "0b1ab5c0-0000-4000-8000-000000000000", "blob_storage_used": True},
-            {"id": 4, "result": "encrypted-for-someone-else", "blob_storage_used": False},
+            {"id": 1, "result": 'enc:2:{"sum": 3}', "task": task, "blob_storage_used": False},
+            {"id": 2, "result": None, "task": task, "blob_storage_used": False},
+            {
+                "id": 3,
+                "result": "0b1ab5c0-0000-4000-8000-000000000000",
+                "task": task,
+                "blob_storage_used": True,
+            },
+            {"id": 4, "result": "encrypted-for-someone-else", "task": task},
         ],
         "links": {},
     }
@@ -455,12 +461,20 @@ async def test_results_come_back_decrypted_as_base64_of_the_plain_bytes(
         return web.json_response(page)
 
     async def one(_: web.Request) -> web.Response:
-        return web.json_response({"id": 1, "result": "enc:2:[1, 2]", "input": "enc:3:x"})
+        return web.json_response(
+            {"id": 1, "result": "enc:2:[1, 2]", "input": "enc:3:x", "task": task}
+        )
+
+    async def created(_: web.Request) -> web.Response:
+        return web.json_response({"id": 700, "parent": {"id": 70}}, status=201)
 
     standin.answer("GET", "/api/result", results)
     standin.answer("GET", "/api/run/1", one)
+    standin.answer("POST", "/api/task", created)
     proxy = await make_proxy(crypto=FakeCrypto())
-    status, body, _ = await proxy.call("GET", "/result?task_id=70")
+    subtask = {"organizations": [{"id": 2, "input": "e30="}]}
+    assert (await proxy.call("POST", "/task", json=subtask))[0] == 201
+    status, body, _ = await proxy.call("GET", "/result?task_id=700")
     assert status == 200
     got = [record["result"] for record in body["data"]]
     assert got == [
@@ -469,10 +483,88 @@ async def test_results_come_back_decrypted_as_base64_of_the_plain_bytes(
         "0b1ab5c0-0000-4000-8000-000000000000",
         "encrypted-for-someone-else",
     ]
-    assert standin.seen[0].target == "/api/result?task_id=70"
+    assert standin.seen[-1].target == "/api/result?task_id=700"
     status, body, _ = await proxy.call("GET", "/run/1")
     assert body["result"] == base64.b64encode(b"[1, 2]").decode()
     assert body["input"] == "enc:3:x"  # inputs are for the org that runs them
+    assert not [seen for seen in standin.seen if seen.target.startswith("/api/task/")]
+
+
+def _result_of(task_id: int | None) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": 5, "result": 'enc:2:"secret"', "blob_storage_used": False}
+    if task_id is not None:
+        record["task"] = {"id": task_id, "link": f"/api/task/{task_id}"}
+    return record
+
+
+async def test_results_of_tasks_the_run_did_not_create_are_refused_not_decrypted(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    """A researcher's task of this organization (parent none) and another run's subtask
+    (parent 80): their results are encrypted for this node, yet not for run 7's eyes."""
+    parents = {500: None, 800: {"id": 80}}
+    records = {9: _result_of(500), 10: _result_of(800), 11: _result_of(None)}
+
+    async def result(request: web.Request) -> web.Response:
+        return web.json_response(records[int(request.match_info["tail"].split("/")[1])])
+
+    async def task(request: web.Request) -> web.Response:
+        task_id = int(request.match_info["tail"].split("/")[1])
+        return web.json_response({"id": task_id, "parent": parents[task_id]})
+
+    for record_id in records:
+        standin.answer("GET", f"/api/result/{record_id}", result)
+    for task_id in parents:
+        standin.answer("GET", f"/api/task/{task_id}", task)
+    proxy = await make_proxy(crypto=FakeCrypto())
+    for record_id, task_id in ((9, 500), (10, 800)):
+        status, body, _ = await proxy.call("GET", f"/result/{record_id}")
+        assert status == 403
+        assert f"task(s) {task_id} are not decrypted for run 7" in body["msg"]
+        assert "secret" not in json.dumps(body)
+    status, body, _ = await proxy.call("GET", "/result/11")
+    assert (status, "names no task" in body["msg"]) == (403, True)
+    # the same subtask is run 8's own: its parent is run 8's task
+    status, body, _ = await proxy.call("GET", "/result/10", token=OTHER_TOKEN)
+    assert (status, body["result"]) == (200, base64.b64encode(b'"secret"').decode())
+    # once known, it is not asked again
+    asked = len(standin.seen)
+    assert (await proxy.call("GET", "/result/10", token=OTHER_TOKEN))[0] == 200
+    assert len(standin.seen) == asked + 1
+
+
+async def test_results_of_a_subtask_are_known_again_after_a_restart(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    """A fresh run table (the node restarted and adopted run 7) knows no subtasks: the
+    server's ``parent`` of the task decides, once."""
+
+    async def result(_: web.Request) -> web.Response:
+        return web.json_response(_result_of(701))
+
+    async def task(_: web.Request) -> web.Response:
+        return web.json_response({"id": 701, "parent": {"id": 70, "link": "/api/task/70"}})
+
+    standin.answer("GET", "/api/result/12", result)
+    standin.answer("GET", "/api/task/701", task)
+    proxy = await make_proxy(crypto=FakeCrypto())
+    assert not proxy.runs.owns_subtask(TOKEN, 701)
+    status, body, _ = await proxy.call("GET", "/result/12")
+    assert (status, body["result"]) == (200, base64.b64encode(b'"secret"').decode())
+    assert proxy.runs.owns_subtask(TOKEN, 701)
+
+
+async def test_unencrypted_results_pass_through_without_a_task_lookup(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    async def result(_: web.Request) -> web.Response:
+        return web.json_response(_result_of(500))
+
+    standin.answer("GET", "/api/result/9", result)
+    proxy = await make_proxy()
+    status, body, _ = await proxy.call("GET", "/result/9")
+    assert (status, body) == (200, _result_of(500))
+    assert [seen.target for seen in standin.seen] == ["/api/result/9"]
 
 
 async def test_blob_storage_is_refused_clearly(make_proxy: ProxyFactory) -> None:
@@ -585,6 +677,190 @@ def test_limits_refuse_nonsense() -> None:
         ProxyLimits(upstream_timeout=0)
     with pytest.raises(ValueError, match="max_requests_per_run"):
         ProxyLimits(max_requests_per_run=0)
+    with pytest.raises(ValueError, match="timeouts"):
+        ProxyLimits(keepalive_timeout=0)
+    for name in ("max_response_bytes", "max_body_work", "max_connections_per_run"):
+        with pytest.raises(ValueError, match=name):
+            ProxyLimits(**{name: 0})
+
+
+# ---- what one run may cost ------------------------------------------------------------
+
+
+async def test_a_compressed_answer_over_the_streaming_threshold_arrives_whole(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    """A server behind a compressing front (nginx ``gzip on``): the proxy asks for
+    ``identity``; one that compresses anyway is inflated and never sent with the
+    compressed ``Content-Length`` (which used to cut the answer short)."""
+    payload = json.dumps({"data": [{"id": i, "name": "org" * 20} for i in range(40_000)]})
+
+    async def compressed(request: web.Request) -> web.Response:
+        response = web.Response(text=payload, content_type="application/json")
+        response.enable_compression(web.ContentCoding.gzip)  # whatever the client asked
+        return response
+
+    standin.answer("GET", "/api/organization", compressed)
+    proxy = await make_proxy()
+    status, body, response = await proxy.call("GET", "/organization")
+    assert status == 200
+    assert len(body["data"]) == 40_000
+    assert standin.seen[-1].headers["Accept-Encoding"] == "identity"
+    assert "Content-Encoding" not in response.headers
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_an_answer_over_the_size_limit_is_a_502_never_buffered(
+    make_proxy: ProxyFactory, standin: StandIn, declared: bool
+) -> None:
+    big = {"id": 5, "result": "x" * 300_000, "task": {"id": 700}}
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        raw = json.dumps(big).encode()
+        if declared:
+            return web.Response(body=raw, content_type="application/json")
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for at in range(0, len(raw), 65536):
+            await response.write(raw[at : at + 65536])
+        await response.write_eof()
+        return response
+
+    standin.answer("GET", "/api/result/5", large)
+    standin.answer("GET", "/api/study", large)
+    proxy = await make_proxy(crypto=FakeCrypto(), limits=ProxyLimits(max_response_bytes=256 * 1024))
+    status, body, _ = await proxy.call("GET", "/result/5")
+    assert status == 502
+    assert "larger than the proxy passes on (262144 bytes" in body["msg"]
+    if declared:  # refused before a byte is sent
+        status, body, _ = await proxy.call("GET", "/study")
+        assert (status, "larger than" in body["msg"]) == (502, True)
+    else:  # streamed: cut off at the limit, never complete-looking
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await proxy.call("GET", "/study")
+    assert (await proxy.call("GET", "/task/70"))[0] == 200
+
+
+async def test_a_compressed_bomb_is_read_only_up_to_the_limit(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"{" + b" " * (64 * 1024 * 1024) + b"}")  # 64 MiB in ~64 KiB
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(
+            body=bomb,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    standin.answer("GET", "/api/result", answer)
+    proxy = await make_proxy(limits=ProxyLimits(max_response_bytes=1024 * 1024))
+    status, body, _ = await proxy.call("GET", "/result?task_id=700")
+    assert (status, "larger than" in body["msg"]) == (502, True)
+
+
+async def test_a_subtask_naming_too_many_organizations_is_refused_before_any_lookup(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    crypto = FakeCrypto()
+    proxy = await make_proxy(crypto=crypto, limits=ProxyLimits(max_task_organizations=10))
+    organizations = [{"id": i, "input": "e30="} for i in range(10_000)]
+    status, body, _ = await proxy.call("POST", "/task", json={"organizations": organizations})
+    assert status == 400
+    assert "at most 10 organizations" in body["msg"]
+    assert "max_task_organizations" in body["msg"]
+    assert crypto.encrypted_for == [] and standin.seen == []
+
+
+class CountingCrypto(FakeCrypto):
+    """Records how many bodies are being encrypted at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.peak = 0
+
+    async def encrypt_for(self, organization_id: int, data: bytes) -> str:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        await asyncio.sleep(0.05)
+        self.now -= 1
+        return await super().encrypt_for(organization_id, data)
+
+
+async def test_body_work_is_bounded_across_runs(make_proxy: ProxyFactory, standin: StandIn) -> None:
+    crypto = CountingCrypto()
+    proxy = await make_proxy(crypto=crypto, limits=ProxyLimits(max_body_work=2))
+    task = {"organizations": [{"id": 2, "input": "e30="}]}
+    calls = [
+        proxy.call("POST", "/task", json=task, token=token) for token in (TOKEN, OTHER_TOKEN) * 4
+    ]
+    statuses = [status for status, _, _ in await asyncio.gather(*calls)]
+    assert statuses == [200] * 8
+    assert crypto.peak == 2
+
+
+async def open_kept_alive(
+    port: int, token: str, path: str = "/task/70"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A connection that made one request and stays open; with the answer's status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return reader, writer, status
+
+
+async def test_one_run_cannot_hold_more_than_its_connections(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    proxy = await make_proxy(limits=ProxyLimits(max_connections_per_run=4))
+    port = proxy.server.port
+    held = [await open_kept_alive(port, TOKEN) for _ in range(4)]
+    assert [status for _, _, status in held] == [200] * 4
+    reader, writer, status = await open_kept_alive(port, TOKEN)
+    assert status == 429
+    assert await reader.read() == b""  # the proxy closed the fifth connection
+    writer.close()
+    # another run is not affected
+    other = [await open_kept_alive(port, OTHER_TOKEN, "/task/80") for _ in range(4)]
+    assert [status for _, _, status in other] == [200] * 4
+    # the held connections still work; closing one frees its place
+    for reader, writer, _ in held[:1]:
+        writer.close()
+        await writer.wait_closed()
+    await asyncio.sleep(0.05)
+    _, writer, status = await open_kept_alive(port, TOKEN)
+    assert status == 200
+    for _, w, _ in [*held[1:], *other, (None, writer, None)]:
+        w.close()
+
+
+async def test_idle_and_silent_connections_are_closed_after_the_keepalive_timeout(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(limits=ProxyLimits(keepalive_timeout=0.3))
+    port = proxy.server.port
+    reader, writer, status = await open_kept_alive(port, TOKEN)
+    assert status == 200
+    silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
+    slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", port)
+    slow_writer.write(b"GET /task/70 HTTP/1.1\r\nHost: pr")  # never finished
+    started = time.monotonic()
+    for r in (reader, silent_reader, slow_reader):
+        assert await asyncio.wait_for(r.read(), 5) == b""
+    assert time.monotonic() - started < 2.0
+    for w in (writer, silent_writer, slow_writer):
+        w.close()
 
 
 # ---- observation ----------------------------------------------------------------------
