@@ -32,9 +32,9 @@ class ProxyContext:
     body_work: asyncio.Semaphore
     #: Requests in flight per run id (bounded by ``limits.max_requests_per_run``).
     in_flight: dict[int, int] = field(default_factory=dict)
-    #: Connections that carried a request of each run id (closed ones are pruned lazily;
-    #: bounded by ``limits.max_connections_per_run``).
-    connections: dict[int, set[asyncio.BaseTransport]] = field(default_factory=dict)
+    #: Connections that carried a request with each run's token (closed ones are pruned
+    #: lazily; bounded by ``limits.max_connections_per_run``).
+    connections: dict[str, set[asyncio.BaseTransport]] = field(default_factory=dict)
 
 
 CONTEXT = web.AppKey("fednode.proxy", ProxyContext)

@@ -15,10 +15,10 @@
     ``.``, percent-encoding, backslashes, empty segments) → 400; a declared body over the
     limit → 413; no ``Authorization: Bearer`` token, or one no run holds → 401 (right after a
     node restart, an unknown token waits up to ``restore_wait`` until the node has
-    registered its runs again, then 401, or 503 if it is still at it); the run
-    has finished → 403; a method and path outside the allow-list (``proxy.routes``) → 403;
-    a request on a connection beyond the run's ``max_connections_per_run`` → 429 and that
-    connection is closed; more than ``max_requests_per_run`` of the run's requests in
+    registered its runs again, then 401, or 503 if it is still at it); a request on a
+    connection beyond the run's ``max_connections_per_run`` → 429 and that connection is
+    closed; the run has finished → 403; a method and path outside the allow-list
+    (``proxy.routes``) → 403; more than ``max_requests_per_run`` of the run's requests in
     flight → 429. Only ``/healthz`` needs no token.
 """
 
@@ -194,13 +194,13 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise ProxyError(401, "unknown token", headers=_WWW_AUTHENTICATE)
     request[RUN] = run
     request[TOKEN] = token
+    _claim_connection(context, token, run.run_id, request.transport)
     if not run.active:
         raise ProxyError(403, f"run {run.run_id} has finished; its token is no longer accepted")
     if info.http_exception is not None:
         raise ProxyError(
             403, f"{request.method} {request.path} is not an endpoint algorithms may call"
         )
-    _claim_connection(context, run.run_id, request.transport)
     in_flight = context.in_flight
     count = in_flight.get(run.run_id, 0)
     if count >= context.limits.max_requests_per_run:
@@ -220,16 +220,16 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _claim_connection(
-    context: ProxyContext, run_id: int, transport: asyncio.BaseTransport | None
+    context: ProxyContext, token: str, run_id: int, transport: asyncio.BaseTransport | None
 ) -> None:
-    """Count the connection against the run; refuse and close one past its limit."""
+    """Count the connection against the run's token; refuse and close one past its limit."""
     if transport is None:
         return
-    held = context.connections.get(run_id)
+    held = context.connections.get(token)
     if held is None:
         if len(context.connections) >= _SWEEP_AT:
             _sweep(context.connections)
-        held = context.connections[run_id] = set()
+        held = context.connections[token] = set()
     elif transport in held:
         return
     limit = context.limits.max_connections_per_run
@@ -245,13 +245,13 @@ def _claim_connection(
     held.add(transport)
 
 
-def _sweep(connections: dict[int, set[asyncio.BaseTransport]]) -> None:
-    for run_id in list(connections):
-        open_ = {t for t in connections[run_id] if not t.is_closing()}
+def _sweep(connections: dict[str, set[asyncio.BaseTransport]]) -> None:
+    for token in list(connections):
+        open_ = {t for t in connections[token] if not t.is_closing()}
         if open_:
-            connections[run_id] = open_
+            connections[token] = open_
         else:
-            del connections[run_id]
+            del connections[token]
 
 
 def _bearer(header: str | None) -> str | None:

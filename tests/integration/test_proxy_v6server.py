@@ -27,8 +27,11 @@ from typing import Any
 import aiohttp
 import pytest
 import socketio
+from aiohttp import web
 
 from node.crypto import CryptoError, Cryptor, cryptor_for
+from node.proxy_link import NodeProxyCrypto, OrganizationKeys
+from node.server.rest import ServerClient
 from proxy import (
     ProxyCryptoError,
     ProxyLimits,
@@ -552,3 +555,390 @@ async def test_a_server_that_does_not_answer_is_a_504_within_the_limit(
         assert (status, "did not answer" in body["msg"]) == (504, True)
         assert 0.9 < elapsed < 3.0
     await assert_still_serving(proxy, plain)
+
+
+# ---- attacks on the proxy itself (issue 13, item 7) --------------------------------------
+#
+# Each performs the attack on node A's proxy in front of the real server; before the
+# hardening it succeeded (the plaintext of another run's results came back, thousands of
+# key lookups, a truncated or unbounded answer, connections held for an hour).
+
+
+async def test_a_run_cannot_have_another_runs_results_decrypted(
+    encrypted: Node, node_proxy: ProxyFactory
+) -> None:
+    """The other run on node A makes a subtask; its results are encrypted for org A, and
+    the server lets any container of the collaboration read them: the proxy must not
+    decrypt them for the first run."""
+    proxy = await node_proxy(encrypted)
+    body = subtask_body(encrypted, [encrypted.collab.org_b.id], {"method": "partial"})
+    status, task = await proxy.call("POST", "/task", token=encrypted.other_container, json=body)
+    assert status == 201, task
+    report_result(encrypted, task["id"], b'{"secret": "of the other run"}')
+    secret = base64.b64encode(b'{"secret": "of the other run"}').decode()
+    # the server hands the first run's token the (ciphertext) result
+    status, raw = api(
+        encrypted.server, "GET", f"result?task_id={task['id']}", token=encrypted.container
+    )
+    assert status == 200 and "$" in raw["data"][0]["result"]
+    result_id = raw["data"][0]["id"]
+
+    for path in (f"/result?task_id={task['id']}", f"/result/{result_id}"):
+        status, answer = await proxy.call("GET", path, token=encrypted.container)
+        assert status == 403, answer
+        assert f"task(s) {task['id']} are not decrypted for run {encrypted.run}" in answer["msg"]
+        assert secret not in json.dumps(answer)
+    # the run that made the subtask gets it
+    status, page = await proxy.call(
+        "GET", f"/result?task_id={task['id']}", token=encrypted.other_container
+    )
+    assert (status, page["data"][0]["result"]) == (200, secret)
+
+
+async def test_after_a_restart_a_runs_own_subtask_results_are_still_decrypted(
+    encrypted: Node, node_proxy: ProxyFactory
+) -> None:
+    """A restarted node adopts the run with an empty run table: the server's ``parent``
+    of the task (the run's task) is what counts, not the proxy's memory."""
+    before = await node_proxy(encrypted)
+    body = subtask_body(encrypted, [encrypted.collab.org_b.id], {"method": "partial"})
+    status, task = await before.call("POST", "/task", token=encrypted.container, json=body)
+    assert status == 201, task
+    report_result(encrypted, task["id"], b"[1, 2, 3]")
+    after = await node_proxy(encrypted)  # a fresh run table
+    assert not after.runs.owns_subtask(encrypted.container, task["id"])
+    status, page = await after.call(
+        "GET", f"/result?task_id={task['id']}", token=encrypted.container
+    )
+    assert status == 200, page
+    assert page["data"][0]["result"] == base64.b64encode(b"[1, 2, 3]").decode()
+    assert after.runs.owns_subtask(encrypted.container, task["id"])
+
+
+FOREIGN_READER = """
+import json, sys
+from vantage6.algorithm.client import AlgorithmClient
+token, port, task, result = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+client = AlgorithmClient(token=token, host="http://127.0.0.1", port=port, path="")
+print(json.dumps({"get": client.result.get(result)}), flush=True)
+try:
+    print(json.dumps({"from_task": client.result.from_task(task)}), flush=True)
+except Exception as exc:
+    print(json.dumps({"from_task_error": repr(exc)}), flush=True)
+"""
+
+
+async def test_the_real_algorithm_client_gets_no_foreign_result_and_logs_why(
+    encrypted: Node, node_proxy: ProxyFactory
+) -> None:
+    proxy = await node_proxy(encrypted)
+    body = subtask_body(encrypted, [encrypted.collab.org_b.id], {"method": "partial"})
+    status, task = await proxy.call("POST", "/task", token=encrypted.other_container, json=body)
+    assert status == 201, task
+    report_result(encrypted, task["id"], b'{"secret": 7}')
+    _, raw = api(encrypted.server, "GET", f"result?task_id={task['id']}", token=encrypted.container)
+    algorithm = await asyncio.create_subprocess_exec(
+        str(VENV / "bin" / "python"),
+        "-c",
+        FOREIGN_READER,
+        encrypted.container,
+        str(proxy.server.port),
+        str(task["id"]),
+        str(raw["data"][0]["id"]),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(algorithm.communicate(), 60)
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    assert lines[0] == {"get": None}, err.decode()[-2000:]
+    assert "from_task_error" in lines[1]  # the client expects a page; it gets the refusal
+    assert "secret" not in out.decode()
+    assert "the proxy decrypts only the results of subtasks this run created" in err.decode()
+
+
+class CountingServerClient(ServerClient):
+    """The node's real REST client, counting the calls it makes to the real server."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[str] = []
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> Any:
+        self.calls.append(f"{method} {path}")
+        return await super()._send(method, path, **kwargs)
+
+
+@pytest.fixture
+async def node_a_client(encrypted: Node) -> AsyncIterator[CountingServerClient]:
+    client = CountingServerClient(
+        api_url=encrypted.server.api_url, api_key=encrypted.collab.org_a.api_key
+    )
+    await client.open()
+    await client.authenticate()
+    yield client
+    await client.close()
+
+
+async def node_keys_proxy(
+    node: Node, client: ServerClient, *, ttl: float = 300.0, limits: ProxyLimits | None = None
+) -> tuple[ProxyServer, RunTable]:
+    """Node A's proxy with the node's own key lookup (``node.proxy_link``)."""
+    runs = RunTable()
+    runs.add(node.container, node.run_info())
+    keys = OrganizationKeys(client, collaboration_id=node.collab.id, ttl=ttl)
+    cryptor = cryptor_for(encrypted=True, private_key=node.collab.org_a.private_key)
+    app = make_proxy_app(
+        upstream_api_url=node.server.api_url,
+        runs=runs,
+        crypto=NodeProxyCrypto(cryptor, keys),
+        limits=limits,
+    )
+    server = ProxyServer(app, host="127.0.0.1", port=0)
+    await server.start()
+    return server, runs
+
+
+async def test_a_subtask_naming_many_organizations_costs_one_key_listing(
+    encrypted: Node, node_a_client: CountingServerClient
+) -> None:
+    server, _ = await node_keys_proxy(encrypted, node_a_client)
+    try:
+        collab = encrypted.collab
+        organizations = [collab.org_b.id, *range(10_000, 10_200)]  # 200 not in it
+        body = subtask_body(encrypted, organizations, {"method": "partial"})
+        node_a_client.calls.clear()
+        started = time.monotonic()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{server.url}/task",
+                json=body,
+                headers={"Authorization": f"Bearer {encrypted.container}"},
+            ) as response,
+        ):
+            status, answer = response.status, await response.json()
+        assert status == 400, answer
+        assert "has no public key in this collaboration" in answer["msg"]
+        assert node_a_client.calls == ["GET organization"]
+        assert time.monotonic() - started < 5
+        # and far too many is refused before any lookup
+        body = subtask_body(encrypted, list(range(1, 10_001)), {"method": "partial"})
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{server.url}/task",
+                json=body,
+                headers={"Authorization": f"Bearer {encrypted.container}"},
+            ) as response,
+        ):
+            status, answer = response.status, await response.json()
+        assert (status, "at most 256 organizations" in answer["msg"]) == (400, True)
+        assert node_a_client.calls == ["GET organization"]
+    finally:
+        await server.stop()
+
+
+async def test_a_rotated_organization_key_is_used_after_the_cache_time(
+    encrypted: Node, node_a_client: CountingServerClient, tmp_path: Any
+) -> None:
+    collab = encrypted.collab
+    server, _ = await node_keys_proxy(encrypted, node_a_client, ttl=1.0)
+    new_private = tmp_path / "org-b-rotated.pem"
+    new_public = collab.user.generate_key(new_private)
+
+    async def subtask_input() -> str:
+        body = subtask_body(encrypted, [collab.org_b.id], {"method": "partial", "n": 1})
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{server.url}/task",
+                json=body,
+                headers={"Authorization": f"Bearer {encrypted.container}"},
+            ) as response,
+        ):
+            assert response.status == 201, await response.text()
+            task = await response.json()
+        _, runs = api(collab.server, "GET", f"run?task_id={task['id']}", token=encrypted.token_b)
+        return str(runs["data"][0]["input"])
+
+    try:
+        assert collab.user.decrypt(await subtask_input(), collab.org_b.private_key)
+        set_key(encrypted, new_public)
+        await asyncio.sleep(1.2)
+        stored = await subtask_input()
+        assert json.loads(collab.user.decrypt(stored, new_private)) == {
+            "method": "partial",
+            "n": 1,
+        }
+    finally:
+        assert collab.org_b.public_key is not None
+        set_key(encrypted, collab.org_b.public_key)
+        await server.stop()
+
+
+def set_key(node: Node, public_key: str) -> None:
+    """Node B sets its organization's public key (only members may)."""
+    status, body = api(
+        node.server,
+        "PATCH",
+        f"organization/{node.collab.org_b.id}",
+        token=node.token_b,
+        body={"public_key": public_key},
+    )
+    assert status == 200, body
+
+
+def large_subtask(node: Node, size: int) -> dict[str, Any]:
+    """A subtask whose input makes ``GET task/<id>?include=runs`` about ``size`` bytes
+    (the server caps descriptions at 1,024 characters, not inputs)."""
+    rows = [f"row {i:07d} of a long input" for i in range(size // 30)]
+    return subtask_body(node, [node.collab.org_b.id], {"rows": rows})
+
+
+class GzipFront:
+    """A NAMED STAND-IN for a compressing reverse proxy in front of the server (nginx with
+    ``gzip on``, an ingress): the real 4.15.2 server never compresses, deployments often
+    do. Like nginx it compresses JSON only for a client that accepts gzip."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> GzipFront:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() in HEADERS_ONWARD}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as http,
+            http.request(
+                request.method,
+                self.upstream + request.path_qs,
+                headers=headers,
+                data=await request.read(),
+            ) as answer,
+        ):
+            body = await answer.read()
+            response = web.Response(
+                status=answer.status,
+                body=body,
+                content_type=answer.content_type,
+            )
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+
+HEADERS_ONWARD = {"authorization", "content-type"}
+
+
+async def test_a_large_answer_through_a_compressing_front_arrives_whole(
+    plain: Node, node_proxy: ProxyFactory
+) -> None:
+    """It used to arrive cut at the compressed length (the proxy streamed the inflated
+    body under the compressed ``Content-Length``)."""
+    direct = await node_proxy(plain)
+    body = large_subtask(plain, 3 * 1024 * 1024)
+    status, task = await direct.call("POST", "/task", token=plain.container, json=body)
+    assert status == 201, task
+    target = f"/task/{task['id']}?include=runs"
+    status, whole = await direct.call("GET", target, token=plain.container)
+    assert status == 200
+    async with GzipFront(f"http://127.0.0.1:{plain.server.port}") as front:
+        runs = RunTable()
+        runs.add(plain.container, plain.run_info())
+        crypto = NodeCrypto(cryptor_for(encrypted=False, private_key=None), plain)
+        app = make_proxy_app(upstream_api_url=front.api_url, runs=runs, crypto=crypto)
+        async with (
+            ProxyServer(app, host="127.0.0.1", port=0) as proxy,
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"{proxy.url}{target}",
+                headers={"Authorization": f"Bearer {plain.container}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            raw = await response.read()
+    assert len(raw) > 2 * 1024 * 1024
+    assert json.loads(raw) == whole
+
+
+async def test_an_answer_over_the_size_limit_is_a_502(
+    plain: Node, node_proxy: ProxyFactory
+) -> None:
+    proxy = await node_proxy(plain, limits=ProxyLimits(max_response_bytes=512 * 1024))
+    body = large_subtask(plain, 1024 * 1024)
+    status, task = await proxy.call("POST", "/task", token=plain.container, json=body)
+    assert status == 201, task
+    status, answer = await proxy.call(
+        "GET", f"/task/{task['id']}?include=runs", token=plain.container
+    )
+    assert status == 502
+    assert "larger than the proxy passes on (524288 bytes" in answer["msg"]
+    await assert_still_serving(proxy, plain)
+
+
+async def test_one_run_cannot_hold_the_proxys_connections(
+    plain: Node, node_proxy: ProxyFactory
+) -> None:
+    """Run A opens connections and keeps them: past its limit they are refused and
+    closed, run B is served, and idle ones are closed after the keep-alive timeout
+    (aiohttp's default kept them an hour)."""
+    proxy = await node_proxy(plain, limits=ProxyLimits(keepalive_timeout=10.0))
+    port = proxy.server.port
+    path = f"/task/{plain.task}"
+    started = time.monotonic()
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, int]] = []
+    for _ in range(5):  # in fives: the run's in-flight limit (16) is not what is tested
+        opened += await asyncio.gather(
+            *(_kept_alive(port, plain.container, path) for _ in range(8))
+        )
+    assert time.monotonic() - started < 10.0  # none closed for idleness yet
+    statuses = sorted(status for _, _, status in opened)
+    assert statuses == [200] * 32 + [429] * 8
+    refused = [reader for reader, _, status in opened if status == 429]
+    for reader in refused:
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    _, writer, status = await _kept_alive(port, plain.other_container, f"/task/{plain.other_task}")
+    assert status == 200
+    writer.close()
+    for reader, _, status in opened:
+        if status == 200:
+            assert await asyncio.wait_for(reader.read(), 15) == b""  # closed by the proxy
+    for _, writer, _ in opened:
+        writer.close()
+    await assert_still_serving(proxy, plain)
+
+
+async def _kept_alive(
+    port: int, token: str, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return reader, writer, status
