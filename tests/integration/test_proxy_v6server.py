@@ -790,9 +790,10 @@ def set_key(node: Node, public_key: str) -> None:
 
 def large_subtask(node: Node, size: int) -> dict[str, Any]:
     """A subtask whose input makes ``GET task/<id>?include=runs`` about ``size`` bytes
-    (the server caps descriptions at 1,024 characters, not inputs)."""
-    rows = [f"row {i:07d} of a long input" for i in range(size // 30)]
-    return subtask_body(node, [node.collab.org_b.id], {"rows": rows})
+    (the server caps descriptions at 1,024 characters, not inputs); random, so that it
+    stays that large compressed."""
+    noise = base64.b64encode(os.urandom(size * 3 // 8)).decode()
+    return subtask_body(node, [node.collab.org_b.id], {"noise": noise})
 
 
 class GzipFront:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -693,7 +694,11 @@ async def test_a_compressed_answer_over_the_streaming_threshold_arrives_whole(
     """A server behind a compressing front (nginx ``gzip on``): the proxy asks for
     ``identity``; one that compresses anyway is inflated and never sent with the
     compressed ``Content-Length`` (which used to cut the answer short)."""
-    payload = json.dumps({"data": [{"id": i, "name": "org" * 20} for i in range(40_000)]})
+    # random, so that even compressed it is over the 1 MiB streaming threshold
+    names = base64.b64encode(os.urandom(40_000 * 48)).decode()
+    payload = json.dumps(
+        {"data": [{"id": i, "name": names[i * 64 : i * 64 + 64]} for i in range(40_000)]}
+    )
 
     async def compressed(request: web.Request) -> web.Response:
         response = web.Response(text=payload, content_type="application/json")
@@ -835,9 +840,9 @@ async def test_one_run_cannot_hold_more_than_its_connections(
     other = [await open_kept_alive(port, OTHER_TOKEN, "/task/80") for _ in range(4)]
     assert [status for _, _, status in other] == [200] * 4
     # the held connections still work; closing one frees its place
-    for reader, writer, _ in held[:1]:
-        writer.close()
-        await writer.wait_closed()
+    _, first, _ = held[0]
+    first.close()
+    await first.wait_closed()
     await asyncio.sleep(0.05)
     _, writer, status = await open_kept_alive(port, TOKEN)
     assert status == 200
