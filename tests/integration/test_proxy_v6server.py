@@ -33,6 +33,7 @@ from node.crypto import CryptoError, Cryptor, cryptor_for
 from node.proxy_link import NodeProxyCrypto, OrganizationKeys
 from node.server.rest import ServerClient
 from proxy import (
+    ProxyCrypto,
     ProxyCryptoError,
     ProxyLimits,
     ProxyServer,
@@ -40,6 +41,7 @@ from proxy import (
     RunTable,
     make_proxy_app,
 )
+from tests.http1 import Connection, kept_alive
 from tests.peers.v6server import VENV, V6Collaboration, V6RpcError, V6Server
 
 pytestmark = pytest.mark.v6server
@@ -205,12 +207,14 @@ async def node_proxy() -> AsyncIterator[ProxyFactory]:
     """Node A's proxy for a collaboration, holding both of its running tasks' tokens."""
     opened: list[Proxy] = []
 
-    async def build(node: Node, *, limits: ProxyLimits | None = None) -> Proxy:
+    async def build(
+        node: Node, *, limits: ProxyLimits | None = None, crypto: ProxyCrypto | None = None
+    ) -> Proxy:
         runs = RunTable()
         runs.add(node.container, node.run_info())
         runs.add(node.other_container, node.run_info(task=node.other_task))
         private_key = node.collab.org_a.private_key
-        crypto = NodeCrypto(
+        crypto = crypto or NodeCrypto(
             cryptor_for(encrypted=node.collab.encrypted, private_key=private_key), node
         )
         app = make_proxy_app(
@@ -679,85 +683,49 @@ async def node_a_client(encrypted: Node) -> AsyncIterator[CountingServerClient]:
     await client.close()
 
 
-async def node_keys_proxy(
-    node: Node, client: ServerClient, *, ttl: float = 300.0, limits: ProxyLimits | None = None
-) -> tuple[ProxyServer, RunTable]:
-    """Node A's proxy with the node's own key lookup (``node.proxy_link``)."""
-    runs = RunTable()
-    runs.add(node.container, node.run_info())
+def node_keys(node: Node, client: ServerClient, *, ttl: float = 300.0) -> NodeProxyCrypto:
+    """Node A's own crypto for its proxy: its key and ``node.proxy_link``'s key lookup."""
     keys = OrganizationKeys(client, collaboration_id=node.collab.id, ttl=ttl)
     cryptor = cryptor_for(encrypted=True, private_key=node.collab.org_a.private_key)
-    app = make_proxy_app(
-        upstream_api_url=node.server.api_url,
-        runs=runs,
-        crypto=NodeProxyCrypto(cryptor, keys),
-        limits=limits,
-    )
-    server = ProxyServer(app, host="127.0.0.1", port=0)
-    await server.start()
-    return server, runs
+    return NodeProxyCrypto(cryptor, keys)
 
 
 async def test_a_subtask_naming_many_organizations_costs_one_key_listing(
-    encrypted: Node, node_a_client: CountingServerClient
+    encrypted: Node, node_a_client: CountingServerClient, node_proxy: ProxyFactory
 ) -> None:
-    server, _ = await node_keys_proxy(encrypted, node_a_client)
-    try:
-        collab = encrypted.collab
-        organizations = [collab.org_b.id, *range(10_000, 10_200)]  # 200 not in it
-        body = subtask_body(encrypted, organizations, {"method": "partial"})
-        node_a_client.calls.clear()
-        started = time.monotonic()
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{server.url}/task",
-                json=body,
-                headers={"Authorization": f"Bearer {encrypted.container}"},
-            ) as response,
-        ):
-            status, answer = response.status, await response.json()
-        assert status == 400, answer
-        assert "has no public key in this collaboration" in answer["msg"]
-        assert node_a_client.calls == ["GET organization"]
-        assert time.monotonic() - started < 5
-        # and far too many is refused before any lookup
-        body = subtask_body(encrypted, list(range(1, 10_001)), {"method": "partial"})
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{server.url}/task",
-                json=body,
-                headers={"Authorization": f"Bearer {encrypted.container}"},
-            ) as response,
-        ):
-            status, answer = response.status, await response.json()
-        assert (status, "at most 256 organizations" in answer["msg"]) == (400, True)
-        assert node_a_client.calls == ["GET organization"]
-    finally:
-        await server.stop()
+    proxy = await node_proxy(encrypted, crypto=node_keys(encrypted, node_a_client))
+    collab = encrypted.collab
+    organizations = [collab.org_b.id, *range(10_000, 10_200)]  # 200 not in it
+    body = subtask_body(encrypted, organizations, {"method": "partial"})
+    node_a_client.calls.clear()
+    started = time.monotonic()
+    status, answer = await proxy.call("POST", "/task", token=encrypted.container, json=body)
+    assert status == 400, answer
+    assert "has no public key in this collaboration" in answer["msg"]
+    assert node_a_client.calls == ["GET organization"]
+    assert time.monotonic() - started < 5
+    # and far too many is refused before any lookup
+    body = subtask_body(encrypted, list(range(1, 10_001)), {"method": "partial"})
+    status, answer = await proxy.call("POST", "/task", token=encrypted.container, json=body)
+    assert (status, "at most 256 organizations" in answer["msg"]) == (400, True)
+    assert node_a_client.calls == ["GET organization"]
 
 
 async def test_a_rotated_organization_key_is_used_after_the_cache_time(
-    encrypted: Node, node_a_client: CountingServerClient, tmp_path: Any
+    encrypted: Node,
+    node_a_client: CountingServerClient,
+    node_proxy: ProxyFactory,
+    tmp_path: Any,
 ) -> None:
     collab = encrypted.collab
-    server, _ = await node_keys_proxy(encrypted, node_a_client, ttl=1.0)
+    proxy = await node_proxy(encrypted, crypto=node_keys(encrypted, node_a_client, ttl=1.0))
     new_private = tmp_path / "org-b-rotated.pem"
     new_public = collab.user.generate_key(new_private)
 
     async def subtask_input() -> str:
         body = subtask_body(encrypted, [collab.org_b.id], {"method": "partial", "n": 1})
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{server.url}/task",
-                json=body,
-                headers={"Authorization": f"Bearer {encrypted.container}"},
-            ) as response,
-        ):
-            assert response.status == 201, await response.text()
-            task = await response.json()
+        status, task = await proxy.call("POST", "/task", token=encrypted.container, json=body)
+        assert status == 201, task
         _, runs = api(collab.server, "GET", f"run?task_id={task['id']}", token=encrypted.token_b)
         return str(runs["data"][0]["input"])
 
@@ -773,7 +741,6 @@ async def test_a_rotated_organization_key_is_used_after_the_cache_time(
     finally:
         assert collab.org_b.public_key is not None
         set_key(encrypted, collab.org_b.public_key)
-        await server.stop()
 
 
 def set_key(node: Node, public_key: str) -> None:
@@ -905,18 +872,16 @@ async def test_one_run_cannot_hold_the_proxys_connections(
     port = proxy.server.port
     path = f"/task/{plain.task}"
     started = time.monotonic()
-    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, int]] = []
+    opened: list[Connection] = []
     for _ in range(5):  # in fives: the run's in-flight limit (16) is not what is tested
-        opened += await asyncio.gather(
-            *(_kept_alive(port, plain.container, path) for _ in range(8))
-        )
+        opened += await asyncio.gather(*(kept_alive(port, plain.container, path) for _ in range(8)))
     assert time.monotonic() - started < 10.0  # none closed for idleness yet
     statuses = sorted(status for _, _, status in opened)
     assert statuses == [200] * 32 + [429] * 8
     refused = [reader for reader, _, status in opened if status == 429]
     for reader in refused:
         assert await asyncio.wait_for(reader.read(), 2) == b""
-    _, writer, status = await _kept_alive(port, plain.other_container, f"/task/{plain.other_task}")
+    _, writer, status = await kept_alive(port, plain.other_container, f"/task/{plain.other_task}")
     assert status == 200
     writer.close()
     for reader, _, status in opened:
@@ -925,21 +890,3 @@ async def test_one_run_cannot_hold_the_proxys_connections(
     for _, writer, _ in opened:
         writer.close()
     await assert_still_serving(proxy, plain)
-
-
-async def _kept_alive(
-    port: int, token: str, path: str
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    )
-    await writer.drain()
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    await reader.readexactly(length)
-    return reader, writer, status

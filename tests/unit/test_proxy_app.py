@@ -37,6 +37,7 @@ from proxy import (
     RunTable,
     make_proxy_app,
 )
+from tests.http1 import kept_alive
 
 TOKEN = "token-of-run-7"
 OTHER_TOKEN = "token-of-run-8"
@@ -806,45 +807,26 @@ async def test_body_work_is_bounded_across_runs(make_proxy: ProxyFactory, standi
     assert crypto.peak == 2
 
 
-async def open_kept_alive(
-    port: int, token: str, path: str = "/task/70"
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
-    """A connection that made one request and stays open; with the answer's status."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    )
-    await writer.drain()
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    await reader.readexactly(length)
-    return reader, writer, status
-
-
 async def test_one_run_cannot_hold_more_than_its_connections(
     make_proxy: ProxyFactory, standin: StandIn
 ) -> None:
     proxy = await make_proxy(limits=ProxyLimits(max_connections_per_run=4))
     port = proxy.server.port
-    held = [await open_kept_alive(port, TOKEN) for _ in range(4)]
+    held = [await kept_alive(port, TOKEN, "/task/70") for _ in range(4)]
     assert [status for _, _, status in held] == [200] * 4
-    reader, writer, status = await open_kept_alive(port, TOKEN)
+    reader, writer, status = await kept_alive(port, TOKEN, "/task/70")
     assert status == 429
     assert await reader.read() == b""  # the proxy closed the fifth connection
     writer.close()
     # another run is not affected
-    other = [await open_kept_alive(port, OTHER_TOKEN, "/task/80") for _ in range(4)]
+    other = [await kept_alive(port, OTHER_TOKEN, "/task/80") for _ in range(4)]
     assert [status for _, _, status in other] == [200] * 4
     # the held connections still work; closing one frees its place
     _, first, _ = held[0]
     first.close()
     await first.wait_closed()
     await asyncio.sleep(0.05)
-    _, writer, status = await open_kept_alive(port, TOKEN)
+    _, writer, status = await kept_alive(port, TOKEN, "/task/70")
     assert status == 200
     for _, w, _ in [*held[1:], *other, (None, writer, None)]:
         w.close()
@@ -855,7 +837,7 @@ async def test_idle_and_silent_connections_are_closed_after_the_keepalive_timeou
 ) -> None:
     proxy = await make_proxy(limits=ProxyLimits(keepalive_timeout=0.3))
     port = proxy.server.port
-    reader, writer, status = await open_kept_alive(port, TOKEN)
+    reader, writer, status = await kept_alive(port, TOKEN, "/task/70")
     assert status == 200
     silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
     slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", port)
