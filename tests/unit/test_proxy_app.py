@@ -832,6 +832,20 @@ async def test_one_run_cannot_hold_more_than_its_connections(
         w.close()
 
 
+async def test_a_request_slower_than_the_keepalive_timeout_is_answered(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    async def slow(_: web.Request) -> web.Response:
+        await asyncio.sleep(0.8)
+        return web.json_response({"id": 70})
+
+    standin.answer("GET", "/api/task/70", slow)
+    proxy = await make_proxy(limits=ProxyLimits(keepalive_timeout=0.2))
+    _, writer, status = await kept_alive(proxy.server.port, TOKEN, "/task/70")
+    assert status == 200
+    writer.close()
+
+
 async def test_idle_and_silent_connections_are_closed_after_the_keepalive_timeout(
     make_proxy: ProxyFactory,
 ) -> None:
