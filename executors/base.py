@@ -24,7 +24,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from executors.credentials import RegistryCredential
-from executors.spec import RunEvent, RunOutput, RunSpec, RunState
+from executors.spec import ProxyEndpoint, RunEvent, RunOutput, RunSpec, RunState
 
 #: Label keys put on every runtime object (Kubernetes label syntax, valid for podman too).
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -105,6 +105,17 @@ class Executor(Protocol):
 
     async def list_runs(self) -> list[RunState]:
         """All runs this node has on the runtime, rebuilt from labels."""
+        ...
+
+
+@runtime_checkable
+class AdvertisesProxy(Protocol):
+    """An executor whose runtime decides where its runs reach the node's proxy (Kubernetes:
+    the proxy Service's ClusterIP, read at ``open()``). Optional: the node asks, after
+    ``open()``, only executors that have this method."""
+
+    def proxy_endpoint(self) -> ProxyEndpoint | None:
+        """The address runs are given; ``None``: the node's own ``proxy`` settings decide."""
         ...
 
 

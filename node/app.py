@@ -25,7 +25,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Tracer
 
-from executors.base import Executor, ExecutorContext
+from executors.base import AdvertisesProxy, Executor, ExecutorContext
 from executors.registry import load_factory
 from executors.spec import DatabaseMount, ProxyEndpoint
 from node.background import TaskOwner
@@ -116,7 +116,9 @@ class Node:
             # Runs that kept going while the node was down call the proxy as soon as it
             # listens; it holds their unknown tokens until reconcile has registered them.
             proxy_runs = RunTable(restoring=True)
-            proxy = await self._start_proxy(proxy_runs, NodeProxyCrypto(cryptor, keys), tracer)
+            proxy = await self._start_proxy(
+                proxy_runs, NodeProxyCrypto(cryptor, keys), tracer, executor
+            )
             lifecycle = RunLifecycle(
                 server=server,
                 notifier=(socket := SocketLink(url=self._socket_url(), client=server)),
@@ -282,9 +284,11 @@ class Node:
         )
 
     async def _start_proxy(
-        self, runs: RunTable, crypto: NodeProxyCrypto, tracer: Tracer
+        self, runs: RunTable, crypto: NodeProxyCrypto, tracer: Tracer, executor: Executor
     ) -> ProxyServer | None:
-        """Serve the algorithms' proxy where the executor's runs can reach it."""
+        """Serve the algorithms' proxy where the executor's runs can reach it, and tell runs
+        the address the executor found for it (Kubernetes: the Service's ClusterIP) or, if
+        none, the one the settings give."""
         settings = self.settings
         if not settings.proxy.enabled:
             return None
@@ -315,7 +319,16 @@ class Node:
                 f"proxy.port {settings.proxy.port} on {placement.bind_host} cannot be used: "
                 f"{exc.strerror}"
             ) from None
-        self._advertised_proxy = ProxyEndpoint(host=placement.advertise_host, port=server.port)
+        found = executor.proxy_endpoint() if isinstance(executor, AdvertisesProxy) else None
+        self._advertised_proxy = found or ProxyEndpoint(
+            host=placement.advertise_host, port=server.port
+        )
+        log.info(
+            "node.proxy_advertised",
+            host=self._advertised_proxy.host,
+            port=self._advertised_proxy.port,
+            source="executor" if found else "settings",
+        )
         return server
 
     def _lifecycle_config(

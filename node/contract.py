@@ -65,7 +65,7 @@ def container_environment(
         "OUTPUT_FILE": f"{CONTAINER_TASK_DIR}/{OUTPUT_FILE_NAME}",
         "TOKEN_FILE": f"{CONTAINER_TASK_DIR}/{TOKEN_FILE_NAME}",
         "TEMPORARY_FOLDER": CONTAINER_SCRATCH_DIR,
-        "HOST": f"http://{proxy.host}" if proxy else "http://localhost",
+        "HOST": f"http://{_url_host(proxy.host)}" if proxy else "http://localhost",
         "PORT": str(proxy.port) if proxy else "0",
         "API_PATH": "",
     }
@@ -102,3 +102,8 @@ def _parameters(raw: Any) -> dict[str, Any]:
             return {}
         return parsed if isinstance(parsed, dict) else {}
     return {}
+
+
+def _url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address (an IPv6 cluster's ClusterIP) in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

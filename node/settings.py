@@ -290,8 +290,9 @@ class ProxySettings(_Section):
     """The algorithms' proxy (the only endpoint they may reach).
 
     With podman the proxy listens on the run network's gateway and ``host`` is not used;
-    on Kubernetes it listens on ``host`` (``0.0.0.0``) and runs call ``advertise_host``
-    (the proxy Service's DNS name).
+    on Kubernetes it listens on ``host`` (``0.0.0.0``) and runs call the proxy Service's
+    ClusterIP (``executor.proxy_service``), or ``advertise_host`` where there is no Service
+    (out of a cluster). Give runs an address: on Kubernetes they cannot resolve names.
     """
 
     enabled: bool = True
@@ -422,6 +423,15 @@ class NodeSettings(BaseSettings):
             raise ValueError(
                 f"executor.proxy_port ({executor.proxy_port}) must equal proxy.port "
                 f"({self.proxy.port}): the runs' NetworkPolicy lets them reach only that port"
+            )
+        if (
+            isinstance(executor, KubernetesSettings)
+            and executor.proxy_service is not None
+            and self.proxy.advertise_host is not None
+        ):
+            raise ValueError(
+                "give proxy.advertise_host or executor.proxy_service, not both: with "
+                "proxy_service runs are given that Service's ClusterIP"
             )
         return self
 

@@ -5,11 +5,16 @@ namespace, selecting the run pods by the labels every run carries:
 
 * ``<prefix>-default-deny``: no ingress, no egress (policy types set, no rules);
 * ``<prefix>-egress``: egress to the node's proxy pods (selected by a label the node pod
-  really carries, in the proxy's namespace) on the proxy's container port, and to the
-  cluster DNS on port 53 — nothing else.
+  really carries, in the proxy's namespace) on the proxy's container port — nothing else.
+
+No DNS: the cluster DNS forwards what it does not know upstream, so a run that may query
+it has a channel around the proxy (data encoded in the names it looks up). Runs are given
+the proxy Service's ClusterIP, an address, and need no name resolved
+(:mod:`executors.kubernetes.executor` reads it from the Service at start-up).
 
 NetworkPolicies are additive, so the second only opens what the first closed. The ports
-are the *pod's* ports (policies apply after a Service's address translation).
+are the *pod's* ports (policies apply after a Service's address translation, so traffic
+to the ClusterIP is judged as traffic to the proxy pod).
 
 Pure functions returning plain dicts: this module knows the manifests, not the client
 library. The Helm chart renders these objects (``runs-networkpolicy.yaml``); the
@@ -53,17 +58,6 @@ class PeerPods(BaseModel):
     namespace: str
     pod_selector: dict[str, str]
     ports: tuple[tuple[int, str], ...]  # (port, protocol)
-
-
-def dns_peer(
-    *, namespace: str = "kube-system", pod_selector: Mapping[str, str] | None = None
-) -> PeerPods:
-    """The cluster DNS (CoreDNS/kube-dns label ``k8s-app: kube-dns`` by default)."""
-    return PeerPods(
-        namespace=namespace,
-        pod_selector=dict(pod_selector if pod_selector is not None else {"k8s-app": "kube-dns"}),
-        ports=((53, "UDP"), (53, "TCP")),
-    )
 
 
 def proxy_peer(*, namespace: str, pod_selector: Mapping[str, str], port: int) -> PeerPods:

@@ -75,6 +75,7 @@ class Resource(NamedTuple):
 JOBS = Resource("/apis/batch/v1", "jobs")
 PODS = Resource("/api/v1", "pods")
 SECRETS = Resource("/api/v1", "secrets")
+SERVICES = Resource("/api/v1", "services")
 NETWORK_POLICIES = Resource("/apis/networking.k8s.io/v1", "networkpolicies")
 
 

@@ -111,7 +111,7 @@ class KubernetesSettings(BaseModel):
     #: Refuse to start when the runs namespace does not enforce Pod Security restricted
     #: (``false``: log an error and go on).
     require_restricted_namespace: bool = True
-    #: The runs' NetworkPolicies (default deny; egress to the proxy and DNS only).
+    #: The runs' NetworkPolicies (default deny; egress to the proxy only).
     #: ``verify``: the chart renders them; the node only reads them at start-up and refuses
     #: to start when one is missing or differs (its Role can ``get`` them, nothing more).
     #: ``apply``: out of a cluster (development), the node applies them itself — its Role
@@ -130,8 +130,11 @@ class KubernetesSettings(BaseModel):
     proxy_namespace: str | None = None
     #: The port the proxy container listens on (the node's ``proxy.port``).
     proxy_port: Annotated[int, Field(ge=1, le=65535)] = 7654
-    dns_namespace: str = "kube-system"
-    dns_pod_selector: dict[str, str] = Field(default_factory=lambda: {"k8s-app": "kube-dns"})
+    #: The proxy's Service in ``proxy_namespace``. At ``open()`` the executor reads it (by
+    #: name: the Role's only Service right) and runs are given its ClusterIP and port — an
+    #: address, because runs may not query the cluster DNS. ``None``: runs are given the
+    #: node's ``proxy.advertise_host`` (out of a cluster).
+    proxy_service: str | None = None
 
     @field_validator("network_policies", mode="before")
     @classmethod

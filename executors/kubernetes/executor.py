@@ -27,7 +27,10 @@ At ``open`` the executor checks its isolation, which it cannot change: the runs 
 must enforce Pod Security ``restricted``, and the runs' NetworkPolicies of
 :mod:`policies.network` (rendered by the chart) must be there as expected — read by name,
 the only NetworkPolicy right the node's Role has. Out of a cluster
-(``network_policies: apply``) it applies them itself with server-side apply.
+(``network_policies: apply``) it applies them itself with server-side apply. It also reads
+the proxy's Service (``proxy_service``, by name) for the ClusterIP runs are given
+(:meth:`KubernetesExecutor.proxy_endpoint`; :mod:`~executors.kubernetes.proxy_address`
+says why an address and why this way).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from executors.kubernetes.client import (
     NETWORK_POLICIES,
     PODS,
     SECRETS,
+    SERVICES,
     Json,
     KubeClient,
     KubeError,
@@ -67,15 +71,15 @@ from executors.kubernetes.manifests import (
     secret_name,
     token_secret,
 )
+from executors.kubernetes.proxy_address import ProxyServiceError, proxy_endpoint_of
 from executors.kubernetes.tracker import RunTracker
 from executors.kubernetes.transform import slim_job, slim_pod
 from executors.memory import StartsInFlight
 from executors.runfiles import RunFiles
-from executors.spec import RunEvent, RunOutput, RunSpec, RunState
+from executors.spec import ProxyEndpoint, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import TaskOwner
 from policies.network import (
     RunIsolation,
-    dns_peer,
     policy_differences,
     policy_name_prefix,
     proxy_peer,
@@ -123,6 +127,7 @@ class KubernetesExecutor:
         self._start_slots = asyncio.Semaphore(max(1, settings.max_connections - 4))
         self._owned_secrets: set[int] = set()  # the Job owns it: garbage-collected with it
         self._pin: str | None = None
+        self._proxy: ProxyEndpoint | None = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -146,6 +151,8 @@ class KubernetesExecutor:
         self._client = KubeClient(api, request_timeout=settings.request_timeout_seconds)
         try:
             await self._check_namespace(self._client)
+            if settings.proxy_service is not None:
+                self._proxy = await self._read_proxy_service(self._client, settings.proxy_service)
             if settings.network_policies == "apply":
                 await self._apply_network_policies(self._client)
             elif settings.network_policies == "verify":
@@ -159,6 +166,7 @@ class KubernetesExecutor:
             namespace=self._namespace,
             jobs=len(self._tracker.jobs),
             node=self._context.node_name,
+            proxy=f"{self._proxy.host}:{self._proxy.port}" if self._proxy else None,
         )
 
     async def close(self) -> None:
@@ -177,6 +185,11 @@ class KubernetesExecutor:
     @property
     def informers(self) -> list[Informer]:
         return list(self._informers)
+
+    def proxy_endpoint(self) -> ProxyEndpoint | None:
+        """The proxy Service's ClusterIP and port, read at ``open()`` (``proxy_service``);
+        ``None`` without one: the node then gives runs its ``proxy.advertise_host``."""
+        return self._proxy
 
     # -- runs -----------------------------------------------------------------------------
 
@@ -358,6 +371,27 @@ class KubernetesExecutor:
                 "forbids; use a PersistentVolumeClaim or a ConfigMap"
             )
 
+    async def _read_proxy_service(self, client: KubeClient, name: str) -> ProxyEndpoint:
+        """The address runs call: the proxy Service's ClusterIP (runs have no DNS)."""
+        ns = proxy_namespace(self._settings)
+        try:
+            service = await client.get(SERVICES.path(ns, name), what="get services")
+        except KubeError as error:
+            if error.status == 404:
+                raise ExecutorError(
+                    f"the proxy's Service {name!r} is missing in namespace {ns!r}; the chart "
+                    "makes it (executor.proxy_service names it)"
+                ) from error
+            raise ExecutorError(
+                f"cannot read the proxy's Service {name!r} in namespace {ns!r} ({error}); "
+                f"grant `get services` with resourceNames [{name!r}] "
+                "(executors/kubernetes/rbac.py proxy_service_rule)"
+            ) from error
+        try:
+            return proxy_endpoint_of(service, proxy_port=self._settings.proxy_port)
+        except ProxyServiceError as error:
+            raise ExecutorError(f"executor.proxy_service in namespace {ns!r}: {error}") from error
+
     async def _apply_network_policies(self, client: KubeClient) -> None:
         for policy in run_network_policy_manifests(
             self._settings, node_name=self._context.node_name
@@ -407,7 +441,7 @@ class KubernetesExecutor:
                 raise ExecutorError(
                     f"the runs' NetworkPolicy {name!r} in namespace {ns!r} differs from what "
                     f"this node expects: {'; '.join(problems)}. Check the chart's values "
-                    "against the executor settings (proxy port and pod labels, DNS), or "
+                    "against the executor settings (proxy port and pod labels), or "
                     f"{fix}"
                 )
 
@@ -455,22 +489,25 @@ def run_network_policy_manifests(settings: KubernetesSettings, *, node_name: str
     """The runs' NetworkPolicies for these settings (what the chart renders and the
     executor verifies or, with ``network_policies: apply``, applies)."""
     labels = node_selector_labels(node_name)
-    proxy_namespace = settings.proxy_namespace or service_account_namespace() or settings.namespace
     isolation = RunIsolation(
         namespace=settings.namespace,
         run_selector=labels,
         allowed=(
             proxy_peer(
-                namespace=proxy_namespace,
+                namespace=proxy_namespace(settings),
                 pod_selector=settings.proxy_pod_selector,
                 port=settings.proxy_port,
             ),
-            dns_peer(namespace=settings.dns_namespace, pod_selector=settings.dns_pod_selector),
         ),
         name_prefix=policy_name_prefix(node_name),
         labels=labels,
     )
     return run_network_policies(isolation)
+
+
+def proxy_namespace(settings: KubernetesSettings) -> str:
+    """The node pod's (and its proxy Service's) namespace."""
+    return settings.proxy_namespace or service_account_namespace() or settings.namespace
 
 
 async def _create(client: KubeClient, path: str, body: Json, *, what: str) -> Json | None:

@@ -21,9 +21,18 @@ Every verb below is used, and nothing else is granted:
   :data:`APPLY_NETWORK_POLICIES_RULE` (``get``, ``create``, ``patch``) instead;
 * Namespaces: ``get`` — bound in the runs namespace, a Role grants reading *that*
   namespace only (its Pod Security labels are checked at start-up); creating or labelling
-  it is the chart's or the operator's job.
+  it is the chart's or the operator's job;
+* Services: ``get`` of the proxy's own Service only (``resourceNames``,
+  :func:`proxy_service_rule`): its ClusterIP is the address runs are given
+  (:mod:`executors.kubernetes.proxy_address`).
 
 Nothing cluster-scoped: no ClusterRole, no nodes, no other namespaces.
+
+What a stolen node token could still do with ``jobs: create`` — run a pod that mounts the
+node's own Secret, or runs under another service account — is closed by admission, not by
+RBAC (which cannot look inside a Job): the chart's ValidatingAdmissionPolicies
+(``helm/fednode/templates/admission-policy.yaml``) pin the Jobs and Secrets this service
+account may create to the shape :mod:`executors.kubernetes.manifests` gives them.
 """
 
 from __future__ import annotations
@@ -67,21 +76,39 @@ def network_policy_rule(node_name: str) -> dict[str, Any]:
     }
 
 
-def role_rules(node_name: str, *, apply_network_policies: bool = False) -> list[dict[str, Any]]:
-    """Every rule of the node's Role (what the chart renders for ``nodeName``)."""
+def proxy_service_rule(service: str) -> dict[str, Any]:
+    """Reading the proxy's Service, by name, and nothing else (for its ClusterIP)."""
+    return {
+        "apiGroups": [""],
+        "resources": ["services"],
+        "resourceNames": [service],
+        "verbs": ["get"],
+    }
+
+
+def role_rules(
+    node_name: str, *, proxy_service: str | None = None, apply_network_policies: bool = False
+) -> list[dict[str, Any]]:
+    """Every rule of the node's Role (what the chart renders for ``nodeName`` and its proxy
+    Service, both in the one namespace of node and runs)."""
     extra = (
         APPLY_NETWORK_POLICIES_RULE if apply_network_policies else network_policy_rule(node_name)
     )
-    return [dict(rule) for rule in ROLE_RULES] + [dict(extra)]
+    rules = [dict(rule) for rule in ROLE_RULES] + [dict(extra)]
+    if proxy_service is not None:
+        rules.append(proxy_service_rule(proxy_service))
+    return rules
 
 
-def role_manifest(namespace: str, *, node_name: str, name: str = ROLE_NAME) -> dict[str, Any]:
+def role_manifest(
+    namespace: str, *, node_name: str, proxy_service: str | None = None, name: str = ROLE_NAME
+) -> dict[str, Any]:
     """The Role in the runs namespace."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": {"name": name, "namespace": namespace},
-        "rules": role_rules(node_name),
+        "rules": role_rules(node_name, proxy_service=proxy_service),
     }
 
 

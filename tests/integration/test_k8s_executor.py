@@ -34,8 +34,8 @@ from executors.base import (
 from executors.kubernetes.client import KubeClient, KubeError, connect
 from executors.kubernetes.executor import KubernetesExecutor, run_network_policy_manifests
 from executors.kubernetes.manifests import job_name, secret_name
-from executors.kubernetes.rbac import ROLE_RULES, role_rules
-from executors.spec import Phase, Reason
+from executors.kubernetes.rbac import ROLE_RULES, proxy_service_rule, role_rules
+from executors.spec import Phase, ProxyEndpoint, Reason
 from tests.integration.test_k8s_executor_support import (
     EventLog,
     chart_network_policies,
@@ -588,10 +588,66 @@ async def test_out_of_a_cluster_the_executor_can_apply_the_policies_itself_idemp
         assert deny["policyTypes"] == ["Ingress", "Egress"]
         assert "ingress" not in deny and "egress" not in deny
         assert deny["podSelector"]["matchLabels"][LABEL_NODE] == NODE
-        proxy, dns = egress["egress"]
+        (proxy,) = egress["egress"]  # the proxy, and no DNS
         assert proxy["ports"] == [{"port": 7654, "protocol": "TCP"}]
         assert proxy["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "node"
-        assert {p["port"] for p in dns["ports"]} == {53}
+    finally:
+        await k8s_testbed.delete_namespace(namespace)
+
+
+async def test_open_reads_the_proxy_services_cluster_ip_by_name_and_no_other_service(
+    k8s_testbed: K8sTestbed,
+    admin: Any,
+    task_dir: Path,
+) -> None:
+    namespace = await k8s_testbed.create_namespace("fednode-proxy-service")
+    core = client.CoreV1Api(admin)
+    try:
+        async with task_volume(admin, namespace):
+            rules = await chart_network_policies(admin, namespace, NODE)
+            kubeconfig = await k8s_testbed.service_account_kubeconfig(
+                namespace, rules=[*rules, proxy_service_rule("fednode-proxy")]
+            )
+
+            def opening() -> KubernetesExecutor:
+                return KubernetesExecutor(
+                    settings_for(namespace, kubeconfig, proxy_service="fednode-proxy"),
+                    context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+                )
+
+            with pytest.raises(ExecutorError, match="Service 'fednode-proxy' is missing"):
+                await opening().open()
+            for name in ("fednode-proxy", "someone-elses"):
+                await core.create_namespaced_service(
+                    namespace,
+                    {
+                        "metadata": {"name": name},
+                        "spec": {
+                            "selector": {"app.kubernetes.io/component": "node"},
+                            "ports": [{"name": "proxy", "port": 7654, "targetPort": "proxy"}],
+                        },
+                    },
+                )
+            proxy = await core.read_namespaced_service("fednode-proxy", namespace)
+            executor = opening()
+            await executor.open()
+            try:
+                assert executor.proxy_endpoint() == ProxyEndpoint(
+                    host=proxy.spec.cluster_ip, port=7654
+                )
+                assert executor.requests["get services"] == 1
+            finally:
+                await executor.close()
+            # the node's token reads that one Service, no other, and lists none
+            async with k8s_testbed.api_client(kubeconfig) as api:
+                as_node = client.CoreV1Api(api)
+                for call in (
+                    as_node.read_namespaced_service("someone-elses", namespace),
+                    as_node.list_namespaced_service(namespace),
+                ):
+                    with pytest.raises(ApiException) as caught:
+                        await call
+                    assert caught.value.status == 403
     finally:
         await k8s_testbed.delete_namespace(namespace)
 

@@ -46,12 +46,13 @@ async def chart_network_policies(
 ) -> list[dict[str, Any]]:
     """What the chart does for a node: create its runs' NetworkPolicies (as admin, for
     :func:`settings_for` with ``overrides``). Returns the rules of the node's Role, which
-    may only read those two policies."""
+    may only read those two policies (and, with ``proxy_service`` among ``overrides``, that
+    Service)."""
     settings = settings_for(namespace, Path("unused"), **overrides)
     api = client.NetworkingV1Api(admin)
     for policy in run_network_policy_manifests(settings, node_name=node_name):
         await api.create_namespaced_network_policy(namespace, policy)
-    return role_rules(node_name)
+    return role_rules(node_name, proxy_service=settings.proxy_service)
 
 
 @contextlib.asynccontextmanager

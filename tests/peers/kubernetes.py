@@ -316,6 +316,22 @@ asyncio.run(main())
 """
 RELAY_IMAGE = "localhost/fednode/python-base:latest"
 
+#: Tries a TCP connection to each ``host:port`` argument once, prints the outcome as one
+#: JSON line (target -> reached), then idles: what a pod that is not a run can reach.
+CONNECT_PROBE = """
+import json, socket, sys, time
+reached = {}
+for target in sys.argv[1:]:
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        reached[target] = True
+    except OSError:
+        reached[target] = False
+print(json.dumps(reached), flush=True)
+time.sleep(3600)
+"""
+
 
 def restricted_container(
     name: str,
@@ -394,7 +410,8 @@ class K8sRealWorker:
     ) -> str:
         """A relay pod (``labels``, listening on ``pod_port``) to the node's proxy at
         ``node_ip:node_port`` on the host, and a Service ``name`` (port ``node_port``) in
-        front of it; returns the Service's DNS name, what runs are told to call."""
+        front of it, as the chart's proxy Service; returns the Service's ClusterIP, what
+        runs are told to call (the node reads it from the Service, ``proxy_service``)."""
         await self.run_pod(
             namespace,
             name,
@@ -411,7 +428,7 @@ class K8sRealWorker:
             ),
             labels=labels,
         )
-        await self._create(
+        service = await self._create(
             namespace,
             "services",
             {
@@ -424,7 +441,51 @@ class K8sRealWorker:
                 },
             },
         )
-        return f"{name}.{namespace}.svc.{self.cluster_domain}"
+        return str(service.spec.cluster_ip)
+
+    async def cluster_dns(self) -> dict[str, str]:
+        """The cluster DNS as ``host:53`` targets: its Service address and its pod's."""
+        from kubernetes_asyncio import client
+
+        async with self.testbed.api_client() as api:
+            core = client.CoreV1Api(api)
+            service = await core.read_namespaced_service("kube-dns", "kube-system")
+            pods = await core.list_namespaced_pod("kube-system", label_selector="k8s-app=kube-dns")
+        (pod,) = pods.items
+        return {
+            "dns-service": f"{service.spec.cluster_ip}:53",
+            "dns-pod": f"{pod.status.pod_ip}:53",
+        }
+
+    async def connect_probe(
+        self,
+        namespace: str,
+        name: str,
+        targets: list[str],
+        *,
+        labels: dict[str, str],
+        within: float = 60,
+    ) -> dict[str, bool]:
+        """A pod (``labels``) that tries one TCP connection to each ``host:port``; returns
+        which it reached, read from its log."""
+        import json
+
+        from kubernetes_asyncio import client
+
+        await self.run_pod(
+            namespace,
+            name,
+            restricted_container("probe", RELAY_IMAGE, ["python3", "-c", CONNECT_PROBE, *targets]),
+            labels=labels,
+        )
+        async with self.testbed.api_client() as api, asyncio.timeout(within):
+            core = client.CoreV1Api(api)
+            while True:
+                log = await core.read_namespaced_pod_log(name, namespace)
+                if log.strip():
+                    reached: dict[str, bool] = json.loads(log.strip().splitlines()[0])
+                    return reached
+                await asyncio.sleep(1)
 
     async def listener_pod(
         self, namespace: str, name: str = "listener", *, port: int = 8080
@@ -496,15 +557,14 @@ class K8sRealWorker:
                         return dict(pod)
         raise AssertionError(f"pod {namespace}/{name} never became Ready")
 
-    async def _create(self, namespace: str, plural: str, body: dict[str, Any]) -> None:
+    async def _create(self, namespace: str, plural: str, body: dict[str, Any]) -> Any:
         from kubernetes_asyncio import client
 
         async with self.testbed.api_client() as api:
             core = client.CoreV1Api(api)
             if plural == "pods":
-                await core.create_namespaced_pod(namespace, body)
-            else:
-                await core.create_namespaced_service(namespace, body)
+                return await core.create_namespaced_pod(namespace, body)
+            return await core.create_namespaced_service(namespace, body)
 
 
 def _testbed(*args: str, timeout: float = UP_TIMEOUT) -> subprocess.CompletedProcess[str]:

@@ -44,6 +44,13 @@ def test_environment_describes_files_proxy_and_databases() -> None:
     assert env["TRACEPARENT"].startswith("00-111")
 
 
+def test_an_ipv6_proxy_address_is_written_in_brackets() -> None:
+    env = container_environment(
+        databases=[], requested=[], proxy=ProxyEndpoint(host="fd00:10:96::1a", port=7654)
+    )
+    assert decode_value(env["HOST"]) == "http://[fd00:10:96::1a]"
+
+
 def policy(**kwargs: object) -> Admission:
     return Admission(AdmissionPolicy.model_validate(kwargs))
 

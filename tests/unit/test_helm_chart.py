@@ -135,7 +135,16 @@ def test_helm_lint_passes(which: str, full_values: dict[str, Any], tmp_path: Pat
 # -- defaults -----------------------------------------------------------------------------
 
 
-def test_defaults_render_one_namespaced_node_with_nothing_cluster_wide(tmp_path: Path) -> None:
+#: Cluster-scoped objects the chart makes (the admission policies bind to its namespace).
+CLUSTER_SCOPED = {
+    "Namespace",
+    "PersistentVolume",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+
+
+def test_defaults_render_one_namespaced_node_and_its_admission_policies(tmp_path: Path) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
 
     assert kinds(objects) == sorted(
@@ -148,14 +157,20 @@ def test_defaults_render_one_namespaced_node_with_nothing_cluster_wide(tmp_path:
             "Role",
             "RoleBinding",
             "Service",
-            "NetworkPolicy",
-            "NetworkPolicy",
-            "NetworkPolicy",
+            "NetworkPolicy",  # the node pod's
+            "NetworkPolicy",  # the namespace's default deny
+            "NetworkPolicy",  # the runs' default deny
+            "NetworkPolicy",  # the runs' egress to the proxy
             "Deployment",
+            "ValidatingAdmissionPolicy",  # what the node's Jobs may look like
+            "ValidatingAdmissionPolicyBinding",
+            "ValidatingAdmissionPolicy",  # and its Secrets
+            "ValidatingAdmissionPolicyBinding",
         ]
     )
-    namespaced = [o for o in objects if o["kind"] != "Namespace"]
+    namespaced = [o for o in objects if o["kind"] not in CLUSTER_SCOPED]
     assert {o["metadata"]["namespace"] for o in namespaced} == {"fednode"}
+    assert not [o for o in objects if o["kind"].startswith("Cluster")]  # no ClusterRole
     namespace = one(objects, "Namespace")
     assert namespace["metadata"]["name"] == "fednode"
     assert namespace["metadata"]["labels"].items() >= namespace_labels("restricted").items()
@@ -166,7 +181,8 @@ def test_the_role_is_rbac_py_bound_to_the_node_service_account_only(tmp_path: Pa
     objects = render(REQUIRED_VALUES, tmp_path)
 
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
-    assert role["rules"] == role_rules("fn")  # reads its runs' NetworkPolicies, by name
+    # reads its runs' NetworkPolicies and its proxy Service, by name
+    assert role["rules"] == role_rules("fn", proxy_service="fn-fednode-proxy")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -229,9 +245,10 @@ def test_the_proxy_service_and_the_runs_policies_select_labels_the_node_pod_carr
     )
     assert service["spec"]["ports"][0]["targetPort"] == "proxy"
     assert config["proxy"]["host"] == "0.0.0.0"
-    assert config["proxy"]["advertise_host"] == (
-        f"{service['metadata']['name']}.fednode.svc.cluster.local"
-    )
+    # runs are given the Service's ClusterIP, which the node reads by the Service's name
+    assert "advertise_host" not in config["proxy"]
+    assert config["executor"]["proxy_service"] == service["metadata"]["name"]
+    assert service["spec"]["ports"][0]["name"] == "proxy"  # proxy_address.PROXY_PORT_NAME
     assert config["health"] == {"enabled": True, "host": "0.0.0.0", "port": ports["health"]}
     # the runs' own selector (executors/base.py run_labels) is not the node pod's
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
@@ -291,6 +308,57 @@ def test_the_default_node_yaml_is_a_valid_kubernetes_node_configuration(
     assert volumes[mounts["/var/lib/fednode/tasks"]]["persistentVolumeClaim"] == {
         "claimName": claim["metadata"]["name"]
     }
+
+
+def test_the_namespace_denies_every_pod_that_no_other_policy_opens(tmp_path: Path) -> None:
+    objects = render(REQUIRED_VALUES, tmp_path)
+    policy = one(objects, "NetworkPolicy", "fn-fednode-default-deny")
+
+    assert policy["metadata"]["namespace"] == "fednode"
+    assert policy["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    # the node pod's own policy opens what the node needs (NetworkPolicies add up)
+    assert node_policy(objects)["spec"]["egress"]
+    off = render(
+        merged(REQUIRED_VALUES, {"networkPolicy": {"namespaceDefaultDeny": False}}), tmp_path
+    )
+    assert not [o for o in off if o["metadata"]["name"] == "fn-fednode-default-deny"]
+
+
+def test_the_runs_policies_open_no_dns(tmp_path: Path) -> None:
+    objects = render(REQUIRED_VALUES, tmp_path)
+    egress = one(objects, "NetworkPolicy", "fednode-runs-fn-egress")["spec"]["egress"]
+
+    assert [p["port"] for rule in egress for p in rule["ports"]] == [7654]
+
+
+def test_the_admission_policies_match_only_the_node_service_account_in_its_namespace(
+    tmp_path: Path,
+) -> None:
+    objects = render(REQUIRED_VALUES, tmp_path)
+    policies = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
+    bindings = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+
+    assert {p["metadata"]["name"] for p in policies} == {
+        "fednode-fn-fednode-jobs",
+        "fednode-fn-fednode-secrets",
+    }
+    resources = {
+        p["metadata"]["name"]: p["spec"]["matchConstraints"]["resourceRules"] for p in policies
+    }
+    assert resources["fednode-fn-fednode-jobs"][0]["resources"] == ["jobs"]
+    assert resources["fednode-fn-fednode-secrets"][0]["resources"] == ["secrets"]
+    for policy in policies:
+        assert policy["spec"]["failurePolicy"] == "Fail"
+        (condition,) = policy["spec"]["matchConditions"]
+        assert condition["expression"] == (
+            "request.userInfo.username == 'system:serviceaccount:fednode:fn-fednode'"
+        )
+    assert {b["spec"]["policyName"] for b in bindings} == {p["metadata"]["name"] for p in policies}
+    for binding in bindings:
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        assert binding["spec"]["matchResources"] == {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "fednode"}}
+        }
 
 
 def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_server(
@@ -367,7 +435,6 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert executor.gpu_type_label == "nvidia.com/gpu.product"
     assert executor.priority_class_name == "low"
     assert executor.image_pull_secrets == ["regcred"]
-    assert executor.dns_namespace == "dns-system"
     assert executor.proxy_port == 8654
     assert {label: v.model_dump(exclude_none=True) for label, v in executor.databases.items()} == {
         "default": {"claim": "hospital-data", "sub_path": "exports"},
@@ -454,7 +521,22 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert server["to"] == [{"ipBlock": {"cidr": "192.0.2.10/32"}}]
     assert otlp["ports"] == [{"port": 4318, "protocol": "TCP"}]
     assert extra == FULL_VALUES["networkPolicy"]["extraEgress"][0]
-    assert config["proxy"]["advertise_host"] == "fn-fednode-proxy.fednode-a.svc.example.local"
+    assert config["executor"]["proxy_service"] == "fn-fednode-proxy"
+
+    # the admission policies know the run's volumes, pull Secrets and uid/gid
+    jobs = one(objects, "ValidatingAdmissionPolicy", "fednode-a-fn-fednode-jobs")["spec"]
+    variables = {v["name"]: v["expression"] for v in jobs["variables"]}
+    assert yaml.safe_load(variables["claims"]) == [
+        "fn-fednode-tasks",
+        "hospital-data",
+        "fn-fednode-db-local",
+        "imaging",
+    ]
+    assert yaml.safe_load(variables["configMaps"]) == ["fednode-codes"]
+    assert yaml.safe_load(variables["pullSecrets"]) == ["regcred"]
+    contexts = " ".join(v["expression"] for v in jobs["validations"])
+    assert "runAsUser == 20001" in contexts and "runAsGroup == 20002" in contexts
+    assert "variables.labels['fednode.io/node'] == 'hospital-a'" in contexts
 
 
 def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -> None:
@@ -466,6 +548,7 @@ def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -
     assert "PersistentVolumeClaim" not in kinds(objects)
     assert "Namespace" not in kinds(objects)
     assert "NetworkPolicy" not in kinds(objects)
+    assert "ValidatingAdmissionPolicy" not in kinds(objects)  # runs.admissionPolicy: false
     assert {o["metadata"]["namespace"] for o in objects} == {"hospital"}
     env = {e["name"]: e for e in node["env"]}
     assert env["FEDNODE_API_KEY"]["valueFrom"]["secretKeyRef"] == {

@@ -95,11 +95,11 @@ FULL_VALUES: dict[str, Any] = {
             "typeLabel": "nvidia.com/gpu.product",
         },
         "networkPolicies": True,
+        "admissionPolicy": True,
         "requireRestrictedNamespace": True,
     },
     "proxy": {"port": 8654, "maxBodyMb": 32, "upstreamTimeoutSeconds": 120},
     "health": {"port": 8656},
-    "clusterDomain": "example.local",
     "telemetry": {
         "otlpEndpoint": "http://jaeger-collector.tracing:4318",
         "serviceName": "fednode-a",
@@ -108,6 +108,7 @@ FULL_VALUES: dict[str, Any] = {
     "logging": {"level": "DEBUG", "format": "console"},
     "networkPolicy": {
         "enabled": True,
+        "namespaceDefaultDeny": True,
         "dns": {"namespace": "dns-system", "podSelector": {"k8s-app": "coredns"}},
         "server": {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [5000]},
         "apiServer": {"to": [{"ipBlock": {"cidr": "198.51.100.1/32"}}], "ports": [6443]},
@@ -178,8 +179,12 @@ EXISTING_VALUES: dict[str, Any] = {
     "encryption": {"enabled": True},
     "namespace": {"create": False, "name": ""},
     "taskVolume": {"existingClaim": "shared-tasks", "accessMode": "ReadWriteMany"},
-    "runs": {"networkPolicies": False, "requireRestrictedNamespace": False},
-    "networkPolicy": {"enabled": False},
+    "runs": {
+        "networkPolicies": False,
+        "admissionPolicy": False,
+        "requireRestrictedNamespace": False,
+    },
+    "networkPolicy": {"enabled": False, "namespaceDefaultDeny": False},
     "image": {"repository": "localhost/fednode/node", "tag": ""},
 }
 

@@ -16,6 +16,7 @@ from executors.kubernetes.manifests import (
     sealed_token_of,
     token_secret,
 )
+from executors.kubernetes.proxy_address import ProxyServiceError, proxy_endpoint_of
 from executors.kubernetes.rbac import (
     APPLY_NETWORK_POLICIES_RULE,
     ROLE_RULES,
@@ -26,7 +27,6 @@ from executors.kubernetes.rbac import (
 from executors.spec import DatabaseMount, Resources, RunSpec
 from policies.network import (
     RunIsolation,
-    dns_peer,
     policy_differences,
     policy_name_prefix,
     proxy_peer,
@@ -210,22 +210,19 @@ def test_database_volume_needs_exactly_one_source() -> None:
 # -- isolation objects and the Role -------------------------------------------------------
 
 
-def test_network_policies_deny_everything_then_allow_only_the_proxy_and_dns() -> None:
+def test_network_policies_deny_everything_then_allow_only_the_proxy_not_dns() -> None:
     deny, egress = run_network_policies(
         RunIsolation(
             namespace="runs",
             run_selector={"node": "n"},
-            allowed=(
-                proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),
-                dns_peer(),
-            ),
+            allowed=(proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),),
         )
     )
     assert deny["spec"] == {
         "podSelector": {"matchLabels": {"node": "n"}},
         "policyTypes": ["Ingress", "Egress"],
     }
-    proxy, dns = egress["spec"]["egress"]
+    (proxy,) = egress["spec"]["egress"]  # no rule for port 53: DNS is a way around the proxy
     assert proxy == {
         "to": [
             {
@@ -235,8 +232,6 @@ def test_network_policies_deny_everything_then_allow_only_the_proxy_and_dns() ->
         ],
         "ports": [{"port": 7654, "protocol": "TCP"}],
     }
-    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
-    assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
     assert "ingress" not in egress["spec"]
 
 
@@ -286,13 +281,65 @@ def test_the_node_may_only_read_its_own_runs_policies_unless_told_to_apply_them(
     assert len(policy_name_prefix("x" * 63)) <= 40
 
 
+def test_the_node_may_read_the_proxy_service_by_name_and_no_other_service() -> None:
+    assert not [r for r in role_rules("n") if r["resources"] == ["services"]]
+    (rule,) = [
+        r for r in role_rules("n", proxy_service="fn-proxy") if r["resources"] == ["services"]
+    ]
+    assert rule == {
+        "apiGroups": [""],
+        "resources": ["services"],
+        "resourceNames": ["fn-proxy"],
+        "verbs": ["get"],
+    }
+
+
+def service(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "fn-proxy"}, "spec": spec}
+
+
+def test_runs_are_given_the_proxy_services_cluster_ip_and_port() -> None:
+    chart = service(
+        type="ClusterIP",
+        clusterIP="10.96.12.34",
+        ports=[{"name": "proxy", "port": 7654, "targetPort": "proxy", "protocol": "TCP"}],
+    )
+    endpoint = proxy_endpoint_of(chart, proxy_port=7654)
+    assert (endpoint.host, endpoint.port) == ("10.96.12.34", 7654)
+    # one unnamed port, forwarding to the proxy's port (the test peers' relay Service)
+    relay = service(clusterIP="10.96.0.99", ports=[{"port": 8000, "targetPort": 7654}])
+    assert proxy_endpoint_of(relay, proxy_port=7654).port == 8000
+    # among several, the one named proxy
+    named = service(
+        clusterIP="fd00::12",
+        ports=[{"name": "metrics", "port": 9000}, {"name": "proxy", "port": 7654}],
+    )
+    assert proxy_endpoint_of(named, proxy_port=7654).host == "fd00::12"
+
+
+@pytest.mark.parametrize(
+    ("spec_", "says"),
+    [
+        ({"clusterIP": "None", "ports": [{"port": 7654}]}, "headless"),
+        ({"type": "ExternalName", "externalName": "x.example"}, "no cluster IP"),
+        ({"clusterIP": "10.0.0.1", "ports": [{"port": 1}, {"port": 2}]}, "name the proxy's"),
+        ({"clusterIP": "10.0.0.1", "ports": [{"port": 80, "targetPort": 8080}]}, "pod port 8080"),
+    ],
+)
+def test_a_service_that_cannot_carry_runs_to_the_proxy_is_refused(
+    spec_: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ProxyServiceError, match=says):
+        proxy_endpoint_of(service(**spec_), proxy_port=7654)
+
+
 def test_a_policy_differs_only_in_substance() -> None:
     isolation = RunIsolation(
         namespace="runs",
         run_selector={"fednode.io/node": "n"},
         allowed=(
             proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),
-            dns_peer(),
+            proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7655),
         ),
     )
     _, egress = run_network_policies(isolation)

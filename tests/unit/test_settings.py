@@ -210,3 +210,11 @@ def test_docker_registries_can_come_from_the_environment_as_json(
     (credential,) = load_settings(write(tmp_path, minimal)).docker_registries
     assert credential.registry == "harbor.example.org"
     assert credential.password.get_secret_value() == "from-env"
+
+
+def test_kubernetes_runs_get_the_proxy_services_address_or_advertise_host_not_both(
+    tmp_path: Path, minimal: str
+) -> None:
+    both = "proxy: {advertise_host: 10.0.0.5}\nexecutor: {kind: kubernetes, proxy_service: p}\n"
+    (problem,) = problems_of(write(tmp_path, minimal + both))
+    assert "give proxy.advertise_host or executor.proxy_service, not both" in problem
