@@ -8,9 +8,11 @@ Security ``restricted``, the task-directory claim (here a hostPath volume over t
 
 How a run pod reaches the node's proxy: the node listens on the pod bridge's address on
 the host (``REAL_NODE_IP``); a relay pod carrying the chart's node-pod labels forwards its
-port to it, and the Service ``fednode-proxy`` in front of the relay is the address runs
-are given. So the runs' NetworkPolicy (egress only to pods with those labels, on that
-port, and to ``kube-dns``) is exactly what it is in a cluster, and Cilium enforces it.
+port to it, and the Service ``fednode-proxy`` in front of the relay is the chart's proxy
+Service: the node reads its ClusterIP (``executor.proxy_service``, with the Role's one
+Service right) and gives runs that address. So the runs' NetworkPolicy (egress only to
+pods with those labels, on that port; no DNS) is exactly what it is in a cluster, and
+Cilium enforces it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kubernetes_asyncio import client
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from executors.kubernetes.rbac import ROLE_RULES
+from executors.kubernetes.rbac import ROLE_RULES, proxy_service_rule
 from node.app import Node
 from node.settings import load_settings
 from tests.conformance.podman_harness import build_behaviour_image
@@ -38,6 +40,7 @@ from tests.integration.test_k8s_executor_support import chart_network_policies
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration, V6Org, V6Server
+from tests.unit.test_helm_support import REQUIRED_VALUES, merged, one, render
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
 
@@ -46,6 +49,7 @@ DIAGNOSTICS = "localhost/fednode/diagnostics:latest"
 #: The chart's node pod labels (the executor's default ``proxy_pod_selector``).
 NODE_POD_LABELS = {"app.kubernetes.io/name": "fednode", "app.kubernetes.io/component": "node"}
 RUN_UID = 10001  # the executor's default run_as_user
+PROXY_SERVICE = "fednode-proxy"  # the relay's Service (K8sRealWorker.proxy_relay)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Site:
     csv: Path  # the node's database (also in the ConfigMap the runs mount)
     kubeconfig: Path
     proxy_port: int  # the node's proxy on the host, the relay pod's port, the Service's
-    proxy_host: str  # the Service runs are told to call
+    proxy_host: str  # the Service's ClusterIP, which runs are told to call
     network_policies: bool
 
 
@@ -98,15 +102,24 @@ async def make_site(
                     {"metadata": {"name": "database-default"}, "data": {csv.name: csv.read_text()}},
                 )
             proxy_port = free_port()
-            rules = ROLE_RULES  # network_policies off: none to read
+            # network_policies off: none to read; the proxy Service, by name, either way
+            rules = [*ROLE_RULES, proxy_service_rule(PROXY_SERVICE)]
             if network_policies:  # as the chart: they are made for the node, which reads them
                 async with k8s_testbed.api_client() as api:
                     rules = await chart_network_policies(
-                        api, namespace, f"fednode-{org.name}-{SESSION}", proxy_port=proxy_port
+                        api,
+                        namespace,
+                        f"fednode-{org.name}-{SESSION}",
+                        proxy_port=proxy_port,
+                        proxy_service=PROXY_SERVICE,
                     )
             kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=rules)
             proxy_host = await k8s_real_worker.proxy_relay(
-                namespace, labels=NODE_POD_LABELS, pod_port=proxy_port, node_port=proxy_port
+                namespace,
+                labels=NODE_POD_LABELS,
+                pod_port=proxy_port,
+                node_port=proxy_port,
+                name=PROXY_SERVICE,
             )
             return Site(
                 org, namespace, task_dir, csv, kubeconfig, proxy_port, proxy_host, network_policies
@@ -137,16 +150,13 @@ async def start_real_node(
                 "namespace": site.namespace,
                 "proxy_namespace": site.namespace,
                 "proxy_port": site.proxy_port,  # the relay's pod port, as the chart's
+                "proxy_service": PROXY_SERVICE,  # runs get its ClusterIP
                 "node_selector": k8s_real_worker.node_selector,
                 "tolerations": [k8s_real_worker.toleration],
                 "network_policies": site.network_policies,
                 "databases": {"default": {"config_map": "database-default"}},
             },
-            "proxy": {
-                "host": k8s_real_worker.node_ip,
-                "port": site.proxy_port,
-                "advertise_host": site.proxy_host,
-            },
+            "proxy": {"host": k8s_real_worker.node_ip, "port": site.proxy_port},
             "health": {"port": free_port()},
             "max_concurrent_runs": 8,
             # The worker has 2 cores; a run's default (1 CPU) would let two runs at most.
@@ -235,7 +245,9 @@ async def diagnose(collab: V6Collaboration, org: V6Org, **kwargs: Any) -> dict[s
 async def probe_targets(
     k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker, host_port: int
 ) -> dict[str, str]:
-    """Things a run must not reach, each really listening: name -> host:port."""
+    """Things a run must not reach, each really listening: name -> host:port. The cluster
+    DNS among them: CoreDNS forwards what it does not know upstream, a way around the
+    proxy."""
     other = await k8s_testbed.create_namespace("fednode-other")
     pod_ip = await k8s_real_worker.listener_pod(other)
     return {
@@ -243,7 +255,13 @@ async def probe_targets(
         "pod": f"{pod_ip}:8080",
         "apiserver-service": "10.96.0.1:443",
         "apiserver": f"{k8s_real_worker.node_ip}:16443",
+        **await k8s_real_worker.cluster_dns(),
     }
+
+
+def service_name(site: Site) -> str:
+    """The proxy Service's DNS name, which a run must not be able to resolve."""
+    return f"{PROXY_SERVICE}.{site.namespace}.svc.cluster.local"
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -280,7 +298,7 @@ async def test_central_average_runs_in_real_pods_and_reaches_the_server_only_via
     assert sum(uploads(node_a).values()) == 2  # the central run and A's partial
 
 
-async def test_a_real_pod_reaches_the_proxy_and_dns_and_nothing_else(
+async def test_a_real_pod_reaches_the_proxy_by_its_cluster_ip_and_nothing_else_not_even_dns(
     v6_plain: V6Collaboration,
     make_site: MakeSite,
     start_real_node: StartRealNode,
@@ -295,17 +313,19 @@ async def test_a_real_pod_reaches_the_proxy_and_dns_and_nothing_else(
             v6_plain,
             v6_plain.org_a,
             targets=list(targets.values()),
-            dns_name=site.proxy_host,
+            dns_name=service_name(site),
             timeout=3,
         )
 
     attempts = {a["target"]: a for a in report["internet"]["attempts"]}
     for name, target in targets.items():
         assert attempts[target]["reachable"] is False, (name, attempts[target])
+    # the proxy, by the address the node read from its Service (no name to resolve)
+    assert report["env"]["HOST"] == f"http://{site.proxy_host}", report["env"]
     assert report["proxy"]["reachable"] is True, report["proxy"]
     assert report["proxy"]["healthz"]["status"] is not None, report["proxy"]
-    # DNS as designed: the cluster DNS answers for the proxy's Service name.
-    assert report["dns"]["resolves"] is True, report["dns"]
+    # no DNS: not even the cluster's own names resolve (the query never reaches CoreDNS)
+    assert report["dns"]["resolves"] is False, report["dns"]
     # Pod Security restricted, as the container itself sees it.
     identity = report["identity"]
     assert (identity["uid"], identity["root"]) == (RUN_UID, False)
@@ -335,7 +355,7 @@ async def test_without_the_network_policies_the_same_probe_gets_through(
             v6_plain,
             v6_plain.org_a,
             targets=list(targets.values()),
-            dns_name=site.proxy_host,
+            dns_name=service_name(site),
             timeout=3,
         )
 
@@ -343,7 +363,44 @@ async def test_without_the_network_policies_the_same_probe_gets_through(
     for name, target in targets.items():
         assert attempts[target]["reachable"] is True, (name, attempts[target])
     assert report["proxy"]["reachable"] is True
-    assert report["dns"]["resolves"] is True
+    assert report["dns"]["resolves"] is True  # the hole the policy closes
+
+
+async def test_a_pod_that_is_no_run_has_no_network_under_the_namespace_default_deny(
+    v6_plain: V6Collaboration,
+    make_site: MakeSite,
+    k8s_testbed: K8sTestbed,
+    k8s_real_worker: K8sRealWorker,
+    tmp_path: Path,
+) -> None:
+    site = await make_site(v6_plain, v6_plain.org_a)
+    # the chart's namespace-wide default deny, as helm renders it for this namespace
+    values = merged(REQUIRED_VALUES, {"namespace": {"create": False, "name": site.namespace}})
+    deny = one(render(values, tmp_path), "NetworkPolicy", "fn-fednode-default-deny")
+    stranger = {"app": "not-a-run"}
+    async with host_listener(k8s_real_worker.node_ip) as host_port:
+        other = await k8s_testbed.create_namespace("fednode-other")
+        outside = await k8s_real_worker.listener_pod(other)
+        inside = await k8s_real_worker.listener_pod(site.namespace, "inside")
+        targets = [
+            f"{k8s_real_worker.node_ip}:{host_port}",
+            f"{outside}:8080",
+            *(await k8s_real_worker.cluster_dns()).values(),
+        ]
+        probe = k8s_real_worker.connect_probe
+        out_before = await probe(site.namespace, "out-before", targets, labels=stranger)
+        in_before = await probe(other, "in-before", [f"{inside}:8080"], labels=stranger)
+        async with k8s_testbed.api_client() as api:
+            await client.NetworkingV1Api(api).create_namespaced_network_policy(site.namespace, deny)
+        out_after = await probe(site.namespace, "out-after", targets, labels=stranger)
+        in_after = await probe(other, "in-after", [f"{inside}:8080"], labels=stranger)
+
+    # without it, a pod someone else starts in the node's namespace reaches everything
+    assert out_before == dict.fromkeys(targets, True)
+    assert in_before == {f"{inside}:8080": True}
+    # with it, nothing in or out
+    assert out_after == dict.fromkeys(targets, False)
+    assert in_after == {f"{inside}:8080": False}
 
 
 async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_go_through(

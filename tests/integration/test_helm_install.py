@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import http.server
 import json
 import os
@@ -28,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,16 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import incluster_config
 
-from executors.base import LABEL_NODE, LABEL_RUN
+from executors.base import LABEL_NODE, LABEL_RUN, run_labels
 from executors.kubernetes import client as kube_client
 from executors.kubernetes.client import KubeClient, KubeError, connect
+from executors.kubernetes.config import KubernetesSettings
+from executors.kubernetes.manifests import job_name, run_job, secret_name, token_secret
 from node.app import Node
 from node.contract import decode_value
 from node.settings import load_settings
 from policies.network import policy_name_prefix, run_network_policy_names
+from tests.integration.test_k8s_executor_support import make_spec
 from tests.peers.kubernetes import K8sTestbed
 from tests.peers.v6server import V6Collaboration, V6Server
 from tests.unit.test_helm_support import CHART, helm
@@ -396,12 +400,17 @@ async def test_helm_install_is_admitted_under_pod_security_restricted(
             "Role",
             "RoleBinding",
             "Service",
-            "NetworkPolicy",
-            "NetworkPolicy",
-            "NetworkPolicy",
+            "NetworkPolicy",  # the node pod's
+            "NetworkPolicy",  # the namespace's default deny
+            "NetworkPolicy",  # the runs' default deny
+            "NetworkPolicy",  # the runs' egress
             "Deployment",
+            "ValidatingAdmissionPolicy",  # the node's Jobs
+            "ValidatingAdmissionPolicyBinding",
+            "ValidatingAdmissionPolicy",  # the node's Secrets
+            "ValidatingAdmissionPolicyBinding",
         ]
-    )  # node's, runs' two
+    )
     assert not [o for o in manifest if o["kind"].startswith("Cluster")]
     namespace = await core.read_namespace(release.namespace)
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -506,67 +515,74 @@ async def test_the_node_token_can_do_what_the_executor_needs_in_its_namespace(
     tmp_path: Path,
 ) -> None:
     ns = release.namespace
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "rbac-probe", "labels": {LABEL_NODE: release.node_name}},
-        "spec": {
-            "suspend": True,
-            "template": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": 10001,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [
-                        {
-                            "name": "c",
-                            "image": "busybox",
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                        }
-                    ],
-                }
-            },
-        },
-    }
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "rbac-probe"},
-        "stringData": {"token": "t"},
-    }
+    job, token = await run_objects(admin, release, run_id=1)
+    name = job["metadata"]["name"]
     deny, egress = run_network_policy_names(policy_name_prefix(release.node_name))
     jobs, pods = f"/apis/batch/v1/namespaces/{ns}/jobs", f"/api/v1/namespaces/{ns}/pods"
     secrets = f"/api/v1/namespaces/{ns}/secrets"
     policies = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
 
     async with node_client(release, admin, monkeypatch, tmp_path) as kube:
+        created = await kube.create(jobs, job, what="t")  # a run's Job, as the executor makes it
         allowed = {
-            "create jobs": kube.create(jobs, job, what="t"),
-            "get jobs": kube.get(f"{jobs}/rbac-probe", what="t"),
+            "get jobs": kube.get(f"{jobs}/{name}", what="t"),
             "list jobs": kube.get(jobs, what="t"),
             "watch jobs": watch_status(kube, jobs),
-            "delete jobs": kube.delete(f"{jobs}/rbac-probe", what="t"),
             "list pods": kube.get(pods, what="t"),
             "watch pods": watch_status(kube, pods),
-            "create secrets": kube.create(secrets, secret, what="t"),
-            "delete secrets": kube.delete(f"{secrets}/rbac-probe", what="t"),
+            "create secrets": kube.create(secrets, token(created), what="t"),
+            "delete secrets": kube.delete(f"{secrets}/{name}-token", what="t"),
+            "delete jobs": kube.delete(f"{jobs}/{name}", what="t"),
             # its runs' NetworkPolicies, the chart's: read (checked at start-up), by name
             "get its runs' default-deny policy": kube.get(f"{policies}/{deny}", what="t"),
             "get its runs' egress policy": kube.get(f"{policies}/{egress}", what="t"),
             "get its namespace": kube.get(f"/api/v1/namespaces/{ns}", what="t"),
+            # its proxy Service (its ClusterIP is what runs are given), by name
+            "get its proxy service": kube.get(
+                f"/api/v1/namespaces/{ns}/services/{FULLNAME}-proxy", what="t"
+            ),
         }
         statuses = {what: await status_of(call) for what, call in allowed.items()}
         # a pod's log: authorized, then the API server finds no such pod
         statuses["get pods/log"] = await status_of(kube.text(f"{pods}/none/log", what="t"))
 
     assert statuses == {**{what: 200 for what in allowed}, "get pods/log": 404}
+
+
+async def run_objects(
+    admin: Any, release: Release, *, run_id: int
+) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
+    """A run's Job exactly as the executor makes it from the installed node.yaml, and how
+    its token Secret is made once the Job exists (it is owned by the created Job)."""
+    config_map = await client.CoreV1Api(admin).read_namespaced_config_map(
+        FULLNAME, release.namespace
+    )
+    settings = KubernetesSettings.model_validate(
+        yaml.safe_load(config_map.data["node.yaml"])["executor"]
+    )
+    spec = make_spec(run_id, image="localhost/fednode/average:latest")
+    name = job_name(release.node_name, run_id)
+    labels = run_labels(spec, node_name=release.node_name)
+    job = run_job(
+        spec,
+        settings=settings,
+        namespace=release.namespace,
+        name=name,
+        labels=labels,
+        token_secret_name=secret_name(release.node_name, run_id),
+        pin_to_node=None,
+    )
+
+    def token(created: dict[str, Any]) -> dict[str, Any]:
+        return token_secret(
+            spec,
+            namespace=release.namespace,
+            name=secret_name(release.node_name, run_id),
+            labels=labels,
+            owner=created,
+        )
+
+    return job, token
 
 
 async def watch_status(kube: KubeClient, path: str, *, within: float = 30) -> int:
@@ -595,6 +611,115 @@ async def watch_status(kube: KubeClient, path: str, *, within: float = 30) -> in
         except TimeoutError:
             return 0
         await asyncio.sleep(0.5)
+
+
+async def test_a_stolen_node_token_cannot_run_a_job_that_reaches_the_nodes_secret(
+    release: Release,
+    admin: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """What ``jobs: create`` and ``secrets: create`` in the namespace of the node's own
+    Secret would allow a stolen node token, each refused by the chart's admission policies;
+    the objects the executor makes still pass."""
+    ns = release.namespace
+    job, token = await run_objects(admin, release, run_id=2)
+    jobs, secrets = f"/apis/batch/v1/namespaces/{ns}/jobs", f"/api/v1/namespaces/{ns}/secrets"
+
+    def attack(name: str, change: Callable[[dict[str, Any], dict[str, Any]], None]) -> Any:
+        bad = copy.deepcopy(job)
+        bad["metadata"]["name"] = f"attack-{name}"
+        pod = bad["spec"]["template"]["spec"]
+        change(pod, pod["containers"][0])
+        return bad
+
+    def mount_secret(pod: dict[str, Any], container: dict[str, Any]) -> None:
+        pod["volumes"].append({"name": "stolen", "secret": {"secretName": FULLNAME}})
+        container["volumeMounts"].append({"name": "stolen", "mountPath": "/mnt/stolen"})
+
+    def env_from_secret(pod: dict[str, Any], container: dict[str, Any]) -> None:
+        ref = {"secretKeyRef": {"name": FULLNAME, "key": "api-key"}}
+        container["env"].append({"name": "STOLEN", "valueFrom": ref})
+
+    def node_account(pod: dict[str, Any], container: dict[str, Any]) -> None:
+        pod["serviceAccountName"] = FULLNAME
+        pod["automountServiceAccountToken"] = True
+
+    def projected_token(pod: dict[str, Any], container: dict[str, Any]) -> None:
+        source = {"serviceAccountToken": {"path": "token"}}
+        pod["volumes"].append({"name": "sa", "projected": {"sources": [source]}})
+
+    def sidecar(pod: dict[str, Any], container: dict[str, Any]) -> None:
+        pod["containers"].append({**copy.deepcopy(container), "name": "sidecar"})
+
+    def pull_with_secret(pod: dict[str, Any], container: dict[str, Any]) -> None:
+        pod["imagePullSecrets"] = [{"name": FULLNAME}]
+
+    unlabelled = copy.deepcopy(job)  # outside the runs' NetworkPolicies (open egress)
+    unlabelled["metadata"]["name"] = "attack-unlabelled"
+    unlabelled["spec"]["template"]["metadata"]["labels"] = {"innocent": "yes"}
+    attacks = {
+        "a Job mounting the node's Secret": attack("mount", mount_secret),
+        "a Job with the node's API key in its environment": attack("env", env_from_secret),
+        "a Job under the node's service account, token mounted": attack("sa", node_account),
+        "a Job projecting a service-account token": attack("projected", projected_token),
+        "a Job with a second container": attack("sidecar", sidecar),
+        "a Job pulling with the node's Secret": attack("pull", pull_with_secret),
+        "a Job without the run labels": unlabelled,
+    }
+    forged = {
+        # the token controller would fill it with a token of the node's service account
+        "a service-account-token Secret": {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/service-account-token",
+            "metadata": {
+                "name": "fednode-run-9-abcdef-token",
+                "annotations": {"kubernetes.io/service-account.name": FULLNAME},
+            },
+        },
+        "a token Secret no run's Job owns": {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "immutable": True,
+            "metadata": {"name": "fednode-run-9-abcdef-token"},
+            "data": {"token": "dA=="},
+        },
+    }
+
+    refusals: dict[str, tuple[int, str]] = {}
+    async with node_client(release, admin, monkeypatch, tmp_path) as kube:
+        for what, body in attacks.items():
+            refusals[what] = await refusal_of(kube.create(jobs, body, what="t"))
+        for what, body in forged.items():
+            refusals[what] = await refusal_of(kube.create(secrets, body, what="t"))
+        # the executor's own objects pass
+        created = await kube.create(jobs, job, what="t")
+        await kube.create(secrets, token(created), what="t")
+        await kube.delete(f"{jobs}/{job['metadata']['name']}", what="t")
+
+    for what, (status, message) in refusals.items():
+        assert status == 403, (what, status, message)
+        assert "ValidatingAdmissionPolicy" in message and "denied request" in message, what
+    assert "mounts only the task claim" in refusals["a Job mounting the node's Secret"][1]
+    assert (
+        "no service-account token"
+        in refusals["a Job under the node's service account, token mounted"][1]
+    )
+    assert "Opaque" in refusals["a service-account-token Secret"][1]
+    # and nothing of the attacks was created
+    listed = await client.BatchV1Api(admin).list_namespaced_job(ns)
+    assert not [j for j in listed.items if j.metadata.name.startswith("attack-")]
+
+
+async def refusal_of(call: Any) -> tuple[int, str]:
+    """(status, message) of a request that should be refused; (200, "") if it was not."""
+    try:
+        await call
+    except KubeError as error:
+        return error.status, error.message
+    return 200, ""
 
 
 async def test_the_node_token_is_refused_secrets_namespaces_and_anything_cluster_wide(
@@ -904,13 +1029,15 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
         for p in container.pods.values()
         if p["metadata"]["labels"].get("fednode.io/task-id") == str(task["id"])
     ]
-    # the run was told to call the proxy Service, on the proxy's port
+    # the run was told to call the proxy Service by its ClusterIP (runs have no DNS), which
+    # the node read from the Service with its own token, on the proxy's port
+    service = await core.read_namespaced_service(f"{FULLNAME}-proxy", release.namespace)
     env = {
         e["name"]: decode_value(e["value"])
         for e in pod["spec"]["containers"][0]["env"]
         if e["name"] in ("HOST", "PORT")
     }
-    assert env["HOST"] == f"http://{FULLNAME}-proxy.{release.namespace}.svc.cluster.local"
+    assert env["HOST"] == f"http://{service.spec.cluster_ip}"
     assert env["PORT"] == str(release.proxy_port)
     if pinned:  # on the Kubernetes node that has the node pod (and its RWO claim)
         assert pod["spec"]["nodeName"] == node_pod.spec.node_name
@@ -938,8 +1065,7 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
     policies = {p["metadata"]["name"]: p["spec"] for p in listed["items"]}
     prefix = f"fednode-runs-{release.node_name}"
     assert set(policies) == {f"{prefix}-default-deny", f"{prefix}-egress"}
-    to_proxy, to_dns = policies[f"{prefix}-egress"]["egress"]
-    service = await core.read_namespaced_service(f"{FULLNAME}-proxy", release.namespace)
+    (to_proxy,) = policies[f"{prefix}-egress"]["egress"]  # and not the DNS
     assert to_proxy["to"][0]["podSelector"]["matchLabels"] == service.spec.selector
     assert to_proxy["ports"] == [{"port": release.proxy_port, "protocol": "TCP"}]
     node_pods = await core.list_namespaced_pod(
@@ -947,7 +1073,6 @@ async def test_the_node_with_the_chart_config_and_its_service_account_runs_a_tas
         label_selector=",".join(f"{k}={v}" for k, v in service.spec.selector.items()),
     )
     assert len(node_pods.items) == 1  # the Deployment's pod carries those labels
-    assert to_dns["ports"][0]["port"] == 53
 
 
 # -- the node image, as the node pod would run it ------------------------------------------
