@@ -139,8 +139,8 @@ class KubeClient:
     async def get(self, path: str, *, query: Query = (), what: str) -> Json:
         return await self._json("GET", path, query=query, what=what)
 
-    async def create(self, path: str, body: Json, *, what: str) -> Json:
-        return await self._json("POST", path, body=body, what=what)
+    async def create(self, path: str, body: Json, *, query: Query = (), what: str) -> Json:
+        return await self._json("POST", path, query=query, body=body, what=what)
 
     async def delete(self, path: str, *, query: Query = (), what: str) -> Json:
         return await self._json("DELETE", path, query=query, what=what)

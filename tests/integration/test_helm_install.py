@@ -690,6 +690,7 @@ async def test_a_stolen_node_token_cannot_run_a_job_that_reaches_the_nodes_secre
 
     refusals: dict[str, tuple[int, str]] = {}
     async with node_client(release, admin, monkeypatch, tmp_path) as kube:
+        await policies_in_force(kube, jobs, attacks["a Job mounting the node's Secret"])
         for what, body in attacks.items():
             refusals[what] = await refusal_of(kube.create(jobs, body, what="t"))
         for what, body in forged.items():
@@ -711,6 +712,16 @@ async def test_a_stolen_node_token_cannot_run_a_job_that_reaches_the_nodes_secre
     # and nothing of the attacks was created
     listed = await client.BatchV1Api(admin).list_namespaced_job(ns)
     assert not [j for j in listed.items if j.metadata.name.startswith("attack-")]
+
+
+async def policies_in_force(kube: KubeClient, jobs: str, attack: Any, within: float = 15) -> None:
+    """Until the API server enforces the just-installed admission policies: it compiles
+    new policies in the background (about a second after they are created), so a dry run
+    of one attack is repeated until it is refused."""
+    deadline = time.monotonic() + within
+    while await status_of(kube.create(jobs, attack, query=(("dryRun", "All"),), what="t")) < 400:
+        assert time.monotonic() < deadline, f"admission policies not in force after {within} s"
+        await asyncio.sleep(0.2)
 
 
 async def refusal_of(call: Any) -> tuple[int, str]:
