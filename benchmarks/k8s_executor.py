@@ -394,7 +394,7 @@ def referee_main(args: argparse.Namespace) -> None:
 
 
 async def referee(args: argparse.Namespace) -> None:
-    from tests.integration.test_k8s_executor_support import chart_network_policies, task_volume
+    from tests.integration.k8s_executor_helpers import chart_network_policies, task_volume
     from tests.peers.kubernetes import DEFAULT_KUBECONFIG, K8sTestbed
 
     quiet_logs()

@@ -63,7 +63,7 @@ from node.app import Node  # noqa: E402
 from node.logging import configure_logging  # noqa: E402
 from node.server.rest import ServerClient  # noqa: E402
 from node.settings import load_settings  # noqa: E402
-from tests.integration.test_k8s_executor_support import chart_network_policies  # noqa: E402
+from tests.integration.k8s_executor_helpers import chart_network_policies  # noqa: E402
 from tests.peers.kubernetes import DEFAULT_KUBECONFIG, POD_RUN_SECONDS, SCRIPT, K8sTestbed  # noqa: E402
 from tests.peers.stack import free_port, running_node, server_with_collaboration  # noqa: E402
 

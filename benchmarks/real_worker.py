@@ -44,7 +44,7 @@ from executors.base import LABEL_NODE, LABEL_RUN  # noqa: E402
 from node.logging import configure_logging  # noqa: E402
 from node.settings import load_settings  # noqa: E402
 from tests.conformance.podman_harness import build_behaviour_image  # noqa: E402
-from tests.integration.test_k8s_executor_support import chart_network_policies  # noqa: E402
+from tests.integration.k8s_executor_helpers import chart_network_policies  # noqa: E402
 from tests.peers import v6server as v6_peer  # noqa: E402
 from tests.peers.kubernetes import DEFAULT_KUBECONFIG, SCRIPT, K8sRealWorker, K8sTestbed  # noqa: E402
 from tests.peers.podman import PodmanService, _start_service, _stop_service  # noqa: E402

@@ -34,7 +34,7 @@ from executors.kubernetes.executor import KubernetesExecutor
 from executors.kubernetes.manifests import job_name
 from executors.spec import Phase, Resources, RunEvent, RunOutput, RunSpec, RunState
 from tests.conformance.harness import Behaviour, Harness
-from tests.integration.test_k8s_executor_support import (
+from tests.integration.k8s_executor_helpers import (
     chart_network_policies,
     settings_for,
     task_volume,

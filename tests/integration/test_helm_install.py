@@ -50,12 +50,12 @@ from node.app import Node
 from node.contract import decode_value
 from node.settings import load_settings
 from policies.network import policy_name_prefix, run_network_policy_names
-from tests.integration.test_k8s_executor_support import make_spec
+from tests.integration.k8s_executor_helpers import make_spec
+from tests.peers.helm import CHART, helm
 from tests.peers.kubernetes import K8sTestbed
 from tests.peers.v6server import V6Collaboration, V6Server
-from tests.unit.test_helm_support import CHART, helm
 
-pytestmark = [pytest.mark.kubernetes, pytest.mark.slow]
+pytestmark = [pytest.mark.kubernetes, pytest.mark.helm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 EMPLOYEES_A = REPO / "algorithms" / "data" / "employees_a.csv"
@@ -1141,7 +1141,7 @@ def test_the_node_image_checks_the_charts_config_as_uid_10001_with_a_read_only_r
     node_image: str,
     tmp_path: Path,
 ) -> None:
-    from tests.unit.test_helm_support import REQUIRED_VALUES, merged, node_yaml, render
+    from tests.peers.helm import REQUIRED_VALUES, merged, node_yaml, render
 
     values = merged(
         REQUIRED_VALUES,

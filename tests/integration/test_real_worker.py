@@ -25,7 +25,7 @@ from executors.kubernetes.executor import KubernetesExecutor
 from executors.kubernetes.manifests import job_name
 from executors.spec import Phase, Reason, Resources, RunEvent, RunSpec
 from tests.conformance.podman_harness import build_behaviour_image
-from tests.integration.test_k8s_executor_support import chart_network_policies, settings_for
+from tests.integration.k8s_executor_helpers import chart_network_policies, settings_for
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
 

@@ -44,9 +44,25 @@ from typing import Any
 import pytest
 import yaml
 
+# Pod annotations the testbed's kwok stages understand, and its nodes (testbed.kwok).
+from testbed.kwok import (
+    GPU_LABEL,
+    GPU_NODE,
+    GPU_RESOURCE,
+    POD_EXIT_CODE,
+    POD_IMAGE_MISSING,
+    POD_OOM_KILLED,
+    POD_RUN_SECONDS,
+    POD_START_SECONDS,
+)
+from testbed.layout import KUBECONFIG, PORTS
+from testbed.worker import layout as worker_layout
+
 __all__ = [
+    "APISERVER_PORT",
     "EXECUTOR_RULES",
     "GPU_NODE",
+    "GPU_NODE_SELECTOR",
     "GPU_RESOURCE",
     "GPU_TOLERATION",
     "POD_EXIT_CODE",
@@ -63,31 +79,22 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "k8s-testbed"
-DEFAULT_KUBECONFIG = Path.home() / ".cache" / "fednode" / "k8s" / "run" / "admin.kubeconfig"
+DEFAULT_KUBECONFIG = KUBECONFIG  # honours FEDNODE_CACHE_DIR, as the testbed does
 UP_TIMEOUT = 300.0
 
-# Pod annotations the testbed's kwok stages understand (scripts/k8s_testbed.py).
-POD_RUN_SECONDS = "fednode.test/run-seconds"  # "1" (default), "0.2", "forever"
-POD_START_SECONDS = "fednode.test/start-seconds"  # "0" (default)
-POD_EXIT_CODE = "fednode.test/exit-code"  # "3" -> terminated exitCode 3, phase Failed
-POD_OOM_KILLED = "fednode.test/oom-killed"  # "true" -> exitCode 137, reason OOMKilled
-POD_IMAGE_MISSING = "fednode.test/image-missing"  # "true" -> Pending, ErrImagePull
-
-#: The real worker (scripts/k8s_worker.py): how to land there, and the host as pods see it.
-REAL_NODE = "fednode-worker-0"
-REAL_NODE_SELECTOR = {"fednode.test/real": "true"}
-REAL_TOLERATION = {
-    "key": "fednode.test/real-worker",
-    "operator": "Equal",
-    "value": "true",
-    "effect": "NoSchedule",
-}
-REAL_NODE_IP = "10.245.0.1"  # the pod bridge's address on the host (also the node IP)
+#: The real worker (testbed.worker): how to land there, and the host as pods see it.
+REAL_NODE = worker_layout.NODE_NAME
+REAL_NODE_SELECTOR = {worker_layout.REAL_LABEL: "true"}
+REAL_TOLERATION = dict(worker_layout.REAL_TOLERATION)
+REAL_NODE_IP = worker_layout.NODE_IP  # the pod bridge's address on the host (the node IP)
 REAL_UP_TIMEOUT = 600.0
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE = "kwok-gpu-0"  # advertises nvidia.com/gpu: 4, label fednode.test/gpu=true
+#: The kube-apiserver port; on the real worker pods reach it at ``REAL_NODE_IP``:this port.
+APISERVER_PORT = PORTS["kube-apiserver"]
+
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+#: Pins a pod to the kwok GPU node (with ``GPU_TOLERATION``).
+GPU_NODE_SELECTOR = {GPU_LABEL: "true"}
 
 #: What a fednode executor may do in its own namespace (the default Role of
 #: ``K8sTestbed.service_account_kubeconfig``).

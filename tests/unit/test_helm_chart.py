@@ -16,7 +16,7 @@ from executors.kubernetes.executor import run_network_policy_manifests
 from executors.kubernetes.rbac import ROLE_RULES, role_rules
 from node.settings import load_settings
 from policies.pod_security import container_security_context, namespace_labels
-from tests.unit.test_helm_support import (
+from tests.peers.helm import (
     CHART,
     EXISTING_VALUES,
     FULL_VALUES,
@@ -125,6 +125,7 @@ def test_the_charts_app_version_is_fednodes_version_and_the_node_images_tag() ->
 # -- lint ---------------------------------------------------------------------------------
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("which", ["required", "full", "existing"])
 def test_helm_lint_passes(which: str, full_values: dict[str, Any], tmp_path: Path) -> None:
     values = {"required": REQUIRED_VALUES, "full": full_values, "existing": EXISTING_VALUES}
@@ -144,6 +145,7 @@ CLUSTER_SCOPED = {
 }
 
 
+@pytest.mark.helm
 def test_defaults_render_one_namespaced_node_and_its_admission_policies(tmp_path: Path) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
 
@@ -177,6 +179,7 @@ def test_defaults_render_one_namespaced_node_and_its_admission_policies(tmp_path
     assert namespace["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
+@pytest.mark.helm
 def test_the_role_is_rbac_py_bound_to_the_node_service_account_only(tmp_path: Path) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
 
@@ -197,6 +200,7 @@ def test_the_role_is_rbac_py_bound_to_the_node_service_account_only(tmp_path: Pa
     assert pod_spec(objects)["automountServiceAccountToken"] is True
 
 
+@pytest.mark.helm
 def test_the_node_pod_is_restricted_like_its_runs(tmp_path: Path) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
     deployment = one(objects, "Deployment")
@@ -224,6 +228,7 @@ def test_the_node_pod_is_restricted_like_its_runs(tmp_path: Path) -> None:
     assert api_key["valueFrom"]["secretKeyRef"] == {"name": "fn-fednode", "key": "api-key"}
 
 
+@pytest.mark.helm
 def test_the_proxy_service_and_the_runs_policies_select_labels_the_node_pod_carries(
     tmp_path: Path,
 ) -> None:
@@ -254,6 +259,7 @@ def test_the_proxy_service_and_the_runs_policies_select_labels_the_node_pod_carr
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("values", ["required", "full"])
 def test_the_chart_renders_exactly_the_runs_policies_the_node_verifies(
     values: str,
@@ -281,6 +287,7 @@ def test_the_chart_renders_exactly_the_runs_policies_the_node_verifies(
     }
 
 
+@pytest.mark.helm
 def test_the_default_node_yaml_is_a_valid_kubernetes_node_configuration(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -310,6 +317,7 @@ def test_the_default_node_yaml_is_a_valid_kubernetes_node_configuration(
     }
 
 
+@pytest.mark.helm
 def test_the_namespace_denies_every_pod_that_no_other_policy_opens(tmp_path: Path) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
     policy = one(objects, "NetworkPolicy", "fn-fednode-default-deny")
@@ -324,6 +332,7 @@ def test_the_namespace_denies_every_pod_that_no_other_policy_opens(tmp_path: Pat
     assert not [o for o in off if o["metadata"]["name"] == "fn-fednode-default-deny"]
 
 
+@pytest.mark.helm
 def test_the_runs_policies_open_no_dns(tmp_path: Path) -> None:
     objects = render(REQUIRED_VALUES, tmp_path)
     egress = one(objects, "NetworkPolicy", "fednode-runs-fn-egress")["spec"]["egress"]
@@ -331,6 +340,7 @@ def test_the_runs_policies_open_no_dns(tmp_path: Path) -> None:
     assert [p["port"] for rule in egress for p in rule["ports"]] == [7654]
 
 
+@pytest.mark.helm
 def test_the_admission_policies_match_only_the_node_service_account_in_its_namespace(
     tmp_path: Path,
 ) -> None:
@@ -361,6 +371,7 @@ def test_the_admission_policies_match_only_the_node_service_account_in_its_names
         }
 
 
+@pytest.mark.helm
 def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_server(
     tmp_path: Path,
 ) -> None:
@@ -395,6 +406,7 @@ def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_ser
 # -- every option -------------------------------------------------------------------------
 
 
+@pytest.mark.helm
 def test_every_option_reaches_the_objects_and_node_yaml(
     full_values: dict[str, Any],
     tmp_path: Path,
@@ -539,6 +551,7 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert "variables.labels['fednode.io/node'] == 'hospital-a'" in contexts
 
 
+@pytest.mark.helm
 def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -> None:
     objects = render(EXISTING_VALUES, tmp_path, namespace="hospital")
     config = node_yaml(objects)
@@ -570,6 +583,7 @@ def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -
 # -- wrong values -------------------------------------------------------------------------
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize(
     ("values", "message"),
     [

@@ -23,9 +23,7 @@ from executors.kubernetes.config import KubernetesSettings
 from executors.kubernetes.executor import KubernetesExecutor, run_network_policy_manifests
 from executors.kubernetes.rbac import role_rules
 from executors.spec import Phase, Resources, RunEvent, RunSpec
-from tests.peers.kubernetes import GPU_TOLERATION, POD_RUN_SECONDS, bound_claim
-
-GPU_NODE_SELECTOR = {"fednode.test/gpu": "true"}
+from tests.peers.kubernetes import GPU_NODE_SELECTOR, GPU_TOLERATION, POD_RUN_SECONDS, bound_claim
 
 
 def settings_for(namespace: str, kubeconfig: Path, **overrides: object) -> KubernetesSettings:
