@@ -92,7 +92,7 @@ def containers_of(podman: PodmanService, run_id: int, *, node: str | None = None
 
 def run_spans(node: RunningNode) -> dict[int, ReadableSpan]:
     """The node's ``run`` span of each run (the root of that run's spans on this node)."""
-    return {int(s.attributes["fednode.run_id"]): s for s in node.spans if s.name == "run"}  # type: ignore[arg-type,index]
+    return {int((s.attributes or {})["fednode.run_id"]): s for s in node.spans if s.name == "run"}  # type: ignore[arg-type]
 
 
 def child_spans(node: RunningNode, name: str) -> dict[int, ReadableSpan]:
@@ -118,7 +118,9 @@ def peak_overlap(intervals: list[tuple[int, int]]) -> int:
 def uploads(node: RunningNode) -> Counter[int]:
     """How many results each run had uploaded (one ``upload`` span per upload)."""
     roots = {
-        s.context.span_id: s.attributes["fednode.run_id"] for s in node.spans if s.name == "run"
+        s.context.span_id: (s.attributes or {})["fednode.run_id"]
+        for s in node.spans
+        if s.name == "run"
     }
     return Counter(
         int(roots[s.parent.span_id])  # type: ignore[arg-type]
@@ -165,7 +167,7 @@ async def test_runs_beyond_max_concurrent_runs_wait_and_start_in_arrival_order(
     assert sorted(executing) == sorted(run["id"] for run in runs)
     assert peak_overlap([(s.start_time, s.end_time) for s in executing.values()]) == 2  # type: ignore[misc]
     # Runs queued: several arrived (their trace began) while both slots were executing.
-    arrived = {run_id: span.start_time for run_id, span in run_spans(node).items()}
+    arrived = {run_id: span.start_time or 0 for run_id, span in run_spans(node).items()}
     queued = [
         run_id
         for run_id, at in arrived.items()

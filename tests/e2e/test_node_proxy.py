@@ -45,7 +45,9 @@ async def test_central_average_through_the_proxy(
     assert (result["sum"], result["count"]) == (670, 16)
     # The central run's proxied calls are spans in its own trace.
     (central,) = [
-        s for s in node_a.spans if s.name == "run" and s.attributes["fednode.task_id"] == task["id"]
+        s
+        for s in node_a.spans
+        if s.name == "run" and (s.attributes or {})["fednode.task_id"] == task["id"]
     ]
     proxied = [s for s in node_a.spans if s.context.trace_id == central.context.trace_id]
     assert any("task" in s.name for s in proxied if s.name not in {"run", "admit", "start"})

@@ -36,11 +36,11 @@ from node.app import Node
 from node.settings import load_settings
 from tests.conformance.podman_harness import build_behaviour_image
 from tests.e2e.conftest import DATA, SESSION, RunningNode, free_port, wait_until_connected
-from tests.integration.test_k8s_executor_support import chart_network_policies
-from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
+from tests.integration.k8s_executor_helpers import chart_network_policies
+from tests.peers.kubernetes import APISERVER_PORT, K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration, V6Org, V6Server
-from tests.unit.test_helm_support import REQUIRED_VALUES, merged, one, render
+from tests.peers.helm import REQUIRED_VALUES, merged, one, render
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
 
@@ -208,12 +208,12 @@ async def wait_until(condition: Callable[[], bool], *, what: str, timeout: float
 def uploads(node: RunningNode) -> Counter[int]:
     """How many results each run had uploaded (one ``upload`` span under its ``run``)."""
     roots = {
-        s.context.span_id: s.attributes["fednode.run_id"]  # type: ignore[index]
+        s.context.span_id: (s.attributes or {})["fednode.run_id"]
         for s in node.spans
         if s.name == "run"
     }
     return Counter(
-        int(roots[s.parent.span_id])  # type: ignore[arg-type]
+        int(roots[s.parent.span_id])
         for s in node.spans
         if s.name == "upload" and s.parent is not None and s.parent.span_id in roots
     )
@@ -254,7 +254,7 @@ async def probe_targets(
         "host": f"{k8s_real_worker.node_ip}:{host_port}",
         "pod": f"{pod_ip}:8080",
         "apiserver-service": "10.96.0.1:443",
-        "apiserver": f"{k8s_real_worker.node_ip}:16443",
+        "apiserver": f"{k8s_real_worker.node_ip}:{APISERVER_PORT}",
         **await k8s_real_worker.cluster_dns(),
     }
 
@@ -441,21 +441,24 @@ async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_g
     assert not [s for s in second.spans if s.name == "start"]
     # (the proxy records a span only for a call whose token a run holds)
     proxied = {
-        str(s.name): s.attributes["http.response.status_code"]  # type: ignore[index]
+        str(s.name): (s.attributes or {})["http.response.status_code"]
         for s in second.spans
-        if s.name.startswith("proxy ") and s.attributes["fednode.run_id"] == run["id"]
-    }  # type: ignore[index]
+        if s.name.startswith("proxy ") and (s.attributes or {})["fednode.run_id"] == run["id"]
+    }
     assert proxied, "no call of the adopted run went through the restarted node's proxy"
     assert all(status == 200 for status in proxied.values()), proxied
     # Still one trace: the second node's spans of the adopted run join the first node's.
     (began,) = [
-        s for s in first.spans if s.name == "run" and s.attributes["fednode.run_id"] == run["id"]
-    ]  # type: ignore[index]
+        s
+        for s in first.spans
+        if s.name == "run" and (s.attributes or {})["fednode.run_id"] == run["id"]
+    ]
     adopted = [
-        s for s in second.spans if s.name == "run" and s.attributes["fednode.run_id"] == run["id"]
-    ]  # type: ignore[index]
+        s
+        for s in second.spans
+        if s.name == "run" and (s.attributes or {})["fednode.run_id"] == run["id"]
+    ]
     assert began.context is not None and adopted
-    assert {
-        (s.parent.trace_id, s.parent.span_id)
-        for s in adopted  # type: ignore[union-attr]
-    } == {(began.context.trace_id, began.context.span_id)}
+    assert {(s.parent.trace_id, s.parent.span_id) if s.parent else None for s in adopted} == {
+        (began.context.trace_id, began.context.span_id)
+    }

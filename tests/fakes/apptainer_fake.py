@@ -294,8 +294,8 @@ def parse_flags(command: str, args: list[str]) -> tuple[Options, list[str]]:
             short = arg[1:2]
             if short not in SHORT:
                 flag_error(command, f"unknown shorthand flag: '{short}' in {arg}")
-            name, has_value, inline = SHORT[short], bool(arg[2:]), arg[2:]
-            has_value = "=" if has_value else ""
+            name, inline = SHORT[short], arg[2:]
+            has_value = "=" if inline else ""
         if name in BOOL_FLAGS:
             if has_value and inline not in ("true", "false"):
                 flag_error(command, f'invalid argument "{inline}" for "--{name}" flag')

@@ -5,7 +5,7 @@ Every executor here acts as a ServiceAccount bound only to the Role of
 the admin kubeconfig is used only to set up and to look at what the executor made. kwok
 pods run no code: the tests play the container's part by writing the run's output file
 into ``task_dir/run-<id>/output`` when the run is reported running
-(:class:`~tests.integration.test_k8s_executor_support.EventLog`).
+(:class:`~tests.integration.k8s_executor_helpers.EventLog`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from executors.kubernetes.executor import KubernetesExecutor, run_network_policy
 from executors.kubernetes.manifests import job_name, secret_name
 from executors.kubernetes.rbac import ROLE_RULES, proxy_service_rule, role_rules
 from executors.spec import Phase, ProxyEndpoint, Reason
-from tests.integration.test_k8s_executor_support import (
+from tests.integration.k8s_executor_helpers import (
     EventLog,
     chart_network_policies,
     make_spec,
@@ -107,7 +107,7 @@ async def events(executor: KubernetesExecutor, task_dir: Path) -> AsyncIterator[
 
 async def read_job(admin: Any, namespace: str, run_id: int) -> dict[str, Any]:
     """The run's Job as plain JSON (as the executor itself sees it)."""
-    raw = await client.BatchV1Api(admin).read_namespaced_job(
+    raw: Any = await client.BatchV1Api(admin).read_namespaced_job(  # the raw response
         job_name(NODE, run_id), namespace, _preload_content=False
     )
     job: dict[str, Any] = await raw.json()
@@ -478,7 +478,7 @@ async def test_open_verifies_the_charts_network_policies_and_refuses_missing_or_
     assert executor.requests["get networkpolicies"] == 2
     assert "apply networkpolicies" not in executor.requests
     api = client.NetworkingV1Api(admin)
-    raw = await api.list_namespaced_network_policy(k8s_namespace, _preload_content=False)
+    raw: Any = await api.list_namespaced_network_policy(k8s_namespace, _preload_content=False)
     names = sorted(p["metadata"]["name"] for p in (await raw.json())["items"])
     deny_name, egress_name = names  # <prefix>-default-deny, <prefix>-egress
 
@@ -579,7 +579,7 @@ async def test_out_of_a_cluster_the_executor_can_apply_the_policies_itself_idemp
                 )
                 await executor.open()
                 await executor.close()
-        raw = await client.NetworkingV1Api(admin).list_namespaced_network_policy(
+        raw: Any = await client.NetworkingV1Api(admin).list_namespaced_network_policy(
             namespace, _preload_content=False
         )
         policies = {p["metadata"]["name"]: p["spec"] for p in (await raw.json())["items"]}

@@ -170,7 +170,7 @@ async def test_privileged_pod_is_rejected_by_pod_security(
             await client.CoreV1Api(api).create_namespaced_pod(k8s_namespace, bad)
 
     assert raised.value.status == 403
-    message = json.loads(raised.value.body)["message"]
+    message = json.loads(raised.value.body or b"{}")["message"]
     assert 'violates PodSecurity "restricted:latest"' in message
     assert "privileged" in message
 
@@ -267,7 +267,7 @@ async def test_pod_outcome_follows_its_annotations(
             return any(
                 s.state.waiting and s.state.waiting.reason == expect["waiting"] for s in statuses
             )
-        return p.status.phase == phase
+        return bool(p.status.phase == phase)
 
     async with k8s_testbed.api_client() as api:
         core = client.CoreV1Api(api)
