@@ -13,7 +13,8 @@ testbed this session started running at the end. A testbed that cannot start fai
 test with the reason and the log to read: it is never skipped and never mocked.
 
 Pods on kwok nodes follow annotations (``fednode.test/run-seconds``, ``exit-code``,
-``oom-killed``, ``image-missing``, ``start-seconds``); see ``POD_*`` constants below.
+``oom-killed``, ``image-missing``, ``start-seconds``); see the ``POD_*`` constants
+(from ``testbed.kwok``, as are the node names, paths and ports here).
 
 Fixtures:
 
