@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -98,8 +99,8 @@ async def health_on_all_addresses() -> AsyncIterator[int]:
     site = web.TCPSite(runner, "0.0.0.0", 0)
     await site.start()
     server = site._server
-    assert server is not None
-    yield int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    assert isinstance(server, asyncio.Server)  # a TCPSite listens through asyncio
+    yield int(server.sockets[0].getsockname()[1])
     await runner.cleanup()
 
 
