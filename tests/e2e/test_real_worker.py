@@ -37,10 +37,10 @@ from node.settings import load_settings
 from tests.conformance.podman_harness import build_behaviour_image
 from tests.e2e.conftest import DATA, SESSION, RunningNode, free_port, wait_until_connected
 from tests.integration.k8s_executor_helpers import chart_network_policies
+from tests.peers.helm import REQUIRED_VALUES, merged, one, render
 from tests.peers.kubernetes import APISERVER_PORT, K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration, V6Org, V6Server
-from tests.peers.helm import REQUIRED_VALUES, merged, one, render
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
 

@@ -658,7 +658,7 @@ async def test_a_stolen_node_token_cannot_run_a_job_that_reaches_the_nodes_secre
     unlabelled = copy.deepcopy(job)  # outside the runs' NetworkPolicies (open egress)
     unlabelled["metadata"]["name"] = "attack-unlabelled"
     unlabelled["spec"]["template"]["metadata"]["labels"] = {"innocent": "yes"}
-    attacks = {
+    attacks: dict[str, dict[str, Any]] = {
         "a Job mounting the node's Secret": attack("mount", mount_secret),
         "a Job with the node's API key in its environment": attack("env", env_from_secret),
         "a Job under the node's service account, token mounted": attack("sa", node_account),
@@ -667,7 +667,7 @@ async def test_a_stolen_node_token_cannot_run_a_job_that_reaches_the_nodes_secre
         "a Job pulling with the node's Secret": attack("pull", pull_with_secret),
         "a Job without the run labels": unlabelled,
     }
-    forged = {
+    forged: dict[str, dict[str, Any]] = {
         # the token controller would fill it with a token of the node's service account
         "a service-account-token Secret": {
             "apiVersion": "v1",
