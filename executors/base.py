@@ -21,9 +21,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from executors.credentials import RegistryCredential
+from executors.outputs import OutputLimits
 from executors.spec import ProxyEndpoint, RunEvent, RunOutput, RunSpec, RunState
 
 #: Label keys put on every runtime object (Kubernetes label syntax, valid for podman too).
@@ -60,6 +61,9 @@ class ExecutorContext(BaseModel):
     task_dir: Path
     #: One credential per registry; an executor hands a pull only its image's registry's.
     registry_credentials: tuple[RegistryCredential, ...] = ()
+    #: How much output and log ``collect`` accepts (the node's ``max_output_bytes`` and
+    #: ``max_log_bytes``); see :mod:`executors.outputs`.
+    limits: OutputLimits = Field(default_factory=OutputLimits)
 
 
 def run_labels(spec: RunSpec, *, node_name: str) -> dict[str, str]:

@@ -9,15 +9,22 @@ The directory also keeps the node's own record that it asked for a run to be kil
 (``killed``, never mounted into the container): runtimes that keep no such record of their
 own (podman) tell "killed on request" from "crashed" with it, also after a restart.
 
-The files are small and local; they are written directly rather than through a thread.
+The directory and its files are opened without following links
+(:func:`~executors.outputs.open_run_directory`): the node writes the decrypted input only
+into a file it created itself, and reads the output back through
+:mod:`executors.outputs`, bounded and refused when it is not a plain file. The input and
+token files are small and local; they are written directly rather than through a thread.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 
+from executors.outputs import OutputRead, open_run_directory, read_output
 from executors.spec import INPUT_FILE_NAME, OUTPUT_FILE_NAME, TOKEN_FILE_NAME, RunSpec
 
 #: The node's record of a kill request; not one of the files the container sees.
@@ -29,6 +36,7 @@ class RunFiles:
 
     def __init__(self, task_dir: Path, run_id: int) -> None:
         self.run_id = run_id
+        self.task_dir = task_dir
         self.directory = task_dir / f"run-{run_id}"
 
     @property
@@ -62,25 +70,69 @@ class RunFiles:
     ) -> None:
         """Write input and token, create an empty output; hand them to ``owner`` (uid, gid).
 
-        The directory is private (0700) to whoever runs the container, so other local users
-        cannot read the decrypted input. ``write_token=False`` leaves the token file empty,
+        The directory is private (0700) and stays the node's: the container sees its three
+        files one by one (bind or subPath mounts), never the directory, so it cannot put a
+        link in their place. ``owner`` gets the files, so the container's user can read
+        the input and write the output. ``write_token=False`` leaves the token file empty,
         for runtimes that mount the token over it from elsewhere (a Kubernetes Secret), so
         the token never rests on the shared volume.
         """
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.input.write_bytes(spec.input)
         token = spec.token.get_secret_value() if spec.token and write_token else ""
-        self.token.write_text(token)
-        self.output.write_bytes(b"")
-        if owner is not None and os.geteuid() == 0:
-            for path in (self.directory, self.input, self.token, self.output):
-                os.chown(path, *owner)
+        chown = owner if owner is not None and os.geteuid() == 0 else None
+        with open_run_directory(self.task_dir, self.directory.name) as folder:
+            for name, data in (
+                (INPUT_FILE_NAME, spec.input),
+                (TOKEN_FILE_NAME, token.encode()),
+                (OUTPUT_FILE_NAME, b""),
+            ):
+                _write_new(folder, name, data, owner=chown)
 
-    def read_output(self) -> bytes:
-        try:
-            return self.output.read_bytes()
-        except FileNotFoundError:
-            return b""
+    async def read_output(self, *, limit: int) -> OutputRead:
+        """The output file, at most ``limit`` bytes, or why it is refused
+        (:func:`executors.outputs.read_output`)."""
+        return await read_output(self.task_dir, self.directory.name, OUTPUT_FILE_NAME, limit=limit)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _write_new(folder: int, name: str, data: bytes, *, owner: tuple[int, int] | None) -> None:
+    """Make ``name`` in ``folder`` a plain file holding ``data``, never through a link.
+
+    A plain file already there is rewritten in place (a repeated start keeps the inode a
+    container may have mounted); a link, or anything else, is removed and replaced.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o666, dir_fd=folder)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        fd = -1
+    if fd >= 0:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            fd = -1
+    if fd < 0:
+        _remove_entry(folder, name)
+        fd = os.open(name, flags | os.O_EXCL, 0o666, dir_fd=folder)
+    try:
+        os.ftruncate(fd, 0)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _remove_entry(folder: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=folder)
+    except IsADirectoryError:
+        os.rmdir(name, dir_fd=folder)
+    except FileNotFoundError:
+        pass

@@ -65,6 +65,7 @@ class Reason(enum.StrEnum):
     START_FAILED = "start-failed"  # the runtime refused to create or start it
     NOT_ALLOWED = "not-allowed"  # refused by a policy (e.g. more GPUs than allowed)
     LOST = "lost"  # the runtime object vanished without a terminal state
+    OUTPUT_REFUSED = "output-refused"  # its output is a link, not a file, or over the limit
 
 
 class DatabaseMount(BaseModel):
@@ -176,7 +177,13 @@ class RunState(NamedTuple):
 
 
 class RunOutput(NamedTuple):
-    """What a finished run produced: the output file's bytes and the container log."""
+    """What a finished run produced: the output file's bytes and the container log.
+
+    ``refused`` says why the node would not take the output (a link, not a plain file,
+    over the size limit: :mod:`executors.outputs`); ``output`` is then empty and the run
+    fails with :attr:`Reason.OUTPUT_REFUSED`.
+    """
 
     output: bytes
     log: str
+    refused: str = ""

@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Tracer
 
 from executors.base import AdvertisesProxy, Executor, ExecutorContext
+from executors.outputs import OutputLimits
 from executors.registry import load_factory
 from executors.spec import DatabaseMount, ProxyEndpoint
 from node.background import TaskOwner
@@ -259,6 +260,10 @@ class Node:
                 node_name=settings.name,
                 task_dir=settings.task_dir,
                 registry_credentials=tuple(settings.docker_registries),
+                limits=OutputLimits(
+                    max_output_bytes=settings.max_output_bytes,
+                    max_log_bytes=settings.max_log_bytes,
+                ),
             ),
         )
 

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     PlainValidator,
@@ -374,6 +375,13 @@ class NodeSettings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     max_concurrent_runs: Annotated[int, Field(ge=1)] = 16
+    #: A run whose output file is larger fails (``failed``, the sizes in its log) and
+    #: nothing of it is uploaded. Bytes, or a size such as ``64MiB``. The node holds a
+    #: finishing run's output a few times over (read, encrypted, encoded): size its memory
+    #: for about six times this per run finishing at once.
+    max_output_bytes: Annotated[ByteSize, Field(ge=1)] = ByteSize(64 * 1024 * 1024)
+    #: Of a longer log only the end is kept and uploaded, with a note saying what was cut.
+    max_log_bytes: Annotated[ByteSize, Field(ge=1024)] = ByteSize(1024 * 1024)
 
     @field_validator("server_url")
     @classmethod

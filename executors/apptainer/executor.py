@@ -323,7 +323,9 @@ class ApptainerExecutor:
         paths = self._paths(run_id)
         if not _has_record(paths):
             raise UnknownRun(run_id)
-        return RunOutput(paths.files.read_output(), paths.read_log())
+        limits = self._context.limits
+        read = await paths.files.read_output(limit=limits.max_output_bytes)
+        return RunOutput(read.data, await paths.read_log(limit=limits.max_log_bytes), read.refused)
 
     async def cleanup(self, run_id: int) -> None:
         """Stop following the run, end it if it still runs, and remove all its files."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from executors.base import ANNOTATION_TRACEPARENT
+from executors.outputs import read_log_tail
 from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason
 
@@ -80,11 +81,14 @@ class RunPaths:
     def mark_deadline(self) -> None:
         self.deadline_marker.touch()
 
-    def read_log(self) -> str:
-        try:
-            return self.log.read_bytes().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+    async def read_log(self, *, limit: int) -> str:
+        """The last ``limit`` bytes of apptainer's output (what the container printed)."""
+        return await read_log_tail(
+            self.files.task_dir,
+            f"{self.files.directory.name}/{STATE_DIR_NAME}",
+            self.log.name,
+            limit=limit,
+        )
 
 
 def write_json(path: Path, document: Mapping[str, Any]) -> None:

@@ -12,8 +12,9 @@ How one run goes (five API requests in all, counted in :attr:`KubernetesExecutor
    feed the :class:`~executors.kubernetes.tracker.RunTracker`, which publishes each run's
    phase once on the event stream (:meth:`events`). A run whose image cannot be pulled is
    failed at once and its Job deleted, instead of waiting in ``ImagePullBackOff``.
-3. ``collect``: the output file from the run's folder, the log from the run's pod (its
-   name comes from the informer's cache, not from a list request).
+3. ``collect``: the output file from the run's folder (bounded, never through a link:
+   :mod:`executors.outputs`), the end of the log from the run's pod (its name comes from
+   the informer's cache, not from a list request), streamed through a bounded tail.
 4. ``cleanup``: delete the Job with background propagation (pods and Secret follow through
    the garbage collector) and the run's folder.
 
@@ -75,6 +76,7 @@ from executors.kubernetes.proxy_address import ProxyServiceError, proxy_endpoint
 from executors.kubernetes.tracker import RunTracker
 from executors.kubernetes.transform import slim_job, slim_pod
 from executors.memory import StartsInFlight
+from executors.outputs import LogTail
 from executors.runfiles import RunFiles
 from executors.spec import ProxyEndpoint, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import TaskOwner
@@ -90,6 +92,7 @@ from policies.pod_security import enforces, pod_security_problems
 log = structlog.stdlib.get_logger(__name__)
 
 FIELD_MANAGER = "fednode"
+_LOG_CHUNK = 64 * 1024
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
@@ -270,23 +273,30 @@ class KubernetesExecutor:
     async def collect(self, run_id: int) -> RunOutput:
         client = self._require_open()
         files = RunFiles(self._context.task_dir, run_id)
+        limits = self._context.limits
         pod = self._tracker.pod_name(run_id)
         if pod is None and run_id not in self._tracker.jobs and not files.directory.exists():
             raise UnknownRun(run_id)
         text = ""
         if pod is not None:
+            tail = LogTail(limits.max_log_bytes)
             try:
-                text = await client.text(
+                async with client.stream(
                     PODS.path(self._namespace, pod, "log"),
                     query=(
                         ("container", CONTAINER_NAME),
                         ("limitBytes", self._settings.log_limit_bytes),
                     ),
+                    read_timeout=self._settings.request_timeout_seconds,
                     what="get pods/log",
-                )
+                ) as body:
+                    async for chunk in body.iter_chunked(_LOG_CHUNK):
+                        tail.feed(chunk)
+                text = tail.text()
             except KubeError as error:  # never started (bad image), or already removed
                 log.info("k8s.no_log", run_id=run_id, pod=pod, status=error.status)
-        return RunOutput(files.read_output(), text)
+        read = await files.read_output(limit=limits.max_output_bytes)
+        return RunOutput(read.data, text, read.refused)
 
     async def cleanup(self, run_id: int) -> None:
         client = self._require_open()

@@ -12,9 +12,12 @@ the shape of a run can be read (and tested) in one place:
 * a pod that passes Pod Security ``restricted`` (:mod:`policies.pod_security`), with no
   service-account token and no service links, CPU/memory requests and limits, GPUs as an
   extended-resource limit plus the GPU nodes' selector and tolerations;
-* the run's folder of the shared task volume at ``/mnt/task`` (``subPath run-<id>``), the
-  token Secret over ``/mnt/task/token``, an emptyDir at ``/tmp``, databases read-only at
-  ``/mnt/data/<label>``.
+* the run's three files of the shared task volume, each by itself (``subPath
+  run-<id>/<file>``): ``/mnt/task/input`` read-only, ``/mnt/task/output`` the only
+  writable one, ``/mnt/task/token`` read-only (from the token Secret when there is one).
+  The folder itself is never mounted, so a run cannot put a link (to
+  ``/proc/self/environ``, to another run's input) where the node reads its output; an
+  emptyDir at ``/tmp``; databases read-only at ``/mnt/data/<label>``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from executors.spec import (
     CONTAINER_DATA_DIR,
     CONTAINER_SCRATCH_DIR,
     CONTAINER_TASK_DIR,
+    INPUT_FILE_NAME,
+    OUTPUT_FILE_NAME,
     TOKEN_FILE_NAME,
     RunSpec,
 )
@@ -271,12 +276,10 @@ def _schedule(
 def _storage(
     spec: RunSpec, settings: KubernetesSettings, token_secret_name: str | None
 ) -> tuple[list[Json], list[Json]]:
+    folder = run_directory(spec.run_id)
     mounts: list[Json] = [
-        {
-            "name": _TASK_VOLUME,
-            "mountPath": CONTAINER_TASK_DIR,
-            "subPath": run_directory(spec.run_id),
-        },
+        _task_file(folder, INPUT_FILE_NAME, read_only=True),
+        _task_file(folder, OUTPUT_FILE_NAME, read_only=False),
         {"name": _SCRATCH_VOLUME, "mountPath": CONTAINER_SCRATCH_DIR},
     ]
     volumes: list[Json] = [
@@ -298,6 +301,8 @@ def _storage(
                 "secret": {"secretName": token_secret_name, "defaultMode": 0o444},
             }
         )
+    else:
+        mounts.append(_task_file(folder, TOKEN_FILE_NAME, read_only=True))
     for index, database in enumerate(d for d in spec.databases if d.is_local_path):
         source = settings.databases.get(database.label)
         if source is None:
@@ -316,6 +321,16 @@ def _storage(
         mounts.append(mount)
         volumes.append({"name": volume_name, **database_volume_source(source)})
     return mounts, volumes
+
+
+def _task_file(folder: str, name: str, *, read_only: bool) -> Json:
+    """One of the run's files on the task volume, mounted by itself at ``/mnt/task/<name>``."""
+    return {
+        "name": _TASK_VOLUME,
+        "mountPath": f"{CONTAINER_TASK_DIR}/{name}",
+        "subPath": f"{folder}/{name}",
+        "readOnly": read_only,
+    }
 
 
 def database_volume_source(source: DatabaseVolume) -> Json:

@@ -23,6 +23,7 @@ import aiohttp
 
 from executors.base import ExecutorError
 from executors.credentials import RegistryCredential
+from executors.outputs import LogTail
 
 #: podman 4.0 is the oldest libpod API with the endpoints and fields used here; a newer
 #: service answers this prefix the same way.
@@ -31,6 +32,7 @@ MIN_API_VERSION = (4, 0)
 _BASE_URL = "http://podman"
 #: The stream header of multiplexed (non-terminal) logs: stream id, 3 zero bytes, length.
 _FRAME = struct.Struct(">BxxxI")
+_LOG_CHUNK = 64 * 1024
 
 
 class LibpodError(Exception):
@@ -43,21 +45,54 @@ class LibpodError(Exception):
 
 
 def demultiplex(data: bytes) -> bytes:
-    """The payload of a multiplexed log stream (stdout and stderr, in order).
+    """The payload of a whole multiplexed log (see :class:`Demultiplexer`)."""
+    demultiplexer = Demultiplexer()
+    return demultiplexer.feed(data) + demultiplexer.end()
 
-    Bytes that do not start with a valid frame header are returned as they are (a terminal
-    container's log is not multiplexed).
+
+class Demultiplexer:
+    """The payload of a multiplexed log stream (stdout and stderr, in order), chunk by chunk.
+
+    Bytes that do not start with a valid frame header are passed on as they are (a terminal
+    container's log is not multiplexed). It holds at most one partial header between
+    chunks, so a log of any length streams through in bounded memory.
     """
-    chunks: list[bytes] = []
-    offset = 0
-    while offset + _FRAME.size <= len(data):
-        stream, size = _FRAME.unpack_from(data, offset)
-        if stream > 2:
-            return b"".join(chunks) + data[offset:]
-        start = offset + _FRAME.size
-        chunks.append(data[start : start + size])
-        offset = start + size
-    return b"".join(chunks) + data[offset:]
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._left = 0  # payload bytes of the current frame still to come
+        self._raw = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._raw:
+            return data
+        buffer = self._pending + data if self._pending else data
+        self._pending = b""
+        payload: list[bytes] = []
+        offset = 0
+        while offset < len(buffer):
+            if self._left:
+                piece = buffer[offset : offset + self._left]
+                payload.append(piece)
+                self._left -= len(piece)
+                offset += len(piece)
+                continue
+            if len(buffer) - offset < _FRAME.size:
+                self._pending = buffer[offset:]
+                break
+            stream, size = _FRAME.unpack_from(buffer, offset)
+            if stream > 2:
+                self._raw = True
+                payload.append(buffer[offset:])
+                break
+            offset += _FRAME.size
+            self._left = size
+        return b"".join(payload)
+
+    def end(self) -> bytes:
+        """What is left at the end of the stream (a partial header, passed on as it is)."""
+        pending, self._pending = self._pending, b""
+        return pending
 
 
 def registry_auth(credential: RegistryCredential) -> str:
@@ -201,12 +236,21 @@ class LibpodClient:
                 return False
             raise
 
-    async def container_logs(self, name: str) -> bytes:
-        """stdout and stderr of the container, demultiplexed, in order."""
+    async def container_logs(self, name: str, *, limit: int) -> str:
+        """The last ``limit`` bytes of the container's stdout and stderr, in order.
+
+        The log is streamed through a :class:`~executors.outputs.LogTail`: a run that logs
+        gigabytes costs the node ``limit`` bytes of memory, not the log's size.
+        """
+        tail = LogTail(limit)
+        demultiplexer = Demultiplexer()
         async with self._request(
             "GET", f"/containers/{name}/logs", params={"stdout": "true", "stderr": "true"}
         ) as response:
-            return demultiplex(await response.read())
+            async for chunk in response.content.iter_chunked(_LOG_CHUNK):
+                tail.feed(demultiplexer.feed(chunk))
+        tail.feed(demultiplexer.end())
+        return tail.text()
 
     @asynccontextmanager
     async def events(

@@ -15,7 +15,8 @@ How a run goes, and where each step is observed:
   and every (re)subscription is followed by a re-list by label that publishes each run's
   current phase, so nothing that happened while disconnected is lost (level-triggered).
 * ``kill`` records the request in the run's files, then sends SIGKILL; ``collect`` reads
-  the output file and the container log; ``cleanup`` removes container and files.
+  the output file and the container log, both bounded and the output never through a link
+  (:mod:`executors.outputs`); ``cleanup`` removes container and files.
 * A run that may call the proxy joins the runs' internal network, created once; before it
   does, :class:`~executors.podman.firewall.RunsFirewall` makes sure the host's nftables
   ruleset lets it reach only the proxy's port on the gateway (``firewall: nftables``).
@@ -283,11 +284,13 @@ class PodmanExecutor:
         name = self._name(run_id)
         if await self._api.inspect_container(name) is None:
             raise UnknownRun(run_id)
+        limits = self._context.limits
         try:
-            logs = await self._api.container_logs(name)
+            logs = await self._api.container_logs(name, limit=limits.max_log_bytes)
         except LibpodError as exc:
-            logs = f"(podman could not return the log: {exc})".encode()
-        return RunOutput(self._files(run_id).read_output(), logs.decode(errors="replace"))
+            logs = f"(podman could not return the log: {exc})"
+        read = await self._files(run_id).read_output(limit=limits.max_output_bytes)
+        return RunOutput(read.data, logs, read.refused)
 
     async def cleanup(self, run_id: int) -> None:
         """Remove the container and the run's files; later podman events about it are ignored."""

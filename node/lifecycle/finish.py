@@ -51,6 +51,7 @@ STATUS_OF_REASON: dict[Reason, RunStatus] = {
     Reason.START_FAILED: RunStatus.START_FAILED,
     Reason.NOT_ALLOWED: RunStatus.NOT_ALLOWED,
     Reason.LOST: RunStatus.UNKNOWN_ERROR,
+    Reason.OUTPUT_REFUSED: RunStatus.FAILED,
 }
 
 #: A line the node adds to the run's log, saying in words why the run ended.
@@ -63,6 +64,7 @@ EXPLANATION: dict[Reason, str] = {
     Reason.START_FAILED: "the runtime could not start the container",
     Reason.NOT_ALLOWED: "the run was refused by this node's policies",
     Reason.LOST: "the run's container disappeared",
+    Reason.OUTPUT_REFUSED: "the node refused the run's output",
 }
 
 
@@ -139,15 +141,22 @@ class Finisher:
         with self._tracer.start_as_current_span(
             "upload", context=trace.set_span_in_context(record.span)
         ):
+            message = event.message
             try:
                 output = await self._executor.collect(record.run_id)
                 result, container_log = output.output, output.log
             except ExecutorError as exc:
                 result, container_log = b"", f"(no output could be collected: {exc})"
+            else:
+                if output.refused:  # a link, not a file, or too large: nothing is uploaded
+                    if reason is Reason.COMPLETED:
+                        reason = Reason.OUTPUT_REFUSED
+                        status = STATUS_OF_REASON[reason]
+                    message = f"{message} {output.refused}".strip()
             note = EXPLANATION.get(reason)
             if note is not None:
                 exit_part = f" (exit code {event.exit_code})" if event.exit_code is not None else ""
-                container_log = f"{container_log}\nfednode: {note}{exit_part}. {event.message}"
+                container_log = f"{container_log}\nfednode: {note}{exit_part}. {message}"
             body: dict[str, Any] = {"log": container_log, "status": status.value}
             if result:
                 try:
