@@ -46,6 +46,9 @@ class Behaviour:
     allocate_mb: int = 0
     output: str = ""
     log: str = "behave: started"
+    #: Attacks: replace the output with a link to this path; make it this large (sparse).
+    output_link: str = ""
+    output_size: int = 0
 
     def to_input(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -11,7 +11,10 @@ the container's part, and says so:
   container as the kernel would, reason ``OOMKilled``, exit 137);
 * the output the behaviour asks for is written into the run's folder
   (``task_dir/run-<id>/output``) when the executor reports the run ``running``, by a thin
-  wrapper around the executor's event stream (:class:`PlaysTheContainer`);
+  wrapper around the executor's event stream (:class:`PlaysTheContainer`); the attacks
+  (``output_size``, ``output_link``) are played there too, as by a container that could
+  reach the whole folder: what shows is the node's own refusal, which the real worker's
+  file mounts (tests/integration/test_real_worker.py) never let a real run get to;
 * kwok keeps no container logs, so a run's log is always empty here;
 * images: one containing ``/missing/`` makes kwok report ``ErrImagePull``; the real
   ``average`` and ``diagnostics`` images cannot run, and network isolation is enforced by
@@ -20,6 +23,7 @@ the container's part, and says so:
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -102,7 +106,7 @@ class KubernetesHarness(Harness):
         self.testbed = testbed
         self.namespace = namespace
         self.settings = settings_for(namespace, kubeconfig)
-        self._outputs: dict[int, bytes] = {}
+        self._behaviours: dict[int, Behaviour] = {}
 
     def behaviour_image(self) -> str:
         return "registry.example/fednode/behaviour:kwok"
@@ -124,14 +128,21 @@ class KubernetesHarness(Harness):
             annotations[POD_EXIT_CODE] = str(behaviour.exit_code)
         if behaviour.allocate_mb > resources.memory_mb:
             annotations[POD_OOM_KILLED] = "true"
-        self._outputs[run_id] = behaviour.output.encode()
+        self._behaviours[run_id] = behaviour
         return super().spec(run_id, behaviour, annotations=annotations, **fields)
 
     def write_output(self, run_id: int) -> None:
-        output = self._outputs.get(run_id)
-        folder = self.files(run_id).directory
-        if output and folder.is_dir():
-            self.files(run_id).output.write_bytes(output)
+        behaviour = self._behaviours.get(run_id)
+        files = self.files(run_id)
+        if behaviour is None or not files.directory.is_dir():
+            return
+        if behaviour.output:
+            files.output.write_bytes(behaviour.output.encode())
+        if behaviour.output_size:
+            os.truncate(files.output, behaviour.output_size)
+        if behaviour.output_link:
+            files.output.unlink()
+            files.output.symlink_to(behaviour.output_link)
 
     async def open_executor(self) -> PlaysTheContainer:
         executor = KubernetesExecutor(

@@ -27,7 +27,9 @@ this process with the container's environment, seeing only bound paths:
 
 ``behave``
     the conformance suite's probe: reads the JSON of ``behaviour/behave.py`` from
-    ``$INPUT_FILE`` (exit_code, sleep, allocate_mb, output, log) and does what it says;
+    ``$INPUT_FILE`` (exit_code, sleep, allocate_mb, output, log, output_size,
+    output_link) and does what it says; replacing a path that is itself a bind target
+    fails as the kernel makes it fail (``EBUSY``), a path inside a bound folder works;
     one key of the fake's own, ``ignore_sigterm``, makes it outlive SIGTERM (SIGKILL only).
 ``probe-network``
     for the relay tests: GETs ``$HOST:$PORT/probe`` and tries the address in its input's
@@ -444,6 +446,17 @@ class Container:
     def write(self, container_path: str, data: bytes) -> None:
         self.binds.host(container_path, write=True).write_bytes(data)
 
+    def truncate(self, container_path: str, size: int) -> None:
+        os.truncate(self.binds.host(container_path, write=True), size)
+
+    def replace_with_link(self, container_path: str, target: str) -> None:
+        """``ln -sf target container_path``: a mount point cannot be unlinked (EBUSY)."""
+        if any(container_path == destination for destination, _, _ in self.binds.mounts):
+            raise OSError(16, "Device or resource busy", container_path)
+        host = self.binds.host(container_path, write=True)
+        host.unlink(missing_ok=True)
+        host.symlink_to(target)
+
 
 def behave(container: Container) -> int:
     raw = container.read(container.env("INPUT_FILE"))
@@ -454,8 +467,17 @@ def behave(container: Container) -> int:
     print("behave: on stderr", file=sys.stderr, flush=True)
     held = [b"\x01" * (1024 * 1024) for _ in range(int(behaviour.get("allocate_mb", 0)))]
     time.sleep(float(behaviour.get("sleep", 0)))
-    container.write(container.env("OUTPUT_FILE"), str(behaviour.get("output", "")).encode())
+    output = container.env("OUTPUT_FILE")
+    container.write(output, str(behaviour.get("output", "")).encode())
     del held
+    if behaviour.get("output_size"):
+        container.truncate(output, int(behaviour["output_size"]))
+    if behaviour.get("output_link"):
+        try:
+            container.replace_with_link(output, str(behaviour["output_link"]))
+        except OSError as error:
+            print(f"behave: cannot replace the output with a link: {error}", flush=True)
+            return 17
     return int(behaviour.get("exit_code", 0))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from executors.outputs import LogTail, read_log_tail, read_output
+from executors.outputs import LogTail, read_log_tail
 from executors.podman.api import Demultiplexer, demultiplex
 from executors.runfiles import RunFiles
 from executors.spec import RunSpec
@@ -133,7 +133,7 @@ def test_a_streamed_log_keeps_its_end_in_bounded_memory() -> None:
     assert text.endswith("line 9999\n")
     assert len(text.splitlines()[-1]) < 20
     assert "its first" in text.splitlines()[0]
-    assert len(tail._kept) <= 2 * 1024  # noqa: SLF001 - the bound is the point
+    assert len(tail._kept) <= 2 * 1024
 
 
 def test_a_multiplexed_podman_log_split_anywhere_demultiplexes_the_same() -> None:

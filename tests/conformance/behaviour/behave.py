@@ -2,7 +2,11 @@
 
 Input: one JSON object, all keys optional: ``exit_code`` (default 0), ``sleep`` (seconds),
 ``allocate_mb`` (touch this much memory, then hold it), ``output`` (text written to the
-output file), ``log`` (a line for stdout; one also goes to stderr). It follows the
+output file), ``log`` (a line for stdout; one also goes to stderr). Two keys play an
+attacker: ``output_link`` replaces the output file with a symbolic link to that path (as
+``ln -sf``; exit code 17 with the error when the runtime does not let it), and
+``output_size`` makes the output that many bytes long without writing them (a sparse
+file). It follows the
 vantage6 4.x file contract (``INPUT_FILE``, ``OUTPUT_FILE``; values may be base32-encoded
 with ``=`` as ``!``), so every executor runs it like any algorithm.
 """
@@ -14,6 +18,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+#: The exit code when the runtime does not let the run put a link in place of its output.
+LINK_REFUSED = 17
 
 
 def env(name):
@@ -33,7 +40,18 @@ def main():
     for _ in range(int(behaviour.get("allocate_mb", 0))):
         held.append(b"\x01" * (1024 * 1024))  # written, so the pages are really used
     time.sleep(float(behaviour.get("sleep", 0)))
-    Path(env("OUTPUT_FILE")).write_text(str(behaviour.get("output", "")))
+    output = Path(env("OUTPUT_FILE"))
+    output.write_text(str(behaviour.get("output", "")))
+    if behaviour.get("output_size"):
+        os.truncate(output, int(behaviour["output_size"]))
+    if behaviour.get("output_link"):
+        try:
+            output.unlink()
+            output.symlink_to(behaviour["output_link"])
+        except OSError as error:
+            print(f"behave: cannot replace the output with a link: {error}", flush=True)
+            sys.exit(LINK_REFUSED)
+        print(f"behave: the output is now a link to {behaviour['output_link']}", flush=True)
     sys.exit(int(behaviour.get("exit_code", 0)))
 
 
