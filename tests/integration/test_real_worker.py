@@ -25,6 +25,7 @@ from executors.kubernetes.executor import KubernetesExecutor
 from executors.kubernetes.manifests import job_name
 from executors.spec import Phase, Reason, Resources, RunEvent, RunSpec
 from tests.conformance.podman_harness import build_behaviour_image
+from tests.conformance.test_hostile_outputs import GIB, peak_rss, reset_peak_rss
 from tests.integration.k8s_executor_helpers import chart_network_policies, settings_for
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
@@ -282,3 +283,50 @@ async def test_a_restarted_executor_adopts_a_running_pod_and_sees_it_finish(
     later.close()
     assert (final.phase, final.reason) == (Phase.SUCCEEDED, Reason.COMPLETED)
     assert json.loads((await second.collect(6)).output) == {"survived": True}
+
+
+async def test_a_run_cannot_link_its_output_to_the_node_s_environment(
+    open_executor: Callable[[], Any], real_behaviour_image: str
+) -> None:
+    """Issue 13's attack: ``ln -sf /proc/self/environ output`` made the node upload its own
+    environment (``FEDNODE_API_KEY``). The output is now a file mount of its own: the run
+    cannot replace it, says so, and fails; the node reads nothing but that file."""
+    executor = await open_executor()
+    events = Events(executor)
+    await executor.start(
+        spec(6, real_behaviour_image, output="x", output_link="/proc/self/environ")
+    )
+    final = await events.wait(6)
+    events.close()
+
+    collected = await executor.collect(6)
+    assert b"PATH=" not in collected.output
+    assert collected.output == b"x"
+    assert (final.phase, final.reason, final.exit_code) == (Phase.FAILED, Reason.CRASHED, 17)
+    assert "cannot replace the output with a link" in collected.log
+
+
+async def test_a_multi_gigabyte_sparse_output_is_refused_unread_and_the_next_run_completes(
+    open_executor: Callable[[], Any], real_behaviour_image: str
+) -> None:
+    executor = await open_executor()
+    events = Events(executor)
+    size = 3 * GIB
+    await executor.start(spec(7, real_behaviour_image, output="x", output_size=size))
+    final = await events.wait(7)
+    before = reset_peak_rss()
+    collected = await executor.collect(7)
+    growth = peak_rss() - before
+
+    assert final.phase is Phase.SUCCEEDED
+    assert collected.output == b""
+    assert collected.refused == (
+        f"the run's output is {size} bytes, over the node's limit of {64 * 1024 * 1024} "
+        "(setting max_output_bytes)"
+    )
+    print(f"peak RSS growth collecting a {size}-byte sparse output on the real worker: {growth}")
+    assert growth < 32 * 1024 * 1024, growth
+    await executor.start(spec(8, real_behaviour_image, output="next"))
+    assert (await events.wait(8)).phase is Phase.SUCCEEDED
+    events.close()
+    assert (await executor.collect(8)).output == b"next"

@@ -94,6 +94,36 @@ def test_the_pod_is_locked_down_as_pod_security_restricted_requires() -> None:
     assert volumes["token"]["secret"]["secretName"] == "j-token"
 
 
+def test_the_run_sees_its_three_files_one_by_one_and_may_write_only_its_output() -> None:
+    """Never the run's folder: a run that could write there could put a link in place of
+    its output (issue 13). Only the output is writable."""
+    for secret in ("j-token", None):
+        job = run_job(
+            spec(),
+            settings=KubernetesSettings(),
+            namespace="runs",
+            name="j",
+            labels={},
+            token_secret_name=secret,
+            pin_to_node=None,
+        )
+        mounts = {
+            m["mountPath"]: m
+            for m in pod_of(job)["containers"][0]["volumeMounts"]
+            if m["mountPath"].startswith("/mnt/task")
+        }
+        assert set(mounts) == {"/mnt/task/input", "/mnt/task/output", "/mnt/task/token"}
+        writable = {path for path, mount in mounts.items() if not mount.get("readOnly")}
+        assert writable == {"/mnt/task/output"}
+        assert mounts["/mnt/task/input"]["subPath"] == "run-12/input"
+        assert mounts["/mnt/task/output"]["subPath"] == "run-12/output"
+        token = mounts["/mnt/task/token"]
+        if secret:
+            assert (token["name"], token["subPath"]) == ("token", "token")
+        else:
+            assert (token["name"], token["subPath"]) == ("task", "run-12/token")
+
+
 def test_a_gpu_run_asks_for_the_resource_and_goes_where_gpus_are() -> None:
     settings = KubernetesSettings(
         gpu_node_selector={"gpu": "yes"},
