@@ -53,7 +53,11 @@ def spec(**fields: Any) -> RunSpec:
 
 
 def job_for(
-    run: RunSpec, settings: KubernetesSettings | None = None, pin: str | None = None
+    run: RunSpec,
+    settings: KubernetesSettings | None = None,
+    pin: str | None = None,
+    *,
+    token_secret: str | None = "j-token",
 ) -> dict[str, Any]:
     return run_job(
         run,
@@ -61,7 +65,7 @@ def job_for(
         namespace="runs",
         name="j",
         labels={"a": "b"},
-        token_secret_name="j-token",
+        token_secret_name=token_secret,
         pin_to_node=pin,
     )
 
@@ -98,15 +102,7 @@ def test_the_run_sees_its_three_files_one_by_one_and_may_write_only_its_output()
     """Never the run's folder: a run that could write there could put a link in place of
     its output (issue 13). Only the output is writable."""
     for secret in ("j-token", None):
-        job = run_job(
-            spec(),
-            settings=KubernetesSettings(),
-            namespace="runs",
-            name="j",
-            labels={},
-            token_secret_name=secret,
-            pin_to_node=None,
-        )
+        job = job_for(spec(), token_secret=secret)
         mounts = {
             m["mountPath"]: m
             for m in pod_of(job)["containers"][0]["volumeMounts"]
