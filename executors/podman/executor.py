@@ -287,7 +287,7 @@ class PodmanExecutor:
         limits = self._context.limits
         try:
             logs = await self._api.container_logs(name, limit=limits.max_log_bytes)
-        except LibpodError as exc:
+        except (LibpodError, ExecutorError) as exc:  # the output is still worth reading
             logs = f"(podman could not return the log: {exc})"
         read = await self._files(run_id).read_output(limit=limits.max_output_bytes)
         return RunOutput(read.data, logs, read.refused)
