@@ -7,7 +7,8 @@ isolates nothing. Everything of the executor itself is real: the supervisors, th
 the deadline timers, the records on disk, the restart.
 
 What the fake cannot show is declared: it cannot run the real ``average`` or
-``diagnostics`` images, nor run out of memory, so only ``restart`` is among ``supports``.
+``diagnostics`` images, nor run out of memory, so only ``restart`` and ``output-files``
+are among ``supports``.
 Its "registry" knows one image, the behaviour probe; every other reference is missing.
 
 On a host with a real apptainer (the manual HPC check in ``docs/executors.md``), the same
@@ -40,7 +41,7 @@ BEHAVIOUR_IMAGE = "localhost/fednode/behaviour:fake"
 
 class ApptainerHarness(Harness):
     kind: ClassVar[str] = "apptainer"
-    supports: ClassVar[frozenset[str]] = frozenset({"restart"})
+    supports: ClassVar[frozenset[str]] = frozenset({"restart", "output-files"})
     unsupported_because: ClassVar[str] = (
         "apptainer cannot be installed here: the runtime is a named fake that runs no real "
         "image, has no memory limit and no network; docs/executors.md has the manual check "

@@ -34,7 +34,8 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "algorithms" / "data"
 AVERAGE_CSV = DATA_DIR / "employees_a.csv"
 AVERAGE_EXPECTED = {"sum": 400, "count": 10}
 #: Things a runtime may be unable to show (a fake binary cannot run out of memory).
-CAPABILITIES = frozenset({"oom", "network", "algorithms", "restart"})
+#: ``output-files``: the run's output is a file the node reads back (the hostile-output tests).
+CAPABILITIES = frozenset({"oom", "network", "algorithms", "restart", "output-files"})
 
 
 @dataclass(frozen=True)

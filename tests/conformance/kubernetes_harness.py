@@ -18,7 +18,8 @@ the container's part, and says so:
 * kwok keeps no container logs, so a run's log is always empty here;
 * images: one containing ``/missing/`` makes kwok report ``ErrImagePull``; the real
   ``average`` and ``diagnostics`` images cannot run, and network isolation is enforced by
-  a CNI that kwok does not have — so ``supports`` is ``oom`` and ``restart`` only.
+  a CNI that kwok does not have — so ``supports`` is ``oom``, ``restart`` and
+  ``output-files`` only.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class PlaysTheContainer:
 
 class KubernetesHarness(Harness):
     kind: ClassVar[str] = "kubernetes"
-    supports: ClassVar[frozenset[str]] = frozenset({"oom", "restart"})
+    supports: ClassVar[frozenset[str]] = frozenset({"oom", "restart", "output-files"})
     unsupported_because: ClassVar[str] = (
         "kwok pods run no code and kwok has no CNI; the same behaviour on real pods is "
         "proven by tests/integration/test_real_worker.py and tests/e2e/test_real_worker.py"

@@ -16,6 +16,7 @@ from executors.base import Executor
 from executors.outputs import OutputLimits
 from executors.spec import Phase, Reason, RunOutput
 from tests.conformance.harness import Behaviour, ExecutorUnderTest
+from tests.conformance.test_executor import require
 
 pytestmark = [pytest.mark.slow]
 
@@ -59,6 +60,7 @@ def _status_kib(key: str) -> int:
 async def test_a_run_that_links_its_output_to_a_node_secret_fails_and_the_secret_is_not_read(
     executor_under_test: ExecutorUnderTest, tmp_path: Path
 ) -> None:
+    require(executor_under_test, "output-files")
     executor, events = executor_under_test.executor, executor_under_test.events
     harness = executor_under_test.harness
     secret = tmp_path / "node-secret"  # a file only the node's side can read
@@ -85,6 +87,7 @@ async def test_a_run_that_links_its_output_to_a_node_secret_fails_and_the_secret
 async def test_a_multi_gigabyte_sparse_output_is_refused_unread_and_the_next_run_completes(
     executor_under_test: ExecutorUnderTest,
 ) -> None:
+    require(executor_under_test, "output-files")
     executor, events = executor_under_test.executor, executor_under_test.events
     harness = executor_under_test.harness
     size = 3 * GIB
