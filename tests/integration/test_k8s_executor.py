@@ -196,7 +196,16 @@ async def test_the_job_is_locked_down_labelled_and_carries_what_a_restart_needs(
         "limits": {"cpu": "500m", "memory": "256Mi"},
     }
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts["/mnt/task"]["subPath"] == "run-2"
+    assert "/mnt/task" not in mounts  # the run's files one by one, never its folder
+    assert (mounts["/mnt/task/input"]["subPath"], mounts["/mnt/task/input"]["readOnly"]) == (
+        "run-2/input",
+        True,
+    )
+    output = mounts["/mnt/task/output"]  # the API server leaves out readOnly: false
+    assert (output["subPath"], output.get("readOnly", False)) == (
+        "run-2/output",
+        False,
+    )
     assert mounts["/mnt/task/token"]["readOnly"] is True
     assert "/tmp" in mounts
     # the token is in a Secret owned by the Job, not on the shared volume
