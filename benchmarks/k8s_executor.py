@@ -1,30 +1,31 @@
-"""Kubernetes executor: 500 runs on kwok, beside a 1-second list-polling reference.
+"""Kubernetes executor: 500 runs on kwok, absolute numbers (no baseline measured here).
 
 One command (from the repository root; starts the testbed if it is not up, and stops it
 again afterwards if it started it; ``FEDNODE_TEST_KUBECONFIG`` names another cluster)::
 
     .venv/bin/python benchmarks/k8s_executor.py [--runs 500] [--concurrency 32]
 
-Three processes, so that each one's memory and CPU are its own:
+Two processes, so that the node's memory and CPU are its own:
 
 * **node** — a :class:`~executors.kubernetes.executor.KubernetesExecutor`, as a node uses
   it, acting as a ServiceAccount bound only to the executor's Role: ``start()`` for every
   run (at most ``--concurrency`` at a time, as the node's ``max_concurrent_runs`` would),
   the event stream consumed (the consumer plays the container by writing the output file
   when the run is ``running``; kwok pods run no code), then ``collect()`` and
-  ``cleanup()`` of every run. Cleanup waits until every run has ended, so that the
-  polling reference can see each finished Job too.
-* **poller** — the reference: what vantage6 5's Kubernetes node does, a list of the
-  node's Jobs every second, a finished Job noticed when the list shows its ``Complete``/
-  ``Failed`` condition. It follows the very Jobs the node process creates.
+  ``cleanup()`` of every run, once every run has ended.
 * **this process** — the referee: its own watch on the namespace's Jobs and Pods records
   when each Job appears and each Pod is ``Running``/``Succeeded`` (the earliest any
-  client can know), with ``time.monotonic()`` (one clock for all three processes).
+  client can know), with ``time.monotonic()`` (one clock for both processes).
 
 Measured per run: ``start()`` call → Job created (the referee sees it), ``start()`` call →
-return; Pod ``Running`` → ``running`` event; Pod ``Succeeded`` → terminal event (node) and
-→ noticed by the poller; API requests per run (every request the node process made,
-start to cleanup, by verb); bytes received; RSS and CPU of both processes.
+return; Pod ``Running`` → ``running`` event; Pod ``Succeeded`` → terminal event; API requests
+per run (every request the node process made, start to cleanup, by verb); bytes received;
+the node process's RSS and CPU.
+
+No baseline: an earlier version listed Jobs every second and read their conditions as a
+"vantage6 5 design", but vantage6 5's node reads ``status.succeeded``/``failed`` and is
+not this loop; a model of another node is not a measurement of it. The vantage6 5 node
+itself is not measured yet (issue 18).
 
 Targets: completion seen ≤ 20 ms p95; ≤ 6 API requests per run. kwok moves about 20
 pods/s through their stages on this testbed, so 500 runs take about half a minute:
@@ -185,7 +186,7 @@ async def node_main(args: argparse.Namespace) -> None:
         },
     )
 
-    await hear()  # CLEANUP: the poller has seen what it could
+    await hear()  # CLEANUP
     outputs = 0
 
     async def finish(run_id: int) -> None:
@@ -219,59 +220,6 @@ async def node_main(args: argparse.Namespace) -> None:
     )
     consumer.cancel()
     await executor.close()
-
-
-# -- the polling reference ------------------------------------------------------------------
-
-
-async def poller_main(args: argparse.Namespace) -> None:
-    """vantage6 5's way: list the node's Jobs every second."""
-    quiet_logs()
-    api = await connect(kubeconfig=Path(args.kubeconfig), context=None, max_connections=4)
-    client = KubeClient(api, request_timeout=30)
-    selector = label_selector(node_selector_labels(NODE))
-    finished: dict[int, float] = {}
-    stop = asyncio.Event()
-    polls = received = 0
-    say("READY", {"rss_kib": rss_kib()[0]})
-    await hear()  # GO
-    cpu_before = cpu_seconds()
-
-    async def listen() -> None:
-        await hear()
-        stop.set()
-
-    listener = asyncio.create_task(listen())
-    while not stop.is_set() and len(finished) < args.runs:
-        began = time.monotonic()
-        body = await client.text(
-            JOBS.path(args.namespace), query=(("labelSelector", selector),), what="list jobs"
-        )
-        now = time.monotonic()
-        polls += 1
-        received += len(body)
-        for job in json.loads(body).get("items") or []:
-            conditions = job.get("status", {}).get("conditions") or []
-            if any(
-                c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                for c in conditions
-            ):
-                run_id = int(job["metadata"]["labels"][LABEL_RUN])
-                finished.setdefault(run_id, now)
-        # the reference's design: one list per second, whatever happens
-        await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
-    say(
-        "RESULT",
-        {
-            "finished": finished,
-            "polls": polls,
-            "bytes": received,
-            "cpu": cpu_seconds() - cpu_before,
-            "rss_kib": rss_kib(),
-        },
-    )
-    listener.cancel()
-    await client.close()
 
 
 # -- the referee ----------------------------------------------------------------------------
@@ -430,37 +378,27 @@ async def measure(
         str(args.concurrency),
     ]
     node = await Child.spawn("node", *common, "--task-dir", str(task_dir))
-    poller = await Child.spawn("poller", *common)
     node_ready = await node.expect("READY", within=60)
-    poller_ready = await poller.expect("READY", within=60)
     print(
         f"{args.runs} runs, at most {args.concurrency} start() calls at a time; "
         f"kwok runs each pod 1 s",
         flush=True,
     )
     began = time.monotonic()
-    poller.tell("GO")
     node.tell("GO")
     done = await node.expect("DONE", within=60 + args.runs)
     ended = time.monotonic()
-    try:  # let the poller see every finished Job (it stops itself), within reason
-        polled = await poller.expect("RESULT", within=15)
-    except TimeoutError:
-        poller.tell("STOP")
-        polled = await poller.expect("RESULT", within=15)
     node.tell("CLEANUP")
     result = await node.expect("RESULT", within=120 + args.runs)
-    await asyncio.gather(node.finish(), poller.finish())
-    report(args, node_ready, poller_ready, done, result, polled, ended - began)
+    await node.finish()
+    report(args, node_ready, done, result, ended - began)
 
 
 def report(
     args: argparse.Namespace,
     node_ready: dict[str, Any],
-    poller_ready: dict[str, Any],
     done: dict[str, Any],
     result: dict[str, Any],
-    polled: dict[str, Any],
     wall: float,
 ) -> None:
     runs = args.runs
@@ -484,8 +422,6 @@ def report(
     start_job = series([(called[r], job_added.get(r)) for r in ids])
     running = series([(pod_running.get(r), event(r, "running")) for r in ids])
     watched = series([(pod_succeeded.get(r), event(r, "succeeded")) for r in ids])
-    finished = {int(k): v for k, v in polled["finished"].items()}
-    polling = series([(pod_succeeded.get(r), finished.get(r)) for r in ids])
     succeeded = sum(1 for r in ids if event(r, "succeeded") is not None)
     unseen = [r for r in ids if r not in pod_succeeded]
     if unseen:
@@ -514,19 +450,6 @@ def report(
     print(line("start() called -> start() returned", start_return))
     print(line("Pod Running -> `running` event", running))
     print(line("Pod Succeeded -> terminal event (watch)", watched))
-    print(line("Pod Succeeded -> noticed by 1 s list polling", polling))
-    if watched and polling:
-        later = statistics.median(polling) - statistics.median(watched)
-        later95 = percentile(polling, 0.95) - percentile(watched, 0.95)
-        # the watch's own latency is ~0 (both it and the referee receive the same event),
-        # so a ratio is taken against a 1 ms floor rather than against noise
-        ratio = statistics.median(polling) / max(statistics.median(watched), 0.001)
-        ratio95 = percentile(polling, 0.95) / max(percentile(watched, 0.95), 0.001)
-        print(
-            f"  polling is later by {later * 1000:.0f} ms at the median, {later95 * 1000:.0f} ms "
-            f"at p95: {ratio:.0f}x / {ratio95:.0f}x the watch (1 ms floor); "
-            f"{runs - len(polling)} completions never seen by polling within 15 s"
-        )
     print("\n== API requests (node process, start to cleanup) ==")
     print(
         f"  per run: {per_run:.2f}   ("
@@ -540,12 +463,6 @@ def report(
     print(
         f"  watch resumed {result['resumes']}x, relisted {result['relists']}x; "
         f"{result['watch_bytes'] / runs / 1024:.1f} KiB of watch events per run"
-    )
-    print(
-        f"  polling reference: {polled['polls']} lists in {wall:.0f} s "
-        f"({polled['polls'] / runs:.2f} per run at this load; 86,400 a day when idle), "
-        f"{polled['bytes'] / max(1, polled['polls']) / 1024:.0f} KiB per list, "
-        f"{polled['bytes'] / runs / 1024:.1f} KiB per run"
     )
     print("\n== node process ==")
     print(
@@ -561,11 +478,6 @@ def report(
         "run, taken out; its socket reads are not)"
     )
     print(f"  outputs collected {result['outputs']}/{runs}")
-    poll_rss = polled["rss_kib"][1] / 1024
-    print(
-        f"  polling reference process: CPU {polled['cpu'] * 1000 / runs:.2f} ms per run, "
-        f"peak RSS {poll_rss:.1f} MiB (started at {poller_ready['rss_kib'] / 1024:.1f})"
-    )
     print("\n== targets ==")
     p95 = percentile(watched, 0.95) * 1000 if watched else float("inf")
     print(
@@ -587,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="start() calls in flight at most (the node's max_concurrent_runs)",
     )
     parser.add_argument(
-        "--role", choices=("referee", "node", "poller"), default="referee", help=argparse.SUPPRESS
+        "--role", choices=("referee", "node"), default="referee", help=argparse.SUPPRESS
     )
     parser.add_argument("--namespace", help=argparse.SUPPRESS)
     parser.add_argument("--kubeconfig", help=argparse.SUPPRESS)
@@ -595,8 +507,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.role == "node":
         asyncio.run(node_main(args))
-    elif args.role == "poller":
-        asyncio.run(poller_main(args))
     else:
         referee_main(args)
 

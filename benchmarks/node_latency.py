@@ -9,8 +9,9 @@ are still in flight), from each run's trace:
 * ended → PATCHed: the executor reporting the container's end → the result, log and
   status PATCHed to the server (``execute`` span end → ``upload`` span end).
 
-Baseline, measured in the same run: a vantage6-style node that polls the server for open
-runs every second; its event → seen latency is what a poll adds before anything starts.
+No baseline here: absolute numbers only. (An earlier version compared with a random
+sleep plus one GET labelled "1 s poll"; vantage6 4.x nodes do not poll for tasks. The real
+vantage6-node 4.15.2 is measured beside fednode by ``benchmarks/v6node_compare.py``.)
 
     .venv/bin/python benchmarks/node_latency.py [--runs 50]
 """
@@ -19,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,41 +60,7 @@ def node_latencies(fed: LocalFederation) -> tuple[list[float], list[float], list
     return started, uploaded, executor
 
 
-async def polling_baseline(fed: LocalFederation, image: str, runs: int) -> list[float]:
-    """Event → seen for a node that asks the server for open runs once a second."""
-    org = fed.collaboration.org_b
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{fed.server.api_url}/token/node", json={"api_key": org.api_key}
-        ) as response:
-            token = (await response.json())["access_token"]
-        headers = {"Authorization": f"Bearer {token}"}
-        seen: list[float] = []
-        for _ in range(runs):
-            task = await asyncio.to_thread(
-                fed.collaboration.create_task,
-                input_={},
-                image=image,
-                organizations=[org.id],
-                name="poll-baseline",
-            )
-            created = time.monotonic()
-            # The poller's next tick comes at a uniformly random moment of its 1 s period.
-            await asyncio.sleep(random.uniform(0.0, 1.0))
-            while True:
-                async with http.get(
-                    f"{fed.server.api_url}/run",
-                    params={"state": "open", "task_id": task["id"], "node_id": org.node_id},
-                    headers=headers,
-                ) as response:
-                    if (await response.json()).get("data"):
-                        seen.append((time.monotonic() - created) * 1000)
-                        break
-                await asyncio.sleep(1.0)
-    return seen
-
-
-async def main(runs: int, baseline_runs: int) -> None:
+async def main(runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="fednode-bench-") as tmp:
         workdir = Path(tmp)
         async with local_federation(workdir, max_concurrent_runs=16) as fed:
@@ -110,7 +73,7 @@ async def main(runs: int, baseline_runs: int) -> None:
                     data_dir=REPO / "algorithms" / "data",
                 )
             )
-            # Node B takes no part: stop it so its runs in the baseline are only listed.
+            # Node B takes no part: stop it, so that only node A's work is on the machine.
             fed.nodes[1].stop.set()
             await fed.nodes[1].task
             org_a = fed.collaboration.org_a.id
@@ -129,8 +92,6 @@ async def main(runs: int, baseline_runs: int) -> None:
             for task in tasks:
                 await asyncio.to_thread(fed.user.wait_for_results, task["id"], timeout=300)
             started, uploaded, executor = node_latencies(fed)
-            print(f"measuring the 1-second polling baseline ({baseline_runs} tasks)...")
-            polled = await polling_baseline(fed, image, baseline_runs)
 
     print("\nfednode node, real vantage6 4.15.2 server, real podman:")
     print(summary("server event -> container running", started))
@@ -140,20 +101,12 @@ async def main(runs: int, baseline_runs: int) -> None:
         "  (the rest of event -> running is three server round trips: list the task's runs,\n"
         "   PATCH started_at and POST token/container (those two concurrently))"
     )
-    print("baseline, same run:")
-    print(summary("1 s poll: task created -> seen", polled))
-    print(
-        f"\nratio (poll baseline median / fednode event->running median): "
-        f"{statistics.median(polled) / statistics.median(started):.1f}x "
-        "(fednode has the container running before a 1 s poll has even seen the task)"
-    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--baseline-runs", type=int, default=10)
     parser.add_argument("--verbose", action="store_true", help="node logs as JSON lines")
     args = parser.parse_args()
     configure_logging(level="INFO" if "--verbose" in sys.argv else "WARNING", fmt="json")
-    asyncio.run(main(args.runs, args.baseline_runs))
+    asyncio.run(main(args.runs))
