@@ -41,7 +41,6 @@ import logging
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ sys.path.insert(0, str(REPO))
 import structlog  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from benchmarks.stats import percentile  # noqa: E402
+from benchmarks.stats import percentile, summary  # noqa: E402
 from executors.base import LABEL_RUN, ExecutorContext  # noqa: E402
 from executors.kubernetes.client import JOBS, PODS, KubeClient, Resource, connect  # noqa: E402
 from executors.kubernetes.config import KubernetesSettings  # noqa: E402
@@ -431,12 +430,7 @@ def report(
         )
 
     def line(name: str, values: list[float]) -> str:
-        if not values:
-            return f"  {name:<46} (no samples)"
-        return (
-            f"  {name:<46} median {statistics.median(values) * 1000:8.1f} ms   "
-            f"p95 {percentile(values, 0.95) * 1000:8.1f} ms   (n={len(values)})"
-        )
+        return summary(name, [v * 1000 for v in values], width=46)
 
     requests = Counter(result["requests"])
     per_run = sum(requests.values()) / runs

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -29,18 +28,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.stats import percentile  # noqa: E402
+from benchmarks.stats import summary  # noqa: E402
 from node.logging import configure_logging  # noqa: E402
 from tests.conformance.podman_harness import build_behaviour_image  # noqa: E402
 from tests.peers.podman import PodmanService  # noqa: E402
 from tests.peers.stack import LocalFederation, local_federation  # noqa: E402
-
-
-def summary(name: str, values: list[float]) -> str:
-    return (
-        f"  {name:<34} median {statistics.median(values):8.1f} ms   "
-        f"p95 {percentile(values, 0.95):8.1f} ms   (n={len(values)})"
-    )
 
 
 def node_latencies(fed: LocalFederation) -> tuple[list[float], list[float], list[float]]:

@@ -65,7 +65,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.stats import percentile  # noqa: E402
+from benchmarks.stats import percentile, summary  # noqa: E402
 from executors.podman.api import LibpodClient  # noqa: E402
 from executors.podman.containers import container_name  # noqa: E402
 from tests.conformance.podman_harness import build_behaviour_image  # noqa: E402
@@ -280,8 +280,9 @@ async def watch_podman(socket: Path, seen: Seen, prefixes: list[str]) -> None:
                 if run_id is None or when < seen.since:  # the stream replays the past
                     continue
                 action = event.get("Action") or event.get("Status")
-                book = seen.started if action == "start" else seen.died
-                book.setdefault(run_id, []).append(when)
+                times = (seen.started if action == "start" else seen.died).setdefault(run_id, [])
+                if when not in times:  # podman may deliver one event twice (same timeNano)
+                    times.append(when)
     finally:
         await api.close()
 
@@ -427,12 +428,7 @@ async def burst(
 
 
 def stats_line(title: str, values: list[float]) -> str:
-    if not values:
-        return f"    {title:<34} (no samples)"
-    return (
-        f"    {title:<34} median {statistics.median(values):8.1f}  p95 "
-        f"{percentile(values, 0.95):8.1f}  max {max(values):8.1f} ms  (n={len(values)})"
-    )
+    return summary(title, values, width=34, indent=4)
 
 
 def ratio_line(title: str, fed: list[float], v6: list[float]) -> str:

@@ -39,8 +39,8 @@ def main() -> None:
     # Modules that bound the function by name before the patch: rebind it there too.
     for name, module in list(sys.modules.items()):
         if name.startswith("vantage6") and getattr(module, "running_in_docker", None) is original:
-            module.running_in_docker = _not_in_docker  # type: ignore[attr-defined]
-    NodeContext.running_in_docker = False  # type: ignore[attr-defined]
+            module.running_in_docker = _not_in_docker
+    NodeContext.running_in_docker = False
     sys.argv = ["vnode-local", "start", "--user", *sys.argv[1:]]
     cli_node()
 
