@@ -27,9 +27,10 @@ Phases, one node at a time (the other idles):
 
 1. sequential: ``--runs`` tasks per node, one after another, alternating the nodes;
 2. bursts: ``--bursts`` (default 50 and 200) tasks created as fast as the server takes
-   them, per node: time from the first task created to the last result, results lost (none
-   by the deadline) or wrong (a result that is not the task's own output), runs whose
-   container started more than once; node CPU per run and RSS (peak sampled every 0.2 s).
+   them, per node: time from the first task created to the last result, runs with no
+   result by the deadline (120 s + 4 s per task after the last one was created: lost, or
+   not yet done), wrong results (not the task's own output), runs whose container started
+   more than once; node CPU per run and RSS (peak sampled every 0.2 s).
 
 Prints median, p95 and max and the ratio vantage6 / fednode for each.
 
@@ -452,7 +453,7 @@ def report_latency(title: str, samples: dict[str, Sample], seen: Seen, labels: l
         print(stats_line("task created -> container started", sample.started(seen)))
         print(stats_line("container exit -> result at server", sample.delivered(seen)))
         print(
-            f"    lost {sample.lost(seen)}, wrong {sample.wrong(seen)}, "
+            f"    no result by the deadline {sample.lost(seen)}, wrong {sample.wrong(seen)}, "
             f"started twice {sample.restarted(seen)} (of {len(sample.expected)} tasks)"
         )
         for r in sample.runs:
