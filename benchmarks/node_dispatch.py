@@ -269,7 +269,7 @@ def _open_roots(node: Node) -> list[Any]:
     """The runs are still going: their ``run`` spans are not finished; read them open."""
     lifecycle = node.state.lifecycle
     assert lifecycle is not None
-    return [record.span for record in lifecycle._runs.values()]
+    return [record.span for record in lifecycle._inflight.runs.values()]
 
 
 def main() -> None:
