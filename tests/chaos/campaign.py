@@ -58,7 +58,7 @@ class CampaignConfig:
     #: Seconds the node stays down, drawn uniformly.
     down_for: tuple[float, float] = (0.0, 2.0)
     #: How long the node gets, after the last fault, to end every run.
-    settle_seconds: float = 300.0
+    settle_seconds: float = 600.0
     max_concurrent_runs: int = 8
 
 
@@ -150,9 +150,10 @@ async def _campaign(
     pace = mean_cycle * config.node_kills / max(config.tasks, 1)
     fault_rng = random.Random(rng.random())  # the stream's draws do not shift the faults'
     try:
+        fed = asyncio.Event()
         await asyncio.gather(
-            _feed(peers, planned, rng, pace=pace, say=say),
-            _faults(peers, config, fault_rng, faults, say=say),
+            _feed(peers, planned, rng, pace=pace, say=say, done=fed),
+            _faults(peers, config, fault_rng, faults, say=say, feeding=fed),
         )
         node.start()
         say(f"chaos: faults done ({faults}); settling for up to {config.settle_seconds:.0f} s")
@@ -183,7 +184,13 @@ async def _campaign(
 
 
 async def _feed(
-    peers: _Peers, planned: list[PlannedTask], rng: random.Random, *, pace: float, say: Say
+    peers: _Peers,
+    planned: list[PlannedTask],
+    rng: random.Random,
+    *,
+    pace: float,
+    say: Say,
+    done: asyncio.Event,
 ) -> None:
     """Create the planned tasks at a steady pace; the user kills the ``kill`` ones later."""
     killers: list[asyncio.Task[None]] = []
@@ -202,6 +209,7 @@ async def _feed(
         if (task.index + 1) % 20 == 0:
             say(f"chaos: {task.index + 1}/{len(planned)} tasks created")
         await asyncio.sleep(rng.uniform(0, 2 * pace))
+    done.set()
     await asyncio.gather(*killers)
 
 
@@ -212,12 +220,20 @@ async def _kill_later(peers: _Peers, task_id: int, delay: float) -> None:
 
 
 async def _faults(
-    peers: _Peers, config: CampaignConfig, rng: random.Random, faults: Faults, *, say: Say
+    peers: _Peers,
+    config: CampaignConfig,
+    rng: random.Random,
+    faults: Faults,
+    *,
+    say: Say,
+    feeding: asyncio.Event,
 ) -> None:
+    """At least ``node_kills`` kills, and more until the last task is created."""
     kills = config.node_kills
     server_at = set(rng.sample(range(kills), min(config.server_restarts, kills)))
     podman_at = set(rng.sample(range(kills), min(config.podman_restarts, kills)))
-    for i in range(kills):
+    i = -1
+    while (i := i + 1) < kills or not feeding.is_set():
         await asyncio.sleep(rng.uniform(*config.kill_after))
         peers.node.kill()
         faults.node_kills += 1
@@ -235,7 +251,7 @@ async def _faults(
             faults.podman_restarts += 1
             say("chaos: podman service restarted")
         if (i + 1) % 10 == 0:
-            say(f"chaos: {i + 1}/{kills} node kills")
+            say(f"chaos: {i + 1} node kills (at least {kills})")
 
 
 async def _settle(peers: _Peers, *, timeout: float, say: Say) -> None:

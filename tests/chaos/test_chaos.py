@@ -30,7 +30,7 @@ async def test_node_killed_20_times_under_60_tasks_loses_none_runs_none_twice(
         node_kills=20,
         server_restarts=1,
         podman_restarts=1,
-        settle_seconds=240,
+        settle_seconds=480,
     )
 
     verdict = await run_campaign(config)
