@@ -22,6 +22,14 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=100, help="node SIGKILLs")
     parser.add_argument("--server-restarts", type=int, default=5)
     parser.add_argument("--podman-restarts", type=int, default=5)
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        nargs=2,
+        default=(1.0, 6.0),
+        metavar=("MIN", "MAX"),
+        help="seconds from the node's readiness to its SIGKILL, drawn uniformly",
+    )
     parser.add_argument("--seed", type=int, default=None, help="fault and task schedule")
     parser.add_argument("--settle", type=float, default=600.0, help="seconds to end all runs")
     parser.add_argument("--max-concurrent-runs", type=int, default=8)
@@ -38,6 +46,7 @@ def main() -> int:
         server_restarts=args.server_restarts,
         podman_restarts=args.podman_restarts,
         settle_seconds=args.settle,
+        kill_after=(args.kill_after[0], args.kill_after[1]),
         max_concurrent_runs=args.max_concurrent_runs,
     )
     verdict = asyncio.run(run_campaign(config, say=lambda line: print(line, flush=True)))

@@ -7,8 +7,9 @@ at once:
 
 * the **task stream** (:mod:`tests.chaos.workload`), created through the real vantage6
   user client at a steady pace, with the user killing some tasks through the server;
-* the **fault schedule**: ``node_kills`` times, wait a random moment since the node's last
-  start (during start-up and reconcile too), SIGKILL it, wait a little, start it again;
+* the **fault schedule**: ``node_kills`` times (and on until the last task is created),
+  wait a random moment after the node is ready (or, for a share of the kills, after it
+  was started: during start-up and reconcile), SIGKILL it, wait a little, start it again;
   at random points of that schedule the server is restarted (SIGTERM, same database) and
   the podman service is restarted (its containers live on under conmon).
 
@@ -37,6 +38,7 @@ import yaml
 from executors.base import LABEL_NODE, LABEL_RUN
 from tests.chaos.accounting import Faults, Verdict, is_finished, judge, reports_in_log
 from tests.chaos.processes import NodeProcess, PodmanServiceProcess
+from tests.chaos.userapi import UserApi
 from tests.chaos.workload import PlannedTask, plan
 from tests.peers import podman as podman_peer
 from tests.peers.stack import CSV_OF, free_port, server_with_collaboration
@@ -53,8 +55,10 @@ class CampaignConfig:
     node_kills: int = 100
     server_restarts: int = 5
     podman_restarts: int = 5
-    #: Seconds from a node start to its SIGKILL, drawn uniformly.
-    kill_after: tuple[float, float] = (2.0, 8.0)
+    #: Seconds from the node's readiness to its SIGKILL, drawn uniformly.
+    kill_after: tuple[float, float] = (1.0, 6.0)
+    #: The share of kills that land 0-4 s after a start instead (start-up, reconcile).
+    startup_kills: float = 0.2
     #: Seconds the node stays down, drawn uniformly.
     down_for: tuple[float, float] = (0.0, 2.0)
     #: How long the node gets, after the last fault, to end every run.
@@ -70,6 +74,7 @@ class _Peers:
     node: NodeProcess
     node_name: str
     task_dir: Path
+    api: UserApi
     user_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -134,7 +139,10 @@ async def _campaign(
     node = NodeProcess(
         config=node_config, log_path=config.workdir / "node.log", health_port=health_port
     )
-    peers = _Peers(server, collab, podman, node, node_name, task_dir)
+    api = UserApi(
+        api_url=server.api_url, username=server.root_username, password=server.root_password
+    )
+    peers = _Peers(server, collab, podman, node, node_name, task_dir, api)
     planned = plan(
         rng,
         tasks=config.tasks,
@@ -146,7 +154,7 @@ async def _campaign(
     node.start()
     await _until_ready(node, timeout=120)
     faults = Faults()
-    mean_cycle = sum(config.kill_after) / 2 + sum(config.down_for) / 2
+    mean_cycle = sum(config.kill_after) / 2 + sum(config.down_for) / 2 + 4  # + start-up
     pace = mean_cycle * config.node_kills / max(config.tasks, 1)
     fault_rng = random.Random(rng.random())  # the stream's draws do not shift the faults'
     try:
@@ -197,10 +205,11 @@ async def _feed(
     for task in planned:
         async with peers.user_lock:
             created = await asyncio.to_thread(
-                peers.collab.create_task,
+                peers.api.create_task,
+                collaboration=peers.collab.id,
+                organization=peers.collab.org_a.id,
                 input_=task.input,
                 image=task.image,
-                organizations=[peers.collab.org_a.id],
                 name=f"chaos-{task.kind}-{task.index}",
             )
         task.task_id = int(created["id"])
@@ -216,7 +225,7 @@ async def _feed(
 async def _kill_later(peers: _Peers, task_id: int, delay: float) -> None:
     await asyncio.sleep(delay)
     async with peers.user_lock:
-        await asyncio.to_thread(peers.collab.user.kill_task, task_id)
+        await asyncio.to_thread(peers.api.kill_task, task_id)
 
 
 async def _faults(
@@ -234,7 +243,11 @@ async def _faults(
     podman_at = set(rng.sample(range(kills), min(config.podman_restarts, kills)))
     i = -1
     while (i := i + 1) < kills or not feeding.is_set():
-        await asyncio.sleep(rng.uniform(*config.kill_after))
+        if rng.random() < config.startup_kills:
+            await asyncio.sleep(rng.uniform(0, 4))  # while it starts up and reconciles
+        else:
+            await _until_ready(peers.node, timeout=180)
+            await asyncio.sleep(rng.uniform(*config.kill_after))
         peers.node.kill()
         faults.node_kills += 1
         await asyncio.sleep(rng.uniform(*config.down_for))
@@ -269,21 +282,9 @@ async def _settle(peers: _Peers, *, timeout: float, say: Say) -> None:
 
 
 async def _all(peers: _Peers, what: str) -> list[dict[str, Any]]:
-    """Every run (or task) of the collaboration at the server, page by page."""
-    items: list[dict[str, Any]] = []
-    page = 1
-    while True:
-        async with peers.user_lock:
-            body = await asyncio.to_thread(
-                peers.collab.user.request,
-                what,
-                params={"collaboration_id": peers.collab.id, "page": page, "per_page": 200},
-            )
-        data = body.get("data", []) if isinstance(body, dict) else []
-        items += data
-        if len(data) < 200:
-            return items
-        page += 1
+    """Every run (or result, or task) of the collaboration at the server."""
+    async with peers.user_lock:
+        return await asyncio.to_thread(peers.api.all, what, collaboration_id=peers.collab.id)
 
 
 async def _until_ready(node: NodeProcess, *, timeout: float) -> None:
