@@ -32,7 +32,7 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=None, help="fault and task schedule")
     parser.add_argument("--settle", type=float, default=600.0, help="seconds to end all runs")
-    parser.add_argument("--max-concurrent-runs", type=int, default=8)
+    parser.add_argument("--max-concurrent-runs", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=None, help="kept; default: a temp dir")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)

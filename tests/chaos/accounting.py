@@ -16,6 +16,12 @@ Definitions (per run of the campaign's tasks and of the subtasks central runs cr
 * **stuck**: not ended when the campaign's settling time ran out;
 * **left behind**: containers still there, or run directories (with the decrypted input)
   still on disk, after the node stopped.
+
+Counted apart, and not a failure of the campaign: a central run that ``crashed`` because
+the node's proxy was down while the node was (a ``ConnectionError`` to the proxy in its
+log). The vantage6 algorithm client retries most calls on a connection error, but not all
+(``task.create`` first asks ``blobstream/status`` with a bare ``requests.get``); the node
+reports that crash truthfully and cannot undo it.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Verdict:
     duplicated: list[str] = field(default_factory=list)
     stuck: list[str] = field(default_factory=list)
     left_behind: list[str] = field(default_factory=list)
+    proxy_outage: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -71,6 +78,7 @@ class Verdict:
             ("duplicated", len(self.duplicated)),
             ("stuck", len(self.stuck)),
             ("left behind", len(self.left_behind)),
+            ("(central crashed: proxy down, not retried)", len(self.proxy_outage)),
         ]
         width = max(len(name) for name, _ in rows)
         lines = [f"| {'':<{width}} | count |", f"| {'-' * width} | ----: |"]
@@ -82,6 +90,7 @@ class Verdict:
             ("duplicated", self.duplicated),
             ("stuck", self.stuck),
             ("left behind", self.left_behind),
+            ("proxy outage", self.proxy_outage),
         ):
             for item in items:
                 lines.append(f"  {title}: {item}")
@@ -112,6 +121,13 @@ def parent_of(task: dict[str, Any]) -> int | None:
 def task_of(run: dict[str, Any]) -> int:
     task = run["task"]
     return int(task["id"]) if isinstance(task, dict) else int(task)
+
+
+def _proxy_unreachable(log: str) -> bool:
+    """The algorithm died of a connection error to the node's proxy (the node was down)."""
+    return "requests.exceptions.ConnectionError" in log and (
+        "Connection refused" in log or "RemoteDisconnected" in log
+    )
 
 
 def reports_in_log(log_path: Path) -> Counter[int]:
@@ -167,8 +183,13 @@ def judge(
                 f"{label}: status {run['status']!r}, started_at {run.get('started_at')}"
             )
         elif run["status"] != status:
-            last = (run.get("log") or "").strip().splitlines()[-1:] or [""]
-            verdict.lost.append(f"{label}: {run['status']!r}, expected {status!r}: {last[0]}")
+            log = run.get("log") or ""
+            last = log.strip().splitlines()[-1:] or [""]
+            problem = f"{label}: {run['status']!r}, expected {status!r}: {last[0]}"
+            if run["status"] == "crashed" and _proxy_unreachable(log):
+                verdict.proxy_outage.append(problem)
+            else:
+                verdict.lost.append(problem)
         elif result is not None and decoded_result(run) != result:
             verdict.lost.append(f"{label}: result {decoded_result(run)!r}, expected {result!r}")
         if creates[run_id] > 1:

@@ -63,7 +63,7 @@ class CampaignConfig:
     down_for: tuple[float, float] = (0.0, 2.0)
     #: How long the node gets, after the last fault, to end every run.
     settle_seconds: float = 600.0
-    max_concurrent_runs: int = 8
+    max_concurrent_runs: int = 16
 
 
 @dataclass
@@ -115,6 +115,10 @@ async def _campaign(
     )
     probe_image = await asyncio.to_thread(build_behaviour_image, service)
     node_name = f"chaos-{uuid.uuid4().hex[:6]}"
+    # Its own runs network (and so its own nftables table): other nodes on this host, and
+    # test sessions that remove the default network's table, cannot drop its proxy port.
+    network = node_name
+    subnet = f"10.216.{uuid.uuid4().int % 256}.0/24"
     task_dir = config.workdir / "tasks"
     health_port = free_port()
     node_config = config.workdir / "node.yaml"
@@ -128,7 +132,12 @@ async def _campaign(
                 "api_key": collab.org_a.api_key,
                 "task_dir": str(task_dir),
                 "databases": [{"label": "default", "type": "csv", "uri": str(CSV_OF["a"])}],
-                "executor": {"kind": "podman", "socket": podman.url},
+                "executor": {
+                    "kind": "podman",
+                    "socket": podman.url,
+                    "network": network,
+                    "network_subnet": subnet,
+                },
                 "health": {"port": health_port},
                 "proxy": {"port": free_port()},
                 "max_concurrent_runs": config.max_concurrent_runs,
@@ -171,6 +180,7 @@ async def _campaign(
         await _until_idle(node, timeout=60)
         code = node.stop()
         say(f"chaos: node stopped cleanly (exit {code})")
+        await asyncio.to_thread(_remove_network, podman, network)
     runs = await _all(peers, "run")
     results = {int(r["id"]): r.get("result") for r in await _all(peers, "result")}
     for run in runs:  # the run listing leaves results out; /result has them
@@ -334,6 +344,16 @@ def _container_creates(node_name: str, since: int) -> Counter[int]:
         if run_id is not None:
             creates[int(run_id)] += 1
     return creates
+
+
+def _remove_network(podman: PodmanServiceProcess, network: str) -> None:
+    """The campaign's runs network and its nftables table (the node leaves both, by design)."""
+    podman_peer._remove_firewall(network)
+    subprocess.run(
+        ["podman", "--url", podman.url, "network", "rm", network],
+        capture_output=True,
+        check=False,
+    )
 
 
 def _containers_left(podman: PodmanServiceProcess, node_name: str) -> list[str]:
