@@ -63,6 +63,7 @@ class Verdict:
     stuck: list[str] = field(default_factory=list)
     left_behind: list[str] = field(default_factory=list)
     proxy_outage: list[str] = field(default_factory=list)
+    cut_off_posts: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -79,6 +80,7 @@ class Verdict:
             ("stuck", len(self.stuck)),
             ("left behind", len(self.left_behind)),
             ("(central crashed: proxy down, not retried)", len(self.proxy_outage)),
+            ("(subtask sent again after a cut-off POST)", len(self.cut_off_posts)),
         ]
         width = max(len(name) for name, _ in rows)
         lines = [f"| {'':<{width}} | count |", f"| {'-' * width} | ----: |"]
@@ -91,6 +93,7 @@ class Verdict:
             ("stuck", self.stuck),
             ("left behind", self.left_behind),
             ("proxy outage", self.proxy_outage),
+            ("cut-off POST", self.cut_off_posts),
         ):
             for item in items:
                 lines.append(f"  {title}: {item}")
@@ -130,20 +133,36 @@ def _proxy_unreachable(log: str) -> bool:
     )
 
 
-def reports_in_log(log_path: Path) -> Counter[int]:
-    """How many times the node logged ``run.finished`` for each run, over all its lives."""
-    counts: Counter[int] = Counter()
+@dataclass
+class NodeLog:
+    """What the node's log says, per run, over all its lives."""
+
+    reports: Counter[int] = field(default_factory=Counter)  # ``run.finished`` events
+    subtasks_answered: Counter[int] = field(default_factory=Counter)  # proxied POST task 201
+
+
+def read_node_log(log_path: Path) -> NodeLog:
+    counts = NodeLog()
     if not log_path.exists():
         return counts
     for line in log_path.read_text(errors="replace").splitlines():
-        if '"run.finished"' not in line:
+        if '"run.finished"' not in line and '"proxy.request"' not in line:
             continue
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") == "run.finished" and event.get("run_id") is not None:
-            counts[int(event["run_id"])] += 1
+        run_id = event.get("run_id")
+        if run_id is None:
+            continue
+        if event.get("event") == "run.finished":
+            counts.reports[int(run_id)] += 1
+        elif (event.get("method"), event.get("route"), event.get("status")) == (
+            "POST",
+            "/task",
+            201,
+        ):
+            counts.subtasks_answered[int(run_id)] += 1
     return counts
 
 
@@ -154,7 +173,7 @@ def judge(
     tasks: Iterable[dict[str, Any]],
     runs: Iterable[dict[str, Any]],
     creates: Counter[int],
-    reports: Counter[int],
+    node_log: NodeLog,
     containers_left: list[str],
     run_dirs_left: list[Path],
 ) -> Verdict:
@@ -194,8 +213,10 @@ def judge(
             verdict.lost.append(f"{label}: result {decoded_result(run)!r}, expected {result!r}")
         if creates[run_id] > 1:
             verdict.duplicated.append(f"{label}: {creates[run_id]} containers created")
-        if reports[run_id] > 1:
-            verdict.duplicated.append(f"{label}: reported finished {reports[run_id]} times")
+        if node_log.reports[run_id] > 1:
+            verdict.duplicated.append(
+                f"{label}: reported finished {node_log.reports[run_id]} times"
+            )
 
     for task in planned:
         if task.task_id is None:
@@ -206,7 +227,16 @@ def judge(
         subtasks = children.get(task.task_id, [])
         task.subtask_ids = subtasks
         if len(subtasks) > 1:
-            verdict.duplicated.append(f"central task {task.task_id}: {len(subtasks)} subtasks")
+            central_runs = runs_of.get(task.task_id, [])
+            answered = sum(node_log.subtasks_answered[int(r["id"])] for r in central_runs)
+            problem = (
+                f"central task {task.task_id}: {len(subtasks)} subtasks, "
+                f"{answered} answered by the proxy"
+            )
+            if answered <= 1:
+                verdict.cut_off_posts.append(problem)
+            else:
+                verdict.duplicated.append(problem)
         for subtask in subtasks:
             check(subtask, "subtask", "completed", {"sum": A_SUM, "count": A_COUNT})
         if not subtasks and runs_of.get(task.task_id, [{}])[0].get("status") == "completed":

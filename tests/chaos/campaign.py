@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from executors.base import LABEL_NODE, LABEL_RUN
-from tests.chaos.accounting import Faults, Verdict, is_finished, judge, reports_in_log
+from tests.chaos.accounting import Faults, Verdict, is_finished, judge, read_node_log
 from tests.chaos.processes import NodeProcess, PodmanServiceProcess
 from tests.chaos.userapi import UserApi
 from tests.chaos.workload import PlannedTask, plan
@@ -195,7 +195,7 @@ async def _campaign(
         tasks=tasks,
         runs=runs,
         creates=creates,
-        reports=reports_in_log(node.log_path),
+        node_log=read_node_log(node.log_path),
         containers_left=containers_left,
         run_dirs_left=run_dirs_left,
     )
