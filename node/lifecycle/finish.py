@@ -15,6 +15,12 @@ with the reason in its log and no result; any other error ends it ``failed`` as 
 error. Only when even that cannot reach the server is the runtime object kept, for the next
 ``sync`` or restart to try again.
 
+A run whose final status the server holds already (found so after a restart: uploaded
+just before the node died, or killed by its user meanwhile) is not uploaded again; its
+runtime object and files are removed once (:meth:`Finisher.ended_on_server`). A runtime
+that cannot be reached while the output is collected is asked again with backoff, so a
+result is never replaced by an empty one because podman was restarting.
+
 Runs that never got a container (refused, undecryptable, lost) end through
 :meth:`Finisher.end_without_container`; a run whose start failed half-way through
 :meth:`Finisher.end_after_failed_start`, which also removes what the start made.
@@ -22,21 +28,22 @@ Runs that never got a container (refused, undecryptable, lost) end through
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from executors.base import Executor, ExecutorError
-from executors.spec import Phase, Reason, RunEvent
+from executors.base import Executor, ExecutorError, UnknownRun
+from executors.spec import Phase, Reason, RunEvent, RunOutput
 from node.background import TaskOwner
 from node.crypto import CryptoError, Cryptor
 from node.lifecycle.inflight import InFlight, RunInFlight
-from node.lifecycle.server import RunServer, now
+from node.lifecycle.server import RunServer, finished_status, now
 from node.logging import bind_run, get_logger
 from node.proxy_link import OrganizationKeys
 from node.server.models import Run, RunStatus
-from node.server.rest import ServerError
+from node.server.rest import Backoff, ServerError
 
 log = get_logger(__name__)
 
@@ -85,6 +92,7 @@ class Finisher:
         keys: OrganizationKeys,
         tracer: trace.Tracer,
         work: TaskOwner,
+        runtime_patience: float,
     ) -> None:
         self._server = server
         self._executor = executor
@@ -93,6 +101,7 @@ class Finisher:
         self._keys = keys
         self._tracer = tracer
         self._work = work
+        self._patience = runtime_patience
 
     def on_run_event(self, event: RunEvent) -> None:
         """An executor event: trace the execution; finish the run on its terminal one."""
@@ -121,6 +130,9 @@ class Finisher:
         if record is None or self._inflight.is_finished(event.run_id):
             return
         record.finishing = True
+        if record.ended_on_server:
+            self.ended_on_server(record, "already ended on the server")
+            return
         with bind_run(run_id=record.run_id, task_id=record.task_id):
             try:
                 await self._upload(record, event)
@@ -143,7 +155,7 @@ class Finisher:
         ):
             message = event.message
             try:
-                output = await self._executor.collect(record.run_id)
+                output = await self._collect_patiently(record.run_id)
                 result, container_log = output.output, output.log
             except ExecutorError as exc:
                 result, container_log = b"", f"(no output could be collected: {exc})"
@@ -174,6 +186,23 @@ class Finisher:
         await self._server.announce(record, status)
         self._inflight.finished(record, status=status.value, reason=reason.value)
         self._spawn_cleanup(record.run_id)
+
+    async def _collect_patiently(self, run_id: int) -> RunOutput:
+        """``executor.collect``, asked again with backoff while the runtime is unreachable."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._patience
+        backoff = Backoff(base=0.5, cap=10.0)
+        while True:
+            try:
+                return await self._executor.collect(run_id)
+            except UnknownRun:
+                raise
+            except ExecutorError as exc:
+                delay = backoff.next_delay()
+                if loop.time() + delay > give_up:
+                    raise
+                log.warning("run.collect_retrying", error=str(exc), delay=round(delay, 2))
+                await asyncio.sleep(delay)
 
     async def _sealed(self, record: RunInFlight, result: bytes) -> str:
         """The output encrypted for the task's initiator (base64 only, if unencrypted)."""
@@ -209,6 +238,13 @@ class Finisher:
         self._inflight.finished(record, status=RunStatus.FAILED.value, reason="node-error")
         self._spawn_cleanup(record.run_id)
 
+    def ended_on_server(self, record: RunInFlight, status: str) -> None:
+        """The server already has the run's final status: remove what is left, once."""
+        log.info("run.already_ended_on_server", run_id=record.run_id, status=status)
+        self._inflight.refuse_at_proxy(record)
+        self._inflight.finished(record, status=status)
+        self._spawn_cleanup(record.run_id)
+
     # -- runs without a container ---------------------------------------------------------
 
     async def end_without_container(
@@ -238,7 +274,11 @@ class Finisher:
     async def _recall(self, run_id: int) -> RunInFlight | None:
         """Rebuild the memory of a run we lost track of (e.g. after a restart)."""
         run = await self.look_up_object(run_id)
-        return None if run is None else self._inflight.remember(run)
+        if run is None:
+            return None
+        record = self._inflight.remember(run)
+        record.ended_on_server = finished_status(run.status)
+        return record
 
     async def look_up_object(self, run_id: int) -> Run | None:
         """The server's view of a run the runtime has an object for; ``None`` if it cannot be

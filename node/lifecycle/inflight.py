@@ -51,6 +51,9 @@ class RunInFlight:
     finishing: bool = False
     execute_span: Span | None = None
     token: str | None = None
+    #: The server already holds the run's final status (its result uploaded before the
+    #: node died, or killed by its user): its end is not uploaded again, only cleaned up.
+    ended_on_server: bool = False
 
 
 class InFlight:

@@ -29,7 +29,7 @@ from node.crypto import Cryptor
 from node.lifecycle.finish import Finisher
 from node.lifecycle.inflight import InFlight
 from node.lifecycle.reconcile import Reconciler
-from node.lifecycle.server import RunServer, StatusNotifier
+from node.lifecycle.server import RUNTIME_PATIENCE_SECONDS, RunServer, StatusNotifier
 from node.lifecycle.spec import LifecycleConfig
 from node.lifecycle.start import Starter
 from node.logging import get_logger
@@ -61,6 +61,7 @@ class RunLifecycle:
         token_seal: TokenSeal,
         proxy_runs: RunTable | None = None,
         upload_backoff: float = 1.0,
+        runtime_patience: float = RUNTIME_PATIENCE_SECONDS,
     ) -> None:
         self._config = config
         self._cryptor = cryptor
@@ -82,6 +83,7 @@ class RunLifecycle:
             keys=keys,
             tracer=tracer,
             work=self._work,
+            runtime_patience=runtime_patience,
         )
         self._starter = Starter(
             server=self._server,
@@ -93,13 +95,17 @@ class RunLifecycle:
             finisher=self._finisher,
             config=config,
             tracer=tracer,
+            runtime_patience=runtime_patience,
         )
         self._reconciler = Reconciler(
             executor=executor,
+            server=self._server,
             inflight=self._inflight,
             finisher=self._finisher,
+            starter=self._starter,
             token_seal=token_seal,
             config=config,
+            work=self._work,
         )
 
     # -- the two streams ----------------------------------------------------------------

@@ -8,12 +8,16 @@ first ``sync``, and claims every run the executor has, so none is started twice:
 * a run still going is followed: it takes a free slot (after a restart the limit may be
   exceeded briefly), and the proxy accepts its token again — recovered first from the
   sealed copy the executor kept with the run (:mod:`node.token_seal`; on Kubernetes the
-  node may not read the token's Secret), else from the run's token file;
+  node may not read the token's Secret), else from the run's token file; if the server
+  still says ``pending`` (the node died before it said ``active``), it hears ``active``;
 * a run that ended while the node was down is finished (uploaded) as if its event had just
-  come; a repeat upload of a run finished before is refused by the server and treated as
-  done;
-* a run the server has already ended (killed by its user while the node was away) is
-  killed here too;
+  come;
+* a run the server has already ended — its result uploaded before the node died, or
+  killed by its user while the node was away — is not uploaded again: it is killed if it
+  still runs, and its runtime object and files are removed (decided from the run's status
+  at the server);
+* a run whose container was created but never started (the node died in between) is
+  started, with the token that container already has;
 * a runtime object the server does not know at all is removed
   (:meth:`node.lifecycle.finish.Finisher.look_up_object`);
 * a run directory under ``task_dir`` that no runtime object backs — left behind by a
@@ -21,8 +25,12 @@ first ``sync``, and claims every run the executor has, so none is started twice:
 
 Later, on every ``sync``, a run the server lists as started (``started_at`` set) but that
 this process does not follow goes through :meth:`Reconciler.adopt`: followed if the
-runtime has it, else failed with a clear log — a run lost while the node was down is never
-silently started a second time.
+runtime has it running or ended; started — once — if the runtime has no container for it
+(the node died between telling the server ``started_at`` and creating the container) or
+only a created one (it died before starting it). Starting it again cannot run it twice:
+the runtime object is named after the run, so a second start adopts the first
+(:meth:`executors.base.Executor.start`), and a run's object is removed only after the
+server has its final status, when the run is no longer open.
 """
 
 from __future__ import annotations
@@ -32,10 +40,13 @@ from pathlib import Path
 
 from executors.base import Executor, ExecutorError
 from executors.runfiles import RunFiles
-from executors.spec import RunEvent, RunState
+from executors.spec import Phase, RunEvent, RunState
+from node.background import TaskOwner
 from node.lifecycle.finish import Finisher
 from node.lifecycle.inflight import InFlight, RunInFlight
+from node.lifecycle.server import RunServer, finished_status
 from node.lifecycle.spec import LifecycleConfig
+from node.lifecycle.start import Starter
 from node.logging import bind_run, get_logger
 from node.server.models import Run, RunStatus
 from node.server.rest import ServerError
@@ -54,14 +65,20 @@ class Reconciler:
         self,
         *,
         executor: Executor,
+        server: RunServer,
         inflight: InFlight,
         finisher: Finisher,
+        starter: Starter,
         token_seal: TokenSeal,
         config: LifecycleConfig,
+        work: TaskOwner,
     ) -> None:
         self._executor = executor
+        self._server = server
         self._inflight = inflight
         self._finisher = finisher
+        self._starter = starter
+        self._work = work
         self._token_seal = token_seal
         self._config = config
 
@@ -74,55 +91,92 @@ class Reconciler:
             run = await self._finisher.look_up_object(state.run_id)
             if run is None:
                 continue
+            ended = finished_status(run.status)
             record = self._inflight.remember(run, parent=state.trace_context)
+            if not ended and _never_started(state):
+                # Created, never started (the node died in between): start it now, once,
+                # with the token its container already has.
+                self._admit_recovered(state, run, record)
+                self._work.spawn(
+                    self._starter.start(run, record, token=record.token),
+                    name=f"resume-run-{run.id}",
+                )
+                continue
+            if ended and (state.phase.is_terminal or _never_started(state)):
+                # Its result (or the user's kill) is at the server already: never again.
+                self._finisher.ended_on_server(record, run.status)
+                continue
             if state.phase.is_terminal:
                 self._finisher.on_run_event(_event_of(state))
                 continue
             await self._inflight.take_free_slot(record)
-            token, why_not = self.recover_token(state, run)
-            if token is not None:
-                self._inflight.admit_to_proxy(record, token, state.trace_context)
-            else:
-                log.warning(
-                    "run.token_not_recovered",
-                    run_id=state.run_id,
-                    reason=why_not,
-                    hint="the proxy refuses this run's calls until it ends",
-                )
-            if _finished_on_server(run.status):
+            self._admit_recovered(state, run, record)
+            if ended:
+                record.ended_on_server = True  # killed by its user while we were away
                 record.killed = True
                 await self._kill(state.run_id)
+            elif run.status != RunStatus.ACTIVE.value:
+                await self._tell_active(run.id)
         swept = self._sweep({state.run_id for state in states} | set(self._inflight.runs))
         log.info(
             "runs.reconciled", found=len(states), claimed=len(self._inflight.runs), swept=swept
         )
 
     async def adopt(self, run: Run, record: RunInFlight) -> None:
-        """A run the server says started: follow its runtime object, never start another."""
+        """A run the server says started: follow its runtime object, or start it once."""
         with bind_run(run_id=run.id, task_id=run.task.id):
             try:
                 state = next(
                     (s for s in await self._executor.list_runs() if s.run_id == run.id), None
                 )
-                if state is not None:
-                    log.info("run.adopted", phase=state.phase.value)
-                    if state.phase.is_terminal:
-                        self._finisher.on_run_event(_event_of(state))
-                    return
-                await self._finisher.end_without_container(
-                    record,
-                    RunStatus.FAILED,
-                    "the run's container was lost while the node was down; not restarting "
-                    "it to avoid running it twice",
+            except ExecutorError as exc:
+                log.error("run.adopt_deferred", error=str(exc))
+                self._inflight.retry_later(record, why="runtime unreachable")
+                return
+            if state is None or _never_started(state):
+                # The node died after telling the server started_at, before the container
+                # was created (or started): start it now, once (see the module docstring).
+                log.info(
+                    "run.resumed",
+                    container="created, never started" if state else "never created",
                 )
-            except ServerError as exc:
-                log.error("run.server_error", error=str(exc))
-                self._inflight.retry_later(record, why="server error")
+                token = self.recover_token(state, run)[0] if state is not None else None
+                await self._starter.start(run, record, token=token)
+                return
+            try:
+                log.info("run.adopted", phase=state.phase.value)
+                if state.phase.is_terminal:
+                    self._finisher.on_run_event(_event_of(state))
+                    return
+                await self._inflight.take_free_slot(record)
+                self._admit_recovered(state, run, record)
+                if run.status != RunStatus.ACTIVE.value:
+                    await self._tell_active(run.id)
             except Exception:
                 log.exception("run.adopt_crashed")
                 await self._finisher.end_without_container(
                     record, RunStatus.FAILED, "fednode could not follow the run (node error)"
                 )
+
+    def _admit_recovered(self, state: RunState, run: Run, record: RunInFlight) -> None:
+        """The proxy accepts a followed run's token again, if it can be recovered."""
+        token, why_not = self.recover_token(state, run)
+        if token is not None:
+            self._inflight.admit_to_proxy(record, token, state.trace_context)
+        else:
+            log.warning(
+                "run.token_not_recovered",
+                run_id=state.run_id,
+                reason=why_not,
+                hint="the proxy refuses this run's calls until it ends",
+            )
+
+    async def _tell_active(self, run_id: int) -> None:
+        """A followed run the server still has ``pending``: it runs, so it is ``active``."""
+        try:
+            await self._server.mark_active(run_id)
+        except ServerError as exc:
+            log.warning("run.active_not_told", run_id=run_id, error=str(exc))
 
     def recover_token(self, state: RunState, run: Run) -> tuple[str | None, str]:
         """An adopted run's container token, or why it cannot be had.
@@ -189,8 +243,6 @@ def _event_of(state: RunState) -> RunEvent:
     return RunEvent.now(state.run_id, state.phase, state.reason, exit_code=state.exit_code)
 
 
-def _finished_on_server(status: str) -> bool:
-    try:
-        return RunStatus(status).is_finished
-    except ValueError:
-        return False
+def _never_started(state: RunState) -> bool:
+    """The runtime has the run's object, but its container was never started."""
+    return state.phase in (Phase.PENDING, Phase.STARTING)

@@ -7,8 +7,9 @@ that a run's status changed. :meth:`RunServer.upload` is the finishing PATCH: it
 with backoff while the server cannot be reached or answers 5xx (the server client already
 retried each request a few times), so a result waits for the server rather than for the
 next ``sync``; it returns only when the server has the result, or raises on an answer that
-repeating cannot change (4xx). A PATCH refused because the run is already finished — a
-repeated upload after a restart — counts as done.
+repeating cannot change (4xx). A PATCH the server refuses for a run whose status it already
+holds as final — a repeated upload after a restart, or a run its user killed — counts as
+done: the run's status says so (:meth:`RunServer.ended`), not the words of the refusal.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from node.server.models import NodeIdentity, Run, RunStatus
 from node.server.rest import Backoff, ServerClient, ServerError
 
 log = get_logger(__name__)
+
+#: How long a start or an output collection waits, in all, for a runtime that cannot be
+#: reached (its service restarting) before the run ends ``start failed`` / without output.
+RUNTIME_PATIENCE_SECONDS = 90.0
 
 #: Upload retries wait at most this long between two attempts.
 UPLOAD_BACKOFF_CAP_SECONDS = 60.0
@@ -94,14 +99,34 @@ class RunServer:
     async def mark_started(self, run_id: int) -> None:
         await self._patch(run_id, {"started_at": now()})
 
-    async def mark_active(self, run_id: int) -> None:
-        """Status ``active``; a no-op if the run's end was uploaded first (a fast run)."""
+    async def mark_active(self, run_id: int) -> bool:
+        """Status ``active``; ``False`` (nothing told) if the server had already ended the
+        run — its end uploaded first (a fast run), or its user killed it meanwhile."""
         try:
             await self._patch(run_id, {"status": RunStatus.ACTIVE.value})
         except ServerError as exc:
-            if not _already_finished(exc):
+            if not await self.refused_as_ended(run_id, exc):
                 raise
-            log.info("run.finished_before_active", run_id=run_id)
+            log.info("run.ended_before_active", run_id=run_id)
+            return False
+        return True
+
+    async def ended(self, run_id: int) -> bool:
+        """Whether the server holds a final status for the run (``finished_at`` set)."""
+        run = await self.run(run_id)
+        return run.finished_at is not None or finished_status(run.status)
+
+    async def refused_as_ended(self, run_id: int, error: ServerError) -> bool:
+        """Whether ``error`` refused a PATCH because the run had already ended at the server.
+
+        Decided from the run's status, looked up again, never from the refusal's words.
+        """
+        if error.status != 400:
+            return False
+        try:
+            return await self.ended(run_id)
+        except ServerError:
+            return False
 
     async def upload(self, run_id: int, body: dict[str, Any]) -> None:
         """The run's final PATCH, retried with backoff while the server is unreachable."""
@@ -111,7 +136,7 @@ class RunServer:
                 await self._patch(run_id, body)
                 return
             except ServerError as exc:
-                if _already_finished(exc):
+                if await self.refused_as_ended(run_id, exc):
                     log.info("run.already_finished_on_server", run_id=run_id)
                     return
                 if not _worth_repeating(exc):
@@ -154,9 +179,12 @@ class RunServer:
         await self._server.request("PATCH", f"run/{run_id}", json_body=body)
 
 
-def _already_finished(error: ServerError) -> bool:
-    """The server refuses to change a finished run: a repeated upload, done before."""
-    return error.status == 400 and "finished" in error.message
+def finished_status(status: str) -> bool:
+    """Whether ``status`` is one of the final vantage6 run statuses."""
+    try:
+        return RunStatus(status).is_finished
+    except ValueError:
+        return False
 
 
 def _worth_repeating(error: ServerError) -> bool:

@@ -22,7 +22,15 @@ A start that fails after step 6 — the runtime refuses the run, or the node err
 the token back from the proxy, ends the run with a status the server understands and
 removes whatever the executor made (the run directory with the decrypted input included).
 A :class:`~node.server.rest.ServerError` before any of that leaves the run open on the
-server for the next ``sync``.
+server for the next ``sync``. A runtime that cannot be reached for a moment (its service
+restarting) is asked again with backoff, for up to ``runtime_patience`` seconds: a start
+is idempotent (the runtime object is named after the run), so asking again never makes a
+second container.
+
+A run the server says started but that never got (or never started) its container — the
+node died in between — comes here too, from
+:meth:`node.lifecycle.reconcile.Reconciler.adopt`: ``started_at`` is not told again, and
+the token recovered from its created container, if any, is the one used.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import asyncio
 from opentelemetry import trace
 
 from executors.base import Executor, ExecutorError
+from executors.spec import RunSpec
 from node.crypto import CryptoError, Cryptor
 from node.lifecycle.finish import Finisher
 from node.lifecycle.inflight import InFlight, RunInFlight
@@ -39,7 +48,7 @@ from node.lifecycle.server import RunServer
 from node.lifecycle.spec import LifecycleConfig, build_spec
 from node.logging import bind_run, get_logger
 from node.server.models import Run, RunStatus
-from node.server.rest import ServerError
+from node.server.rest import Backoff, ServerError
 from node.telemetry import carrier_of
 from node.token_seal import TokenSeal
 from policies.admission import Admission, Admitted
@@ -62,6 +71,7 @@ class Starter:
         finisher: Finisher,
         config: LifecycleConfig,
         tracer: trace.Tracer,
+        runtime_patience: float,
     ) -> None:
         self._server = server
         self._executor = executor
@@ -72,12 +82,16 @@ class Starter:
         self._finisher = finisher
         self._config = config
         self._tracer = tracer
+        self._patience = runtime_patience
 
-    async def start(self, run: Run, record: RunInFlight) -> None:
-        """Admit and start ``run``; every way it can end is reported to the server."""
+    async def start(self, run: Run, record: RunInFlight, *, token: str | None = None) -> None:
+        """Admit and start ``run``; every way it can end is reported to the server.
+
+        ``token``: the container token a created container of this run already has.
+        """
         with bind_run(run_id=run.id, task_id=run.task.id):
             try:
-                await self._admit_and_start(run, record)
+                await self._admit_and_start(run, record, token)
             except ServerError as exc:
                 # The run stays open on the server; the next sync picks it up again.
                 log.error("run.server_error", error=str(exc))
@@ -89,7 +103,7 @@ class Starter:
                     record, RunStatus.FAILED, "fednode could not start the run (node error)"
                 )
 
-    async def _admit_and_start(self, run: Run, record: RunInFlight) -> None:
+    async def _admit_and_start(self, run: Run, record: RunInFlight, token: str | None) -> None:
         admitted = self._admit(run, record)
         if not isinstance(admitted, Admitted):
             log.warning("run.not_allowed", reason=admitted, image=run.task.image)
@@ -112,10 +126,13 @@ class Starter:
                 record, RunStatus.KILLED, "killed before start"
             )
             return
-        # Both must happen before the container starts; neither needs the other.
-        _, token = await asyncio.gather(
-            self._server.mark_started(run.id), self._server.container_token(run)
-        )
+        if token is None and run.started_at is None:
+            # Both must happen before the container starts; neither needs the other.
+            _, token = await asyncio.gather(
+                self._server.mark_started(run.id), self._server.container_token(run)
+            )
+        elif token is None:
+            token = await self._server.container_token(run)
         if token is None:
             await self._finisher.end_without_container(
                 record, RunStatus.FAILED, "could not obtain an algorithm container token"
@@ -137,7 +154,7 @@ class Starter:
             "start", context=trace.set_span_in_context(record.span)
         ):
             try:
-                await self._executor.start(spec)
+                await self._start_patiently(spec)
             except ExecutorError as exc:
                 log.error("run.start_failed", error=str(exc))
                 await self._finisher.end_after_failed_start(
@@ -147,9 +164,31 @@ class Starter:
         log.info("run.started", image=run.task.image)
         if record.finishing:
             return  # a fast run's end came first; the server must not hear "active" after it
-        await self._server.mark_active(run.id)
-        if not record.finishing:
-            await self._server.announce(record, RunStatus.ACTIVE)
+        if await self._server.mark_active(run.id):
+            if not record.finishing:
+                await self._server.announce(record, RunStatus.ACTIVE)
+        elif not record.finishing:
+            # The server ended it while it started (its user killed it): stop it; its end
+            # is not uploaded, only cleaned up.
+            log.info("run.ended_on_server_while_starting")
+            record.ended_on_server = record.killed = True
+            await self._executor.kill(run.id)
+
+    async def _start_patiently(self, spec: RunSpec) -> None:
+        """``executor.start``, asked again with backoff while the runtime is unreachable."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._patience
+        backoff = Backoff(base=0.5, cap=10.0)
+        while True:
+            try:
+                await self._executor.start(spec)
+                return
+            except ExecutorError as exc:
+                delay = backoff.next_delay()
+                if loop.time() + delay > give_up:
+                    raise
+                log.warning("run.start_retrying", error=str(exc), delay=round(delay, 2))
+                await asyncio.sleep(delay)
 
     def _admit(self, run: Run, record: RunInFlight) -> Admitted | str:
         """The policies' decision: what the run may use, or why it may not run."""

@@ -117,6 +117,7 @@ async def lifecycle_under_test(
         token_seal=TokenSeal(api_key=API_KEY),
         proxy_runs=proxy_runs,
         upload_backoff=0.001,
+        runtime_patience=0.01,
     )
     under_test = LifecycleUnderTest(
         lifecycle, runtime, executor, server, notifier, proxy_runs, cryptor, task_dir

@@ -1,4 +1,4 @@
-"""Reconciling after a restart: adopted runs, their tokens, lost runs, stray directories.
+"""Reconciling after a restart: adopted runs, their tokens, resumed starts, ended runs, strays.
 
 A "restart" closes one lifecycle and opens another over the same in-memory runtime (runs
 keep going, as containers do) and the same server stand-in
@@ -7,6 +7,8 @@ keep going, as containers do) and the same server stand-in
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -69,16 +71,55 @@ async def test_the_token_file_is_used_when_the_sealed_token_does_not_open(
     await runtime.aclose()
 
 
-async def test_a_run_the_server_says_started_but_the_runtime_lost_is_failed_not_restarted(
+async def test_a_run_the_server_says_started_but_that_never_got_a_container_is_started_once(
     tmp_path: Path,
 ) -> None:
-    server = _started_run()
+    # The node died between telling the server started_at and creating the container.
+    server = ServerStandIn()
     async with lifecycle_under_test(tmp_path, server=server) as node:
+        node.add_run(1, behaviour(output="ran once"), started=True)
+        await asyncio.gather(node.lifecycle.sync(), node.lifecycle.sync())
+
+        assert await node.finished(1) == RunStatus.COMPLETED.value
+        assert node.cryptor.decrypt(server.runs[1]["result"]) == b"ran once"
+        assert node.runtime.started == [1]
+        assert ("PATCH", "run/1") in server.calls
+        assert not [body for _, body in server.patches if "started_at" in body]
+
+
+async def test_a_result_already_at_the_server_is_not_uploaded_again_and_is_cleaned_up_once(
+    tmp_path: Path,
+) -> None:
+    # The node died after the result's PATCH, before removing the container.
+    runtime = _running(tmp_path, file_token="t", sealed=("t", API_KEY), sleep=0)
+    server = _started_run()
+    await _until(lambda: runtime.runs[1].phase.is_terminal)
+    server.runs[1].update(
+        status=RunStatus.COMPLETED.value, finished_at="2026-01-01T00:01:00+00:00", result="r"
+    )
+    async with lifecycle_under_test(tmp_path, runtime=runtime, server=server) as node:
+        await node.until(lambda: 1 not in runtime.runs)
         await node.lifecycle.sync()
 
-        assert await node.finished(1) == RunStatus.FAILED.value
-        assert "lost while the node was down" in node.log_of(1)
-        assert node.runtime.started == []
+        assert server.patches == []
+        assert server.runs[1]["result"] == "r"
+        assert not RunFiles(node.task_dir, 1).directory.exists()
+        assert node.lifecycle.in_flight == 0
+    await runtime.aclose()
+
+
+async def test_a_run_killed_by_its_user_while_the_node_was_down_is_killed_not_uploaded(
+    tmp_path: Path,
+) -> None:
+    runtime = _running(tmp_path, file_token="t", sealed=("t", API_KEY))
+    server = _started_run()
+    server.runs[1].update(status=RunStatus.KILLED.value, finished_at="2026-01-01T00:01:00+00:00")
+    async with lifecycle_under_test(tmp_path, runtime=runtime, server=server) as node:
+        await node.until(lambda: 1 not in runtime.runs)
+
+        assert server.patches == []
+        assert server.status(1) == RunStatus.KILLED.value
+    await runtime.aclose()
 
 
 async def test_run_directories_nothing_backs_are_swept_at_start_up(tmp_path: Path) -> None:
@@ -101,7 +142,9 @@ async def test_run_directories_nothing_backs_are_swept_at_start_up(tmp_path: Pat
     await runtime.aclose()
 
 
-def _running(tmp_path: Path, *, file_token: str, sealed: tuple[str, str]) -> MemoryRuntime:
+def _running(
+    tmp_path: Path, *, file_token: str, sealed: tuple[str, str], sleep: float = 30
+) -> MemoryRuntime:
     """A runtime with run 1 going: its token file and the sealed token kept with it."""
     token, key = sealed
     runtime = MemoryRuntime(task_dir=tmp_path / "tasks")
@@ -111,13 +154,21 @@ def _running(tmp_path: Path, *, file_token: str, sealed: tuple[str, str]) -> Mem
         organization_id=1,
         collaboration_id=1,
         image="localhost/fednode/behaviour:in-memory",
-        input=behaviour(sleep=30),
+        input=behaviour(sleep=sleep),
         token=SecretStr(file_token),
         sealed_token=TokenSeal(api_key=key).seal(token, run_id=1, task_id=1001),
     )
     RunFiles(runtime.task_dir, 1).prepare(spec)
     runtime.launch(spec)
     return runtime
+
+
+async def _until(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"not true within {timeout} s"
+        await asyncio.sleep(0.002)
 
 
 def _started_run() -> ServerStandIn:
