@@ -6,7 +6,11 @@ from them after a restart. What it holds is what the node needs between two even
 
 * one :class:`RunInFlight` per run taken, from the server's event to its upload: its trace
   span, whether it holds a slot, whether a kill was asked for, its container token;
-* the slots (``max_concurrent_runs``, FIFO: runs wait in order, many start at once);
+* the slots (``max_concurrent_runs``, FIFO: runs wait in order, many start at once), one
+  set for runs of top-level tasks and one for runs of subtasks: a central run waits for
+  its subtasks while it holds its slot, so with one set for both, as many central runs as
+  there are slots would leave their subtasks waiting for ever (the chaos campaign found
+  exactly that);
 * the ids of runs finished lately (:class:`executors.memory.GoneRuns`, bounded), so a late
   or repeated terminal event — a relist after a reconnect, reconcile racing the executor's
   own replay, a listing made just before the result was PATCHed — is not uploaded twice;
@@ -71,6 +75,7 @@ class InFlight:
         self._tracer = tracer
         self._proxy_runs = proxy_runs
         self._slots = asyncio.Semaphore(config.max_concurrent_runs)
+        self._subtask_slots = asyncio.Semaphore(config.max_concurrent_runs)
         self.runs: dict[int, RunInFlight] = {}
         self._finished = GoneRuns(finished_memory)
         # The container tokens of finished runs, forgotten by the proxy when their id is.
@@ -113,22 +118,27 @@ class InFlight:
 
     # -- slots ------------------------------------------------------------------------------
 
+    def _slots_of(self, record: RunInFlight) -> asyncio.Semaphore:
+        """Subtasks' runs have slots of their own: their parents wait for them in theirs."""
+        return self._slots if record.parent_id is None else self._subtask_slots
+
     async def take_slot(self, record: RunInFlight) -> None:
         """Wait for a free slot, in order of asking."""
-        await self._slots.acquire()
+        await self._slots_of(record).acquire()
         record.holds_slot = True
 
     async def take_free_slot(self, record: RunInFlight) -> None:
         """Take a slot if one is free: an adopted run already runs, it never waits (after a
         restart the limit may be exceeded briefly)."""
-        if not self._slots.locked():
-            await self._slots.acquire()
+        slots = self._slots_of(record)
+        if not slots.locked():
+            await slots.acquire()
             record.holds_slot = True
 
     def release_slot(self, record: RunInFlight) -> None:
         if record.holds_slot:
             record.holds_slot = False
-            self._slots.release()
+            self._slots_of(record).release()
 
     # -- the proxy --------------------------------------------------------------------------
 

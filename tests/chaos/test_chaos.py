@@ -36,5 +36,5 @@ async def test_node_killed_20_times_under_60_tasks_loses_none_runs_none_twice(
     verdict = await run_campaign(config)
 
     print(verdict.table())
-    assert verdict.faults.node_kills == 20
+    assert verdict.faults.node_kills >= 20  # and on until the last task was created
     assert verdict.ok, f"seed {seed} (FEDNODE_CHAOS_SEED={seed} replays it):\n{verdict.table()}"

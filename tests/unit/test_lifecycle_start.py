@@ -66,6 +66,19 @@ async def test_a_run_killed_while_it_waits_for_a_slot_never_starts(tmp_path: Pat
         assert node.runtime.started == [1]
 
 
+async def test_a_subtask_starts_while_central_runs_hold_every_slot(tmp_path: Path) -> None:
+    # A central run waits for its subtasks in its slot; they must not wait for that slot.
+    async with lifecycle_under_test(tmp_path, max_concurrent_runs=1) as node:
+        node.add_run(1, behaviour(sleep=30))
+        node.add_run(2, behaviour(output="partial"))
+        node.server.runs[2]["task"]["parent"] = {"id": 1001}
+        await node.lifecycle.sync()
+
+        assert await node.finished(2) == RunStatus.COMPLETED.value
+        assert node.server.status(1) == RunStatus.ACTIVE.value
+        assert node.runtime.started == [1, 2]
+
+
 async def test_the_token_is_known_to_the_proxy_before_the_container_starts(
     tmp_path: Path,
 ) -> None:
