@@ -28,22 +28,22 @@ Runs that never got a container (refused, undecryptable, lost) end through
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from opentelemetry import trace
 from pydantic import ValidationError
 
 from executors.base import Executor, ExecutorError, UnknownRun
-from executors.spec import Phase, Reason, RunEvent, RunOutput
+from executors.spec import Phase, Reason, RunEvent
 from node.background import TaskOwner
 from node.crypto import CryptoError, Cryptor
 from node.lifecycle.inflight import InFlight, RunInFlight
+from node.lifecycle.patience import patiently
 from node.lifecycle.server import RunServer, finished_status, now
 from node.logging import bind_run, get_logger
 from node.proxy_link import OrganizationKeys
 from node.server.models import Run, RunStatus
-from node.server.rest import Backoff, ServerError
+from node.server.rest import ServerError
 
 log = get_logger(__name__)
 
@@ -155,7 +155,12 @@ class Finisher:
         ):
             message = event.message
             try:
-                output = await self._collect_patiently(record.run_id)
+                output = await patiently(
+                    lambda: self._executor.collect(record.run_id),
+                    patience=self._patience,
+                    event="run.collect_retrying",
+                    final=(UnknownRun,),
+                )
                 result, container_log = output.output, output.log
             except ExecutorError as exc:
                 result, container_log = b"", f"(no output could be collected: {exc})"
@@ -186,23 +191,6 @@ class Finisher:
         await self._server.announce(record, status)
         self._inflight.finished(record, status=status.value, reason=reason.value)
         self._spawn_cleanup(record.run_id)
-
-    async def _collect_patiently(self, run_id: int) -> RunOutput:
-        """``executor.collect``, asked again with backoff while the runtime is unreachable."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._patience
-        backoff = Backoff(base=0.5, cap=10.0)
-        while True:
-            try:
-                return await self._executor.collect(run_id)
-            except UnknownRun:
-                raise
-            except ExecutorError as exc:
-                delay = backoff.next_delay()
-                if loop.time() + delay > give_up:
-                    raise
-                log.warning("run.collect_retrying", error=str(exc), delay=round(delay, 2))
-                await asyncio.sleep(delay)
 
     async def _sealed(self, record: RunInFlight, result: bytes) -> str:
         """The output encrypted for the task's initiator (base64 only, if unencrypted)."""

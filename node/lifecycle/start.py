@@ -40,15 +40,15 @@ import asyncio
 from opentelemetry import trace
 
 from executors.base import Executor, ExecutorError
-from executors.spec import RunSpec
 from node.crypto import CryptoError, Cryptor
 from node.lifecycle.finish import Finisher
 from node.lifecycle.inflight import InFlight, RunInFlight
+from node.lifecycle.patience import patiently
 from node.lifecycle.server import RunServer
 from node.lifecycle.spec import LifecycleConfig, build_spec
 from node.logging import bind_run, get_logger
 from node.server.models import Run, RunStatus
-from node.server.rest import Backoff, ServerError
+from node.server.rest import ServerError
 from node.telemetry import carrier_of
 from node.token_seal import TokenSeal
 from policies.admission import Admission, Admitted
@@ -154,7 +154,11 @@ class Starter:
             "start", context=trace.set_span_in_context(record.span)
         ):
             try:
-                await self._start_patiently(spec)
+                await patiently(
+                    lambda: self._executor.start(spec),
+                    patience=self._patience,
+                    event="run.start_retrying",
+                )
             except ExecutorError as exc:
                 log.error("run.start_failed", error=str(exc))
                 await self._finisher.end_after_failed_start(
@@ -173,22 +177,6 @@ class Starter:
             log.info("run.ended_on_server_while_starting")
             record.ended_on_server = record.killed = True
             await self._executor.kill(run.id)
-
-    async def _start_patiently(self, spec: RunSpec) -> None:
-        """``executor.start``, asked again with backoff while the runtime is unreachable."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._patience
-        backoff = Backoff(base=0.5, cap=10.0)
-        while True:
-            try:
-                await self._executor.start(spec)
-                return
-            except ExecutorError as exc:
-                delay = backoff.next_delay()
-                if loop.time() + delay > give_up:
-                    raise
-                log.warning("run.start_retrying", error=str(exc), delay=round(delay, 2))
-                await asyncio.sleep(delay)
 
     def _admit(self, run: Run, record: RunInFlight) -> Admitted | str:
         """The policies' decision: what the run may use, or why it may not run."""

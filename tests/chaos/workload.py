@@ -51,17 +51,8 @@ def plan(
     planned = []
     for index, kind in enumerate(kinds):
         output = json.dumps({"i": index})
-        if kind == "short":
-            task = PlannedTask(
-                index,
-                kind,
-                {"sleep": 0.2, "output": output},
-                probe_image,
-                "completed",
-                {"i": index},
-            )
-        elif kind == "slow":
-            sleep = round(rng.uniform(4, 15), 1)
+        if kind in ("short", "slow"):
+            sleep = 0.2 if kind == "short" else round(rng.uniform(4, 15), 1)
             task = PlannedTask(
                 index,
                 kind,
