@@ -16,7 +16,8 @@ Follow one run through the package, one module per step:
    the run with a status the server understands;
 5. :mod:`node.lifecycle.reconcile` — at start-up, claim what the executor already has
    (follow, upload, kill, recover tokens, sweep stray run directories); on ``sync``, adopt
-   runs the server says started instead of starting them twice.
+   runs the server says started — follow their container, or start it (once) when the
+   node died before it existed or ran.
 
 Beside them: :mod:`node.lifecycle.inflight` (the rebuildable memory of runs in flight,
 the slots, the finished ids, the proxy's run table) and :mod:`node.lifecycle.server` (every
