@@ -6,6 +6,9 @@ readable, coloured console when it is. The standard library's loggers — aiohtt
 python-socketio, kubernetes_asyncio — are routed through the same processors, so their
 lines come out in the same format with the same context.
 
+Loggers come from the one factory, :func:`common.logging.get_logger` (re-exported here),
+which ``executors/`` and ``proxy/`` use too.
+
 Context such as ``run_id``/``task_id`` is bound per task with :func:`bind_run`, using
 structlog's contextvars so concurrent runs never mix their keys.
 
@@ -25,7 +28,10 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
+from common.logging import get_logger
 from node.redaction import redact_event
+
+__all__ = ["bind_run", "configure_logging", "direct_logger", "get_logger"]
 
 Format = Literal["auto", "json", "console"]
 
@@ -97,12 +103,6 @@ def configure_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-
-
-def get_logger(name: str, **initial: Any) -> structlog.stdlib.BoundLogger:
-    """A logger named after its module, optionally with keys bound from the start."""
-    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
-    return logger.bind(**initial) if initial else logger
 
 
 def direct_logger(name: str) -> Any:

@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 from opentelemetry.trace import Tracer
 
+from common.logging import get_logger
 from proxy.context import CONTEXT, AccessLog, ProxyContext
 from proxy.limits import ProxyLimits
 from proxy.middlewares import errors, guard, observe
@@ -30,7 +31,7 @@ from proxy.protocols import ProxyCrypto, RunRegistry
 from proxy.routes import add_routes
 from proxy.upstream import Upstream
 
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def make_proxy_app(

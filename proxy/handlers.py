@@ -22,9 +22,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import aiohttp
-import structlog
 from aiohttp import web
 
+from common.logging import get_logger
 from proxy.context import CONTEXT, RUN, TOKEN, UPSTREAM_MS, ProxyContext
 from proxy.errors import ProxyError
 from proxy.payloads import (
@@ -36,7 +36,7 @@ from proxy.payloads import (
 )
 from proxy.upstream import is_encoded, relayed_headers
 
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")

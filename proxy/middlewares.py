@@ -30,18 +30,18 @@ import time
 from collections.abc import Mapping
 from functools import lru_cache
 
-import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from common.logging import get_logger
 from proxy.context import CONTEXT, RUN, TOKEN, UPSTREAM_MS, ProxyContext
 from proxy.errors import ProxyError, error_response
 from proxy.routes import PUBLIC_ROUTES
 
-log = structlog.stdlib.get_logger("proxy.access")
+log = get_logger("proxy.access")
 
 #: Every path an algorithm may call is made of these; anything else is malformed.
 _PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_-]+)+|/")

@@ -28,12 +28,11 @@ import binascii
 import json
 from typing import Any
 
-import structlog
-
+from common.logging import get_logger
 from proxy.errors import ProxyError
 from proxy.protocols import ProxyCrypto, ProxyCryptoError
 
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def parse_json(raw: bytes) -> Any:

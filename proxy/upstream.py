@@ -31,14 +31,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
-import structlog
 from aiohttp import web
 from yarl import URL
 
+from common.logging import get_logger
 from proxy.errors import ProxyError
 from proxy.limits import ProxyLimits
 
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _CHUNK = 64 * 1024

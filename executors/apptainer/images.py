@@ -31,13 +31,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-import structlog
-
+from common.logging import get_logger
 from executors.apptainer.config import PULL_CREDENTIAL_VARIABLES, ApptainerSettings
 from executors.credentials import RegistryCredential, credential_for
 from executors.tasks import SharedWork, TaskOwner
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SCHEMES = ("docker://", "oras://", "library://")
 #: The schemes whose pulls authenticate to a registry named in the reference.

@@ -17,7 +17,7 @@ plus :class:`~executors.runfiles.RunFiles`' ``killed`` mark one level up. The di
 is never bound into the container (the run's files are bound one by one), so a run cannot
 forge its own record.
 
-:func:`phase_of` turns a :class:`RunStatus` into a phase and reason, the same way before
+:func:`phase_of` turns a :class:`RunRecord` into a phase and reason, the same way before
 and after a restart. File access here is small, local and synchronous, like ``RunFiles``.
 """
 
@@ -34,6 +34,7 @@ from executors.base import ANNOTATION_TRACEPARENT
 from executors.outputs import read_log_tail
 from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason
+from executors.verdict import Verdict
 
 STATE_DIR_NAME = "apptainer"
 #: apptainer's own fatal errors (``sylog.Fatalf``) start so and exit 255.
@@ -159,8 +160,12 @@ class Exit(NamedTuple):
         return self.exit_code
 
 
-class RunStatus(NamedTuple):
-    """Everything the files (and ``/proc``) say about a run: what :func:`phase_of` reads."""
+class RunRecord(NamedTuple):
+    """A run's record as read from its files (and ``/proc``): what :func:`phase_of` reads.
+
+    Not to be confused with the server's run status (``node.server.models.RunStatus``),
+    which the node derives from the phase this record leads to.
+    """
 
     run_id: int
     task_id: int
@@ -179,8 +184,8 @@ class RunStatus(NamedTuple):
         return {"traceparent": traceparent} if traceparent else {}
 
 
-def read_status(paths: RunPaths) -> RunStatus | None:
-    """The run's status from its files; ``None`` if it has no (readable) record."""
+def read_record(paths: RunPaths) -> RunRecord | None:
+    """The run's record from its files; ``None`` if it has no (readable) record."""
     record = read_json(paths.record)
     if record is None:
         return None
@@ -198,7 +203,7 @@ def read_status(paths: RunPaths) -> RunStatus | None:
     if ended is not None and ended.exit_code == FATAL_EXIT_CODE:
         fatal = fatal_line(paths.log)
     labels = record.get("labels") or {}
-    return RunStatus(
+    return RunRecord(
         run_id=paths.run_id,
         task_id=int(record.get("task_id", 0)),
         labels={str(k): str(v) for k, v in labels.items()},
@@ -263,16 +268,7 @@ def process_stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
-class Verdict(NamedTuple):
-    """A phase with the reason and exit code that go with it."""
-
-    phase: Phase
-    reason: Reason | None = None
-    exit_code: int | None = None
-    message: str = ""
-
-
-def phase_of(status: RunStatus) -> Verdict:
+def phase_of(record: RunRecord) -> Verdict:
     """What the run's files say about it.
 
     An end is classified in this order: could not start (the supervisor's record, or
@@ -282,18 +278,18 @@ def phase_of(status: RunStatus) -> Verdict:
     A supervisor that vanished without a record ended with the node's kill or deadline
     mark if there is one, else the run is ``lost``.
     """
-    ended = status.exit
+    ended = record.exit
     if ended is None:
-        if status.supervisor is None:
-            if status.killed:
+        if record.supervisor is None:
+            if record.killed:
                 return Verdict(Phase.KILLED, Reason.KILLED, message="killed before it started")
             return Verdict(Phase.STARTING)
-        if status.alive:
+        if record.alive:
             return Verdict(Phase.RUNNING)
-        if status.killed:
+        if record.killed:
             return Verdict(Phase.KILLED, Reason.KILLED)
-        if status.deadline_passed:
-            return _deadline(status, None)
+        if record.deadline_passed:
+            return _deadline(record, None)
         return Verdict(
             Phase.FAILED, Reason.LOST, message="its supervisor process vanished without a record"
         )
@@ -302,12 +298,12 @@ def phase_of(status: RunStatus) -> Verdict:
             Phase.FAILED, Reason.START_FAILED, message=f"could not start: {ended.start_error}"
         )
     code = ended.shell_code
-    if status.killed:
+    if record.killed:
         return Verdict(Phase.KILLED, Reason.KILLED, code)
-    if status.deadline_passed:
-        return _deadline(status, code)
-    if ended.exit_code == FATAL_EXIT_CODE and status.fatal is not None:
-        return Verdict(Phase.FAILED, Reason.START_FAILED, code, f"apptainer: {status.fatal}")
+    if record.deadline_passed:
+        return _deadline(record, code)
+    if ended.exit_code == FATAL_EXIT_CODE and record.fatal is not None:
+        return Verdict(Phase.FAILED, Reason.START_FAILED, code, f"apptainer: {record.fatal}")
     if ended.signal == signal.SIGKILL:
         return Verdict(
             Phase.FAILED,
@@ -323,12 +319,12 @@ def phase_of(status: RunStatus) -> Verdict:
     return Verdict(Phase.FAILED, Reason.CRASHED, code, f"the algorithm exited with code {code}")
 
 
-def _deadline(status: RunStatus, code: int | None) -> Verdict:
+def _deadline(record: RunRecord, code: int | None) -> Verdict:
     return Verdict(
         Phase.FAILED,
         Reason.DEADLINE_EXCEEDED,
         code,
-        f"the run passed its deadline of {status.deadline_seconds} s and was killed",
+        f"the run passed its deadline of {record.deadline_seconds} s and was killed",
     )
 
 

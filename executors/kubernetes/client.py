@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import aiohttp
-import structlog
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-log = structlog.stdlib.get_logger(__name__)
+from common.logging import get_logger
+from common.types import Json
 
-Json = dict[str, Any]
+log = get_logger(__name__)
+
 Query = Sequence[tuple[str, str | int]]
 
 #: Where a pod's service account credentials appear when running in a cluster.

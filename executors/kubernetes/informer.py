@@ -27,19 +27,18 @@ handed on, so the cache holds only what its readers read
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
-import random
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
-from executors.kubernetes.client import Json, KubeClient, KubeError, Resource
+from common.backoff import Backoff
+from common.logging import get_logger
+from common.types import Json
+from executors.kubernetes.client import KubeClient, KubeError, Resource
 from executors.kubernetes.transform import Transform, without_managed_fields
 
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 LIST_PAGE_SIZE = 500
 
@@ -55,22 +54,6 @@ Handler = Callable[[Change, Json], None]
 
 class _Gone(Exception):
     """The watch's resourceVersion is too old: relist."""
-
-
-class Backoff:
-    """A growing, jittered pause between reconnects; reset by a healthy stream."""
-
-    def __init__(self, *, first: float = 0.05, cap: float = 2.0) -> None:
-        self._first, self._cap = first, cap
-        self._next = first
-
-    def reset(self) -> None:
-        self._next = self._first
-
-    async def pause(self) -> None:
-        delay = self._next * (0.5 + random.random() / 2)
-        self._next = min(self._next * 2, self._cap)
-        await asyncio.sleep(delay)
 
 
 class Informer:
@@ -113,7 +96,7 @@ class Informer:
 
     async def run(self) -> None:
         """Watch forever (until cancelled), resuming and relisting as needed."""
-        backoff = Backoff()
+        backoff = Backoff(first=0.05, cap=2.0)  # reset by a healthy stream
         fresh = True  # the version comes from a list (prime or relist), not a broken stream
         while True:
             try:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any
 
+from common.types import Json
 from executors.base import (
     ANNOTATION_SEALED_TOKEN,
     ANNOTATION_TRACEPARENT,
@@ -44,8 +44,6 @@ from executors.spec import (
     RunSpec,
 )
 from policies.pod_security import container_security_context, pod_security_context
-
-Json = dict[str, Any]
 
 CONTAINER_NAME = "algorithm"
 

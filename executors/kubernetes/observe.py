@@ -23,11 +23,9 @@ A Job that disappears is not judged here: whether that is ``killed`` (we deleted
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
+from common.types import Json
 from executors.spec import Phase, Reason
-
-Json = dict[str, Any]
+from executors.verdict import STARTING, Verdict
 
 IMAGE_ERRORS = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -37,21 +35,7 @@ START_ERRORS = frozenset(
 )
 
 
-class Observation(NamedTuple):
-    """A run's phase as its objects show it."""
-
-    phase: Phase
-    reason: Reason | None = None
-    exit_code: int | None = None
-    message: str = ""
-    give_up: bool = False  # the run can never progress: delete its Job
-
-
-#: The Job exists, its container does not run yet (``pending`` is the node's, before start).
-STARTING = Observation(Phase.STARTING)
-
-
-def observe(job: Json | None, pods: list[Json], *, backoff_limit: int) -> Observation:
+def observe(job: Json | None, pods: list[Json], *, backoff_limit: int) -> Verdict:
     """The phase of a run from its Job (``None`` if not seen yet) and its pods."""
     if job is not None:
         from_job = _from_job(job, pods)
@@ -73,7 +57,7 @@ def newest(pods: list[Json]) -> Json | None:
     )
 
 
-def _from_job(job: Json, pods: list[Json]) -> Observation | None:
+def _from_job(job: Json, pods: list[Json]) -> Verdict | None:
     conditions = {
         c.get("type"): c
         for c in job.get("status", {}).get("conditions") or []
@@ -81,28 +65,28 @@ def _from_job(job: Json, pods: list[Json]) -> Observation | None:
     }
     for kind in ("Complete", "SuccessCriteriaMet"):
         if kind in conditions:
-            return Observation(Phase.SUCCEEDED, Reason.COMPLETED, 0)
+            return Verdict(Phase.SUCCEEDED, Reason.COMPLETED, 0)
     for kind in ("Failed", "FailureTarget"):
         condition = conditions.get(kind)
         if condition is None:
             continue
         message = str(condition.get("message") or condition.get("reason") or "")
         if condition.get("reason") == "DeadlineExceeded":
-            return Observation(Phase.FAILED, Reason.DEADLINE_EXCEEDED, None, message)
+            return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED, None, message)
         failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
         pod = newest(failed)
         if pod is not None:
             return _failure(pod, fallback=message)
-        return Observation(Phase.FAILED, Reason.CRASHED, None, message)
+        return Verdict(Phase.FAILED, Reason.CRASHED, None, message)
     return None
 
 
-def _from_pod(pod: Json, pods: list[Json], *, backoff_limit: int) -> Observation:
+def _from_pod(pod: Json, pods: list[Json], *, backoff_limit: int) -> Verdict:
     status = pod.get("status") or {}
     phase = status.get("phase")
     deleting = pod["metadata"].get("deletionTimestamp") is not None
     if phase == "Succeeded":
-        return Observation(Phase.SUCCEEDED, Reason.COMPLETED, 0)
+        return Verdict(Phase.SUCCEEDED, Reason.COMPLETED, 0)
     if phase == "Failed":
         failures = sum(1 for p in pods if p.get("status", {}).get("phase") == "Failed")
         if not deleting and failures > backoff_limit:
@@ -112,15 +96,13 @@ def _from_pod(pod: Json, pods: list[Json], *, backoff_limit: int) -> Observation
     if waiting is not None:
         reason, message = waiting
         if reason in IMAGE_ERRORS:
-            return Observation(
+            return Verdict(
                 Phase.FAILED, Reason.IMAGE_NOT_FOUND, None, f"{reason}: {message}", give_up=True
             )
         if reason in START_ERRORS:
-            return Observation(
-                Phase.FAILED, Reason.CRASHED, None, f"{reason}: {message}", give_up=True
-            )
+            return Verdict(Phase.FAILED, Reason.CRASHED, None, f"{reason}: {message}", give_up=True)
     if phase == "Running":
-        return Observation(Phase.RUNNING)
+        return Verdict(Phase.RUNNING)
     return STARTING
 
 
@@ -142,14 +124,14 @@ def terminated(pod: Json) -> Json | None:
     return None
 
 
-def _failure(pod: Json, *, fallback: str = "") -> Observation:
+def _failure(pod: Json, *, fallback: str = "") -> Verdict:
     record = terminated(pod)
     if record is None:
         message = str(pod.get("status", {}).get("message") or fallback)
-        return Observation(Phase.FAILED, Reason.CRASHED, None, message)
+        return Verdict(Phase.FAILED, Reason.CRASHED, None, message)
     exit_code = record.get("exitCode")
     code = int(exit_code) if exit_code is not None else None
     message = str(record.get("message") or record.get("reason") or fallback).strip()
     if record.get("reason") == "OOMKilled":
-        return Observation(Phase.FAILED, Reason.OOM_KILLED, code, message)
-    return Observation(Phase.FAILED, Reason.CRASHED, code, message)
+        return Verdict(Phase.FAILED, Reason.OOM_KILLED, code, message)
+    return Verdict(Phase.FAILED, Reason.CRASHED, code, message)

@@ -26,16 +26,16 @@ delegated to the executor through a callback.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from common.types import Json
 from executors.base import LABEL_RUN, LABEL_TASK
 from executors.events import RunEventStream
 from executors.kubernetes.informer import Change
 from executors.kubernetes.manifests import ANNOTATION_TASK, sealed_token_of, trace_context_of
-from executors.kubernetes.observe import Observation, newest, observe
+from executors.kubernetes.observe import newest, observe
 from executors.spec import Phase, Reason, RunEvent, RunState
+from executors.verdict import Verdict
 
-Json = dict[str, Any]
 #: Asks the executor to delete a run's Job (``why``: for the log).
 DeleteJob = Callable[[int, str], None]
 
@@ -117,7 +117,7 @@ class RunTracker:
         pod = newest(list(self.pods.get(run_id, {}).values()))
         return None if pod is None else str(pod["metadata"]["name"])
 
-    def observation(self, run_id: int) -> Observation:
+    def observation(self, run_id: int) -> Verdict:
         return observe(
             self.jobs.get(run_id),
             list(self.pods.get(run_id, {}).values()),
@@ -134,7 +134,7 @@ class RunTracker:
             seen = self.observation(run_id)
             ended = self.ended.get(run_id)
             if ended is not None:  # what was reported is what the run is
-                seen = Observation(ended.phase, ended.reason, ended.exit_code, ended.message)
+                seen = Verdict(ended.phase, ended.reason, ended.exit_code, ended.message)
             annotations = job.get("metadata", {}).get("annotations") or {}
             states.append(
                 RunState(

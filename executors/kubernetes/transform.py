@@ -34,7 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-Json = dict[str, Any]
+from common.types import Json
+
 #: An informer's transform: the object as it will be cached and handed to the handler.
 Transform = Callable[[Json], Json]
 

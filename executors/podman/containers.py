@@ -39,6 +39,7 @@ from executors.spec import (
     Reason,
     RunSpec,
 )
+from executors.verdict import Verdict
 
 #: The run's deadline in seconds, kept on the container to classify its end after a restart.
 LABEL_DEADLINE = "fednode.io/deadline-seconds"
@@ -201,15 +202,6 @@ class ContainerState(NamedTuple):
     def trace_context(self) -> dict[str, str]:
         traceparent = self.labels.get(ANNOTATION_TRACEPARENT)
         return {"traceparent": traceparent} if traceparent else {}
-
-
-class Verdict(NamedTuple):
-    """A phase with the reason and exit code that go with it."""
-
-    phase: Phase
-    reason: Reason | None = None
-    exit_code: int | None = None
-    message: str = ""
 
 
 def phase_of(state: ContainerState, *, kill_requested: bool) -> Verdict | None:

@@ -24,9 +24,9 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
+from common.logging import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _IN_CLOSE_WRITE = 0x00000008
 _IN_MOVED_TO = 0x00000080

@@ -20,8 +20,7 @@ import asyncio
 import ipaddress
 from typing import NamedTuple
 
-import structlog
-
+from common.logging import get_logger
 from policies.podman_firewall import (
     isolation_ruleset,
     release_ruleset,
@@ -29,7 +28,7 @@ from policies.podman_firewall import (
     table_name,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Where ``nft`` is looked for: the PATH first, then where Debian puts it (``/usr/sbin`` is
 #: not on every user's PATH).

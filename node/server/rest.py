@@ -5,8 +5,9 @@
   rejected token on any request — 401 (expired), or 422 (a signature the server cannot
   verify, e.g. after its JWT secret changed) — re-authenticates once and repeats the
   request. Requests rejected together for the same token renew it once between them.
-* Connection errors and 5xx answers are retried with bounded exponential backoff and full
-  jitter; 4xx answers are :class:`ServerError` with the server's own message.
+* Connection errors and 5xx answers are retried with bounded exponential backoff
+  (:class:`common.backoff.Backoff`); 4xx answers are :class:`ServerError` with the
+  server's own message.
 * Pagination (``links.next``) is followed by :meth:`ServerClient.list_pages`.
 
 The session is created in :meth:`ServerClient.open` and closed in :meth:`ServerClient.close`;
@@ -19,13 +20,13 @@ import asyncio
 import base64
 import contextlib
 import json
-import random
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
+from common.backoff import Backoff
 from node.logging import get_logger
 from node.server.models import NodeIdentity, TokenPair
 
@@ -54,22 +55,6 @@ class ServerUnavailable(ServerError):
 
     def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
         super().__init__(0, message, method=method, path=path)
-
-
-class Backoff:
-    """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**attempt))``."""
-
-    def __init__(self, *, base: float = 0.2, cap: float = 30.0) -> None:
-        self.base, self.cap = base, cap
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def jwt_claims(token: str) -> dict[str, Any]:
@@ -122,6 +107,11 @@ class ServerClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def refresher(self) -> asyncio.Task[None] | None:
+        """The task that keeps the access token fresh (from the first authentication on)."""
+        return self._refresher
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -255,7 +245,7 @@ class ServerClient:
     ) -> JSON:
         url = f"{self.api_url}/{path.lstrip('/')}"
         all_headers = dict(headers or {})
-        backoff = Backoff(cap=self._backoff_cap)
+        backoff = Backoff(first=0.2, cap=self._backoff_cap)
         for attempt in range(1, self._attempts + 1):
             if auth:
                 all_headers["Authorization"] = f"Bearer {self.access_token}"

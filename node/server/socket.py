@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 
 import socketio
 
+from common.backoff import Backoff
 from node.logging import get_logger
 from node.server.models import KillContainers, NewTask
-from node.server.rest import Backoff, ServerClient, ServerError
+from node.server.rest import ServerClient, ServerError
 
 log = get_logger(__name__)
 
@@ -76,7 +77,7 @@ class SocketLink:
 
     async def run(self) -> None:
         """Connect, serve, reconnect — until cancelled."""
-        backoff = Backoff(base=0.5, cap=30.0)
+        backoff = Backoff(first=0.5, cap=30.0)
         while True:
             try:
                 served = await self._serve_once()

@@ -30,7 +30,7 @@ import pytest
 
 from executors.apptainer.config import ApptainerSettings
 from executors.apptainer.executor import ApptainerExecutor, kill_process_groups
-from executors.apptainer.records import RunPaths, read_status, records
+from executors.apptainer.records import RunPaths, read_record, records
 from executors.base import ExecutorContext
 from executors.credentials import RegistryCredential
 from tests.conformance.harness import Harness
@@ -111,7 +111,7 @@ class ApptainerHarness(Harness):
     async def aclose(self) -> None:
         """SIGKILL whatever runs the test left behind (their supervisors are detached)."""
         for paths in records(self.task_dir):
-            status = read_status(paths)
+            status = read_record(paths)
             if status is not None and status.alive and status.supervisor is not None:
                 kill_process_groups(status.supervisor)
 

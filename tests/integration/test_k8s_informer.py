@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
-from executors.kubernetes.client import JOBS, Json, KubeClient, connect
+from common.types import Json
+from executors.kubernetes.client import JOBS, KubeClient, connect
 from executors.kubernetes.informer import Change, Informer
 from executors.kubernetes.rbac import role_rules
 from tests.peers.kubernetes import K8sTestbed, restricted_container

@@ -13,12 +13,12 @@ import pytest
 from executors.apptainer.records import (
     Exit,
     RunPaths,
-    RunStatus,
+    RunRecord,
     Supervisor,
     phase_of,
     process_alive,
     process_stat,
-    read_status,
+    read_record,
     records,
 )
 from executors.spec import Phase, Reason
@@ -26,7 +26,7 @@ from executors.spec import Phase, Reason
 SUPERVISOR = Supervisor(pid=4242, starttime=1, child_pid=4243, started_at=0.0)
 
 
-def status(**fields: Any) -> RunStatus:
+def status(**fields: Any) -> RunRecord:
     values: dict[str, Any] = {
         "run_id": 1,
         "task_id": 2,
@@ -40,7 +40,7 @@ def status(**fields: Any) -> RunStatus:
         "fatal": None,
     }
     values.update(fields)
-    return RunStatus(**values)
+    return RunRecord(**values)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_a_record_is_read_with_its_marks_and_the_fatal_line_of_the_log(tmp_path:
     paths.log.write_text("algorithm says hi\nFATAL:   could not open image x.sif\n")
     paths.files.mark_killed()
 
-    read = read_status(paths)
+    read = read_record(paths)
 
     assert read is not None
     assert (read.task_id, read.deadline_seconds, read.killed) == (9, 30, True)
@@ -119,7 +119,7 @@ def test_a_record_is_read_with_its_marks_and_the_fatal_line_of_the_log(tmp_path:
 def test_no_record_no_run(tmp_path: Path) -> None:
     RunPaths(tmp_path, 6).files.mark_killed()  # a kill mark alone is no run
 
-    assert read_status(RunPaths(tmp_path, 6)) is None
+    assert read_record(RunPaths(tmp_path, 6)) is None
     assert list(records(tmp_path)) == []
     assert list(records(tmp_path / "missing")) == []
 

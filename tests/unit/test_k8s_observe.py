@@ -4,17 +4,14 @@ tests/integration/test_k8s_executor.py)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
+from common.types import Json
 from executors.events import RunEventStream
 from executors.kubernetes.informer import Change
 from executors.kubernetes.observe import observe
 from executors.kubernetes.tracker import RunTracker
 from executors.spec import Phase, Reason, RunEvent
-
-Json = dict[str, Any]
 
 
 def job(run_id: int = 1, *, conditions: list[Json] | None = None, backoff: int = 0) -> Json:

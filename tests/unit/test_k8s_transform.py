@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
+from common.types import Json
 from executors.base import run_labels
 from executors.kubernetes.config import KubernetesSettings
 from executors.kubernetes.manifests import owner_patch, run_job
@@ -18,7 +18,6 @@ from executors.kubernetes.observe import observe
 from executors.kubernetes.transform import slim_job, slim_pod, without_managed_fields
 from executors.spec import Resources, RunSpec
 
-Json = dict[str, Any]
 MANAGED = [
     {
         "manager": "kube-controller-manager",
