@@ -9,7 +9,15 @@ event stream). The node drives it:
 * ``events()`` yields :class:`~executors.spec.RunEvent` for every phase change, for runs
   started by this instance and for runs found by ``list_runs()`` (after a restart);
 * ``collect``/``cleanup`` after a terminal event; ``kill`` at any time;
-* ``list_runs()`` rebuilds the state from the runtime's own labels, for reconciliation.
+* ``list_runs()`` rebuilds the state from the runtime's own labels, for reconciliation;
+* ``proxy_placement()`` says where the node's proxy must listen for this runtime's runs to
+  reach it, and ``recover_token()`` gives back an adopted run's token where the runtime
+  keeps it readable for the node — so the node never needs to know a runtime's internals.
+
+Errors: an operation that cannot do what it was asked raises :class:`ExecutorError` (or a
+subclass) with a message that names the cause; the node turns it into a log line, a run
+status or a start-up error. A run that *ends* badly is not an error: it is a terminal
+:class:`~executors.spec.RunEvent` with a :class:`~executors.spec.Reason`.
 
 Executors are plugins: each registers a factory under the ``fednode.executors`` entry-point
 group (see :mod:`executors.registry`), so a third party can add one without editing fednode.
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +58,22 @@ class UnknownRun(ExecutorError):
     def __init__(self, run_id: int) -> None:
         super().__init__(f"no run {run_id} in this executor")
         self.run_id = run_id
+
+
+class TokenUnavailable(ExecutorError):
+    """The runtime keeps no copy of this run's token that the node may read back."""
+
+
+class ProxyPlacement(NamedTuple):
+    """Where the node's proxy listens, and the host this executor's runs are told to call.
+
+    ``freebind``: bind ``bind_host`` even before any interface has that address (podman's
+    run network gets its gateway address only while a container is attached).
+    """
+
+    bind_host: str
+    advertise_host: str
+    freebind: bool = False
 
 
 class ExecutorContext(BaseModel):
@@ -97,7 +121,11 @@ class Executor(Protocol):
         """Stop the run; its terminal event has phase ``killed``. Unknown ids are ignored."""
 
     def events(self) -> AsyncIterator[RunEvent]:
-        """Every phase change of every run of this executor, in order per run."""
+        """Every phase change of every run of this executor, in order per run.
+
+        Raises :class:`ExecutorError` when the executor can no longer follow its runtime
+        (its watch or subscription task died): the node then exits, to be restarted.
+        """
         ...
 
     async def collect(self, run_id: int) -> RunOutput:
@@ -109,6 +137,25 @@ class Executor(Protocol):
 
     async def list_runs(self) -> list[RunState]:
         """All runs this node has on the runtime, rebuilt from labels."""
+        ...
+
+    def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
+        """Where the proxy must listen so that this executor's runs reach it (asked once,
+        after :meth:`open`, before the proxy starts).
+
+        ``host`` and ``advertise_host`` are the operator's ``proxy.host`` and
+        ``proxy.advertise_host`` (``None``: not set); the executor keeps them unless its
+        runtime dictates otherwise (podman: the run network's gateway).
+        """
+        ...
+
+    async def recover_token(self, state: RunState) -> str:
+        """The container token of a run found by :meth:`list_runs`, read back from the runtime.
+
+        The node asks only when the sealed copy (:attr:`RunState.sealed_token`) is missing or
+        cannot be opened. Raises :class:`TokenUnavailable` naming why when the runtime keeps
+        no copy the node may read (Kubernetes: a Secret the node may not get).
+        """
         ...
 
 

@@ -24,11 +24,14 @@ import shutil
 import stat
 from pathlib import Path
 
+from executors.base import TokenUnavailable
 from executors.outputs import OutputRead, open_run_directory, read_output
 from executors.spec import INPUT_FILE_NAME, OUTPUT_FILE_NAME, TOKEN_FILE_NAME, RunSpec
 
 #: The node's record of a kill request; not one of the files the container sees.
 KILL_MARKER_NAME = "killed"
+#: A container token is a JWT of a few hundred bytes; read no more than this.
+_TOKEN_MAX_BYTES = 64 * 1024
 
 
 class RunFiles:
@@ -50,6 +53,21 @@ class RunFiles:
     @property
     def token(self) -> Path:
         return self.directory / TOKEN_FILE_NAME
+
+    def read_token(self) -> str:
+        """The token the node wrote for the run (raises ``TokenUnavailable`` if none)."""
+        try:
+            fd = os.open(self.token, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, _TOKEN_MAX_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise TokenUnavailable(f"token file: {exc.strerror or exc}") from None
+        token = data.decode("ascii", "replace").strip()
+        if not token:
+            raise TokenUnavailable("token file: empty")
+        return token
 
     @property
     def kill_marker(self) -> Path:

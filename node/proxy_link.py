@@ -2,10 +2,10 @@
 
 * :class:`OrganizationKeys` — organizations' public keys from the server, cached for a
   while (the run lifecycle uses it too, to encrypt results for the task's initiator);
-* :class:`NodeProxyCrypto` — the node's cryptor as ``proxy.ProxyCrypto``;
-* :func:`proxy_placement` — where the proxy listens and what address runs are given, per
-  executor kind (podman: the run network's gateway; Kubernetes: the configured Service
-  address; apptainer: loopback).
+* :class:`NodeProxyCrypto` — the node's cryptor as ``proxy.ProxyCrypto``.
+
+Where the proxy listens, and what address runs are given, is the executor's to say
+(``Executor.proxy_placement``): the node knows no runtime's settings.
 """
 
 from __future__ import annotations
@@ -13,19 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-import structlog
-
-from executors.apptainer.config import ApptainerSettings
-from executors.kubernetes.config import KubernetesSettings
-from executors.podman.config import PodmanSettings
 from node.crypto import CryptoError, Cryptor
+from node.logging import get_logger
 from node.server.rest import ServerClient, ServerError
-from node.settings import NodeSettings
 from proxy import ProxyCryptoError
 
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Organizations asked for per page of the collaboration's listing.
 KEYS_PAGE_SIZE = 500
@@ -142,23 +137,3 @@ class NodeProxyCrypto:
             return self._cryptor.decrypt(data)
         except CryptoError as exc:
             raise ProxyCryptoError(str(exc)) from None
-
-
-class ProxyPlacement(NamedTuple):
-    """Where the proxy listens, and the host runs are told to call."""
-
-    bind_host: str
-    advertise_host: str
-    freebind: bool = False
-
-
-def proxy_placement(settings: NodeSettings) -> ProxyPlacement:
-    proxy, executor = settings.proxy, settings.executor
-    if isinstance(executor, PodmanSettings):
-        gateway = executor.network_gateway
-        return ProxyPlacement(gateway, proxy.advertise_host or gateway, freebind=True)
-    if isinstance(executor, KubernetesSettings):
-        return ProxyPlacement(proxy.host, proxy.advertise_host or proxy.host)
-    if isinstance(executor, ApptainerSettings):
-        return ProxyPlacement(proxy.host, proxy.advertise_host or "127.0.0.1")
-    return ProxyPlacement(proxy.host, proxy.advertise_host or proxy.host)

@@ -19,8 +19,8 @@ Isolation, on for every run and not configurable per run:
   file databases read-only at ``/mnt/data/<label>/…``, like the podman executor;
 * network: none (``--net --network none``: only ``lo``) unless the spec names a proxy;
   then, per ``proxy_network``, either a private network namespace made by the supervisor
-  whose only listener is a relay to the proxy (its unix socket, or its loopback TCP port
-  in the host's namespace; ``--userns``, see ``supervisor.py``), or the host's network;
+  whose only listener is a relay to the proxy (its loopback TCP port in the host's
+  namespace; ``--userns``, see ``supervisor.py``), or the host's network;
 * ``--memory``/``--memory-swap`` (equal: no swap), ``--cpus``, ``--pids-limit`` when
   ``cgroup_limits`` is on; ``--nv``/``--rocm`` when GPUs are asked for.
 
@@ -165,12 +165,13 @@ def supervisor_plan(
     if mode is NetworkMode.RELAY:
         assert spec.proxy is not None
         address = loopback_address(spec.proxy.host)
-        network = {"listen_host": address, "listen_port": spec.proxy.port}
-        if settings.proxy_socket is not None:
-            network["upstream"] = str(settings.proxy_socket)
-        else:
-            # The proxy listens on the same loopback address, in the host's namespace.
-            network["upstream_host"], network["upstream_port"] = address, spec.proxy.port
+        # The proxy listens on the same loopback address, in the host's namespace.
+        network = {
+            "listen_host": address,
+            "listen_port": spec.proxy.port,
+            "upstream_host": address,
+            "upstream_port": spec.proxy.port,
+        }
     return {
         "argv": argv,
         "environment": dict(settings.apptainer_environment),

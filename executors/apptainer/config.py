@@ -51,9 +51,6 @@ class ApptainerSettings(BaseModel):
     #: Registry credentials are refused here: they would go to every registry.
     apptainer_environment: dict[str, str] = Field(default_factory=dict)
     proxy_network: ProxyNetwork = "relay"
-    #: The node proxy's unix socket for the ``relay`` arrangement; ``None``: the relay
-    #: dials the proxy's loopback TCP address (``RunSpec.proxy``) in the host's namespace.
-    proxy_socket: Path | None = None
     #: Pass memory/CPU/pids limits (``--memory --cpus --pids-limit``); unprivileged
     #: apptainer needs cgroups v2 with systemd for them, else it refuses to start the run.
     cgroup_limits: bool = True

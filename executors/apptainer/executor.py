@@ -42,9 +42,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import structlog
 from pydantic import BaseModel
 
+from common.logging import get_logger
 from executors.apptainer.command import (
     PlanError,
     env_file_text,
@@ -57,13 +57,12 @@ from executors.apptainer.images import ImageCache
 from executors.apptainer.records import (
     Exit,
     RunPaths,
-    RunStatus,
+    RunRecord,
     Supervisor,
-    Verdict,
     phase_of,
     process_alive,
     read_json,
-    read_status,
+    read_record,
     records,
     write_json,
 )
@@ -72,6 +71,7 @@ from executors.base import (
     LABEL_NODE,
     ExecutorContext,
     ExecutorError,
+    ProxyPlacement,
     UnknownRun,
     run_labels,
 )
@@ -79,8 +79,9 @@ from executors.events import RunEventStream
 from executors.memory import GoneRuns, StartsInFlight
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import TaskOwner
+from executors.verdict import Verdict
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SUPERVISOR = Path(__file__).resolve().with_name("supervisor.py")
 #: apptainer 1.1 made user-namespace mode the default and added ``--no-eval``; 1.2 added
@@ -182,10 +183,10 @@ class ApptainerExecutor:
         run_id = spec.run_id
         paths = self._paths(run_id)
         bound = log.bind(run_id=run_id, task_id=spec.task_id)
-        status = read_status(paths)
-        if status is not None and self._ours(status):
+        record = read_record(paths)
+        if record is not None and self._ours(record):
             bound.info("apptainer.run.adopted")
-            await self._adopt(paths, status)
+            await self._adopt(paths, record)
             return
         self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
         sif, problem = await self._image_cache().ensure(spec.image)
@@ -207,14 +208,14 @@ class ApptainerExecutor:
             return
         await self._launch(paths, deadline_seconds=spec.deadline_seconds)
 
-    async def _adopt(self, paths: RunPaths, status: RunStatus) -> None:
+    async def _adopt(self, paths: RunPaths, record: RunRecord) -> None:
         """A run with a record: launch it if it never was, else follow and report it."""
-        verdict = phase_of(status)
+        verdict = phase_of(record)
         if verdict.phase is Phase.STARTING:
-            self._stream.publish(RunEvent.now(status.run_id, Phase.STARTING))
-            await self._launch(paths, deadline_seconds=status.deadline_seconds)
+            self._stream.publish(RunEvent.now(record.run_id, Phase.STARTING))
+            await self._launch(paths, deadline_seconds=record.deadline_seconds)
             return
-        self._take_up(status, verdict)
+        self._take_up(record, verdict)
 
     def _prepare(self, spec: RunSpec, paths: RunPaths, sif: Path) -> None:
         """Write the run's files, env file and record (last: a record means "ready")."""
@@ -300,24 +301,24 @@ class ApptainerExecutor:
     async def kill(self, run_id: int) -> None:
         """Stop the run (SIGTERM, SIGKILL after the grace); its end is ``killed``/``killed``."""
         paths = self._paths(run_id)
-        status = read_status(paths)
-        if status is None or not self._ours(status):
+        record = read_record(paths)
+        if record is None or not self._ours(record):
             if run_id in self._starting:
                 paths.files.mark_killed()  # start() checks this before and after launching
                 log.info("apptainer.run.kill_requested", run_id=run_id, before_start=True)
             return
-        verdict = phase_of(status)
+        verdict = phase_of(record)
         if verdict.phase.is_terminal:
             return  # it ended on its own first; that end stands
         paths.files.mark_killed()
         log.info("apptainer.run.kill_requested", run_id=run_id)
-        if status.supervisor is None:
+        if record.supervisor is None:
             if run_id not in self._starting:  # a record never launched (node died mid-start)
                 self._stream.publish(
                     RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
                 )
             return
-        self._terminate(run_id, status.supervisor)
+        self._terminate(run_id, record.supervisor)
 
     async def collect(self, run_id: int) -> RunOutput:
         paths = self._paths(run_id)
@@ -333,27 +334,36 @@ class ApptainerExecutor:
         self._unwatch(run_id)
         self._disarm(run_id)
         paths = self._paths(run_id)
-        status = read_status(paths)
-        if status is not None and status.alive and status.supervisor is not None:
+        record = read_record(paths)
+        if record is not None and record.alive and record.supervisor is not None:
             log.warning("apptainer.run.removed_while_running", run_id=run_id)
-            kill_process_groups(status.supervisor)
+            kill_process_groups(record.supervisor)
         paths.files.remove()
         self._stream.forget(run_id)
         log.info("apptainer.run.cleaned_up", run_id=run_id)
 
+    def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
+        """On ``proxy.host``; runs are told loopback, where their relay (or, with
+        ``proxy_network: host``, the host's loopback) answers."""
+        return ProxyPlacement(host, advertise_host or "127.0.0.1")
+
+    async def recover_token(self, state: RunState) -> str:
+        """From the run's token file, which the node wrote and the container reads."""
+        return self._paths(state.run_id).files.read_token()
+
     async def list_runs(self) -> list[RunState]:
         """Every run of this node with a record on disk, phases rebuilt from the files."""
         runs: list[RunState] = []
-        for status in self._statuses():
-            verdict = phase_of(status)
+        for record in self._read_records():
+            verdict = phase_of(record)
             runs.append(
                 RunState(
-                    run_id=status.run_id,
-                    task_id=status.task_id,
+                    run_id=record.run_id,
+                    task_id=record.task_id,
                     phase=verdict.phase,
                     reason=verdict.reason,
                     exit_code=verdict.exit_code,
-                    trace_context=status.trace_context,
+                    trace_context=record.trace_context,
                 )
             )
         return sorted(runs, key=lambda state: state.run_id)
@@ -362,17 +372,17 @@ class ApptainerExecutor:
 
     def _relist(self) -> None:
         """Publish every run's current phase and follow the running ones (after a restart)."""
-        for status in self._statuses():
-            self._take_up(status, phase_of(status))
+        for record in self._read_records():
+            self._take_up(record, phase_of(record))
 
-    def _take_up(self, status: RunStatus, verdict: Verdict) -> None:
-        run_id = status.run_id
-        if verdict.phase is Phase.RUNNING and status.supervisor is not None:
-            self._follow(run_id, status.supervisor)
+    def _take_up(self, record: RunRecord, verdict: Verdict) -> None:
+        run_id = record.run_id
+        if verdict.phase is Phase.RUNNING and record.supervisor is not None:
+            self._follow(run_id, record.supervisor)
             self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
-            self._arm_deadline(run_id, status.supervisor, status.deadline_seconds)
+            self._arm_deadline(run_id, record.supervisor, record.deadline_seconds)
             return
-        self._publish(status, verdict)
+        self._publish(record, verdict)
 
     def _follow(self, run_id: int, supervisor: Supervisor) -> None:
         """Watch the supervisor's exit with a pidfd on the event loop."""
@@ -408,24 +418,17 @@ class ApptainerExecutor:
         self._disarm(run_id)
         if run_id in self._gone:
             return
-        status = read_status(self._paths(run_id))
-        if status is None:
+        record = read_record(self._paths(run_id))
+        if record is None:
             return
-        self._publish(status, phase_of(status))
+        self._publish(record, phase_of(record))
 
-    def _publish(self, status: RunStatus, verdict: Verdict) -> None:
-        run_id = status.run_id
+    def _publish(self, record: RunRecord, verdict: Verdict) -> None:
+        run_id = record.run_id
         if not verdict.phase.is_terminal:
-            self._stream.publish(RunEvent.now(run_id, verdict.phase))
+            self._stream.publish(verdict.event(run_id))
             return
-        event = RunEvent.now(
-            run_id,
-            verdict.phase,
-            verdict.reason,
-            exit_code=verdict.exit_code,
-            message=verdict.message,
-        )
-        if self._stream.publish_end(event, ran=status.supervisor is not None):
+        if self._stream.publish_end(verdict.event(run_id), ran=record.supervisor is not None):
             log.info(
                 "apptainer.run.ended",
                 run_id=run_id,
@@ -454,14 +457,14 @@ class ApptainerExecutor:
     def _on_deadline(self, run_id: int) -> None:
         self._deadlines.pop(run_id, None)
         paths = self._paths(run_id)
-        status = read_status(paths)
-        if status is None or not status.alive or status.supervisor is None:
+        record = read_record(paths)
+        if record is None or not record.alive or record.supervisor is None:
             return
         paths.mark_deadline()
         log.warning(
-            "apptainer.run.deadline_passed", run_id=run_id, deadline_seconds=status.deadline_seconds
+            "apptainer.run.deadline_passed", run_id=run_id, deadline_seconds=record.deadline_seconds
         )
-        self._terminate(run_id, status.supervisor)
+        self._terminate(run_id, record.supervisor)
 
     def _terminate(self, run_id: int, supervisor: Supervisor) -> None:
         """Ask the supervisor to stop the run; SIGKILL both groups if it does not end in time."""
@@ -489,18 +492,18 @@ class ApptainerExecutor:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _statuses(self) -> list[RunStatus]:
+    def _read_records(self) -> list[RunRecord]:
         found = []
         for paths in records(self._context.task_dir):
             if paths.run_id in self._gone:
                 continue
-            status = read_status(paths)
-            if status is not None and self._ours(status):
-                found.append(status)
+            record = read_record(paths)
+            if record is not None and self._ours(record):
+                found.append(record)
         return found
 
-    def _ours(self, status: RunStatus) -> bool:
-        return status.labels.get(LABEL_NODE) == self._context.node_name
+    def _ours(self, record: RunRecord) -> bool:
+        return record.labels.get(LABEL_NODE) == self._context.node_name
 
     def _record_start_error(self, paths: RunPaths, message: str) -> None:
         if read_json(paths.exit) is None:

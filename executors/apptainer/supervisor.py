@@ -16,10 +16,10 @@ restart. The supervisor:
 2. for runs that may reach the proxy in the ``relay`` arrangement, makes a private network
    namespace (with a user namespace when unprivileged: ``unshare(CLONE_NEWUSER |
    CLONE_NEWNET)``, mapping the node's uid to itself), brings ``lo`` up, and listens on
-   the proxy's loopback address in it; each connection is relayed to the node's proxy:
-   its unix socket (a path, which a network namespace does not hide), or its loopback TCP
-   port through a :class:`Dialer` left in the host's namespace. apptainer then runs in
-   that namespace with ``--userns``: its only reachable endpoint is the relay;
+   the proxy's loopback address in it; each connection is relayed to the node's proxy,
+   on its loopback TCP port, through a :class:`Dialer` left in the host's namespace.
+   apptainer then runs in that namespace with ``--userns``: its only reachable endpoint
+   is the relay;
 3. runs apptainer in a process group of its own, with its output in ``log``, and dying
    with the supervisor (``PR_SET_PDEATHSIG``);
 4. records ``supervisor.json``; on SIGTERM (the node's kill or deadline) it sends SIGTERM
@@ -93,8 +93,10 @@ def supervise(state: Path, *, report_fd: int) -> int:
     relayed: tuple[socket.socket, Upstream] | None = None
     try:
         if network:
-            # The upstream first: a TCP proxy is dialled from this, the host's, namespace.
-            upstream = upstream_of(network, keep_closed=[report_fd])
+            # The dialer first: the proxy is dialled from this, the host's, namespace.
+            upstream = Dialer(
+                str(network["upstream_host"]), int(network["upstream_port"]), [report_fd]
+            )
             relayed = (private_network(network), upstream)
     except OSError as exc:
         message = f"could not make the run's private network namespace: {exc}"
@@ -232,26 +234,6 @@ class Upstream(Protocol):
     """Where the relay sends a run's connections: the node's proxy."""
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
-
-
-def upstream_of(network: dict[str, Any], *, keep_closed: list[int]) -> Upstream:
-    """The proxy's unix socket if the plan names one, else its TCP address via a dialer.
-
-    Call it before :func:`private_network`: the dialer must stay in the host's namespace.
-    """
-    if network.get("upstream"):
-        return UnixUpstream(str(network["upstream"]))
-    return Dialer(str(network["upstream_host"]), int(network["upstream_port"]), keep_closed)
-
-
-class UnixUpstream:
-    """The proxy on a unix socket: a path, which a network namespace does not hide."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_unix_connection(self.path)
 
 
 class Dialer:

@@ -41,11 +41,19 @@ import re
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
-import structlog
 from kubernetes_asyncio.config import ConfigException
 from pydantic import BaseModel
 
-from executors.base import ExecutorContext, ExecutorError, UnknownRun, run_labels
+from common.logging import get_logger
+from common.types import Json
+from executors.base import (
+    ExecutorContext,
+    ExecutorError,
+    ProxyPlacement,
+    TokenUnavailable,
+    UnknownRun,
+    run_labels,
+)
 from executors.events import RunEventStream
 from executors.kubernetes.client import (
     JOBS,
@@ -53,7 +61,6 @@ from executors.kubernetes.client import (
     PODS,
     SECRETS,
     SERVICES,
-    Json,
     KubeClient,
     KubeError,
     connect,
@@ -89,7 +96,7 @@ from policies.network import (
 )
 from policies.pod_security import enforces, pod_security_problems
 
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 FIELD_MANAGER = "fednode"
 _LOG_CHUNK = 64 * 1024
@@ -320,6 +327,17 @@ class KubernetesExecutor:
         self._require_open()
         return self._tracker.states()
 
+    def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
+        """Where the operator says: runs reach the node pod (``proxy.advertise_host``)."""
+        return ProxyPlacement(host, advertise_host or host)
+
+    async def recover_token(self, state: RunState) -> str:
+        """Never: the token is in a Secret the node may create but not read back."""
+        raise TokenUnavailable(
+            "the token is in the run's Secret, which the node may not read; "
+            "only the sealed copy on the Job recovers it"
+        )
+
     # -- inside ---------------------------------------------------------------------------
 
     def _require_open(self) -> KubeClient:
@@ -492,7 +510,7 @@ class KubernetesExecutor:
             ) from error
         self._informers = [jobs, pods]
         for informer in self._informers:
-            self._tasks.spawn(informer.run(), name=f"informer-{informer.kind}")
+            self._stream.fed_by(self._tasks.spawn(informer.run(), name=f"informer-{informer.kind}"))
 
 
 def run_network_policy_manifests(settings: KubernetesSettings, *, node_name: str) -> list[Json]:

@@ -34,10 +34,17 @@ import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-import structlog
 from pydantic import BaseModel
 
-from executors.base import LABEL_NODE, ExecutorContext, ExecutorError, UnknownRun
+from common.backoff import Backoff
+from common.logging import get_logger
+from executors.base import (
+    LABEL_NODE,
+    ExecutorContext,
+    ExecutorError,
+    ProxyPlacement,
+    UnknownRun,
+)
 from executors.credentials import credential_for
 from executors.events import RunEventStream
 from executors.memory import GoneRuns, StartsInFlight
@@ -56,7 +63,7 @@ from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import SharedWork, TaskOwner
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _RECONNECT_FIRST = 0.1
 _RECONNECT_MAX = 5.0
@@ -82,7 +89,7 @@ class PodmanExecutor:
         #: Removed runs: late podman events about them are ignored.
         self._gone = GoneRuns()
         self._pulls: SharedWork[str, str | None] = SharedWork(self._tasks)
-        self._network: asyncio.Task[RunNetwork | str] | None = None
+        self._network: asyncio.Task[RunNetwork] | None = None
         self._firewall = RunsFirewall(seconds=settings.api_timeout_seconds)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -109,7 +116,7 @@ class PodmanExecutor:
                 )
                 if watch.start():
                     self._exit_watch = watch
-            self._tasks.spawn(self._follow_events(), name="podman-events")
+            self._stream.fed_by(self._tasks.spawn(self._follow_events(), name="podman-events"))
             try:
                 await asyncio.wait_for(
                     self._subscribed.wait(), timeout=self._settings.api_timeout_seconds
@@ -174,10 +181,11 @@ class PodmanExecutor:
             self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, problem)
             return
         if spec.proxy is not None:
-            problem = await self._ensure_network(proxy_port=spec.proxy.port)
-            if problem is not None:
-                bound.error("podman.run.network_unavailable", error=problem)
-                self._stream.fail(run_id, Reason.START_FAILED, problem)
+            try:
+                await self._ensure_network(proxy_port=spec.proxy.port)
+            except ExecutorError as exc:
+                bound.error("podman.run.network_unavailable", error=str(exc))
+                self._stream.fail(run_id, Reason.START_FAILED, str(exc))
                 return
         files = self._files(run_id)
         files.prepare(spec, owner=(self._settings.run_uid, self._settings.run_gid))
@@ -325,27 +333,35 @@ class PodmanExecutor:
             )
         return runs
 
+    def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
+        """On the run network's gateway, bound before the bridge has that address."""
+        gateway = self._settings.network_gateway
+        return ProxyPlacement(gateway, advertise_host or gateway, freebind=True)
+
+    async def recover_token(self, state: RunState) -> str:
+        """From the run's token file, which the node wrote and the container reads."""
+        return self._files(state.run_id).read_token()
+
     # -- following podman ---------------------------------------------------------------------
 
     async def _follow_events(self) -> None:
         """The one owner of the event subscription: subscribe, re-list, follow; repeat."""
-        delay = _RECONNECT_FIRST
+        backoff = Backoff(first=_RECONNECT_FIRST, cap=_RECONNECT_MAX)
         filters = {"type": ["container"], "label": [self._label_filter]}
         while True:
             try:
                 async with self._api.events(filters=filters) as events:
                     await self._relist()
                     self._subscribed.set()
-                    delay = _RECONNECT_FIRST
+                    backoff.reset()
                     async for event in events:
                         self._on_podman_event(event)
-                log.warning("podman.events.ended", retry_in=delay)
+                log.warning("podman.events.ended")
             except (ExecutorError, LibpodError) as exc:
-                log.warning("podman.events.lost", error=str(exc), retry_in=delay)
+                log.warning("podman.events.lost", error=str(exc))
             except Exception:
-                log.exception("podman.events.failed", retry_in=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX)
+                log.exception("podman.events.failed")
+            log.info("podman.events.resubscribing", delay=round(await backoff.pause(), 2))
 
     async def _relist(self) -> None:
         """Publish the current phase of every run on podman (RunEventStream drops repeats)."""
@@ -415,13 +431,7 @@ class PodmanExecutor:
         run_id = state.run_id
         if verdict.phase.is_terminal:
             if self._stream.publish_end(
-                RunEvent.now(
-                    run_id,
-                    verdict.phase,
-                    verdict.reason,
-                    exit_code=verdict.exit_code,
-                    message=verdict.message,
-                ),
+                verdict.event(run_id),
                 ran=state.exit_code is not None,
             ):
                 log.info(
@@ -432,7 +442,7 @@ class PodmanExecutor:
                     exit_code=verdict.exit_code,
                 )
             return
-        self._stream.publish(RunEvent.now(run_id, verdict.phase))
+        self._stream.publish(verdict.event(run_id))
 
     # -- images and network -------------------------------------------------------------------
 
@@ -459,24 +469,20 @@ class PodmanExecutor:
         log.info("podman.image.pulled", image=image)
         return None
 
-    async def _ensure_network(self, *, proxy_port: int) -> str | None:
-        """Create the runs' internal network once and fence it in (per ``firewall``);
-        ``None`` when a run may join it to reach ``proxy_port``, else why not."""
+    async def _ensure_network(self, *, proxy_port: int) -> None:
+        """Create the runs' internal network once and fence it in (per ``firewall``), so
+        that a run may join it to reach ``proxy_port``; :class:`ExecutorError` says why not."""
         network = self._network
         if network is None or (
-            network.done()
-            and (network.cancelled() or network.exception() or isinstance(network.result(), str))
+            network.done() and (network.cancelled() or network.exception() is not None)
         ):
             # First use, or the last attempt failed: (re)try; concurrent starts share one.
             network = self._network = self._tasks.spawn(self._make_network(), name="podman-network")
         made = await asyncio.shield(network)
-        if isinstance(made, str):
-            return made
-        if self._settings.firewall == "off":
-            return None
-        return await self._firewall.allow(made, proxy_port=proxy_port)
+        if self._settings.firewall != "off":
+            await self._firewall.allow(made, proxy_port=proxy_port)
 
-    async def _make_network(self) -> RunNetwork | str:
+    async def _make_network(self) -> RunNetwork:
         settings = self._settings
         name = settings.network
         if settings.firewall == "off":
@@ -502,12 +508,14 @@ class PodmanExecutor:
                 log.info("podman.network.created", network=name, subnet=body["subnets"])
             except LibpodError as exc:
                 if exc.status != 409:
-                    return f"podman could not create network {name}: {exc.message}"
+                    raise ExecutorError(
+                        f"podman could not create network {name}: {exc.message}"
+                    ) from None
             document = await self._api.inspect_network(name)
         if document is None:
-            return f"podman network {name} vanished as it was made"
+            raise ExecutorError(f"podman network {name} vanished as it was made")
         if not document.get("internal"):
-            return (
+            raise ExecutorError(
                 f"podman network {name} exists but is not internal; runs would get a route "
                 "out, so none is attached to it"
             )
@@ -522,7 +530,7 @@ class PodmanExecutor:
         return RunFiles(self._context.task_dir, run_id)
 
 
-def _run_network(name: str, document: dict[str, Any]) -> RunNetwork | str:
+def _run_network(name: str, document: dict[str, Any]) -> RunNetwork:
     """The bridge, subnet and gateway of a network, from libpod's inspect document.
 
     netavark names the bridge when the network is created (``network_interface``, kept in
@@ -538,9 +546,11 @@ def _run_network(name: str, document: dict[str, Any]) -> RunNetwork | str:
             continue
         if isinstance(subnet, ipaddress.IPv4Network) and isinstance(gateway, ipaddress.IPv4Address):
             if not bridge:
-                return f"podman network {name} names no bridge interface; it cannot be fenced in"
+                raise ExecutorError(
+                    f"podman network {name} names no bridge interface; it cannot be fenced in"
+                )
             return RunNetwork(name=name, bridge=str(bridge), subnet=subnet, gateway=gateway)
-    return (
+    raise ExecutorError(
         f"podman network {name} has no IPv4 subnet with a gateway, where the proxy would "
         "listen (podman gives an internal network one only when asked: --gateway)"
     )

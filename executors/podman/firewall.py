@@ -9,9 +9,10 @@ applying it again changes nothing. When the node stops, :meth:`RunsFirewall.rele
 takes its proxy ports out and leaves the tables: its runs keep running, and stay fenced
 in (with nothing to reach until the node is back).
 
-An ``nft`` that is missing or may not change the firewall (not root, no CAP_NET_ADMIN) is
-a value, not an exception: the run fails to start with a reason naming the setting and
-both ways out. Nothing here skips the firewall silently.
+An ``nft`` that is missing or may not change the firewall (not root, no CAP_NET_ADMIN)
+raises :class:`~executors.base.ExecutorError` naming the setting and both ways out; the
+executor fails that run's start with it (``start-failed``) and keeps serving. Nothing
+here skips the firewall silently.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ipaddress
 from typing import NamedTuple
 
 from common.logging import get_logger
+from executors.base import ExecutorError
 from policies.podman_firewall import (
     isolation_ruleset,
     release_ruleset,
@@ -90,29 +92,27 @@ class RunsFirewall:
         self._applied: tuple[RunNetwork, frozenset[int]] | None = None
         self._bridge_by_name = True
 
-    async def allow(self, network: RunNetwork, *, proxy_port: int) -> str | None:
+    async def allow(self, network: RunNetwork, *, proxy_port: int) -> None:
         """Make sure runs on ``network`` reach ``proxy_port`` on its gateway and nothing
-        else; ``None`` when that holds, else why it cannot be made to (for the run)."""
+        else; :class:`ExecutorError` says why it cannot be made to (for the run)."""
         async with self._lock:  # concurrent starts share one apply
             applied = self._applied
             if applied is not None and applied[0] == network and proxy_port in applied[1]:
-                return None
+                return
             ports = frozenset({proxy_port}) | (
                 applied[1] if applied is not None and applied[0] == network else frozenset()
             )
-            problem = await self._apply(network, ports)
-            if problem is None:
-                self._applied = (network, ports)
-                log.info(
-                    "podman.firewall.applied",
-                    network=network.name,
-                    table=table_name(network.name),
-                    bridge=network.bridge,
-                    gateway=str(network.gateway),
-                    proxy_ports=sorted(ports),
-                    bridge_by_name=self._bridge_by_name,
-                )
-            return problem
+            await self._apply(network, ports)
+            self._applied = (network, ports)
+            log.info(
+                "podman.firewall.applied",
+                network=network.name,
+                table=table_name(network.name),
+                bridge=network.bridge,
+                gateway=str(network.gateway),
+                proxy_ports=sorted(ports),
+                bridge_by_name=self._bridge_by_name,
+            )
 
     async def release(self) -> None:
         """Take the proxy ports this firewall allowed out of the set; the rules stay.
@@ -148,7 +148,7 @@ class RunsFirewall:
                     error=_first_line(result.stderr),
                 )
 
-    async def _apply(self, network: RunNetwork, ports: frozenset[int]) -> str | None:
+    async def _apply(self, network: RunNetwork, ports: frozenset[int]) -> None:
         try:
             result = await self._run(network, ports)
             if result.returncode != 0 and self._bridge_by_name and _no_bridge_meta(result):
@@ -160,22 +160,22 @@ class RunsFirewall:
                 self._bridge_by_name = False
                 result = await self._run(network, ports)
         except FileNotFoundError:
-            return (
+            raise ExecutorError(
                 f"executor.firewall is nftables, but the nft command is not installed, so "
                 f"runs on podman network {network.name} cannot be fenced in: install "
                 f"nftables (scripts/podman-setup does), or set executor.firewall: off "
                 f"and accept that runs can reach each other and this host's services"
-            )
+            ) from None
         if result.returncode == 0:
-            return None
+            return
         if "Operation not permitted" in result.stderr or "Permission denied" in result.stderr:
-            return (
+            raise ExecutorError(
                 f"executor.firewall is nftables, but nft may not change this host's "
                 f"firewall ({_first_line(result.stderr)}): run the node as root or with "
                 f"CAP_NET_ADMIN, or set executor.firewall: off and accept that runs on "
                 f"podman network {network.name} can reach each other and this host's services"
             )
-        return (
+        raise ExecutorError(
             f"nft refused the firewall of podman network {network.name} "
             f"(executor.firewall: nftables): {_first_line(result.stderr)}"
         )

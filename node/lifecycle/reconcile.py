@@ -8,8 +8,9 @@ first ``sync``, and claims every run the executor has, so none is started twice:
 * a run still going is followed: it takes a free slot (after a restart the limit may be
   exceeded briefly), and the proxy accepts its token again — recovered first from the
   sealed copy the executor kept with the run (:mod:`node.token_seal`; on Kubernetes the
-  node may not read the token's Secret), else from the run's token file; if the server
-  still says ``pending`` (the node died before it said ``active``), it hears ``active``;
+  node may not read the token's Secret), else from the executor
+  (``Executor.recover_token``: podman and apptainer read the run's token file); if the
+  server still says ``pending`` (the node died before it said ``active``), it hears ``active``;
 * a run that ended while the node was down is finished (uploaded) as if its event had just
   come;
 * a run the server has already ended — its result uploaded before the node died, or
@@ -38,7 +39,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from executors.base import Executor, ExecutorError
+from executors.base import Executor, ExecutorError, TokenUnavailable
 from executors.runfiles import RunFiles
 from executors.spec import Phase, RunEvent, RunState
 from node.background import TaskOwner
@@ -96,7 +97,7 @@ class Reconciler:
             if not ended and _never_started(state):
                 # Created, never started (the node died in between): start it now, once,
                 # with the token its container already has.
-                self._admit_recovered(state, run, record)
+                await self._admit_recovered(state, run, record)
                 self._work.spawn(
                     self._starter.start(run, record, token=record.token),
                     name=f"resume-run-{run.id}",
@@ -110,7 +111,7 @@ class Reconciler:
                 self._finisher.on_run_event(_event_of(state))
                 continue
             await self._inflight.take_free_slot(record)
-            self._admit_recovered(state, run, record)
+            await self._admit_recovered(state, run, record)
             if ended:
                 record.ended_on_server = True  # killed by its user while we were away
                 record.killed = True
@@ -140,7 +141,7 @@ class Reconciler:
                     "run.resumed",
                     container="created, never started" if state else "never created",
                 )
-                token = self.recover_token(state, run)[0] if state is not None else None
+                token = await self._token_or_none(state, run) if state is not None else None
                 await self._starter.start(run, record, token=token)
                 return
             try:
@@ -149,7 +150,7 @@ class Reconciler:
                     self._finisher.on_run_event(_event_of(state))
                     return
                 await self._inflight.take_free_slot(record)
-                self._admit_recovered(state, run, record)
+                await self._admit_recovered(state, run, record)
                 if run.status != RunStatus.ACTIVE.value:
                     await self._tell_active(run.id)
             except Exception:
@@ -158,18 +159,24 @@ class Reconciler:
                     record, RunStatus.FAILED, "fednode could not follow the run (node error)"
                 )
 
-    def _admit_recovered(self, state: RunState, run: Run, record: RunInFlight) -> None:
+    async def _admit_recovered(self, state: RunState, run: Run, record: RunInFlight) -> None:
         """The proxy accepts a followed run's token again, if it can be recovered."""
-        token, why_not = self.recover_token(state, run)
+        token = await self._token_or_none(state, run)
         if token is not None:
             self._inflight.admit_to_proxy(record, token, state.trace_context)
-        else:
+
+    async def _token_or_none(self, state: RunState, run: Run) -> str | None:
+        """:meth:`recover_token`, with the reason it failed logged once."""
+        try:
+            return await self.recover_token(state, run)
+        except TokenUnavailable as exc:
             log.warning(
                 "run.token_not_recovered",
                 run_id=state.run_id,
-                reason=why_not,
+                reason=str(exc),
                 hint="the proxy refuses this run's calls until it ends",
             )
+            return None
 
     async def _tell_active(self, run_id: int) -> None:
         """A followed run the server still has ``pending``: it runs, so it is ``active``."""
@@ -178,34 +185,29 @@ class Reconciler:
         except ServerError as exc:
             log.warning("run.active_not_told", run_id=run_id, error=str(exc))
 
-    def recover_token(self, state: RunState, run: Run) -> tuple[str | None, str]:
-        """An adopted run's container token, or why it cannot be had.
+    async def recover_token(self, state: RunState, run: Run) -> str:
+        """An adopted run's container token; :class:`TokenUnavailable` says why not.
 
         First the sealed copy the executor kept with the run (every runtime, including
         Kubernetes, whose Secret the node may not read), bound to the run and task ids the
-        server gives; then the token file in the run's directory (podman, apptainer).
+        server gives; then whatever copy the executor can read back
+        (``Executor.recover_token``; podman, apptainer: the run's token file).
         """
         reasons = []
         if state.sealed_token:
             try:
-                return (
-                    self._token_seal.unseal(state.sealed_token, run_id=run.id, task_id=run.task.id),
-                    "",
+                return self._token_seal.unseal(
+                    state.sealed_token, run_id=run.id, task_id=run.task.id
                 )
             except SealError as exc:
                 reasons.append(f"sealed token: {exc}")
         else:
             reasons.append("no sealed token kept with the run")
-        token_file = RunFiles(self._config.task_dir, state.run_id).token
         try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            reasons.append(f"token file: {exc.strerror or exc}")
-        else:
-            if token:
-                return token, ""
-            reasons.append("token file: empty")
-        return None, "; ".join(reasons)
+            return await self._executor.recover_token(state)
+        except ExecutorError as exc:
+            reasons.append(str(exc))
+        raise TokenUnavailable("; ".join(reasons))
 
     def _sweep(self, known: set[int]) -> int:
         """Remove the run directories no runtime object and no run in flight backs."""

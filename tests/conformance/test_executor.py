@@ -12,7 +12,9 @@ import json
 import time
 
 import pytest
+from pydantic import SecretStr
 
+from executors.base import TokenUnavailable
 from executors.spec import Phase, Reason, Resources
 from tests.conformance.harness import AVERAGE_EXPECTED, Behaviour, ExecutorUnderTest
 
@@ -247,3 +249,32 @@ async def test_cleanup_removes_the_runtime_object_and_the_run_files(
     assert not harness.files(1).directory.exists()
     assert await executor.list_runs() == []
     await executor.cleanup(1)  # a second cleanup is harmless
+
+
+async def test_a_running_runs_token_comes_back_to_a_restarted_node_sealed_or_read_back(
+    executor_under_test: ExecutorUnderTest,
+) -> None:
+    """What a restarted node needs to admit an adopted run to the proxy again: the sealed
+    copy the spec carried (``RunState.sealed_token``), or the token itself from
+    ``recover_token`` — at least one of them, and nothing else."""
+    require(executor_under_test, "restart")
+    harness = executor_under_test.harness
+    spec = harness.spec(1, Behaviour(sleep=30)).model_copy(
+        update={"token": SecretStr("container-token-1"), "sealed_token": "sealed-copy-1"}
+    )
+    await executor_under_test.executor.start(spec)
+    await executor_under_test.events.wait_for(1, Phase.RUNNING, timeout=harness.slack)
+
+    await executor_under_test.restart(down_for=0)
+    executor = executor_under_test.executor
+    [state] = await executor.list_runs()
+    try:
+        read_back: str | None = await executor.recover_token(state)
+    except TokenUnavailable as exc:
+        read_back, why = None, str(exc)
+    await executor.kill(1)
+
+    assert state.sealed_token == "sealed-copy-1" or read_back == "container-token-1"
+    assert read_back in (None, "container-token-1")
+    if read_back is None:
+        assert why  # the executor says why it keeps no readable copy

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from executors.base import ExecutorError, UnknownRun
+from executors.base import ExecutorError, ProxyPlacement, UnknownRun
 from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
 
@@ -210,6 +210,13 @@ class MemoryExecutor:
             )
             for run in self.runtime.runs.values()
         ]
+
+    def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
+        return ProxyPlacement(host, advertise_host or host)
+
+    async def recover_token(self, state: RunState) -> str:
+        """From the run's token file, as the file-sharing executors do."""
+        return RunFiles(self.runtime.task_dir, state.run_id).read_token()
 
 
 def _behaviour(raw: bytes) -> dict[str, Any]:

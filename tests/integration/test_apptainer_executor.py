@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -29,7 +27,7 @@ from typing import Any
 import pytest
 
 from executors.apptainer.executor import SUPERVISOR, ApptainerExecutor
-from executors.apptainer.records import RunPaths, process_stat, read_status
+from executors.apptainer.records import RunPaths, process_stat, read_record
 from executors.base import ExecutorError
 from executors.credentials import RegistryCredential
 from executors.spec import DatabaseMount, Phase, ProxyEndpoint, Reason, Resources, RunSpec
@@ -300,7 +298,7 @@ async def test_the_run_is_detached_from_the_node_in_a_session_of_its_own(
     await executor.start(harness.spec(1, Behaviour(sleep=30)))
     await events.wait_for(1, Phase.RUNNING, timeout=harness.slack)
 
-    status = read_status(RunPaths(harness.task_dir, 1))
+    status = read_record(RunPaths(harness.task_dir, 1))
     assert status is not None and status.supervisor is not None
     supervisor = status.supervisor
     fields = _stat_fields(supervisor.pid)
@@ -337,7 +335,7 @@ async def test_a_supervisor_killed_behind_the_nodes_back_loses_the_run_and_takes
     executor, events, harness = await make()
     await executor.start(harness.spec(1, Behaviour(sleep=60)))
     await events.wait_for(1, Phase.RUNNING, timeout=harness.slack)
-    status = read_status(RunPaths(harness.task_dir, 1))
+    status = read_record(RunPaths(harness.task_dir, 1))
     assert status is not None and status.supervisor is not None
 
     os.kill(status.supervisor.pid, signal.SIGKILL)
@@ -360,7 +358,7 @@ async def test_a_deadline_that_passed_while_the_node_was_down_is_enforced_when_i
     await executor.close()  # the node goes down; the run goes on
 
     await asyncio.sleep(2.5)
-    assert read_status(RunPaths(harness.task_dir, 1)).alive  # type: ignore[union-attr]
+    assert read_record(RunPaths(harness.task_dir, 1)).alive  # type: ignore[union-attr]
     began = time.monotonic()
     executor, events, _ = await make()
     end = await events.terminal(1, timeout=harness.slack)
@@ -371,24 +369,6 @@ async def test_a_deadline_that_passed_while_the_node_was_down_is_enforced_when_i
 
 
 # -- network ------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def fake_proxy_on_unix_socket(path: Path) -> AsyncIterator[None]:
-    """Stands in for the node proxy's unix socket: answers every request with its name."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nproxy-here")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_unix_server(answer, path=str(path))
-    try:
-        yield
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @contextlib.asynccontextmanager
@@ -409,27 +389,6 @@ def probe_spec(harness: ApptainerHarness, run_id: int, *, proxy_port: int, outsi
         json.dumps({"outside": ["127.0.0.1", outside]}).encode(),
         proxy=ProxyEndpoint(host="127.0.0.1", port=proxy_port),
     )
-
-
-async def test_in_the_relay_namespace_a_run_reaches_the_proxy_and_nothing_else(
-    make: Callable[..., Coroutine[Any, Any, Made]], tmp_path: Path
-) -> None:
-    socket_path = tmp_path / "proxy.sock"
-    executor, events, harness = await make(proxy_network="relay", proxy_socket=socket_path)
-
-    async with fake_proxy_on_unix_socket(socket_path), host_listener() as host_port:
-        await executor.start(probe_spec(harness, 1, proxy_port=7654, outside=host_port))
-        end = await events.terminal(1, timeout=harness.slack)
-        output = await executor.collect(1)
-
-    assert end.phase is Phase.SUCCEEDED, output.log
-    report = json.loads(output.output)
-    assert report["interfaces"] == ["lo"]
-    assert report["proxy"]["reached"] is True
-    assert report["proxy"]["answer"].endswith("proxy-here")
-    assert report["outside"]["reached"] is False  # not even the host's own loopback
-    [argv] = run_calls(harness)
-    assert "--net" not in argv and "--network" not in argv
 
 
 async def test_with_host_networking_a_run_shares_the_hosts_network(
@@ -466,7 +425,7 @@ async def fake_proxy_on_tcp() -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-async def test_without_a_proxy_socket_the_relay_dials_the_proxys_tcp_port_on_the_host(
+async def test_in_the_relay_namespace_a_run_reaches_the_proxy_and_nothing_else(
     make: Callable[..., Coroutine[Any, Any, Made]],
 ) -> None:
     executor, events, harness = await make(proxy_network="relay")
@@ -479,8 +438,11 @@ async def test_without_a_proxy_socket_the_relay_dials_the_proxys_tcp_port_on_the
     assert end.phase is Phase.SUCCEEDED, output.log
     report = json.loads(output.output)
     assert report["interfaces"] == ["lo"]
+    assert report["proxy"]["reached"] is True
     assert report["proxy"]["answer"].endswith("proxy-over-tcp")  # same address, other netns
-    assert report["outside"]["reached"] is False
+    assert report["outside"]["reached"] is False  # not even the host's own loopback
+    [argv] = run_calls(harness)
+    assert "--net" not in argv and "--network" not in argv
 
 
 UNPRIVILEGED_PROBE = textwrap.dedent(
@@ -489,13 +451,9 @@ UNPRIVILEGED_PROBE = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import supervisor
 
-    tcp_port = int(sys.argv[3])
+    tcp_port = int(sys.argv[2])
     dialer = supervisor.Dialer("127.0.0.1", tcp_port, [])  # before leaving the host's netns
     listener = supervisor.private_network({"listen_host": "127.0.0.1", "listen_port": 7654})
-    second = socket.socket()
-    second.bind(("127.0.0.1", 7655))
-    second.listen()
-    second.setblocking(False)
 
     async def get(port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -503,24 +461,17 @@ UNPRIVILEGED_PROBE = textwrap.dedent(
         return (await reader.read()).decode()
 
     async def main():
-        unix = supervisor.UnixUpstream(sys.argv[2])
-        servers = [
-            await asyncio.start_server(
-                lambda r, w: supervisor.relay(r, w, upstream=unix), sock=listener
-            ),
-            await asyncio.start_server(
-                lambda r, w: supervisor.relay(r, w, upstream=dialer), sock=second
-            ),
-        ]
-        answers = [await get(7654), await get(7655)]
+        server = await asyncio.start_server(
+            lambda r, w: supervisor.relay(r, w, upstream=dialer), sock=listener
+        )
+        answer = await get(7654)
         try:
             socket.create_connection(("127.0.0.1", tcp_port), timeout=2).close()
             outside = True
         except OSError:
             outside = False
-        for server in servers:
-            server.close()
-        return answers, outside
+        server.close()
+        return answer, outside
 
     answer, outside = asyncio.run(main())
     print(json.dumps({
@@ -542,10 +493,7 @@ async def test_an_unprivileged_supervisor_makes_the_relay_namespace_with_its_own
         # Root is needed to drop to 'nobody'; the test command runs as root (podman and the
         # testbed need it too), so this only skips in a contributor's unprivileged shell.
         pytest.skip("needs root to become another user for the test")
-    shared = directory_nobody_can_reach()
-    socket_path = shared / "proxy.sock"
-    async with fake_proxy_on_unix_socket(socket_path), fake_proxy_on_tcp() as host_port:
-        socket_path.chmod(0o666)
+    async with fake_proxy_on_tcp() as host_port:
         process = await asyncio.create_subprocess_exec(
             "setpriv",
             "--reuid=65534",
@@ -556,21 +504,18 @@ async def test_an_unprivileged_supervisor_makes_the_relay_namespace_with_its_own
             "-c",
             UNPRIVILEGED_PROBE,
             str(SUPERVISOR.parent),
-            str(socket_path),
             str(host_port),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(process.communicate(), timeout=30)
 
-    shutil.rmtree(shared, ignore_errors=True)
     assert process.returncode == 0, err.decode()
     report = json.loads(out)
     assert report["uid"] == 65534
     assert report["uid_map"] == ["65534", "65534", "1"]  # the same uid, nothing else mapped
     assert report["interfaces"] == ["lo"]
-    assert report["answer"][0].endswith("proxy-here")  # relayed to the unix socket
-    assert report["answer"][1].endswith("proxy-over-tcp")  # dialled from the host's netns
+    assert report["answer"].endswith("proxy-over-tcp")  # dialled from the host's netns
     assert report["outside"] is False  # the same TCP port, directly: unreachable
 
 
@@ -587,13 +532,6 @@ def operator_pulls(
         check=True,
         timeout=30,
     )
-
-
-def directory_nobody_can_reach() -> Path:
-    """A fresh directory under /tmp (pytest's tmp_path is private to root)."""
-    shared = Path(tempfile.mkdtemp(prefix="fednode-relay-", dir="/tmp"))
-    shared.chmod(0o755)
-    return shared
 
 
 def _stat_fields(pid: int) -> dict[str, int]:

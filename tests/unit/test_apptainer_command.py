@@ -120,8 +120,8 @@ def test_gpus_are_asked_for_with_nv_or_rocm_and_not_otherwise() -> None:
 def test_a_run_with_a_proxy_gets_no_apptainer_network_namespace_but_the_supervisors() -> None:
     run = spec(proxy=ProxyEndpoint(host="127.0.0.1", port=7654))
 
-    relay_unprivileged = argv(run, proxy_socket="/run/fednode/proxy.sock")
-    relay_as_root = argv(run, euid=0, proxy_socket="/run/fednode/proxy.sock")
+    relay_unprivileged = argv(run)
+    relay_as_root = argv(run, euid=0)
     host = argv(run, proxy_network="host")
 
     for args in (relay_unprivileged, relay_as_root, host):
@@ -168,20 +168,13 @@ def test_an_environment_name_a_shell_cannot_assign_is_refused() -> None:
         env_file_text({"MY-DB_DATABASE_URI": "x"})
 
 
-def test_the_relay_plan_relays_to_the_proxy_socket_or_its_loopback_tcp_port() -> None:
+def test_the_relay_plan_relays_to_the_proxys_loopback_tcp_port_in_the_hosts_namespace() -> None:
     run = spec(proxy=ProxyEndpoint(host="localhost", port=7654))
-    with_socket = ApptainerSettings(proxy_socket=Path("/run/fednode/proxy.sock"))
 
-    to_socket = supervisor_plan(argv=["x"], spec=run, settings=with_socket, mode=NetworkMode.RELAY)
     to_tcp = supervisor_plan(
         argv=["x"], spec=run, settings=ApptainerSettings(), mode=NetworkMode.RELAY
     )
 
-    assert to_socket["network"] == {
-        "listen_host": "127.0.0.1",
-        "listen_port": 7654,
-        "upstream": "/run/fednode/proxy.sock",
-    }
     assert to_tcp["network"] == {
         "listen_host": "127.0.0.1",
         "listen_port": 7654,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from typer.testing import CliRunner
 
 import executors.registry
-from executors.base import Executor, ExecutorContext
+from executors.base import Executor, ExecutorContext, ProxyPlacement, TokenUnavailable
 from executors.spec import RunEvent, RunOutput, RunSpec, RunState
 from node.app import Node
 from node.cli import app
@@ -70,6 +70,12 @@ class SlurmExecutor:
 
     async def list_runs(self) -> list[RunState]:
         return []
+
+    def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
+        return ProxyPlacement(host, advertise_host or host)
+
+    async def recover_token(self, state: RunState) -> str:
+        raise TokenUnavailable("slurm keeps no copy of the token")
 
 
 class NoSettings:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from executors.base import ExecutorError
 from executors.podman.firewall import RunNetwork, RunsFirewall
 from policies.podman_firewall import isolation_ruleset, removal_ruleset, table_name
 
@@ -132,14 +133,11 @@ async def test_it_applies_once_per_port_and_again_with_both_when_a_run_names_ano
     command, record = fake_nft(tmp_path)
     firewall = RunsFirewall(seconds=5, commands=(command,))
 
-    results = [
-        await firewall.allow(NETWORK, proxy_port=7654),
-        await firewall.allow(NETWORK, proxy_port=7654),
-        await firewall.allow(NETWORK, proxy_port=8000),
-    ]
+    await firewall.allow(NETWORK, proxy_port=7654)
+    await firewall.allow(NETWORK, proxy_port=7654)
+    await firewall.allow(NETWORK, proxy_port=8000)
 
     scripts = applied(record)
-    assert results == [None, None, None]
     assert len(scripts) == 2
     assert "proxy_ports { 7654 }" in scripts[0]
     assert "proxy_ports { 7654, 8000 }" in scripts[1]
@@ -148,9 +146,10 @@ async def test_it_applies_once_per_port_and_again_with_both_when_a_run_names_ano
 async def test_without_nft_a_run_fails_with_the_setting_and_both_ways_out(tmp_path: Path) -> None:
     firewall = RunsFirewall(seconds=5, commands=(str(tmp_path / "no-nft"),))
 
-    problem = await firewall.allow(NETWORK, proxy_port=7654)
+    with pytest.raises(ExecutorError) as refused:
+        await firewall.allow(NETWORK, proxy_port=7654)
 
-    assert problem is not None
+    problem = str(refused.value)
     assert "executor.firewall is nftables" in problem
     assert "not installed" in problem
     assert "install nftables" in problem
@@ -167,10 +166,12 @@ async def test_without_the_right_to_change_the_firewall_a_run_fails_saying_so(
     )
     firewall = RunsFirewall(seconds=5, commands=(command,))
 
-    problem = await firewall.allow(NETWORK, proxy_port=7654)
-    again = await firewall.allow(NETWORK, proxy_port=7654)
+    with pytest.raises(ExecutorError) as refused:
+        await firewall.allow(NETWORK, proxy_port=7654)
+    with pytest.raises(ExecutorError) as refused_again:
+        await firewall.allow(NETWORK, proxy_port=7654)
 
-    assert problem is not None
+    problem, again = str(refused.value), str(refused_again.value)
     assert "Operation not permitted" in problem
     assert "CAP_NET_ADMIN" in problem
     assert "executor.firewall: off" in problem
@@ -193,11 +194,10 @@ async def test_on_a_kernel_without_bridge_meta_it_falls_back_to_the_subnet(
     script.chmod(0o755)
     firewall = RunsFirewall(seconds=5, commands=(str(script),))
 
-    problem = await firewall.allow(NETWORK, proxy_port=7654)
+    await firewall.allow(NETWORK, proxy_port=7654)  # no error: the fallback applied
     await firewall.allow(NETWORK, proxy_port=8000)
 
     scripts = applied(record)
-    assert problem is None
     assert ["ibrname" in s for s in scripts] == [True, False, False]
     assert "ip saddr 10.213.0.0/24 drop" in scripts[-1]
 
