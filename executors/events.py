@@ -11,13 +11,21 @@ call :meth:`RunEventStream.publish` from the executor's watcher task, or its two
 for what every executor reports alike: :meth:`~RunEventStream.publish_end` (a run's end,
 with ``running`` first if it ran unseen) and :meth:`~RunEventStream.fail`. ``forget`` drops
 a run's memory after cleanup, so memory stays bounded by the runs in flight.
+
+The task that follows the runtime (a watch, an event subscription) is registered with
+:meth:`RunEventStream.fed_by`: should it ever end other than by being cancelled at
+``close()``, the consumer gets the events already queued and then :class:`ExecutorError`
+naming the task and why — so a dead follower ends the node's consumer (a root task of the
+node, which then exits to be restarted) instead of leaving it waiting forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+from executors.base import ExecutorError
 from executors.spec import Phase, Reason, RunEvent
 
 _ORDER = {
@@ -34,8 +42,21 @@ class RunEventStream:
     """An unbounded queue of run events that drops repeats and backward steps."""
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[RunEvent] = asyncio.Queue()
+        self._queue: asyncio.Queue[RunEvent | ExecutorError] = asyncio.Queue()
         self._last: dict[int, Phase] = {}
+
+    def fed_by(self, task: asyncio.Task[Any]) -> None:
+        """``task`` follows the runtime for this stream; its end (unless cancelled) breaks it."""
+        task.add_done_callback(self._feeder_done)
+
+    def _feeder_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        why = f"failed: {error!r}" if error is not None else "returned"
+        self._queue.put_nowait(
+            ExecutorError(f"{task.get_name()}, which follows the runtime, {why}")
+        )
 
     def publish(self, event: RunEvent) -> bool:
         """Queue ``event`` if it advances its run; returns whether it was queued."""
@@ -72,4 +93,7 @@ class RunEventStream:
 
     async def _drain(self) -> AsyncIterator[RunEvent]:
         while True:
-            yield await self._queue.get()
+            item = await self._queue.get()
+            if isinstance(item, ExecutorError):
+                raise item
+            yield item

@@ -7,7 +7,10 @@ Start-up order matters and is written once, here:
 2. set up encryption (and publish this organization's public key if the server lacks it);
 3. open the executor and **reconcile** — claim every run it already has — before
    3. connecting the socket, whose first ``sync`` brings every open run of this node;
-4. serve: socket link, server-event consumer, executor-event consumer, all owned tasks.
+4. serve: socket link, server-event consumer, executor-event consumer (and the server
+   client's token refresher) as root tasks (:class:`~node.background.RootTasks`): if one
+   of them dies, the node stops as on SIGTERM and :meth:`Node.run` raises
+   :class:`~node.background.RootTaskDied`, so ``fednode start`` exits non-zero.
 
 Shutdown (SIGTERM): stop taking runs, let uploads in progress finish for a grace period,
 close the socket, the executor (runs keep running in the runtime and are picked up by the
@@ -25,19 +28,20 @@ from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Tracer
 
+from common.backoff import Backoff
 from executors.base import AdvertisesProxy, Executor, ExecutorContext
 from executors.outputs import OutputLimits
 from executors.registry import load_factory
 from executors.spec import DatabaseMount, ProxyEndpoint
-from node.background import TaskOwner
+from node.background import RootTasks
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
 from node.health import make_health_app
 from node.lifecycle import LifecycleConfig, RunLifecycle
 from node.logging import direct_logger, get_logger
 from node.posture import posture_warnings
-from node.proxy_link import NodeProxyCrypto, OrganizationKeys, proxy_placement
+from node.proxy_link import NodeProxyCrypto, OrganizationKeys
 from node.server.models import NodeIdentity
-from node.server.rest import Backoff, ServerClient, ServerError
+from node.server.rest import ServerClient, ServerError
 from node.server.socket import SocketLink
 from node.settings import NodeSettings
 from node.telemetry import make_tracer_provider
@@ -59,6 +63,7 @@ class NodeState:
     identity: NodeIdentity | None = None
     lifecycle: RunLifecycle | None = None
     socket: SocketLink | None = None
+    services: RootTasks | None = None
 
 
 class Node:
@@ -95,7 +100,7 @@ class Node:
             api_url=settings.server_api_url, api_key=settings.api_key.get_secret_value()
         )
         await server.open()
-        services = TaskOwner("node")
+        services = self.state.services = RootTasks()
         executor: Executor | None = None
         lifecycle: RunLifecycle | None = None
         proxy: ProxyServer | None = None
@@ -105,6 +110,8 @@ class Node:
             if identity is None:
                 return
             self.state.identity = identity
+            if server.refresher is not None:
+                services.watch(server.refresher)
             cryptor = await self._cryptor(server, identity)
             executor = self._executor or self._make_executor()
             await executor.open()
@@ -118,7 +125,7 @@ class Node:
             # listens; it holds their unknown tokens until reconcile has registered them.
             proxy_runs = RunTable(restoring=True)
             proxy = await self._start_proxy(
-                proxy_runs, NodeProxyCrypto(cryptor, keys), tracer, executor
+                executor, proxy_runs, NodeProxyCrypto(cryptor, keys), tracer
             )
             lifecycle = RunLifecycle(
                 server=server,
@@ -149,10 +156,11 @@ class Node:
                 encrypted=identity.encrypted,
                 executor=executor.kind,
             )
-            await stop.wait()
-            log.info("node.stopping")
+            await services.wait(stop)
+            log.info("node.stopping", reason=str(services.failure or "asked to stop"))
         finally:
             self.ready.clear()
+            services.shutting_down()
             if lifecycle is not None:
                 await lifecycle.close(grace=self._grace)
             await services.close()
@@ -165,6 +173,8 @@ class Node:
                 await health.cleanup()
             self.tracer_provider.shutdown()
             log.info("node.stopped")
+        if services.failure is not None:
+            raise services.failure
 
     async def _start_health(self) -> web.AppRunner | None:
         """Serve /healthz, /readyz and /status from the very start (liveness while connecting)."""
@@ -196,6 +206,8 @@ class Node:
             missing.append("executor")
         if state.socket is None or not state.socket.connected.is_set():
             missing.append("server socket")
+        if state.services is not None and state.services.failure is not None:
+            missing.append(str(state.services.failure))
         identity = state.identity
         return {
             "ready": not missing,
@@ -211,7 +223,7 @@ class Node:
 
     async def _connect(self, server: ServerClient, stop: asyncio.Event) -> NodeIdentity | None:
         """Authenticate and identify, retrying while the server is unreachable."""
-        backoff = Backoff(base=1.0, cap=30.0)
+        backoff = Backoff(first=1.0, cap=30.0)
         while not stop.is_set():
             try:
                 await server.authenticate()
@@ -289,7 +301,7 @@ class Node:
         )
 
     async def _start_proxy(
-        self, runs: RunTable, crypto: NodeProxyCrypto, tracer: Tracer, executor: Executor
+        self, executor: Executor, runs: RunTable, crypto: NodeProxyCrypto, tracer: Tracer
     ) -> ProxyServer | None:
         """Serve the algorithms' proxy where the executor's runs can reach it, and tell runs
         the address the executor found for it (Kubernetes: the Service's ClusterIP) or, if
@@ -297,7 +309,9 @@ class Node:
         settings = self.settings
         if not settings.proxy.enabled:
             return None
-        placement = proxy_placement(settings)
+        placement = executor.proxy_placement(
+            host=settings.proxy.host, advertise_host=settings.proxy.advertise_host
+        )
         app = make_proxy_app(
             upstream_api_url=settings.server_api_url,
             runs=runs,

@@ -1,7 +1,9 @@
 """The ``fednode`` command: the operator's entry point.
 
 Commands are thin: they parse arguments, call into the node, and turn known failures into
-a short message and an exit code (2 for bad configuration or usage), never a traceback.
+a short message and an exit code (2 for bad configuration or usage; 3 when a running
+node stopped because one of its services died, so that a supervisor restarts it), never
+a traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from node.posture import posture_warnings
 from node.settings import ConfigError, NodeSettings, load_settings, redacted_dump
 
 EXIT_BAD_CONFIG = 2
+#: A service of the running node (socket link, event consumers, token refresher) died.
+EXIT_SERVICE_DIED = 3
 
 app = typer.Typer(
     name="fednode",
@@ -64,6 +68,7 @@ def start(config: ConfigOption) -> None:
     import asyncio
 
     from node.app import NodeStartError, serve
+    from node.background import RootTaskDied
     from node.logging import configure_logging
 
     settings = load_or_exit(config)
@@ -73,6 +78,9 @@ def start(config: ConfigOption) -> None:
     except NodeStartError as exc:
         typer.echo(f"fednode: cannot start: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG) from None
+    except RootTaskDied as exc:
+        typer.echo(f"fednode: stopped: {exc}", err=True)
+        raise typer.Exit(EXIT_SERVICE_DIED) from None
 
 
 @app.command()
