@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from executors.credentials import RegistryCredential
 from executors.outputs import OutputLimits
-from executors.spec import ProxyEndpoint, RunEvent, RunOutput, RunSpec, RunState
+from executors.spec import RunEvent, RunOutput, RunSpec, RunState
 
 #: Label keys put on every runtime object (Kubernetes label syntax, valid for podman too).
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -69,11 +69,14 @@ class ProxyPlacement(NamedTuple):
 
     ``freebind``: bind ``bind_host`` even before any interface has that address (podman's
     run network gets its gateway address only while a container is attached).
+    ``advertise_port``: the port runs are told, where something in between forwards to the
+    proxy (e.g. a Service); ``None``: the port the proxy listens on.
     """
 
     bind_host: str
     advertise_host: str
     freebind: bool = False
+    advertise_port: int | None = None
 
 
 class ExecutorContext(BaseModel):
@@ -156,17 +159,6 @@ class Executor(Protocol):
         cannot be opened. Raises :class:`TokenUnavailable` naming why when the runtime keeps
         no copy the node may read (Kubernetes: a Secret the node may not get).
         """
-        ...
-
-
-@runtime_checkable
-class AdvertisesProxy(Protocol):
-    """An executor whose runtime decides where its runs reach the node's proxy (Kubernetes:
-    the proxy Service's ClusterIP, read at ``open()``). Optional: the node asks, after
-    ``open()``, only executors that have this method."""
-
-    def proxy_endpoint(self) -> ProxyEndpoint | None:
-        """The address runs are given; ``None``: the node's own ``proxy`` settings decide."""
         ...
 
 

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Tracer
 
 from common.backoff import Backoff
-from executors.base import AdvertisesProxy, Executor, ExecutorContext
+from executors.base import Executor, ExecutorContext
 from executors.outputs import OutputLimits
 from executors.registry import load_factory
 from executors.spec import DatabaseMount, ProxyEndpoint
@@ -338,15 +338,13 @@ class Node:
                 f"proxy.port {settings.proxy.port} on {placement.bind_host} cannot be used: "
                 f"{exc.strerror}"
             ) from None
-        found = executor.proxy_endpoint() if isinstance(executor, AdvertisesProxy) else None
-        self._advertised_proxy = found or ProxyEndpoint(
-            host=placement.advertise_host, port=server.port
+        self._advertised_proxy = ProxyEndpoint(
+            host=placement.advertise_host, port=placement.advertise_port or server.port
         )
         log.info(
             "node.proxy_advertised",
             host=self._advertised_proxy.host,
             port=self._advertised_proxy.port,
-            source="executor" if found else "settings",
         )
         return server
 

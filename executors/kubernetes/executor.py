@@ -30,7 +30,7 @@ must enforce Pod Security ``restricted``, and the runs' NetworkPolicies of
 the only NetworkPolicy right the node's Role has. Out of a cluster
 (``network_policies: apply``) it applies them itself with server-side apply. It also reads
 the proxy's Service (``proxy_service``, by name) for the ClusterIP runs are given
-(:meth:`KubernetesExecutor.proxy_endpoint`; :mod:`~executors.kubernetes.proxy_address`
+(:meth:`KubernetesExecutor.proxy_placement`; :mod:`~executors.kubernetes.proxy_address`
 says why an address and why this way).
 """
 
@@ -328,7 +328,10 @@ class KubernetesExecutor:
         return self._tracker.states()
 
     def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
-        """Where the operator says: runs reach the node pod (``proxy.advertise_host``)."""
+        """Runs reach the proxy Service's ClusterIP and port, read at ``open()``
+        (``proxy_service``); without one, where the operator says (``proxy.advertise_host``)."""
+        if self._proxy is not None:
+            return ProxyPlacement(host, self._proxy.host, advertise_port=self._proxy.port)
         return ProxyPlacement(host, advertise_host or host)
 
     async def recover_token(self, state: RunState) -> str:
