@@ -19,7 +19,6 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import structlog
 from aiohttp import web
 from opentelemetry.trace import Tracer
 
@@ -59,7 +58,7 @@ def make_proxy_app(
         crypto=crypto,
         tracer=tracer,
         limits=limits,
-        access_log=access_log or structlog.stdlib.get_logger("proxy.access"),
+        access_log=access_log or get_logger("proxy.access"),
         body_work=asyncio.Semaphore(limits.max_body_work),
     )
     add_routes(app)
