@@ -60,6 +60,11 @@ class UnknownRun(ExecutorError):
         self.run_id = run_id
 
 
+class ImageUnavailable(ExecutorError):
+    """The run's image cannot be had (missing, not allowed by the pull policy, pull failed):
+    the run ends ``failed``/``image-not-found`` with this message."""
+
+
 class TokenUnavailable(ExecutorError):
     """The runtime keeps no copy of this run's token that the node may read back."""
 

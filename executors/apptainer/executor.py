@@ -71,6 +71,7 @@ from executors.base import (
     LABEL_NODE,
     ExecutorContext,
     ExecutorError,
+    ImageUnavailable,
     ProxyPlacement,
     UnknownRun,
     run_labels,
@@ -109,7 +110,7 @@ class ApptainerExecutor:
         self._pidfds: dict[int, int] = {}
         self._deadlines: dict[int, asyncio.TimerHandle] = {}
         self._backstops: dict[int, asyncio.TimerHandle] = {}
-        self._tasks = TaskOwner("apptainer")
+        self._tasks = TaskOwner("apptainer", expected=(ExecutorError,))
         self._starting = StartsInFlight()
         #: Removed runs: nothing late about them is published.
         self._gone = GoneRuns()
@@ -189,10 +190,11 @@ class ApptainerExecutor:
             await self._adopt(paths, record)
             return
         self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
-        sif, problem = await self._image_cache().ensure(spec.image)
-        if sif is None:
-            bound.warning("apptainer.run.image_unavailable", image=spec.image, error=problem)
-            self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, problem or "image unavailable")
+        try:
+            sif = await self._image_cache().ensure(spec.image)
+        except ImageUnavailable as exc:
+            bound.warning("apptainer.run.image_unavailable", image=spec.image, error=str(exc))
+            self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, str(exc))
             return
         try:
             self._prepare(spec, paths, sif)

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from common.logging import get_logger
 from executors.apptainer.config import PULL_CREDENTIAL_VARIABLES, ApptainerSettings
+from executors.base import ImageUnavailable
 from executors.credentials import RegistryCredential, credential_for
 from executors.tasks import SharedWork, TaskOwner
 
@@ -52,12 +53,12 @@ class ImageSource(NamedTuple):
     sif: Path
 
 
-def resolve(image: str, *, cache: Path) -> ImageSource | str:
-    """The source of ``image``, or why the apptainer executor cannot run it."""
+def resolve(image: str, *, cache: Path) -> ImageSource:
+    """The source of ``image``; :class:`ImageUnavailable` if this executor cannot run it."""
     if image.startswith(SCHEMES):
         return ImageSource(image, cache / cache_name(image))
     if "://" in image:
-        return (
+        raise ImageUnavailable(
             f"image {image}: the apptainer executor runs docker://, oras:// and library:// "
             "references, plain Docker references, and .sif files in its image cache"
         )
@@ -65,7 +66,9 @@ def resolve(image: str, *, cache: Path) -> ImageSource | str:
         path = Path(image) if Path(image).is_absolute() else cache / image
         resolved, root = path.resolve(), cache.resolve()
         if not resolved.is_relative_to(root):
-            return f"image {image}: a local SIF file must be in the image cache {root}"
+            raise ImageUnavailable(
+                f"image {image}: a local SIF file must be in the image cache {root}"
+            )
         return ImageSource(None, resolved)
     uri = f"docker://{image}"
     return ImageSource(uri, cache / cache_name(uri))
@@ -124,36 +127,34 @@ class ImageCache:
         self._credentials = credentials
         self._binary = binary
         self.directory = directory
-        self._pulls: SharedWork[str, str | None] = SharedWork(tasks)
+        self._pulls: SharedWork[str, None] = SharedWork(tasks)
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    async def ensure(self, image: str) -> tuple[Path | None, str | None]:
-        """``(sif, None)`` when the image is ready to run, else ``(None, why not)``."""
+    async def ensure(self, image: str) -> Path:
+        """The SIF to run for ``image``; :class:`ImageUnavailable` says why there is none."""
         source = resolve(image, cache=self.directory)
-        if isinstance(source, str):
-            return None, source
         present = _exists(source.sif)
         if source.uri is None:
             if present:
-                return source.sif, None
-            return None, f"image {image}: no such SIF file in the image cache ({source.sif})"
+                return source.sif
+            raise ImageUnavailable(
+                f"image {image}: no such SIF file in the image cache ({source.sif})"
+            )
         policy = self._settings.pull_policy
         if present and policy != "always":
-            return source.sif, None
+            return source.sif
         if policy == "never":
-            return None, (
+            raise ImageUnavailable(
                 f"image {image} is not in the image cache {self.directory} (pull policy: never)"
             )
         uri, sif = source.uri, source.sif
-        problem = await self._pulls.run(
-            uri, lambda: self._pull(uri, sif), name=f"apptainer-pull-{uri}"
-        )
-        return (None, problem) if problem is not None else (source.sif, None)
+        await self._pulls.run(uri, lambda: self._pull(uri, sif), name=f"apptainer-pull-{uri}")
+        return sif
 
-    async def _pull(self, uri: str, sif: Path) -> str | None:
-        """Pull ``uri`` to ``sif``; ``None`` on success, else apptainer's reason."""
+    async def _pull(self, uri: str, sif: Path) -> None:
+        """Pull ``uri`` to ``sif``; :class:`ImageUnavailable` with apptainer's reason."""
         partial = sif.with_name(f".{sif.name}.{uuid.uuid4().hex[:8]}.pull")
         argv = [self._binary, "--quiet", "pull", str(partial), uri]
         log.info("apptainer.image.pulling", image=uri, sif=str(sif))
@@ -166,7 +167,7 @@ class ImageCache:
                 env=pull_environment(self._settings, uri=uri, credentials=self._credentials),
             )
         except OSError as exc:
-            return f"image {uri} could not be pulled: {exc}"
+            raise ImageUnavailable(f"image {uri} could not be pulled: {exc}") from None
         try:
             output, _ = await asyncio.wait_for(
                 process.communicate(), timeout=self._settings.pull_timeout_seconds
@@ -177,7 +178,7 @@ class ImageCache:
             await process.wait()
             _remove(partial)
             seconds = self._settings.pull_timeout_seconds
-            return f"image {uri} could not be pulled in {seconds:g} s"
+            raise ImageUnavailable(f"image {uri} could not be pulled in {seconds:g} s") from None
         except asyncio.CancelledError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -187,14 +188,15 @@ class ImageCache:
             _remove(partial)
             reason = failure_text(output)
             log.warning("apptainer.image.pull_failed", image=uri, error=reason)
-            return f"image {uri} could not be pulled: {reason}"
+            raise ImageUnavailable(f"image {uri} could not be pulled: {reason}")
         try:
             partial.replace(sif)
         except OSError as exc:
             _remove(partial)
-            return f"image {uri} was pulled but could not be stored as {sif}: {exc}"
+            raise ImageUnavailable(
+                f"image {uri} was pulled but could not be stored as {sif}: {exc}"
+            ) from None
         log.info("apptainer.image.pulled", image=uri, sif=str(sif))
-        return None
 
 
 def _exists(path: Path) -> bool:

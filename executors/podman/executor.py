@@ -42,6 +42,7 @@ from executors.base import (
     LABEL_NODE,
     ExecutorContext,
     ExecutorError,
+    ImageUnavailable,
     ProxyPlacement,
     UnknownRun,
 )
@@ -88,7 +89,7 @@ class PodmanExecutor:
         self._starting = StartsInFlight()
         #: Removed runs: late podman events about them are ignored.
         self._gone = GoneRuns()
-        self._pulls: SharedWork[str, str | None] = SharedWork(self._tasks)
+        self._pulls: SharedWork[str, None] = SharedWork(self._tasks)
         self._network: asyncio.Task[RunNetwork] | None = None
         self._firewall = RunsFirewall(seconds=settings.api_timeout_seconds)
 
@@ -175,10 +176,11 @@ class PodmanExecutor:
             bound.warning("podman.run.stale_container_removed")
             await self._api.remove_container(name)
         self._stream.publish(RunEvent.now(run_id, Phase.STARTING))
-        problem = await self._ensure_image(spec.image)
-        if problem is not None:
-            bound.warning("podman.run.image_unavailable", image=spec.image, error=problem)
-            self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, problem)
+        try:
+            await self._ensure_image(spec.image)
+        except ImageUnavailable as exc:
+            bound.warning("podman.run.image_unavailable", image=spec.image, error=str(exc))
+            self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, str(exc))
             return
         if spec.proxy is not None:
             try:
@@ -446,17 +448,20 @@ class PodmanExecutor:
 
     # -- images and network -------------------------------------------------------------------
 
-    async def _ensure_image(self, image: str) -> str | None:
-        """``None`` when the image is there (pulled if the policy says so), else why not."""
+    async def _ensure_image(self, image: str) -> None:
+        """The image is there (pulled if the policy says so); :class:`ImageUnavailable`
+        says why not."""
         policy = self._settings.pull_policy
         if policy != "always" and await self._api.image_exists(image):
-            return None
+            return
         if policy == "never":
-            return f"image {image} is not present on this node (pull policy: never)"
+            raise ImageUnavailable(
+                f"image {image} is not present on this node (pull policy: never)"
+            )
         # Concurrent starts of one image share one pull.
-        return await self._pulls.run(image, lambda: self._pull(image), name=f"podman-pull-{image}")
+        await self._pulls.run(image, lambda: self._pull(image), name=f"podman-pull-{image}")
 
-    async def _pull(self, image: str) -> str | None:
+    async def _pull(self, image: str) -> None:
         settings = self._settings
         credential = credential_for(image, self._context.registry_credentials)
         auth = registry_auth(credential) if credential is not None else None
@@ -465,9 +470,8 @@ class PodmanExecutor:
             await self._api.pull_image(image, auth=auth, seconds=settings.pull_timeout_seconds)
         except (LibpodError, ExecutorError) as exc:
             message = exc.message if isinstance(exc, LibpodError) else str(exc)
-            return f"image {image} could not be pulled: {message}"
+            raise ImageUnavailable(f"image {image} could not be pulled: {message}") from None
         log.info("podman.image.pulled", image=image)
-        return None
 
     async def _ensure_network(self, *, proxy_port: int) -> None:
         """Create the runs' internal network once and fence it in (per ``firewall``), so
