@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from common.backoff import Backoff
 from node.lifecycle.inflight import RunInFlight
 from node.logging import get_logger
 from node.server.models import NodeIdentity, Run, RunStatus
-from node.server.rest import Backoff, ServerClient, ServerError
+from node.server.rest import ServerClient, ServerError
 
 log = get_logger(__name__)
 
@@ -130,7 +131,7 @@ class RunServer:
 
     async def upload(self, run_id: int, body: dict[str, Any]) -> None:
         """The run's final PATCH, retried with backoff while the server is unreachable."""
-        backoff = Backoff(base=self._upload_backoff, cap=UPLOAD_BACKOFF_CAP_SECONDS)
+        backoff = Backoff(first=self._upload_backoff, cap=UPLOAD_BACKOFF_CAP_SECONDS)
         while True:
             try:
                 await self._patch(run_id, body)
@@ -145,7 +146,7 @@ class RunServer:
                 log.warning(
                     "run.upload_retrying",
                     error=str(exc),
-                    attempt=backoff.attempt,
+                    attempt=backoff.failures,
                     delay=round(delay, 2),
                 )
                 await asyncio.sleep(delay)

@@ -106,13 +106,18 @@ async def test_readyz_answers_503_naming_the_dead_root_task(tmp_path: Path) -> N
     assert "root task 'socket' failed: RuntimeError('socket.io client crashed')" in body["missing"]
 
 
-async def test_a_root_task_that_ends_once_shutdown_began_is_no_failure() -> None:
+async def test_a_root_task_that_fails_once_shutdown_began_is_no_failure() -> None:
     roots = RootTasks()
-    consumer = roots.spawn(serve_forever(), name="server-events")
+    closing = asyncio.Event()
 
-    roots.shutting_down()  # the node stops; its lifecycle closes under the consumers
-    consumer.cancel()
-    await asyncio.gather(consumer, return_exceptions=True)
+    async def consumer() -> None:  # its owner refuses new work once the lifecycle closes
+        await closing.wait()
+        raise RuntimeError("runs is closing; not starting sync")
+
+    task = roots.spawn(consumer(), name="server-events")
+    roots.shutting_down()  # the node stops: its lifecycle closes under the consumers
+    closing.set()
+    await asyncio.gather(task, return_exceptions=True)
     await roots.close()
 
     assert roots.failure is None
