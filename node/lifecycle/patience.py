@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from common.backoff import Backoff
 from executors.base import ExecutorError
 from node.logging import get_logger
-from node.server.rest import Backoff
 
 log = get_logger(__name__)
 
@@ -32,7 +32,7 @@ async def patiently(
     while ``patience`` lasts; the last error is raised when it runs out."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + patience
-    backoff = Backoff(base=0.5, cap=10.0)
+    backoff = Backoff(first=0.5, cap=10.0)
     while True:
         try:
             return await call()

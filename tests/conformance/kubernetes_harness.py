@@ -34,7 +34,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from executors.base import ExecutorContext
+from executors.base import ExecutorContext, ProxyPlacement
 from executors.kubernetes.executor import KubernetesExecutor
 from executors.kubernetes.manifests import job_name
 from executors.spec import Phase, Resources, RunEvent, RunOutput, RunSpec, RunState
@@ -83,6 +83,12 @@ class PlaysTheContainer:
 
     async def list_runs(self) -> list[RunState]:
         return await self.inner.list_runs()
+
+    def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
+        return self.inner.proxy_placement(host=host, advertise_host=advertise_host)
+
+    async def recover_token(self, state: RunState) -> str:
+        return await self.inner.recover_token(state)
 
 
 class KubernetesHarness(Harness):
