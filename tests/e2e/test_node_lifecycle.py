@@ -187,7 +187,7 @@ async def test_killing_a_task_stops_its_run(
     behaviour_image: str,
     podman_service: PodmanService,
 ) -> None:
-    await start_node(v6_plain, v6_plain.org_a)
+    node = await start_node(v6_plain, v6_plain.org_a)
     task = await create(v6_plain, behaviour_image, sleep=120)
     run = await wait_for_run(v6_plain, task["id"], status="active")
     await asyncio.to_thread(v6_plain.user.kill_task, task["id"])
@@ -195,7 +195,7 @@ async def test_killing_a_task_stops_its_run(
     assert run["status"] == "killed by user"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
-    while containers_of(podman_service, run["id"]):
+    while containers_of(podman_service, run["id"], node=node.node.settings.name):
         assert loop.time() < deadline, "the killed run's container is still there"
         await asyncio.sleep(0.3)
 
@@ -206,7 +206,7 @@ async def test_killing_one_task_leaves_the_nodes_other_run_running_to_completion
     behaviour_image: str,
     podman_service: PodmanService,
 ) -> None:
-    await start_node(v6_plain, v6_plain.org_a)
+    node = await start_node(v6_plain, v6_plain.org_a)
     doomed = await create(v6_plain, behaviour_image, sleep=120)
     spared = await create(v6_plain, behaviour_image, sleep=6, output='{"spared": true}')
     await wait_for_run(v6_plain, doomed["id"], status="active")
@@ -218,7 +218,7 @@ async def test_killing_one_task_leaves_the_nodes_other_run_running_to_completion
     assert killed["status"] == "killed by user"
     spared_run = await run_of(v6_plain, spared["id"])
     assert spared_run["status"] == "active"  # still going after the kill was handled
-    assert containers_of(podman_service, spared_run["id"])
+    assert containers_of(podman_service, spared_run["id"], node=node.node.settings.name)
     spared_run = await wait_for_run(v6_plain, spared["id"])
     assert spared_run["status"] == "completed"
     assert await asyncio.to_thread(v6_plain.user.result_values, spared["id"]) == [{"spared": True}]
@@ -247,12 +247,14 @@ async def test_node_restart_mid_run_loses_and_duplicates_nothing(
     podman_service: PodmanService,
 ) -> None:
     first = await start_node(v6_plain, v6_plain.org_a)
-    short = await create(v6_plain, behaviour_image, sleep=1, output='{"run": "short"}')
-    long = await create(v6_plain, behaviour_image, sleep=8, output='{"run": "long"}')
+    # The short run must outlive the first node's shutdown, even on a loaded machine where
+    # seeing both runs active takes a few seconds; it ends while no node is there.
+    short = await create(v6_plain, behaviour_image, sleep=4, output='{"run": "short"}')
+    long = await create(v6_plain, behaviour_image, sleep=14, output='{"run": "long"}')
     await wait_for_run(v6_plain, short["id"], status="active")
     await wait_for_run(v6_plain, long["id"], status="active")
     await first.shutdown()  # runs keep running in podman
-    await asyncio.sleep(3)  # the short run ends while no node is there
+    await asyncio.sleep(6)  # the short run ends while no node is there
 
     second = await start_node(v6_plain, v6_plain.org_a)
     short_run = await wait_for_run(v6_plain, short["id"])
