@@ -392,8 +392,18 @@ async def test_a_pod_that_is_no_run_has_no_network_under_the_namespace_default_d
         in_before = await probe(other, "in-before", [f"{inside}:8080"], labels=stranger)
         async with k8s_testbed.api_client() as api:
             await client.NetworkingV1Api(api).create_namespaced_network_policy(site.namespace, deny)
-        out_after = await probe(site.namespace, "out-after", targets, labels=stranger)
-        in_after = await probe(other, "in-after", [f"{inside}:8080"], labels=stranger)
+        # Cilium enforces a new policy a moment after the API server stores it: probe again
+        # (a fresh pod each time) until it is in force, within a bound.
+        for attempt in range(4):
+            out_after = await probe(
+                site.namespace, f"out-after-{attempt}", targets, labels=stranger
+            )
+            in_after = await probe(
+                other, f"in-after-{attempt}", [f"{inside}:8080"], labels=stranger
+            )
+            if not any(out_after.values()) and not any(in_after.values()):
+                break
+            await asyncio.sleep(5)
 
     # without it, a pod someone else starts in the node's namespace reaches everything
     assert out_before == dict.fromkeys(targets, True)

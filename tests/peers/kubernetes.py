@@ -489,7 +489,12 @@ class K8sRealWorker:
         async with self.testbed.api_client() as api, asyncio.timeout(within):
             core = client.CoreV1Api(api)
             while True:
-                log = await core.read_namespaced_pod_log(name, namespace)
+                # The raw body: kubernetes_asyncio would parse a JSON log line into a
+                # dict and hand back its repr.
+                answer: Any = await core.read_namespaced_pod_log(
+                    name, namespace, _preload_content=False
+                )
+                log = (await answer.read()).decode()
                 if log.strip():
                     reached: dict[str, bool] = json.loads(log.strip().splitlines()[0])
                     return reached
