@@ -12,7 +12,9 @@ event stream). The node drives it:
 * ``list_runs()`` rebuilds the state from the runtime's own labels, for reconciliation;
 * ``proxy_placement()`` says where the node's proxy must listen for this runtime's runs to
   reach it, and ``recover_token()`` gives back an adopted run's token where the runtime
-  keeps it readable for the node — so the node never needs to know a runtime's internals.
+  keeps it readable for the node — so the node never needs to know a runtime's internals;
+* an executor whose runs cannot reach network databases directly also implements
+  :class:`DatabaseRelaying` (podman: a relay on the runs' gateway, per database).
 
 Errors: an operation that cannot do what it was asked raises :class:`ExecutorError` (or a
 subclass) with a message that names the cause; the node turns it into a log line, a run
@@ -25,7 +27,7 @@ group (see :mod:`executors.registry`), so a third party can add one without edit
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -33,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from executors.credentials import RegistryCredential
 from executors.outputs import OutputLimits
-from executors.spec import RunEvent, RunOutput, RunSpec, RunState
+from executors.spec import DatabaseMount, RunEvent, RunOutput, RunSpec, RunState
 
 #: Label keys put on every runtime object (Kubernetes label syntax, valid for podman too).
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -41,6 +43,9 @@ LABEL_NODE = "fednode.io/node"
 LABEL_RUN = "fednode.io/run-id"
 LABEL_TASK = "fednode.io/task-id"
 LABEL_ACTION = "fednode.io/action"
+#: Prefix of one label per database the run asked for (``fednode.io/db-<label>: "true"``):
+#: what opens that database's egress (a NetworkPolicy's pod selector; podman's relay).
+LABEL_DATABASE_PREFIX = "fednode.io/db-"
 MANAGED_BY = "fednode"
 #: Annotation (or label, where the runtime has no annotations) with the W3C trace context.
 ANNOTATION_TRACEPARENT = "fednode.io/traceparent"
@@ -107,7 +112,22 @@ def run_labels(spec: RunSpec, *, node_name: str) -> dict[str, str]:
         LABEL_RUN: str(spec.run_id),
         LABEL_TASK: str(spec.task_id),
         LABEL_ACTION: spec.action,
+        **{database_label(label): "true" for label in spec.requested_databases},
     }
+
+
+def database_label(label: str) -> str:
+    """The run label saying that a run asked for database ``label``."""
+    return f"{LABEL_DATABASE_PREFIX}{label.lower()}"
+
+
+def requested_databases(labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The database labels a run's runtime labels say it asked for (lower case)."""
+    return tuple(
+        key.removeprefix(LABEL_DATABASE_PREFIX)
+        for key, value in labels.items()
+        if key.startswith(LABEL_DATABASE_PREFIX) and value == "true"
+    )
 
 
 @runtime_checkable
@@ -164,6 +184,26 @@ class Executor(Protocol):
         cannot be opened. Raises :class:`TokenUnavailable` naming why when the runtime keeps
         no copy the node may read (Kubernetes: a Secret the node may not get).
         """
+        ...
+
+
+@runtime_checkable
+class DatabaseRelaying(Protocol):
+    """An executor whose runs reach network databases through a relay of its own.
+
+    A run on an internal network (podman) has no route to a database's host; such an
+    executor relays each network database on an address its runs can reach, and opens that
+    relay only to runs that asked for the database. Executors whose runs reach the database
+    directly (Kubernetes: a NetworkPolicy egress rule per database) do not implement this.
+    """
+
+    async def relay_databases(
+        self, databases: tuple[DatabaseMount, ...]
+    ) -> tuple[DatabaseMount, ...]:
+        """Start relaying the network ones among ``databases`` (asked once, after
+        :meth:`Executor.open`, before any run); returns them as runs are to be told them
+        (:attr:`DatabaseMount.run_host`/:attr:`~DatabaseMount.run_port` set).
+        :class:`ExecutorError` names a database that cannot be relayed."""
         ...
 
 

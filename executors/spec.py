@@ -18,8 +18,10 @@ the server or any runtime's client library.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from datetime import UTC, datetime
 from typing import Annotated, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -69,7 +71,9 @@ class Reason(enum.StrEnum):
 
 
 class DatabaseMount(BaseModel):
-    """A database the run may read: file-like ones are bound read-only into the container."""
+    """A database the run may read: file-like ones are bound read-only into the container;
+    network ones (``sql``, ``sparql``, ``omop``, ...) are reached at their URI's host:port,
+    directly or through a relay of the executor's (:class:`~executors.base.DatabaseRelaying`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -77,15 +81,73 @@ class DatabaseMount(BaseModel):
     type: str
     uri: str  # a host path for csv/parquet/excel/folder, else a service URI
     is_local_path: bool
+    #: Where runs reach a network database when an executor relays it: the URI's port is
+    #: replaced by ``run_port``, and an IP-literal host by ``run_host`` (a host *name* is
+    #: kept, and the executor maps it to ``run_host`` in the run's hosts file, so TLS
+    #: certificates still match). ``None``: the URI as configured.
+    run_host: str | None = None
+    run_port: int | None = None
 
     @property
     def container_uri(self) -> str:
         """What the algorithm sees as this database's URI."""
         if not self.is_local_path:
-            return self.uri
+            if self.run_host is None or self.run_port is None:
+                return self.uri
+            return relayed_uri(self.uri, host=self.run_host, port=self.run_port)
         if self.type == "folder":
             return f"{CONTAINER_DATA_DIR}/{self.label}"
         return f"{CONTAINER_DATA_DIR}/{self.label}/{self.uri.rsplit('/', 1)[-1]}"
+
+
+def network_address(uri: str) -> tuple[str, int] | None:
+    """The host and port a network database's URI names (the scheme's default port when it
+    names none); ``None`` when it names no host or the port is not known."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if not host:
+        return None
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    port = port or DEFAULT_PORTS.get(scheme)
+    return (host, port) if port else None
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def relayed_uri(uri: str, *, host: str, port: int) -> str:
+    """``uri`` with its port replaced by ``port`` (and an IP-literal host by ``host``)."""
+    parts = urlsplit(uri)
+    name = parts.hostname or host
+    shown = host if is_ip_literal(name) else name
+    if ":" in shown:
+        shown = f"[{shown}]"
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{shown}:{port}" if userinfo else f"{shown}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+#: Default ports of the URI schemes network databases use (SQLAlchemy's dialect names
+#: and plain HTTP for SPARQL endpoints).
+DEFAULT_PORTS = {
+    "postgresql": 5432,
+    "postgres": 5432,
+    "mysql": 3306,
+    "mariadb": 3306,
+    "mssql": 1433,
+    "oracle": 1521,
+    "http": 80,
+    "https": 443,
+}
 
 
 class Resources(BaseModel):
@@ -125,6 +187,9 @@ class RunSpec(BaseModel):
     token: SecretStr | None = None
     environment: dict[str, str] = Field(default_factory=dict)
     databases: tuple[DatabaseMount, ...] = ()
+    #: The labels of the databases the task asked for: only these network databases are
+    #: reachable from the run (the executor opens its egress to them, and to no other).
+    requested_databases: tuple[str, ...] = ()
     resources: Resources = Field(default_factory=Resources)
     deadline_seconds: Annotated[int, Field(gt=0)] = 24 * 3600
     labels: dict[str, str] = Field(default_factory=dict)

@@ -7,7 +7,9 @@ link-local, and runs on the same bridge reach each other directly. Three things 
 for the runs' bridge only:
 
 * ``inet`` table, ``input`` hook: from the bridge, only TCP to the gateway on a proxy port
-  is accepted; everything else (IPv4 and IPv6) is dropped;
+  is accepted, and TCP from one run's address to the relay port of a network database
+  that run asked for (the ``db_access`` set of address . port pairs,
+  :func:`database_access_ruleset`); everything else (IPv4 and IPv6) is dropped;
 * ``inet`` table, ``forward`` hook: nothing is routed from or to the bridge (an internal
   network has no route anyway; this keeps it so whatever else the host forwards);
 * ``bridge`` table, ``forward`` hook: frames between two ports of the bridge (run to run)
@@ -43,6 +45,8 @@ from collections.abc import Iterable
 TABLE_PREFIX = "fednode-net-"
 #: The named set of proxy ports in the ``inet`` table.
 PORTS_SET = "proxy_ports"
+#: The named set of (run address . database relay port) pairs in the ``inet`` table.
+DB_ACCESS_SET = "db_access"
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # An nft string in double quotes may hold anything but the quote itself; interface names
@@ -85,17 +89,20 @@ def isolation_ruleset(
     if not ports or not all(0 < port < 65536 for port in ports):
         raise ValueError(f"proxy ports must be 1-65535, at least one: {ports}")
     elements = ", ".join(str(port) for port in ports)
+    to_gateway = f'iifname "{bridge}" ip daddr {address}'
     return f"""\
 # fednode: runs on podman network {network} (bridge {bridge}) reach only the proxy at
 # {address}, ports in @{PORTS_SET}; nothing else on this host, and not each other.
 table inet {table} {{
     set {PORTS_SET} {{ type inet_service; }}
+    set {DB_ACCESS_SET} {{ type ipv4_addr . inet_service; }}
     chain input {{ type filter hook input priority filter; policy accept; }}
     chain forward {{ type filter hook forward priority filter; policy accept; }}
 }}
 add element inet {table} {PORTS_SET} {{ {elements} }}
 flush chain inet {table} input
-add rule inet {table} input iifname "{bridge}" ip daddr {address} tcp dport @{PORTS_SET} accept
+add rule inet {table} input {to_gateway} tcp dport @{PORTS_SET} accept
+add rule inet {table} input {to_gateway} ip saddr . tcp dport @{DB_ACCESS_SET} accept
 add rule inet {table} input iifname "{bridge}" drop
 flush chain inet {table} forward
 add rule inet {table} forward iifname "{bridge}" drop
@@ -106,6 +113,40 @@ table bridge {table} {{
 flush chain bridge {table} forward
 add rule bridge {table} forward {run_to_run} drop
 """
+
+
+def database_access_ruleset(
+    network: str,
+    *,
+    address: ipaddress.IPv4Address | str,
+    relay_ports: Iterable[int],
+    allowed_ports: Iterable[int],
+) -> str:
+    """The nft script that lets the run at ``address`` reach exactly ``allowed_ports``
+    among the database ``relay_ports`` on the gateway, and none of the others.
+
+    Whatever an earlier run with the same address was allowed is taken out first (podman
+    hands addresses out again), in the same transaction: a run never inherits another's
+    databases. With ``allowed_ports`` empty this only takes away.
+    """
+    table = table_name(network)
+    run = ipaddress.IPv4Address(address)
+    relays = sorted(set(relay_ports))
+    allowed = sorted(set(allowed_ports))
+    if not set(allowed) <= set(relays):
+        raise ValueError(f"ports {allowed} are not all database relay ports {relays}")
+    if not all(0 < port < 65536 for port in relays):
+        raise ValueError(f"relay ports must be 1-65535: {relays}")
+    lines = []
+    if relays:
+        every = ", ".join(f"{run} . {port}" for port in relays)
+        # Adding first makes the delete succeed whether or not the pair was there.
+        lines.append(f"add element inet {table} {DB_ACCESS_SET} {{ {every} }}")
+        lines.append(f"delete element inet {table} {DB_ACCESS_SET} {{ {every} }}")
+    if allowed:
+        pairs = ", ".join(f"{run} . {port}" for port in allowed)
+        lines.append(f"add element inet {table} {DB_ACCESS_SET} {{ {pairs} }}")
+    return "".join(f"{line}\n" for line in lines)
 
 
 def release_ruleset(network: str, proxy_ports: Iterable[int]) -> str:

@@ -8,6 +8,7 @@ server. A peer that cannot start fails its tests with the reason; nothing is moc
 pytest_plugins = [
     "tests.peers.kubernetes",
     "tests.peers.podman",
+    "tests.peers.postgres",
     "tests.peers.registry",
     "tests.peers.v6server",
 ]

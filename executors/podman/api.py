@@ -203,6 +203,12 @@ class LibpodClient:
         async with self._request("POST", f"/containers/{name}/start"):
             pass
 
+    async def init_container(self, name: str) -> None:
+        """Set the container up (network namespace and address included) without starting
+        its process; one already set up (304) is left alone."""
+        async with self._request("POST", f"/containers/{name}/init"):
+            pass
+
     async def kill_container(self, name: str, *, signal: str = "SIGKILL") -> None:
         async with self._request("POST", f"/containers/{name}/kill", params={"signal": signal}):
             pass

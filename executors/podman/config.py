@@ -41,6 +41,10 @@ class PodmanSettings(BaseModel):
     #: CAP_NET_ADMIN). ``off``: runs can reach each other and every host service that
     #: listens on all addresses, at the gateway.
     firewall: Firewall = "nftables"
+    #: The gateway port of the first network database's relay (``sql``, ``sparql``,
+    #: ``omop``); the next ones follow in the order of ``databases``. Keep that order: runs
+    #: that outlive a node restart were told these ports. See ``executors/podman/relay.py``.
+    database_relay_port: Annotated[int, Field(gt=0, lt=65536)] = 15432
     #: The user the algorithm runs as (never root); it owns the run's files. The default
     #: is an id no account on the host should have (as distroless images' ``nonroot``):
     #: not 1000, often the first person's account, whose files a run could then reach.

@@ -12,7 +12,9 @@ Isolation, all of it on by default and none of it configurable per run:
   ``no_new_privileges``, podman's default seccomp profile;
 * read-only root file system, a size-limited tmpfs at ``/tmp``;
 * ``netns: none`` (only ``lo``) unless the spec names a proxy, else the internal network
-  (no route out; the node's proxy listens on its gateway address);
+  (no route out; the node's proxy listens on its gateway address, and the relays of the
+  network databases: a database's host *name* is mapped to the gateway in the run's hosts
+  file, for the databases the run asked for);
 * memory (swap included, so no swap), CPU quota and pids limits from ``spec.resources``;
 * the deadline as podman's ``timeout``: conmon kills the container with SIGKILL when it
   passes, even while the node is down, and records exit code -1.
@@ -38,6 +40,8 @@ from executors.spec import (
     Phase,
     Reason,
     RunSpec,
+    is_ip_literal,
+    network_address,
 )
 from executors.verdict import Verdict
 
@@ -105,11 +109,28 @@ def create_body(
     else:
         body["netns"] = {"nsmode": "bridge"}
         body["Networks"] = {settings.network: {}}
+        hosts = _relayed_hosts(spec)
+        if hosts:
+            body["hostadd"] = hosts
     if resources.gpus > 0:
         body["devices"] = [
             {"path": f"{settings.cdi_gpu_kind}={index}"} for index in range(resources.gpus)
         ]
     return body
+
+
+def _relayed_hosts(spec: RunSpec) -> list[str]:
+    """``name:address`` hosts-file entries for the relayed databases the run asked for whose
+    URI names its host by name: the name then leads to the relay (and TLS still sees it)."""
+    wanted = set(spec.requested_databases)
+    entries = []
+    for database in spec.databases:
+        if database.run_host is None or database.label not in wanted:
+            continue
+        address = network_address(database.uri)
+        if address is not None and not is_ip_literal(address[0]):
+            entries.append(f"{address[0]}:{database.run_host}")
+    return sorted(set(entries))
 
 
 def _mounts(spec: RunSpec, *, settings: PodmanSettings, files: RunFiles) -> list[dict[str, Any]]:

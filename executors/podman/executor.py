@@ -22,6 +22,11 @@ How a run goes, and where each step is observed:
   ruleset lets it reach only the proxy's port on the gateway (``firewall: nftables``).
   ``close`` leaves it all, the port included: the runs stay fenced in and reach the
   proxy again when the node is back.
+* Network databases (``sql``, ``sparql``, ``omop``) are relayed on the gateway, one port
+  each (:mod:`executors.podman.relay`, :meth:`PodmanExecutor.relay_databases`). A run on
+  the network is set up (``init``: podman gives it its address) before it starts; its
+  address is then let through to the relays of exactly the databases it asked for, by the
+  relay and by the firewall, and taken out again at ``cleanup``.
 
 Nothing here waits in a loop: every state change arrives as a notification, and the only
 sleep is the reconnect backoff.
@@ -45,6 +50,7 @@ from executors.base import (
     ImageUnavailable,
     ProxyPlacement,
     UnknownRun,
+    requested_databases,
 )
 from executors.credentials import credential_for
 from executors.events import RunEventStream
@@ -60,11 +66,24 @@ from executors.podman.containers import (
 )
 from executors.podman.exits import ExitWatch
 from executors.podman.firewall import RunNetwork, RunsFirewall, remove_firewall
+from executors.podman.relay import DatabaseRelay, RelayTarget
 from executors.runfiles import RunFiles
-from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
+from executors.spec import (
+    DatabaseMount,
+    Phase,
+    Reason,
+    RunEvent,
+    RunOutput,
+    RunSpec,
+    RunState,
+    network_address,
+)
 from executors.tasks import SharedWork, TaskOwner
 
 log = get_logger(__name__)
+
+#: The database types whose URI names a host:port runs must reach (relayed on the gateway).
+NETWORK_DATABASE_TYPES = frozenset({"sql", "sparql", "omop"})
 
 _RECONNECT_FIRST = 0.1
 _RECONNECT_MAX = 5.0
@@ -92,6 +111,9 @@ class PodmanExecutor:
         self._pulls: SharedWork[str, None] = SharedWork(self._tasks)
         self._network: asyncio.Task[RunNetwork] | None = None
         self._firewall = RunsFirewall(seconds=settings.api_timeout_seconds)
+        #: Network databases' relays by label, and each run's address they were opened to.
+        self._relays: dict[str, DatabaseRelay] = {}
+        self._addresses: dict[int, str] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -141,6 +163,9 @@ class PodmanExecutor:
         if self._exit_watch is not None:
             self._exit_watch.close()
             self._exit_watch = None
+        for relay in self._relays.values():
+            await relay.close()
+        self._relays.clear()
         await self._tasks.close()
         self._network = None
         # The firewall stays as it is, this proxy's port included: the runs keep running
@@ -206,6 +231,13 @@ class PodmanExecutor:
             self._stream.fail(run_id, Reason.START_FAILED, f"podman refused the container: {exc}")
             return
         self._run_of_container[container_id] = run_id
+        if spec.proxy is not None and self._relays:
+            try:
+                await self._open_databases(name, run_id, spec.requested_databases)
+            except (ExecutorError, LibpodError) as exc:
+                bound.error("podman.run.databases_unavailable", error=str(exc))
+                self._stream.fail(run_id, Reason.START_FAILED, str(exc))
+                return
         if files.killed:
             bound.info("podman.run.killed_before_start")
             self._stream.publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED))
@@ -305,6 +337,7 @@ class PodmanExecutor:
     async def cleanup(self, run_id: int) -> None:
         """Remove the container and the run's files; later podman events about it are ignored."""
         self._gone.add(run_id)
+        await self._close_databases(run_id)
         try:
             await self._api.remove_container(self._name(run_id))
         except LibpodError as exc:
@@ -343,6 +376,111 @@ class PodmanExecutor:
     async def recover_token(self, state: RunState) -> str:
         """From the run's token file, which the node wrote and the container reads."""
         return self._files(state.run_id).read_token()
+
+    # -- network databases -------------------------------------------------------------------
+
+    async def relay_databases(
+        self, databases: tuple[DatabaseMount, ...]
+    ) -> tuple[DatabaseMount, ...]:
+        """Relay each network database on the gateway (ports from
+        ``database_relay_port`` on, in order); runs are told the relay's address.
+
+        Runs that kept going while the node was down are let through again to the
+        databases they asked for (their container's label says which).
+        """
+        gateway = self._settings.network_gateway
+        port = self._settings.database_relay_port
+        placed = []
+        for database in databases:
+            if database.is_local_path or database.type not in NETWORK_DATABASE_TYPES:
+                placed.append(database)
+                continue
+            address = network_address(database.uri)
+            if address is None:
+                raise ExecutorError(
+                    f"database {database.label!r} ({database.type}): its uri names no host "
+                    f"and port, so its runs cannot be given a way to it; write it as "
+                    f"scheme://host:port/..."
+                )
+            target = RelayTarget(database.label, address[0], address[1], port)
+            relay = DatabaseRelay(
+                target, bind_host=gateway, connect_seconds=self._settings.api_timeout_seconds
+            )
+            await relay.open()
+            self._relays[database.label] = relay
+            placed.append(database.model_copy(update={"run_host": gateway, "run_port": port}))
+            port += 1
+        if self._relays:
+            await self._readmit_running()
+        return tuple(placed)
+
+    async def _open_databases(self, name: str, run_id: int, requested: tuple[str, ...]) -> None:
+        """Give the created container its address (``init``) and open to it the relays of
+        the databases it asked for, and no other (an earlier run may have had the address)."""
+        await self._api.init_container(name)
+        document = await self._api.inspect_container(name)
+        address = _address_on(document or {}, self._settings.network)
+        if address is None:
+            raise ExecutorError(
+                f"podman gave run {run_id} no address on network {self._settings.network}"
+            )
+        await self._admit(run_id, address, requested)
+
+    async def _admit(self, run_id: int, address: str, requested: tuple[str, ...]) -> None:
+        wanted = {label.lower() for label in requested}
+        allowed = {label: relay for label, relay in self._relays.items() if label.lower() in wanted}
+        for relay in self._relays.values():
+            relay.revoke(address)
+        if self._settings.firewall != "off" and self._network is not None:
+            network = await asyncio.shield(self._network)
+            await self._firewall.admit(
+                network,
+                address=address,
+                relay_ports=frozenset(r.target.relay_port for r in self._relays.values()),
+                allowed_ports=frozenset(r.target.relay_port for r in allowed.values()),
+            )
+        for relay in allowed.values():
+            relay.admit(address)
+        self._addresses[run_id] = address
+        log.info(
+            "podman.run.databases_opened", run_id=run_id, address=address, labels=sorted(allowed)
+        )
+
+    async def _close_databases(self, run_id: int) -> None:
+        """Take the run's address out of every relay and the firewall's database set."""
+        address = self._addresses.pop(run_id, None)
+        if address is None:
+            return
+        for relay in self._relays.values():
+            relay.revoke(address)
+        if self._settings.firewall != "off" and self._network is not None:
+            try:
+                await self._firewall.admit(
+                    await asyncio.shield(self._network),
+                    address=address,
+                    relay_ports=frozenset(r.target.relay_port for r in self._relays.values()),
+                    allowed_ports=frozenset(),
+                )
+            except ExecutorError as exc:
+                log.warning("podman.run.databases_close_failed", run_id=run_id, error=str(exc))
+
+    async def _readmit_running(self) -> None:
+        """After a restart: open the relays again to the running runs that asked for them."""
+        for state in await self._list():
+            if state.status not in ("running", "paused"):
+                continue
+            document = await self._api.inspect_container(state.container_id)
+            address = _address_on(document or {}, self._settings.network)
+            if address is None:
+                continue
+            labels = requested_databases(state.labels)
+            if not labels:
+                continue
+            self._ensure_network_task()
+            try:
+                await self._admit(state.run_id, address, labels)
+            except ExecutorError as exc:
+                log.warning("podman.run.databases_unavailable", run_id=state.run_id, error=str(exc))
 
     # -- following podman ---------------------------------------------------------------------
 
@@ -476,15 +614,18 @@ class PodmanExecutor:
     async def _ensure_network(self, *, proxy_port: int) -> None:
         """Create the runs' internal network once and fence it in (per ``firewall``), so
         that a run may join it to reach ``proxy_port``; :class:`ExecutorError` says why not."""
+        made = await asyncio.shield(self._ensure_network_task())
+        if self._settings.firewall != "off":
+            await self._firewall.allow(made, proxy_port=proxy_port)
+
+    def _ensure_network_task(self) -> asyncio.Task[RunNetwork]:
         network = self._network
         if network is None or (
             network.done() and (network.cancelled() or network.exception() is not None)
         ):
             # First use, or the last attempt failed: (re)try; concurrent starts share one.
             network = self._network = self._tasks.spawn(self._make_network(), name="podman-network")
-        made = await asyncio.shield(network)
-        if self._settings.firewall != "off":
-            await self._firewall.allow(made, proxy_port=proxy_port)
+        return network
 
     async def _make_network(self) -> RunNetwork:
         settings = self._settings
@@ -532,6 +673,13 @@ class PodmanExecutor:
 
     def _files(self, run_id: int) -> RunFiles:
         return RunFiles(self._context.task_dir, run_id)
+
+
+def _address_on(document: dict[str, Any], network: str) -> str | None:
+    """A container's IPv4 address on ``network``, from its inspect document."""
+    networks = (document.get("NetworkSettings") or {}).get("Networks") or {}
+    address = (networks.get(network) or {}).get("IPAddress")
+    return str(address) if address else None
 
 
 def _run_network(name: str, document: dict[str, Any]) -> RunNetwork:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 from common.logging import get_logger
 from executors.base import ExecutorError
 from policies.podman_firewall import (
+    database_access_ruleset,
     isolation_ruleset,
     release_ruleset,
     removal_ruleset,
@@ -113,6 +114,38 @@ class RunsFirewall:
                 proxy_ports=sorted(ports),
                 bridge_by_name=self._bridge_by_name,
             )
+
+    async def admit(
+        self,
+        network: RunNetwork,
+        *,
+        address: str,
+        relay_ports: frozenset[int],
+        allowed_ports: frozenset[int],
+    ) -> None:
+        """Let the run at ``address`` reach ``allowed_ports`` of the database ``relay_ports``
+        and no other (empty: none); :class:`ExecutorError` when nft refuses."""
+        if not relay_ports:
+            return
+        script = database_access_ruleset(
+            network.name, address=address, relay_ports=relay_ports, allowed_ports=allowed_ports
+        )
+        async with self._lock:
+            try:
+                result = await run_nft(script, seconds=self._seconds, commands=self._commands)
+            except FileNotFoundError:
+                result = NftResult(-1, "nft is not installed")
+        if result.returncode != 0:
+            raise ExecutorError(
+                f"nft refused the database access of run address {address} on podman "
+                f"network {network.name}: {_first_line(result.stderr)}"
+            )
+        log.info(
+            "podman.firewall.databases",
+            network=network.name,
+            address=address,
+            relay_ports=sorted(allowed_ports),
+        )
 
     async def release(self) -> None:
         """Take the proxy ports this firewall allowed out of the set; the rules stay.

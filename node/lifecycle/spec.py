@@ -69,6 +69,7 @@ def build_spec(
             trace_context=trace_context,
         ),
         databases=config.databases,
+        requested_databases=tuple(dict.fromkeys(db.label for db in task.databases if db.label)),
         resources=Resources(cpu=granted.cpu, memory_mb=granted.memory_mb, gpus=granted.gpus),
         deadline_seconds=config.deadline_seconds,
         proxy=config.proxy,

@@ -1,6 +1,7 @@
 """What only the podman executor does, against real podman (the shared behaviour is in
 ``tests/conformance``): the container podman really created, the runs' internal network,
-the proxy on its gateway and the nftables firewall that leaves runs only that, pull
+the proxy on its gateway and the nftables firewall that leaves runs only that, the
+relays of network databases (open only to the runs that asked), pull
 policies, GPU requests on a host without GPUs, and following podman's event stream across
 a restart of the podman service itself.
 """
@@ -27,11 +28,12 @@ from executors.podman.config import PodmanSettings
 from executors.podman.containers import container_name
 from executors.podman.executor import PodmanExecutor
 from executors.podman.firewall import NFT_COMMANDS
-from executors.spec import Phase, ProxyEndpoint, Reason, Resources
+from executors.spec import DatabaseMount, Phase, ProxyEndpoint, Reason, Resources
 from policies.podman_firewall import PORTS_SET, removal_ruleset, table_name
 from tests.conformance.harness import Behaviour, EventRecorder
 from tests.conformance.podman_harness import PodmanHarness, build_behaviour_image
 from tests.peers.podman import PodmanService
+from tests.peers.postgres import PATIENTS, PostgresDatabase
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
@@ -398,3 +400,86 @@ async def test_when_the_podman_service_restarts_the_executor_reconnects_and_miss
         assert events.phases(1) == [Phase.STARTING, Phase.RUNNING, Phase.SUCCEEDED]
     finally:
         await asyncio.to_thread(stop_service, service)
+
+
+SQLPROBE_IMAGE = "localhost/fednode/sqlprobe:latest"
+
+
+@pytest.fixture(scope="module")
+def sqlprobe(podman_service: PodmanService) -> str:
+    present = subprocess.run(
+        podman_service.cli("image", "exists", SQLPROBE_IMAGE), check=False, capture_output=True
+    )
+    if present.returncode != 0:
+        pytest.fail(f"{SQLPROBE_IMAGE} is missing. Run `scripts/podman-setup` first.")
+    return SQLPROBE_IMAGE
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("firewall", ["nftables", "off"])
+async def test_only_a_run_that_asked_for_a_network_database_reads_it_and_neither_reaches_more(
+    make: Any,
+    run_network: tuple[str, str],
+    postgres_database: PostgresDatabase,
+    sqlprobe: str,
+    firewall: str,
+) -> None:
+    network, _ = run_network
+    subnet = "10.213.79.0/24"
+    executor, events, harness = await make(
+        network=network, network_subnet=subnet, firewall=firewall, database_relay_port=free_port()
+    )
+    gateway = harness.settings.network_gateway
+    configured = DatabaseMount(
+        label="clinic", type="sql", uri=postgres_database.uri, is_local_path=False
+    )
+    (clinic,) = await executor.relay_databases((configured,))
+    relay = f"{gateway}:{clinic.run_port}"
+    query = "select id, age, department from patients order by id"
+
+    async with proxy_on(gateway) as port, proxy_on(gateway) as other:
+        proxy = ProxyEndpoint(host=gateway, port=port)
+        # Besides its database: another service on the gateway, the database server's own
+        # port on the host's gateway address, and a host on the internet, by address.
+        targets = [f"{gateway}:{other}", f"{gateway}:{postgres_database.port}", "1.1.1.1:443"]
+        task = {"label": "clinic", "query": query, "targets": targets, "timeout": 2}
+        for run_id, requested in ((1, ("clinic",)), (2, ())):
+            await executor.start(
+                harness._spec(
+                    run_id,
+                    sqlprobe,
+                    json.dumps(task).encode(),
+                    databases=(clinic,),
+                    requested=[{"label": label} for label in requested],
+                    proxy=proxy,
+                    requested_databases=requested,
+                )
+            )
+        ends = [await events.terminal(run_id, timeout=60) for run_id in (1, 2)]
+        asked, not_asked = [json.loads((await executor.collect(r)).output) for r in (1, 2)]
+
+    assert [end.phase for end in ends] == [Phase.SUCCEEDED, Phase.SUCCEEDED]
+    # Both were told the relay on the gateway, not the database's own address.
+    assert {(r["uri_host"], r["uri_port"]) for r in (asked, not_asked)} == {
+        (gateway, clinic.run_port)
+    }
+    assert asked.get("error") is None, asked
+    assert [tuple(row) for row in asked["rows"]] == list(PATIENTS)
+    assert "rows" not in not_asked
+    assert not_asked["error"], not_asked
+    if firewall == "nftables":  # off: the host's services are open (the test above shows it)
+        for report in (asked, not_asked):
+            assert [a["reachable"] for a in report["attempts"]] == [False] * 3, report
+    await executor.cleanup(1)
+    await executor.cleanup(2)
+    if firewall == "nftables":  # the run's address is taken out with it
+        listed = nft("-j", "list", "set", "inet", table_name(network), "db_access")
+        assert listed.returncode == 0, listed.stderr
+        (entry,) = [e["set"] for e in json.loads(listed.stdout)["nftables"] if "set" in e]
+        assert not entry.get("elem"), (entry, relay)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from executors.spec import DatabaseMount, ProxyEndpoint
+from executors.spec import DatabaseMount, ProxyEndpoint, network_address
 from node.contract import container_environment, decode_value, encode_value
 from policies.admission import (
     Admission,
@@ -133,3 +133,21 @@ def test_resources_get_defaults_and_caps() -> None:
         image="x", organization_id=1, user_id=1, request=ResourceRequest(gpus=3)
     )
     assert isinstance(too_many, Refused) and "at most 2" in too_many.reason
+
+
+@pytest.mark.parametrize(
+    ("uri", "address"),
+    [
+        ("postgresql://u:p@db.example:6543/clinic", ("db.example", 6543)),
+        ("postgresql+psycopg2://u@10.0.0.5/clinic", ("10.0.0.5", 5432)),
+        ("mysql://db/x", ("db", 3306)),
+        ("http://[2001:db8::1]/sparql", ("2001:db8::1", 80)),
+        ("sqlite:///data/x.db", None),
+        ("weird://host/x", None),
+        ("http://host:notaport/", None),
+    ],
+)
+def test_a_network_database_uri_names_its_host_and_port(
+    uri: str, address: tuple[str, int] | None
+) -> None:
+    assert network_address(uri) == address

@@ -201,3 +201,40 @@ def test_go_timestamps_with_nanoseconds_are_read_and_the_zero_time_is_none() -> 
 
     assert finished_at(document) == datetime(2026, 11, 22, 2, 26, 18, 970595, tzinfo=UTC)
     assert finished_at({"State": {"FinishedAt": "0001-01-01T00:00:00Z"}}) is None
+
+
+def test_a_run_asking_for_a_relayed_database_by_host_name_finds_the_name_at_the_relay() -> None:
+    relayed = [
+        DatabaseMount(
+            label=label,
+            type="sql",
+            uri=f"postgresql://u:p@{host}:5432/x",
+            is_local_path=False,
+            run_host="10.213.0.1",
+            run_port=port,
+        )
+        for label, host, port in (
+            ("clinic", "db.hospital.example", 15432),
+            ("lab", "192.0.2.10", 15433),
+            ("other", "other.hospital.example", 15434),
+        )
+    ]
+    run = spec(
+        databases=tuple(relayed),
+        requested_databases=("clinic", "lab"),
+        proxy=ProxyEndpoint(host="10.213.0.1", port=7654),
+    )
+
+    body = body_of(run)
+
+    # A name (kept in the URI, so TLS still matches) leads to the gateway; an IP literal is
+    # replaced in the URI instead; a database the run did not ask for is not mapped.
+    assert body["hostadd"] == ["db.hospital.example:10.213.0.1"]
+    assert body["labels"]["fednode.io/db-clinic"] == "true"
+    assert body["labels"]["fednode.io/db-lab"] == "true"
+    assert "fednode.io/db-other" not in body["labels"]
+    assert [db.container_uri for db in relayed] == [
+        "postgresql://u:p@db.hospital.example:15432/x",
+        "postgresql://u:p@10.213.0.1:15433/x",
+        "postgresql://u:p@other.hospital.example:15434/x",
+    ]

@@ -12,7 +12,12 @@ import pytest
 
 from executors.base import ExecutorError
 from executors.podman.firewall import RunNetwork, RunsFirewall
-from policies.podman_firewall import isolation_ruleset, removal_ruleset, table_name
+from policies.podman_firewall import (
+    database_access_ruleset,
+    isolation_ruleset,
+    removal_ruleset,
+    table_name,
+)
 
 NETWORK = RunNetwork(
     name="fednode-runs",
@@ -38,6 +43,7 @@ def test_the_ruleset_lets_runs_reach_only_the_proxy_ports_on_the_gateway() -> No
 # 10.213.0.1, ports in @proxy_ports; nothing else on this host, and not each other.
 table inet fednode-net-fednode-runs {
     set proxy_ports { type inet_service; }
+    set db_access { type ipv4_addr . inet_service; }
     chain input { type filter hook input priority filter; policy accept; }
     chain forward { type filter hook forward priority filter; policy accept; }
 }
@@ -45,6 +51,8 @@ add element inet fednode-net-fednode-runs proxy_ports { 7654, 8000 }
 flush chain inet fednode-net-fednode-runs input
 add rule inet fednode-net-fednode-runs input iifname "podman1" ip daddr 10.213.0.1 \
 tcp dport @proxy_ports accept
+add rule inet fednode-net-fednode-runs input iifname "podman1" ip daddr 10.213.0.1 \
+ip saddr . tcp dport @db_access accept
 add rule inet fednode-net-fednode-runs input iifname "podman1" drop
 flush chain inet fednode-net-fednode-runs forward
 add rule inet fednode-net-fednode-runs forward iifname "podman1" drop
@@ -218,3 +226,28 @@ async def test_on_close_it_takes_only_its_own_ports_out_and_leaves_the_rules(
         "add element inet fednode-net-fednode-runs proxy_ports { 7654 }\n"
         "delete element inet fednode-net-fednode-runs proxy_ports { 7654 }\n"
     )
+
+
+def test_a_runs_database_access_first_takes_away_what_its_address_had_then_adds_its_own() -> None:
+    text = database_access_ruleset(
+        "fednode-runs", address="10.213.0.7", relay_ports=[15433, 15432], allowed_ports=[15433]
+    )
+
+    table = "inet fednode-net-fednode-runs db_access"
+    assert text.splitlines() == [
+        f"add element {table} {{ 10.213.0.7 . 15432, 10.213.0.7 . 15433 }}",
+        f"delete element {table} {{ 10.213.0.7 . 15432, 10.213.0.7 . 15433 }}",
+        f"add element {table} {{ 10.213.0.7 . 15433 }}",
+    ]
+
+
+def test_database_access_without_databases_only_takes_away() -> None:
+    text = database_access_ruleset(
+        "fednode-runs", address="10.213.0.7", relay_ports=[15432], allowed_ports=[]
+    )
+
+    assert "delete element" in text.splitlines()[-1]
+    with pytest.raises(ValueError, match="not all database relay ports"):
+        database_access_ruleset(
+            "fednode-runs", address="10.213.0.7", relay_ports=[15432], allowed_ports=[1]
+        )
