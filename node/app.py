@@ -29,10 +29,11 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Tracer
 
 from common.backoff import Backoff
-from executors.base import Executor, ExecutorContext
+from executors.base import DatabaseRelaying, Executor, ExecutorContext, ExecutorError
 from executors.outputs import OutputLimits
 from executors.registry import load_factory
 from executors.spec import DatabaseMount, ProxyEndpoint
+from node.admin import AdminServer
 from node.background import RootTasks
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
 from node.health import make_health_app
@@ -105,7 +106,9 @@ class Node:
         lifecycle: RunLifecycle | None = None
         proxy: ProxyServer | None = None
         health = await self._start_health()
+        admin: AdminServer | None = None
         try:
+            admin = await self._start_admin()
             identity = await self._connect(server, stop)
             if identity is None:
                 return
@@ -115,6 +118,7 @@ class Node:
             cryptor = await self._cryptor(server, identity)
             executor = self._executor or self._make_executor()
             await executor.open()
+            databases = await self._place_databases(executor)
             keys = OrganizationKeys(
                 server,
                 collaboration_id=identity.collaboration_id,
@@ -133,7 +137,7 @@ class Node:
                 executor=executor,
                 admission=Admission(self._admission_policy()),
                 cryptor=cryptor,
-                config=self._lifecycle_config(identity, executor, proxy),
+                config=self._lifecycle_config(identity, executor, proxy, databases),
                 tracer=tracer,
                 keys=keys,
                 token_seal=TokenSeal(api_key=settings.api_key.get_secret_value()),
@@ -171,6 +175,8 @@ class Node:
             await server.close()
             if health is not None:
                 await health.cleanup()
+            if admin is not None:
+                await admin.stop()
             self.tracer_provider.shutdown()
             log.info("node.stopped")
         if services.failure is not None:
@@ -195,6 +201,20 @@ class Node:
             ) from None
         log.info("node.health_serving", host=health.host, port=health.port)
         return runner
+
+    async def _start_admin(self) -> AdminServer | None:
+        """Serve the operator's admin socket (``fednode runs``/``logs``/``kill``)."""
+        settings = self.settings
+        if not settings.admin.enabled:
+            return None
+        admin = AdminServer(settings.admin_socket, target=lambda: self.state.lifecycle)
+        try:
+            await admin.start()
+        except OSError as exc:
+            raise NodeStartError(
+                f"admin.socket {settings.admin_socket} cannot be used: {exc.strerror or exc}"
+            ) from None
+        return admin
 
     def status(self) -> dict[str, Any]:
         """Readiness and a summary, for /readyz, /status and ``fednode status``."""
@@ -348,21 +368,36 @@ class Node:
         )
         return server
 
+    async def _place_databases(self, executor: Executor) -> tuple[DatabaseMount, ...]:
+        """The node's databases as its runs are told them: an executor whose runs cannot
+        reach network databases directly relays them (podman) and says where."""
+        databases = tuple(
+            DatabaseMount(
+                label=db.label,
+                type=db.type.value,
+                uri=db.uri,
+                is_local_path=db.type.is_local_path,
+            )
+            for db in self.settings.databases
+        )
+        if not isinstance(executor, DatabaseRelaying):
+            return databases
+        try:
+            return await executor.relay_databases(databases)
+        except ExecutorError as exc:
+            raise NodeStartError(str(exc)) from None
+
     def _lifecycle_config(
-        self, identity: NodeIdentity, executor: Executor, proxy: ProxyServer | None
+        self,
+        identity: NodeIdentity,
+        executor: Executor,
+        proxy: ProxyServer | None,
+        databases: tuple[DatabaseMount, ...],
     ) -> LifecycleConfig:
         settings = self.settings
         return LifecycleConfig(
             identity=identity,
-            databases=tuple(
-                DatabaseMount(
-                    label=db.label,
-                    type=db.type.value,
-                    uri=db.uri,
-                    is_local_path=db.type.is_local_path,
-                )
-                for db in settings.databases
-            ),
+            databases=databases,
             proxy=self._advertised_proxy if proxy is not None else None,
             task_dir=settings.task_dir,
             max_concurrent_runs=settings.max_concurrent_runs,

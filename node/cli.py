@@ -33,6 +33,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check and explain the node configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+keys_app = typer.Typer(help="The organization's encryption key pair.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 ConfigOption = Annotated[
     Path,
@@ -119,6 +121,105 @@ def _print_status(body: dict[str, object]) -> None:
         return
     for key, value in body.items():
         typer.echo(f"{key:>18}: {value}")
+
+
+RunArgument = Annotated[int, typer.Argument(help="The run's id (as `fednode runs` lists it).")]
+
+
+def _admin_call(config: Path, method: str, path: str) -> tuple[int, bytes]:
+    """One request to the running node's admin socket; exit 1 naming why when none answers."""
+    from node.admin_client import AdminUnavailable, call
+
+    settings = load_or_exit(config)
+    try:
+        return call(settings.admin_socket, method, path)
+    except AdminUnavailable as exc:
+        typer.echo(f"fednode: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _admin_error(status: int, body: bytes) -> None:
+    import json
+
+    try:
+        message = json.loads(body).get("error") or body.decode(errors="replace")
+    except (ValueError, AttributeError):
+        message = body.decode(errors="replace")
+    typer.echo(f"fednode: {message} (HTTP {status})", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def runs(config: ConfigOption) -> None:
+    """List this node's runs: those in flight and those that ended lately, with their ages."""
+    import json
+
+    status_code, body = _admin_call(config, "GET", "/runs")
+    if status_code != 200:
+        _admin_error(status_code, body)
+    listed = json.loads(body)["runs"]
+    typer.echo(f"{'RUN':>8}  {'TASK':>8}  {'STATUS':<22} {'AGE':>8}  IMAGE")
+    for run in listed:
+        typer.echo(
+            f"{run['run_id']:>8}  {run['task_id']:>8}  {run['status']:<22} "
+            f"{_age(run['age_seconds']):>8}  {run['image']}"
+        )
+
+
+def _age(seconds: float) -> str:
+    whole = int(seconds)
+    if whole < 120:
+        return f"{whole}s"
+    if whole < 7200:
+        return f"{whole // 60}m"
+    if whole < 172800:
+        return f"{whole // 3600}h"
+    return f"{whole // 86400}d"
+
+
+@app.command()
+def logs(run: RunArgument, config: ConfigOption) -> None:
+    """Print a run's container log, as the runtime has it now."""
+    status_code, body = _admin_call(config, "GET", f"/runs/{run}/log")
+    if status_code != 200:
+        _admin_error(status_code, body)
+    sys.stdout.write(body.decode(errors="replace"))
+
+
+@app.command()
+def kill(run: RunArgument, config: ConfigOption) -> None:
+    """Kill one of this node's runs (it ends `killed`, and the server is told)."""
+    status_code, body = _admin_call(config, "POST", f"/runs/{run}/kill")
+    if status_code != 202:
+        _admin_error(status_code, body)
+    typer.echo(f"fednode: kill of run {run} requested")
+
+
+@keys_app.command("create")
+def keys_create(
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Where to write the private key (PEM, mode 0600)."),
+    ] = Path("private_key.pem"),
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a key file that exists.")
+    ] = False,
+) -> None:
+    """Create the organization's RSA key pair: the private key to a 0600 file, the public
+    key to stdout. Point encryption.private_key at the file; the node publishes the public
+    key at the server when it starts."""
+    from node.keys import KeyFileExists, create_private_key
+
+    try:
+        public = create_private_key(out, overwrite=overwrite)
+    except KeyFileExists:
+        typer.echo(f"fednode: {out} exists; give another --out, or --overwrite", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from None
+    except OSError as exc:
+        typer.echo(f"fednode: cannot write {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from None
+    typer.echo(f"fednode: private key written to {out} (mode 0600)", err=True)
+    sys.stdout.write(public)
 
 
 @config_app.command("check")

@@ -328,6 +328,15 @@ class HealthSettings(_Section):
     status_public: bool = False
 
 
+class AdminSettings(_Section):
+    """The operator's local admin endpoint (``fednode runs``/``logs``/``kill``): a unix
+    socket, mode 0600, served only to the node's own user (``node/admin.py`` says why)."""
+
+    enabled: bool = True
+    #: ``None``: ``admin.sock`` in ``task_dir``.
+    socket: Path | None = None
+
+
 class TelemetrySettings(_Section):
     """OpenTelemetry traces: one trace per run, exported over OTLP/HTTP when configured."""
 
@@ -372,6 +381,7 @@ class NodeSettings(BaseSettings):
     executor: ExecutorSettings = Field(default_factory=PodmanSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     max_concurrent_runs: Annotated[int, Field(ge=1)] = 16
@@ -382,6 +392,11 @@ class NodeSettings(BaseSettings):
     max_output_bytes: Annotated[ByteSize, Field(ge=1)] = ByteSize(64 * 1024 * 1024)
     #: Of a longer log only the end is kept and uploaded, with a note saying what was cut.
     max_log_bytes: Annotated[ByteSize, Field(ge=1024)] = ByteSize(1024 * 1024)
+
+    @property
+    def admin_socket(self) -> Path:
+        """Where the admin endpoint listens (and where the CLI finds it)."""
+        return self.admin.socket or self.task_dir / "admin.sock"
 
     @field_validator("server_url")
     @classmethod

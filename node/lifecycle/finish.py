@@ -106,6 +106,8 @@ class Finisher:
     def on_run_event(self, event: RunEvent) -> None:
         """An executor event: trace the execution; finish the run on its terminal one."""
         record = self._inflight.runs.get(event.run_id)
+        if record is not None:
+            record.phase = event.phase.value
         if event.phase is Phase.RUNNING and record is not None and record.execute_span is None:
             record.execute_span = self._tracer.start_span(
                 "execute", context=trace.set_span_in_context(record.span)

@@ -25,7 +25,10 @@ open; the next ``sync`` or restart picks it up again).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
@@ -38,6 +41,8 @@ from proxy import RunInfo, RunTable
 
 #: How many finished run ids the lifecycle remembers to ignore repeated terminal events.
 FINISHED_MEMORY = 10_000
+#: How many ended runs the operator's ``fednode runs`` still lists after they leave.
+RECENT_MEMORY = 100
 
 
 @dataclass
@@ -58,6 +63,21 @@ class RunInFlight:
     #: The server already holds the run's final status (its result uploaded before the
     #: node died, or killed by its user): its end is not uploaded again, only cleaned up.
     ended_on_server: bool = False
+    #: For the operator (``fednode runs``): when the node took the run, and the last phase
+    #: its executor reported (``received`` until the first event).
+    received_at: float = field(default_factory=time.time)
+    phase: str = "received"
+
+    def overview(self, *, now: float, status: str | None = None) -> dict[str, Any]:
+        """One line of ``fednode runs``: ids, image, phase or final status, age."""
+        return {
+            "run_id": self.run_id,
+            "task_id": self.task_id,
+            "image": self.image,
+            "status": status or self.phase,
+            "age_seconds": round(now - self.received_at, 1),
+            "in_flight": status is None,
+        }
 
 
 class InFlight:
@@ -77,6 +97,8 @@ class InFlight:
         self._slots = asyncio.Semaphore(config.max_concurrent_runs)
         self._subtask_slots = asyncio.Semaphore(config.max_concurrent_runs)
         self.runs: dict[int, RunInFlight] = {}
+        #: Runs that left lately, with their final status, newest last (``fednode runs``).
+        self.recent: deque[tuple[RunInFlight, str]] = deque(maxlen=RECENT_MEMORY)
         self._finished = GoneRuns(finished_memory)
         # The container tokens of finished runs, forgotten by the proxy when their id is.
         self._finished_tokens: dict[int, str] = {}
@@ -200,6 +222,15 @@ class InFlight:
             record.span.set_status(Status(StatusCode.ERROR, status))
         record.span.end()
         self.runs.pop(record.run_id, None)
+        self.recent.append((record, status))
+
+    def overview(self) -> list[dict[str, Any]]:
+        """The runs in flight, then those that left lately (newest first)."""
+        now = time.time()
+        flying = sorted(self.runs.values(), key=lambda r: r.received_at)
+        return [r.overview(now=now) for r in flying] + [
+            r.overview(now=now, status=status) for r, status in reversed(self.recent)
+        ]
 
     def end_spans(self) -> None:
         """At shutdown: the spans of runs still in flight end with the process."""

@@ -178,6 +178,28 @@ class RunLifecycle:
             except ExecutorError as exc:
                 log.warning("run.kill_failed", run_id=run_id, error=str(exc))
 
+    # -- the operator's view (fednode runs / logs / kill) -------------------------------------
+
+    def overview(self) -> list[dict[str, Any]]:
+        """This node's runs in flight and those that ended lately, for ``fednode runs``."""
+        return self._inflight.overview()
+
+    async def kill_run(self, run_id: int) -> bool:
+        """Kill one run of this node at the operator's request; ``False`` if it is not in
+        flight here. It ends ``killed`` and the server is told so, as for a user's kill."""
+        record = self._inflight.runs.get(run_id)
+        if record is None:
+            return False
+        record.killed = True  # a run still waiting for a slot never starts
+        log.info("run.kill_requested", run_id=run_id, by="operator")
+        await self._executor.kill(run_id)
+        return True
+
+    async def log_of(self, run_id: int) -> str:
+        """The run's container log as the runtime has it now (bounded like an upload's);
+        :class:`~executors.base.UnknownRun` when the runtime has no such run."""
+        return (await self._executor.collect(run_id)).log
+
     # -- shutdown -------------------------------------------------------------------------
 
     async def close(self, *, grace: float = 5.0) -> None:
