@@ -12,7 +12,13 @@ it has a channel around the proxy (data encoded in the names it looks up). Runs 
 the proxy Service's ClusterIP, an address, and need no name resolved
 (:mod:`executors.kubernetes.executor` reads it from the Service at start-up).
 
-NetworkPolicies are additive, so the second only opens what the first closed. The ports
+* ``<prefix>-db-<label>``, one per network database the node declares (``sql``,
+  ``sparql``, ``omop``): egress to that database's address block and TCP port, for the run
+  pods that carry the database's label (``fednode.io/db-<label>: "true"``, put on a run's
+  pod only when its task asked for that database) — so a run reaches the databases it
+  asked for, and no others.
+
+NetworkPolicies are additive, so the second (and third) only open what the first closed. The ports
 are the *pod's* ports (policies apply after a Service's address translation, so traffic
 to the ClusterIP is judged as traffic to the proxy pod).
 
@@ -65,6 +71,24 @@ def proxy_peer(*, namespace: str, pod_selector: Mapping[str, str], port: int) ->
     return PeerPods(namespace=namespace, pod_selector=dict(pod_selector), ports=((port, "TCP"),))
 
 
+class DatabaseEgress(BaseModel):
+    """A network database runs that asked for it may reach: an address block and a port,
+    for the run pods that carry ``pod_label`` (set to ``"true"``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    pod_label: str
+    cidr: str
+    port: int
+
+
+def database_policy_name(name_prefix: str, label: str) -> str:
+    """The name of the egress policy of database ``label`` (a DNS label, at most 63)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", label.lower())
+    return f"{name_prefix}-db-{slug}"[:63].strip("-")
+
+
 class RunIsolation(BaseModel):
     """Everything the policies need: whose pods, and which peers they may reach."""
 
@@ -73,6 +97,7 @@ class RunIsolation(BaseModel):
     namespace: str
     run_selector: dict[str, str]
     allowed: tuple[PeerPods, ...] = Field(default_factory=tuple)
+    databases: tuple[DatabaseEgress, ...] = Field(default_factory=tuple)
     name_prefix: str = "fednode-runs"
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -95,7 +120,26 @@ def run_network_policies(isolation: RunIsolation) -> list[dict[str, Any]]:
             "egress": [_egress_rule(peer) for peer in isolation.allowed],
         },
     )
-    return [deny, egress]
+    databases = [
+        _policy(
+            isolation,
+            database_policy_name(isolation.name_prefix, database.label),
+            {
+                "podSelector": {
+                    "matchLabels": {**isolation.run_selector, database.pod_label: "true"}
+                },
+                "policyTypes": ["Egress"],
+                "egress": [
+                    {
+                        "to": [{"ipBlock": {"cidr": database.cidr}}],
+                        "ports": [{"port": database.port, "protocol": "TCP"}],
+                    }
+                ],
+            },
+        )
+        for database in isolation.databases
+    ]
+    return [deny, egress, *databases]
 
 
 def _policy(isolation: RunIsolation, name: str, spec: dict[str, Any]) -> dict[str, Any]:

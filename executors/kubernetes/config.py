@@ -9,6 +9,7 @@ start-up. Every key has a default that works with the Helm chart; docs/executors
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,6 +39,27 @@ class DatabaseVolume(BaseModel):
         if self.sub_path and not self.claim:
             raise ValueError("sub_path only applies to a claim")
         return self
+
+
+class DatabaseEgressSettings(BaseModel):
+    """Where a network database is, as a NetworkPolicy names it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: An address block (``10.0.4.7/32``; a bare address is read as a /32 or /128).
+    cidr: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    @field_validator("cidr")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an address block: give the database's IP address (runs "
+                "have no DNS), e.g. 10.0.4.7/32"
+            ) from None
 
 
 class KubernetesSettings(BaseModel):
@@ -135,6 +157,11 @@ class KubernetesSettings(BaseModel):
     #: address, because runs may not query the cluster DNS. ``None``: runs are given the
     #: node's ``proxy.advertise_host`` (out of a cluster).
     proxy_service: str | None = None
+
+    #: Network databases runs may reach when their task asks for them, by database label:
+    #: the address block and TCP port of each (NetworkPolicy egress by address: runs have
+    #: no DNS). The chart sets these from ``databases[].egress``.
+    database_egress: dict[str, DatabaseEgressSettings] = Field(default_factory=dict)
 
     @field_validator("network_policies", mode="before")
     @classmethod

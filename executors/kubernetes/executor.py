@@ -52,6 +52,7 @@ from executors.base import (
     ProxyPlacement,
     TokenUnavailable,
     UnknownRun,
+    database_label,
     run_labels,
 )
 from executors.events import RunEventStream
@@ -88,6 +89,7 @@ from executors.runfiles import RunFiles
 from executors.spec import ProxyEndpoint, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import TaskOwner
 from policies.network import (
+    DatabaseEgress,
     RunIsolation,
     policy_differences,
     policy_name_prefix,
@@ -529,6 +531,15 @@ def run_network_policy_manifests(settings: KubernetesSettings, *, node_name: str
                 pod_selector=settings.proxy_pod_selector,
                 port=settings.proxy_port,
             ),
+        ),
+        databases=tuple(
+            DatabaseEgress(
+                label=label,
+                pod_label=database_label(label),
+                cidr=egress.cidr,
+                port=egress.port,
+            )
+            for label, egress in sorted(settings.database_egress.items())
         ),
         name_prefix=policy_name_prefix(node_name),
         labels=labels,

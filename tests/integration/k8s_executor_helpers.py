@@ -50,7 +50,9 @@ async def chart_network_policies(
     api = client.NetworkingV1Api(admin)
     for policy in run_network_policy_manifests(settings, node_name=node_name):
         await api.create_namespaced_network_policy(namespace, policy)
-    return role_rules(node_name, proxy_service=settings.proxy_service)
+    return role_rules(
+        node_name, proxy_service=settings.proxy_service, databases=list(settings.database_egress)
+    )
 
 
 @contextlib.asynccontextmanager

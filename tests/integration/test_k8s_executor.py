@@ -784,3 +784,72 @@ async def test_a_watch_broken_by_an_apiserver_restart_resumes_and_misses_nothing
     assert terminal == Counter(run_ids)
     assert all(events.terminal(r).phase is Phase.SUCCEEDED for r in run_ids)  # type: ignore[union-attr]
     assert all(i.resumes + i.relists >= 1 for i in executor.informers)
+
+
+async def test_a_network_databases_egress_policy_is_verified_and_only_runs_that_asked_carry_it(
+    k8s_testbed: K8sTestbed, admin: Any, task_dir: Path
+) -> None:
+    """The chart's egress policy for a network database, on the real API server: the node
+    (with only its Role) reads and checks it at start-up, refuses it widened, and puts the
+    database's label only on the pods of runs whose task asked for the database — the
+    label the policy selects. (Enforcement itself needs a CNI: tests/e2e/test_real_worker.)"""
+    egress = {"clinic": {"cidr": "10.0.4.7/32", "port": 5432}}
+    namespace = await k8s_testbed.create_namespace("fednode-dbegress")
+    try:
+        async with task_volume(admin, namespace):
+            rules = await chart_network_policies(admin, namespace, NODE, database_egress=egress)
+            kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=rules)
+
+            def opening() -> KubernetesExecutor:
+                return KubernetesExecutor(
+                    settings_for(namespace, kubeconfig, database_egress=egress),
+                    context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+                )
+
+            executor = opening()
+            await executor.open()
+            reads = executor.requests["get networkpolicies"]
+            try:
+                await executor.start(
+                    make_spec(1).model_copy(update={"requested_databases": ("clinic",)})
+                )
+                await executor.start(make_spec(2))
+                jobs = [await read_job_in(admin, namespace, run_id) for run_id in (1, 2)]
+            finally:
+                await executor.close()
+
+            (policy,) = [
+                p
+                for p in run_network_policy_manifests(
+                    settings_for(namespace, Path("unused"), database_egress=egress), node_name=NODE
+                )
+                if p["metadata"]["name"].endswith("-db-clinic")
+            ]
+            api = client.NetworkingV1Api(admin)
+            name = policy["metadata"]["name"]
+            await api.patch_namespaced_network_policy(
+                name,
+                namespace,
+                {"spec": {"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}},
+            )
+            with pytest.raises(ExecutorError, match=f"{name}.*differs.*0.0.0.0/0"):
+                await opening().open()
+    finally:
+        await k8s_testbed.delete_namespace(namespace)
+
+    assert reads == 3  # default deny, proxy egress, the database's egress
+    assert policy["spec"]["podSelector"]["matchLabels"]["fednode.io/db-clinic"] == "true"
+    assert policy["spec"]["egress"] == [
+        {"to": [{"ipBlock": {"cidr": "10.0.4.7/32"}}], "ports": [{"port": 5432, "protocol": "TCP"}]}
+    ]
+    asked, not_asked = (job["spec"]["template"]["metadata"]["labels"] for job in jobs)
+    assert asked.get("fednode.io/db-clinic") == "true"
+    assert "fednode.io/db-clinic" not in not_asked
+
+
+async def read_job_in(admin: Any, namespace: str, run_id: int) -> dict[str, Any]:
+    raw: Any = await client.BatchV1Api(admin).read_namespaced_job(
+        job_name(NODE, run_id), namespace, _preload_content=False
+    )
+    job: dict[str, Any] = await raw.json()
+    return job

@@ -59,7 +59,12 @@ FULL_VALUES: dict[str, Any] = {
         },
         {"label": "codes", "type": "csv", "file": "codes.csv", "configMap": "fednode-codes"},
         {"label": "images", "type": "folder", "claim": "imaging"},
-        {"label": "warehouse", "type": "sql", "uri": "postgresql://warehouse.example.org/db"},
+        {
+            "label": "warehouse",
+            "type": "sql",
+            "uri": "postgresql://warehouse.example.org/db",
+            "egress": {"cidr": "10.0.4.7/32", "port": 5432},
+        },
     ],
     "policies": {
         "allowedAlgorithms": ["^registry.example.org/.*$"],

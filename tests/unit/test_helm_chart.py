@@ -15,6 +15,7 @@ from executors.kubernetes.config import KubernetesSettings
 from executors.kubernetes.executor import run_network_policy_manifests
 from executors.kubernetes.rbac import ROLE_RULES, role_rules
 from node.settings import load_settings
+from policies.network import policy_name_prefix
 from policies.pod_security import container_security_context, namespace_labels
 from tests.peers.helm import (
     CHART,
@@ -277,12 +278,15 @@ def test_the_chart_renders_exactly_the_runs_policies_the_node_verifies(
         name = policy["metadata"]["name"]
         assert rendered[name]["spec"] == policy["spec"]
         assert rendered[name]["metadata"]["namespace"] == policy["metadata"]["namespace"]
-    # and the Role may read those two by name, and write no NetworkPolicy at all
+    prefix = policy_name_prefix(config["name"])
+    runs_policies = {name for name in rendered if name.startswith(f"{prefix}-")}
+    assert runs_policies == {p["metadata"]["name"] for p in expected}  # none missing, none more
+    # and the Role may read those by name, and write no NetworkPolicy at all
     (rule,) = [r for r in one(objects, "Role")["rules"] if r["resources"] == ["networkpolicies"]]
+    assert sorted(rule.pop("resourceNames")) == sorted(p["metadata"]["name"] for p in expected)
     assert rule == {
         "apiGroups": ["networking.k8s.io"],
         "resources": ["networkpolicies"],
-        "resourceNames": [p["metadata"]["name"] for p in expected],
         "verbs": ["get"],
     }
 
@@ -454,6 +458,9 @@ def test_every_option_reaches_the_objects_and_node_yaml(
         "codes": {"config_map": "fednode-codes"},
         "images": {"claim": "imaging"},
     }
+    assert {k: v.model_dump() for k, v in executor.database_egress.items()} == {
+        "warehouse": {"cidr": "10.0.4.7/32", "port": 5432}
+    }
     assert config["databases"] == [
         {"label": "default", "type": "csv", "uri": "/mnt/data/default/employees.csv"},
         {"label": "local", "type": "parquet", "uri": "/mnt/data/local/cohort.parquet"},
@@ -617,6 +624,20 @@ def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -
         ({"databases": [{"label": "a", "type": "csv", "claim": "c"}]}, "needs file"),
         ({"databases": [{"label": "a", "type": "sql"}]}, "needs uri"),
         ({"databases": [{"label": "a", "type": "sql", "uri": "x", "claim": "c"}]}, "is not a file"),
+        (
+            {
+                "databases": [
+                    {
+                        "label": "a",
+                        "type": "csv",
+                        "file": "a.csv",
+                        "claim": "c",
+                        "egress": {"cidr": "10.0.0.1/32", "port": 1},
+                    }
+                ]
+            },
+            "egress only applies to network databases",
+        ),
         (
             {
                 "databases": [

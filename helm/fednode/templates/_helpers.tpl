@@ -46,6 +46,13 @@ fednode.io/node: {{ include "fednode.nodeName" . }}
 {{- regexReplaceAll "[^a-z0-9-]+" (printf "fednode-runs-%s" (include "fednode.nodeName" .) | lower) "-" | trunc 40 | trimAll "-" -}}
 {{- end -}}
 
+{{/* A network database's egress policy name (policies/network.py database_policy_name);
+args: (list prefix label). */}}
+{{- define "fednode.databasePolicyName" -}}
+{{- $prefix := index . 0 }}{{ $label := index . 1 -}}
+{{- printf "%s-db-%s" $prefix (regexReplaceAll "[^a-z0-9-]+" (lower $label) "-") | trunc 63 | trimAll "-" -}}
+{{- end -}}
+
 {{- define "fednode.secretName" -}}
 {{- .Values.existingSecret | default (include "fednode.fullname" .) -}}
 {{- end -}}
@@ -121,6 +128,9 @@ fednode.io/node: {{ include "fednode.nodeName" . }}
 {{- end -}}
 {{- if and .subPath (not .claim) -}}
 {{- fail (printf "databases[%s]: subPath only applies to a claim" .label) -}}
+{{- end -}}
+{{- if .egress -}}
+{{- fail (printf "databases[%s]: egress only applies to network databases (sql, sparql, omop)" .label) -}}
 {{- end -}}
 {{- else -}}
 {{- if not .uri -}}
