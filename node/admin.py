@@ -59,6 +59,7 @@ class AdminServer:
         self.path = path
         self._target = target
         self._runner: web.AppRunner | None = None
+        self._inode: tuple[int, int] | None = None  # the socket file this server made
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one this user left) and serve."""
@@ -69,7 +70,9 @@ class AdminServer:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket() or path.is_symlink():
-            path.unlink()  # left by a node that died; a live one would hold its own
+            # Left by a node that died, or by one still shutting down as this one starts
+            # (a restart): the newest node serves; the older one leaves this file alone.
+            path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         previous = os.umask(0o177)
         try:
@@ -80,6 +83,8 @@ class AdminServer:
         finally:
             os.umask(previous)
         path.chmod(0o600)
+        made = path.stat()
+        self._inode = (made.st_dev, made.st_ino)
         app = web.Application(middlewares=[_only_the_node_user])
         app.router.add_get("/runs", self._runs)
         app.router.add_get("/runs/{run_id:\\d+}/log", self._log)
@@ -94,8 +99,12 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        # Only the file this server made: a node started after it (a restart that overlapped
+        # this one's shutdown) may have put its own socket there since.
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            now = self.path.stat()
+            if (now.st_dev, now.st_ino) == self._inode:
+                self.path.unlink()
 
     def _lifecycle(self) -> AdminTarget:
         target = self._target()

@@ -36,6 +36,9 @@ log = get_logger(__name__)
 
 IP_FREEBIND = 15  # linux/in.h; socket.IP_FREEBIND is missing from some Python builds
 _CHUNK = 64 * 1024
+#: Connections one run may hold open through one relay at once; more are closed at once
+#: (each is a connection the node opens to the database, on the run's behalf).
+MAX_CONNECTIONS_PER_RUN = 32
 
 
 class RelayTarget(NamedTuple):
@@ -50,10 +53,19 @@ class RelayTarget(NamedTuple):
 class DatabaseRelay:
     """Relays ``gateway:relay_port`` to one database for the admitted run addresses."""
 
-    def __init__(self, target: RelayTarget, *, bind_host: str, connect_seconds: float) -> None:
+    def __init__(
+        self,
+        target: RelayTarget,
+        *,
+        bind_host: str,
+        connect_seconds: float,
+        max_connections_per_run: int = MAX_CONNECTIONS_PER_RUN,
+    ) -> None:
         self.target = target
         self._bind_host = bind_host
         self._connect_seconds = connect_seconds
+        self._max_per_run = max_connections_per_run
+        self._open_by: dict[str, int] = {}
         self._admitted: set[str] = set()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -114,6 +126,22 @@ class DatabaseRelay:
             log.warning("podman.relay.refused", label=label, peer=address)
             writer.close()
             return
+        if self._open_by.get(address, 0) >= self._max_per_run:
+            log.warning("podman.relay.too_many", label=label, peer=address, limit=self._max_per_run)
+            writer.close()
+            return
+        self._open_by[address] = self._open_by.get(address, 0) + 1
+        try:
+            await self._relay(reader, writer, address)
+        finally:
+            left = self._open_by.pop(address, 1) - 1
+            if left:
+                self._open_by[address] = left
+
+    async def _relay(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str
+    ) -> None:
+        label = self.target.label
         try:
             async with asyncio.timeout(self._connect_seconds):
                 upstream_reader, upstream_writer = await asyncio.open_connection(

@@ -220,3 +220,21 @@ def test_keys_create_never_overwrites_unless_asked(tmp_path: Path) -> None:
 def test_admin_unavailable_is_an_error_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(AdminUnavailable, match="no node is running"):
         call(tmp_path / "none.sock", "GET", "/runs")
+
+
+async def test_a_node_started_while_the_last_one_stops_keeps_its_socket(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    older, newer = ListedRuns(), ListedRuns()
+    first = AdminServer(path, target=lambda: older)
+    second = AdminServer(path, target=lambda: newer)
+    await first.start()
+    await second.start()  # a restart overlapping the first one's shutdown
+    await first.stop()
+    try:
+        status, _ = await asyncio.to_thread(call, path, "POST", "/runs/1/kill")
+    finally:
+        await second.stop()
+
+    assert status == 202
+    assert (older.killed, newer.killed) == ([], [1])
+    assert not path.exists()
