@@ -441,6 +441,10 @@ class PodmanExecutor:
             )
         for relay in allowed.values():
             relay.admit(address)
+        # podman hands an ended run's address out again, maybe before that run is cleaned
+        # up: the address is now this run's, and that cleanup must not take it away.
+        for other in [r for r, a in self._addresses.items() if a == address and r != run_id]:
+            del self._addresses[other]
         self._addresses[run_id] = address
         log.info(
             "podman.run.databases_opened", run_id=run_id, address=address, labels=sorted(allowed)
@@ -450,7 +454,7 @@ class PodmanExecutor:
         """Take the run's address out of every relay and the firewall's database set."""
         address = self._addresses.pop(run_id, None)
         if address is None:
-            return
+            return  # never opened, or its address went to a later run (see _admit)
         for relay in self._relays.values():
             relay.revoke(address)
         if self._settings.firewall != "off" and self._network is not None:
