@@ -22,7 +22,7 @@ import contextlib
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,14 @@ from tests.integration.k8s_executor_helpers import chart_network_policies
 from tests.peers.helm import REQUIRED_VALUES, merged, one, render
 from tests.peers.kubernetes import APISERVER_PORT, K8sRealWorker, K8sTestbed
 from tests.peers.podman import PodmanService
+from tests.peers.postgres import PATIENTS, PostgresDatabase
 from tests.peers.v6server import V6Collaboration, V6Org, V6Server
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
 
 AVERAGE = "localhost/fednode/average:latest"
 DIAGNOSTICS = "localhost/fednode/diagnostics:latest"
+SQLPROBE = "localhost/fednode/sqlprobe:latest"
 #: The chart's node pod labels (the executor's default ``proxy_pod_selector``).
 NODE_POD_LABELS = {"app.kubernetes.io/name": "fednode", "app.kubernetes.io/component": "node"}
 RUN_UID = 10001  # the executor's default run_as_user
@@ -64,6 +66,8 @@ class Site:
     proxy_port: int  # the node's proxy on the host, the relay pod's port, the Service's
     proxy_host: str  # the Service's ClusterIP, which runs are told to call
     network_policies: bool
+    #: Network databases' egress (executor ``database_egress``), as the chart's values give it.
+    database_egress: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 MakeSite = Callable[..., Awaitable[Site]]
@@ -88,7 +92,11 @@ async def make_site(
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(
-            collab: V6Collaboration, org: V6Org, *, network_policies: bool = True
+            collab: V6Collaboration,
+            org: V6Org,
+            *,
+            network_policies: bool = True,
+            database_egress: dict[str, dict[str, Any]] | None = None,
         ) -> Site:
             namespace = await k8s_testbed.create_namespace(f"fednode-{org.name[:10]}")
             stack.push_async_callback(k8s_testbed.delete_namespace, namespace)
@@ -112,6 +120,7 @@ async def make_site(
                         f"fednode-{org.name}-{SESSION}",
                         proxy_port=proxy_port,
                         proxy_service=PROXY_SERVICE,
+                        database_egress=database_egress or {},
                     )
             kubeconfig = await k8s_testbed.service_account_kubeconfig(namespace, rules=rules)
             proxy_host = await k8s_real_worker.proxy_relay(
@@ -122,7 +131,15 @@ async def make_site(
                 name=PROXY_SERVICE,
             )
             return Site(
-                org, namespace, task_dir, csv, kubeconfig, proxy_port, proxy_host, network_policies
+                org,
+                namespace,
+                task_dir,
+                csv,
+                kubeconfig,
+                proxy_port,
+                proxy_host,
+                network_policies,
+                database_egress or {},
             )
 
         yield make
@@ -134,7 +151,9 @@ async def start_real_node(
 ) -> AsyncIterator[StartRealNode]:
     started: list[RunningNode] = []
 
-    async def start(site: Site, **overrides: Any) -> RunningNode:
+    async def start(
+        site: Site, *, databases: list[dict[str, Any]] | None = None, **overrides: Any
+    ) -> RunningNode:
         org = site.org
         values: dict[str, Any] = {
             "name": f"fednode-{org.name}-{SESSION}",
@@ -143,7 +162,10 @@ async def start_real_node(
             "api_path": v6_server.api_path,
             "api_key": org.api_key,
             "task_dir": site.task_dir,
-            "databases": [{"label": "default", "type": "csv", "uri": str(site.csv)}],
+            "databases": [
+                {"label": "default", "type": "csv", "uri": str(site.csv)},
+                *(databases or []),
+            ],
             "executor": {
                 "kind": "kubernetes",
                 "kubeconfig": site.kubeconfig,
@@ -155,6 +177,7 @@ async def start_real_node(
                 "tolerations": [k8s_real_worker.toleration],
                 "network_policies": site.network_policies,
                 "databases": {"default": {"config_map": "database-default"}},
+                "database_egress": site.database_egress,
             },
             "proxy": {"host": k8s_real_worker.node_ip, "port": site.proxy_port},
             "health": {"port": free_port()},
@@ -472,3 +495,51 @@ async def test_node_restart_mid_run_adopts_the_running_pod_and_its_proxy_calls_g
     assert {(s.parent.trace_id, s.parent.span_id) if s.parent else None for s in adopted} == {
         (began.context.trace_id, began.context.span_id)
     }
+
+
+async def test_only_a_pod_that_asked_for_a_network_database_reads_it_behind_its_egress_policy(
+    v6_plain: V6Collaboration,
+    make_site: MakeSite,
+    start_real_node: StartRealNode,
+    k8s_testbed: K8sTestbed,
+    k8s_real_worker: K8sRealWorker,
+    podman_service: PodmanService,
+    postgres_elsewhere: PostgresDatabase,
+) -> None:
+    """Cilium enforcing the chart's database egress policy: the run whose task asked for
+    the database reads its table through the URI the node hands it; a run that did not ask
+    cannot connect; neither reaches anything else (the host, another pod, the API server,
+    the cluster DNS)."""
+    k8s_real_worker.import_images(SQLPROBE)
+    db = postgres_elsewhere
+    site = await make_site(
+        v6_plain,
+        v6_plain.org_a,
+        database_egress={"clinic": {"cidr": f"{db.host}/32", "port": db.port}},
+    )
+    await start_real_node(site, databases=[{"label": "clinic", "type": "sql", "uri": db.uri}])
+    query = "select id, age, department from patients order by id"
+    async with host_listener(k8s_real_worker.node_ip) as host_port:
+        targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
+        task_input = {"label": "clinic", "query": query, "targets": list(targets.values())}
+        reports = []
+        for databases in ([{"label": "clinic"}], []):
+            task = await asyncio.to_thread(
+                v6_plain.create_task,
+                input_=task_input,
+                image=SQLPROBE,
+                organizations=[v6_plain.org_a.id],
+                databases=databases,
+            )
+            (report,) = await result_of(v6_plain, task)
+            reports.append(report)
+    asked, not_asked = reports
+
+    assert (asked["uri_host"], asked["uri_port"]) == (db.host, db.port)  # the URI as given
+    assert asked.get("error") is None, asked
+    assert [tuple(row) for row in asked["rows"]] == list(PATIENTS)
+    assert "rows" not in not_asked
+    assert not_asked["error"], not_asked
+    for report in (asked, not_asked):
+        reached = {a["target"]: a["reachable"] for a in report["attempts"]}
+        assert not any(reached.values()), reached

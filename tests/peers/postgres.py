@@ -1,6 +1,7 @@
 """The real PostgreSQL peer: Debian's server, on a free port, holding one table.
 
-``postgres_database`` (session scope) copies the cluster template that
+``postgres_database`` (session scope; ``postgres_elsewhere``: the same in a network
+namespace of its own, standing for another host) copies the cluster template that
 ``scripts/postgres-setup`` initialised (``~/.cache/fednode/postgres/template``) into the
 session's temporary directory, starts ``postgres`` on it on a free port of every address (as root,
 in a user namespace as the ``postgres`` account's id: the server refuses to run as root),
@@ -13,7 +14,9 @@ never skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -105,8 +108,13 @@ def _account_id(name: str) -> int:
         return pwd.getpwnam("nobody").pw_uid
 
 
-@pytest.fixture(scope="session")
-def postgres_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresDatabase]:
+@contextlib.contextmanager
+def running_postgres(
+    base: Path, *, host: str = "127.0.0.1", netns: str | None = None
+) -> Iterator[PostgresDatabase]:
+    """A server on a copy of the template in ``base``, listening on every address (of
+    network namespace ``netns``, if given), with database ``clinic`` and its table; the
+    peer is reached at ``host``."""
     template, password_file, bin_file = (
         CACHE / "template",
         CACHE / "password",
@@ -117,37 +125,36 @@ def postgres_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Post
     server = Path(bin_file.read_text().strip()) / "postgres"
     if not server.is_file():
         _fail(f"the server program {server} is missing")
-    base = tmp_path_factory.mktemp("postgres")
     data = base / "data"
     shutil.copytree(template, data, symlinks=True)
     data.chmod(0o700)
     port = _free_port()
     log_path = base / "postgres.log"
+    command = _as_server(
+        [
+            str(server),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=*",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "fsync=off",
+            "-c",
+            "shared_buffers=16MB",
+        ]
+    )
+    if netns is not None:
+        command = ["ip", "netns", "exec", netns, *command]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            _as_server(
-                [
-                    str(server),
-                    "-D",
-                    str(data),
-                    "-p",
-                    str(port),
-                    "-c",
-                    "listen_addresses=*",
-                    "-c",
-                    "unix_socket_directories=",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "shared_buffers=16MB",
-                ]
-            ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     peer = PostgresDatabase(
-        host="127.0.0.1",
+        host=host,
         port=port,
         user="fednode",
         password=password_file.read_text().strip(),
@@ -180,3 +187,46 @@ def postgres_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Post
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresDatabase]:
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="session")
+def postgres_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresDatabase]:
+    """The same server as if on another host: in a network namespace of its own, joined to
+    this host by a veth pair and routed (``10.217.<n>.2``), so that to a CNI it is an
+    outside address, not one of the host's (Cilium applies no CIDR rule to its nodes' own
+    addresses). Needs root; the namespace and the pair go with the session."""
+    if os.geteuid() != 0:
+        _fail("a database in a network namespace of its own needs root")
+    suffix = secrets.token_hex(3)
+    netns, host_end, db_end = f"fednode-db-{suffix}", f"fdb{suffix}h", f"fdb{suffix}n"
+    subnet = 100 + secrets.randbelow(150)
+    host_ip, db_ip = f"10.217.{subnet}.1", f"10.217.{subnet}.2"
+    steps = [
+        ["ip", "netns", "add", netns],
+        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", db_end],
+        ["ip", "link", "set", db_end, "netns", netns],
+        ["ip", "addr", "add", f"{host_ip}/30", "dev", host_end],
+        ["ip", "link", "set", host_end, "up"],
+        ["ip", "-n", netns, "addr", "add", f"{db_ip}/30", "dev", db_end],
+        ["ip", "-n", netns, "link", "set", db_end, "up"],
+        ["ip", "-n", netns, "link", "set", "lo", "up"],
+        ["ip", "-n", netns, "route", "add", "default", "via", host_ip],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, check=False, capture_output=True, text=True)
+            if done.returncode != 0:
+                _fail(f"`{' '.join(step)}` failed: {done.stderr.strip()}")
+        with running_postgres(
+            tmp_path_factory.mktemp("postgres-elsewhere"), host=db_ip, netns=netns
+        ) as peer:
+            yield peer
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
