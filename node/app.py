@@ -211,9 +211,20 @@ class Node:
         try:
             await admin.start()
         except OSError as exc:
-            raise NodeStartError(
-                f"admin.socket {settings.admin_socket} cannot be used: {exc.strerror or exc}"
-            ) from None
+            reason = exc.strerror or str(exc)
+            if settings.admin.socket is not None:  # the operator's own choice: say so
+                raise NodeStartError(
+                    f"admin.socket {settings.admin_socket} cannot be used: {reason}"
+                ) from None
+            # The default place (task_dir) may be on a file system without sockets: the
+            # node serves its runs all the same, and says why the CLI will not reach it.
+            log.warning(
+                "node.admin_unavailable",
+                socket=str(settings.admin_socket),
+                error=reason,
+                fix="set admin.socket to a path on a local file system",
+            )
+            return None
         return admin
 
     def status(self) -> dict[str, Any]:

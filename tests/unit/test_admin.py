@@ -238,3 +238,12 @@ async def test_a_node_started_while_the_last_one_stops_keeps_its_socket(tmp_path
     assert status == 202
     assert (older.killed, newer.killed) == ([], [1])
     assert not path.exists()
+
+
+async def test_a_socket_path_too_long_for_the_kernel_is_refused_naming_the_fix(
+    tmp_path: Path,
+) -> None:
+    server = AdminServer(tmp_path / ("x" * 120) / "admin.sock", target=lambda: None)
+
+    with pytest.raises(OSError, match="longer than 107 bytes; give a shorter path"):
+        await server.start()
