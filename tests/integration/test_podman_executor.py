@@ -483,3 +483,45 @@ async def test_only_a_run_that_asked_for_a_network_database_reads_it_and_neither
         assert listed.returncode == 0, listed.stderr
         (entry,) = [e["set"] for e in json.loads(listed.stdout)["nftables"] if "set" in e]
         assert not entry.get("elem"), (entry, relay)
+
+
+@pytest.mark.postgres
+async def test_after_a_restart_the_relays_open_again_to_the_running_runs_that_asked(
+    make: Any,
+    run_network: tuple[str, str],
+    postgres_database: PostgresDatabase,
+) -> None:
+    network, _ = run_network
+    subnet, relay_port = "10.213.80.0/24", free_port()
+    settings = {"network": network, "network_subnet": subnet, "database_relay_port": relay_port}
+    configured = DatabaseMount(
+        label="clinic", type="sql", uri=postgres_database.uri, is_local_path=False
+    )
+    first, events, harness = await make(**settings)
+    gateway = harness.settings.network_gateway
+    (clinic,) = await first.relay_databases((configured,))
+    async with proxy_on(gateway) as port:
+        spec = harness.spec(
+            1,
+            Behaviour(sleep=120),
+            proxy=ProxyEndpoint(host=gateway, port=port),
+            databases=(clinic,),
+            requested=[{"label": "clinic"}],
+            requested_databases=("clinic",),
+        )
+        await first.start(spec)
+        await events.wait_for(1, Phase.RUNNING, timeout=60)
+        await first.close()  # the node stops; the run goes on
+
+        second, _, _ = await make(**settings)
+        await second.relay_databases((configured,))
+        (relay,) = second._relays.values()
+        admitted = set(relay.admitted)
+        listed = nft("-j", "list", "set", "inet", table_name(network), "db_access")
+        await second.kill(1)
+
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = [e["set"] for e in json.loads(listed.stdout)["nftables"] if "set" in e]
+    pairs = [tuple(e["concat"]) for e in entry.get("elem", [])]
+    (address,) = admitted
+    assert pairs == [(address, relay_port)]
