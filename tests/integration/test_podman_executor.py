@@ -525,3 +525,45 @@ async def test_after_a_restart_the_relays_open_again_to_the_running_runs_that_as
     pairs = [tuple(e["concat"]) for e in entry.get("elem", [])]
     (address,) = admitted
     assert pairs == [(address, relay_port)]
+
+
+@pytest.mark.postgres
+async def test_a_database_named_by_host_name_is_reached_by_that_name_through_the_relay(
+    make: Any,
+    run_network: tuple[str, str],
+    postgres_database: PostgresDatabase,
+    sqlprobe: str,
+) -> None:
+    """A URI's host *name* stays in what the run is told (TLS would check it): the run's
+    hosts file maps it to the relay. The name is this host's own, which resolves here."""
+    name = socket.gethostname()
+    network, _ = run_network
+    executor, events, harness = await make(
+        network=network, network_subnet="10.213.81.0/24", database_relay_port=free_port()
+    )
+    gateway = harness.settings.network_gateway
+    db = postgres_database
+    uri = f"postgresql://{db.user}:{db.password}@{name}:{db.port}/{db.database}"
+    (clinic,) = await executor.relay_databases(
+        (DatabaseMount(label="clinic", type="sql", uri=uri, is_local_path=False),)
+    )
+    task = {"label": "clinic", "query": "select count(*) from patients", "timeout": 5}
+    async with proxy_on(gateway) as port:
+        await executor.start(
+            harness._spec(
+                1,
+                sqlprobe,
+                json.dumps(task).encode(),
+                databases=(clinic,),
+                requested=[{"label": "clinic"}],
+                proxy=ProxyEndpoint(host=gateway, port=port),
+                requested_databases=("clinic",),
+            )
+        )
+        end = await events.terminal(1, timeout=60)
+        report = json.loads((await executor.collect(1)).output)
+
+    assert end.phase is Phase.SUCCEEDED
+    assert (report["uri_host"], report["uri_port"]) == (name, clinic.run_port)
+    assert report.get("error") is None, report
+    assert report["rows"] == [[len(PATIENTS)]]
