@@ -24,7 +24,7 @@ from common.backoff import Backoff
 from node.lifecycle.inflight import RunInFlight
 from node.logging import get_logger
 from node.server.models import NodeIdentity, Run, RunStatus
-from node.server.rest import ServerClient, ServerError
+from node.server.rest import ServerClient, ServerError, ServerUnavailable
 
 log = get_logger(__name__)
 
@@ -84,13 +84,19 @@ class RunServer:
         return Run.model_validate(body)
 
     async def container_token(self, run: Run) -> str | None:
-        """A new container token for the run's task and image; ``None`` if refused."""
+        """A new container token for the run's task and image; ``None`` if refused.
+
+        A server that cannot be reached refuses nothing: :class:`ServerUnavailable` is
+        raised, and the run is taken again at the next sync instead of failing.
+        """
         try:
             body = await self._server.request(
                 "POST",
                 "token/container",
                 json_body={"task_id": run.task.id, "image": run.task.image},
             )
+        except ServerUnavailable:
+            raise
         except ServerError as exc:
             log.warning("run.no_container_token", error=str(exc))
             return None

@@ -53,6 +53,8 @@ class ServerStandIn:
         self.patches: list[tuple[int, dict[str, Any]]] = []
         self.calls: list[tuple[str, str]] = []
         self.unreachable = 0
+        #: How many container-token requests fail as if the server were away.
+        self.token_unreachable = 0
         self._tokens = itertools.count(1)
 
     def add_run(
@@ -105,6 +107,11 @@ class ServerStandIn:
         if method == "PATCH" and parts[0] == "run":
             return self._patch(int(parts[1]), dict(json_body or {}), path)
         if method == "POST" and path == "token/container":
+            if self.token_unreachable > 0:
+                self.token_unreachable -= 1
+                raise ServerUnavailable(
+                    "cannot reach the server: stand-in", method=method, path=path
+                )
             return {"container_token": f"container-token-{next(self._tokens)}"}
         if method == "GET" and parts[0] == "organization":
             return {"id": int(parts[1]), "public_key": self.public_keys.get(int(parts[1]))}

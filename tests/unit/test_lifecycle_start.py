@@ -66,6 +66,26 @@ async def test_a_run_killed_while_it_waits_for_a_slot_never_starts(tmp_path: Pat
         assert node.runtime.started == [1]
 
 
+async def test_a_run_whose_token_the_away_server_could_not_give_is_started_at_the_next_sync(
+    tmp_path: Path,
+) -> None:
+    # Found by the chaos campaign: a server restart during a start failed the run as
+    # "could not obtain an algorithm container token"; only a refusal may end it.
+    async with lifecycle_under_test(tmp_path) as node:
+        node.add_run(1, behaviour(output="done"))
+        node.server.token_unreachable = 1
+
+        await node.lifecycle.sync()
+        await node.until(lambda: node.server.token_unreachable == 0)
+        await node.until(lambda: node.lifecycle.in_flight == 0)  # let go of, not failed
+        assert node.runtime.started == []
+        assert not node.server.finished(1)
+
+        await node.lifecycle.sync()  # the server is back: the socket's sync
+        assert await node.finished(1) == RunStatus.COMPLETED.value
+        assert node.runtime.started == [1]
+
+
 async def test_a_subtask_starts_while_central_runs_hold_every_slot(tmp_path: Path) -> None:
     # A central run waits for its subtasks in its slot; they must not wait for that slot.
     async with lifecycle_under_test(tmp_path, max_concurrent_runs=1) as node:
