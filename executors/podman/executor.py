@@ -139,6 +139,9 @@ class PodmanExecutor:
                 )
                 if watch.start():
                     self._exit_watch = watch
+            bridge_meta = None
+            if self._settings.firewall != "off":
+                bridge_meta = await self._firewall.learn_host()
             self._stream.fed_by(self._tasks.spawn(self._follow_events(), name="podman-events"))
             try:
                 await asyncio.wait_for(
@@ -156,6 +159,8 @@ class PodmanExecutor:
             socket=self._settings.socket_path,
             api_version=".".join(map(str, version)),
             exit_watch=self._exit_watch is not None,
+            # Facts about the host, said once here rather than by every run: None = unknown.
+            nft_bridge_meta=bridge_meta,
         )
 
     async def close(self) -> None:

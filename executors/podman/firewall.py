@@ -9,6 +9,12 @@ applying it again changes nothing. When the node stops, :meth:`RunsFirewall.rele
 takes its proxy ports out and leaves the tables: its runs keep running, and stay fenced
 in (with nothing to reach until the node is back).
 
+Whether the kernel can match bridge ports by name (``meta ibrname``, module
+``nft_meta_bridge``) is a fact about the host, learnt once when the executor opens
+(:meth:`RunsFirewall.learn_host`, a check-only ``nft -c`` that changes nothing) and said in
+its one start-up line; the rules then match run-to-run traffic by the runs' subnet instead.
+Where the check could not tell, the first apply finds out and falls back the same way.
+
 An ``nft`` that is missing or may not change the firewall (not root, no CAP_NET_ADMIN)
 raises :class:`~executors.base.ExecutorError` naming the setting and both ways out; the
 executor fails that run's start with it (``start-failed``) and keeps serving. Nothing
@@ -52,15 +58,30 @@ class NftResult(NamedTuple):
     stderr: str
 
 
+#: A check-only ruleset naming ``meta ibrname``: the kernel refuses it without
+#: ``nft_meta_bridge``. ``nft -c`` sends it to the kernel and commits nothing.
+BRIDGE_META_PROBE = """table bridge fednode-probe {
+  chain forward {
+    meta ibrname "fednode-probe" accept
+  }
+}
+"""
+
+
 async def run_nft(
-    script: str, *, seconds: float, commands: tuple[str, ...] = NFT_COMMANDS
+    script: str,
+    *,
+    seconds: float,
+    commands: tuple[str, ...] = NFT_COMMANDS,
+    check_only: bool = False,
 ) -> NftResult:
-    """Run ``nft -f -`` with ``script`` on its stdin, for at most ``seconds``;
-    ``FileNotFoundError`` when there is no nft."""
+    """Run ``nft -f -`` (``nft -c -f -`` with ``check_only``) with ``script`` on its stdin,
+    for at most ``seconds``; ``FileNotFoundError`` when there is no nft."""
     for command in commands:
         try:
             process = await asyncio.create_subprocess_exec(
                 command,
+                *(("-c",) if check_only else ()),
                 "-f",
                 "-",
                 stdin=asyncio.subprocess.PIPE,
@@ -92,6 +113,26 @@ class RunsFirewall:
         #: What the last successful apply was for: the network and the ports it allowed.
         self._applied: tuple[RunNetwork, frozenset[int]] | None = None
         self._bridge_by_name = True
+
+    async def learn_host(self) -> bool | None:
+        """Whether this kernel matches bridge ports by name (``nft_meta_bridge``); ``None``
+        when nft cannot tell (missing, not permitted: the first apply says why). Learnt
+        once, so that the rules fit the host before the first run, without a retry."""
+        try:
+            result = await run_nft(
+                BRIDGE_META_PROBE,
+                seconds=self._seconds,
+                commands=self._commands,
+                check_only=True,
+            )
+        except FileNotFoundError:
+            return None
+        if result.returncode == 0:
+            return True
+        if _no_bridge_meta(result):
+            self._bridge_by_name = False
+            return False
+        return None
 
     async def allow(self, network: RunNetwork, *, proxy_port: int) -> None:
         """Make sure runs on ``network`` reach ``proxy_port`` on its gateway and nothing
@@ -185,7 +226,8 @@ class RunsFirewall:
         try:
             result = await self._run(network, ports)
             if result.returncode != 0 and self._bridge_by_name and _no_bridge_meta(result):
-                log.warning(
+                # A fact about the host that learn_host could not establish: said once.
+                log.info(
                     "podman.firewall.no_bridge_meta",
                     network=network.name,
                     detail="kernel lacks nft_meta_bridge; run-to-run IPv4 matched by subnet",
