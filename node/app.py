@@ -95,6 +95,8 @@ class Node:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; raises :class:`NodeStartError` on fatal set-up errors."""
         settings = self.settings
+        for note in settings.carried_over:
+            log.warning("config.v4_key", keys=list(note.keys), message=note.message)
         for warning in await asyncio.to_thread(posture_warnings, settings):
             log.warning(warning.event, message=warning.message, **warning.keys)
         server = ServerClient(
@@ -415,6 +417,12 @@ class Node:
             deadline_seconds=settings.policies.resources.default_deadline_seconds,
             executor_kind=executor.kind,
             allowed_algorithms=tuple(settings.policies.allowed_algorithms),
+            allowed_organizations=tuple(settings.policies.allowed_organizations),
+            allowed_users=tuple(settings.policies.allowed_users),
+            database_env={db.label: dict(db.env) for db in settings.databases if db.env},
+            algorithm_env=dict(settings.algorithm_env),
+            share_algorithm_logs=settings.share_algorithm_logs,
+            share_config=settings.share_config,
         )
 
 

@@ -18,7 +18,13 @@ import yaml
 
 from node import __version__
 from node.posture import posture_warnings
-from node.settings import ConfigError, NodeSettings, load_settings, redacted_dump
+from node.settings import (
+    ConfigError,
+    NodeSettings,
+    load_settings,
+    read_file_values,
+    redacted_dump,
+)
 
 EXIT_BAD_CONFIG = 2
 #: A service of the running node (socket link, event consumers, token refresher) died.
@@ -226,10 +232,41 @@ def keys_create(
 def config_check(config: ConfigOption) -> None:
     """Validate a configuration; print the effective configuration with secrets redacted."""
     settings = load_or_exit(config)
+    for note in settings.carried_over:
+        typer.echo(f"fednode: warning: {note.line}", err=True)
     for warning in posture_warnings(settings):
         typer.echo(f"fednode: warning: {warning.message}", err=True)
     typer.echo(f"# {config}: valid. Effective configuration (secrets redacted):")
     typer.echo(yaml.safe_dump(redacted_dump(settings), sort_keys=False).rstrip())
+
+
+@config_app.command("import")
+def config_import(
+    v4_config: Annotated[
+        Path, typer.Argument(help="A vantage6 4 node configuration file.", show_default=False)
+    ],
+) -> None:
+    """Print the fednode configuration equivalent to a vantage6 4 node.yaml.
+
+    Keys fednode honours are carried over (paths made absolute, so the printed file works
+    wherever it is saved); what fednode does instead for the others is said on stderr and
+    in the file's first lines. Secrets are printed as the file has them.
+    """
+    try:
+        values, notes = read_file_values(v4_config)
+        load_settings(None, **values)  # the printed file must be valid as it is
+    except ConfigError as exc:
+        typer.echo(f"fednode: {v4_config} cannot be carried over:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from None
+    for note in notes:
+        typer.echo(f"fednode: warning: {note.line}", err=True)
+    header = [f"# fednode configuration carried over from {v4_config.absolute()}"]
+    header += [f"# not carried over: {note.line}" for note in notes]
+    header.append("# Check it with:  fednode config check -c <this file>")
+    typer.echo("\n".join(header))
+    typer.echo(yaml.safe_dump(values, sort_keys=False).rstrip())
 
 
 @config_app.command("example")

@@ -27,10 +27,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
     PlainValidator,
+    PrivateAttr,
     SecretStr,
     SerializeAsAny,
     TypeAdapter,
@@ -53,7 +55,9 @@ from executors.kubernetes.config import KubernetesSettings
 from executors.podman.config import PodmanSettings
 from executors.registry import GROUP as EXECUTOR_GROUP
 from executors.registry import available_kinds, load_factory
+from node.contract import is_contract_name
 from node.redaction import REDACTED, is_secret_name, redact
+from node.settings_v4 import CarriedOver, carry_over
 
 ENV_PREFIX = "FEDNODE_"
 ENV_NESTED_DELIMITER = "__"
@@ -95,12 +99,38 @@ class DatabaseType(enum.StrEnum):
         }
 
 
+#: A variable name (or the part of one) an operator may give: letters, digits, underscores.
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _stringified(values: Any) -> Any:
+    """Numbers and booleans of an environment map as text, as vantage6 4 passes them."""
+    if isinstance(values, Mapping):
+        return {
+            key: str(value) if isinstance(value, int | float) else value
+            for key, value in values.items()
+        }
+    return values
+
+
+#: An environment map from the file: names as :data:`_ENV_NAME`, values text.
+EnvironmentMap = Annotated[
+    dict[Annotated[str, Field(pattern=_ENV_NAME)], str], BeforeValidator(_stringified)
+]
+
+
 class Database(_Section):
-    """One data source offered to algorithms under ``label``."""
+    """One data source offered to algorithms under ``label``.
+
+    ``env`` (vantage6 4's key) holds settings only the algorithms that ask for this
+    database need, user names and passwords say: a run that requested it gets each as
+    ``<LABEL>_DB_PARAM_<KEY>`` (:mod:`node.contract`), other runs do not.
+    """
 
     label: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
     type: DatabaseType
     uri: str
+    env: EnvironmentMap = Field(default_factory=dict)
 
     @field_validator("uri")
     @classmethod
@@ -392,6 +422,18 @@ class NodeSettings(BaseSettings):
     max_output_bytes: Annotated[ByteSize, Field(ge=1)] = ByteSize(64 * 1024 * 1024)
     #: Of a longer log only the end is kept and uploaded, with a note saying what was cut.
     max_log_bytes: Annotated[ByteSize, Field(ge=1024)] = ByteSize(1024 * 1024)
+    #: Extra variables every run's container gets (vantage6 4's key); the contract's own
+    #: variables (``HOST``, ``INPUT_FILE``, a database's ...) cannot be given here.
+    algorithm_env: EnvironmentMap = Field(default_factory=dict)
+    #: false: the server gets no algorithm output in a run's log, only why the run ended;
+    #: the log stays in this node's own log (vantage6 4's key and default).
+    share_algorithm_logs: bool = True
+    #: false: the node does not tell the server its policies and database labels
+    #: (``node_info_update``), which collaborators otherwise see (vantage6 4's key).
+    share_config: bool = True
+
+    #: What :mod:`node.settings_v4` did with vantage6 4 keys of the file (not a setting).
+    _carried_over: tuple[CarriedOver, ...] = PrivateAttr(default=())
 
     @property
     def admin_socket(self) -> Path:
@@ -436,6 +478,19 @@ class NodeSettings(BaseSettings):
         return credentials
 
     @model_validator(mode="after")
+    def _algorithm_env_leaves_the_contract_alone(self) -> NodeSettings:
+        labels = [db.label for db in self.databases]
+        taken = sorted(name for name in self.algorithm_env if is_contract_name(name, labels))
+        if taken:
+            raise ValueError(
+                f"algorithm_env.{taken[0]}: fednode sets "
+                f"{'these variables' if len(taken) > 1 else 'this variable'} "
+                f"({', '.join(taken)}) for every run (the vantage6 algorithm contract); "
+                "remove it from algorithm_env (a database's settings go in its env)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _proxy_port_agrees(self) -> NodeSettings:
         executor = self.executor
         if (
@@ -457,6 +512,11 @@ class NodeSettings(BaseSettings):
                 "proxy_service runs are given that Service's ClusterIP"
             )
         return self
+
+    @property
+    def carried_over(self) -> tuple[CarriedOver, ...]:
+        """What was done with the vantage6 4 keys of the file: one note per warning line."""
+        return self._carried_over
 
     @property
     def executor_kind(self) -> str:
@@ -494,16 +554,30 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
     Raises :class:`ConfigError` with one line per problem; never a traceback for bad input.
     """
     file_values: dict[str, Any] = {}
+    notes: list[CarriedOver] = []
     if path is not None:
-        file_values = _read_yaml(path)
-        _resolve_relative_paths(file_values, base=path.absolute().parent)
+        file_values, notes = read_file_values(path)
     token = _file_values.set(file_values)
     try:
-        return NodeSettings(**overrides)
+        settings = NodeSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
     finally:
         _file_values.reset(token)
+    settings._carried_over = tuple(notes)
+    return settings
+
+
+def read_file_values(path: Path) -> tuple[dict[str, Any], list[CarriedOver]]:
+    """The file's values in fednode's keys (vantage6 4 ones carried over), paths absolute.
+
+    What ``fednode config import`` prints; :class:`ConfigError` for what cannot be carried.
+    """
+    carried = carry_over(_read_yaml(path))
+    if carried.problems:
+        raise ConfigError(carried.problems)
+    _resolve_relative_paths(carried.values, base=path.absolute().parent)
+    return carried.values, carried.notes
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

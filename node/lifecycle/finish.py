@@ -4,7 +4,9 @@ The executor reports a terminal phase (:class:`~executors.spec.RunEvent`); from 
 proxy refuses the run's token (403) and the run's slot is free for the next one (its
 container is done). :class:`Finisher` then collects the output file and the log, adds a
 line saying in words why the run ended, encrypts the output for the organization that
-started the task, and uploads result, log, status and ``finished_at`` in one PATCH
+started the task, and uploads result, log, status and ``finished_at`` in one PATCH (where
+``share_algorithm_logs`` is false the log keeps only the node's own lines: the algorithm's
+output goes to this node's log instead, as with the vantage6 4 node)
 (:meth:`node.lifecycle.server.RunServer.upload`, retried with backoff while the server
 cannot be reached). Last, the collaboration hears of the new status, the run leaves the
 node's memory and its runtime objects and files are removed.
@@ -75,6 +77,10 @@ EXPLANATION: dict[Reason, str] = {
 }
 
 
+#: What the server gets instead of the algorithm's output with ``share_algorithm_logs: false``.
+LOG_WITHHELD = "fednode: this node does not share algorithm logs (share_algorithm_logs: false)"
+
+
 class ResultNotSealed(Exception):
     """The output cannot be encrypted for the organization that started the task."""
 
@@ -93,8 +99,10 @@ class Finisher:
         tracer: trace.Tracer,
         work: TaskOwner,
         runtime_patience: float,
+        share_algorithm_logs: bool = True,
     ) -> None:
         self._server = server
+        self._share_logs = share_algorithm_logs
         self._executor = executor
         self._inflight = inflight
         self._cryptor = cryptor
@@ -163,7 +171,7 @@ class Finisher:
                     event="run.collect_retrying",
                     final=(UnknownRun,),
                 )
-                result, container_log = output.output, output.log
+                result, container_log = output.output, self._shared_log(output.log)
             except ExecutorError as exc:
                 result, container_log = b"", f"(no output could be collected: {exc})"
             else:
@@ -193,6 +201,13 @@ class Finisher:
         await self._server.announce(record, status)
         self._inflight.finished(record, status=status.value, reason=reason.value)
         self._spawn_cleanup(record.run_id)
+
+    def _shared_log(self, container_log: str) -> str:
+        """The part of the algorithm's log the server may have: all of it, or nothing."""
+        if self._share_logs:
+            return container_log
+        log.info("run.algorithm_log", log=container_log, shared=False)
+        return LOG_WITHHELD
 
     async def _sealed(self, record: RunInFlight, result: bytes) -> str:
         """The output encrypted for the task's initiator (base64 only, if unencrypted)."""

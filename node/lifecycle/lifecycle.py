@@ -84,6 +84,7 @@ class RunLifecycle:
             tracer=tracer,
             work=self._work,
             runtime_patience=runtime_patience,
+            share_algorithm_logs=config.share_algorithm_logs,
         )
         self._starter = Starter(
             server=self._server,
@@ -137,7 +138,8 @@ class RunLifecycle:
         """Catch up with the server: every open run of this node is claimed or started."""
         runs = await self._server.open_runs()
         log.info("runs.sync", open_runs=len(runs), in_flight=self.in_flight)
-        await self._server.emit_node_info(self._node_info())
+        if self._config.share_config:
+            await self._server.emit_node_info(self._node_info())
         self._take(runs, received_ns=received_ns)
 
     async def fetch_task(self, task_id: int, *, received_ns: int | None = None) -> None:
@@ -211,12 +213,19 @@ class RunLifecycle:
     # -- what the node tells ----------------------------------------------------------------
 
     def _node_info(self) -> dict[str, Any]:
-        return {
+        """What the 4.x node shares with ``share_config`` on: policies, database labels."""
+        config = self._config
+        info: dict[str, Any] = {
             "encryption": self._cryptor.encrypted,
-            "allowed_algorithms": list(self._config.allowed_algorithms) or "all",
-            "database_labels": [db.label for db in self._config.databases],
-            "database_types": {f"db_type_{db.label}": db.type for db in self._config.databases},
+            "allowed_algorithms": list(config.allowed_algorithms) or "all",
+            "database_labels": [db.label for db in config.databases],
+            "database_types": {f"db_type_{db.label}": db.type for db in config.databases},
         }
+        if config.allowed_users:
+            info["allowed_users"] = list(config.allowed_users)
+        if config.allowed_organizations:
+            info["allowed_orgs"] = list(config.allowed_organizations)
+        return info
 
     @property
     def in_flight(self) -> int:

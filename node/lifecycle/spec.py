@@ -10,8 +10,10 @@ runtime or an event loop. :class:`LifecycleConfig` holds the node-level facts it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from pydantic import SecretStr
 
@@ -33,6 +35,18 @@ class LifecycleConfig:
     executor_kind: str
     task_dir: Path
     allowed_algorithms: tuple[str, ...] = ()
+    allowed_organizations: tuple[int, ...] = ()
+    allowed_users: tuple[int, ...] = ()
+    #: Each database's ``env`` by label: ``<LABEL>_DB_PARAM_*`` of the runs that ask for it.
+    database_env: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    #: The node's ``algorithm_env``: every run gets these variables.
+    algorithm_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: false: uploads carry no algorithm output in the run's log (``share_algorithm_logs``).
+    share_algorithm_logs: bool = True
+    #: false: the node does not send the server its policies and labels (``share_config``).
+    share_config: bool = True
 
 
 def build_spec(
@@ -67,6 +81,8 @@ def build_spec(
             requested=[db.model_dump() for db in task.databases],
             proxy=config.proxy,
             trace_context=trace_context,
+            database_env=config.database_env,
+            algorithm_env=config.algorithm_env,
         ),
         databases=config.databases,
         requested_databases=tuple(dict.fromkeys(db.label for db in task.databases if db.label)),
