@@ -358,6 +358,11 @@ def _has_tag_or_digest(name: str) -> bool:
 
 
 def _asks_for_something(value: Any) -> bool:
+    """Whether a dropped key's value asks for anything (``enabled: false`` asks nothing)."""
+    if isinstance(value, Mapping):
+        if "enabled" in value and not value["enabled"]:
+            return False
+        return any(_asks_for_something(item) for item in value.values())
     return value not in (None, False, "", [], {})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -101,9 +103,14 @@ async def start_node(
         *,
         csv: Path | None = None,
         connected: bool = True,
+        from_file: bool = False,
         **overrides: Any,
     ) -> RunningNode:
-        """Start a node; unless ``connected=False``, wait until it is connected."""
+        """Start a node; unless ``connected=False``, wait until it is connected.
+
+        ``from_file``: the settings are written to a ``node.yaml`` and read from it, as
+        ``fednode start -c`` does (vantage6 4 keys among ``overrides`` are carried over).
+        """
         csv = csv or DATA / ("employees_a.csv" if org is collaboration.org_a else "employees_b.csv")
         values = node_settings(
             org=org,
@@ -114,8 +121,14 @@ async def start_node(
             **overrides,
         )
         exporter = InMemorySpanExporter()
+        if from_file:
+            path = tmp_path / f"node-{org.name}.yaml"
+            path.write_text(yaml.safe_dump(json.loads(json.dumps(values, default=str))))
+            settings = load_settings(path)
+        else:
+            settings = load_settings(None, **values)
         node = Node(
-            load_settings(None, **values),
+            settings,
             span_processors=(SimpleSpanProcessor(exporter),),
             shutdown_grace=5.0,
         )

@@ -86,8 +86,12 @@ async def lifecycle_under_test(
     server: ServerStandIn | None = None,
     proxy_runs: RunTable | None = None,
     reconcile: bool = True,
+    **config_fields: Any,
 ) -> AsyncIterator[LifecycleUnderTest]:
-    """A started lifecycle (reconciled, following executor events); closed on exit."""
+    """A started lifecycle (reconciled, following executor events); closed on exit.
+
+    ``config_fields`` are more fields of its :class:`LifecycleConfig` (``share_config=False``).
+    """
     task_dir = tmp_path / "tasks"
     owns_runtime = runtime is None
     runtime = runtime or MemoryRuntime(task_dir=task_dir)
@@ -111,6 +115,7 @@ async def lifecycle_under_test(
             deadline_seconds=60,
             executor_kind=executor.kind,
             task_dir=task_dir,
+            **config_fields,
         ),
         tracer=trace.NoOpTracer(),
         keys=OrganizationKeys(server),  # type: ignore[arg-type]

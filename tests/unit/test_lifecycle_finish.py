@@ -18,6 +18,7 @@ from opentelemetry import trace
 from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason, RunSpec
 from node.crypto import RSACryptor
+from node.lifecycle.finish import LOG_WITHHELD
 from node.lifecycle.inflight import InFlight
 from node.lifecycle.spec import LifecycleConfig
 from node.server.models import Run, RunStatus
@@ -150,3 +151,30 @@ async def test_an_upload_that_ends_while_the_node_stops_is_not_reported_failed(
         assert node.server.status(1) == RunStatus.COMPLETED.value
         assert node.notifier.statuses(1)[-1] == "completed"
         assert 1 in node.runtime.runs  # removed by the next start's reconcile instead
+
+
+async def test_with_share_algorithm_logs_false_the_server_gets_why_but_not_the_output(
+    tmp_path: Path,
+) -> None:
+    async with lifecycle_under_test(tmp_path, share_algorithm_logs=False) as node:
+        node.add_run(1, behaviour(log="patient 17 is 43 years old", exit_code=3))
+        node.add_run(2, behaviour(log="behave: fine"))
+        await node.lifecycle.sync()
+
+        assert await node.finished(1) == RunStatus.CRASHED.value
+        assert await node.finished(2) == RunStatus.COMPLETED.value
+
+    crashed, completed = node.log_of(1), node.log_of(2)
+    assert "patient 17" not in crashed and "behave" not in crashed
+    assert crashed.startswith(LOG_WITHHELD)
+    assert "exited with a non-zero exit code (exit code 3)" in crashed  # the node's own words
+    assert completed == LOG_WITHHELD
+
+
+async def test_by_default_the_algorithm_log_is_uploaded(tmp_path: Path) -> None:
+    async with lifecycle_under_test(tmp_path) as node:
+        node.add_run(1, behaviour(log="shared line"))
+        await node.lifecycle.sync()
+        await node.finished(1)
+
+    assert "shared line" in node.log_of(1)

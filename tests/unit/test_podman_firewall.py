@@ -251,3 +251,44 @@ def test_database_access_without_databases_only_takes_away() -> None:
         database_access_ruleset(
             "fednode-runs", address="10.213.0.7", relay_ports=[15432], allowed_ports=[1]
         )
+
+
+def no_bridge_meta_nft(tmp_path: Path) -> tuple[str, Path]:
+    """An nft that refuses scripts naming ibrname, as on a kernel without nft_meta_bridge;
+    it records each script with its arguments."""
+    record = tmp_path / "scripts.log"
+    script = tmp_path / "nft"
+    script.write_text(
+        "#!/bin/sh\n"
+        'input=$(cat); printf "%s\\n%s\\n=====\\n" "$*" "$input" >> "' + str(record) + '"\n'
+        'case "$input" in *ibrname*) '
+        "echo 'Error: Could not process rule: Operation not supported' >&2; "
+        "echo ' meta ibrname \"fednode-probe\" accept' >&2; exit 1;; esac\n"
+    )
+    script.chmod(0o755)
+    return str(script), record
+
+
+async def test_the_host_is_asked_once_and_the_first_apply_already_fits_it(
+    tmp_path: Path,
+) -> None:
+    command, record = no_bridge_meta_nft(tmp_path)
+    firewall = RunsFirewall(seconds=5, commands=(command,))
+
+    assert await firewall.learn_host() is False
+    await firewall.allow(NETWORK, proxy_port=7654)
+
+    probe, apply = applied(record)
+    assert probe.startswith("-c -f -\n")  # check only: the probe changes nothing
+    assert "ibrname" in probe
+    assert "ibrname" not in apply and "ip saddr 10.213.0.0/24 drop" in apply
+
+
+async def test_where_nft_cannot_tell_the_host_is_unknown_and_nothing_is_assumed(
+    tmp_path: Path,
+) -> None:
+    refused, _ = fake_nft(tmp_path, exit_code=1, stderr="Error: Operation not permitted")
+    assert await RunsFirewall(seconds=5, commands=(refused,)).learn_host() is None
+    assert await RunsFirewall(seconds=5, commands=(str(tmp_path / "no-nft"),)).learn_host() is None
+    able, _ = fake_nft(tmp_path)
+    assert await RunsFirewall(seconds=5, commands=(able,)).learn_host() is True

@@ -2,7 +2,9 @@
 
 Input: one JSON object, all keys optional: ``exit_code`` (default 0), ``sleep`` (seconds),
 ``allocate_mb`` (touch this much memory, then hold it), ``output`` (text written to the
-output file), ``log`` (a line for stdout; one also goes to stderr). Two keys play an
+output file), ``log`` (a line for stdout; one also goes to stderr), ``env`` (names of
+environment variables: the output is then a JSON object of their decoded values, null
+for those not set). Two keys play an
 attacker: ``output_link`` replaces the output file with a symbolic link to that path (as
 ``ln -sf``; exit code 17 with the error when the runtime does not let it), and
 ``output_size`` makes the output that many bytes long without writing them (a sparse
@@ -41,7 +43,11 @@ def main():
         held.append(b"\x01" * (1024 * 1024))  # written, so the pages are really used
     time.sleep(float(behaviour.get("sleep", 0)))
     output = Path(env("OUTPUT_FILE"))
-    output.write_text(str(behaviour.get("output", "")))
+    if "env" in behaviour:
+        seen = {name: env(name) if name in os.environ else None for name in behaviour["env"]}
+        output.write_text(json.dumps(seen))
+    else:
+        output.write_text(str(behaviour.get("output", "")))
     if behaviour.get("output_size"):
         os.truncate(output, int(behaviour["output_size"]))
     if behaviour.get("output_link"):
