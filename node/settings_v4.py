@@ -64,9 +64,13 @@ DROPPED: tuple[tuple[tuple[str, ...], str], ...] = (
         "mounts and host names where you start it (systemd unit, container, Helm values)",
     ),
     (
-        ("images",),
+        ("images", "alpine"),
         "fednode starts no helper containers (VPN client, SSH tunnel, squid, alpine); the "
         "node's own image is chosen where it is installed",
+    ),
+    (
+        ("directories",),
+        "fednode keeps run files in task_dir and writes its log to standard output",
     ),
     (
         ("vpn_subnet",),

@@ -76,6 +76,7 @@ def test_the_documented_file_is_accepted_with_each_dropped_key_named_in_one_line
             "node_extra_mounts",
             "node_extra_hosts",
             "images",
+            "directories",
             "vpn_subnet",
             "ssh-tunnels",
             "whitelist",
@@ -222,7 +223,7 @@ def test_import_prints_a_fednode_file_that_config_check_accepts_without_notes(
     assert imported.exit_code == 0, imported.output
     warnings = imported.stderr.strip().splitlines()
     assert warnings == [f"fednode: warning: {n.line}" for n in load_settings(v4).carried_over]
-    assert len(warnings) == 9
+    assert len(warnings) == 10
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     printed = elsewhere / "fednode.yaml"
