@@ -135,6 +135,22 @@ def applied(record: Path) -> list[str]:
     return [s for s in record.read_text().split("=====\n") if s] if record.exists() else []
 
 
+def no_bridge_meta_nft(tmp_path: Path) -> tuple[str, Path]:
+    """An nft that refuses scripts naming ibrname, as on a kernel without nft_meta_bridge;
+    it records each script with its arguments."""
+    record = tmp_path / "scripts.log"
+    script = tmp_path / "nft"
+    script.write_text(
+        "#!/bin/sh\n"
+        'input=$(cat); printf "%s\\n%s\\n=====\\n" "$*" "$input" >> "' + str(record) + '"\n'
+        'case "$input" in *ibrname*) '
+        "echo 'Error: Could not process rule: Operation not supported' >&2; "
+        "echo ' meta ibrname \"fednode-probe\" accept' >&2; exit 1;; esac\n"
+    )
+    script.chmod(0o755)
+    return str(script), record
+
+
 async def test_it_applies_once_per_port_and_again_with_both_when_a_run_names_another(
     tmp_path: Path,
 ) -> None:
@@ -189,18 +205,8 @@ async def test_without_the_right_to_change_the_firewall_a_run_fails_saying_so(
 async def test_on_a_kernel_without_bridge_meta_it_falls_back_to_the_subnet(
     tmp_path: Path,
 ) -> None:
-    # An nft that refuses scripts naming ibrname, as on a kernel without nft_meta_bridge.
-    record = tmp_path / "scripts.log"
-    script = tmp_path / "nft"
-    script.write_text(
-        "#!/bin/sh\n"
-        'input=$(cat); printf "%s\\n=====\\n" "$input" >> "' + str(record) + '"\n'
-        'case "$input" in *ibrname*) '
-        "echo 'Error: Could not process rule: Operation not supported' >&2; "
-        "echo 'add rule bridge t forward meta ibrname \"podman1\" drop' >&2; exit 1;; esac\n"
-    )
-    script.chmod(0o755)
-    firewall = RunsFirewall(seconds=5, commands=(str(script),))
+    command, record = no_bridge_meta_nft(tmp_path)
+    firewall = RunsFirewall(seconds=5, commands=(command,))
 
     await firewall.allow(NETWORK, proxy_port=7654)  # no error: the fallback applied
     await firewall.allow(NETWORK, proxy_port=8000)
@@ -251,22 +257,6 @@ def test_database_access_without_databases_only_takes_away() -> None:
         database_access_ruleset(
             "fednode-runs", address="10.213.0.7", relay_ports=[15432], allowed_ports=[1]
         )
-
-
-def no_bridge_meta_nft(tmp_path: Path) -> tuple[str, Path]:
-    """An nft that refuses scripts naming ibrname, as on a kernel without nft_meta_bridge;
-    it records each script with its arguments."""
-    record = tmp_path / "scripts.log"
-    script = tmp_path / "nft"
-    script.write_text(
-        "#!/bin/sh\n"
-        'input=$(cat); printf "%s\\n%s\\n=====\\n" "$*" "$input" >> "' + str(record) + '"\n'
-        'case "$input" in *ibrname*) '
-        "echo 'Error: Could not process rule: Operation not supported' >&2; "
-        "echo ' meta ibrname \"fednode-probe\" accept' >&2; exit 1;; esac\n"
-    )
-    script.chmod(0o755)
-    return str(script), record
 
 
 async def test_the_host_is_asked_once_and_the_first_apply_already_fits_it(
