@@ -32,3 +32,6 @@ async def test_the_demo_prints_the_federated_mean_and_the_traces(
     assert "mean age: 41.875" in done.stdout
     assert "proxy POST /task" in done.stdout  # the central run's subtask, through the proxy
     assert done.stdout.count("status=completed") == 3  # central + two partials
+    # Quiet where nothing is wrong: no warnings (facts about the host are info, said once).
+    output = done.stdout + done.stderr
+    assert "warning" not in output.lower(), output[-3000:]
