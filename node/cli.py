@@ -263,7 +263,7 @@ def config_import(
     for note in notes:
         typer.echo(f"fednode: warning: {note.line}", err=True)
     header = [f"# fednode configuration carried over from {v4_config.absolute()}"]
-    header += [f"# not carried over: {note.line}" for note in notes]
+    header += [f"# warning: {note.line}" for note in notes]
     header.append("# Check it with:  fednode config check -c <this file>")
     typer.echo("\n".join(header))
     typer.echo(yaml.safe_dump(values, sort_keys=False).rstrip())

@@ -1,9 +1,11 @@
 """The node's configuration: one pydantic model, loaded from YAML with environment overrides.
 
 Keys follow the vantage6 node configuration where one exists (``server_url``, ``port``,
-``api_path``, ``api_key``, ``task_dir``, ``databases``, ``encryption``, ``policies``) so an
-operator can carry a vantage6 ``node.yaml`` over; fednode's own keys (``executor``,
-``proxy``, ``telemetry``, ``logging``, ``max_concurrent_runs``) sit beside them.
+``api_path``, ``api_key``, ``task_dir``, ``databases``, ``encryption``, ``policies``,
+``algorithm_env``, ``share_algorithm_logs``, ``share_config``); fednode's own keys
+(``executor``, ``proxy``, ``telemetry``, ``logging``, ``max_concurrent_runs``) sit beside
+them. A vantage6 4 ``node.yaml`` is read as it is: :mod:`node.settings_v4` first carries
+its other keys over (or drops them, each named in a note: :attr:`NodeSettings.carried_over`).
 
 Sources, strongest first: explicit keyword arguments, environment variables
 (``FEDNODE_`` prefix, ``__`` between nested keys, e.g. ``FEDNODE_PROXY__PORT=8080``), the
@@ -57,7 +59,7 @@ from executors.registry import GROUP as EXECUTOR_GROUP
 from executors.registry import available_kinds, load_factory
 from node.contract import is_contract_name
 from node.redaction import REDACTED, is_secret_name, redact
-from node.settings_v4 import CarriedOver, carry_over
+from node.settings_v4 import CarriedOver, CarryOver, carry_over
 
 ENV_PREFIX = "FEDNODE_"
 ENV_NESTED_DELIMITER = "__"
@@ -553,18 +555,17 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
 
     Raises :class:`ConfigError` with one line per problem; never a traceback for bad input.
     """
-    file_values: dict[str, Any] = {}
-    notes: list[CarriedOver] = []
-    if path is not None:
-        file_values, notes = read_file_values(path)
-    token = _file_values.set(file_values)
+    carried = _carried_file(path) if path is not None else CarryOver({})
+    token = _file_values.set(carried.values)
     try:
         settings = NodeSettings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        raise ConfigError(carried.problems + describe_validation_error(exc)) from None
     finally:
         _file_values.reset(token)
-    settings._carried_over = tuple(notes)
+    if carried.problems:
+        raise ConfigError(carried.problems)
+    settings._carried_over = tuple(carried.notes)
     return settings
 
 
@@ -573,11 +574,16 @@ def read_file_values(path: Path) -> tuple[dict[str, Any], list[CarriedOver]]:
 
     What ``fednode config import`` prints; :class:`ConfigError` for what cannot be carried.
     """
-    carried = carry_over(_read_yaml(path))
+    carried = _carried_file(path)
     if carried.problems:
         raise ConfigError(carried.problems)
-    _resolve_relative_paths(carried.values, base=path.absolute().parent)
     return carried.values, carried.notes
+
+
+def _carried_file(path: Path) -> CarryOver:
+    carried = carry_over(_read_yaml(path))
+    _resolve_relative_paths(carried.values, base=path.absolute().parent)
+    return carried
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -301,14 +301,16 @@ def _pull_policy(carried: CarryOver, always: bool) -> None:
 
 
 def _ids(carried: CarryOver, policies: dict[str, Any], key: str) -> bool:
-    """Ids written as text are numbers; names cannot be checked by fednode (refused)."""
+    """Ids written as text are numbers; names cannot be checked by fednode (refused, and
+    left out so that validation does not report them a second time)."""
     entries = policies.get(key)
     if not isinstance(entries, list):
         return False
     found = False
+    kept: list[Any] = []
     for index, entry in enumerate(entries):
         if isinstance(entry, str) and entry.strip().isdigit():
-            entries[index] = int(entry)
+            kept.append(int(entry))
             found = True
         elif isinstance(entry, str):
             what = "organization" if key == "allowed_organizations" else "user"
@@ -317,6 +319,9 @@ def _ids(carried: CarryOver, policies: dict[str, Any], key: str) -> bool:
                 f"ids only: give the {what}'s id (the server lists it) instead"
             )
             found = True
+        else:
+            kept.append(entry)
+    policies[key] = kept
     return found
 
 

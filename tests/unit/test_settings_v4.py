@@ -299,3 +299,16 @@ async def test_share_config_decides_whether_the_server_hears_the_nodes_policies(
         assert "allowed_users" not in info  # as the 4.x node: only the lists that are set
     else:
         assert infos == []
+
+
+def test_a_contradiction_and_a_bad_value_are_reported_together(tmp_path: Path) -> None:
+    path = v4_file(tmp_path, "documented.yaml", orgs="[root]")
+    path.write_text(path.read_text().replace("port: 443", "port: many"))
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path)
+
+    assert [problem.split(":")[0] for problem in refused.value.problems] == [
+        "policies.allowed_organizations[0]",
+        "port",
+    ]
