@@ -230,7 +230,12 @@ def _policies(carried: CarryOver) -> bool:
     policies = carried.values.get("policies")
     if not isinstance(policies, dict):
         return False
-    found = _stores(carried, policies)
+    found = False
+    for key in ("allowed_algorithms", "allowed_algorithm_stores"):
+        if isinstance(policies.get(key), str):  # the 4.x node takes one entry as a list
+            policies[key] = [policies[key]]
+            found = True
+    found = _stores(carried, policies) or found
     if "allow_basics_algorithm" in policies:
         found = True
         if not policies.pop("allow_basics_algorithm"):

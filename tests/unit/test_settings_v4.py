@@ -141,6 +141,14 @@ def test_image_patterns_of_a_v4_file_keep_their_v4_meaning(
     assert bool(re.fullmatch(written, image)) is v4_allows
 
 
+def test_one_image_pattern_given_as_text_is_a_list_of_one(tmp_path: Path) -> None:
+    path = v4_file(tmp_path, "cli_new.yaml", policies={"allowed_algorithms": "repo/avg"})
+
+    (written,) = load_settings(path).policies.allowed_algorithms
+
+    assert re.fullmatch(written, "repo/avg:1") and not re.fullmatch(written, "repo/avgx")
+
+
 def test_a_fednode_file_passes_through_without_notes() -> None:
     settings = load_settings(ROOT / "examples" / "node.yaml")
 
