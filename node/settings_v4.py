@@ -360,7 +360,7 @@ def _v4_image_patterns(carried: CarryOver) -> None:
 
 
 def _whole_name_pattern(entry: str) -> str:
-    if any(mark in entry for mark in _V4_REGEX_MARKS) or r"\." in entry:
+    if any(mark in entry for mark in _V4_REGEX_MARKS):
         return f"(?:{entry}).*"  # re.match(entry, name) is re.fullmatch(this, name)
     if _has_tag_or_digest(entry):
         return re.escape(entry)
