@@ -28,6 +28,9 @@ from node.server.rest import ServerClient, ServerError, ServerUnavailable
 
 log = get_logger(__name__)
 
+#: Open runs asked for per page when the node catches up with the server.
+OPEN_RUNS_PAGE_SIZE = 200
+
 #: How long a start or an output collection waits, in all, for a runtime that cannot be
 #: reached (its service restarting) before the run ends ``start failed`` / without output.
 RUNTIME_PATIENCE_SECONDS = 90.0
@@ -64,6 +67,9 @@ class RunServer:
             "state": "open",
             "node_id": self._identity.id,
             "include": "task",
+            # The server's default page is 10 runs: a node with hundreds open (after an
+            # outage) would spend a request per ten of them before taking the first one.
+            "per_page": OPEN_RUNS_PAGE_SIZE,
         }
         if task_id is not None:
             params["task_id"] = task_id
