@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import aiohttp
 from aiohttp import web
 
 from common.logging import get_logger
 from proxy.context import CONTEXT, RUN, TOKEN, UPSTREAM_MS, ProxyContext
 from proxy.errors import ProxyError
+from proxy.http1 import Answer, UpstreamError
 from proxy.payloads import (
     decrypt_results,
     encrypt_inputs,
@@ -34,13 +34,12 @@ from proxy.payloads import (
     parse_results,
     task_organizations,
 )
-from proxy.upstream import is_encoded, relayed_headers
+from proxy.upstream import relayed_headers
 
 log = get_logger(__name__)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-_CHUNK = 64 * 1024
 #: Bodies larger than this are parsed and serialized in a worker thread.
 _THREAD_AT = 256 * 1024
 #: Tasks a single results answer may name that the proxy does not know yet.
@@ -59,7 +58,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     async with context.upstream.exchange(
         "GET", request.raw_path, headers=_upstream_headers(request)
     ) as upstream:
-        length = upstream.content_length
+        length = upstream.length
         if length is not None and length > context.limits.max_response_bytes:
             raise context.upstream.too_large(length)
         if length is not None and length <= context.limits.stream_threshold:
@@ -195,20 +194,16 @@ def _upstream_headers(request: web.Request, *, content_type: str | None = None) 
     return headers
 
 
-async def _stream(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _stream(request: web.Request, upstream: Answer) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=relayed_headers(upstream.headers))
-    if upstream.content_length is not None and not is_encoded(upstream):
-        response.content_length = upstream.content_length
+    if upstream.length is not None:
+        response.content_length = upstream.length
     limit = request.app[CONTEXT].limits.max_response_bytes
     await response.prepare(request)
-    sent = 0
     try:
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
-            sent += len(chunk)
-            if sent > limit:
-                raise _TooLarge(f"over max_response_bytes ({limit})")
+        async for chunk in upstream.chunks(limit):
             await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError, _TooLarge) as exc:
+    except UpstreamError as exc:
         # The status line is gone already: cut the connection so the algorithm sees a
         # truncated answer, never a complete-looking one.
         log.warning("proxy.stream_broken", path=request.path, error=repr(exc))
@@ -217,7 +212,3 @@ async def _stream(request: web.Request, upstream: aiohttp.ClientResponse) -> web
         return response
     await response.write_eof()
     return response
-
-
-class _TooLarge(Exception):
-    """A streamed answer of unknown length ran past ``max_response_bytes``."""

@@ -1,8 +1,9 @@
 """The proxy's one connection pool to the server, with bounded time and careful retries.
 
-One :class:`aiohttp.ClientSession` per proxy, opened when the app starts and closed when
-it stops; every run's requests share its keep-alive connections. Cookies are never kept
-(one run must not see another's), proxies from the environment are never used.
+One :class:`proxy.http1.Pool` per proxy, opened when the app starts and closed when it
+stops; every run's requests share its keep-alive connections. It keeps no cookies (one run
+must not see another's) and uses no proxy from the environment. (It replaced aiohttp's
+``ClientSession``, whose per-request cost was the largest share of the proxy's CPU.)
 
 Answers are asked for uncompressed (``Accept-Encoding: identity``): a compressing front
 of the server (nginx ``gzip on``, an ingress) would otherwise send a ``Content-Length`` of
@@ -16,7 +17,8 @@ Failures become :class:`~proxy.errors.ProxyError` with the status the algorithm 
 * the connection broke (reset, closed before the response) → 502;
 * no complete answer within ``upstream_timeout`` → 504.
 
-Retries, with doubling backoff, happen only after connection errors: for idempotent
+Retries, after a pause of :class:`common.backoff.Backoff` (``retry_backoff`` doubling,
+jittered), happen only after connection errors: for idempotent
 methods always, for others only when the connection could not even be opened (so the
 request was never sent and cannot be applied twice). A timeout is never retried: the
 server may still be working on it, and the algorithm's wait is already spent.
@@ -25,29 +27,39 @@ server may still be working on it, and the algorithm's wait is already spent.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
+from common.backoff import Backoff
 from common.logging import get_logger
 from proxy.errors import ProxyError
+from proxy.http1 import (
+    Answer,
+    AnswerTooLarge,
+    BadAnswer,
+    BrokenConnection,
+    ConnectError,
+    ConnectTimeout,
+    Pool,
+    UpstreamTimeout,
+)
 from proxy.limits import ProxyLimits
 
 log = get_logger(__name__)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-_CHUNK = 64 * 1024
 #: The server's response headers an algorithm gets (the rest describe the hop, not the data).
 RELAYED_HEADERS = ("Content-Type", "Content-Disposition", "total-count", "Link")
+_RELAYED = tuple((name, name.lower()) for name in RELAYED_HEADERS)
+_UPSTREAM_HEADERS = {"Accept-Encoding": "identity"}
 
 
 def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name: headers[name] for name in RELAYED_HEADERS if name in headers}
+    """The relayed ones of an :class:`~proxy.http1.Answer`'s (lower-case) ``headers``."""
+    return {name: headers[key] for name, key in _RELAYED if key in headers}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +81,10 @@ class Upstream:
 
     def __init__(self, *, api_url: str, limits: ProxyLimits) -> None:
         self._base = api_url.rstrip("/")
+        self._path = self._base.partition("://")[2].partition("/")[2]
+        self._prefix = f"/{self._path}" if self._path else ""
         self._limits = limits
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     @property
     def api_url(self) -> str:
@@ -78,61 +92,63 @@ class Upstream:
 
     async def open(self) -> None:
         limits = self._limits
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limits.max_connections),
-            timeout=aiohttp.ClientTimeout(
-                total=limits.upstream_timeout, sock_connect=limits.connect_timeout
-            ),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            headers={"Accept-Encoding": "identity"},
+        self._pool = Pool(
+            self._base,
+            max_connections=limits.max_connections,
+            connect_timeout=limits.connect_timeout,
         )
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
     @asynccontextmanager
     async def exchange(
         self, method: str, target: str, *, headers: dict[str, str], body: bytes | None = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """The server's response to ``method target`` (path and query), headers read.
+    ) -> AsyncIterator[Answer]:
+        """The server's answer to ``method target`` (path and query), head read.
 
-        Errors while the caller reads the body are mapped like errors while sending.
+        ``upstream_timeout`` bounds the whole exchange, the caller's reading of the body
+        included; errors while the caller reads the body are mapped like errors while
+        sending.
         """
-        response = await self._send(method, target, headers, body)
+        deadline = asyncio.get_running_loop().time() + self._limits.upstream_timeout
         try:
-            yield response
-        except TimeoutError:
+            async with asyncio.timeout_at(deadline):  # a free connection, connecting, retries
+                answer = await self._send(method, target, headers, body, deadline)
+        except (TimeoutError, UpstreamTimeout):
             raise self._timeout() from None
-        except aiohttp.ClientError as exc:
-            raise ProxyError(502, f"the server's answer broke off: {_describe(exc)}") from None
+        try:
+            yield answer  # the answer's reads end at the deadline (UpstreamTimeout)
+        except UpstreamTimeout:
+            raise self._timeout() from None
+        except AnswerTooLarge:
+            raise self.too_large(None) from None
+        except BrokenConnection as exc:
+            raise ProxyError(502, f"the server's answer broke off: {exc}") from None
+        except BadAnswer as exc:
+            raise ProxyError(502, f"bad answer from the server: {exc}") from None
         finally:
-            response.release()
+            answer.release()
 
     async def call(
         self, method: str, target: str, *, headers: dict[str, str], body: bytes | None = None
     ) -> Reply:
         """The whole answer, buffered."""
-        async with self.exchange(method, target, headers=headers, body=body) as response:
-            data = await self.read(response)
-            return Reply(response.status, data, relayed_headers(response.headers))
+        async with self.exchange(method, target, headers=headers, body=body) as answer:
+            data = await self.read(answer)
+            return Reply(answer.status, data, relayed_headers(answer.headers))
 
-    async def read(self, response: aiohttp.ClientResponse) -> bytes:
-        """The whole body of ``response``, never more than ``max_response_bytes`` (→ 502)."""
+    async def read(self, answer: Answer) -> bytes:
+        """The whole body of ``answer``, never more than ``max_response_bytes`` (→ 502)."""
         limit = self._limits.max_response_bytes
-        length = response.content_length
-        if length is not None and length > limit:
-            raise self.too_large(length)
-        if length is not None and not is_encoded(response):
-            return await response.read()  # exactly ``length`` bytes
-        data = bytearray()
-        async for chunk in response.content.iter_chunked(_CHUNK):
-            data += chunk
-            if len(data) > limit:
-                raise self.too_large(None)
-        return bytes(data)
+        if answer.length is not None and answer.length > limit:
+            raise self.too_large(answer.length)
+        try:
+            return await answer.read(limit)
+        except AnswerTooLarge:
+            raise self.too_large(None) from None
 
     def too_large(self, length: int | None) -> ProxyError:
         size = "" if length is None else f" ({length} bytes)"
@@ -143,52 +159,50 @@ class Upstream:
         )
 
     async def _send(
-        self, method: str, target: str, headers: dict[str, str], body: bytes | None
-    ) -> aiohttp.ClientResponse:
-        session = self._session
-        if session is None:
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        deadline: float,
+    ) -> Answer:
+        pool = self._pool
+        if pool is None:
             raise ProxyError(503, "the proxy is not connected to the server (not started)")
         limits = self._limits
-        url = URL(self._base + target, encoded=True)
-        deadline = time.monotonic() + limits.upstream_timeout
-        attempt = 0
+        headers = _UPSTREAM_HEADERS | headers
+        target = self._prefix + target
+        backoff: Backoff | None = None
         while True:
             try:
-                return await session.request(method, url, headers=headers, data=body)
-            except aiohttp.ConnectionTimeoutError:
+                return await pool.request(method, target, headers, body, deadline=deadline)
+            except BadAnswer as exc:
+                raise ProxyError(502, f"bad answer from the server: {exc}") from None
+            except ValueError as exc:
+                raise ProxyError(400, f"the request cannot be forwarded: {exc}") from None
+            except ConnectTimeout:
                 raise ProxyError(
                     503,
                     f"the server is unreachable (no connection within "
                     f"{limits.connect_timeout:g} s)",
                 ) from None
-            except TimeoutError:
-                raise self._timeout() from None
-            except aiohttp.ClientConnectorError as exc:
+            except ConnectError as exc:
                 # Nothing was sent: safe to try again whatever the method.
-                status, msg, retry = 503, f"the server is unreachable: {_describe(exc)}", True
-            except aiohttp.ClientConnectionError as exc:
-                status, msg = 502, f"the connection to the server broke: {_describe(exc)}"
+                status, msg, retry = 503, f"the server is unreachable: {exc}", True
+            except BrokenConnection as exc:
+                status, msg = 502, f"the connection to the server broke: {exc}"
                 retry = method in IDEMPOTENT
-            except aiohttp.ClientError as exc:
-                raise ProxyError(502, f"bad answer from the server: {_describe(exc)}") from None
-            delay = limits.retry_backoff * (2**attempt)
-            if not retry or attempt >= limits.retries or time.monotonic() + delay > deadline:
+            if backoff is None:
+                backoff = Backoff(
+                    first=max(limits.retry_backoff, 1e-3),
+                    cap=max(limits.retry_backoff, 1e-3) * 2**limits.retries,
+                )
+            if not retry or backoff.failures >= limits.retries:
                 raise ProxyError(status, msg)
-            attempt += 1
-            log.info("proxy.upstream_retry", method=method, attempt=attempt, error=msg)
-            await asyncio.sleep(delay)
+            log.info("proxy.upstream_retry", method=method, attempt=backoff.failures + 1, error=msg)
+            await backoff.pause()
 
     def _timeout(self) -> ProxyError:
         return ProxyError(
             504, f"the server did not answer within {self._limits.upstream_timeout:g} s"
         )
-
-
-def is_encoded(response: aiohttp.ClientResponse) -> bool:
-    """Whether the server compressed the body (its ``Content-Length`` is not what we read)."""
-    return response.headers.get("Content-Encoding", "identity").lower() != "identity"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
