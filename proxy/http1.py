@@ -282,7 +282,10 @@ class Answer:
                 data = wire.take(min(size, _CHUNK))
                 size -= len(data)
                 yield data
-            if await wire.line(2) != b"":
+            while len(wire.buffer) < 2:
+                if not await wire.more():
+                    raise BrokenConnection("the server closed the connection within the answer")
+            if wire.take(2) != b"\r\n":
                 raise BadAnswer("a chunk in the answer is not followed by CRLF")
         trailers = 0
         while await wire.line(MAX_HEAD):  # trailers: read and dropped
