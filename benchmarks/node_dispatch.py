@@ -298,7 +298,8 @@ def main() -> None:
         ("the node's own share", "node"),
     ):
         burst_cell, steady_cell = (
-            cell(getattr(phase, key), width=7, digits=1) for phase in (burst, steady)
+            cell(getattr(phase, key), width=7, digits=1, name=f"{title} ({label})")
+            for phase, label in ((burst, f"burst {args.in_flight}"), (steady, "steady"))
         )
         print(f"  {title:<38}{burst_cell}  {steady_cell}")
     worst = max(percentile(burst.node, 0.95), percentile(steady.node, 0.95))

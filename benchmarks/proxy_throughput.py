@@ -2,7 +2,7 @@
 
 One command (from the repository root)::
 
-    .venv/bin/python benchmarks/proxy_throughput.py [--quick]
+    .venv/bin/python benchmarks/proxy_throughput.py [--quick] [--rounds 3]
 
 Three ways to the same upstream, with the same run's token, for the same simple
 authenticated GET an algorithm makes (``task.get``: ``GET /task/<id>``):
@@ -34,7 +34,11 @@ client, so it is less often the bottleneck), in two modes:
 
 Latency: requests one after another (bounded in count and time); "added" is the proxied
 percentile minus the direct one. Throughput: ``--connections`` clients in parallel, for
-a bounded number of requests and time.
+a bounded number of requests and time. With ``--rounds N`` the three are measured N times,
+interleaved; the table shows medians over the rounds and each round's ratios are printed,
+so one burst of load from elsewhere on the machine does not decide the result. The CPU
+time of each serving process per request (from ``/proc``) is the number load disturbs
+least.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.stats import percentile, record, record_values  # noqa: E402
+
 V6NODE_VENV = Path(os.environ.get("V6NODE_VENV", Path.home() / ".cache/fednode/v6node-venv"))
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOnsidGFza19pZCI6MX19.benchmark-container-token"
 TASK = {
@@ -192,6 +199,7 @@ class Result:
     cpu_us: float  # CPU time of the serving process per request, throughput phase
     latency_requests: int
     throughput_requests: int
+    latencies: list[float]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -238,16 +246,16 @@ async def measure(
     await asyncio.gather(*(worker() for _ in range(args.connections)))
     elapsed = time.perf_counter() - started
     cpu_us = (cpu_seconds(pid) - cpu_before) / done * 1e6
-    cuts = statistics.quantiles(latencies, n=100)
     return Result(
         name,
         mode,
         statistics.median(latencies),
-        cuts[98],
+        percentile(latencies, 0.99),
         done / elapsed,
         cpu_us,
         len(latencies),
         done,
+        latencies,
     )
 
 
@@ -286,6 +294,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0, help="cap per throughput run")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure all three this many times, interleaved"
+    )
     args = parser.parse_args()
     if args.serve_upstream:
         return serve_upstream(args.serve_upstream)
@@ -339,11 +350,28 @@ async def run_all(
 ) -> list[Result]:
     upstream, fednode, v6 = ports
     results = []
-    for fresh in (True, False):
-        results.append(await measure("direct", upstream, pids[0], "/api/task/1", fresh, args))
-        results.append(await measure("fednode", fednode, pids[1], "/task/1", fresh, args))
-        results.append(await measure("vantage6", v6, pids[2], "/task/1", fresh, args))
+    for _ in range(args.rounds):
+        for fresh in (True, False):
+            results.append(await measure("direct", upstream, pids[0], "/api/task/1", fresh, args))
+            results.append(await measure("fednode", fednode, pids[1], "/task/1", fresh, args))
+            results.append(await measure("vantage6", v6, pids[2], "/task/1", fresh, args))
     return results
+
+
+def combine(rounds: list[Result]) -> Result:
+    """One path's rounds as one: medians of req/s and CPU, all latency samples."""
+    latencies = [value for r in rounds for value in r.latencies]
+    return Result(
+        rounds[0].name,
+        rounds[0].mode,
+        statistics.median(latencies),
+        percentile(latencies, 0.99),
+        statistics.median(r.rps for r in rounds),
+        statistics.median(r.cpu_us for r in rounds),
+        len(latencies),
+        sum(r.throughput_requests for r in rounds),
+        latencies,
+    )
 
 
 def report(results: list[Result], args: argparse.Namespace, logs: Path) -> None:
@@ -353,8 +381,14 @@ def report(results: list[Result], args: argparse.Namespace, logs: Path) -> None:
         f"{args.connections} parallel clients (logs: {logs})"
     )
     for mode in ("per-request", "keep-alive"):
-        direct, fednode, v6 = (r for r in results if r.mode == mode)
-        print(f"\n[{mode} connections]")
+        per_path = {
+            name: [r for r in results if r.mode == mode and r.name == name]
+            for name in ("direct", "fednode", "vantage6")
+        }
+        direct, fednode, v6 = (combine(rounds) for rounds in per_path.values())
+        print(
+            f"\n[{mode} connections]" + (f", medians of {args.rounds} rounds" * (args.rounds > 1))
+        )
         print(
             f"{'path':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
             f"{'+p99 ms':>8} {'CPU us/req':>10}  requests (latency/throughput)"
@@ -374,8 +408,30 @@ def report(results: list[Result], args: argparse.Namespace, logs: Path) -> None:
         print(
             f"fednode vs vantage6: throughput {fednode.rps / v6.rps:.1f}x; added p50 "
             f"{added_fed:.3f} ms vs {added_v6:.3f} ms; added p99 "
-            f"{fednode.p99_ms - direct.p99_ms:.3f} ms vs {v6.p99_ms - direct.p99_ms:.3f} ms"
+            f"{fednode.p99_ms - direct.p99_ms:.3f} ms vs {v6.p99_ms - direct.p99_ms:.3f} ms; "
+            f"CPU per request {v6.cpu_us / fednode.cpu_us:.1f}x less"
         )
+        rounds = zip(per_path["fednode"], per_path["vantage6"], strict=True)
+        ratios = [(f.rps / v.rps, v.cpu_us / f.cpu_us) for f, v in rounds]
+        if len(ratios) > 1:
+            print(
+                "  per round, throughput / CPU-per-request ratio: "
+                + ", ".join(f"{t:.1f}x/{c:.1f}x" for t, c in ratios)
+            )
+        for r in (direct, fednode, v6):
+            ratio = ""
+            if r is fednode:
+                ratio = f"{fednode.rps / v6.rps:.1f}x vantage6's req/s"
+            record_values(f"{mode}: {r.name} latency", r.latencies, ratio=ratio)
+            record(f"{mode}: {r.name} req/s", median=round(r.rps), n=args.rounds, unit="req/s")
+            cpu_ratio = f"{v6.cpu_us / r.cpu_us:.1f}x less than vantage6" if r is fednode else ""
+            record(
+                f"{mode}: {r.name} CPU/request",
+                median=round(r.cpu_us),
+                n=args.rounds,
+                unit="us",
+                ratio=cpu_ratio,
+            )
 
 
 if __name__ == "__main__":

@@ -238,7 +238,9 @@ async def main(runs: int) -> None:
         ("task created -> result uploaded", "total"),
     )
     for title, key in rows:
-        print(f"  {title:<38}{cell(results['real'][key])}  {cell(results['kwok'][key])}")
+        real = cell(results["real"][key], name=f"{title} (real worker)")
+        kwok = cell(results["kwok"][key], name=f"{title} (kwok)")
+        print(f"  {title:<38}{real}  {kwok}")
 
 
 if __name__ == "__main__":
