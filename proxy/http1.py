@@ -202,13 +202,13 @@ class Answer:
             if self.length > limit:
                 raise AnswerTooLarge(f"{self.length} bytes")
             wire = self._wire
-            while len(wire.buffer) < self._remaining:
-                if not await wire.more():
-                    raise BrokenConnection("the server closed the connection within the answer")
-            data = wire.take(self._remaining)
-            self._remaining = 0
-            self._done = True
-            return data
+            if len(wire.buffer) >= self._remaining:  # the usual small answer: all here
+                data = wire.take(self._remaining)
+                self._remaining = 0
+                self._done = True
+                return data
+            # Piece by piece: the wire stops reading while its buffer is full.
+            return b"".join([piece async for piece in self._raw_chunks()])
         parts = bytearray()
         async for chunk in self.chunks(limit):
             parts += chunk

@@ -101,6 +101,18 @@ async def test_connections_are_kept_alive_and_reused(server: Scripted, pool: Poo
     assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in server.requests[0]
 
 
+async def test_an_answer_larger_than_the_read_buffer_is_read_whole(
+    server: Scripted, pool: Pool
+) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB: the wire pauses reading on the way
+    server.script = answering(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert await get(pool, limit=len(body)) == (200, body)
+    assert await get(pool, limit=len(body)) == (200, body)
+    assert server.connections == 1
+
+
 async def test_a_chunked_answer_is_read_whole_and_the_connection_reused(
     server: Scripted, pool: Pool
 ) -> None:
