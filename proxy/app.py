@@ -25,7 +25,7 @@ from opentelemetry.trace import Tracer
 from common.logging import get_logger
 from proxy.context import CONTEXT, AccessLog, ProxyContext
 from proxy.limits import ProxyLimits
-from proxy.middlewares import errors, guard, observe
+from proxy.middlewares import door
 from proxy.protocols import ProxyCrypto, RunRegistry
 from proxy.routes import add_routes
 from proxy.upstream import Upstream
@@ -49,7 +49,7 @@ def make_proxy_app(
     """
     limits = limits or ProxyLimits()
     app = web.Application(
-        middlewares=[observe, errors, guard],
+        middlewares=[door],
         client_max_size=limits.max_body_bytes,
     )
     app[CONTEXT] = ProxyContext(

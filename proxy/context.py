@@ -38,9 +38,9 @@ class ProxyContext:
 
 
 CONTEXT = web.AppKey("fednode.proxy", ProxyContext)
-#: The run whose token authenticated the request (set by the guard middleware).
+#: The run whose token authenticated the request (set by the guard, in `proxy.middlewares.door`).
 RUN = web.RequestKey("fednode.proxy.run", ProxyRun)
-#: That run's container token (set by the guard middleware).
+#: That run's container token (set by the guard, in `proxy.middlewares.door`).
 TOKEN = web.RequestKey("fednode.proxy.token", str)
 #: Milliseconds spent waiting for the server (set by the handlers that call it).
 UPSTREAM_MS = web.RequestKey("fednode.proxy.upstream_ms", float)

@@ -1,7 +1,7 @@
 """The handlers: small, one per kind of allowed call (see ``proxy.routes``).
 
-By the time a handler runs, the guard middleware has authenticated the container token
-and checked the method and path. The token goes on to the server unchanged, as the
+By the time a handler runs, the guard (``proxy.middlewares.door``) has authenticated the
+container token and checked the method and path. The token goes on to the server unchanged, as the
 algorithm's own credential: the server decides what that container may see or create.
 
 What the proxy adds with the node's own key — decrypting results — is narrower than what

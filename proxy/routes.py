@@ -1,10 +1,10 @@
 """The allow-list: every method and path the vantage6 4.x ``AlgorithmClient`` calls.
 
 Read from ``vantage6/algorithm/client/__init__.py`` and the ``ClientBase`` it extends
-(4.15.2). Anything else is refused with 403 by the guard middleware, so an algorithm can
-read what it needs, create subtasks and fetch their results, and nothing more: it cannot
-list users, patch runs, mint tokens, or touch another collaboration's objects beyond what
-the server allows its container token anyway.
+(4.15.2). Anything else is refused with 403 by the guard (``proxy.middlewares.door``), so
+an algorithm can read what it needs, create subtasks and fetch their results, and nothing
+more: it cannot list users, patch runs, mint tokens, or touch another collaboration's
+objects beyond what the server allows its container token anyway.
 
 =======  ===============================  ==========================================
 method   path                             AlgorithmClient
