@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after PYTHONPATH: an A/B can run another tree's proxy
 from benchmarks.stats import percentile, record, record_values  # noqa: E402
 
 V6NODE_VENV = Path(os.environ.get("V6NODE_VENV", Path.home() / ".cache/fednode/v6node-venv"))
