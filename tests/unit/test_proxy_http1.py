@@ -93,6 +93,15 @@ def answering(raw: bytes) -> Script:
     return script
 
 
+def answering_then_closing(raw: bytes) -> Script:
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return script
+
+
 async def test_connections_are_kept_alive_and_reused(server: Scripted, pool: Pool) -> None:
     for _ in range(3):
         assert await get(pool) == (200, b"ok")
@@ -171,12 +180,7 @@ async def test_an_endless_head_is_refused_at_the_limit(server: Scripted, pool: P
 async def test_an_answer_to_the_connections_end_is_read_and_the_connection_not_reused(
     server: Scripted, pool: Pool
 ) -> None:
-    async def then_close(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
-        await writer.drain()
-        writer.close()
-
-    server.script = then_close
+    server.script = answering_then_closing(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
     assert await get(pool) == (200, b"until the end")
     assert await get(pool) == (200, b"until the end")
     assert server.connections == 2
@@ -192,12 +196,9 @@ async def test_connection_close_is_honoured(server: Scripted, pool: Pool) -> Non
 
 
 async def test_a_cut_mid_body_is_a_broken_connection(server: Scripted, pool: Pool) -> None:
-    async def cut(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-        writer.close()
-
-    server.script = cut
+    server.script = answering_then_closing(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part"
+    )
     with pytest.raises(BrokenConnection):
         await get(pool)
 
@@ -205,12 +206,8 @@ async def test_a_cut_mid_body_is_a_broken_connection(server: Scripted, pool: Poo
 async def test_a_server_that_closed_an_idle_connection_costs_a_new_one_not_an_error(
     server: Scripted, pool: Pool
 ) -> None:
-    async def once(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        writer.close()  # without saying Connection: close
-
-    server.script = once
+    # closed after the answer without saying Connection: close
+    server.script = answering_then_closing(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert await get(pool) == (200, b"ok")
     await asyncio.sleep(0.05)  # the close arrives while the connection is idle
     assert await get(pool) == (200, b"ok")
