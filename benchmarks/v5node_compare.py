@@ -1,0 +1,781 @@
+"""fednode's Kubernetes node beside vantage6-node 5.0.0a26, on one kube-apiserver with kwok.
+
+What a vantage6 5 user would otherwise run on Kubernetes is the vantage6 5 node; this
+measures it beside fednode on the same testbed in the same run, one node at a time (the
+other idles), each node in its own process and its own namespace:
+
+* **fednode**: a :class:`node.app.Node` with the Kubernetes executor (a child process of
+  this script, acting as a ServiceAccount bound to the executor's Role), on a fresh
+  vantage6-server 4.15.2 (``tests/peers``: fednode speaks the vantage6 4 protocol);
+* **vantage6-node 5.0.0a26** (PyPI; the newest vantage6 5 installable here), started by
+  ``benchmarks/v5stack/launch_node.py`` in the venv of ``scripts/v5stack-setup``, on
+  vantage6-server 5.0.0a26 served by uWSGI+gevent (upstream's production mode) with
+  sqlite, authenticating through ``benchmarks/v5stack/oidc_standin.py`` (a named fake of
+  the few Keycloak endpoints a26 calls). It reaches the apiserver through its in-cluster
+  configuration (``KUBERNETES_SERVICE_HOST``, a ServiceAccount token and the CA),
+  acting as a ServiceAccount bound to a Role with what it needs in its task namespace
+  (Pod Security ``privileged``: a26 mounts hostPath volumes).
+
+Both run ``federated_compute`` tasks for one organization; kwok plays the kubelet and runs
+every pod 1 s (no annotation: the testbed's default Stage), for both nodes alike.
+
+Every time comes from a peer, not from either node, on this machine's clock: *task
+created* is the server's ``task.created_at``; *Job created* and *Pod Succeeded* are when
+this process's own watches on the two namespaces (admin) receive the Job's ``ADDED`` and
+the Pod's ``Succeeded``; *result at the server* is when the run's row in the server's
+sqlite database first holds a final status (read every 20 ms, read-only: up to 20 ms late
+for both alike).
+
+Phases:
+
+1. sequential: ``--runs`` tasks per node, one after another, alternating the nodes:
+   task created → Job created (dispatch), Pod Succeeded → result at the server
+   (completion);
+2. bursts (``--bursts``, default 50 and 500): that many tasks created as fast as each
+   server takes them, per node: runs with no final status when the run ends (a26's
+   completion poll hands over one result per poll and drops the others it deleted: its
+   runs stay ``active``), time from the first task created to the last result, the most
+   runs in flight at once (created, no final status yet), node RSS (peak, sampled every
+   0.2 s) and the requests each node made per run — counted in the node processes
+   themselves (fednode: the executor's and server client's counters; a26: its
+   Kubernetes client and ``requests`` sessions, wrapped by the launcher), because the
+   apiserver's own metrics have no per-client label and the testbed is shared.
+
+Prints median, p95 and max, and the ratio vantage6 5 / fednode for each.
+
+    .venv/bin/python benchmarks/v5node_compare.py [--runs 20] [--bursts 50,500]
+
+Needs the Kubernetes testbed up (``scripts/k8s-testbed up``; this never starts or stops
+it), ``scripts/v6server-setup`` and ``scripts/v5stack-setup`` (run here). Benchmark only:
+not part of CI. It bounds every wait and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.stats import percentile, summary  # noqa: E402
+from executors.base import LABEL_RUN  # noqa: E402
+from executors.kubernetes.client import JOBS, PODS, KubeClient, Resource, connect  # noqa: E402
+
+V5_VENV = Path(os.environ.get("V5_VENV", Path.home() / ".cache" / "fednode" / "v5" / "venv"))
+HERE = Path(__file__).resolve().parent
+STANDIN = HERE / "v5stack" / "oidc_standin.py"
+LAUNCH = HERE / "v5stack" / "launch_node.py"
+IMAGE = "localhost/fednode/bench-v5cmp:1"  # kwok never pulls it
+REALM = "vantage6"
+OPEN = {None, "", "pending", "initializing", "active"}
+POLL_DB = 0.02
+PREFIX = "@@ "
+FEDNODE, V5 = "fednode", "vantage6-node 5.0.0a26"
+
+
+def free_port() -> int:
+    from tests.peers.stack import free_port as pick
+
+    return pick()
+
+
+def utc(text: str) -> float:
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC).timestamp()
+
+
+async def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {seconds:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# ---- what the peers saw -----------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """One side's runs as its server's database and the apiserver showed them."""
+
+    db: Path
+    created: dict[int, float] = field(default_factory=dict)  # run -> task.created_at
+    task_of: dict[int, int] = field(default_factory=dict)
+    final_at: dict[int, float] = field(default_factory=dict)
+    status: dict[int, str] = field(default_factory=dict)
+    job_added: dict[int, float] = field(default_factory=dict)
+    pod_succeeded: dict[int, float] = field(default_factory=dict)
+
+    def runs_of(self, task_ids: set[int]) -> list[int]:
+        return sorted(r for r, t in self.task_of.items() if t in task_ids)
+
+    def in_flight(self) -> int:
+        return sum(1 for r in self.task_of if r not in self.final_at)
+
+
+def read_runs(db: Path, since: int) -> list[tuple[Any, ...]]:
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return connection.execute(
+            "SELECT run.id, run.task_id, run.status, task.created_at FROM run "
+            "JOIN task ON run.task_id = task.id WHERE run.id >= ?",
+            (since,),
+        ).fetchall()
+    finally:
+        connection.close()
+
+
+async def watch_database(seen: Seen) -> None:
+    lowest = 0
+    while True:
+        with contextlib.suppress(sqlite3.OperationalError):  # locked for a moment
+            rows = await asyncio.to_thread(read_runs, seen.db, lowest)
+            now = time.time()
+            for run_id, task_id, status, created_at in rows:
+                seen.task_of[run_id] = task_id
+                if created_at:
+                    seen.created[run_id] = utc(created_at)
+                if status not in OPEN and run_id not in seen.final_at:
+                    seen.final_at[run_id] = now
+                    seen.status[run_id] = status
+            pending = [r for r in seen.task_of if r not in seen.final_at]
+            lowest = min(pending) if pending else max(seen.task_of, default=0) + 1
+        await asyncio.sleep(POLL_DB)
+
+
+def run_id_of(obj: dict[str, Any]) -> int | None:
+    """fednode labels its objects with the run; a26 annotates ``run_id`` on its Jobs and
+    labels their pods ``app=run-<id>``."""
+    meta = obj.get("metadata") or {}
+    labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
+    for value in (labels.get(LABEL_RUN), notes.get("run_id")):
+        if value and str(value).isdigit():
+            return int(value)
+    app = str(labels.get("app") or "")
+    if app.startswith("run-") and app[4:].isdigit():
+        return int(app[4:])
+    return None
+
+
+async def watch_kube(client: KubeClient, resource: Resource, namespace: str, seen: Seen,
+                     ready: asyncio.Event) -> None:
+    path = resource.path(namespace)
+    listed = await client.get(path, query=(), what=f"list {resource.plural}")
+    version = listed["metadata"]["resourceVersion"]
+    while True:
+        query = (("watch", "true"), ("resourceVersion", version), ("timeoutSeconds", 3600),
+                 ("allowWatchBookmarks", "true"))
+        async with client.stream(path, query=query, read_timeout=3600,
+                                 what=f"watch {resource.plural}") as lines:
+            ready.set()
+            async for line in lines:
+                now = time.time()
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                version = (obj.get("metadata") or {}).get("resourceVersion", version)
+                run_id = run_id_of(obj)
+                if run_id is None or event.get("type") not in ("ADDED", "MODIFIED"):
+                    continue
+                if resource is JOBS:
+                    seen.job_added.setdefault(run_id, now)
+                elif (obj.get("status") or {}).get("phase") == "Succeeded":
+                    seen.pod_succeeded.setdefault(run_id, now)
+
+
+# ---- the two nodes ----------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One node, its server and what was seen of it."""
+
+    label: str
+    seen: Seen
+    process: subprocess.Popen[bytes] | asyncio.subprocess.Process
+    log_path: Path
+    create: Callable[[str], Any]  # async: tag -> task id
+    counts: Callable[[], Any]  # async: -> Counter of the node's requests so far
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def alive(self) -> bool:
+        return self.process.returncode is None if isinstance(
+            self.process, asyncio.subprocess.Process
+        ) else self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+
+# -- vantage6 5: stand-in Keycloak, a26 server under uWSGI, a26 node ----------------------
+
+
+class V5Api:
+    """The a26 server's REST API as its super user (a password token from the stand-in)."""
+
+    def __init__(self, base: str, kc: str) -> None:
+        self.base, self.kc = base, kc
+        self.session = aiohttp.ClientSession()
+        self.token = ""
+
+    async def login(self) -> None:
+        form = {"grant_type": "password", "client_id": "public_client", "username": "admin",
+                "password": "admin"}
+        async with self.session.post(
+            f"{self.kc}/realms/{REALM}/protocol/openid-connect/token", data=form
+        ) as response:
+            response.raise_for_status()
+            self.token = (await response.json())["access_token"]
+
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        async with self.session.request(
+            method, f"{self.base}/{path}", json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+        ) as response:
+            text = await response.text()
+            if response.status >= 300:
+                raise SystemExit(f"a26 server: {method} {path} -> {response.status}: {text[:500]}")
+            return json.loads(text) if text else None
+
+
+def site_packages() -> Path:
+    return next((V5_VENV / "lib").glob("python3*/site-packages"))
+
+
+async def wait_http(url: str, seconds: float, what: str, process: subprocess.Popen[bytes],
+                    log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"{what} exited ({process.returncode}); its log ends:\n"
+                                 + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise SystemExit(f"{what} did not answer {url} within {seconds:.0f} s")
+
+
+def spawn(argv: list[str], *, log: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+
+
+def a26_rules() -> list[dict[str, Any]]:
+    """What a26 does in its task namespace: read it (``ensure_task_namespace``), a test
+    pod, Jobs, their pods and logs, Secrets for task secrets."""
+    verbs = ["create", "delete", "get", "list", "watch"]
+    return [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": verbs},
+        {"apiGroups": [""], "resources": ["pods", "pods/log", "secrets"], "verbs": verbs},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
+    ]
+
+
+async def start_v5(stack: contextlib.AsyncExitStack, workdir: Path, testbed: Any,
+                   apiserver_port: int) -> tuple[Side, str]:
+    home = workdir / "v5"
+    home.mkdir()
+    kc_port, server_port = free_port(), free_port()
+    kc_url = f"http://127.0.0.1:{kc_port}"
+    python = str(V5_VENV / "bin" / "python")
+
+    standin = spawn([python, str(STANDIN), "--port", str(kc_port), "--state",
+                     str(home / "kc")], log=home / "standin.log")
+    stack.callback(stop_process, standin)
+    await wait_http(f"{kc_url}/realms/{REALM}", 30, "the OIDC stand-in", standin,
+                    home / "standin.log")
+
+    db = home / "server.sqlite"
+    config = {
+        "description": "v5node_compare", "ip": "127.0.0.1", "port": server_port,
+        "api_path": "/api", "uri": f"sqlite:///{db}", "allow_drop_all": False,
+        "jwt_secret_key": uuid.uuid4().hex,
+        "directories": {"log": str(home / "log"), "data": str(home / "data")},
+        "logging": {"level": "WARNING", "file": "server.log", "use_console": True,
+                    "backup_count": 1, "max_size": 1024,
+                    "format": "%(asctime)s - %(name)-14s - %(levelname)-8s - %(message)s",
+                    "datefmt": "%Y-%m-%d %H:%M:%S"},
+    }
+    (home / "server.yaml").write_text(json.dumps(config))
+    env = {**os.environ, "KEYCLOAK_URL": kc_url, "KEYCLOAK_REALM": REALM,
+           "KEYCLOAK_ADMIN_USERNAME": "unused", "KEYCLOAK_ADMIN_PASSWORD": "unused",
+           "KEYCLOAK_ADMIN_CLIENT": "v6-admin", "KEYCLOAK_ADMIN_CLIENT_SECRET": "admin-secret"}
+    server = spawn(
+        [str(V5_VENV / "bin" / "uwsgi"), "--http", f"127.0.0.1:{server_port}", "--gevent",
+         "100", "--http-websockets", "--master", "--callable", "app", "--disable-logging",
+         "--die-on-term", "--wsgi-file", str(site_packages() / "vantage6/server/wsgi.py"),
+         "--pyargv", str(home / "server.yaml")],
+        log=home / "server.log", env=env, cwd=home,
+    )
+    stack.callback(stop_process, server, signal_int=True)
+    base = f"http://127.0.0.1:{server_port}/api"
+    await wait_http(f"{base}/version", 120, "vantage6-server 5.0.0a26 (uWSGI)", server,
+                    home / "server.log")
+
+    api = V5Api(base, kc_url)
+    stack.push_async_callback(api.session.close)
+    await api.login()
+    me = await api.call("GET", "user/me")
+    root_org = (me.get("organization") or {}).get("id") or me.get("organization_id")
+    org = await api.call("POST", "organization", {"name": f"v5cmp-{uuid.uuid4().hex[:6]}"})
+    collab = await api.call("POST", "collaboration", {
+        "name": f"v5cmp-{uuid.uuid4().hex[:6]}", "organization_ids": [root_org, org["id"]],
+        "encrypted": False})
+    node_name = f"v5cmp-{uuid.uuid4().hex[:6]}"
+    node = await api.call("POST", "node", {"name": node_name, "collaboration_id": collab["id"],
+                                           "organization_id": org["id"]})
+    session = await api.call("POST", "session", {"name": f"s-{node_name}", "scope": "own",
+                                                 "collaboration_id": collab["id"]})
+
+    namespace = await testbed.create_namespace("v5cmp-a26", pod_security="privileged")
+    stack.push_async_callback(testbed.delete_namespace, namespace)
+    kubeconfig = await testbed.service_account_kubeconfig(namespace, "v6-node", rules=a26_rules())
+    sa = home / "sa"
+    sa.mkdir()
+    kc = yaml.safe_load(kubeconfig.read_text())
+    (sa / "token").write_text(kc["users"][0]["user"]["token"])
+    (sa / "ca.crt").write_bytes(
+        base64.b64decode(kc["clusters"][0]["cluster"]["certificate-authority-data"]))
+
+    node_config = {
+        "server_url": "http://127.0.0.1", "port": server_port, "api_path": "/api",
+        "task_dir": str(home / "hostpath-tasks"), "task_namespace": namespace,
+        "node_proxy_port": free_port(), "share_algorithm_logs": True,
+        "encryption": {"enabled": False, "private_key": ""},
+        "logging": {"level": "INFO", "file": "node.log", "use_console": True,
+                    "backup_count": 1, "max_size": 1024,
+                    "format": "%(asctime)s - %(name)-14s - %(levelname)-8s - %(message)s",
+                    "datefmt": "%Y-%m-%d %H:%M:%S",
+                    "loggers": [{"name": n, "level": "warning"} for n in
+                                ("urllib3", "requests", "engineio.client", "socketio.client",
+                                 "kubernetes.client.rest")]},
+    }
+    config_path = home / f"{node_name}.yaml"
+    config_path.write_text(json.dumps(node_config))
+    counts_file = home / "counts.json"
+    node_env = {**os.environ, "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(apiserver_port), "V6_API_KEY": node["api_key"],
+                "V6_NODE_NAME": node_name, "KEYCLOAK_URL": kc_url, "KEYCLOAK_REALM": REALM,
+                "PROXY_SERVER_HOST": "http://127.0.0.1"}
+    process = spawn([python, str(LAUNCH), "--config", str(config_path), "--sa-dir", str(sa),
+                     "--dirs", str(home / "mnt"), "--task-root", str(home / "app-tasks"),
+                     "--counts", str(counts_file)],
+                    log=home / "node.log", env=node_env, cwd=home)
+    stack.callback(stop_process, process)
+
+    arguments = base64.b64encode(b'{"method": "bench"}').decode()
+
+    async def create(tag: str) -> int:
+        task = await api.call("POST", "task", {
+            "name": f"v5cmp-{tag}", "image": IMAGE, "method": "bench",
+            "collaboration_id": collab["id"], "session_id": session["id"],
+            "organizations": [{"id": org["id"], "arguments": arguments}],
+            "action": "federated_compute"})
+        return int(task["id"])
+
+    async def counts() -> Counter[str]:
+        with contextlib.suppress(OSError, ValueError):
+            return Counter(json.loads(counts_file.read_text()))
+        return Counter()
+
+    return Side(V5, Seen(db), process, home / "node.log", create, counts), namespace
+
+
+def stop_process(process: subprocess.Popen[bytes], *, signal_int: bool = False) -> None:
+    if process.poll() is None:
+        if signal_int:
+            process.send_signal(2)  # uWSGI's master stops its workers on SIGINT
+        else:
+            process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+# -- fednode: vantage6-server 4.15.2, the node in a child process -------------------------
+
+
+async def start_fednode(stack: contextlib.AsyncExitStack, workdir: Path, testbed: Any,
+                        max_runs: int) -> tuple[Side, str]:
+    from tests.integration.k8s_executor_helpers import chart_network_policies
+    from tests.peers.stack import server_with_collaboration
+
+    peers = stack.enter_context(server_with_collaboration(workdir, prefix="v5cmp"))
+    server, collab = peers.server, peers.collaboration
+    org = collab.org_a
+    namespace = await testbed.create_namespace("v5cmp-fednode")
+    stack.push_async_callback(testbed.delete_namespace, namespace)
+    node_name = f"fednode-v5cmp-{uuid.uuid4().hex[:6]}"
+    proxy_port = free_port()
+    async with testbed.api_client() as admin:  # as the chart: the runs' policies
+        rules = await chart_network_policies(admin, namespace, node_name, proxy_port=proxy_port)
+    kubeconfig = await testbed.service_account_kubeconfig(namespace, rules=rules)
+    task_dir = workdir / "fednode-tasks"
+    task_dir.mkdir()
+    settings = {
+        "name": node_name, "server_url": f"http://{server.host}", "port": server.port,
+        "api_path": server.api_path, "api_key": org.api_key, "task_dir": str(task_dir),
+        "databases": [],
+        "executor": {"kind": "kubernetes", "kubeconfig": str(kubeconfig),
+                     "namespace": namespace, "proxy_namespace": namespace,
+                     "proxy_port": proxy_port},
+        "proxy": {"port": proxy_port}, "health": {"port": free_port()},
+        "max_concurrent_runs": max_runs,
+        "policies": {"resources": {"default_cpu": 0.01, "default_memory_mb": 16}},
+    }
+    log_path = workdir / "fednode.log"
+    log = log_path.open("wb")
+    stack.callback(log.close)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--role", "fednode", "--settings", json.dumps(settings),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, limit=2**24)
+    stack.push_async_callback(finish_child, process)
+    child = ChildLink(process)
+    await child.expect("READY", within=120)
+
+    async def create(tag: str) -> int:
+        task = await asyncio.to_thread(collab.create_task, input_={"tag": tag}, image=IMAGE,
+                                       organizations=[org.id], name=f"v5cmp-{tag}")
+        return int(task["id"])
+
+    async def counts() -> Counter[str]:
+        child.tell("COUNTS")
+        return Counter(await child.expect("COUNTS", within=30))
+
+    db = server.workdir / "v6.sqlite"
+    return Side(FEDNODE, Seen(db), process, log_path, create, counts), namespace
+
+
+class ChildLink:
+    """The fednode child's ``@@ KIND {json}`` lines on stdout, words on stdin."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def expect(self, kind: str, *, within: float) -> Any:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(within):
+            while True:
+                line = (await self.process.stdout.readline()).decode()
+                if not line:
+                    raise SystemExit(f"the fednode node ended before {kind} "
+                                     f"(exit {await self.process.wait()})")
+                if line.startswith(f"{PREFIX}{kind} "):
+                    return json.loads(line[len(PREFIX) + len(kind) + 1:])
+
+    def tell(self, word: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{word}\n".encode())
+
+
+async def finish_child(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def fednode_child(settings_json: str) -> None:
+    """The fednode node, in its own process so that its RSS and requests are its own."""
+    from executors.base import ExecutorContext
+    from executors.kubernetes.config import KubernetesSettings
+    from executors.kubernetes.executor import KubernetesExecutor
+    from node.app import Node
+    from node.logging import configure_logging
+    from node.server.rest import ServerClient
+    from node.settings import load_settings
+
+    configure_logging(level="WARNING", fmt="json", stream=sys.stderr)
+    raw = json.loads(settings_json)
+    settings = load_settings(None, **raw)
+    server_calls: Counter[str] = Counter()
+    request = ServerClient.request
+
+    async def counted(self: ServerClient, method: str, path: str, **kwargs: Any) -> Any:
+        server_calls[f"http {method.upper()}"] += 1
+        return await request(self, method, path, **kwargs)
+
+    ServerClient.request = counted  # type: ignore[method-assign]
+    executor = KubernetesExecutor(
+        KubernetesSettings.model_validate(raw["executor"]),
+        context=ExecutorContext(node_name=settings.name, task_dir=Path(raw["task_dir"])),
+    )
+    node = Node(settings, executor=executor)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(node.run(stop))
+    await asyncio.wait_for(node.ready.wait(), 120)
+    assert node.state.socket is not None
+    await asyncio.wait_for(node.state.socket.connected.wait(), 60)
+    print(f"{PREFIX}READY {{}}", flush=True)
+    loop = asyncio.get_running_loop()
+    while word := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+        if word == "COUNTS":
+            kube = {f"kube {k}": v for k, v in executor.requests.items()}
+            print(f"{PREFIX}COUNTS {json.dumps({**kube, **server_calls})}", flush=True)
+    stop.set()
+    await asyncio.wait_for(serving, 60)
+
+
+# ---- phases -----------------------------------------------------------------------------
+
+
+async def wait_final(seen: Seen, task_ids: set[int], *, seconds: float, quiet: float) -> None:
+    """Until every run of ``task_ids`` has a final status, ``seconds`` pass, or nothing
+    changed for ``quiet`` seconds once every run's pod had succeeded (a run whose result
+    a node dropped never ends)."""
+    deadline = time.monotonic() + seconds
+    last, changed = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        runs = seen.runs_of(task_ids)
+        done = sum(1 for r in runs if r in seen.final_at)
+        if runs and len(runs) >= len(task_ids) and done == len(runs):
+            return
+        if done != last:
+            last, changed = done, time.monotonic()
+        pods_done = runs and all(r in seen.pod_succeeded for r in runs)
+        if pods_done and time.monotonic() - changed > quiet:
+            return
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Sample:
+    runs: list[int]
+    tasks: int
+    seconds: float = 0.0  # first created -> last result
+    create_seconds: float = 0.0
+    in_flight_peak: int = 0
+    rss_before: float = 0.0
+    rss_peak: float = 0.0
+    requests: Counter[str] = field(default_factory=Counter)
+
+    def dispatch(self, seen: Seen) -> list[float]:
+        return [(seen.job_added[r] - seen.created[r]) * 1000
+                for r in self.runs if r in seen.job_added and r in seen.created]
+
+    def completion(self, seen: Seen) -> list[float]:
+        return [(seen.final_at[r] - seen.pod_succeeded[r]) * 1000
+                for r in self.runs if r in seen.final_at and r in seen.pod_succeeded]
+
+    def lost(self, seen: Seen) -> int:
+        return self.tasks - sum(1 for r in self.runs if r in seen.final_at)
+
+
+async def sequential(sides: list[Side], runs: int) -> dict[str, Sample]:
+    tasks: dict[str, set[int]] = {side.label: set() for side in sides}
+    for i in range(runs):
+        for side in sides:
+            task_id = await side.create(f"seq-{i}")
+            tasks[side.label].add(task_id)
+            await wait_final(side.seen, {task_id}, seconds=60, quiet=10)
+    return {side.label: Sample(side.seen.runs_of(tasks[side.label]), runs) for side in sides}
+
+
+async def burst(side: Side, size: int) -> Sample:
+    seen = side.seen
+    sample = Sample([], size, rss_before=side.rss_mib())
+    sample.rss_peak = sample.rss_before
+    before = await side.counts()
+    in_flight_base = seen.in_flight()
+
+    async def sampler() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                sample.rss_peak = max(sample.rss_peak, side.rss_mib())
+            sample.in_flight_peak = max(sample.in_flight_peak, seen.in_flight() - in_flight_base)
+            await asyncio.sleep(0.2)
+
+    sampling = asyncio.create_task(sampler())
+    began = time.monotonic()
+    task_ids = {await side.create(f"burst{size}-{i}") for i in range(size)}
+    sample.create_seconds = time.monotonic() - began
+    await wait_final(seen, task_ids, seconds=120 + 3 * size, quiet=30)
+    sampling.cancel()
+    await asyncio.gather(sampling, return_exceptions=True)
+    after = await side.counts()
+    after.subtract(before)
+    sample.requests = +after
+    sample.runs = seen.runs_of(task_ids)
+    created = [seen.created[r] for r in sample.runs if r in seen.created]
+    finals = [seen.final_at[r] for r in sample.runs if r in seen.final_at]
+    if created and finals:
+        sample.seconds = max(finals) - min(created)
+    return sample
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def ratio_line(title: str, fed: list[float], v5: list[float]) -> str:
+    if not fed or not v5:
+        return f"    {title:<34} (no ratio: a side has no samples)"
+    parts = [f"{name} {pick(v5) / max(pick(fed), 1e-3):.1f}x" for name, pick in (
+        ("median", statistics.median), ("p95", lambda v: percentile(v, 0.95)), ("max", max))]
+    return f"    {title:<34} vantage6 5 / fednode: " + ", ".join(parts)
+
+
+def report_latency(title: str, samples: dict[str, Sample], sides: list[Side]) -> None:
+    print(f"\n== {title} ==")
+    for side in sides:
+        sample, seen = samples[side.label], side.seen
+        statuses = Counter(seen.status.get(r, "(none)") for r in sample.runs)
+        print(f"  {side.label}:")
+        print(summary("task created -> Job created", sample.dispatch(seen), width=34, indent=4))
+        print(summary("Pod Succeeded -> result at server", sample.completion(seen), width=34,
+                      indent=4))
+        print(f"    runs with no final status {sample.lost(seen)} of {sample.tasks}; "
+              f"statuses {dict(statuses)}")
+    if len(sides) == 2:
+        fed, v5 = (samples[s.label] for s in sides)
+        fseen, vseen = (s.seen for s in sides)
+        print(ratio_line("dispatch", fed.dispatch(fseen), v5.dispatch(vseen)))
+        print(ratio_line("completion", fed.completion(fseen), v5.completion(vseen)))
+
+
+def report_burst(size: int, samples: dict[str, Sample], sides: list[Side]) -> None:
+    report_latency(f"burst of {size} tasks per node", samples, sides)
+    for side in sides:
+        s = samples[side.label]
+        n = max(1, s.tasks)
+        kube = {k[5:]: v for k, v in s.requests.items() if k.startswith("kube ")}
+        http = {k[5:]: v for k, v in s.requests.items() if k.startswith("http ")}
+        print(f"  {side.label}: first task created -> last result {s.seconds:.1f} s (creating "
+              f"took {s.create_seconds:.1f} s); most runs in flight at once {s.in_flight_peak}; "
+              f"RSS before {s.rss_before:.0f} MiB, peak {s.rss_peak:.0f} MiB")
+        print(f"    Kubernetes API requests per run {sum(kube.values()) / n:.2f} "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(kube.items()))})")
+        print(f"    server requests per run {sum(http.values()) / n:.2f} "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(http.items()))})")
+
+
+# ---- driver -----------------------------------------------------------------------------
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> None:
+    from tests.peers.kubernetes import APISERVER_PORT, DEFAULT_KUBECONFIG, K8sTestbed
+
+    testbed = K8sTestbed(kubeconfig=DEFAULT_KUBECONFIG, workdir=workdir)
+    async with contextlib.AsyncExitStack() as stack:
+        print("starting vantage6 5.0.0a26 (stand-in Keycloak, server under uWSGI, node) ...",
+              flush=True)
+        v5, v5_ns = await start_v5(stack, workdir, testbed, APISERVER_PORT)
+        print("starting vantage6-server 4.15.2 and fednode ...", flush=True)
+        fed, fed_ns = await start_fednode(stack, workdir, testbed, max(args.bursts + [50]) + 20)
+        sides = [fed, v5]
+        api = await connect(kubeconfig=DEFAULT_KUBECONFIG, context=None, max_connections=8)
+        stack.push_async_callback(api.close)
+        client = KubeClient(api, request_timeout=30)
+        watchers: list[asyncio.Task[None]] = []
+        for side, namespace in ((fed, fed_ns), (v5, v5_ns)):
+            watchers.append(asyncio.create_task(watch_database(side.seen)))
+            for resource in (JOBS, PODS):
+                ready = asyncio.Event()
+                watchers.append(asyncio.create_task(
+                    watch_kube(client, resource, namespace, side.seen, ready)))
+                await asyncio.wait_for(ready.wait(), 30)
+
+        async def cancel_watchers() -> None:
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+        stack.push_async_callback(cancel_watchers)
+        for side in sides:  # warm-up, not counted: up, connected, first run through
+            task_id = await side.create("warm")
+            await wait_final(side.seen, {task_id}, seconds=args.start_seconds, quiet=30)
+            runs = side.seen.runs_of({task_id})
+            if not runs or runs[0] not in side.seen.final_at or not side.alive():
+                raise SystemExit(f"{side.label}: NOT READY (warm-up task {task_id} has no "
+                                 f"final status); its log ({side.log_path}) ends:\n"
+                                 f"{side.log_tail()}")
+            print(f"{side.label}: up (pid {side.pid}), warm-up run "
+                  f"{side.seen.status[runs[0]]}", flush=True)
+        print(f"\nsequential: {args.runs} tasks per node, alternating ...", flush=True)
+        report_latency(f"sequential ({args.runs} tasks per node)",
+                       await sequential(sides, args.runs), sides)
+        for size in args.bursts:
+            samples = {}
+            for side in sides:
+                print(f"\nburst: {size} tasks for {side.label} ...", flush=True)
+                samples[side.label] = await burst(side, size)
+            report_burst(size, samples, sides)
+        for side in sides:
+            print(f"\n{side.label}: still running at the end: {side.alive()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--bursts", type=lambda s: [int(x) for x in s.split(",") if x],
+                        default=[50, 500])
+    parser.add_argument("--start-seconds", type=float, default=180)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--role", choices=("referee", "fednode"), default="referee",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "fednode":
+        asyncio.run(fednode_child(args.settings))
+        return
+    status = subprocess.run([str(REPO / "scripts" / "k8s-testbed"), "status"],
+                            capture_output=True, check=False)
+    if status.returncode != 0:
+        sys.exit("the Kubernetes testbed is not up (scripts/k8s-testbed up); not starting it "
+                 "here: it is shared")
+    for script in ("v6server-setup", "v5stack-setup"):
+        subprocess.run([str(REPO / "scripts" / script)], check=True)
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="fednode-v5cmp-"))
+    try:
+        asyncio.run(measure(args, workdir))
+    finally:
+        print(f"load average after: {os.getloadavg()}; work directory {workdir}")
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
