@@ -59,7 +59,9 @@ def instrument() -> None:
 
     kube_request = rest.RESTClientObject.request
 
-    def counted_kube(self: Any, method: str, url: str, query_params: Any = None, *a: Any, **kw: Any) -> Any:
+    def counted_kube(
+        self: Any, method: str, url: str, query_params: Any = None, *a: Any, **kw: Any
+    ) -> Any:
         with LOCK:
             COUNTS[kube_key(method, url, query_params)] += 1
         return kube_request(self, method, url, query_params, *a, **kw)
@@ -126,7 +128,9 @@ def main() -> None:
     from vantage6.cli.context.node import NodeContext
     from vantage6.node import run
 
-    ctx = NodeContext(args.config.stem, True, str(args.config), logger_prefix=f"{args.config.stem} | ")
+    ctx = NodeContext(
+        args.config.stem, True, str(args.config), logger_prefix=f"{args.config.stem} | "
+    )
     run(ctx)
 
 

@@ -75,7 +75,9 @@ class Realm:
     lock: threading.RLock
 
     @classmethod
-    def open(cls, state: Path, *, token_seconds: int, admin_client: str, admin_secret: str) -> Realm:
+    def open(
+        cls, state: Path, *, token_seconds: int, admin_client: str, admin_secret: str
+    ) -> Realm:
         state.mkdir(parents=True, exist_ok=True)
         key_file = state / "key.pem"
         if key_file.exists():
@@ -122,15 +124,26 @@ class Realm:
         if self.user_named(name):
             raise Reply(409, {"errorMessage": "User exists with same username"})
         uid = str(uuid.uuid4())
-        self.db["users"][uid] = {"id": uid, "username": name.lower(), "enabled": True, "pw": password}
+        self.db["users"][uid] = {
+            "id": uid,
+            "username": name.lower(),
+            "enabled": True,
+            "pw": password,
+        }
         self.save()
         return uid
 
-    def add_client(self, client_id: str, *, secret: str | None, service_account: bool, kind: str | None) -> str:
+    def add_client(
+        self, client_id: str, *, secret: str | None, service_account: bool, kind: str | None
+    ) -> str:
         if self.client_named(client_id):
             raise Reply(409, {"errorMessage": f"Client {client_id} already exists"})
         cid = str(uuid.uuid4())
-        account = self.add_user(f"service-account-{client_id}", password=None) if service_account else None
+        account = (
+            self.add_user(f"service-account-{client_id}", password=None)
+            if service_account
+            else None
+        )
         self.db["clients"][cid] = {
             "id": cid,
             "clientId": client_id,
@@ -159,7 +172,9 @@ class Realm:
 
     # -- tokens ---------------------------------------------------------------------------
 
-    def mint(self, *, sub: str, client_id: str, kind: str | None, username: str, issuer: str) -> dict[str, Any]:
+    def mint(
+        self, *, sub: str, client_id: str, kind: str | None, username: str, issuer: str
+    ) -> dict[str, Any]:
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": issuer,
@@ -199,16 +214,22 @@ class Realm:
         if grant == "client_credentials" and confidential and client["account"]:
             user = self.db["users"][client["account"]]
             return self.mint(
-                sub=user["id"], client_id=client["clientId"], kind=client["kind"],
-                username=user["username"], issuer=issuer,
+                sub=user["id"],
+                client_id=client["clientId"],
+                kind=client["kind"],
+                username=user["username"],
+                issuer=issuer,
             )
         if grant == "password":
             user = self.user_named(form.get("username", ""))
             if user is None or user["pw"] is None or user["pw"] != form.get("password"):
                 raise Reply(401, {"error": "invalid_grant"})
             return self.mint(
-                sub=user["id"], client_id=client["clientId"], kind="user",
-                username=user["username"], issuer=issuer,
+                sub=user["id"],
+                client_id=client["clientId"],
+                kind="user",
+                username=user["username"],
+                issuer=issuer,
             )
         raise Reply(400, {"error": "unsupported_grant_type"})
 
@@ -230,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
     realm: Realm  # set on the subclass the server is made with
     log_file: Path
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
@@ -280,13 +301,17 @@ class Handler(BaseHTTPRequestHandler):
         realm = self.realm
         if len(parts) == 2 and parts[0] == "realms" and method == "GET":
             issuer = f"{self._base()}/realms/{parts[1]}"
-            return 200, {
-                "realm": parts[1],
-                "public_key": realm.public_key_b64(),
-                "token-service": f"{issuer}/protocol/openid-connect",
-                "account-service": f"{issuer}/account",
-                "tokens-not-before": 0,
-            }, {}
+            return (
+                200,
+                {
+                    "realm": parts[1],
+                    "public_key": realm.public_key_b64(),
+                    "token-service": f"{issuer}/protocol/openid-connect",
+                    "account-service": f"{issuer}/account",
+                    "tokens-not-before": 0,
+                },
+                {},
+            )
         if parts[:1] == ["realms"] and parts[2:] == ["protocol", "openid-connect", "token"]:
             form = dict(parse_qsl(body.decode()))
             basic = self.headers.get("Authorization", "")
@@ -302,7 +327,13 @@ class Handler(BaseHTTPRequestHandler):
         return self._admin(method, parts[3], parts[4:], query, body, location)
 
     def _admin(
-        self, method: str, kind: str, rest: list[str], query: dict[str, str], body: bytes, location: str
+        self,
+        method: str,
+        kind: str,
+        rest: list[str],
+        query: dict[str, str],
+        body: bytes,
+        location: str,
     ) -> tuple[int, Any, dict[str, str]]:
         realm = self.realm
         rep: dict[str, Any] = json.loads(body) if body else {}
@@ -312,12 +343,20 @@ class Handler(BaseHTTPRequestHandler):
                 if "username" in query:
                     name = query["username"].lower()
                     exact = query.get("exact", "false").lower() == "true"
-                    users = [u for u in users if (u["username"] == name if exact else name in u["username"])]
+                    users = [
+                        u
+                        for u in users
+                        if (u["username"] == name if exact else name in u["username"])
+                    ]
                 first, most = int(query.get("first", 0)), int(query.get("max", 100))
                 return 200, [realm.user_view(u) for u in users[first : first + most]], {}
             if method == "POST" and not rest:
                 password = next(
-                    (c.get("value") for c in rep.get("credentials", []) if c.get("type") == "password"),
+                    (
+                        c.get("value")
+                        for c in rep.get("credentials", [])
+                        if c.get("type") == "password"
+                    ),
                     None,
                 )
                 uid = realm.add_user(rep["username"], password=password)
@@ -328,7 +367,8 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "clients":
             if method == "GET" and not rest:
                 found = [
-                    c for c in realm.db["clients"].values()
+                    c
+                    for c in realm.db["clients"].values()
                     if "clientId" not in query or c["clientId"] == query["clientId"]
                 ]
                 return 200, [realm.client_view(c) for c in found], {}
@@ -378,7 +418,9 @@ def main() -> None:
         admin_client=args.admin_client,
         admin_secret=args.admin_secret,
     )
-    handler = type("RealmHandler", (Handler,), {"realm": realm, "log_file": args.state / "requests.log"})
+    handler = type(
+        "RealmHandler", (Handler,), {"realm": realm, "log_file": args.state / "requests.log"}
+    )
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
     server.daemon_threads = True
     print(f"oidc stand-in on 127.0.0.1:{args.port}, state {args.state}", flush=True)
