@@ -25,7 +25,7 @@ the node process's RSS and CPU.
 No baseline: an earlier version listed Jobs every second and read their conditions as a
 "vantage6 5 design", but vantage6 5's node reads ``status.succeeded``/``failed`` and is
 not this loop; a model of another node is not a measurement of it. The vantage6 5 node
-itself is not measured yet (issue 18).
+itself (5.0.0a26) is measured beside fednode's whole node in ``v5node_compare.py``.
 
 Targets: completion seen ≤ 20 ms p95; ≤ 6 API requests per run. kwok moves about 20
 pods/s through their stages on this testbed, so 500 runs take about half a minute:

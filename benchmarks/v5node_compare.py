@@ -552,7 +552,7 @@ def stop_process(process: subprocess.Popen[bytes], *, signal_int: bool = False) 
 async def start_fednode(
     stack: contextlib.AsyncExitStack, workdir: Path, testbed: Any, max_runs: int
 ) -> tuple[Side, str]:
-    from tests.integration.k8s_executor_helpers import chart_network_policies
+    from tests.integration.k8s_executor_helpers import chart_network_policies, task_volume
     from tests.peers import v6server
     from tests.peers.stack import server_with_collaboration
 
@@ -567,8 +567,10 @@ async def start_fednode(
     stack.push_async_callback(testbed.delete_namespace, namespace)
     node_name = f"fednode-v5cmp-{uuid.uuid4().hex[:6]}"
     proxy_port = free_port()
-    async with testbed.api_client() as admin:  # as the chart: the runs' policies
-        rules = await chart_network_policies(admin, namespace, node_name, proxy_port=proxy_port)
+    admin = await stack.enter_async_context(testbed.api_client())
+    # as the chart: the runs' policies and the claim of the task directory
+    rules = await chart_network_policies(admin, namespace, node_name, proxy_port=proxy_port)
+    await stack.enter_async_context(task_volume(admin, namespace))
     kubeconfig = await testbed.service_account_kubeconfig(namespace, rules=rules)
     task_dir = workdir / "fednode-tasks"
     task_dir.mkdir()
@@ -674,7 +676,9 @@ async def fednode_child(settings_json: str) -> None:
     from node.server.rest import ServerClient
     from node.settings import load_settings
 
-    configure_logging(level="WARNING", fmt="json", stream=sys.stderr)
+    configure_logging(
+        level=os.environ.get("V5CMP_NODE_LOG", "WARNING"), fmt="json", stream=sys.stderr
+    )
     raw = json.loads(settings_json)
     settings = load_settings(None, **raw)
     server_calls: Counter[str] = Counter()
@@ -940,12 +944,18 @@ def main() -> None:
         asyncio.run(fednode_child(args.settings))
         return
     status = subprocess.run(
-        [str(REPO / "scripts" / "k8s-testbed"), "status"], capture_output=True, check=False
-    )
-    if status.returncode != 0:
+        [str(REPO / "scripts" / "k8s-testbed"), "status"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    # The control plane and kwok are what this needs; the real worker may be down.
+    needed = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+    healthy = {line.split()[1] for line in status.splitlines() if line.split()[:1] == ["OK"]}
+    if missing := [name for name in needed if name not in healthy]:
         sys.exit(
-            "the Kubernetes testbed is not up (scripts/k8s-testbed up); not starting it "
-            "here: it is shared"
+            f"the Kubernetes testbed is not up ({', '.join(missing)} not healthy: "
+            "scripts/k8s-testbed up); not starting it here: it is shared"
         )
     for script in ("v6server-setup", "v5stack-setup"):
         subprocess.run([str(REPO / "scripts" / script)], check=True)
