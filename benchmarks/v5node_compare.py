@@ -91,6 +91,7 @@ STANDIN = HERE / "v5stack" / "oidc_standin.py"
 LAUNCH = HERE / "v5stack" / "launch_node.py"
 IMAGE = "localhost/fednode/bench-v5cmp:1"  # kwok never pulls it
 REALM = "vantage6"
+TOKEN_SECONDS = 300  # tokens from the stand-in live this long (Keycloak's default)
 OPEN = {None, "", "pending", "initializing", "active"}
 POLL_DB = 0.02
 PREFIX = "@@ "
@@ -259,7 +260,7 @@ class V5Api:
         self.base, self.kc = base, kc
         # uWSGI's HTTP router closes each connection after one answer (no --http-keepalive)
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
-        self.token = ""
+        self.token, self.logged_in = "", 0.0
 
     async def login(self) -> None:
         form = {
@@ -273,8 +274,13 @@ class V5Api:
         ) as response:
             response.raise_for_status()
             self.token = (await response.json())["access_token"]
+        self.logged_in = time.monotonic()
 
     async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        if time.monotonic() - self.logged_in > TOKEN_SECONDS / 2:
+            # a26 answers an expired token with 500 (its handler retries the request as a
+            # container and reports that failure), so renew well before it expires
+            await self.login()
         async with self.session.request(
             method,
             f"{self.base}/{path}",
@@ -340,7 +346,16 @@ async def start_v5(
     python = str(V5_VENV / "bin" / "python")
 
     standin = spawn(
-        [python, str(STANDIN), "--port", str(kc_port), "--state", str(home / "kc")],
+        [
+            python,
+            str(STANDIN),
+            "--port",
+            str(kc_port),
+            "--state",
+            str(home / "kc"),
+            "--token-seconds",
+            str(TOKEN_SECONDS),
+        ],
         log=home / "standin.log",
     )
     stack.callback(stop_process, standin)
