@@ -81,6 +81,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.k8s_executor import PREFIX, Child  # noqa: E402
 from benchmarks.stats import percentile, summary  # noqa: E402
 from executors.base import LABEL_RUN  # noqa: E402
 from executors.kubernetes.client import JOBS, PODS, KubeClient, Resource, connect  # noqa: E402
@@ -94,7 +95,6 @@ REALM = "vantage6"
 TOKEN_SECONDS = 300  # tokens from the stand-in live this long (Keycloak's default)
 OPEN = {None, "", "pending", "initializing", "active"}
 POLL_DB = 0.02
-PREFIX = "@@ "
 FEDNODE, V5 = "fednode", "vantage6-node 5.0.0a26"
 
 
@@ -106,14 +106,6 @@ def free_port() -> int:
 
 def utc(text: str) -> float:
     return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC).timestamp()
-
-
-async def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {seconds:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # ---- what the peers saw -----------------------------------------------------------------
@@ -625,7 +617,7 @@ async def start_fednode(
         limit=2**24,
     )
     stack.push_async_callback(finish_child, process)
-    child = ChildLink(process)
+    child = Child(process, "fednode node")  # the ``@@ KIND {json}`` protocol of k8s_executor
     await child.expect("READY", within=120)
 
     async def create(tag: str) -> int:
@@ -645,29 +637,6 @@ async def start_fednode(
 
     db = server.workdir / "v6.sqlite"
     return Side(FEDNODE, Seen(db), process, log_path, create, counts), namespace
-
-
-class ChildLink:
-    """The fednode child's ``@@ KIND {json}`` lines on stdout, words on stdin."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
-    async def expect(self, kind: str, *, within: float) -> Any:
-        assert self.process.stdout is not None
-        async with asyncio.timeout(within):
-            while True:
-                line = (await self.process.stdout.readline()).decode()
-                if not line:
-                    raise SystemExit(
-                        f"the fednode node ended before {kind} (exit {await self.process.wait()})"
-                    )
-                if line.startswith(f"{PREFIX}{kind} "):
-                    return json.loads(line[len(PREFIX) + len(kind) + 1 :])
-
-    def tell(self, word: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"{word}\n".encode())
 
 
 async def finish_child(process: asyncio.subprocess.Process) -> None:
