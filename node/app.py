@@ -39,13 +39,14 @@ from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
 from node.health import make_health_app
 from node.lifecycle import LifecycleConfig, RunLifecycle
 from node.logging import direct_logger, get_logger
+from node.metrics import NodeMetrics
 from node.posture import posture_warnings
 from node.proxy_link import NodeProxyCrypto, OrganizationKeys
 from node.server.models import NodeIdentity
 from node.server.rest import ServerClient, ServerError
 from node.server.socket import SocketLink
-from node.settings import NodeSettings
-from node.telemetry import make_tracer_provider
+from node.settings import NodeSettings, TelemetrySettings
+from node.telemetry import OtlpTarget, TaskOrigins, make_tracer_provider
 from node.token_seal import TokenSeal
 from policies.admission import Admission, AdmissionPolicy, ResourcePolicy
 from proxy import ProxyLimits, ProxyServer, RunTable, make_proxy_app
@@ -86,9 +87,11 @@ class Node:
             service_name=settings.telemetry.service_name,
             node_name=settings.name,
             sampling_ratio=settings.telemetry.sampling_ratio,
-            otlp_endpoint=settings.telemetry.otlp_endpoint,
+            otlp=otlp_target(settings.telemetry),
             processors=span_processors,
         )
+        self.metrics = NodeMetrics()
+        self.task_origins = TaskOrigins()
         self.ready = asyncio.Event()
         self._advertised_proxy: ProxyEndpoint | None = None
 
@@ -144,8 +147,12 @@ class Node:
                 keys=keys,
                 token_seal=TokenSeal(api_key=settings.api_key.get_secret_value()),
                 proxy_runs=proxy_runs if proxy is not None else None,
+                metrics=self.metrics,
+                task_origins=self.task_origins,
             )
             self.state.lifecycle, self.state.socket = lifecycle, socket
+            running, link = lifecycle, socket
+            self.metrics.watch(lambda: running.occupancy(server_reconnects=link.reconnects))
             try:
                 await lifecycle.reconcile()
             finally:
@@ -190,7 +197,11 @@ class Node:
         if not health.enabled:
             return None
         runner = web.AppRunner(
-            make_health_app(status=self.status, status_public=health.status_public),
+            make_health_app(
+                status=self.status,
+                status_public=health.status_public,
+                metrics=self.metrics.render if health.metrics else None,
+            ),
             access_log=None,
         )
         await runner.setup()
@@ -350,6 +361,8 @@ class Node:
             runs=runs,
             crypto=crypto,
             tracer=tracer,
+            metrics=self.metrics.proxy,
+            task_creations=self.task_origins,
             limits=ProxyLimits(
                 max_body_bytes=settings.proxy.max_body_mb * 1024 * 1024,
                 upstream_timeout=settings.proxy.upstream_timeout_seconds,
@@ -424,6 +437,20 @@ class Node:
             share_algorithm_logs=settings.share_algorithm_logs,
             share_config=settings.share_config,
         )
+
+
+def otlp_target(telemetry: TelemetrySettings) -> OtlpTarget | None:
+    """Where the settings say spans go (``None``: nowhere but the tests' processors)."""
+    if telemetry.otlp_endpoint is None:
+        return None
+    return OtlpTarget(
+        endpoint=telemetry.otlp_endpoint,
+        headers={k: v.get_secret_value() for k, v in telemetry.otlp_headers.items()},
+        certificate=telemetry.otlp_certificate,
+        client_certificate=telemetry.otlp_client_certificate,
+        client_key=telemetry.otlp_client_key,
+        timeout=telemetry.otlp_timeout_seconds,
+    )
 
 
 async def serve(settings: NodeSettings) -> None:

@@ -3,6 +3,9 @@
 * ``GET /healthz`` — the process and its event loop answer (a liveness probe);
 * ``GET /readyz`` — the node is authenticated, its executor is open and its socket to the
   server is connected (a readiness probe); 503 with the missing pieces otherwise;
+* ``GET /metrics`` — the node's Prometheus metrics (:mod:`node.metrics`): counts and
+  timings only, no ids, so it answers whoever reaches the port, like the probes
+  (``health.metrics: false`` turns it off);
 * ``GET /status`` — a small JSON summary that ``fednode status`` prints. It tells who the
   node is (node, organization and collaboration ids) and how busy it is, so by default it
   answers only calls from loopback (``fednode status`` on the node's host, or ``kubectl
@@ -23,11 +26,16 @@ from typing import Any
 from aiohttp import web
 
 from node import __version__
+from node.metrics import CONTENT_TYPE
 
 StatusSource = Callable[[], dict[str, Any]]
+#: The Prometheus text exposition of the node's metrics.
+MetricsSource = Callable[[], bytes]
 
 
-def make_health_app(*, status: StatusSource, status_public: bool = False) -> web.Application:
+def make_health_app(
+    *, status: StatusSource, status_public: bool = False, metrics: MetricsSource | None = None
+) -> web.Application:
     """``status()`` returns at least ``{"ready": bool, "missing": [...]}``."""
     started = time.monotonic()
 
@@ -54,7 +62,13 @@ def make_health_app(*, status: StatusSource, status_public: bool = False) -> web
         }
         return web.json_response(body)
 
+    async def metrics_view(_: web.Request) -> web.Response:
+        assert metrics is not None
+        return web.Response(body=metrics(), headers={"Content-Type": CONTENT_TYPE})
+
     app = web.Application()
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_view)

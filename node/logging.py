@@ -10,7 +10,9 @@ Loggers come from the one factory, :func:`common.logging.get_logger` (re-exporte
 which ``executors/`` and ``proxy/`` use too.
 
 Context such as ``run_id``/``task_id`` is bound per task with :func:`bind_run`, using
-structlog's contextvars so concurrent runs never mix their keys.
+structlog's contextvars so concurrent runs never mix their keys. Every line written while a
+span is current carries its ``trace_id``/``span_id`` (:func:`node.telemetry.add_trace_ids`);
+:func:`bind_run` makes the run's span current, so a run's lines lead to its trace.
 
 :func:`direct_logger` is for the one hot path that logs on every request (the proxy's
 access log): the same processors, level and output, without the standard library's
@@ -27,9 +29,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
 import structlog
+from opentelemetry import trace
 
 from common.logging import get_logger
 from node.redaction import redact_event
+from node.telemetry import add_trace_ids
 
 __all__ = ["bind_run", "configure_logging", "direct_logger", "get_logger"]
 
@@ -57,6 +61,7 @@ def configure_logging(
 
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -122,10 +127,18 @@ def direct_logger(name: str) -> Any:
 
 
 @contextmanager
-def bind_run(*, run_id: int | str, task_id: int | str | None = None) -> Iterator[None]:
-    """Within the block (and tasks started from it) every log line carries the run's ids."""
+def bind_run(
+    *, run_id: int | str, task_id: int | str | None = None, span: trace.Span | None = None
+) -> Iterator[None]:
+    """Within the block (and tasks started from it) every log line carries the run's ids;
+    with ``span`` (the run's), that span is current: lines carry its trace and span ids,
+    and spans started in the block without a parent are its children."""
     keys: dict[str, Any] = {"run_id": run_id}
     if task_id is not None:
         keys["task_id"] = task_id
     with structlog.contextvars.bound_contextvars(**keys):
-        yield
+        if span is None:
+            yield
+        else:
+            with trace.use_span(span, end_on_exit=False):
+                yield

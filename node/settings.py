@@ -358,6 +358,8 @@ class HealthSettings(_Section):
     #: calls from the node's own host (loopback) unless this is true; the probes
     #: ``/healthz`` and ``/readyz`` answer anyone who reaches ``host``.
     status_public: bool = False
+    #: ``/metrics`` (Prometheus text: counts and timings, no ids) on the same port.
+    metrics: bool = True
 
 
 class AdminSettings(_Section):
@@ -372,9 +374,52 @@ class AdminSettings(_Section):
 class TelemetrySettings(_Section):
     """OpenTelemetry traces: one trace per run, exported over OTLP/HTTP when configured."""
 
+    #: The receiver's base URL (``http://`` or ``https://``); the node appends ``/v1/traces``.
     otlp_endpoint: str | None = None
+    #: Headers sent with every export (an API key, a tenant); the values are secrets.
+    otlp_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    #: A CA bundle (PEM) that verifies an ``https`` endpoint instead of the system's CAs.
+    otlp_certificate: Path | None = None
+    #: A client certificate and its key (PEM), for a receiver that asks for one (mTLS).
+    otlp_client_certificate: Path | None = None
+    otlp_client_key: Path | None = None
+    otlp_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     service_name: str = "fednode"
     sampling_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise ValueError(
+                "give the receiver's base URL with its scheme, e.g. http://jaeger:4318 or "
+                "https://otel.example.org:4318"
+            )
+        return endpoint
+
+    @field_validator("otlp_certificate", "otlp_client_certificate", "otlp_client_key")
+    @classmethod
+    def _readable_pem(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{path} cannot be read ({exc.strerror})") from None
+        if b"-----BEGIN " not in data:
+            raise ValueError(f"{path} is not a PEM file")
+        return path
+
+    @model_validator(mode="after")
+    def _tls_is_whole(self) -> TelemetrySettings:
+        if (self.otlp_client_certificate is None) != (self.otlp_client_key is None):
+            raise ValueError("give otlp_client_certificate and otlp_client_key together")
+        tls = self.otlp_certificate or self.otlp_client_certificate
+        if tls and not (self.otlp_endpoint or "").startswith("https://"):
+            raise ValueError(
+                "otlp_certificate/otlp_client_certificate need an https:// otlp_endpoint"
+            )
+        return self
 
 
 class LoggingSettings(_Section):
@@ -617,6 +662,9 @@ _PATH_KEYS = {
     ("encryption", "private_key"),
     ("executor", "kubeconfig"),
     ("executor", "image_cache"),
+    ("telemetry", "otlp_certificate"),
+    ("telemetry", "otlp_client_certificate"),
+    ("telemetry", "otlp_client_key"),
 }
 
 

@@ -20,9 +20,11 @@ from proxy.protocols import (
     ProxyCrypto,
     ProxyCryptoError,
     ProxyRun,
+    RequestMetrics,
     RunInfo,
     RunRegistry,
     RunTable,
+    TaskCreations,
 )
 
 __all__ = [
@@ -31,8 +33,10 @@ __all__ = [
     "ProxyLimits",
     "ProxyRun",
     "ProxyServer",
+    "RequestMetrics",
     "RunInfo",
     "RunRegistry",
     "RunTable",
+    "TaskCreations",
     "make_proxy_app",
 ]

@@ -26,7 +26,7 @@ from common.logging import get_logger
 from proxy.context import CONTEXT, AccessLog, ProxyContext
 from proxy.limits import ProxyLimits
 from proxy.middlewares import door
-from proxy.protocols import ProxyCrypto, RunRegistry
+from proxy.protocols import ProxyCrypto, RequestMetrics, RunRegistry, TaskCreations
 from proxy.routes import add_routes
 from proxy.upstream import Upstream
 
@@ -39,10 +39,15 @@ def make_proxy_app(
     runs: RunRegistry,
     crypto: ProxyCrypto,
     tracer: Tracer | None = None,
+    metrics: RequestMetrics | None = None,
+    task_creations: TaskCreations | None = None,
     limits: ProxyLimits | None = None,
     access_log: AccessLog | None = None,
 ) -> web.Application:
     """The proxy application; its upstream session opens on startup, closes on cleanup.
+
+    ``metrics`` counts and times each request; ``task_creations`` hears which request span
+    created each subtask (both optional: see :mod:`proxy.protocols`).
 
     ``access_log`` gets one ``proxy.request`` line per request (default: the structlog
     logger ``proxy.access``; the node passes a direct one, as that path is hot).
@@ -60,6 +65,8 @@ def make_proxy_app(
         limits=limits,
         access_log=access_log or get_logger("proxy.access"),
         body_work=asyncio.Semaphore(limits.max_body_work),
+        metrics=metrics,
+        task_creations=task_creations,
     )
     add_routes(app)
     app.cleanup_ctx.append(_upstream_session)

@@ -10,7 +10,7 @@ from aiohttp import web
 from opentelemetry.trace import Tracer
 
 from proxy.limits import ProxyLimits
-from proxy.protocols import ProxyCrypto, ProxyRun, RunRegistry
+from proxy.protocols import ProxyCrypto, ProxyRun, RequestMetrics, RunRegistry, TaskCreations
 from proxy.upstream import Upstream
 
 
@@ -30,6 +30,8 @@ class ProxyContext:
     access_log: AccessLog
     #: Bodies being parsed, encrypted or decrypted (``limits.max_body_work`` at once).
     body_work: asyncio.Semaphore
+    metrics: RequestMetrics | None = None
+    task_creations: TaskCreations | None = None
     #: Requests in flight per run id (bounded by ``limits.max_requests_per_run``).
     in_flight: dict[int, int] = field(default_factory=dict)
     #: Connections that carried a request with each run's token (closed ones are pruned
@@ -42,5 +44,7 @@ CONTEXT = web.AppKey("fednode.proxy", ProxyContext)
 RUN = web.RequestKey("fednode.proxy.run", ProxyRun)
 #: That run's container token (set by the guard, in `proxy.middlewares.door`).
 TOKEN = web.RequestKey("fednode.proxy.token", str)
+#: The id of the task a ``POST /task`` created (set by that handler, for the span link).
+CREATED_TASK = web.RequestKey("fednode.proxy.created_task", int)
 #: Milliseconds spent waiting for the server (set by the handlers that call it).
 UPSTREAM_MS = web.RequestKey("fednode.proxy.upstream_ms", float)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from common.logging import get_logger
-from proxy.context import CONTEXT, RUN, TOKEN, UPSTREAM_MS, ProxyContext
+from proxy.context import CONTEXT, CREATED_TASK, RUN, TOKEN, UPSTREAM_MS, ProxyContext
 from proxy.errors import ProxyError
 from proxy.http1 import Answer, UpstreamError
 from proxy.payloads import (
@@ -93,6 +93,7 @@ async def create_task(request: web.Request) -> web.Response:
         task_id = _created_task_id(reply.body)
         if task_id is not None:
             context.runs.note_subtask(request[TOKEN], task_id)
+            request[CREATED_TASK] = task_id
     return reply.response()
 
 

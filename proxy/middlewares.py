@@ -5,8 +5,10 @@ cost a coroutine and an await per request, a measurable share of the proxy's CPU
 
 ``observe``
     One structured access-log line per request (run id, method, route, status, total and
-    upstream milliseconds) and, for an authenticated request, one span in the run's trace
-    (its parent is the run's W3C context). The span is recorded when the answer is known,
+    upstream milliseconds), one observation for the metrics (route, status, seconds) and,
+    for an authenticated request, one span in the run's trace (its parent is the run's W3C
+    context; a ``POST /task`` that created a task reports its span to the node, for the
+    link from the subtask's runs). The span is recorded when the answer is known,
     with the request's real start time, so rejected and failed requests cost no more
     than successful ones.
 ``errors``
@@ -40,7 +42,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from common.logging import get_logger
-from proxy.context import CONTEXT, RUN, TOKEN, UPSTREAM_MS, ProxyContext
+from proxy.context import CONTEXT, CREATED_TASK, RUN, TOKEN, UPSTREAM_MS, ProxyContext
 from proxy.errors import ProxyError, error_response
 from proxy.protocols import ProxyRun
 from proxy.routes import PUBLIC_ROUTES
@@ -90,8 +92,12 @@ async def door(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     finally:
         if not public:
-            duration_ms = (time.perf_counter() - started) * 1e3
-            _record(request, _route_of(request), status, started_ns, duration_ms)
+            elapsed = time.perf_counter() - started
+            route = _route_of(request)
+            metrics = request.app[CONTEXT].metrics
+            if metrics is not None:
+                metrics.observe(route, status, elapsed)
+            _record(request, route, status, started_ns, elapsed * 1e3)
 
 
 def _record(
@@ -143,6 +149,9 @@ def _record(
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR))
     span.end()
+    created = request.get(CREATED_TASK)
+    if created is not None and context.task_creations is not None:
+        context.task_creations.task_created(created, span.get_span_context())
 
 
 def _parent_context(carrier: Mapping[str, str]) -> Context | None:

@@ -10,6 +10,13 @@ The proxy never imports ``node/``. At construction the node hands it:
   organization's public key), and decryption of what was encrypted for this node's
   organization.
 
+And, optionally, for the operator's view:
+
+* a :class:`RequestMetrics` — counts and times every request by route and status (one call
+  per request, on the hot path: it must be cheap);
+* a :class:`TaskCreations` — told which span created each subtask (the span of the central
+  run's ``POST /task``), so the node links the subtask's runs to it.
+
 :class:`RunInfo` and :class:`RunTable` are a plain in-memory registry: enough for the
 node (register a run's token when its container starts, ``finish`` it when the container
 ends, ``discard`` it after a grace period; after a restart, hold unknown tokens until the
@@ -22,6 +29,8 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+from opentelemetry.trace import SpanContext
 
 
 class ProxyRun(Protocol):
@@ -75,6 +84,20 @@ class RunRegistry(Protocol):
         A cache, not the truth: after a node restart it is empty, and the proxy asks the
         server (the task's ``parent``) before it refuses."""
         ...
+
+
+class RequestMetrics(Protocol):
+    """Where each answered request is counted and timed (not ``/healthz``)."""
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """``route``: the allow-list's route (or ``(not allowed)``), never the raw path."""
+        ...
+
+
+class TaskCreations(Protocol):
+    """Told which request span created a task (a run's ``POST /task`` that succeeded)."""
+
+    def task_created(self, task_id: int, span_context: SpanContext) -> None: ...
 
 
 class ProxyCryptoError(Exception):

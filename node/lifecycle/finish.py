@@ -30,6 +30,8 @@ Runs that never got a container (refused, undecryptable, lost) end through
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
@@ -112,7 +114,12 @@ class Finisher:
         self._patience = runtime_patience
 
     def on_run_event(self, event: RunEvent) -> None:
-        """An executor event: trace the execution; finish the run on its terminal one."""
+        """An executor event: trace and time the execution; finish the run on its terminal one."""
+        metrics = self._inflight.metrics
+        at = _timestamp(event)
+        handled = time.time()
+        if at is not None:
+            metrics.executor_lag.observe(max(0.0, handled - at))
         record = self._inflight.runs.get(event.run_id)
         if record is not None:
             record.phase = event.phase.value
@@ -120,6 +127,13 @@ class Finisher:
             record.execute_span = self._tracer.start_span(
                 "execute", context=trace.set_span_in_context(record.span)
             )
+            record.running_at = at if at is not None else handled
+            if record.received_ns is not None:
+                latency = record.running_at - record.received_ns / 1e9
+                metrics.start_latency.observe(max(0.0, latency))
+        if event.phase.is_terminal and record is not None and record.running_at is not None:
+            metrics.duration.observe(max(0.0, (at or handled) - record.running_at))
+            record.running_at = None
         if not event.phase.is_terminal or self._inflight.is_finished(event.run_id):
             return
         if record is not None:
@@ -143,7 +157,7 @@ class Finisher:
         if record.ended_on_server:
             self.ended_on_server(record, "already ended on the server")
             return
-        with bind_run(run_id=record.run_id, task_id=record.task_id):
+        with bind_run(run_id=record.run_id, task_id=record.task_id, span=record.span):
             try:
                 await self._upload(record, event)
             except Exception as exc:
@@ -317,3 +331,10 @@ class Finisher:
             await self._executor.cleanup(run_id)
         except ExecutorError as exc:
             log.warning("run.cleanup_failed", run_id=run_id, error=str(exc))
+
+
+def _timestamp(event: RunEvent) -> float | None:
+    """When the runtime says the event happened (POSIX seconds); ``None`` if it did not say."""
+    if event.at == datetime.min.replace(tzinfo=UTC):
+        return None
+    return event.at.timestamp()

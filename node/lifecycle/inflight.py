@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from executors.memory import GoneRuns
 from node.lifecycle.spec import LifecycleConfig
+from node.metrics import NodeMetrics, Occupancy
 from node.server.models import Run, RunStatus
-from node.telemetry import context_from
+from node.telemetry import TaskOrigins, context_from
 from proxy import RunInfo, RunTable
 
 #: How many finished run ids the lifecycle remembers to ignore repeated terminal events.
@@ -78,6 +79,11 @@ class RunInFlight:
             "age_seconds": round(now - self.received_at, 1),
             "in_flight": status is None,
         }
+    #: When the server's event for a run never started before arrived (``time.time_ns()``);
+    #: ``None`` for a run adopted after a restart (its start latency is not this node's).
+    received_ns: int | None = None
+    #: The runtime's timestamp of the container running (for the run-duration metric).
+    running_at: float | None = None
 
 
 class InFlight:
@@ -89,13 +95,18 @@ class InFlight:
         config: LifecycleConfig,
         tracer: trace.Tracer,
         proxy_runs: RunTable | None,
+        metrics: NodeMetrics | None = None,
+        origins: TaskOrigins | None = None,
         finished_memory: int = FINISHED_MEMORY,
     ) -> None:
         self._config = config
         self._tracer = tracer
         self._proxy_runs = proxy_runs
+        self.metrics = metrics or NodeMetrics()
+        self._origins = origins or TaskOrigins()
         self._slots = asyncio.Semaphore(config.max_concurrent_runs)
         self._subtask_slots = asyncio.Semaphore(config.max_concurrent_runs)
+        self._waiting = {"task": 0, "subtask": 0}
         self.runs: dict[int, RunInFlight] = {}
         #: Runs that left lately, with their final status, newest last (``fednode runs``).
         self.recent: deque[tuple[RunInFlight, str]] = deque(maxlen=RECENT_MEMORY)
@@ -111,21 +122,38 @@ class InFlight:
         return run_id in self._finished
 
     def remember(
-        self, run: Run, *, parent: dict[str, str] | None = None, start_ns: int | None = None
+        self,
+        run: Run,
+        *,
+        parent: dict[str, str] | None = None,
+        start_ns: int | None = None,
+        fresh: bool = True,
     ) -> RunInFlight:
-        """Start remembering a run; its trace starts when the server's event arrived."""
+        """Start remembering a run; its trace starts when the server's event arrived.
+
+        ``fresh``: the run was never started (its start latency is measured from now).
+        A subtask's run is linked to the proxy span of the central run (on this node) that
+        created its task, when this node saw that span (:class:`~node.telemetry.TaskOrigins`).
+        """
         task = run.task
+        attributes: dict[str, str | int] = {
+            "fednode.run_id": run.id,
+            "fednode.task_id": task.id,
+            "fednode.image": task.image,
+            "fednode.executor": self._config.executor_kind,
+            "fednode.node": self._config.identity.name,
+        }
+        if task.job_id is not None:
+            attributes["fednode.job_id"] = task.job_id
+        if task.parent is not None:
+            attributes["fednode.parent_task_id"] = task.parent.id
+        origin = self._origins.origin_of(task.id)
         span = self._tracer.start_span(
             "run",
             context=context_from(parent),
             start_time=start_ns,
-            attributes={
-                "fednode.run_id": run.id,
-                "fednode.task_id": task.id,
-                "fednode.image": task.image,
-                "fednode.executor": self._config.executor_kind,
-                "fednode.node": self._config.identity.name,
-            },
+            attributes=attributes,
+            links=[Link(origin, {"fednode.link": "created by"})] if origin is not None else None,
         )
         record = RunInFlight(
             run_id=run.id,
@@ -134,8 +162,11 @@ class InFlight:
             init_org_id=task.init_org.id if task.init_org else None,
             parent_id=task.parent.id if task.parent else None,
             span=span,
+            received_ns=(start_ns or time.time_ns()) if fresh else None,
         )
         self.runs[run.id] = record
+        if origin is None and task.parent is not None:
+            self._origins.wait_for(task.id, span)
         return record
 
     # -- slots ------------------------------------------------------------------------------
@@ -144,9 +175,17 @@ class InFlight:
         """Subtasks' runs have slots of their own: their parents wait for them in theirs."""
         return self._slots if record.parent_id is None else self._subtask_slots
 
+    def _kind(self, record: RunInFlight) -> str:
+        return "task" if record.parent_id is None else "subtask"
+
     async def take_slot(self, record: RunInFlight) -> None:
         """Wait for a free slot, in order of asking."""
-        await self._slots_of(record).acquire()
+        kind = self._kind(record)
+        self._waiting[kind] += 1
+        try:
+            await self._slots_of(record).acquire()
+        finally:
+            self._waiting[kind] -= 1
         record.holds_slot = True
 
     async def take_free_slot(self, record: RunInFlight) -> None:
@@ -161,6 +200,20 @@ class InFlight:
         if record.holds_slot:
             record.holds_slot = False
             self._slots_of(record).release()
+
+    def occupancy(self, *, server_reconnects: int = 0) -> Occupancy:
+        """What the metrics' gauges show (read at each scrape)."""
+        in_use = {"task": 0, "subtask": 0}
+        for record in self.runs.values():
+            if record.holds_slot:
+                in_use[self._kind(record)] += 1
+        return Occupancy(
+            in_flight=len(self.runs),
+            waiting=dict(self._waiting),
+            slots_in_use=in_use,
+            slots=self._config.max_concurrent_runs,
+            server_reconnects=server_reconnects,
+        )
 
     # -- the proxy --------------------------------------------------------------------------
 
@@ -197,6 +250,8 @@ class InFlight:
 
     def finished(self, record: RunInFlight, *, status: str, reason: str | None = None) -> None:
         """The server has the run's final ``status``: forget the run, remember its id."""
+        if self.runs.get(record.run_id) is record:
+            self.metrics.runs.labels(status).inc()
         self._let_go(record, status=status, reason=reason)
         self.refuse_at_proxy(record)
         if record.token is not None:
@@ -221,6 +276,7 @@ class InFlight:
         if status != RunStatus.COMPLETED.value:
             record.span.set_status(Status(StatusCode.ERROR, status))
         record.span.end()
+        self._origins.forget(record.task_id, record.span)
         self.runs.pop(record.run_id, None)
         self.recent.append((record, status))
 

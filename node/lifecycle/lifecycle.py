@@ -18,6 +18,7 @@ one run is logged and reported as that run's status, never a crash of the node.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,10 +34,12 @@ from node.lifecycle.server import RUNTIME_PATIENCE_SECONDS, RunServer, StatusNot
 from node.lifecycle.spec import LifecycleConfig
 from node.lifecycle.start import Starter
 from node.logging import get_logger
+from node.metrics import NodeMetrics, Occupancy
 from node.proxy_link import OrganizationKeys
 from node.server.models import KillContainers, NewTask, Run
 from node.server.rest import ServerClient
 from node.server.socket import Received, Sync
+from node.telemetry import TaskOrigins
 from node.token_seal import TokenSeal
 from policies.admission import Admission
 from proxy import RunTable
@@ -60,9 +63,13 @@ class RunLifecycle:
         keys: OrganizationKeys,
         token_seal: TokenSeal,
         proxy_runs: RunTable | None = None,
+        metrics: NodeMetrics | None = None,
+        task_origins: TaskOrigins | None = None,
         upload_backoff: float = 1.0,
         runtime_patience: float = RUNTIME_PATIENCE_SECONDS,
     ) -> None:
+        """``metrics``: where the runs are counted and timed (default: a registry of its own);
+        ``task_origins``: the spans that created tasks, as the proxy reported them."""
         self._config = config
         self._cryptor = cryptor
         self._executor = executor
@@ -74,7 +81,14 @@ class RunLifecycle:
             identity=config.identity,
             upload_backoff=upload_backoff,
         )
-        self._inflight = InFlight(config=config, tracer=tracer, proxy_runs=proxy_runs)
+        self._metrics = metrics or NodeMetrics()
+        self._inflight = InFlight(
+            config=config,
+            tracer=tracer,
+            proxy_runs=proxy_runs,
+            metrics=self._metrics,
+            origins=task_origins,
+        )
         self._finisher = Finisher(
             server=self._server,
             executor=executor,
@@ -113,8 +127,10 @@ class RunLifecycle:
 
     async def consume_server_events(self, events: asyncio.Queue[Received]) -> None:
         """Dispatch server events; each is handled in its own owned task."""
+        lag = self._metrics.server_lag
         while True:
             event, at_ns = await events.get()
+            lag.observe(max(0.0, (time.time_ns() - at_ns) / 1e9))
             if isinstance(event, Sync):
                 self._work.spawn(self.sync(received_ns=at_ns), name="sync")
             elif isinstance(event, NewTask):
@@ -152,7 +168,9 @@ class RunLifecycle:
             # its result was PATCHed; it is done, not lost.
             if self._inflight.known(run.id) or not self._accepting:
                 continue
-            record = self._inflight.remember(run, start_ns=received_ns)
+            record = self._inflight.remember(
+                run, start_ns=received_ns, fresh=run.started_at is None
+            )
             if run.started_at is not None:
                 # Started before (by us, before a restart or a failed upload).
                 self._work.spawn(self._reconciler.adopt(run, record), name=f"adopt-run-{run.id}")
@@ -230,3 +248,7 @@ class RunLifecycle:
     @property
     def in_flight(self) -> int:
         return len(self._inflight.runs)
+
+    def occupancy(self, *, server_reconnects: int = 0) -> Occupancy:
+        """Runs in flight, waiting and holding slots: what the metrics' gauges show."""
+        return self._inflight.occupancy(server_reconnects=server_reconnects)

@@ -93,7 +93,7 @@ class Reconciler:
             if run is None:
                 continue
             ended = finished_status(run.status)
-            record = self._inflight.remember(run, parent=state.trace_context)
+            record = self._inflight.remember(run, parent=state.trace_context, fresh=False)
             if not ended and _never_started(state):
                 # Created, never started (the node died in between): start it now, once,
                 # with the token its container already has.
@@ -125,7 +125,7 @@ class Reconciler:
 
     async def adopt(self, run: Run, record: RunInFlight) -> None:
         """A run the server says started: follow its runtime object, or start it once."""
-        with bind_run(run_id=run.id, task_id=run.task.id):
+        with bind_run(run_id=run.id, task_id=run.task.id, span=record.span):
             try:
                 state = next(
                     (s for s in await self._executor.list_runs() if s.run_id == run.id), None

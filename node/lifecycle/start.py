@@ -89,7 +89,7 @@ class Starter:
 
         ``token``: the container token a created container of this run already has.
         """
-        with bind_run(run_id=run.id, task_id=run.task.id):
+        with bind_run(run_id=run.id, task_id=run.task.id, span=record.span):
             try:
                 await self._admit_and_start(run, record, token)
             except ServerError as exc:

@@ -74,6 +74,9 @@ class SocketLink:
         self._lost = asyncio.Event()
         self._reauth = False
         self.connected = asyncio.Event()
+        #: Times the link was made again after a connection had been served (a metric).
+        self.reconnects = 0
+        self._served = 0
 
     async def run(self) -> None:
         """Connect, serve, reconnect — until cancelled."""
@@ -132,6 +135,9 @@ class SocketLink:
             self._reauth = True
             return False
         self.connected.set()
+        if self._served:
+            self.reconnects += 1
+        self._served += 1
         log.info("socket.connected", url=self.url)
         pinger = asyncio.create_task(self._ping_forever(sio), name="socket-ping")
         try:

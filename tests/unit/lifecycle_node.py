@@ -21,8 +21,10 @@ from opentelemetry import trace
 from executors.spec import ProxyEndpoint
 from node.crypto import Cryptor, PlainCryptor
 from node.lifecycle import LifecycleConfig, RunLifecycle
+from node.metrics import NodeMetrics
 from node.proxy_link import OrganizationKeys
 from node.server.models import NodeIdentity
+from node.telemetry import TaskOrigins
 from node.token_seal import TokenSeal
 from policies.admission import Admission, AdmissionPolicy
 from proxy import RunTable
@@ -86,6 +88,9 @@ async def lifecycle_under_test(
     server: ServerStandIn | None = None,
     proxy_runs: RunTable | None = None,
     reconcile: bool = True,
+    metrics: NodeMetrics | None = None,
+    tracer: trace.Tracer | None = None,
+    task_origins: TaskOrigins | None = None,
     **config_fields: Any,
 ) -> AsyncIterator[LifecycleUnderTest]:
     """A started lifecycle (reconciled, following executor events); closed on exit.
@@ -117,10 +122,12 @@ async def lifecycle_under_test(
             task_dir=task_dir,
             **config_fields,
         ),
-        tracer=trace.NoOpTracer(),
+        tracer=tracer or trace.NoOpTracer(),
         keys=OrganizationKeys(server),  # type: ignore[arg-type]
         token_seal=TokenSeal(api_key=API_KEY),
         proxy_runs=proxy_runs,
+        metrics=metrics,
+        task_origins=task_origins,
         upload_backoff=0.001,
         runtime_patience=0.01,
     )

@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+from opentelemetry.sdk.trace import TracerProvider
+
 from node.logging import bind_run, configure_logging, direct_logger, get_logger
 
 
@@ -38,6 +40,27 @@ def test_bound_run_ids_appear_on_every_line_inside_the_block() -> None:
     assert library["run_id"] == 7 and library["event"] == "library line"
     assert library["logger"] == "aiohttp.client"
     assert "run_id" not in outside
+
+
+def test_lines_of_a_bound_run_carry_its_spans_trace_and_span_ids() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    log = get_logger("fednode.test")
+    tracer = TracerProvider().get_tracer("test")
+    run_span = tracer.start_span("run")
+    with bind_run(run_id=7, task_id=3, span=run_span):
+        log.info("in the run")
+        with tracer.start_as_current_span("start") as step:
+            logging.getLogger("aiohttp.client").warning("library line in a step")
+    log.info("outside")
+    run_line, step_line, outside = lines_of(out)
+    run_context, step_context = run_span.get_span_context(), step.get_span_context()
+    assert run_line["trace_id"] == format(run_context.trace_id, "032x")
+    assert run_line["span_id"] == format(run_context.span_id, "016x")
+    assert step_line["trace_id"] == run_line["trace_id"]
+    assert step_line["span_id"] == format(step_context.span_id, "016x")
+    assert "trace_id" not in outside and "span_id" not in outside
+    assert run_span.is_recording()  # bind_run does not end the run's span
 
 
 def test_level_filters_debug() -> None:
