@@ -405,9 +405,9 @@ class TelemetrySettings(_Section):
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise ValueError(f"{path} cannot be read ({exc.strerror})") from None
+            raise ValueError(f"cannot be read ({exc.strerror})") from None
         if b"-----BEGIN " not in data:
-            raise ValueError(f"{path} is not a PEM file")
+            raise ValueError("is not a PEM file (certificate or key)")
         return path
 
     @model_validator(mode="after")

@@ -109,6 +109,17 @@ FULL_VALUES: dict[str, Any] = {
         "otlpEndpoint": "http://jaeger-collector.tracing:4318",
         "serviceName": "fednode-a",
         "samplingRatio": 0.5,
+        "otlpHeadersSecret": "otlp-headers",
+    },
+    "metrics": {
+        "enabled": True,
+        "podAnnotations": True,
+        "serviceMonitor": {
+            "enabled": True,
+            "interval": "15s",
+            "scrapeTimeout": "5s",
+            "labels": {"release": "kube-prometheus-stack"},
+        },
     },
     "logging": {"level": "DEBUG", "format": "console"},
     "networkPolicy": {
@@ -180,6 +191,11 @@ FULL_VALUES: dict[str, Any] = {
 #: The other branches: the operator's own Secret, claim and (release) namespace.
 EXISTING_VALUES: dict[str, Any] = {
     "server": {"url": "http://v6.example.org"},
+    "telemetry": {
+        "otlpEndpoint": "https://otel-collector.tracing:4318",
+        "tlsSecret": "otlp-tls",
+        "clientCertificate": True,
+    },
     "existingSecret": "hospital-a-node",
     "encryption": {"enabled": True},
     "namespace": {"create": False, "name": ""},

@@ -255,7 +255,12 @@ def test_the_proxy_service_and_the_runs_policies_select_labels_the_node_pod_carr
     assert "advertise_host" not in config["proxy"]
     assert config["executor"]["proxy_service"] == service["metadata"]["name"]
     assert service["spec"]["ports"][0]["name"] == "proxy"  # proxy_address.PROXY_PORT_NAME
-    assert config["health"] == {"enabled": True, "host": "0.0.0.0", "port": ports["health"]}
+    assert config["health"] == {
+        "enabled": True,
+        "host": "0.0.0.0",
+        "port": ports["health"],
+        "metrics": True,
+    }
     # the runs' own selector (executors/base.py run_labels) is not the node pod's
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
 
@@ -585,6 +590,67 @@ def test_existing_secret_claim_and_namespace_are_used_not_made(tmp_path: Path) -
     template = one(objects, "Deployment")["spec"]["template"]["metadata"]
     assert "checksum/secret" not in template["annotations"]
     assert node["image"] == "localhost/fednode/node:0.1.0"
+
+
+@pytest.mark.helm
+def test_metrics_scraping_options_render_annotations_a_service_and_a_service_monitor(
+    full_values: dict[str, Any], tmp_path: Path
+) -> None:
+    objects = render(full_values, tmp_path)
+    template = one(objects, "Deployment")["spec"]["template"]
+    monitor = one(objects, "ServiceMonitor")
+    service = one(objects, "Service", "fn-fednode-metrics")
+    off = render(merged(full_values, {"metrics": {"enabled": False}}), tmp_path)
+
+    assert template["metadata"]["annotations"].items() >= {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "8656",
+        "prometheus.io/path": "/metrics",
+    }.items()
+    assert node_yaml(objects)["health"]["metrics"] is True
+    assert service["spec"]["selector"].items() <= pod_labels(objects).items()
+    assert service["spec"]["ports"] == [
+        {"name": "health", "port": 8656, "targetPort": "health", "protocol": "TCP"}
+    ]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "health", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}
+    ]
+    assert "ServiceMonitor" not in kinds(off)
+    assert "prometheus.io/scrape" not in one(off, "Deployment")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert node_yaml(off)["health"]["metrics"] is False
+
+
+@pytest.mark.helm
+def test_otlp_headers_and_tls_come_from_the_operators_secrets(
+    full_values: dict[str, Any], tmp_path: Path
+) -> None:
+    headers = {e["name"]: e for e in container(render(full_values, tmp_path))["env"]}
+    objects = render(EXISTING_VALUES, tmp_path, namespace="hospital")
+    telemetry = node_yaml(objects)["telemetry"]
+    mounts = {m["name"]: m for m in container(objects)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+
+    assert headers["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "otlp-headers",
+        "key": "headers",
+    }
+    assert telemetry["otlp_endpoint"] == "https://otel-collector.tracing:4318"
+    directory = mounts["otlp-tls"]["mountPath"]
+    assert telemetry["otlp_certificate"] == f"{directory}/ca.crt"
+    assert telemetry["otlp_client_certificate"] == f"{directory}/tls.crt"
+    assert telemetry["otlp_client_key"] == f"{directory}/tls.key"
+    assert volumes["otlp-tls"]["secret"]["secretName"] == "otlp-tls"
+    assert [i["key"] for i in volumes["otlp-tls"]["secret"]["items"]] == [
+        "ca.crt",
+        "tls.crt",
+        "tls.key",
+    ]
 
 
 # -- wrong values -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext
 from structlog.testing import capture_logs
 
 from proxy import (
@@ -167,6 +168,8 @@ async def make_proxy(standin: StandIn) -> AsyncIterator[ProxyFactory]:
         crypto: Any = None,
         limits: ProxyLimits | None = None,
         upstream_api_url: str | None = None,
+        metrics: Any = None,
+        task_creations: Any = None,
     ) -> Proxy:
         runs = RunTable()
         runs.add(TOKEN, RunInfo(7, 70, 2, 1, trace_context={"traceparent": TRACEPARENT}))
@@ -181,6 +184,8 @@ async def make_proxy(standin: StandIn) -> AsyncIterator[ProxyFactory]:
             runs=runs,
             crypto=crypto or PlainCrypto(),
             tracer=provider.get_tracer("test"),
+            metrics=metrics,
+            task_creations=task_creations,
             limits=limits,
         )
         server = ProxyServer(app, host="127.0.0.1", port=0)
@@ -904,6 +909,57 @@ async def test_each_request_is_one_access_log_line_with_the_run(
     assert lines[0]["upstream_ms"] is not None and lines[0]["duration_ms"] > 0
     assert lines[0]["task_id"] == 70
     assert lines[1]["peer"] == "127.0.0.1"  # who knocked with a forged token
+
+
+class Observed:
+    """Records what the proxy hands its ``RequestMetrics`` and ``TaskCreations``."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int, float]] = []
+        self.created: list[tuple[int, SpanContext]] = []
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.append((route, status, seconds))
+
+    def task_created(self, task_id: int, span_context: SpanContext) -> None:
+        self.created.append((task_id, span_context))
+
+
+async def test_each_request_but_healthz_is_counted_by_route_and_status_with_its_time(
+    make_proxy: ProxyFactory,
+) -> None:
+    observed = Observed()
+    proxy = await make_proxy(metrics=observed)
+    await proxy.call("GET", "/task/70?x=1")
+    await proxy.call("GET", "/task/71", token="forged")
+    await proxy.call("GET", "/user")
+    await proxy.call("GET", "/healthz", token=None)
+    assert [(route, status) for route, status, _ in observed.requests] == [
+        ("/task/{id}", 200),
+        ("/task/{id}", 401),
+        ("(not allowed)", 403),
+    ]
+    assert all(0 < seconds < 5 for _, _, seconds in observed.requests)
+
+
+async def test_a_created_task_is_reported_with_the_span_of_the_request_that_created_it(
+    make_proxy: ProxyFactory, standin: StandIn
+) -> None:
+    async def created(_: web.Request) -> web.Response:
+        return web.json_response({"id": 700, "parent": {"id": 70}}, status=201)
+
+    async def refused(_: web.Request) -> web.Response:
+        return web.json_response({"msg": "no"}, status=400)
+
+    observed = Observed()
+    proxy = await make_proxy(task_creations=observed)
+    standin.answer("POST", "/api/task", created)
+    assert (await proxy.call("POST", "/task", json={"organizations": [{"id": 2}]}))[0] == 201
+    standin.answer("POST", "/api/task", refused)
+    assert (await proxy.call("POST", "/task", json={"organizations": [{"id": 2}]}))[0] == 400
+    (span, _) = proxy.spans.get_finished_spans()
+    assert span.name == "proxy POST /task"
+    assert observed.created == [(700, span.get_span_context())]
 
 
 # ---- serving --------------------------------------------------------------------------

@@ -218,3 +218,56 @@ def test_kubernetes_runs_get_the_proxy_services_address_or_advertise_host_not_bo
     both = "proxy: {advertise_host: 10.0.0.5}\nexecutor: {kind: kubernetes, proxy_service: p}\n"
     (problem,) = problems_of(write(tmp_path, minimal + both))
     assert "give proxy.advertise_host or executor.proxy_service, not both" in problem
+
+
+def test_otlp_tls_files_are_relative_to_the_file_and_headers_are_secrets(
+    tmp_path: Path, minimal: str
+) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    (tmp_path / "client.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "client.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    path = write(
+        tmp_path,
+        minimal + "telemetry:\n  otlp_endpoint: https://otel.example.org:4318\n"
+        "  otlp_headers: {x-tenant: hospital-a, authorization: Bearer s3cret-otlp}\n"
+        "  otlp_certificate: ca.pem\n  otlp_client_certificate: client.pem\n"
+        "  otlp_client_key: client.key\n",
+    )
+    telemetry = load_settings(path).telemetry
+    assert telemetry.otlp_certificate == tmp_path / "ca.pem"
+    assert telemetry.otlp_client_key == tmp_path / "client.key"
+    assert telemetry.otlp_headers["x-tenant"].get_secret_value() == "hospital-a"
+    assert "s3cret-otlp" not in str(redacted_dump(load_settings(path)))
+
+
+@pytest.mark.parametrize(
+    ("telemetry", "expected"),
+    [
+        (
+            "{otlp_endpoint: 'jaeger:4318'}",
+            "telemetry.otlp_endpoint: give the receiver's base URL with its scheme",
+        ),
+        (
+            "{otlp_endpoint: 'http://jaeger:4318', otlp_certificate: ca.pem}",
+            "telemetry: otlp_certificate/otlp_client_certificate need an https://",
+        ),
+        (
+            "{otlp_endpoint: 'https://jaeger:4318', otlp_client_certificate: ca.pem}",
+            "telemetry: give otlp_client_certificate and otlp_client_key together",
+        ),
+        (
+            "{otlp_endpoint: 'https://jaeger:4318', otlp_certificate: gone.pem}",
+            "telemetry.otlp_certificate: cannot be read (No such file or directory)",
+        ),
+        (
+            "{otlp_endpoint: 'https://jaeger:4318', otlp_certificate: node.yaml}",
+            "telemetry.otlp_certificate: is not a PEM file",
+        ),
+    ],
+)
+def test_otlp_settings_that_cannot_work_are_one_clear_line(
+    tmp_path: Path, minimal: str, telemetry: str, expected: str
+) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (problem,) = problems_of(write(tmp_path, minimal + f"telemetry: {telemetry}\n"))
+    assert problem.startswith(expected), problem
