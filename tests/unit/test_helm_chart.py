@@ -602,11 +602,14 @@ def test_metrics_scraping_options_render_annotations_a_service_and_a_service_mon
     service = one(objects, "Service", "fn-fednode-metrics")
     off = render(merged(full_values, {"metrics": {"enabled": False}}), tmp_path)
 
-    assert template["metadata"]["annotations"].items() >= {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": "8656",
-        "prometheus.io/path": "/metrics",
-    }.items()
+    assert (
+        template["metadata"]["annotations"].items()
+        >= {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": "8656",
+            "prometheus.io/path": "/metrics",
+        }.items()
+    )
     assert node_yaml(objects)["health"]["metrics"] is True
     assert service["spec"]["selector"].items() <= pod_labels(objects).items()
     assert service["spec"]["ports"] == [
@@ -620,9 +623,10 @@ def test_metrics_scraping_options_render_annotations_a_service_and_a_service_mon
         {"port": "health", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}
     ]
     assert "ServiceMonitor" not in kinds(off)
-    assert "prometheus.io/scrape" not in one(off, "Deployment")["spec"]["template"]["metadata"][
-        "annotations"
-    ]
+    assert (
+        "prometheus.io/scrape"
+        not in one(off, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    )
     assert node_yaml(off)["health"]["metrics"] is False
 
 
