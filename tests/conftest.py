@@ -1,11 +1,13 @@
 """Shared pytest set-up: the real test peers are pytest plugins under ``tests/peers``.
 
 Each peer module owns one session-scoped fixture that starts (or reuses) a real peer:
-the Kubernetes testbed, the podman API service with the local images, and the vantage6
-server. A peer that cannot start fails its tests with the reason; nothing is mocked.
+the Kubernetes testbed, the podman API service with the local images, the vantage6
+server, a container registry and Jaeger. A peer that cannot start fails its tests with the
+reason; nothing is mocked.
 """
 
 pytest_plugins = [
+    "tests.peers.jaeger",
     "tests.peers.kubernetes",
     "tests.peers.podman",
     "tests.peers.postgres",
