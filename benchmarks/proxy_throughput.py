@@ -10,8 +10,9 @@ authenticated GET an algorithm makes (``task.get``: ``GET /task/<id>``):
 (a) ``direct``  — straight to the upstream (the floor: client + upstream cost);
 (b) ``fednode`` — through ``proxy.make_proxy_app`` served by ``ProxyServer``, configured as
     in production: token lookup, allow-list, one pooled ClientSession, an OpenTelemetry
-    span per request (SDK provider, batch processor, spans dropped by the exporter) and a
-    JSON access-log line (``node.logging``, written to /dev/null);
+    span per request (SDK provider, batch processor, spans dropped by the exporter), a
+    JSON access-log line (``node.logging``, written to /dev/null) and the request counted
+    and timed in the node's Prometheus metrics (``node.metrics``);
 (c) ``vantage6`` — ``vantage6.node.proxy_server`` from the real vantage6-node 4.15.2,
     installed in its own venv by ``scripts/v6node-proxy-setup`` (run here if needed) and
     served as that node serves it: a gevent ``WSGIServer`` in a thread, file access log
@@ -108,6 +109,7 @@ def serve_fednode(port: int, upstream_api_url: str) -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     from node.logging import configure_logging, direct_logger
+    from node.metrics import NodeMetrics
     from proxy import ProxyServer, RunInfo, RunTable, make_proxy_app
 
     class DropSpans(SpanExporter):
@@ -134,6 +136,7 @@ def serve_fednode(port: int, upstream_api_url: str) -> None:
         runs=runs,
         crypto=Plain(),
         tracer=provider.get_tracer("fednode"),
+        metrics=NodeMetrics().proxy,
         access_log=direct_logger("proxy.access"),  # as node.app passes it
     )
 

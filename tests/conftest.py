@@ -7,10 +7,10 @@ reason; nothing is mocked.
 """
 
 pytest_plugins = [
-    "tests.peers.jaeger",
     "tests.peers.kubernetes",
     "tests.peers.podman",
     "tests.peers.postgres",
     "tests.peers.registry",
     "tests.peers.v6server",
+    "tests.peers.jaeger",
 ]

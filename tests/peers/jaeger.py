@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import socket
 import subprocess
 import time
 import urllib.error
@@ -34,7 +35,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.peers.podman import _stop_service
-from tests.peers.registry import _free_port
 
 SETUP = Path(__file__).resolve().parents[2] / "scripts" / "jaeger-setup"
 START_TIMEOUT = 60.0
@@ -143,6 +143,12 @@ def _certificates(directory: Path) -> tuple[Path, Path, Path]:
         )
     )
     return files
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _answers(url: str) -> bool:

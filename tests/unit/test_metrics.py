@@ -7,6 +7,8 @@ after real runs is in ``tests/e2e/test_node_observability.py``.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -17,11 +19,13 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.health import make_health_app
-from node.metrics import NodeMetrics
+from node.metrics import NodeMetrics, Occupancy
 from node.server.models import RunStatus
 from node.telemetry import TaskOrigins
 from policies.admission import AdmissionPolicy
 from tests.unit.lifecycle_node import behaviour, lifecycle_under_test
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def samples(metrics: NodeMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -149,3 +153,33 @@ async def test_metrics_are_served_on_the_health_port_in_prometheus_text() -> Non
     assert 'fednode_proxy_requests_total{route="(not allowed)",status="403"} 1.0' in text
     assert 'fednode_proxy_request_duration_seconds_bucket{le="0.005",route="/task"} 1.0' in text
     assert absent.status == 404
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_node_serves() -> None:
+    metrics = NodeMetrics()
+    metrics.watch(
+        lambda: Occupancy(in_flight=0, waiting={}, slots_in_use={}, slots=1, server_reconnects=0)
+    )
+    served = (
+        {
+            sample.name
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for sample in family.samples
+        }
+        | {  # families with no sample until something is observed
+            f"fednode_{name}{suffix}"
+            for name in ("runs", "proxy_requests")
+            for suffix in ("_total",)
+        }
+        | {f"fednode_proxy_request_duration_seconds{suffix}" for suffix in ("_bucket", "_count")}
+    )
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", ())
+        for name in re.findall(r"\bfednode_[a-z_]+", target["expr"])
+    }
+
+    assert queried  # the dashboard is read
+    assert queried - served == set()
