@@ -261,7 +261,7 @@ class Finisher:
         """The server already has the run's final status: remove what is left, once."""
         log.info("run.already_ended_on_server", run_id=record.run_id, status=status)
         self._inflight.refuse_at_proxy(record)
-        self._inflight.finished(record, status=status)
+        self._inflight.finished(record, status=status, count=False)
         self._spawn_cleanup(record.run_id)
 
     # -- runs without a container ---------------------------------------------------------

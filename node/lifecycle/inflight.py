@@ -248,9 +248,14 @@ class InFlight:
 
     # -- leaving the memory -----------------------------------------------------------------
 
-    def finished(self, record: RunInFlight, *, status: str, reason: str | None = None) -> None:
-        """The server has the run's final ``status``: forget the run, remember its id."""
-        if self.runs.get(record.run_id) is record:
+    def finished(
+        self, record: RunInFlight, *, status: str, reason: str | None = None, count: bool = True
+    ) -> None:
+        """The server has the run's final ``status``: forget the run, remember its id.
+
+        ``count=False``: the end was not this node's doing (the server had it already), so
+        ``fednode_runs_total`` does not count it."""
+        if count and self.runs.get(record.run_id) is record:
             self.metrics.runs.labels(status).inc()
         self._let_go(record, status=status, reason=reason)
         self.refuse_at_proxy(record)
