@@ -65,6 +65,17 @@ ENV_PREFIX = "FEDNODE_"
 ENV_NESTED_DELIMITER = "__"
 
 
+def _pem_file(path: Path, *, what: str, marker: bytes, kind: str) -> Path:
+    """``path`` if it can be read and holds ``marker``; else a ValueError saying which."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} cannot be read ({exc.strerror})") from None
+    if marker not in data:
+        raise ValueError(f"file is not a {kind}")
+    return path
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; ``problems`` has one readable line per cause."""
 
@@ -160,13 +171,7 @@ class Encryption(_Section):
             return path
         if path is None:
             raise ValueError("encryption is enabled, so give the path of the PEM private key")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"private key cannot be read ({exc.strerror})") from None
-        if b"PRIVATE KEY" not in data:
-            raise ValueError("file is not a PEM private key")
-        return path
+        return _pem_file(path, what="private key", marker=b"PRIVATE KEY", kind="PEM private key")
 
 
 class ResourceLimits(_Section):
@@ -402,13 +407,7 @@ class TelemetrySettings(_Section):
     def _readable_pem(cls, path: Path | None) -> Path | None:
         if path is None:
             return None
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot be read ({exc.strerror})") from None
-        if b"-----BEGIN " not in data:
-            raise ValueError("is not a PEM file (certificate or key)")
-        return path
+        return _pem_file(path, what="file", marker=b"-----BEGIN ", kind="PEM file")
 
     @model_validator(mode="after")
     def _tls_is_whole(self) -> TelemetrySettings:

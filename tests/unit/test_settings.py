@@ -257,11 +257,11 @@ def test_otlp_tls_files_are_relative_to_the_file_and_headers_are_secrets(
         ),
         (
             "{otlp_endpoint: 'https://jaeger:4318', otlp_certificate: gone.pem}",
-            "telemetry.otlp_certificate: cannot be read (No such file or directory)",
+            "telemetry.otlp_certificate: file cannot be read (No such file or directory)",
         ),
         (
             "{otlp_endpoint: 'https://jaeger:4318', otlp_certificate: node.yaml}",
-            "telemetry.otlp_certificate: is not a PEM file",
+            "telemetry.otlp_certificate: file is not a PEM file",
         ),
     ],
 )
