@@ -94,7 +94,25 @@ def _otlp_exporter(target: OtlpTarget) -> SpanExporter:
         client_certificate_file=path(target.client_certificate),
         client_key_file=path(target.client_key),
         timeout=target.timeout,
+        session=_session_keeping_its_ca() if target.certificate is not None else None,
     )
+
+
+def _session_keeping_its_ca() -> Any:
+    """A ``requests`` session whose CA (the exporter sets ``verify``) the environment cannot
+    replace: requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` override a session's
+    ``verify`` on every request, so on a host that sets them (many do, for the system's
+    bundle) ``otlp_certificate`` would be ignored and the export fail verification. Proxy
+    variables still apply."""
+    import requests
+
+    class KeepsItsCA(requests.Session):
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> Any:
+            settings = super().merge_environment_settings(*args, **kwargs)
+            settings["verify"] = self.verify
+            return settings
+
+    return KeepsItsCA()
 
 
 def add_trace_ids(

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import SESSION, RunningNode, StartNode
@@ -107,7 +108,10 @@ async def test_a_runs_trace_its_spans_and_its_subtasks_link_are_found_in_a_real_
     start_node: StartNode,
     podman_service: PodmanService,
     jaeger: Jaeger,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # As on many hosts: requests' CA bundle variable set (it must not replace the node's CA).
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
     service = f"fednode-e2e-{SESSION}"
     node_a = await start_node(
         v6_plain,
