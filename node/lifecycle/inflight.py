@@ -79,6 +79,7 @@ class RunInFlight:
             "age_seconds": round(now - self.received_at, 1),
             "in_flight": status is None,
         }
+
     #: When the server's event for a run never started before arrived (``time.time_ns()``);
     #: ``None`` for a run adopted after a restart (its start latency is not this node's).
     received_ns: int | None = None

@@ -13,8 +13,8 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import certifi
 import pytest
-import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import SESSION, RunningNode, StartNode
@@ -111,7 +111,7 @@ async def test_a_runs_trace_its_spans_and_its_subtasks_link_are_found_in_a_real_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # As on many hosts: requests' CA bundle variable set (it must not replace the node's CA).
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
     service = f"fednode-e2e-{SESSION}"
     node_a = await start_node(
         v6_plain,

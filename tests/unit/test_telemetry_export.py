@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import certifi
 import pytest
-import requests
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -61,7 +61,7 @@ async def test_spans_reach_a_tls_receiver_through_the_given_ca_even_with_request
 ) -> None:
     # Many hosts set requests' bundle variable to the system CAs; it must not replace the
     # operator's CA (requests lets it override a session's own verify setting).
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
 
     await export_one_span(
         OtlpTarget(
@@ -79,7 +79,7 @@ async def test_spans_reach_a_tls_receiver_through_the_given_ca_even_with_request
 async def test_without_the_ca_the_receiver_is_not_trusted(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
 
     await export_one_span(OtlpTarget(endpoint=receiver.url, timeout=2.0))
 
