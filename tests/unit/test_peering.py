@@ -1,0 +1,394 @@
+"""Peering end to end on loopback: a real relay, two nodes' links, sessions and streams.
+
+Everything here is the real code over real sockets (aiohttp WebSockets, TCP) except what
+the vantage6 server would answer: which organization a node belongs to, the
+organizations' public keys and whose token is whose. Those come from ``FakeServerDirectory``
+and ``FakeIdentities`` — fakes standing in for the server; the server-backed identity
+check is tested against the real vantage6 server in
+``tests/integration/test_peering_v6server.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from peering.identity import IdentityRefused, NodeIdentity
+from peering.link import RelayLink
+from peering.relay import Relay
+from peering.session import Sessions
+from peering.streams import OpenRequest, Refused, StreamLimits, StreamReport, Streams
+
+pytestmark = pytest.mark.asyncio
+
+_KEYS: dict[int, rsa.RSAPrivateKey] = {}
+
+
+def org_key(org: int) -> rsa.RSAPrivateKey:
+    if org not in _KEYS:
+        _KEYS[org] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return _KEYS[org]
+
+
+class FakeServerDirectory:
+    """A fake of the server's answers (node → organization, organization → public key)."""
+
+    def __init__(self, organizations: dict[int, int]) -> None:
+        self.organizations = organizations
+
+    async def organization_of(self, node_id: int) -> int:
+        if node_id not in self.organizations:
+            raise LookupError(f"no node {node_id}")
+        return self.organizations[node_id]
+
+    async def public_key(self, organization_id: int) -> rsa.RSAPublicKey:
+        return org_key(organization_id).public_key()
+
+
+class FakeIdentities:
+    """A fake of the server's token check: token ``node-<id>`` is node ``id``."""
+
+    def __init__(self, organizations: dict[int, int], collaboration: dict[int, int]) -> None:
+        self.organizations = organizations
+        self.collaboration = collaboration
+
+    async def verify(self, token: str) -> NodeIdentity:
+        if not token.startswith("node-"):
+            raise IdentityRefused("not a node token")
+        node = int(token.removeprefix("node-"))
+        return NodeIdentity(
+            node, self.organizations[node], self.collaboration.get(node, 1), "", 4e9
+        )
+
+
+class Admit:
+    """Admission at the accepting node: maps (run, port) to a local TCP address."""
+
+    def __init__(self) -> None:
+        self.targets: dict[tuple[int, int], tuple[str, int]] = {}
+        self.refuse: str | None = None
+        self.requests: list[OpenRequest] = []
+
+    async def admit(self, request: OpenRequest) -> tuple[str, int]:
+        self.requests.append(request)
+        if self.refuse is not None:
+            raise Refused(self.refuse)
+        target = self.targets.get((request.dst_run, request.port))
+        if target is None:
+            raise Refused(f"run {request.dst_run} declares no port {request.port}")
+        return target
+
+
+@dataclass
+class Node:
+    node_id: int
+    org: int
+    streams: Streams
+    link: RelayLink
+    admit: Admit
+    reports: list[StreamReport] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def forwarder(self, *, peer: int, src_run: int, dst_run: int, port: int) -> int:
+        """A local listener whose connections become streams to ``peer``; its port."""
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.streams.open(
+                peer=peer,
+                src_run=src_run,
+                dst_run=dst_run,
+                port=port,
+                reader=reader,
+                writer=writer,
+            )
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.tasks.append(asyncio.create_task(server.serve_forever()))
+        return int(server.sockets[0].getsockname()[1])
+
+
+@dataclass
+class Mesh:
+    relay_url: str
+    relay: Relay
+    session: aiohttp.ClientSession
+    organizations: dict[int, int]
+    nodes: dict[int, Node] = field(default_factory=dict)
+    relayed: list[bytes] = field(default_factory=list)
+
+    async def add_node(
+        self,
+        node_id: int,
+        org: int,
+        *,
+        key: rsa.RSAPrivateKey | None = None,
+        limits: StreamLimits | None = None,
+    ) -> Node:
+        self.organizations[node_id] = org
+        admit = Admit()
+        holder: dict[str, Streams] = {}
+        link = RelayLink(
+            url=self.relay_url,
+            token=lambda: f"node-{node_id}",
+            session=self.session,
+            on_message=lambda peer, payload: holder["streams"].receive(peer, payload),
+            on_event=lambda event: None,
+            on_disconnect=lambda: holder["streams"].link_lost(),
+        )
+        sessions = Sessions(
+            node_id=node_id,
+            organization_id=org,
+            private_key=key or org_key(org),
+            directory=FakeServerDirectory(self.organizations),
+            send=link.send,
+            handshake_timeout=5.0,
+        )
+        node = Node(
+            node_id,
+            org,
+            Streams(
+                sessions=sessions,
+                admission=admit,
+                observer=lambda r: node.reports.append(r),
+                limits=limits,
+            ),
+            link,
+            admit,
+        )
+        holder["streams"] = node.streams
+        node.tasks.append(asyncio.create_task(link.run()))
+        await asyncio.wait_for(link.connected.wait(), 5)
+        self.nodes[node_id] = node
+        return node
+
+
+async def echo_server() -> tuple[asyncio.Server, int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    organizations: dict[int, int], collaboration: dict[int, int] | None = None, port: int = 0
+) -> AsyncIterator[tuple[Relay, web.AppRunner, str]]:
+    relay = Relay(FakeIdentities(organizations, collaboration or {}))
+    runner = web.AppRunner(relay.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    try:
+        yield relay, runner, f"http://127.0.0.1:{bound}/v1/connect"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    organizations: dict[int, int] = {}
+    async with running_relay(organizations) as (relay, _, url), aiohttp.ClientSession() as s:
+        built = Mesh(url, relay, s, organizations)
+        original = relay._deliver
+
+        async def recording(destination, data):  # type: ignore[no-untyped-def]
+            built.relayed.append(data)
+            await original(destination, data)
+
+        relay._deliver = recording  # type: ignore[method-assign]
+        yield built
+        for node in built.nodes.values():
+            await node.streams.close()
+            for task in node.tasks:
+                task.cancel()
+            await asyncio.gather(*node.tasks, return_exceptions=True)
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        for start in range(0, len(data), 50_000):
+            writer.write(data[start : start + 50_000])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await asyncio.wait_for(reader.read(-1), 30)
+    await sender
+    writer.close()
+    return received
+
+
+async def test_bytes_travel_both_ways_through_the_relay_encrypted(mesh: Mesh) -> None:
+    a = await mesh.add_node(1, org=10)
+    b = await mesh.add_node(2, org=20)
+    server, echo_port = await echo_server()
+    b.admit.targets[(200, 8888)] = ("127.0.0.1", echo_port)
+    port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+    marker = b"PLAINTEXT-MARKER-" * 64
+    data = marker + os.urandom(3_000_000) + marker
+    assert await exchange(port, data) == data
+    server.close()
+    assert not any(b"PLAINTEXT-MARKER" in message for message in mesh.relayed)
+    await _until(lambda: len(a.reports) == 1 and len(b.reports) == 1)
+    sent = a.reports[0]
+    assert (sent.outcome, sent.bytes_sent, sent.bytes_received) == ("closed", len(data), len(data))
+    assert b.admit.requests == [OpenRequest(1, 100, 200, 8888)]
+
+
+async def test_a_refused_stream_closes_the_local_connection_with_the_reason(mesh: Mesh) -> None:
+    a = await mesh.add_node(1, org=10)
+    b = await mesh.add_node(2, org=20)
+    b.admit.refuse = "run 100 is not of job 7"
+    port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+    assert await exchange(port, b"hello") == b""
+    await _until(lambda: len(a.reports) == 1)
+    assert a.reports[0].outcome == "refused"
+    assert "not of job 7" in a.reports[0].reason
+
+
+async def test_a_node_signing_with_a_key_not_its_organizations_is_refused(mesh: Mesh) -> None:
+    a = await mesh.add_node(
+        1, org=10, key=rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    b = await mesh.add_node(2, org=20)
+    server, echo_port = await echo_server()
+    b.admit.targets[(200, 8888)] = ("127.0.0.1", echo_port)
+    port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+    assert await exchange(port, b"hello") == b""
+    server.close()
+    await _until(lambda: len(a.reports) == 1)
+    assert a.reports[0].outcome == "refused"
+    assert "not signed by organization 10" in a.reports[0].reason
+    assert b.admit.requests == []
+
+
+async def test_a_slow_reader_bounds_what_is_buffered(mesh: Mesh) -> None:
+    limits = StreamLimits(window=64 * 1024)
+    a = await mesh.add_node(1, org=10, limits=limits)
+    b = await mesh.add_node(2, org=20, limits=limits)
+    got = bytearray()
+    done = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(4096):
+            got.extend(chunk)
+            await asyncio.sleep(0.001)
+        done.set()
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    b.admit.targets[(200, 8888)] = ("127.0.0.1", int(server.sockets[0].getsockname()[1]))
+    port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+    data = os.urandom(1_000_000)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            for stream in b.streams._streams.values():
+                peak = max(peak, stream.inbound_bytes)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()
+    await asyncio.wait_for(done.wait(), 30)
+    await watcher
+    writer.close()
+    server.close()
+    assert bytes(got) == data
+    assert 0 < peak <= limits.window
+
+
+async def test_a_relay_restart_fails_open_streams_and_new_ones_work(mesh: Mesh) -> None:
+    # A relay of its own on a fixed port, so the nodes reconnect to the same address.
+    organizations = mesh.organizations
+    async with running_relay(organizations) as (_, runner, url):
+        port_number = int(url.split(":")[2].split("/")[0])
+        mesh.relay_url = url
+        a = await mesh.add_node(1, org=10)
+        b = await mesh.add_node(2, org=20)
+        server, echo_port = await echo_server()
+        b.admit.targets[(200, 8888)] = ("127.0.0.1", echo_port)
+        port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        await runner.cleanup()  # the relay goes away mid-stream
+    assert await asyncio.wait_for(reader.read(-1), 10) == b""  # closed, not hung
+    writer.close()
+    async with running_relay(organizations, port=port_number):
+        await asyncio.wait_for(a.link.connected.wait(), 20)
+        await asyncio.wait_for(b.link.connected.wait(), 20)
+        assert await exchange(port, b"after the restart") == b"after the restart"
+    server.close()
+    assert [r.outcome for r in a.reports][:1] == ["reset"]
+
+
+async def test_the_relay_refuses_a_connection_without_a_node_identity(mesh: Mesh) -> None:
+    async with mesh.session.get(
+        mesh.relay_url, headers={"Authorization": "Bearer user-5"}
+    ) as response:
+        assert response.status == 401
+        assert "not a node token" in (await response.json())["msg"]
+    async with mesh.session.get(mesh.relay_url) as response:
+        assert response.status == 401
+
+
+async def test_nodes_of_another_collaboration_are_unreachable() -> None:
+    organizations = {1: 10, 2: 20}
+    events: list[dict[str, object]] = []
+    async with (
+        running_relay(organizations, {1: 1, 2: 2}) as (_, _, url),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers={"Authorization": "Bearer node-1"}) as one,
+        session.ws_connect(url, headers={"Authorization": "Bearer node-2"}),
+    ):
+        welcome = await one.receive_json()
+        assert welcome["event"] == "welcome"
+        await one.send_bytes((2).to_bytes(4, "big") + b"\x01{}")
+        events.append(await asyncio.wait_for(one.receive_json(), 5))
+    assert events == [{"event": "unreachable", "node": 2, "reason": "not connected to this relay"}]
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {condition}")
+        await asyncio.sleep(0.01)
+
+
+async def test_after_a_peer_restarts_the_next_stream_agrees_on_a_new_session(mesh: Mesh) -> None:
+    a = await mesh.add_node(1, org=10)
+    b = await mesh.add_node(2, org=20)
+    server, echo_port = await echo_server()
+    b.admit.targets[(200, 8888)] = ("127.0.0.1", echo_port)
+    port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+    assert await exchange(port, b"before") == b"before"
+    await b.streams.close()  # node 2 stops; its sessions are gone with it
+    for task in b.tasks:
+        task.cancel()
+    await asyncio.gather(*b.tasks, return_exceptions=True)
+    b2 = await mesh.add_node(2, org=20)
+    b2.admit.targets[(200, 8888)] = ("127.0.0.1", echo_port)
+    assert await exchange(port, b"after") == b"after"
+    server.close()
