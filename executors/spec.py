@@ -169,6 +169,8 @@ class ProxyEndpoint(BaseModel):
 
     host: str
     port: int
+    #: The node's peer forwarders on the same host (docs/networking.md), if peering is on.
+    peer_ports: tuple[int, ...] = ()
 
 
 class RunSpec(BaseModel):

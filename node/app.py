@@ -40,6 +40,7 @@ from node.health import make_health_app
 from node.lifecycle import LifecycleConfig, RunLifecycle
 from node.logging import direct_logger, get_logger
 from node.metrics import NodeMetrics
+from node.peers import NodePeering, PeeringRunTable
 from node.posture import posture_warnings
 from node.proxy_link import NodeProxyCrypto, OrganizationKeys
 from node.server.models import NodeIdentity
@@ -110,6 +111,7 @@ class Node:
         executor: Executor | None = None
         lifecycle: RunLifecycle | None = None
         proxy: ProxyServer | None = None
+        peering: NodePeering | None = None
         health = await self._start_health()
         admin: AdminServer | None = None
         try:
@@ -130,11 +132,16 @@ class Node:
                 ttl=settings.proxy.key_cache_seconds,
             )
             tracer = self.tracer_provider.get_tracer("fednode")
+            peering = self._make_peering(server, identity, cryptor, keys, executor, tracer)
             # Runs that kept going while the node was down call the proxy as soon as it
             # listens; it holds their unknown tokens until reconcile has registered them.
-            proxy_runs = RunTable(restoring=True)
+            proxy_runs = (
+                PeeringRunTable(peering, restoring=True)
+                if peering is not None
+                else RunTable(restoring=True)
+            )
             proxy = await self._start_proxy(
-                executor, proxy_runs, NodeProxyCrypto(cryptor, keys), tracer
+                executor, proxy_runs, NodeProxyCrypto(cryptor, keys), tracer, peering
             )
             lifecycle = RunLifecycle(
                 server=server,
@@ -157,6 +164,9 @@ class Node:
                 await lifecycle.reconcile()
             finally:
                 proxy_runs.mark_restored()
+            if peering is not None:
+                await peering.announce()
+                services.spawn(peering.run(), name="peering-link")
             services.spawn(socket.run(), name="socket")
             services.spawn(lifecycle.consume_server_events(socket.events), name="server-events")
             services.spawn(lifecycle.consume_executor_events(), name="executor-events")
@@ -177,6 +187,8 @@ class Node:
             if lifecycle is not None:
                 await lifecycle.close(grace=self._grace)
             await services.close()
+            if peering is not None:
+                await peering.close()
             if proxy is not None:
                 await proxy.stop()
             if executor is not None:
@@ -344,8 +356,49 @@ class Node:
             ),
         )
 
+    def _make_peering(
+        self,
+        server: ServerClient,
+        identity: NodeIdentity,
+        cryptor: Cryptor,
+        keys: OrganizationKeys,
+        executor: Executor,
+        tracer: Tracer,
+    ) -> NodePeering | None:
+        """Algorithm-to-algorithm networking, when ``peering.relay_url`` is set."""
+        settings = self.settings
+        if settings.peering.relay_url is None:
+            return None
+        if not isinstance(cryptor, RSACryptor):
+            raise NodeStartError(
+                "peering.relay_url is set, but peering authenticates with the organization's "
+                "key pair: set encryption.enabled: true and encryption.private_key "
+                "(the collaboration must be encrypted)"
+            )
+        if not settings.proxy.enabled:
+            raise NodeStartError("peering.relay_url is set: peering needs proxy.enabled: true")
+        placement = executor.proxy_placement(
+            host=settings.proxy.host, advertise_host=settings.proxy.advertise_host
+        )
+        return NodePeering(
+            settings=settings.peering,
+            server=server,
+            identity=identity,
+            private_key=cryptor.private_key,
+            keys=keys,
+            executor=executor,
+            bind_host=placement.bind_host,
+            advertise_host=placement.advertise_host,
+            tracer=tracer,
+        )
+
     async def _start_proxy(
-        self, executor: Executor, runs: RunTable, crypto: NodeProxyCrypto, tracer: Tracer
+        self,
+        executor: Executor,
+        runs: RunTable,
+        crypto: NodeProxyCrypto,
+        tracer: Tracer,
+        peering: NodePeering | None = None,
     ) -> ProxyServer | None:
         """Serve the algorithms' proxy where the executor's runs can reach it, and tell runs
         the address the executor found for it (Kubernetes: the Service's ClusterIP) or, if
@@ -373,6 +426,7 @@ class Node:
                 max_body_work=settings.proxy.max_body_work,
             ),
             access_log=direct_logger("proxy.access"),
+            peers=peering,
         )
         server = ProxyServer(
             app, host=placement.bind_host, port=settings.proxy.port, freebind=placement.freebind
@@ -385,7 +439,9 @@ class Node:
                 f"{exc.strerror}"
             ) from None
         self._advertised_proxy = ProxyEndpoint(
-            host=placement.advertise_host, port=placement.advertise_port or server.port
+            host=placement.advertise_host,
+            port=placement.advertise_port or server.port,
+            peer_ports=peering.peer_ports if peering is not None else (),
         )
         log.info(
             "node.proxy_advertised",

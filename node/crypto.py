@@ -89,6 +89,11 @@ class RSACryptor:
         return cls(key)
 
     @property
+    def private_key(self) -> rsa.RSAPrivateKey:
+        """This organization's private key (peering signs its handshakes with it)."""
+        return self._private_key
+
+    @property
     def public_key(self) -> str:
         """This organization's public key as the server stores it (base64 of PEM)."""
         pem = self._private_key.public_key().public_bytes(

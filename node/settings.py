@@ -353,6 +353,38 @@ class ProxySettings(_Section):
     key_cache_seconds: Annotated[float, Field(gt=0)] = 300.0
 
 
+class PeeringSettings(_Section):
+    """Algorithm-to-algorithm connections between organizations, through a relay
+    (docs/networking.md). Off unless ``relay_url`` is set; needs the organization's key
+    pair (``encryption.private_key``): the two ends of a stream authenticate with it."""
+
+    #: The relay's WebSocket URL, e.g. ``wss://relay.example.org/v1/connect``.
+    relay_url: str | None = None
+    #: Ports on the proxy's address where a run's peer addresses point, one per
+    #: (run, peer run, port) a run looked up; from ``first_port`` on, ``ports`` of them.
+    first_port: Annotated[int, Field(ge=1024, le=65535)] = 7700
+    ports: Annotated[int, Field(ge=1, le=4096)] = 64
+    #: Streams one run may hold (opened and accepted); more are refused.
+    max_streams_per_run: Annotated[int, Field(gt=0)] = 64
+    #: A stream with no byte either way for this long is reset.
+    idle_seconds: Annotated[float, Field(gt=0)] = 600.0
+    #: Bytes of one stream in flight (each way): the flow-control window.
+    window_kb: Annotated[int, Field(ge=16, le=16384)] = 256
+
+    @field_validator("relay_url")
+    @classmethod
+    def _relay_url_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(wss?|https?)://\S+$", value):
+            raise ValueError("expected the relay's URL, e.g. 'wss://relay.example.org/v1/connect'")
+        return value
+
+    @model_validator(mode="after")
+    def _ports_fit(self) -> PeeringSettings:
+        if self.first_port + self.ports - 1 > 65535:
+            raise ValueError(f"first_port {self.first_port} + ports {self.ports} runs past 65535")
+        return self
+
+
 class HealthSettings(_Section):
     """The node's own probe endpoints (/healthz, /readyz, /status); not for algorithms."""
 
@@ -456,6 +488,7 @@ class NodeSettings(BaseSettings):
     docker_registries: list[RegistryCredential] = Field(default_factory=list)
     executor: ExecutorSettings = Field(default_factory=PodmanSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    peering: PeeringSettings = Field(default_factory=PeeringSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)

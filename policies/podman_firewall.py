@@ -69,6 +69,7 @@ def isolation_ruleset(
     gateway: ipaddress.IPv4Address | str,
     proxy_ports: Iterable[int],
     bridge_by_name: bool = True,
+    node_uid: int | None = None,
 ) -> str:
     """The nft script that (re)applies the isolation of ``network``'s ``bridge``.
 
@@ -76,6 +77,11 @@ def isolation_ruleset(
     ``proxy_ports`` are added to those any earlier apply allowed (the set only grows; see
     the module docstring). ``bridge_by_name=False`` is for kernels without
     ``nft_meta_bridge``.
+
+    ``node_uid``: the node connects into runs for peer streams (docs/networking.md); the
+    replies to its connections are let back in, and new connections into the bridge from
+    any other user of the host are dropped (``meta skuid``; root can enter a container
+    anyway).
     """
     table = table_name(network)
     if not _INTERFACE.fullmatch(bridge):
@@ -90,6 +96,18 @@ def isolation_ruleset(
         raise ValueError(f"proxy ports must be 1-65535, at least one: {ports}")
     elements = ", ".join(str(port) for port in ports)
     to_gateway = f'iifname "{bridge}" ip daddr {address}'
+    inbound = outbound = ""
+    if node_uid is not None:
+        if node_uid < 0:
+            raise ValueError(f"node uid must be >= 0, got {node_uid}")
+        inbound = (
+            f'add rule inet {table} input iifname "{bridge}" ip daddr {address} '
+            "ct state established,related accept\n"
+        )
+        outbound = (
+            f'add rule inet {table} output oifname "{bridge}" ct state new '
+            f"meta skuid != {node_uid} drop\n"
+        )
     return f"""\
 # fednode: runs on podman network {network} (bridge {bridge}) reach only the proxy at
 # {address}, ports in @{PORTS_SET}; nothing else on this host, and not each other.
@@ -98,13 +116,15 @@ table inet {table} {{
     set {DB_ACCESS_SET} {{ type ipv4_addr . inet_service; }}
     chain input {{ type filter hook input priority filter; policy accept; }}
     chain forward {{ type filter hook forward priority filter; policy accept; }}
+    chain output {{ type filter hook output priority filter; policy accept; }}
 }}
 add element inet {table} {PORTS_SET} {{ {elements} }}
 flush chain inet {table} input
 add rule inet {table} input {to_gateway} tcp dport @{PORTS_SET} accept
 add rule inet {table} input {to_gateway} ip saddr . tcp dport @{DB_ACCESS_SET} accept
-add rule inet {table} input iifname "{bridge}" drop
-flush chain inet {table} forward
+{inbound}add rule inet {table} input iifname "{bridge}" drop
+flush chain inet {table} output
+{outbound}flush chain inet {table} forward
 add rule inet {table} forward iifname "{bridge}" drop
 add rule inet {table} forward oifname "{bridge}" drop
 table bridge {table} {{

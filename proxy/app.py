@@ -26,7 +26,13 @@ from common.logging import get_logger
 from proxy.context import CONTEXT, AccessLog, ProxyContext
 from proxy.limits import ProxyLimits
 from proxy.middlewares import door
-from proxy.protocols import ProxyCrypto, RequestMetrics, RunRegistry, TaskCreations
+from proxy.protocols import (
+    PeerAddresses,
+    ProxyCrypto,
+    RequestMetrics,
+    RunRegistry,
+    TaskCreations,
+)
 from proxy.routes import add_routes
 from proxy.upstream import Upstream
 
@@ -43,6 +49,7 @@ def make_proxy_app(
     task_creations: TaskCreations | None = None,
     limits: ProxyLimits | None = None,
     access_log: AccessLog | None = None,
+    peers: PeerAddresses | None = None,
 ) -> web.Application:
     """The proxy application; its upstream session opens on startup, closes on cleanup.
 
@@ -67,6 +74,7 @@ def make_proxy_app(
         body_work=asyncio.Semaphore(limits.max_body_work),
         metrics=metrics,
         task_creations=task_creations,
+        peers=peers,
     )
     add_routes(app)
     app.cleanup_ctx.append(_upstream_session)

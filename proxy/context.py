@@ -10,7 +10,14 @@ from aiohttp import web
 from opentelemetry.trace import Tracer
 
 from proxy.limits import ProxyLimits
-from proxy.protocols import ProxyCrypto, ProxyRun, RequestMetrics, RunRegistry, TaskCreations
+from proxy.protocols import (
+    PeerAddresses,
+    ProxyCrypto,
+    ProxyRun,
+    RequestMetrics,
+    RunRegistry,
+    TaskCreations,
+)
 from proxy.upstream import Upstream
 
 
@@ -32,6 +39,8 @@ class ProxyContext:
     body_work: asyncio.Semaphore
     metrics: RequestMetrics | None = None
     task_creations: TaskCreations | None = None
+    #: Rewrites peer addresses to forwarders; ``None``: the server's answer as it is.
+    peers: PeerAddresses | None = None
     #: Requests in flight per run id (bounded by ``limits.max_requests_per_run``).
     in_flight: dict[int, int] = field(default_factory=dict)
     #: Connections that carried a request with each run's token (closed ones are pruned

@@ -71,6 +71,28 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return await _stream(request, upstream)
 
 
+async def peer_addresses(request: web.Request) -> web.StreamResponse:
+    """``GET /vpn/algorithm/addresses``: the server's answer, each address pointed at a
+    forwarder of the node's (docs/networking.md); as is when peering is off."""
+    context = request.app[CONTEXT]
+    if context.peers is None:
+        return await forward(request)
+    started = time.perf_counter()
+    reply = await context.upstream.call("GET", request.raw_path, headers=_upstream_headers(request))
+    request[UPSTREAM_MS] = (time.perf_counter() - started) * 1e3
+    if reply.status != 200:
+        return reply.response()
+    try:
+        body = json.loads(reply.body)
+        addresses = body["addresses"]
+        if not isinstance(addresses, list):
+            raise TypeError("addresses is not a list")
+    except (ValueError, KeyError, TypeError):
+        raise ProxyError(502, "the server's address list is malformed") from None
+    rewritten = await context.peers.rewrite(request[RUN].run_id, addresses)
+    return web.json_response({**body, "addresses": rewritten})
+
+
 async def create_task(request: web.Request) -> web.Response:
     """``POST /task``: a subtask; its input encrypted per organization when required."""
     context = request.app[CONTEXT]

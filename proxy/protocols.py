@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from opentelemetry.trace import SpanContext
 
@@ -121,6 +121,15 @@ class ProxyCrypto(Protocol):
 
     def decrypt(self, data: str) -> bytes:
         """What was encrypted for this node's organization; raises on anything else."""
+        ...
+
+
+class PeerAddresses(Protocol):
+    """Where a run's peer addresses really lead (the node's peering, docs/networking.md)."""
+
+    async def rewrite(self, run_id: int, addresses: list[Any]) -> list[dict[str, Any]]:
+        """The server's ``addresses`` for ``run_id``, each pointed at a local forwarder;
+        entries that cannot be reached are left out."""
         ...
 
 

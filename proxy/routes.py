@@ -17,7 +17,7 @@ GET      /run, /run/<id>                  ``run.from_task``, ``run.get`` (result
 GET      /organization, /organization/<id>  ``organization.list``/``get``, public keys
 GET      /collaboration/<id>              ``collaboration.get``
 GET      /study, /study/<id>              ``study.list``/``get``
-GET      /vpn/algorithm/addresses         ``vpn.get_*`` (the server answers; fednode has no VPN)
+GET      /vpn/algorithm/addresses         ``vpn.get_*`` (addresses rewritten to forwarders)
 GET      /blobstream/status               ``check_if_blob_store_enabled`` (task.create)
 GET      /blobstream/<uuid>, POST /blobstream   blob storage: 501, not supported yet
 =======  ===============================  ==========================================
@@ -45,10 +45,10 @@ def add_routes(app: web.Application) -> None:
         f"/collaboration/{_ID}",
         "/study",
         f"/study/{_ID}",
-        "/vpn/algorithm/addresses",
         "/blobstream/status",
     ):
         router.add_get(path, handlers.forward, allow_head=False)
+    router.add_get("/vpn/algorithm/addresses", handlers.peer_addresses, allow_head=False)
     router.add_post("/task", handlers.create_task)
     for path in ("/result", f"/result/{_ID}", "/run", f"/run/{_ID}"):
         router.add_get(path, handlers.read_results, allow_head=False)

@@ -287,6 +287,14 @@ class LibpodClient:
                 return False
             raise
 
+    async def inspect_image(self, reference: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self._json("GET", f"/images/{reference}/json"))
+        except LibpodError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def pull_image(self, reference: str, *, auth: str | None, seconds: float) -> None:
         """Pull ``reference`` within ``seconds``; :class:`LibpodError` says why it failed.
 

@@ -67,6 +67,7 @@ from executors.podman.containers import (
 from executors.podman.exits import ExitWatch
 from executors.podman.firewall import RunNetwork, RunsFirewall, remove_firewall
 from executors.podman.relay import DatabaseRelay, RelayTarget
+from executors.ports import DeclaredPort, ports_from_image_config
 from executors.runfiles import RunFiles
 from executors.spec import (
     DatabaseMount,
@@ -214,7 +215,9 @@ class PodmanExecutor:
             return
         if spec.proxy is not None:
             try:
-                await self._ensure_network(proxy_port=spec.proxy.port)
+                await self._ensure_network(
+                    proxy_port=spec.proxy.port, peer_ports=spec.proxy.peer_ports
+                )
             except ExecutorError as exc:
                 bound.error("podman.run.network_unavailable", error=str(exc))
                 self._stream.fail(run_id, Reason.START_FAILED, str(exc))
@@ -293,6 +296,24 @@ class PodmanExecutor:
             await self._start_created(self._name(state.run_id), state.run_id, bound)
             return
         self._publish(state)
+
+    # -- peering (executors.ports.PeerEndpoints) ----------------------------------------
+
+    async def declared_ports(self, image: str) -> list[DeclaredPort]:
+        """The image's ``EXPOSE``d TCP ports and their ``p<port>`` labels."""
+        document = await self._api.inspect_image(image)
+        config = (document or {}).get("Config") or {}
+        return ports_from_image_config(config.get("ExposedPorts"), config.get("Labels"))
+
+    async def run_address(self, run_id: int) -> str | None:
+        """The run's address on the runs' network (the node connects there)."""
+        document = await self._api.inspect_container(self._name(run_id))
+        if document is None or not (document.get("State") or {}).get("Running"):
+            return None
+        networks = (document.get("NetworkSettings") or {}).get("Networks") or {}
+        entry = networks.get(self._settings.network) or {}
+        address = entry.get("IPAddress")
+        return str(address) if address else None
 
     async def kill(self, run_id: int) -> None:
         """SIGKILL the run's container; its terminal event is ``killed``/``killed``."""
@@ -620,12 +641,12 @@ class PodmanExecutor:
             raise ImageUnavailable(f"image {image} could not be pulled: {message}") from None
         log.info("podman.image.pulled", image=image)
 
-    async def _ensure_network(self, *, proxy_port: int) -> None:
+    async def _ensure_network(self, *, proxy_port: int, peer_ports: tuple[int, ...] = ()) -> None:
         """Create the runs' internal network once and fence it in (per ``firewall``), so
         that a run may join it to reach ``proxy_port``; :class:`ExecutorError` says why not."""
         made = await asyncio.shield(self._ensure_network_task())
         if self._settings.firewall != "off":
-            await self._firewall.allow(made, proxy_port=proxy_port)
+            await self._firewall.allow(made, proxy_port=proxy_port, peer_ports=peer_ports)
 
     def _ensure_network_task(self) -> asyncio.Task[RunNetwork]:
         network = self._network

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from typing import NamedTuple
 
 from common.logging import get_logger
@@ -134,14 +135,18 @@ class RunsFirewall:
             return False
         return None
 
-    async def allow(self, network: RunNetwork, *, proxy_port: int) -> None:
-        """Make sure runs on ``network`` reach ``proxy_port`` on its gateway and nothing
-        else; :class:`ExecutorError` says why it cannot be made to (for the run)."""
+    async def allow(
+        self, network: RunNetwork, *, proxy_port: int, peer_ports: tuple[int, ...] = ()
+    ) -> None:
+        """Make sure runs on ``network`` reach ``proxy_port`` (and the node's peer
+        forwarders, ``peer_ports``) on its gateway and nothing else; :class:`ExecutorError`
+        says why it cannot be made to (for the run)."""
+        wanted = frozenset({proxy_port, *peer_ports})
         async with self._lock:  # concurrent starts share one apply
             applied = self._applied
-            if applied is not None and applied[0] == network and proxy_port in applied[1]:
+            if applied is not None and applied[0] == network and wanted <= applied[1]:
                 return
-            ports = frozenset({proxy_port}) | (
+            ports = wanted | (
                 applied[1] if applied is not None and applied[0] == network else frozenset()
             )
             await self._apply(network, ports)
@@ -263,6 +268,7 @@ class RunsFirewall:
             gateway=network.gateway,
             proxy_ports=ports,
             bridge_by_name=self._bridge_by_name,
+            node_uid=os.getuid(),
         )
         return await run_nft(script, seconds=self._seconds, commands=self._commands)
 

@@ -46,6 +46,7 @@ table inet fednode-net-fednode-runs {
     set db_access { type ipv4_addr . inet_service; }
     chain input { type filter hook input priority filter; policy accept; }
     chain forward { type filter hook forward priority filter; policy accept; }
+    chain output { type filter hook output priority filter; policy accept; }
 }
 add element inet fednode-net-fednode-runs proxy_ports { 7654, 8000 }
 flush chain inet fednode-net-fednode-runs input
@@ -54,6 +55,7 @@ tcp dport @proxy_ports accept
 add rule inet fednode-net-fednode-runs input iifname "podman1" ip daddr 10.213.0.1 \
 ip saddr . tcp dport @db_access accept
 add rule inet fednode-net-fednode-runs input iifname "podman1" drop
+flush chain inet fednode-net-fednode-runs output
 flush chain inet fednode-net-fednode-runs forward
 add rule inet fednode-net-fednode-runs forward iifname "podman1" drop
 add rule inet fednode-net-fednode-runs forward oifname "podman1" drop
@@ -282,3 +284,19 @@ async def test_where_nft_cannot_tell_the_host_is_unknown_and_nothing_is_assumed(
     assert await RunsFirewall(seconds=5, commands=(str(tmp_path / "no-nft"),)).learn_host() is None
     able, _ = fake_nft(tmp_path)
     assert await RunsFirewall(seconds=5, commands=(able,)).learn_host() is True
+
+
+def test_with_the_node_uid_only_the_node_opens_connections_into_runs() -> None:
+    text = isolation_ruleset(
+        network="n",
+        bridge="podman1",
+        subnet="10.213.0.0/24",
+        gateway="10.213.0.1",
+        proxy_ports=[8000],
+        node_uid=0,
+    )
+    assert (
+        'input iifname "podman1" ip daddr 10.213.0.1 ct state established,related accept\n' in text
+    )
+    assert 'output oifname "podman1" ct state new meta skuid != 0 drop\n' in text
+    assert text.index("established,related accept") < text.index('input iifname "podman1" drop')
