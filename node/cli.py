@@ -275,5 +275,32 @@ def config_example() -> None:
     sys.stdout.write(example_config())
 
 
+@app.command()
+def relay(
+    server: Annotated[
+        str,
+        typer.Option(help="The vantage6 server's API URL, e.g. https://v6.example.org/api"),
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7800,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key.")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run a relay: nodes meet here for algorithm-to-algorithm streams (docs/networking.md)."""
+    import asyncio
+
+    from node.logging import configure_logging
+    from peering.serve import serve_relay, tls_context
+
+    try:
+        tls = tls_context(tls_cert, tls_key)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"fednode relay: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG) from None
+    configure_logging(level=log_level.upper(), fmt="auto")
+    asyncio.run(serve_relay(server_api_url=server.rstrip("/"), host=host, port=port, tls=tls))
+
+
 def main() -> None:  # pragma: no cover - console-script shim
     app()

@@ -35,6 +35,7 @@ SETUP_COMMAND = "scripts/podman-setup"
 BASE_IMAGE = "localhost/fednode/python-base:latest"
 AVERAGE_IMAGE = "localhost/fednode/average:latest"
 DIAGNOSTICS_IMAGE = "localhost/fednode/diagnostics:latest"
+SECRETSUM_IMAGE = "localhost/fednode/secretsum:latest"
 API_PREFIX = "/v4.0.0/libpod"
 START_TIMEOUT = 30.0
 
@@ -48,6 +49,7 @@ class PodmanService:
     average_image: str
     diagnostics_image: str
     data_dir: Path  # the sample CSVs (employees_a.csv, employees_b.csv)
+    secretsum_image: str = SECRETSUM_IMAGE  # peer-to-peer shares (algorithms/secretsum)
 
     @property
     def url(self) -> str:
@@ -141,7 +143,7 @@ def podman_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanS
         socket_path = tmp_path_factory.mktemp("podman") / "podman.sock"
         process = _start_service(socket_path)
     try:
-        images = (BASE_IMAGE, AVERAGE_IMAGE, DIAGNOSTICS_IMAGE)
+        images = (BASE_IMAGE, AVERAGE_IMAGE, DIAGNOSTICS_IMAGE, SECRETSUM_IMAGE)
         missing = [
             image
             for image in images

@@ -225,10 +225,15 @@ class V6Collaboration:
     user: V6UserClient
     server: V6Server
     root_private_key: Path | None = None  # the researcher's org key (results are for it)
+    more: tuple[V6Org, ...] = ()  # organizations C, D, ... where a test asked for them
 
     @property
     def orgs(self) -> tuple[V6Org, V6Org]:
         return (self.org_a, self.org_b)
+
+    @property
+    def all_orgs(self) -> tuple[V6Org, ...]:
+        return (self.org_a, self.org_b, *self.more)
 
     def create_task(
         self,
@@ -257,33 +262,34 @@ def _make_collaboration(
     prefix: str,
     encrypted: bool,
     keydir: Path | None,
+    members: tuple[str, ...] = ("a", "b"),
 ) -> V6Collaboration:
     root_org_id = int(user.whoami["organization_id"])
     keys: dict[str, tuple[Path, str]] = {}
     root_key: Path | None = None
     if encrypted:
         assert keydir is not None
-        for who in ("root", "a", "b"):
+        for who in ("root", *members):
             path = keydir / f"{prefix}-{who}.pem"
             keys[who] = (path, user.generate_key(path))
         root_key = keys["root"][0]
         user.setup_encryption(root_key)  # uploads the root org's public key
     orgs = {}
-    for who in ("a", "b"):
+    for who in members:
         public_key = keys[who][1] if encrypted else None
         orgs[who] = user.create_organization(f"{prefix}-org-{who}", public_key=public_key)
     collab = user.create_collaboration(
         f"{prefix}-collaboration",
-        [root_org_id, orgs["a"]["id"], orgs["b"]["id"]],
+        [root_org_id, *(orgs[who]["id"] for who in members)],
         encrypted=encrypted,
     )
-    members = {}
-    for who in ("a", "b"):
+    nodes = {}
+    for who in members:
         node_name = f"{prefix}-node-{who}"
         node = user.create_node(
             collaboration=collab["id"], organization=orgs[who]["id"], name=node_name
         )
-        members[who] = V6Org(
+        nodes[who] = V6Org(
             id=orgs[who]["id"],
             name=orgs[who]["name"],
             node_id=node["id"],
@@ -297,11 +303,12 @@ def _make_collaboration(
         name=collab["name"],
         encrypted=encrypted,
         root_org_id=root_org_id,
-        org_a=members["a"],
-        org_b=members["b"],
+        org_a=nodes["a"],
+        org_b=nodes["b"],
         user=user,
         server=server,
         root_private_key=root_key,
+        more=tuple(nodes[who] for who in members[2:]),
     )
 
 
@@ -353,3 +360,15 @@ def v6_encrypted(
     keydir = tmp_path_factory.mktemp("v6keys")
     v6_server.start()
     return _make_collaboration(v6_user, v6_server, prefix="enc", encrypted=True, keydir=keydir)
+
+
+@pytest.fixture(scope="session")
+def v6_encrypted_three(
+    v6_server: V6Server, v6_user: V6UserClient, tmp_path_factory: pytest.TempPathFactory
+) -> V6Collaboration:
+    """An encrypted collaboration of three organizations with a node each (A, B, C)."""
+    keydir = tmp_path_factory.mktemp("v6keys3")
+    v6_server.start()
+    return _make_collaboration(
+        v6_user, v6_server, prefix="enc3", encrypted=True, keydir=keydir, members=("a", "b", "c")
+    )

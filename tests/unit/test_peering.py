@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -392,3 +393,50 @@ async def test_after_a_peer_restarts_the_next_stream_agrees_on_a_new_session(mes
     b2.admit.targets[(200, 8888)] = ("127.0.0.1", echo_port)
     assert await exchange(port, b"after") == b"after"
     server.close()
+
+
+async def test_fednode_relay_serves_until_sigterm(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "node",
+        "relay",
+        "--server",
+        "http://127.0.0.1:9/api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(1200):  # up to a minute on a loaded machine
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        assert await response.json() == {"status": "ok", "nodes": 0}
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the relay did not answer /healthz")
+            # A token the server cannot confirm (it is unreachable) is refused, clearly.
+            async with session.get(
+                f"http://127.0.0.1:{port}/v1/connect",
+                headers={"Authorization": "Bearer a.eyJjbGllbnRfdHlwZSI6Im5vZGUiLCJzdWIiOjF9.b"},
+            ) as response:
+                assert response.status == 401
+                assert "unreachable" in (await response.json())["msg"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
