@@ -67,21 +67,10 @@ def virtual_address(node_id: int) -> str:
 
 
 class ServerPeerDirectory:
-    """What the server says about other nodes, for the sessions (cached)."""
+    """The organizations' public keys as the server publishes them, for the sessions."""
 
-    def __init__(self, server: ServerClient, keys: OrganizationKeys) -> None:
-        self._server = server
+    def __init__(self, keys: OrganizationKeys) -> None:
         self._keys = keys
-        self._organizations: dict[int, int] = {}
-
-    async def organization_of(self, node_id: int) -> int:
-        if node_id not in self._organizations:
-            try:
-                node = await self._server.request("GET", f"node/{node_id}")
-                self._organizations[node_id] = int(node["organization"]["id"])
-            except (ServerError, KeyError, TypeError, ValueError) as exc:
-                raise LookupError(str(exc)) from None
-        return self._organizations[node_id]
 
     async def public_key(self, organization_id: int) -> rsa.RSAPublicKey:
         text = await self._keys.public_key(organization_id)
@@ -157,7 +146,7 @@ class NodePeering:
         self._forwarders = Forwarders(
             host=bind_host, first_port=settings.first_port, count=settings.ports
         )
-        self._directory = ServerPeerDirectory(server, keys)
+        self._directory = ServerPeerDirectory(keys)
         self._session = aiohttp.ClientSession()
         self.link = RelayLink(
             url=settings.relay_url,

@@ -7,10 +7,11 @@ read them or forge them. Each pair of nodes agrees on a session:
    X25519 public key, signed (RSA-PSS, SHA-256) with its **organization's private key** —
    the key whose public half the vantage6 server already publishes for the organization
    (``GET /organization/<id>``, ``public_key``), so no new PKI is needed.
-2. The responder checks with the server (through a :class:`PeerDirectory`) that the node
-   the relay names as the sender belongs to that organization, verifies the signature
-   with that organization's public key, and answers ``REPLY`` with its own X25519 key,
-   signed over both keys.
+2. The responder fetches that organization's public key from the server (through a
+   :class:`PeerDirectory`), verifies the signature, and answers ``REPLY`` with its own
+   X25519 key, signed over both keys. The session then knows the peer's organization
+   *cryptographically*: streams are admitted against it (the run that opens one must be
+   that organization's), not against what the relay says.
 3. Both derive two AES-256-GCM keys (one per direction) with HKDF-SHA256 from the X25519
    secret, salted with the hash of the signed transcript. Every ``SEALED`` message carries
    the session id and a counter; the counter is the GCM nonce and must grow, so a message
@@ -72,10 +73,7 @@ class _UnknownSession(SessionError):
 
 
 class PeerDirectory(Protocol):
-    """What the server says about another node (the node answers from its server link)."""
-
-    async def organization_of(self, node_id: int) -> int:
-        """The organization the node ``node_id`` belongs to; raises ``LookupError``."""
+    """The organizations' published keys (the node answers from its server link)."""
 
     async def public_key(self, organization_id: int) -> rsa.RSAPublicKey:
         """The organization's published public key; raises ``LookupError`` if it has none."""
@@ -92,6 +90,7 @@ class _Session:
     receive_key: AESGCM
     send_direction: bytes
     receive_direction: bytes
+    organization: int  # the peer's, proven by its signature
     sent: int = 0
     received: int = -1
 
@@ -210,13 +209,13 @@ class Sessions:
 
     # -- receiving ----------------------------------------------------------------------
 
-    async def receive(self, peer: int, payload: bytes) -> bytes | None:
+    async def receive(self, peer: int, payload: bytes) -> tuple[bytes, int] | None:
         """Handle one message from ``peer`` (as the relay names it).
 
-        Returns the plaintext of a ``SEALED`` message; handshakes are answered here and
-        return ``None``. Raises :class:`SessionError` for a message that fails checks
-        (the caller logs it and drops the message) and :class:`FrameError` for bytes that
-        are not a message at all.
+        Returns the plaintext of a ``SEALED`` message with the organization that signed the
+        session it came in; handshakes are answered here and return ``None``. Raises
+        :class:`SessionError` for a message that fails checks (the caller logs it and drops
+        the message) and :class:`FrameError` for bytes that are not a message at all.
         """
         kind = message_kind(payload)
         if kind is MessageKind.SEALED:
@@ -235,7 +234,7 @@ class Sessions:
             self.forget(peer, reason=str(body.get("reason", "refused"))[:200])
         return None
 
-    def _open(self, peer: int, payload: bytes) -> bytes:
+    def _open(self, peer: int, payload: bytes) -> tuple[bytes, int]:
         sealed = parse_sealed(payload)
         session = self._by_id.get((peer, sealed.session_id))
         if session is None:
@@ -249,7 +248,7 @@ class Sessions:
         except InvalidTag:
             raise SessionError(f"a message from node {peer} failed authentication") from None
         session.received = sealed.counter
-        return plaintext
+        return plaintext, session.organization
 
     async def _verify(
         self, peer: int, body: dict[str, Any], transcript_of: Callable[[int, bytes], bytes]
@@ -259,14 +258,6 @@ class Sessions:
         if len(key) != 32:
             raise SessionError("key is not an X25519 public key")
         signature = _unb64(body.get("signature"), "signature")
-        try:
-            registered = await self._directory.organization_of(peer)
-        except LookupError as exc:
-            raise SessionError(f"the server does not know node {peer}: {exc}") from None
-        if registered != organization:
-            raise SessionError(
-                f"node {peer} claims organization {organization}; the server says {registered}"
-            )
         try:
             public_key = await self._directory.public_key(organization)
         except LookupError as exc:
@@ -308,6 +299,7 @@ class Sessions:
             + _raw(secret.public_key())
         )
         session = self._derive(peer, session_id, secret, their_key, hello + reply, initiator=False)
+        session.organization = _int(body["organization"], "organization")
         self._by_id[(peer, session_id)] = session
         answer = {
             "session": session_id,
@@ -353,6 +345,7 @@ class Sessions:
         session = self._derive(
             peer, session_id, pending.secret, their_key, pending.hello + reply, initiator=True
         )
+        session.organization = _int(body["organization"], "organization")
         self._by_id[(peer, session_id)] = session
         self._current[peer] = session
         pending.done.set_result(session)
@@ -378,8 +371,8 @@ class Sessions:
         forward, backward = AESGCM(keys[:32]), AESGCM(keys[32:])
         out_dir, in_dir = (b"\0\0\0\1", b"\0\0\0\2") if initiator else (b"\0\0\0\2", b"\0\0\0\1")
         if initiator:
-            return _Session(session_id, peer, forward, backward, out_dir, in_dir)
-        return _Session(session_id, peer, backward, forward, out_dir, in_dir)
+            return _Session(session_id, peer, forward, backward, out_dir, in_dir, 0)
+        return _Session(session_id, peer, backward, forward, out_dir, in_dir, 0)
 
     async def _reject(self, peer: int, session_id: int, reason: str) -> None:
         message = json_message(MessageKind.REJECT, {"session": session_id, "reason": reason[:200]})

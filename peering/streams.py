@@ -56,12 +56,16 @@ class StreamLimits:
 
 @dataclass(frozen=True, slots=True)
 class OpenRequest:
-    """A peer's request: its run ``src_run`` wants our run ``dst_run``'s ``port``."""
+    """A peer's request: its run ``src_run`` wants our run ``dst_run``'s ``port``.
+
+    ``peer_organization`` is the organization whose key signed the session the request
+    came in (0 for a run on this node, where there is no session)."""
 
     peer_node: int
     src_run: int
     dst_run: int
     port: int
+    peer_organization: int = 0
 
 
 class Refused(Exception):
@@ -231,12 +235,13 @@ class Streams:
     async def receive(self, peer: int, payload: bytes) -> None:
         """One message from ``peer`` through the relay (never blocks on a local socket)."""
         try:
-            plaintext = await self._sessions.receive(peer, payload)
+            opened = await self._sessions.receive(peer, payload)
         except (SessionError, FrameError) as exc:
             log.warning("peering.message_refused", peer=peer, error=str(exc))
             return
-        if plaintext is None:
+        if opened is None:
             return
+        plaintext, organization = opened
         try:
             frame = decode_frame(plaintext)
         except FrameError as exc:
@@ -244,7 +249,7 @@ class Streams:
             return
         key: _Key = (peer, not frame.from_opener, frame.stream_id)
         if frame.kind is FrameKind.OPEN and frame.from_opener:
-            await self._on_open(peer, frame)
+            await self._on_open(peer, organization, frame)
             return
         stream = self._streams.get(key)
         if stream is None:
@@ -282,12 +287,16 @@ class Streams:
         else:
             raise FrameError(f"unexpected {kind.name}")
 
-    async def _on_open(self, peer: int, frame: Frame) -> None:
+    async def _on_open(self, peer: int, organization: int, frame: Frame) -> None:
         key: _Key = (peer, False, frame.stream_id)
         try:
             body = frame.json()
             request = OpenRequest(
-                peer, _positive(body, "src_run"), _positive(body, "dst_run"), _port(body)
+                peer,
+                _positive(body, "src_run"),
+                _positive(body, "dst_run"),
+                _port(body),
+                organization,
             )
         except FrameError as exc:
             await self._send_frame(

@@ -47,7 +47,7 @@ V6_VERSION = "4.15.2"
 
 ROOT_USER = "root"
 ROOT_PASSWORD = "fednode-root-password"  # a throwaway test server's
-START_TIMEOUT = 60.0
+START_TIMEOUT = 180.0  # a loaded 2-core machine has needed more than 60 s
 #: The server signs its JWTs (HS256) with this; fixed, so tokens survive ``restart()``
 #: and a test can sign a token the server verifies (one that has expired, say).
 JWT_SECRET = "fednode-test-jwt-secret"

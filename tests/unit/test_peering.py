@@ -40,15 +40,10 @@ def org_key(org: int) -> rsa.RSAPrivateKey:
 
 
 class FakeServerDirectory:
-    """A fake of the server's answers (node → organization, organization → public key)."""
+    """A fake of the server's answer: the organizations' public keys."""
 
     def __init__(self, organizations: dict[int, int]) -> None:
         self.organizations = organizations
-
-    async def organization_of(self, node_id: int) -> int:
-        if node_id not in self.organizations:
-            raise LookupError(f"no node {node_id}")
-        return self.organizations[node_id]
 
     async def public_key(self, organization_id: int) -> rsa.RSAPublicKey:
         return org_key(organization_id).public_key()
@@ -248,7 +243,7 @@ async def test_bytes_travel_both_ways_through_the_relay_encrypted(mesh: Mesh) ->
     await _until(lambda: len(a.reports) == 1 and len(b.reports) == 1)
     sent = a.reports[0]
     assert (sent.outcome, sent.bytes_sent, sent.bytes_received) == ("closed", len(data), len(data))
-    assert b.admit.requests == [OpenRequest(1, 100, 200, 8888)]
+    assert b.admit.requests == [OpenRequest(1, 100, 200, 8888, peer_organization=10)]
 
 
 async def test_a_refused_stream_closes_the_local_connection_with_the_reason(mesh: Mesh) -> None:

@@ -57,8 +57,8 @@ def central_secret_sum(
 @algorithm_client
 @data(1)
 def partial_secret_sum(
+    df: pd.DataFrame,  # @data's frames come first, then @algorithm_client's client
     client: AlgorithmClient,
-    df: pd.DataFrame,
     column_name: str,
     parties: int,
     timeout: float = 240.0,
