@@ -4,7 +4,8 @@ Runtimes repeat themselves: a watch relist replays every object, podman's event 
 re-list after a reconnect both report the same death. :class:`RunEventStream` keeps the
 last phase seen per run and lets an event through only when it moves the run forward
 (``pending < starting < running < terminal``); a run's terminal event passes once. The
-node then never has to de-duplicate.
+node then never has to de-duplicate. The one repeat let through is ``pending`` with a new
+message: a run held by a queue (Kueue) whose reason for waiting changed.
 
 One consumer reads :meth:`RunEventStream.__aiter__` (the node's run lifecycle); producers
 call :meth:`RunEventStream.publish` from the executor's watcher task, or its two shorthands
@@ -44,6 +45,7 @@ class RunEventStream:
     def __init__(self) -> None:
         self._queue: asyncio.Queue[RunEvent | ExecutorError] = asyncio.Queue()
         self._last: dict[int, Phase] = {}
+        self._waiting: dict[int, str] = {}  # the message of each run last seen pending
 
     def fed_by(self, task: asyncio.Task[Any]) -> None:
         """``task`` follows the runtime for this stream; its end (unless cancelled) breaks it."""
@@ -60,10 +62,16 @@ class RunEventStream:
 
     def publish(self, event: RunEvent) -> bool:
         """Queue ``event`` if it advances its run; returns whether it was queued."""
-        last = self._last.get(event.run_id)
-        if last is not None and _ORDER[event.phase] <= _ORDER[last]:
+        run_id, last = event.run_id, self._last.get(event.run_id)
+        if event.phase is Phase.PENDING:
+            if last not in (None, Phase.PENDING) or self._waiting.get(run_id) == event.message:
+                return False
+            self._waiting[run_id] = event.message
+        elif last is not None and _ORDER[event.phase] <= _ORDER[last]:
             return False
-        self._last[event.run_id] = event.phase
+        else:
+            self._waiting.pop(run_id, None)
+        self._last[run_id] = event.phase
         self._queue.put_nowait(event)
         return True
 
@@ -87,6 +95,7 @@ class RunEventStream:
 
     def forget(self, run_id: int) -> None:
         self._last.pop(run_id, None)
+        self._waiting.pop(run_id, None)
 
     def __aiter__(self) -> AsyncIterator[RunEvent]:
         return self._drain()

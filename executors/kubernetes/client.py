@@ -78,6 +78,8 @@ PODS = Resource("/api/v1", "pods")
 SECRETS = Resource("/api/v1", "secrets")
 SERVICES = Resource("/api/v1", "services")
 NETWORK_POLICIES = Resource("/apis/networking.k8s.io/v1", "networkpolicies")
+#: Kueue's record of a queued Job (read only: why a run waits for admission).
+WORKLOADS = Resource("/apis/kueue.x-k8s.io/v1beta1", "workloads")
 
 
 def namespace_path(name: str) -> str:

@@ -1,7 +1,7 @@
 """Settings of the Kubernetes executor (``executor: {kind: kubernetes, ...}``).
 
 Grouped as the executor uses them: how to reach the API server; what each run's Job and
-pod look like (retries, deadline safety nets, the uid runs use, resources, GPUs); where the
+pod look like (retries, deadline safety nets, the uid runs use, resources, GPUs, Kueue); where the
 run's files and databases come from; which isolation objects are checked and applied at
 start-up. Every key has a default that works with the Helm chart; docs/executors.md
 (``## Kubernetes``) describes each one.
@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Toleration = dict[str, str | int]
+#: A Kubernetes object name that is also a label value (LocalQueue, priority class).
+_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
 class DatabaseVolume(BaseModel):
@@ -60,6 +62,24 @@ class DatabaseEgressSettings(BaseModel):
                 f"{value!r} is not an address block: give the database's IP address (runs "
                 "have no DNS), e.g. 10.0.4.7/32"
             ) from None
+
+
+class KueueSettings(BaseModel):
+    """Opt-in: every run's Job goes through the cluster's Kueue, which admits it when its
+    LocalQueue's ClusterQueue has quota (GPUs, CPU, memory; borrowing within a cohort).
+
+    The Job is created suspended and labelled with the queue; Kueue unsuspends it on
+    admission. Until then the run is ``pending`` with Kueue's reason (the Workload's
+    ``QuotaReserved`` message) in ``fednode status`` and the run's trace.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The LocalQueue in the runs namespace (label ``kueue.x-k8s.io/queue-name``).
+    queue_name: Annotated[str, Field(max_length=63, pattern=_NAME)]
+    #: A Kueue WorkloadPriorityClass (label ``kueue.x-k8s.io/priority-class``); ``None``:
+    #: the ClusterQueue's default.
+    priority_class: Annotated[str | None, Field(max_length=63, pattern=_NAME)] = None
 
 
 class KubernetesSettings(BaseModel):
@@ -114,6 +134,8 @@ class KubernetesSettings(BaseModel):
     #: A node label naming the GPU model (e.g. ``nvidia.com/gpu.product``); a run that asks
     #: for a GPU type is placed on nodes whose label has that value.
     gpu_type_label: str | None = None
+    #: Queue runs through Kueue (GPU quotas, fair sharing); ``None``: runs start at once.
+    kueue: KueueSettings | None = None
     #: Bytes of a run's log that ``collect`` reads at most (from the start of the log).
     log_limit_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
 

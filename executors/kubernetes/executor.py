@@ -18,6 +18,12 @@ How one run goes (five API requests in all, counted in :attr:`KubernetesExecutor
 4. ``cleanup``: delete the Job with background propagation (pods and Secret follow through
    the garbage collector) and the run's folder.
 
+With ``kueue`` set, the Job is created suspended with its queue's label and Kueue admits it
+(unsuspends it) when there is quota; a third informer follows the namespace's Kueue
+Workloads, so a run that waits is reported ``pending`` with Kueue's reason (and again
+whenever that reason changes), never failed. Killing a waiting run is deleting its Job, as
+for any run.
+
 ``kill`` deletes the Job; the informer's ``DELETED`` then reports ``killed``. A kill is
 remembered, so a kill that races the start deletes the Job as soon as it appears.
 ``list_runs`` answers from the informers' caches (and, until cleanup, from how runs whose
@@ -62,6 +68,7 @@ from executors.kubernetes.client import (
     PODS,
     SECRETS,
     SERVICES,
+    WORKLOADS,
     KubeClient,
     KubeError,
     connect,
@@ -77,12 +84,13 @@ from executors.kubernetes.manifests import (
     label_selector,
     node_selector_labels,
     run_job,
+    run_of_job_name,
     secret_name,
     token_secret,
 )
 from executors.kubernetes.proxy_address import ProxyServiceError, proxy_endpoint_of
 from executors.kubernetes.tracker import RunTracker
-from executors.kubernetes.transform import slim_job, slim_pod
+from executors.kubernetes.transform import slim_job, slim_pod, slim_workload
 from executors.memory import StartsInFlight
 from executors.outputs import LogTail
 from executors.runfiles import RunFiles
@@ -127,7 +135,10 @@ class KubernetesExecutor:
         self._node_labels = node_selector_labels(context.node_name)
         self._stream = RunEventStream()
         self._tracker = RunTracker(
-            stream=self._stream, backoff_limit=settings.backoff_limit, delete_job=self._delete_job
+            stream=self._stream,
+            backoff_limit=settings.backoff_limit,
+            delete_job=self._delete_job,
+            run_of_job=lambda name: run_of_job_name(context.node_name, name),
         )
         self._client: KubeClient | None = None
         self._informers: list[Informer] = []
@@ -499,21 +510,42 @@ class KubernetesExecutor:
             watch_timeout=timeout,
             transform=slim_pod,
         )
+        informers = [jobs, pods]
+        if self._settings.kueue is not None:
+            # Kueue names a Workload after its Job and labels it with nothing of ours: all
+            # of the runs namespace's, filed by their owner Job (RunTracker.on_workload).
+            informers.append(
+                Informer(
+                    client=client,
+                    resource=WORKLOADS,
+                    namespace=self._namespace,
+                    label_selector="",
+                    handler=self._tracker.on_workload,
+                    watch_timeout=timeout,
+                    transform=slim_workload,
+                )
+            )
         try:
             async with asyncio.timeout(self._settings.sync_timeout_seconds):
-                await jobs.prime()
-                await pods.prime()
-            self._tracker.release()  # judge each run once, with both caches full
+                for informer in informers:
+                    await informer.prime()
+            self._tracker.release()  # judge each run once, with every cache full
         except KubeError as error:
+            hint = (
+                " (executor.kueue is set: is Kueue installed, and may the node list and "
+                "watch workloads.kueue.x-k8s.io? executors/kubernetes/rbac.py KUEUE_RULE)"
+                if self._settings.kueue is not None
+                else ""
+            )
             raise ExecutorError(
-                f"cannot list Jobs and Pods in namespace {self._namespace!r}: {error}"
+                f"cannot list the runs' objects in namespace {self._namespace!r}: {error}{hint}"
             ) from error
         except TimeoutError as error:
             raise ExecutorError(
                 f"listing Jobs and Pods in {self._namespace!r} took more than "
                 f"{self._settings.sync_timeout_seconds}s"
             ) from error
-        self._informers = [jobs, pods]
+        self._informers = informers
         for informer in self._informers:
             self._stream.fed_by(self._tasks.spawn(informer.run(), name=f"informer-{informer.kind}"))
 

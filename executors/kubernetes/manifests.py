@@ -8,7 +8,9 @@ the shape of a run can be read (and tested) in one place:
   select on) and annotated with the ids, the trace context and the node's sealed copy of
   the token (what a restarted node rebuilds its state from; it may not read the Secret);
   ``backoffLimit`` from the settings, ``activeDeadlineSeconds`` from the run's deadline
-  (never early), ``ttlSecondsAfterFinished`` as a safety net;
+  (never early), ``ttlSecondsAfterFinished`` as a safety net; with ``kueue`` set, created
+  suspended with the queue-name (and priority-class) label, so Kueue admits it under quota
+  and unsuspends it (the node never sets ``suspend: false`` itself);
 * a pod that passes Pod Security ``restricted`` (:mod:`policies.pod_security`), with no
   service-account token and no service links, CPU/memory requests and limits, GPUs as an
   extended-resource limit plus the GPU nodes' selector and tolerations;
@@ -55,6 +57,10 @@ ANNOTATION_PARENT_TASK = "fednode.io/parent-task-id"
 ANNOTATION_IMAGE = "fednode.io/image"
 ANNOTATION_TRACESTATE = "fednode.io/tracestate"
 
+#: Kueue's labels on a Job: its LocalQueue, and its WorkloadPriorityClass.
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+
 _TASK_VOLUME = "task"
 _TOKEN_VOLUME = "token"
 _SCRATCH_VOLUME = "scratch"
@@ -77,6 +83,15 @@ def job_name(node_name: str, run_id: int) -> str:
     """The run's Job name: fixed by node and run, so a repeated start finds it."""
     digest = hashlib.sha256(node_name.encode()).hexdigest()[:6]
     return f"fednode-run-{run_id}-{digest}"
+
+
+def run_of_job_name(node_name: str, name: str) -> int | None:
+    """The run whose Job (of this node) ``name`` is; ``None`` for any other name."""
+    prefix, _, rest = name.partition("fednode-run-")
+    run, _, _ = rest.partition("-")
+    if prefix or not run.isdigit() or job_name(node_name, int(run)) != name:
+        return None
+    return int(run)
 
 
 def secret_name(node_name: str, run_id: int) -> str:
@@ -205,23 +220,31 @@ def run_job(
     pod_metadata: Json = {"labels": labels}
     if spec.annotations:
         pod_metadata["annotations"] = dict(spec.annotations)
+    job_spec: Json = {
+        "backoffLimit": settings.backoff_limit,
+        "activeDeadlineSeconds": active_deadline(spec.deadline_seconds),
+        "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {"metadata": pod_metadata, "spec": pod_spec},
+    }
+    job_labels = dict(labels)
+    if settings.kueue is not None:
+        # Kueue's contract: the Job waits suspended until its Workload is admitted.
+        job_spec["suspend"] = True
+        job_labels[LABEL_KUEUE_QUEUE] = settings.kueue.queue_name
+        if settings.kueue.priority_class:
+            job_labels[LABEL_KUEUE_PRIORITY] = settings.kueue.priority_class
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": labels,
+            "labels": job_labels,
             "annotations": job_annotations(spec),
         },
-        "spec": {
-            "backoffLimit": settings.backoff_limit,
-            "activeDeadlineSeconds": active_deadline(spec.deadline_seconds),
-            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            "completions": 1,
-            "parallelism": 1,
-            "template": {"metadata": pod_metadata, "spec": pod_spec},
-        },
+        "spec": job_spec,
     }
 
 

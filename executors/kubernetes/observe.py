@@ -17,6 +17,11 @@ each phase through once. Where the answer comes from:
   any other failure → the last pod's details. (A pod killed by the deadline is being
   deleted, so it does not count as a crash.)
 
+A Job that Kueue holds (``spec.suspend: true``, no pod yet) → ``pending``, with Kueue's
+reason: the ``QuotaReserved=False`` message of the run's Workload when one is known
+(``insufficient quota for nvidia.com/gpu ...``), else that it waits for admission in its
+queue. Kueue unsuspends the Job on admission, and the pod then says ``starting`` as above.
+
 A Job that disappears is not judged here: whether that is ``killed`` (we deleted it) or
 ``lost`` depends on what the executor did, so the executor decides.
 """
@@ -24,6 +29,7 @@ A Job that disappears is not judged here: whether that is ``killed`` (we deleted
 from __future__ import annotations
 
 from common.types import Json
+from executors.kubernetes.manifests import LABEL_KUEUE_QUEUE
 from executors.spec import Phase, Reason
 from executors.verdict import STARTING, Verdict
 
@@ -35,17 +41,35 @@ START_ERRORS = frozenset(
 )
 
 
-def observe(job: Json | None, pods: list[Json], *, backoff_limit: int) -> Verdict:
-    """The phase of a run from its Job (``None`` if not seen yet) and its pods."""
+def observe(
+    job: Json | None, pods: list[Json], *, backoff_limit: int, workload: Json | None = None
+) -> Verdict:
+    """The phase of a run from its Job (``None`` if not seen yet), its pods and, under
+    Kueue, its Workload."""
+    pod = newest(pods)
     if job is not None:
         from_job = _from_job(job, pods)
         if from_job is not None:
             return from_job
-        backoff_limit = int(job.get("spec", {}).get("backoffLimit", backoff_limit))
-    pod = newest(pods)
+        spec = job.get("spec") or {}
+        backoff_limit = int(spec.get("backoffLimit", backoff_limit))
+        if spec.get("suspend") and (pod is None or pod["metadata"].get("deletionTimestamp")):
+            return Verdict(Phase.PENDING, message=waiting_reason(job, workload))
     if pod is None:
         return STARTING
     return _from_pod(pod, pods, backoff_limit=backoff_limit)
+
+
+def waiting_reason(job: Json, workload: Json | None) -> str:
+    """Why a suspended Job waits: Kueue's own words when its Workload has them."""
+    for condition in (workload or {}).get("status", {}).get("conditions") or []:
+        if condition.get("type") == "QuotaReserved" and condition.get("status") == "False":
+            message = str(condition.get("message") or condition.get("reason") or "")
+            if message:
+                return f"waiting for Kueue admission: {message}"
+    queue = (job.get("metadata", {}).get("labels") or {}).get(LABEL_KUEUE_QUEUE)
+    where = f" in queue {queue!r}" if queue else ""
+    return f"waiting for Kueue admission{where}"
 
 
 def newest(pods: list[Json]) -> Json | None:

@@ -27,6 +27,10 @@ Every verb below is used, and nothing else is granted:
   :func:`proxy_service_rule`): its ClusterIP is the address runs are given
   (:mod:`executors.kubernetes.proxy_address`).
 
+* Kueue Workloads (only with ``executor.kueue``, :data:`KUEUE_RULE`): ``list`` and
+  ``watch`` — why a queued run waits. Nothing is written: Kueue itself creates, admits and
+  deletes Workloads; the node only labels and suspends its Jobs.
+
 Nothing cluster-scoped: no ClusterRole, no nodes, no other namespaces.
 
 What a stolen node token could still do with ``jobs: create`` — run a pod that mounts the
@@ -68,6 +72,14 @@ APPLY_NETWORK_POLICIES_RULE: dict[str, Any] = {
 }
 
 
+#: Reading Kueue's Workloads in the runs namespace (``executor.kueue`` only).
+KUEUE_RULE: dict[str, Any] = {
+    "apiGroups": ["kueue.x-k8s.io"],
+    "resources": ["workloads"],
+    "verbs": ["list", "watch"],
+}
+
+
 def network_policy_rule(node_name: str, *, databases: Sequence[str] = ()) -> dict[str, Any]:
     """Reading the node's runs' NetworkPolicies (the two, and one per network database
     label in ``databases``), by name, and nothing else."""
@@ -99,10 +111,11 @@ def role_rules(
     proxy_service: str | None = None,
     apply_network_policies: bool = False,
     databases: Sequence[str] = (),
+    kueue: bool = False,
 ) -> list[dict[str, Any]]:
     """Every rule of the node's Role (what the chart renders for ``nodeName`` and its proxy
     Service, both in the one namespace of node and runs; ``databases``: the labels of the
-    network databases whose egress policies it reads)."""
+    network databases whose egress policies it reads; ``kueue``: with :data:`KUEUE_RULE`)."""
     extra = (
         APPLY_NETWORK_POLICIES_RULE
         if apply_network_policies
@@ -111,6 +124,8 @@ def role_rules(
     rules = [dict(rule) for rule in ROLE_RULES] + [dict(extra)]
     if proxy_service is not None:
         rules.append(proxy_service_rule(proxy_service))
+    if kueue:
+        rules.append(dict(KUEUE_RULE))
     return rules
 
 

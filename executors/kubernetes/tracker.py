@@ -1,6 +1,7 @@
 """Joins what the two informers see into runs, and publishes each run's phase.
 
-The Job informer and the Pod informer each call one handler here, in their own stream's
+The Job informer and the Pod informer (and, under Kueue, the Workload informer) each call
+one handler here, in their own stream's
 order. :class:`RunTracker` files every object under its run id (the ``fednode.io/run-id``
 label), asks :func:`~executors.kubernetes.observe.observe` what the run's objects say now,
 and publishes that to the :class:`~executors.events.RunEventStream`, which lets each phase
@@ -38,6 +39,8 @@ from executors.verdict import Verdict
 
 #: Asks the executor to delete a run's Job (``why``: for the log).
 DeleteJob = Callable[[int, str], None]
+#: The run a Job name belongs to (``None``: not one of this node's runs).
+RunOfJob = Callable[[str], int | None]
 
 
 def run_id_of(obj: Json) -> int | None:
@@ -59,14 +62,22 @@ class RunTracker:
     """The executor's view of its runs, built from the informers' objects."""
 
     def __init__(
-        self, *, stream: RunEventStream, backoff_limit: int, delete_job: DeleteJob
+        self,
+        *,
+        stream: RunEventStream,
+        backoff_limit: int,
+        delete_job: DeleteJob,
+        run_of_job: RunOfJob | None = None,
     ) -> None:
         self._stream = stream
         self._backoff_limit = backoff_limit
         self._delete_job = delete_job
+        self._run_of_job = run_of_job
         self._holding = True  # until both caches are filled (release)
         self.jobs: dict[int, Json] = {}
         self.pods: dict[int, dict[str, Json]] = {}
+        #: Kueue's Workload of each run held by (or admitted through) Kueue.
+        self.workloads: dict[int, Json] = {}
         #: Runs killed on request (sticky: a Job that appears later is deleted too).
         self.killed: set[int] = set()
         #: Runs whose Job the executor has asked to delete (kill, or no way forward).
@@ -105,6 +116,22 @@ class RunTracker:
             self.pods.setdefault(run_id, {})[name] = pod
         self._update(run_id)
 
+    def on_workload(self, change: Change, workload: Json) -> None:
+        """A Kueue Workload: filed under the run whose Job owns it (why the run waits)."""
+        if self._run_of_job is None:
+            return
+        owners = workload.get("metadata", {}).get("ownerReferences") or []
+        runs = [self._run_of_job(str(o.get("name"))) for o in owners if o.get("kind") == "Job"]
+        run_id = next((r for r in runs if r is not None), None)
+        if run_id is None:
+            return
+        if change is Change.DELETED:
+            self.workloads.pop(run_id, None)
+            return
+        self.workloads[run_id] = workload
+        if run_id in self.jobs:
+            self._update(run_id)
+
     def release(self) -> None:
         """Both caches are filled: judge every run once, then follow changes."""
         self._holding = False
@@ -122,6 +149,7 @@ class RunTracker:
             self.jobs.get(run_id),
             list(self.pods.get(run_id, {}).values()),
             backoff_limit=self._backoff_limit,
+            workload=self.workloads.get(run_id),
         )
 
     def states(self) -> list[RunState]:
@@ -231,6 +259,7 @@ class RunTracker:
     def _forget_if_gone(self, run_id: int) -> None:
         if run_id in self.jobs or self.pods.get(run_id):
             return
+        self.workloads.pop(run_id, None)
         for memory in (self.cleaning, self.killed, self.deleting):
             memory.discard(run_id)
         self.ended.pop(run_id, None)

@@ -14,9 +14,10 @@ What is kept, and who reads it:
   run), ``deletionTimestamp`` (a pod being deleted is no crash), ``ownerReferences``, and
   *all* ``labels`` and ``annotations`` — the run id, task id and trace context live
   there, and whatever else a restarted node must find on its runs' objects;
-* Jobs: ``spec.backoffLimit`` and ``status.conditions`` (type, status, reason, message) —
-  :mod:`~executors.kubernetes.observe`; the uid is also what makes the Job the token
-  Secret's owner (:func:`~executors.kubernetes.manifests.owner_patch`);
+* Jobs: ``spec.backoffLimit``, ``spec.suspend`` (held by Kueue) and ``status.conditions``
+  (type, status, reason, message) — :mod:`~executors.kubernetes.observe`; the uid is also
+  what makes the Job the token Secret's owner (:func:`~executors.kubernetes.manifests.owner_patch`);
+* Kueue Workloads: ``status.conditions`` — why a run waits for admission;
 * Pods: ``status.phase`` and ``status.message``, and per container ``name``, ``state`` and
   ``lastState`` — ``waiting`` (reason, message) and ``terminated`` (exitCode, reason,
   message, signal) — :mod:`~executors.kubernetes.observe`.
@@ -69,15 +70,28 @@ def slim_job(job: Json) -> Json:
     """A Job as the executor reads it (see the module docstring)."""
     slim: Json = {"metadata": _metadata(job.get("metadata"))}
     spec = job.get("spec")
-    if isinstance(spec, dict) and "backoffLimit" in spec:
-        slim["spec"] = {"backoffLimit": spec["backoffLimit"]}
-    status = job.get("status")
+    if isinstance(spec, dict):
+        kept = _pick(spec, ("backoffLimit", "suspend"))
+        if kept:
+            slim["spec"] = kept
+    _conditions(job, slim)
+    return slim
+
+
+def slim_workload(workload: Json) -> Json:
+    """A Kueue Workload as the executor reads it: whose it is, and its conditions."""
+    slim: Json = {"metadata": _metadata(workload.get("metadata"))}
+    _conditions(workload, slim)
+    return slim
+
+
+def _conditions(obj: Json, slim: Json) -> None:
+    status = obj.get("status")
     conditions = status.get("conditions") if isinstance(status, dict) else None
     if conditions:
         slim["status"] = {
             "conditions": [_pick(c, _CONDITION) for c in conditions if isinstance(c, dict)]
         }
-    return slim
 
 
 def slim_pod(pod: Json) -> Json:

@@ -389,3 +389,42 @@ def test_a_policy_differs_only_in_substance() -> None:
     assert problem.startswith("spec.egress is") and "0.0.0.0/0" in problem
     narrowed = {"spec": {**egress["spec"], "podSelector": {"matchLabels": {"run": "1"}}}}
     assert [p.split(" ")[0] for p in policy_differences(egress, narrowed)] == ["spec.podSelector"]
+
+
+# -- Kueue -----------------------------------------------------------------------------------
+
+
+def test_with_kueue_the_job_is_created_suspended_with_its_queue_and_priority_labels() -> None:
+    plain = job_for(spec(resources=Resources(gpus=1)))
+    assert "suspend" not in plain["spec"]
+    assert plain["metadata"]["labels"] == {"a": "b"}
+
+    settings = KubernetesSettings(kueue={"queue_name": "gpu-runs", "priority_class": "low"})
+    job = job_for(spec(resources=Resources(gpus=1)), settings)
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends it on admission; we never do
+    assert job["metadata"]["labels"] == {
+        "a": "b",
+        "kueue.x-k8s.io/queue-name": "gpu-runs",
+        "kueue.x-k8s.io/priority-class": "low",
+    }
+    # the pod's labels stay the run's (the runs' NetworkPolicies select on them)
+    assert job["spec"]["template"]["metadata"]["labels"] == {"a": "b"}
+    assert pod_of(job)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    without_priority = job_for(spec(), KubernetesSettings(kueue={"queue_name": "q"}))
+    assert "kueue.x-k8s.io/priority-class" not in without_priority["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("queue", ["", "Upper", "-dash", "a" * 64, "has space"])
+def test_a_queue_name_that_cannot_be_a_label_value_is_refused(queue: str) -> None:
+    with pytest.raises(ValidationError, match=r"kueue\.queue_name"):
+        KubernetesSettings.model_validate({"kueue": {"queue_name": queue}})
+
+
+def test_kueues_rule_lets_the_node_read_workloads_and_nothing_more() -> None:
+    assert not any(r["apiGroups"] == ["kueue.x-k8s.io"] for r in role_rules("n"))
+    (rule,) = [r for r in role_rules("n", kueue=True) if r["apiGroups"] == ["kueue.x-k8s.io"]]
+    assert rule == {
+        "apiGroups": ["kueue.x-k8s.io"],
+        "resources": ["workloads"],
+        "verbs": ["list", "watch"],
+    }

@@ -9,20 +9,58 @@ import pytest
 from common.types import Json
 from executors.events import RunEventStream
 from executors.kubernetes.informer import Change
+from executors.kubernetes.manifests import LABEL_KUEUE_QUEUE, job_name, run_of_job_name
 from executors.kubernetes.observe import observe
 from executors.kubernetes.tracker import RunTracker
 from executors.spec import Phase, Reason, RunEvent
 
+NODE = "node-a"
 
-def job(run_id: int = 1, *, conditions: list[Json] | None = None, backoff: int = 0) -> Json:
+
+def job(
+    run_id: int = 1,
+    *,
+    conditions: list[Json] | None = None,
+    backoff: int = 0,
+    suspend: bool | None = None,
+) -> Json:
+    spec: Json = {"backoffLimit": backoff}
+    if suspend is not None:
+        spec["suspend"] = suspend
     return {
         "metadata": {
-            "name": f"job-{run_id}",
+            "name": job_name(NODE, run_id),
             "resourceVersion": "1",
-            "labels": {"fednode.io/run-id": str(run_id), "fednode.io/task-id": "9"},
+            "labels": {
+                "fednode.io/run-id": str(run_id),
+                "fednode.io/task-id": "9",
+                LABEL_KUEUE_QUEUE: "gpu-runs",
+            },
         },
-        "spec": {"backoffLimit": backoff},
+        "spec": spec,
         "status": {"conditions": conditions or []},
+    }
+
+
+def workload(run_id: int, *, quota_message: str | None = None, owner: str | None = None) -> Json:
+    """Kueue's Workload of a run's Job (named and owned as Kueue does)."""
+    conditions = []
+    if quota_message is not None:
+        conditions.append(
+            {
+                "type": "QuotaReserved",
+                "status": "False",
+                "reason": "Pending",
+                "message": quota_message,
+            }
+        )
+    name = owner or job_name(NODE, run_id)
+    return {
+        "metadata": {
+            "name": f"job-{name}-1a2b3",
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name}],
+        },
+        "status": {"conditions": conditions},
     }
 
 
@@ -183,6 +221,7 @@ class Recorder:
             stream=self.stream,
             backoff_limit=0,
             delete_job=lambda run_id, why: self.deleted.append((run_id, why)),
+            run_of_job=lambda name: run_of_job_name(NODE, name),
         )
         self.tracker.release()
 
@@ -256,3 +295,63 @@ def test_after_cleanup_a_run_is_silent_and_forgotten_once_its_objects_are_gone()
     r.tracker.on_pod(Change.DELETED, pod(7))
     assert r.stream.phase_of(7) is None and 7 not in r.tracker.cleaning
     assert r.phases(7) == [Phase.STARTING, Phase.SUCCEEDED]
+
+
+# -- Kueue: a suspended Job waits, with Kueue's reason ---------------------------------------
+
+QUOTA = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu"
+
+
+def test_a_job_held_by_kueue_is_pending_with_kueues_reason_then_starts_when_admitted() -> None:
+    held = job(suspend=True)
+    assert observe(held, [], backoff_limit=0) == (
+        Phase.PENDING,
+        None,
+        None,
+        "waiting for Kueue admission in queue 'gpu-runs'",
+        False,
+    )
+    verdict = observe(held, [], backoff_limit=0, workload=workload(1, quota_message=QUOTA))
+    assert verdict.phase is Phase.PENDING
+    assert verdict.message == f"waiting for Kueue admission: {QUOTA}"
+    # admitted: Kueue unsuspends the Job; its pod then tells the phase as for any run
+    assert observe(job(suspend=False), [], backoff_limit=0).phase is Phase.STARTING
+    assert observe(job(suspend=False), [pod(phase="Running")], backoff_limit=0).phase is (
+        Phase.RUNNING
+    )
+    # a Job's end wins over its being suspended (Kueue may suspend a finished one)
+    done = job(suspend=True, conditions=[condition("Complete")])
+    assert observe(done, [], backoff_limit=0).phase is Phase.SUCCEEDED
+
+
+def test_the_tracker_files_workloads_under_their_jobs_run_and_reports_a_new_reason() -> None:
+    r = Recorder()
+    r.tracker.on_job(Change.ADDED, job(1, suspend=True))
+    r.tracker.on_workload(Change.ADDED, workload(1))
+    r.tracker.on_workload(Change.MODIFIED, workload(1, quota_message=QUOTA))
+    r.tracker.on_workload(Change.ADDED, workload(2, owner="someone-elses-job"))
+    r.tracker.on_workload(Change.ADDED, workload(3, owner=job_name("node-b", 3)))
+    r.tracker.on_job(Change.MODIFIED, job(1, suspend=False))
+    r.tracker.on_pod(Change.ADDED, pod(1, phase="Running"))
+    assert [(e.phase, e.message) for e in r.stream.passed] == [
+        (Phase.PENDING, "waiting for Kueue admission in queue 'gpu-runs'"),
+        (Phase.PENDING, f"waiting for Kueue admission: {QUOTA}"),
+        (Phase.STARTING, ""),
+        (Phase.RUNNING, ""),
+    ]
+    assert set(r.tracker.workloads) == {1}
+
+
+def test_a_run_killed_while_kueue_holds_it_ends_killed() -> None:
+    r = Recorder()
+    r.tracker.on_job(Change.ADDED, job(1, suspend=True))
+    r.tracker.killed.add(1)
+    r.tracker.on_job(Change.DELETED, job(1, suspend=True))
+    assert r.phases(1) == [Phase.PENDING, Phase.KILLED]
+
+
+def test_only_this_nodes_job_names_map_back_to_runs() -> None:
+    assert run_of_job_name(NODE, job_name(NODE, 42)) == 42
+    assert run_of_job_name(NODE, job_name("node-b", 42)) is None
+    assert run_of_job_name(NODE, "fednode-run-x-abc") is None
+    assert run_of_job_name(NODE, "other") is None

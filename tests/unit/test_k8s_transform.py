@@ -15,7 +15,12 @@ from executors.base import run_labels
 from executors.kubernetes.config import KubernetesSettings
 from executors.kubernetes.manifests import owner_patch, run_job
 from executors.kubernetes.observe import observe
-from executors.kubernetes.transform import slim_job, slim_pod, without_managed_fields
+from executors.kubernetes.transform import (
+    slim_job,
+    slim_pod,
+    slim_workload,
+    without_managed_fields,
+)
 from executors.spec import Resources, RunSpec
 
 MANAGED = [
@@ -27,7 +32,9 @@ MANAGED = [
 ]
 
 
-def whole_job(*, conditions: list[Json] | None = None) -> Json:
+def whole_job(
+    *, conditions: list[Json] | None = None, settings: KubernetesSettings | None = None
+) -> Json:
     """A Job as the API server sends it: the executor's manifest plus server fields."""
     spec = RunSpec(
         run_id=7,
@@ -42,7 +49,7 @@ def whole_job(*, conditions: list[Json] | None = None) -> Json:
     )
     job = run_job(
         spec,
-        settings=KubernetesSettings(),
+        settings=settings or KubernetesSettings(),
         namespace="runs",
         name="fednode-n-7",
         labels=run_labels(spec, node_name="n"),
@@ -268,3 +275,35 @@ def test_the_default_transform_drops_only_managed_fields() -> None:
     expected = copy.deepcopy(job)
     del expected["metadata"]["managedFields"]
     assert without_managed_fields(job) == expected
+
+
+def test_a_job_held_by_kueue_and_its_workload_are_judged_trimmed_as_whole() -> None:
+    job = whole_job(settings=KubernetesSettings(kueue={"queue_name": "gpu-runs"}))
+    workload: Json = {
+        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "kind": "Workload",
+        "metadata": {
+            "name": "job-fednode-n-7-1a2b3",
+            "ownerReferences": [{"kind": "Job", "name": "fednode-n-7", "uid": "4a0c-uid"}],
+            "managedFields": MANAGED,
+        },
+        "spec": {"podSets": [{"name": "main", "count": 1, "template": job["spec"]["template"]}]},
+        "status": {
+            "conditions": [
+                {
+                    "type": "QuotaReserved",
+                    "status": "False",
+                    "reason": "Pending",
+                    "message": "insufficient unused quota for nvidia.com/gpu",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
+            ]
+        },
+    }
+    whole = observe(job, [], backoff_limit=0, workload=workload)
+    slim = slim_workload(copy.deepcopy(workload))
+    trimmed = observe(slim_job(copy.deepcopy(job)), [], backoff_limit=0, workload=slim)
+    assert trimmed == whole
+    assert whole.message.endswith("insufficient unused quota for nvidia.com/gpu")
+    assert "spec" not in slim
+    assert slim["metadata"]["ownerReferences"] == workload["metadata"]["ownerReferences"]

@@ -78,3 +78,18 @@ def test_a_verdict_is_published_as_the_event_that_reports_it() -> None:
         3,
         "the algorithm exited with code 3",
     )
+
+
+async def test_a_queued_run_is_reported_pending_again_only_when_its_reason_changes() -> None:
+    stream = RunEventStream()
+    assert stream.publish(RunEvent.now(1, Phase.PENDING, message="waiting in queue 'runs'"))
+    assert not stream.publish(RunEvent.now(1, Phase.PENDING, message="waiting in queue 'runs'"))
+    assert stream.publish(RunEvent.now(1, Phase.PENDING, message="insufficient quota"))
+    assert stream.publish(RunEvent.now(1, Phase.STARTING))
+    assert not stream.publish(RunEvent.now(1, Phase.PENDING, message="preempted"))  # no way back
+    events = await take(stream, 3)
+    assert [(e.phase, e.message) for e in events] == [
+        (Phase.PENDING, "waiting in queue 'runs'"),
+        (Phase.PENDING, "insufficient quota"),
+        (Phase.STARTING, ""),
+    ]
