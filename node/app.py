@@ -54,6 +54,9 @@ from proxy import ProxyLimits, ProxyServer, RunTable, make_proxy_app
 
 log = get_logger(__name__)
 
+#: How many waiting runs ``/status`` names with their reason (the count is always whole).
+STATUS_WAITING_SHOWN = 20
+
 
 class NodeStartError(Exception):
     """The node cannot start with this configuration against this server."""
@@ -265,6 +268,7 @@ class Node:
         if state.services is not None and state.services.failure is not None:
             missing.append(str(state.services.failure))
         identity = state.identity
+        waiting = state.lifecycle.waiting() if state.lifecycle else {}
         return {
             "ready": not missing,
             "missing": missing,
@@ -275,6 +279,9 @@ class Node:
             "collaboration_id": identity.collaboration_id if identity else None,
             "encrypted": identity.encrypted if identity else None,
             "runs_in_flight": state.lifecycle.in_flight if state.lifecycle else 0,
+            # Runs the runtime's queue holds (Kueue): how many, and why (the first few).
+            "runs_waiting": len(waiting),
+            "waiting": dict(list(waiting.items())[:STATUS_WAITING_SHOWN]),
         }
 
     async def _connect(self, server: ServerClient, stop: asyncio.Event) -> NodeIdentity | None:

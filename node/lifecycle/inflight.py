@@ -5,7 +5,8 @@ objects (labels, annotations), and :mod:`node.lifecycle.reconcile` rebuilds this
 from them after a restart. What it holds is what the node needs between two events:
 
 * one :class:`RunInFlight` per run taken, from the server's event to its upload: its trace
-  span, whether it holds a slot, whether a kill was asked for, its container token;
+  span, whether it holds a slot, whether a kill was asked for, its container token, and
+  why it waits while a queue of the runtime holds it (Kueue: :meth:`InFlight.observe`);
 * the slots (``max_concurrent_runs``, FIFO: runs wait in order, many start at once), one
   set for runs of top-level tasks and one for runs of subtasks: a central run waits for
   its subtasks while it holds its slot, so with one set for both, as many central runs as
@@ -34,6 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from executors.memory import GoneRuns
+from executors.spec import Phase, RunEvent
 from node.lifecycle.spec import LifecycleConfig
 from node.metrics import NodeMetrics, Occupancy
 from node.server.models import Run, RunStatus
@@ -64,6 +66,9 @@ class RunInFlight:
     #: The server already holds the run's final status (its result uploaded before the
     #: node died, or killed by its user): its end is not uploaded again, only cleaned up.
     ended_on_server: bool = False
+    #: Why the runtime holds the run before starting it (e.g. waiting for Kueue's
+    #: admission under quota); ``None`` once it is admitted, or if it never waited.
+    waiting: str | None = None
     #: For the operator (``fednode runs``): when the node took the run, and the last phase
     #: its executor reported (``received`` until the first event).
     received_at: float = field(default_factory=time.time)
@@ -169,6 +174,28 @@ class InFlight:
         if origin is None and task.parent is not None:
             self._origins.wait_for(task.id, span)
         return record
+
+    # -- what the runtime says before the end ------------------------------------------------
+
+    def observe(self, event: RunEvent) -> None:
+        """A run waiting in the runtime's queue (``pending``, with why), or let through: shown
+        in ``fednode status`` (:meth:`waiting`) and as events on the run's span."""
+        record = self.runs.get(event.run_id)
+        if record is None:
+            return
+        if event.phase is Phase.PENDING:
+            record.waiting = event.message or "waiting in the runtime's queue"
+            record.span.set_attribute("fednode.waiting", record.waiting)
+            record.span.add_event("waiting", {"fednode.reason": record.waiting})
+        elif record.waiting is not None:
+            record.waiting = None
+            # admitted (starting, running), or ended while it waited (killed)
+            name = "waiting.ended" if event.phase.is_terminal else "admitted"
+            record.span.add_event(name, {"fednode.phase": event.phase.value})
+
+    def waiting(self) -> dict[int, str]:
+        """The runs the runtime holds before starting them, with why."""
+        return {r.run_id: r.waiting for r in self.runs.values() if r.waiting is not None}
 
     # -- slots ------------------------------------------------------------------------------
 

@@ -142,6 +142,7 @@ class RunLifecycle:
 
     async def consume_executor_events(self) -> None:
         async for event in self._executor.events():
+            self._inflight.observe(event)
             self._finisher.on_run_event(event)
 
     # -- server events ------------------------------------------------------------------
@@ -252,3 +253,7 @@ class RunLifecycle:
     def occupancy(self, *, server_reconnects: int = 0) -> Occupancy:
         """Runs in flight, waiting and holding slots: what the metrics' gauges show."""
         return self._inflight.occupancy(server_reconnects=server_reconnects)
+
+    def waiting(self) -> dict[int, str]:
+        """Runs the runtime holds in its queue (Kueue), with why they wait."""
+        return self._inflight.waiting()
