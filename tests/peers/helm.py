@@ -99,6 +99,7 @@ FULL_VALUES: dict[str, Any] = {
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "typeLabel": "nvidia.com/gpu.product",
         },
+        "kueue": {"queueName": "gpu-runs", "priorityClass": "research"},
         "networkPolicies": True,
         "admissionPolicy": True,
         "requireRestrictedNamespace": True,

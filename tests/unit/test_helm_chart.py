@@ -455,6 +455,12 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert executor.gpu_resource_name == "amd.com/gpu"
     assert executor.gpu_type_label == "nvidia.com/gpu.product"
     assert executor.priority_class_name == "low"
+    assert executor.kueue is not None
+    assert (executor.kueue.queue_name, executor.kueue.priority_class) == ("gpu-runs", "research")
+    role = one(objects, "Role")
+    assert role["rules"] == role_rules(
+        "hospital-a", proxy_service=executor.proxy_service, kueue=True
+    )
     assert executor.image_pull_secrets == ["regcred"]
     assert executor.proxy_port == 8654
     assert {label: v.model_dump(exclude_none=True) for label, v in executor.databases.items()} == {
