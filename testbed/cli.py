@@ -32,6 +32,10 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also build kubelet, kube-proxy, Cilium and CoreDNS (or FEDNODE_REAL_WORKER=1)",
     )
+    p_kueue = sub.add_parser(
+        "build-kueue", help="build (or reuse) Kueue from its Go module (scripts/kueue-setup)"
+    )
+    p_kueue.add_argument("--jobs", "-p", type=int, default=2, help="go build -p (default 2)")
     p_up = sub.add_parser("up", help="start the testbed (no-op when it is up and healthy)")
     p_up.add_argument(
         "--real-worker",
@@ -40,11 +44,20 @@ def parser() -> argparse.ArgumentParser:
         "kwok nodes (or FEDNODE_REAL_WORKER=1)",
     )
     p_up.add_argument(
+        "--kueue",
+        action="store_true",
+        help="also run Kueue's controller-manager (scripts/kueue-setup builds it); "
+        "no-op when it is up",
+    )
+    p_up.add_argument(
         "--keep-on-failure",
         action="store_true",
         help="leave the processes running when start-up fails (to debug)",
     )
     sub.add_parser("down", help="stop everything and wipe the run state (keeps binaries)")
+    sub.add_parser(
+        "kueue-down", help="remove Kueue's webhooks and stop it (the testbed keeps running)"
+    )
     sub.add_parser("status", help="health of each component; exit 0 when all are healthy")
     sub.add_parser("env", help="print `export KUBECONFIG=...`")
     p_import = sub.add_parser(
@@ -77,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         build(jobs=args.jobs, real_worker=args.real_worker or wanted_from_env())
         return 0
+    if args.command == "build-kueue":
+        from testbed import kueue
+
+        kueue.build(jobs=args.jobs)
+        return 0
     try:
         from testbed import cluster
     except ImportError as error:
@@ -86,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) from error
     if args.command == "up":
         cluster.up(real_worker=args.real_worker, keep_on_failure=args.keep_on_failure)
+        if args.kueue:
+            cluster.kueue_up()
+    elif args.command == "kueue-down":
+        cluster.kueue_down()
     elif args.command == "down":
         cluster.down()
     elif args.command == "status":

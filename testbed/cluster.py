@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from testbed import controlplane
+from testbed import controlplane, kueue
 from testbed.console import fail, human, log
 from testbed.kwok import kwok_argv, kwok_nodes, kwok_stages
 from testbed.layout import (
@@ -62,6 +62,8 @@ def healthy_report(*, worker_too: bool = True) -> Report:
         report.append(("kwok nodes", not problems, "; ".join(problems) or "4 Ready"))
     if worker_too and worker_layout.enabled():
         report += worker.health_report()
+    if read_pid(kueue.component()) is not None:  # only when someone started it
+        report += health_report([kueue.component()])
     return report
 
 
@@ -174,6 +176,7 @@ def teardown(*, keep_logs: bool = False) -> None:
     """Stop the worker and the control plane; wipe the run state (or all of it but logs)."""
     if worker_layout.enabled() or any(read_pid(c) is not None for c in worker_components()):
         worker.teardown()
+    stop(kueue.component())  # if it runs: it would only retry a gone API server
     for component in reversed(controlplane.components()):
         stop(component)
     if not RUN_DIR.exists():
@@ -187,6 +190,17 @@ def teardown(*, keep_logs: bool = False) -> None:
                     child.unlink(missing_ok=True)
     else:
         shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
+def kueue_up() -> bool:
+    """Start Kueue against the running testbed (no-op when up); whether it started now."""
+    with run_lock():
+        return kueue.up()
+
+
+def kueue_down() -> None:
+    with run_lock():
+        kueue.down()
 
 
 def down() -> None:

@@ -8,6 +8,7 @@ reason; nothing is mocked.
 
 pytest_plugins = [
     "tests.peers.kubernetes",
+    "tests.peers.kueue",
     "tests.peers.podman",
     "tests.peers.postgres",
     "tests.peers.registry",

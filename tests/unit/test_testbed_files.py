@@ -8,7 +8,10 @@ through every stage); these catch a broken template in seconds, without a cluste
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from testbed import kwok
@@ -89,3 +92,47 @@ def test_the_manifests_point_the_kubernetes_service_at_the_relay_and_dns_at_the_
     assert pod["tolerations"] == [REAL_TOLERATION]
     assert pod["containers"][0]["image"] == COREDNS_IMAGE
     assert dns["ConfigMap"]["data"]["Corefile"].startswith("cluster.local:53 {\n")
+
+
+def test_kueues_webhooks_are_called_at_its_local_url_and_its_job_hooks_only_in_marked_namespaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testbed import kueue
+
+    (tmp_path / "ca.crt").write_bytes(b"the testbed CA")
+    monkeypatch.setattr(kueue, "PKI", tmp_path)
+
+    def hook(name: str, group: str, resource: str) -> dict[str, Any]:
+        path = f"/mutate-{name}"
+        rule = {"apiGroups": [group], "resources": [resource], "operations": ["CREATE"]}
+        service = {"name": "webhook-service", "namespace": "system", "path": path}
+        return {"name": name, "clientConfig": {"service": service}, "rules": [rule]}
+
+    manifests = [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "mutating-webhook-configuration"},
+            "webhooks": [
+                hook("mjob.kb.io", "batch", "jobs"),
+                hook("mpod.kb.io", "", "pods"),  # the pod integration is off
+                hook("mworkload.kb.io", "kueue.x-k8s.io", "workloads"),
+            ],
+        }
+    ]
+    (config,) = kueue.webhook_configurations(manifests)
+    assert config["metadata"] == {"name": "fednode-testbed-kueue-mutating"}
+    hooks = {h["name"]: h for h in config["webhooks"]}
+    assert set(hooks) == {"mjob.kb.io", "mworkload.kb.io"}
+    assert hooks["mjob.kb.io"]["clientConfig"] == {
+        "url": f"https://127.0.0.1:{kueue.WEBHOOK_PORT}/mutate-mjob.kb.io",
+        "caBundle": "dGhlIHRlc3RiZWQgQ0E=",
+    }
+    assert hooks["mjob.kb.io"]["namespaceSelector"] == {
+        "matchLabels": {kueue.NAMESPACE_LABEL: "true"}
+    }
+    assert "namespaceSelector" not in hooks["mworkload.kb.io"]  # only Kueue's own objects
+    assert (
+        kueue.config()["managedJobsNamespaceSelector"] == hooks["mjob.kb.io"]["namespaceSelector"]
+    )
+    assert len({kueue.WEBHOOK_PORT, kueue.HEALTH_PORT, *PORTS.values()}) == len(PORTS) + 2
