@@ -37,6 +37,21 @@ IDENTITY = NodeIdentity(
 )
 
 
+def lifecycle_config(task_dir: Path, **fields: Any) -> LifecycleConfig:
+    """A node's lifecycle settings for unit tests (no proxy, 4 slots, 60 s deadline)."""
+    values: dict[str, Any] = {
+        "identity": IDENTITY,
+        "databases": (),
+        "proxy": None,
+        "max_concurrent_runs": 4,
+        "deadline_seconds": 60,
+        "executor_kind": "memory",
+        "task_dir": task_dir,
+        **fields,
+    }
+    return LifecycleConfig(**values)
+
+
 def behaviour(**fields: Any) -> bytes:
     """The input of a probe run (``exit_code``, ``sleep``, ``output``, ``log``)."""
     return json.dumps(fields).encode()

@@ -11,9 +11,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from executors.spec import Phase, Reason, RunEvent
 from node.lifecycle.inflight import InFlight
-from node.lifecycle.spec import LifecycleConfig
 from node.server.models import Run, RunStatus
-from tests.unit.lifecycle_node import IDENTITY
+from tests.unit.lifecycle_node import lifecycle_config
 
 QUOTA = "waiting for Kueue admission: insufficient unused quota for nvidia.com/gpu"
 
@@ -22,15 +21,7 @@ def test_a_queued_run_shows_why_it_waits_until_it_is_admitted(tmp_path: Path) ->
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    config = LifecycleConfig(
-        identity=IDENTITY,
-        databases=(),
-        proxy=None,
-        max_concurrent_runs=4,
-        deadline_seconds=60,
-        executor_kind="kubernetes",
-        task_dir=tmp_path,
-    )
+    config = lifecycle_config(tmp_path, executor_kind="kubernetes")
     inflight = InFlight(config=config, tracer=provider.get_tracer("test"), proxy_runs=None)
     records = {
         run_id: inflight.remember(
