@@ -13,9 +13,12 @@ prove that against the real Kueue controller-manager, not a stand-in.
   metrics, and its webhook server on ``127.0.0.1`` — serving the testbed's own serving
   certificate (SAN 127.0.0.1, signed by the testbed CA), so Kueue's internal certificate
   management (which writes a Secret for an in-cluster Service and patches the webhook
-  configurations) is off and cert-manager is not needed. The webhook configurations are
-  Kueue's own, pointed at that URL instead of a Service: the Kueue kinds' (defaulting and
-  validation of ClusterQueues, Workloads, ...) and batch Jobs', the latter limited to
+  configurations) is off and cert-manager is not needed. (kueue v0.14 then reads a metrics
+  certificate from the fixed path :data:`METRICS_CERTS`, even with metrics off: the same
+  certificate is copied there, so ``up`` needs to write under ``/etc``.) The webhook
+  configurations are Kueue's own, pointed at that URL instead of a Service: the Kueue
+  kinds' (defaulting and validation of ClusterQueues, Workloads, ...) and batch Jobs', the
+  latter limited to
   namespaces labelled :data:`NAMESPACE_LABEL`, so nobody else's Jobs on the shared
   testbed ever pass through Kueue (nor fail when it is stopped). The webhooks of
   integrations that are off (pods, JobSets, Ray, ...) are left out. The on-demand
@@ -52,6 +55,9 @@ HEALTH_PORT = PORTS["kwok"] + 11
 #: Only Jobs in namespaces with this label go through Kueue's Job webhooks.
 NAMESPACE_LABEL = "fednode.test/kueue"
 WEBHOOK_NAME = "fednode-testbed-kueue"
+#: Without internal certificate management, kueue v0.14 reads its metrics server's
+#: certificate from this fixed path even when metrics are off (cmd/kueue/main.go).
+METRICS_CERTS = Path("/etc/kueue/metrics/certs")
 FEATURE_GATES = "VisibilityOnDemand=false,MultiKueue=false"
 _CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 _WEBHOOK_KINDS = {
@@ -262,10 +268,13 @@ def up() -> bool:
     except urllib.error.HTTPError as error:
         if error.code != 409:
             raise
-    certs = RUN / "certs"
-    certs.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PKI / "serving.crt", certs / "tls.crt")
-    shutil.copy(PKI / "serving.key", certs / "tls.key")
+    for certs in (RUN / "certs", METRICS_CERTS):
+        try:
+            certs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(PKI / "serving.crt", certs / "tls.crt")
+            shutil.copy(PKI / "serving.key", certs / "tls.key")
+        except OSError as error:
+            raise fail(f"cannot write Kueue's certificates to {certs}: {error}") from error
     (RUN / "config.yaml").write_text(yaml.safe_dump(config(), sort_keys=False))
     start_healthy(kueue)
     install_webhooks()
