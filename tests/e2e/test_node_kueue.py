@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes_asyncio import client
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -54,9 +55,16 @@ async def test_a_run_kueue_cannot_admit_shows_waiting_with_why_and_its_kill_reac
     queue = await kueue_quotas.local_queue(kueue_namespace, "runs", cluster_queue=small)
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()
-    health = free_port()
+    health, proxy = free_port(), free_port()
     async with k8s_testbed.api_client() as admin, task_volume(admin, kueue_namespace):
-        await chart_network_policies(admin, kueue_namespace, name)
+        await chart_network_policies(admin, kueue_namespace, name, proxy_port=proxy)
+        await client.CoreV1Api(admin).create_namespaced_config_map(
+            kueue_namespace,
+            client.V1ConfigMap(
+                metadata=client.V1ObjectMeta(name="database-default"),
+                data={CSV.name: CSV.read_text()},
+            ),
+        )
         kubeconfig = await k8s_testbed.service_account_kubeconfig(
             kueue_namespace, rules=role_rules(name, kueue=True)
         )
@@ -73,10 +81,12 @@ async def test_a_run_kueue_cannot_admit_shows_waiting_with_why_and_its_kill_reac
                 "kubeconfig": kubeconfig,
                 "namespace": kueue_namespace,
                 "proxy_namespace": kueue_namespace,
+                "proxy_port": proxy,
+                "databases": {"default": {"config_map": "database-default"}},
                 "kueue": {"queue_name": queue},
             },
             "health": {"port": health},
-            "proxy": {"port": free_port()},
+            "proxy": {"port": proxy},
             # every run asks for 1 CPU; the ClusterQueue has 0.5
             "policies": {"resources": {"default_cpu": 1.0}},
         }

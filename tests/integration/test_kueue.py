@@ -128,7 +128,7 @@ async def test_a_second_nodes_queue_in_the_same_cohort_borrows_idle_gpu_quota(
                 timeout=90,
                 what="both runs of the borrowing queue running",
             )
-            usage = await kueue_quotas.cluster_queue_status(borrower)
+            workloads = await kueue_quotas.workloads(second)
             await log.wait_terminal([1, 2], timeout=90)
     finally:
         await k8s_testbed.delete_namespace(first)
@@ -136,12 +136,12 @@ async def test_a_second_nodes_queue_in_the_same_cohort_borrows_idle_gpu_quota(
 
     assert admitted_at_once(log, [1, 2]) == 2  # on a queue whose own GPU quota is 0
     assert [log.terminal(r).phase for r in (1, 2)] == [Phase.SUCCEEDED] * 2  # type: ignore[union-attr]
-    borrowed = {
-        resource["name"]: resource.get("borrowed")
-        for flavour in usage.get("flavorsUsage") or []
-        for resource in flavour.get("resources") or []
-    }
-    assert borrowed.get("nvidia.com/gpu") == "2", usage
+    # both admitted at once through the borrower's queue, one GPU each (none of its own)
+    admissions = [w["status"].get("admission") or {} for w in workloads]
+    assert [a.get("clusterQueue") for a in admissions] == [borrower, borrower], workloads
+    assert all(
+        a["podSetAssignments"][0]["resourceUsage"]["nvidia.com/gpu"] == "1" for a in admissions
+    )
 
 
 async def test_a_run_larger_than_any_quota_waits_with_kueues_reason_and_can_be_killed(

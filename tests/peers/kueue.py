@@ -128,12 +128,6 @@ class KueueQuotas:
         )
         return name
 
-    async def cluster_queue_status(self, name: str) -> dict[str, Any]:
-        found: dict[str, Any] = await self._objects.get_cluster_custom_object(
-            GROUP, VERSION, "clusterqueues", name
-        )
-        return dict(found.get("status") or {})
-
     async def workloads(self, namespace: str) -> list[dict[str, Any]]:
         listed = await self._objects.list_namespaced_custom_object(
             GROUP, VERSION, namespace, "workloads"
