@@ -459,7 +459,10 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert (executor.kueue.queue_name, executor.kueue.priority_class) == ("gpu-runs", "research")
     role = one(objects, "Role")
     assert role["rules"] == role_rules(
-        "hospital-a", proxy_service=executor.proxy_service, kueue=True
+        "hospital-a",
+        proxy_service=executor.proxy_service,
+        databases=sorted(executor.database_egress),
+        kueue=True,
     )
     assert executor.image_pull_secrets == ["regcred"]
     assert executor.proxy_port == 8654
