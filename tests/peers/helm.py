@@ -128,7 +128,11 @@ FULL_VALUES: dict[str, Any] = {
         "namespaceDefaultDeny": True,
         "dns": {"namespace": "dns-system", "podSelector": {"k8s-app": "coredns"}},
         "server": {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [5000]},
-        "apiServer": {"to": [{"ipBlock": {"cidr": "198.51.100.1/32"}}], "ports": [6443]},
+        "apiServer": {
+            "to": [{"ipBlock": {"cidr": "198.51.100.1/32"}}],
+            "ports": [6443],
+            "cilium": "never",
+        },
         "otlp": {
             "to": [
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracing"}}}

@@ -410,6 +410,47 @@ def test_the_node_network_policy_lets_in_its_runs_and_out_dns_api_server_and_ser
         "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
     }
     assert server["ports"] == [{"port": 443, "protocol": "TCP"}]
+    # no Cilium here (helm template knows only the built-in APIs): no CiliumNetworkPolicy
+    assert not [o for o in objects if o["kind"] == "CiliumNetworkPolicy"]
+
+
+@pytest.mark.helm
+def test_under_cilium_the_node_pod_also_gets_egress_to_the_api_server_entity(
+    tmp_path: Path,
+) -> None:
+    """Cilium gives the API server an identity no ipBlock selects: without this policy the
+    node pod's requests to it time out and the node cannot start (seen on the testbed's
+    real worker, tests/e2e/test_helm_real_worker.py)."""
+    values = merged(REQUIRED_VALUES, {"networkPolicy": {"apiServer": {"ports": [16443]}}})
+    result = helm(
+        "template",
+        "fn",
+        str(CHART),
+        "--namespace",
+        "fednode-system",
+        "--api-versions",
+        "cilium.io/v2/CiliumNetworkPolicy",
+        values=values,
+        tmp=tmp_path,
+    )
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    never = merged(values, {"networkPolicy": {"apiServer": {"cilium": "never"}}})
+    always = merged(REQUIRED_VALUES, {"networkPolicy": {"apiServer": {"cilium": "always"}}})
+
+    policy = one(objects, "CiliumNetworkPolicy", "fn-fednode-node-apiserver")
+    assert policy["apiVersion"] == "cilium.io/v2"
+    assert policy["metadata"]["namespace"] == "fednode"
+    assert policy["spec"]["endpointSelector"]["matchLabels"] == node_policy(objects)["spec"][
+        "podSelector"
+    ]["matchLabels"]
+    assert policy["spec"]["egress"] == [
+        {
+            "toEntities": ["kube-apiserver"],
+            "toPorts": [{"ports": [{"port": "16443", "protocol": "TCP"}]}],
+        }
+    ]
+    assert not [o for o in render(never, tmp_path) if o["kind"] == "CiliumNetworkPolicy"]
+    assert [o["kind"] for o in render(always, tmp_path)].count("CiliumNetworkPolicy") == 1
 
 
 # -- every option -------------------------------------------------------------------------
