@@ -388,6 +388,12 @@ class KubernetesExecutor:
                     f"namespace {ns!r} does not exist; the chart (or the operator) creates it, "
                     "labelled pod-security.kubernetes.io/enforce=restricted"
                 ) from error
+            if error.status == 0:  # the node's first request: no answer at all
+                raise ExecutorError(
+                    f"cannot reach the Kubernetes API server ({error}); is the node's egress "
+                    "to it allowed? (the chart: networkPolicy.apiServer; under Cilium also "
+                    "networkPolicy.apiServer.cilium)"
+                ) from error
             if error.status == 403 and not settings.require_restricted_namespace:
                 log.warning("k8s.namespace_unverified", namespace=ns, error=str(error))
                 return

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -676,6 +677,39 @@ async def test_open_refuses_a_namespace_that_does_not_enforce_restricted(
             await executor.open()
     finally:
         await k8s_testbed.delete_namespace(namespace)
+
+
+async def test_open_says_the_api_server_is_unreachable_not_that_a_right_is_missing(
+    k8s_namespace: str,
+    role_kubeconfig: Path,
+    task_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """What a NetworkPolicy that blocks the node's egress to the API server looks like (the
+    chart's under Cilium, before networkPolicy.apiServer.cilium): connections that are never
+    answered. The node used to advise granting `get namespaces`, a right it had."""
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = yaml.safe_load(role_kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
+    blackholed = tmp_path / "blackholed.kubeconfig"
+    blackholed.write_text(yaml.safe_dump(config))
+    executor = KubernetesExecutor(
+        settings_for(k8s_namespace, blackholed, request_timeout_seconds=2),
+        context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+    )
+    async with server:
+        with pytest.raises(ExecutorError) as refused:
+            await executor.open()
+
+    assert "cannot reach the Kubernetes API server" in str(refused.value)
+    assert "networkPolicy.apiServer" in str(refused.value)
+    assert "grant" not in str(refused.value)
 
 
 # -- restarts -------------------------------------------------------------------------------
