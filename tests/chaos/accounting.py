@@ -1,21 +1,23 @@
 """The campaign's verdict, from the server's records and the runtime's own.
 
 Nothing here trusts the node's word. The server says what each run ended as (status,
-result, ``finished_at``) and which tasks a central run created; podman's event log says
-how many containers were created for each run (``podman events``, ``create`` events by the
-run-id label, since the campaign began); the task directory and ``podman ps`` say what is
-left behind. The node's own log is read for one thing only: how many times it reported a
+result, ``finished_at``) and which tasks a central run created; the runtime says how many
+of its objects each run got: podman's event log the containers (``podman events``,
+``create`` events by the run-id label, since the campaign began), on Kubernetes a watch
+the Jobs and pods (their UIDs by the run-id label); the task directory and the runtime's
+listing (``podman ps``; the node's Jobs, pods, Secrets and NetworkPolicies after ``helm
+uninstall``) say what is left behind. The node's own log is read for one thing only: how many times it reported a
 run finished (``run.finished`` events), so a result uploaded twice shows.
 
 Definitions (per run of the campaign's tasks and of the subtasks central runs created):
 
 * **lost**: ended, but not as its kind must (e.g. ``unknown error`` instead of
   ``completed``, or completed without the expected result);
-* **duplicated**: more than one container created for it, reported finished more than
-  once, or (central runs) more than one subtask created;
+* **duplicated**: more than one container (Job, pod) created for it, reported finished
+  more than once, or (central runs) more than one subtask created;
 * **stuck**: not ended when the campaign's settling time ran out;
-* **left behind**: containers still there, or run directories (with the decrypted input)
-  still on disk, after the node stopped.
+* **left behind**: containers (Jobs, pods, Secrets, run NetworkPolicies) still there, or
+  run directories (with the decrypted input) still on disk, after the node stopped.
 
 Counted apart, and not a failure of the campaign: a central run that ``crashed`` because
 the node's proxy was down while the node was (a ``ConnectionError`` to the proxy in its
@@ -51,6 +53,9 @@ class Faults:
     node_kills: int = 0
     server_restarts: int = 0
     podman_restarts: int = 0
+    #: The node deployed by the Helm chart: its pod force-deleted (grace period 0).
+    node_pod_deletions: int = 0
+    runtime: str = "podman"
 
 
 @dataclass
@@ -70,10 +75,18 @@ class Verdict:
         return not (self.lost or self.duplicated or self.stuck or self.left_behind)
 
     def table(self) -> str:
-        rows = [
-            ("faults: node SIGKILLs", self.faults.node_kills),
-            ("faults: server restarts", self.faults.server_restarts),
-            ("faults: podman service restarts", self.faults.podman_restarts),
+        if self.faults.runtime == "kubernetes":
+            rows = [
+                ("faults: node pod force-deletions", self.faults.node_pod_deletions),
+                ("faults: server restarts", self.faults.server_restarts),
+            ]
+        else:
+            rows = [
+                ("faults: node SIGKILLs", self.faults.node_kills),
+                ("faults: server restarts", self.faults.server_restarts),
+                ("faults: podman service restarts", self.faults.podman_restarts),
+            ]
+        rows += [
             ("runs", self.runs),
             ("lost", len(self.lost)),
             ("duplicated", len(self.duplicated)),
@@ -172,9 +185,9 @@ def judge(
     planned: list[PlannedTask],
     tasks: Iterable[dict[str, Any]],
     runs: Iterable[dict[str, Any]],
-    creates: Counter[int],
+    creates: dict[str, Counter[int]],
     node_log: NodeLog,
-    containers_left: list[str],
+    objects_left: list[str],
     run_dirs_left: list[Path],
 ) -> Verdict:
     verdict = Verdict(faults)
@@ -211,8 +224,9 @@ def judge(
                 verdict.lost.append(problem)
         elif result is not None and decoded_result(run) != result:
             verdict.lost.append(f"{label}: result {decoded_result(run)!r}, expected {result!r}")
-        if creates[run_id] > 1:
-            verdict.duplicated.append(f"{label}: {creates[run_id]} containers created")
+        for what, counts in creates.items():
+            if counts[run_id] > 1:
+                verdict.duplicated.append(f"{label}: {counts[run_id]} {what} created")
         if node_log.reports[run_id] > 1:
             verdict.duplicated.append(
                 f"{label}: reported finished {node_log.reports[run_id]} times"
@@ -241,7 +255,7 @@ def judge(
             check(subtask, "subtask", "completed", {"sum": A_SUM, "count": A_COUNT})
         if not subtasks and runs_of.get(task.task_id, [{}])[0].get("status") == "completed":
             verdict.lost.append(f"central task {task.task_id}: completed without a subtask")
-    verdict.left_behind += [f"container {name}" for name in containers_left]
+    verdict.left_behind += list(objects_left)
     verdict.left_behind += [
         f"run directory {path}" + (" with its input" if (path / "input").exists() else "")
         for path in run_dirs_left

@@ -67,15 +67,21 @@ class CampaignConfig:
 
 
 @dataclass
-class _Peers:
+class Researcher:
+    """The server's side of a campaign: its collaboration and the user who sends tasks."""
+
     server: V6Server
     collab: V6Collaboration
-    podman: PodmanServiceProcess
-    node: NodeProcess
-    node_name: str
-    task_dir: Path
     api: UserApi
     user_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class _Peers(Researcher):
+    podman: PodmanServiceProcess = field(kw_only=True)
+    node: NodeProcess = field(kw_only=True)
+    node_name: str = field(kw_only=True)
+    task_dir: Path = field(kw_only=True)
 
 
 async def run_campaign(config: CampaignConfig, *, say: Say = print) -> Verdict:
@@ -151,7 +157,9 @@ async def _campaign(
     api = UserApi(
         api_url=server.api_url, username=server.root_username, password=server.root_password
     )
-    peers = _Peers(server, collab, podman, node, node_name, task_dir, api)
+    peers = _Peers(
+        server, collab, api, podman=podman, node=node, node_name=node_name, task_dir=task_dir
+    )
     planned = plan(
         rng,
         tasks=config.tasks,
@@ -169,24 +177,20 @@ async def _campaign(
     try:
         fed = asyncio.Event()
         await asyncio.gather(
-            _feed(peers, planned, rng, pace=pace, say=say, done=fed),
+            feed(peers, planned, rng, pace=pace, say=say, done=fed),
             _faults(peers, config, fault_rng, faults, say=say, feeding=fed),
         )
         node.start()
         say(f"chaos: faults done ({faults}); settling for up to {config.settle_seconds:.0f} s")
-        await _settle(peers, timeout=config.settle_seconds, say=say)
+        await settle(peers, timeout=config.settle_seconds, say=say)
     finally:
         node.start()
         await _until_idle(node, timeout=60)
         code = node.stop()
         say(f"chaos: node stopped cleanly (exit {code})")
         await asyncio.to_thread(_remove_network, podman, network)
-    runs = await _all(peers, "run")
-    results = {int(r["id"]): r.get("result") for r in await _all(peers, "result")}
-    for run in runs:  # the run listing leaves results out; /result has them
-        run["result"] = results.get(int(run["id"]))
-    tasks = await _all(peers, "task")
-    creates = await asyncio.to_thread(_container_creates, node_name, began)
+    runs, tasks = await server_records(peers)
+    creates = {"containers": await asyncio.to_thread(_container_creates, node_name, began)}
     containers_left = await asyncio.to_thread(_containers_left, podman, node_name)
     run_dirs_left = sorted(task_dir.glob("run-*")) if task_dir.exists() else []
     return judge(
@@ -196,13 +200,13 @@ async def _campaign(
         runs=runs,
         creates=creates,
         node_log=read_node_log(node.log_path),
-        containers_left=containers_left,
+        objects_left=[f"container {name}" for name in containers_left],
         run_dirs_left=run_dirs_left,
     )
 
 
-async def _feed(
-    peers: _Peers,
+async def feed(
+    peers: Researcher,
     planned: list[PlannedTask],
     rng: random.Random,
     *,
@@ -232,7 +236,7 @@ async def _feed(
     await asyncio.gather(*killers)
 
 
-async def _kill_later(peers: _Peers, task_id: int, delay: float) -> None:
+async def _kill_later(peers: Researcher, task_id: int, delay: float) -> None:
     await asyncio.sleep(delay)
     async with peers.user_lock:
         await asyncio.to_thread(peers.api.kill_task, task_id)
@@ -277,11 +281,11 @@ async def _faults(
             say(f"chaos: {i + 1} node kills (at least {kills})")
 
 
-async def _settle(peers: _Peers, *, timeout: float, say: Say) -> None:
+async def settle(peers: Researcher, *, timeout: float, say: Say) -> None:
     """Wait until no run of the collaboration is open (or ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
-        runs = await _all(peers, "run")
+        runs = await every(peers, "run")
         open_runs = [r for r in runs if not is_finished(r["status"])]
         if not open_runs:
             return
@@ -291,7 +295,18 @@ async def _settle(peers: _Peers, *, timeout: float, say: Say) -> None:
         await asyncio.sleep(3)
 
 
-async def _all(peers: _Peers, what: str) -> list[dict[str, Any]]:
+async def server_records(
+    peers: Researcher,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every run (with its result) and every task of the collaboration, at the server."""
+    runs = await every(peers, "run")
+    results = {int(r["id"]): r.get("result") for r in await every(peers, "result")}
+    for run in runs:  # the run listing leaves results out; /result has them
+        run["result"] = results.get(int(run["id"]))
+    return runs, await every(peers, "task")
+
+
+async def every(peers: Researcher, what: str) -> list[dict[str, Any]]:
     """Every run (or result, or task) of the collaboration at the server."""
     async with peers.user_lock:
         return await asyncio.to_thread(peers.api.all, what, collaboration_id=peers.collab.id)

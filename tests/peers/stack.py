@@ -92,11 +92,12 @@ class ServerWithUsers:
 
 @contextlib.contextmanager
 def server_with_collaboration(
-    workdir: Path, *, prefix: str = "local", encrypted: bool = False
+    workdir: Path, *, prefix: str = "local", encrypted: bool = False, host: str = "127.0.0.1"
 ) -> Iterator[ServerWithUsers]:
-    """A fresh vantage6 server, its root user logged in, and a collaboration of
-    organizations A and B (with key pairs under ``workdir/keys`` when ``encrypted``)."""
-    server = v6_peer.V6Server(workdir=workdir / "server", port=free_port())
+    """A fresh vantage6 server listening on ``host``, its root user logged in, and a
+    collaboration of organizations A and B (with key pairs under ``workdir/keys`` when
+    ``encrypted``)."""
+    server = v6_peer.V6Server(workdir=workdir / "server", port=free_port(), host=host)
     server.workdir.mkdir(parents=True)
     server.write_config()
     server.start()

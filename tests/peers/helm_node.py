@@ -1,0 +1,383 @@
+"""The node as an operator deploys it: the Helm chart installed on the testbed's real worker.
+
+Everything else that tests the node on Kubernetes runs the node in the test process. Here
+the node is the chart's Deployment: the node image (``scripts/node-image``, from these
+sources) imported into the worker's containerd, ``helm install`` run by the installer
+(admin) with a values file, and kubelet running the node pod under Pod Security
+``restricted`` beside its runs, with the chart's NetworkPolicies enforced by Cilium.
+
+What an operator's cluster has and the testbed lacks is supplied, and nothing more:
+
+* **the vantage6 server** runs on the host. Pods reach the host through a relay pod (the
+  same TCP relay the real-worker tests put where the node pod stands,
+  :meth:`K8sRealWorker.proxy_relay`) in a namespace of its own, behind a Service: the node
+  is given the Service's ClusterIP as ``server.url`` and its NetworkPolicy opens egress to
+  the relay pod (``networkPolicy.server.to``), as an operator narrows it to the server;
+* **storage**: the task-directory claim the chart makes is bound to a hostPath volume made
+  for it (a directory owned by the runs' uid), and the database is the chart's own
+  ``hostPath`` database (the chart makes its volume and claim).
+
+:class:`HelmNode` installs, upgrades and uninstalls one release, finds the node pod,
+force-deletes it (grace period 0: the API object goes at once, kubelet kills the
+container, the ReplicaSet starts another). ``follow_logs``
+copies the log of every node pod, across its lives, into one file (a force-deleted pod's
+log goes with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.peers.helm import CHART, helm, merged
+from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_IMAGE_SCRIPT = REPO / "scripts" / "node-image"
+RELEASE = "site"
+FULLNAME = f"{RELEASE}-fednode"
+#: The chart's node pod labels (``fednode.selectorLabels``) for release ``RELEASE``.
+NODE_POD_SELECTOR = (
+    f"app.kubernetes.io/name=fednode,app.kubernetes.io/instance={RELEASE},"
+    "app.kubernetes.io/component=node"
+)
+RUN_UID = 10001  # the chart's runs.runAsUser, which the node pod runs as too
+SERVER_RELAY_LABELS = {"app": "v6-server-relay"}
+
+
+def build_node_image() -> str:
+    """``localhost/fednode/node:<content tag>`` from these sources (a no-op when built)."""
+    result = subprocess.run(
+        [str(NODE_IMAGE_SCRIPT)], capture_output=True, text=True, check=False, timeout=900
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"scripts/node-image failed:\n{result.stderr[-4000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class ServerRoute:
+    """How pods reach the vantage6 server on the host: a relay pod behind a Service."""
+
+    namespace: str
+    cluster_ip: str
+    port: int
+
+
+async def server_route(
+    testbed: K8sTestbed, worker: K8sRealWorker, *, server_port: int
+) -> ServerRoute:
+    """A relay to the server (listening on the worker's node IP) in a namespace of its own.
+
+    The server must listen on ``worker.node_ip`` (the pod bridge's address on the host)."""
+    namespace = await testbed.create_namespace("fednode-v6relay")
+    cluster_ip = await worker.proxy_relay(
+        namespace,
+        labels=SERVER_RELAY_LABELS,
+        pod_port=server_port,
+        node_port=server_port,
+        name="v6-server",
+    )
+    return ServerRoute(namespace, cluster_ip, server_port)
+
+
+def release_values(
+    *,
+    worker: K8sRealWorker,
+    route: ServerRoute,
+    api_path: str,
+    api_key: str,
+    node_name: str,
+    namespace: str,
+    image: str,
+    data_dir: Path,
+    csv_name: str,
+) -> dict[str, Any]:
+    """The values an operator of this cluster would write for the node of one organization."""
+    repository, _, tag = image.rpartition(":")
+    return {
+        "nodeName": node_name,
+        "server": {"url": f"http://{route.cluster_ip}", "port": route.port, "apiPath": api_path},
+        "apiKey": api_key,
+        "namespace": {"create": True, "name": namespace},
+        "taskVolume": {"storageClassName": "", "size": "1Gi", "accessMode": "ReadWriteMany"},
+        "databases": [
+            {
+                "label": "default",
+                "type": "csv",
+                "file": csv_name,
+                "hostPath": {"path": str(data_dir), "node": worker.node_name, "size": "1Gi"},
+            }
+        ],
+        # The worker has 2 CPUs: a run's default (1 CPU) would let one run at a time.
+        "policies": {"resources": {"defaultCpu": 0.1, "defaultMemoryMb": 128}},
+        "maxConcurrentRuns": 8,
+        "runs": {"nodeSelector": worker.node_selector, "tolerations": [worker.toleration]},
+        "networkPolicy": {
+            "server": {
+                "to": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": route.namespace}
+                        },
+                        "podSelector": {"matchLabels": SERVER_RELAY_LABELS},
+                    }
+                ],
+                "ports": [route.port],
+            }
+        },
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "nodeSelector": worker.node_selector,
+        "tolerations": [worker.toleration],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "192Mi"},
+            "limits": {"memory": "512Mi"},
+        },
+        "probes": {
+            "liveness": {"initialDelaySeconds": 10, "periodSeconds": 10, "failureThreshold": 6},
+            "readiness": {"initialDelaySeconds": 1, "periodSeconds": 1, "failureThreshold": 3},
+        },
+    }
+
+
+@dataclass
+class HelmNode:
+    """One release of the chart on the real worker and the handles a test needs."""
+
+    testbed: K8sTestbed
+    worker: K8sRealWorker
+    workdir: Path
+    namespace: str  # the chart's namespace: the node pod and its runs
+    release_namespace: str  # where helm keeps its record
+    node_name: str
+    task_dir: Path  # the host directory behind the task-directory claim
+    values: dict[str, Any]
+    volumes: list[str] = field(default_factory=list)
+    installed: bool = False
+
+    # -- helm --------------------------------------------------------------------------
+
+    def helm(self, *args: str, check: bool = True) -> str:
+        env = {**os.environ, "KUBECONFIG": str(self.testbed.kubeconfig)}
+        result = helm(*args, "--namespace", self.release_namespace, check=check, env=env)
+        return result.stdout + result.stderr
+
+    def _values_file(self, values: dict[str, Any]) -> Path:
+        path = self.workdir / f"values-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    async def install(self) -> str:
+        """``helm install`` as the operator; returns helm's output."""
+        await self._task_volume()
+        output = await asyncio.to_thread(
+            self.helm, "install", RELEASE, str(CHART), "-f", str(self._values_file(self.values))
+        )
+        self.installed = True
+        return output
+
+    async def upgrade(self, changes: dict[str, Any]) -> str:
+        """``helm upgrade`` with ``changes`` merged over the values installed."""
+        self.values = merged(self.values, changes)
+        return await asyncio.to_thread(
+            self.helm, "upgrade", RELEASE, str(CHART), "-f", str(self._values_file(self.values))
+        )
+
+    async def uninstall(self) -> str:
+        output = await asyncio.to_thread(self.helm, "uninstall", RELEASE, "--wait")
+        self.installed = False
+        return output
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return [d for d in yaml.safe_load_all(self.helm("get", "manifest", RELEASE)) if d]
+
+    async def _task_volume(self) -> None:
+        """A hostPath volume reserved for the chart's task claim (bound when it appears)."""
+        from kubernetes_asyncio import client
+
+        name = f"{self.namespace}-tasks"
+        async with self.testbed.api_client() as api:
+            core: Any = client.CoreV1Api(api)
+            await core.create_persistent_volume(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolume",
+                    "metadata": {"name": name, "labels": {"fednode.test/owner": "pytest"}},
+                    "spec": {
+                        "capacity": {"storage": "1Gi"},
+                        "accessModes": ["ReadWriteMany"],
+                        "persistentVolumeReclaimPolicy": "Retain",
+                        "storageClassName": "",
+                        "hostPath": {"path": str(self.task_dir), "type": "Directory"},
+                        "claimRef": {
+                            "apiVersion": "v1",
+                            "kind": "PersistentVolumeClaim",
+                            "namespace": self.namespace,
+                            "name": f"{FULLNAME}-tasks",
+                        },
+                    },
+                }
+            )
+        self.volumes.append(name)
+
+    async def remove(self) -> None:
+        """Uninstall (if installed) and delete what the chart keeps and what was made for it:
+        the namespace (with the task claim), the volumes, the release namespace."""
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        if self.installed:
+            await asyncio.to_thread(self.helm, "uninstall", RELEASE, check=False)
+            self.installed = False
+        await self.testbed.delete_namespace(self.namespace)
+        await self.testbed.delete_namespace(self.release_namespace)
+        async with self.testbed.api_client() as api:
+            core = client.CoreV1Api(api)
+            for volume in self.volumes:
+                with contextlib.suppress(ApiException):
+                    await core.delete_persistent_volume(volume)
+
+    # -- the node pod ------------------------------------------------------------------
+
+    async def node_pods(self) -> list[dict[str, Any]]:
+        """The Deployment's pods that are not being deleted (as JSON)."""
+        from kubernetes_asyncio import client
+
+        async with self.testbed.api_client() as api:
+            core: Any = client.CoreV1Api(api)
+            response = await core.list_namespaced_pod(
+                self.namespace, label_selector=NODE_POD_SELECTOR, _preload_content=False
+            )
+            listed = await response.json()
+        return [p for p in listed["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    async def ready_pod(self, *, timeout: float, not_uid: str | None = None) -> dict[str, Any]:
+        """The node pod once it is Ready (a pod other than ``not_uid``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for pod in await self.node_pods():
+                if pod["metadata"]["uid"] != not_uid and _ready(pod):
+                    return pod
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"no Ready node pod in {self.namespace} within {timeout} s "
+                    f"(pods: {[_phase(p) for p in await self.node_pods()]})"
+                )
+            await asyncio.sleep(0.5)
+
+    async def force_delete(self, pod: dict[str, Any]) -> None:
+        """Delete the pod with grace period 0: kubelet kills the node without SIGTERM."""
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        async with self.testbed.api_client() as api:
+            with contextlib.suppress(ApiException):
+                await client.CoreV1Api(api).delete_namespaced_pod(
+                    pod["metadata"]["name"], self.namespace, grace_period_seconds=0
+                )
+
+    async def follow_logs(self, log_path: Path) -> None:
+        """Append every node pod's log to ``log_path`` until cancelled (one task per pod)."""
+        from kubernetes_asyncio import client
+
+        followed: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for pod in await self.node_pods():
+                    uid = pod["metadata"]["uid"]
+                    if uid in followed or _phase(pod) == "Pending":
+                        continue
+                    followed[uid] = asyncio.create_task(
+                        self._follow(client, pod["metadata"]["name"], uid, log_path)
+                    )
+                await asyncio.sleep(0.5)
+        finally:
+            for task in followed.values():
+                task.cancel()
+            await asyncio.gather(*followed.values(), return_exceptions=True)
+
+    async def _follow(self, client: Any, name: str, uid: str, log_path: Path) -> None:
+        with contextlib.suppress(Exception):
+            async with self.testbed.api_client() as api:
+                response = await client.CoreV1Api(api).read_namespaced_pod_log(
+                    name, self.namespace, follow=True, _preload_content=False
+                )
+                with log_path.open("ab") as log:
+                    log.write(f'{{"event": "chaos.node_pod", "uid": "{uid}"}}\n'.encode())
+                    async for line in response.content:
+                        log.write(line)
+                        log.flush()
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def _phase(pod: dict[str, Any]) -> str:
+    return str(pod.get("status", {}).get("phase", "?"))
+
+
+@contextlib.asynccontextmanager
+async def helm_node(
+    testbed: K8sTestbed,
+    worker: K8sRealWorker,
+    workdir: Path,
+    *,
+    route: ServerRoute,
+    api_path: str,
+    api_key: str,
+    csv: Path,
+    image: str,
+    extra_values: dict[str, Any] | None = None,
+) -> AsyncIterator[HelmNode]:
+    """A release for one organization, not yet installed (``install()``); removed on exit
+    with everything made for it."""
+    suffix = uuid.uuid4().hex[:6]
+    namespace = f"fednode-site-{suffix}"
+    task_dir = workdir / "tasks"
+    task_dir.mkdir(parents=True)
+    os.chown(task_dir, RUN_UID, RUN_UID)
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    shutil.copy(csv, data_dir / csv.name)
+    data_dir.chmod(0o755)
+    (data_dir / csv.name).chmod(0o644)
+    node_name = f"site-{suffix}"
+    values = release_values(
+        worker=worker,
+        route=route,
+        api_path=api_path,
+        api_key=api_key,
+        node_name=node_name,
+        namespace=namespace,
+        image=image,
+        data_dir=data_dir,
+        csv_name=csv.name,
+    )
+    release_namespace = await testbed.create_namespace("fednode-release")
+    node = HelmNode(
+        testbed,
+        worker,
+        workdir,
+        namespace,
+        release_namespace,
+        node_name,
+        task_dir,
+        merged(values, extra_values or {}),
+    )
+    try:
+        yield node
+    finally:
+        await node.remove()
