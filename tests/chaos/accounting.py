@@ -6,8 +6,9 @@ of its objects each run got: podman's event log the containers (``podman events`
 ``create`` events by the run-id label, since the campaign began), on Kubernetes a watch
 the Jobs and pods (their UIDs by the run-id label); the task directory and the runtime's
 listing (``podman ps``; the node's Jobs, pods, Secrets and NetworkPolicies after ``helm
-uninstall``) say what is left behind. The node's own log is read for one thing only: how many times it reported a
-run finished (``run.finished`` events), so a result uploaded twice shows.
+uninstall``) say what is left behind. The node's own log is read for one thing only: how
+many times it reported a run finished (``run.finished`` events), so a result uploaded
+twice shows.
 
 Definitions (per run of the campaign's tasks and of the subtasks central runs created):
 

@@ -267,11 +267,7 @@ async def _faults(
         await asyncio.sleep(rng.uniform(*config.down_for))
         peers.node.start()
         if i in server_at:
-            await asyncio.sleep(rng.uniform(0, 3))
-            async with peers.user_lock:
-                await asyncio.to_thread(peers.server.restart)
-            faults.server_restarts += 1
-            say(f"chaos: server restarted ({peers.server.last_start_seconds:.1f} s to healthy)")
+            await restart_server(peers, rng, faults, say=say)
         if i in podman_at:
             await asyncio.sleep(rng.uniform(0, 3))
             await asyncio.to_thread(peers.podman.restart)
@@ -279,6 +275,17 @@ async def _faults(
             say("chaos: podman service restarted")
         if (i + 1) % 10 == 0:
             say(f"chaos: {i + 1} node kills (at least {kills})")
+
+
+async def restart_server(
+    peers: Researcher, rng: random.Random, faults: Faults, *, say: Say
+) -> None:
+    """A moment after a node fault, the server restarted (SIGTERM, same database)."""
+    await asyncio.sleep(rng.uniform(0, 3))
+    async with peers.user_lock:
+        await asyncio.to_thread(peers.server.restart)
+    faults.server_restarts += 1
+    say(f"chaos: server restarted ({peers.server.last_start_seconds:.1f} s to healthy)")
 
 
 async def settle(peers: Researcher, *, timeout: float, say: Say) -> None:

@@ -38,7 +38,15 @@ from typing import Any
 
 from executors.base import LABEL_NODE, LABEL_RUN
 from tests.chaos.accounting import Faults, Verdict, judge, read_node_log
-from tests.chaos.campaign import CampaignConfig, Researcher, Say, every, feed, server_records
+from tests.chaos.campaign import (
+    CampaignConfig,
+    Researcher,
+    Say,
+    every,
+    feed,
+    restart_server,
+    server_records,
+)
 from tests.chaos.processes import PodmanServiceProcess
 from tests.chaos.userapi import UserApi
 from tests.chaos.workload import plan
@@ -283,11 +291,7 @@ async def _faults(
         previous = pod["metadata"]["uid"]
         faults.node_pod_deletions += 1
         if i in server_at:
-            await asyncio.sleep(rng.uniform(0, 3))
-            async with researcher.user_lock:
-                await asyncio.to_thread(researcher.server.restart)
-            faults.server_restarts += 1
-            say(f"chaos: server restarted ({researcher.server.last_start_seconds:.1f} s)")
+            await restart_server(researcher, rng, faults, say=say)
         if (i + 1) % 5 == 0:
             say(f"chaos: {i + 1} node pod deletions (at least {deletions})")
 

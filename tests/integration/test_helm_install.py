@@ -51,7 +51,7 @@ from node.contract import decode_value
 from node.settings import load_settings
 from policies.network import policy_name_prefix, run_network_policy_names
 from tests.integration.k8s_executor_helpers import make_spec
-from tests.peers.helm import CHART, helm
+from tests.peers.helm import CHART, helm, pre_bound_volume
 from tests.peers.kubernetes import K8sTestbed
 from tests.peers.v6server import V6Collaboration, V6Server
 
@@ -93,32 +93,6 @@ class Release:
 
     def manifest(self) -> list[dict[str, Any]]:
         return [d for d in yaml.safe_load_all(self.helm("get", "manifest", self.name)) if d]
-
-
-async def pre_bound_volume(admin: Any, *, name: str, namespace: str, claim: str, mode: str) -> None:
-    """A volume reserved for the claim the chart makes (kwok mounts nothing, so its source
-    is irrelevant); the volume controller binds the claim as soon as it appears."""
-    core: Any = client.CoreV1Api(admin)
-    await core.create_persistent_volume(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": name, "labels": {"fednode.test/owner": "pytest"}},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": [mode],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "storageClassName": "",
-                "hostPath": {"path": f"/tmp/{name}"},
-                "claimRef": {
-                    "apiVersion": "v1",
-                    "kind": "PersistentVolumeClaim",
-                    "namespace": namespace,
-                    "name": claim,
-                },
-            },
-        }
-    )
 
 
 class Collector:
@@ -255,8 +229,13 @@ async def release(
         "image": {"repository": "localhost/fednode/node", "tag": "latest"},
     }
     task_volume = f"{namespace}-tasks"
-    await pre_bound_volume(
-        admin, name=task_volume, namespace=namespace, claim=f"{FULLNAME}-tasks", mode=access_mode
+    await pre_bound_volume(  # kwok mounts nothing: the path is irrelevant
+        admin,
+        name=task_volume,
+        namespace=namespace,
+        claim=f"{FULLNAME}-tasks",
+        mode=access_mode,
+        host_path={"path": f"/tmp/{task_volume}"},
     )
     installed.volumes.append(task_volume)
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))

@@ -695,10 +695,10 @@ async def test_open_says_the_api_server_is_unreachable_not_that_a_right_is_missi
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    config = yaml.safe_load(role_kubeconfig.read_text())
+    config = yaml.safe_load(await asyncio.to_thread(role_kubeconfig.read_text))
     config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
     blackholed = tmp_path / "blackholed.kubeconfig"
-    blackholed.write_text(yaml.safe_dump(config))
+    await asyncio.to_thread(blackholed.write_text, yaml.safe_dump(config))
     executor = KubernetesExecutor(
         settings_for(k8s_namespace, blackholed, request_timeout_seconds=2),
         context=ExecutorContext(node_name=NODE, task_dir=task_dir),

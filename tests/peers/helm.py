@@ -260,11 +260,50 @@ def helm(
 
 
 def render(
-    values: dict[str, Any], tmp: Path, *, release: str = "fn", namespace: str = "fednode-system"
+    values: dict[str, Any],
+    tmp: Path,
+    *,
+    release: str = "fn",
+    namespace: str = "fednode-system",
+    api_versions: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """``helm template`` of the chart: the objects, in helm's order."""
-    result = helm("template", release, str(CHART), "--namespace", namespace, values=values, tmp=tmp)
+    """``helm template`` of the chart: the objects, in helm's order. ``api_versions``: what
+    the cluster would serve beyond the built-in APIs (``--api-versions``)."""
+    extra = [arg for version in api_versions for arg in ("--api-versions", version)]
+    result = helm(
+        "template", release, str(CHART), "--namespace", namespace, *extra, values=values, tmp=tmp
+    )
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+async def pre_bound_volume(
+    admin: Any, *, name: str, namespace: str, claim: str, mode: str, host_path: dict[str, str]
+) -> None:
+    """A hostPath volume reserved for the claim the chart makes; the volume controller
+    binds the claim as soon as it appears."""
+    from kubernetes_asyncio import client
+
+    core: Any = client.CoreV1Api(admin)
+    await core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name, "labels": {"fednode.test/owner": "pytest"}},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": [mode],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": host_path,
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": namespace,
+                    "name": claim,
+                },
+            },
+        }
+    )
 
 
 def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:

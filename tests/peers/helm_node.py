@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from tests.peers.helm import CHART, helm, merged
+from tests.peers.helm import CHART, helm, merged, pre_bound_volume
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,31 +203,16 @@ class HelmNode:
         return [d for d in yaml.safe_load_all(self.helm("get", "manifest", RELEASE)) if d]
 
     async def _task_volume(self) -> None:
-        """A hostPath volume reserved for the chart's task claim (bound when it appears)."""
-        from kubernetes_asyncio import client
-
+        """A hostPath volume over ``task_dir`` reserved for the chart's task claim."""
         name = f"{self.namespace}-tasks"
         async with self.testbed.api_client() as api:
-            core: Any = client.CoreV1Api(api)
-            await core.create_persistent_volume(
-                {
-                    "apiVersion": "v1",
-                    "kind": "PersistentVolume",
-                    "metadata": {"name": name, "labels": {"fednode.test/owner": "pytest"}},
-                    "spec": {
-                        "capacity": {"storage": "1Gi"},
-                        "accessModes": ["ReadWriteMany"],
-                        "persistentVolumeReclaimPolicy": "Retain",
-                        "storageClassName": "",
-                        "hostPath": {"path": str(self.task_dir), "type": "Directory"},
-                        "claimRef": {
-                            "apiVersion": "v1",
-                            "kind": "PersistentVolumeClaim",
-                            "namespace": self.namespace,
-                            "name": f"{FULLNAME}-tasks",
-                        },
-                    },
-                }
+            await pre_bound_volume(
+                api,
+                name=name,
+                namespace=self.namespace,
+                claim=f"{FULLNAME}-tasks",
+                mode="ReadWriteMany",
+                host_path={"path": str(self.task_dir), "type": "Directory"},
             )
         self.volumes.append(name)
 

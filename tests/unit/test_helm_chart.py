@@ -422,27 +422,17 @@ def test_under_cilium_the_node_pod_also_gets_egress_to_the_api_server_entity(
     node pod's requests to it time out and the node cannot start (seen on the testbed's
     real worker, tests/e2e/test_helm_real_worker.py)."""
     values = merged(REQUIRED_VALUES, {"networkPolicy": {"apiServer": {"ports": [16443]}}})
-    result = helm(
-        "template",
-        "fn",
-        str(CHART),
-        "--namespace",
-        "fednode-system",
-        "--api-versions",
-        "cilium.io/v2/CiliumNetworkPolicy",
-        values=values,
-        tmp=tmp_path,
-    )
-    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    objects = render(values, tmp_path, api_versions=("cilium.io/v2/CiliumNetworkPolicy",))
     never = merged(values, {"networkPolicy": {"apiServer": {"cilium": "never"}}})
     always = merged(REQUIRED_VALUES, {"networkPolicy": {"apiServer": {"cilium": "always"}}})
 
     policy = one(objects, "CiliumNetworkPolicy", "fn-fednode-node-apiserver")
     assert policy["apiVersion"] == "cilium.io/v2"
     assert policy["metadata"]["namespace"] == "fednode"
-    assert policy["spec"]["endpointSelector"]["matchLabels"] == node_policy(objects)["spec"][
-        "podSelector"
-    ]["matchLabels"]
+    assert (
+        policy["spec"]["endpointSelector"]["matchLabels"]
+        == node_policy(objects)["spec"]["podSelector"]["matchLabels"]
+    )
     assert policy["spec"]["egress"] == [
         {
             "toEntities": ["kube-apiserver"],
