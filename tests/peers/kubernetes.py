@@ -56,7 +56,7 @@ from testbed.kwok import (
     POD_RUN_SECONDS,
     POD_START_SECONDS,
 )
-from testbed.layout import KUBECONFIG, PORTS
+from testbed.layout import KUBECONFIG, PORTS, RUN_DIR
 from testbed.worker import layout as worker_layout
 
 __all__ = [
@@ -602,6 +602,10 @@ def k8s_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sTestbed
 
     started_here = False
     if _testbed("status", timeout=60).returncode != 0:
+        # Ours to stop at the end only if nothing was there: under load `status` can fail
+        # on a shared testbed that is up (a slow health check), and `up` then finds it
+        # healthy and returns; stopping it at the end took it from everyone.
+        started_here = not RUN_DIR.exists()
         began = time.monotonic()
         result = _testbed("up")
         if result.returncode != 0:
@@ -611,7 +615,6 @@ def k8s_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sTestbed
                 f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}",
                 pytrace=False,
             )
-        started_here = True
     testbed = K8sTestbed(kubeconfig=DEFAULT_KUBECONFIG, workdir=workdir, started_here=started_here)
     yield testbed
     if started_here and os.environ.get("FEDNODE_KEEP_PEERS") != "1":
