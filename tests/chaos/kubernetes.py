@@ -162,9 +162,9 @@ async def run_kubernetes_campaign(
     say(f"chaos: node image {node_image}, probe {probe_image}")
     with server_with_collaboration(config.workdir, prefix="chaos", host=worker.node_ip) as fed:
         server, collab = fed.server, fed.collaboration
-        route = await server_route(testbed, worker, server_port=server.port)
-        try:
-            async with helm_node(
+        async with (
+            server_route(testbed, worker, host=server.host, port=server.port) as route,
+            helm_node(
                 testbed,
                 worker,
                 config.workdir / "site",
@@ -174,16 +174,15 @@ async def run_kubernetes_campaign(
                 csv=CSV_OF["a"],
                 image=node_image,
                 extra_values={"maxConcurrentRuns": config.max_concurrent_runs},
-            ) as node:
-                api = UserApi(
-                    api_url=server.api_url,
-                    username=server.root_username,
-                    password=server.root_password,
-                )
-                researcher = Researcher(server, collab, api)
-                return await _campaign(config, rng, node, researcher, probe_image, say)
-        finally:
-            await testbed.delete_namespace(route.namespace)
+            ) as node,
+        ):
+            api = UserApi(
+                api_url=server.api_url,
+                username=server.root_username,
+                password=server.root_password,
+            )
+            researcher = Researcher(server, collab, api)
+            return await _campaign(config, rng, node, researcher, probe_image, say)
 
 
 def images_on_worker(workdir: Path, worker: K8sRealWorker) -> tuple[str, str]:

@@ -3,9 +3,8 @@
 Nothing of the node runs in this process: ``helm install`` deploys it as an operator would
 (:mod:`tests.peers.helm_node`), the node pod runs the node image built from these sources
 on the testbed's real worker with the chart's ServiceAccount, ConfigMap, Secret, claims and
-NetworkPolicies, and its runs are Job pods beside it. The vantage6 4.15.2 server is one of
-its own, listening where pods can reach it (through a relay the node's NetworkPolicy
-names).
+NetworkPolicies, and its runs are Job pods beside it. The vantage6 4.15.2 server is the
+session's, reached from the pod network through a relay the node's NetworkPolicy names.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from tests.chaos.kubernetes import images_on_worker, node_objects, recording
 from tests.peers.helm_node import FULLNAME, HelmNode, helm_node, server_route
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.podman import AVERAGE_IMAGE
-from tests.peers.stack import CSV_OF, ServerWithUsers, server_with_collaboration
+from tests.peers.stack import CSV_OF
+from tests.peers.v6server import V6Collaboration, V6Server
 
 pytestmark = [
     pytest.mark.kubernetes,
@@ -36,46 +36,40 @@ pytestmark = [
 
 
 @pytest.fixture
-async def federation(
-    tmp_path: Path, k8s_real_worker: K8sRealWorker
-) -> AsyncIterator[ServerWithUsers]:
-    with server_with_collaboration(tmp_path, prefix="helm", host=k8s_real_worker.node_ip) as fed:
-        yield fed
-
-
-@pytest.fixture
 async def site(
     tmp_path: Path,
     k8s_testbed: K8sTestbed,
     k8s_real_worker: K8sRealWorker,
-    federation: ServerWithUsers,
+    v6_server: V6Server,
+    v6_plain: V6Collaboration,
 ) -> AsyncIterator[tuple[HelmNode, str]]:
-    """The release for organization A (not installed yet) and the probe image."""
+    """The release for organization A of the session's plain collaboration (not installed
+    yet) and the probe image."""
     probe, node_image = await asyncio.to_thread(images_on_worker, tmp_path, k8s_real_worker)
-    route = await server_route(k8s_testbed, k8s_real_worker, server_port=federation.server.port)
-    try:
-        async with helm_node(
+    async with (
+        server_route(
+            k8s_testbed, k8s_real_worker, host=v6_server.host, port=v6_server.port
+        ) as route,
+        helm_node(
             k8s_testbed,
             k8s_real_worker,
             tmp_path / "site",
             route=route,
-            api_path=federation.server.api_path,
-            api_key=federation.collaboration.org_a.api_key,
+            api_path=v6_server.api_path,
+            api_key=v6_plain.org_a.api_key,
             csv=CSV_OF["a"],
             image=node_image,
-        ) as node:
-            yield node, probe
-    finally:
-        await k8s_testbed.delete_namespace(route.namespace)
+        ) as node,
+    ):
+        yield node, probe
 
 
-def create(fed: ServerWithUsers, image: str, input_: dict[str, Any]) -> dict[str, Any]:
-    collab = fed.collaboration
+def create(collab: V6Collaboration, image: str, input_: dict[str, Any]) -> dict[str, Any]:
     return collab.create_task(input_=input_, image=image, organizations=[collab.org_a.id])
 
 
-async def results_of(fed: ServerWithUsers, task: dict[str, Any], timeout: float = 240) -> Any:
-    user = fed.collaboration.user
+async def results_of(collab: V6Collaboration, task: dict[str, Any], timeout: float = 240) -> Any:
+    user = collab.user
     await asyncio.to_thread(user.wait_for_results, task["id"], timeout=timeout)
     return await asyncio.to_thread(user.result_values, task["id"])
 
@@ -96,7 +90,7 @@ async def running_pods(node: HelmNode, count: int, *, timeout: float = 120) -> N
 
 
 async def test_helm_install_tasks_upgrade_with_runs_in_flight_and_uninstall_on_the_real_worker(
-    site: tuple[HelmNode, str], federation: ServerWithUsers, tmp_path: Path
+    site: tuple[HelmNode, str], v6_plain: V6Collaboration, tmp_path: Path
 ) -> None:
     node, probe = site
     log_path = tmp_path / "node.log"
@@ -107,35 +101,35 @@ async def test_helm_install_tasks_upgrade_with_runs_in_flight_and_uninstall_on_t
     async with recording(node.testbed, node.namespace, node.node_name) as record:
         # tasks: a run of the probe, and a central run whose subtask goes through the proxy
         short = await asyncio.to_thread(
-            create, federation, probe, {"sleep": 0.2, "output": '{"short": 1}'}
+            create, v6_plain, probe, {"sleep": 0.2, "output": '{"short": 1}'}
         )
         central = await asyncio.to_thread(
             create,
-            federation,
+            v6_plain,
             AVERAGE_IMAGE,
             {
                 "method": "central_average",
                 "kwargs": {
                     "column_name": "age",
-                    "organizations": [federation.collaboration.org_a.id],
+                    "organizations": [v6_plain.org_a.id],
                 },
             },
         )
-        assert await results_of(federation, short) == [{"short": 1}]
-        (average,) = await results_of(federation, central)
+        assert await results_of(v6_plain, short) == [{"short": 1}]
+        (average,) = await results_of(v6_plain, central)
         # runs in flight, then an upgrade that changes the node's config (a new pod)
         slow = [
             await asyncio.to_thread(
-                create, federation, probe, {"sleep": 25, "output": json.dumps({"slow": i})}
+                create, v6_plain, probe, {"sleep": 25, "output": json.dumps({"slow": i})}
             )
             for i in range(3)
         ]
         await running_pods(node, 3)
         upgraded = await node.upgrade({"logging": {"level": "DEBUG"}, "maxConcurrentRuns": 4})
         second = await node.ready_pod(timeout=240, not_uid=first["metadata"]["uid"])
-        slow_results = [await results_of(federation, task) for task in slow]
+        slow_results = [await results_of(v6_plain, task) for task in slow]
         runs = {
-            task["id"]: await asyncio.to_thread(federation.collaboration.user.runs, task["id"])
+            task["id"]: await asyncio.to_thread(v6_plain.user.runs, task["id"])
             for task in (short, central, *slow)
         }
         node_runs = [r["id"] for rs in runs.values() for r in rs]

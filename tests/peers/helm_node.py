@@ -12,7 +12,8 @@ What an operator's cluster has and the testbed lacks is supplied, and nothing mo
   same TCP relay the real-worker tests put where the node pod stands,
   :meth:`K8sRealWorker.proxy_relay`) in a namespace of its own, behind a Service: the node
   is given the Service's ClusterIP as ``server.url`` and its NetworkPolicy opens egress to
-  the relay pod (``networkPolicy.server.to``), as an operator narrows it to the server;
+  the relay pod (``networkPolicy.server.to``), as an operator narrows it to the server. A
+  server on loopback (the session's) is forwarded to the pod bridge's address first;
 * **storage**: the task-directory claim the chart makes is bound to a hostPath volume made
   for it (a directory owned by the runs' uid), and the database is the chart's own
   ``hostPath`` database (the chart makes its volume and claim).
@@ -75,21 +76,51 @@ class ServerRoute:
     port: int
 
 
+@contextlib.asynccontextmanager
 async def server_route(
-    testbed: K8sTestbed, worker: K8sRealWorker, *, server_port: int
-) -> ServerRoute:
-    """A relay to the server (listening on the worker's node IP) in a namespace of its own.
+    testbed: K8sTestbed, worker: K8sRealWorker, *, host: str, port: int
+) -> AsyncIterator[ServerRoute]:
+    """A relay to the server at ``host:port`` in a namespace of its own, removed on exit.
 
-    The server must listen on ``worker.node_ip`` (the pod bridge's address on the host)."""
-    namespace = await testbed.create_namespace("fednode-v6relay")
-    cluster_ip = await worker.proxy_relay(
-        namespace,
-        labels=SERVER_RELAY_LABELS,
-        pod_port=server_port,
-        node_port=server_port,
-        name="v6-server",
-    )
-    return ServerRoute(namespace, cluster_ip, server_port)
+    Pods reach the host at ``worker.node_ip`` only: a server listening there is relayed to
+    directly; one on loopback (the session's ``v6_server``) through a forwarder on the node
+    IP in this process first."""
+    async with contextlib.AsyncExitStack() as stack:
+        if host != worker.node_ip:
+            port = await stack.enter_async_context(_forwarder(worker.node_ip, (host, port)))
+        namespace = await testbed.create_namespace("fednode-v6relay")
+        stack.push_async_callback(testbed.delete_namespace, namespace)
+        cluster_ip = await worker.proxy_relay(
+            namespace, labels=SERVER_RELAY_LABELS, pod_port=port, node_port=port, name="v6-server"
+        )
+        yield ServerRoute(namespace, cluster_ip, port)
+
+
+@contextlib.asynccontextmanager
+async def _forwarder(listen_host: str, target: tuple[str, int]) -> AsyncIterator[int]:
+    """TCP from ``listen_host`` (a free port, yielded) to ``target``, both ways."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(handle, listen_host, 0)
+    async with server:
+        yield int(server.sockets[0].getsockname()[1])
 
 
 def release_values(
