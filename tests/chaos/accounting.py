@@ -21,10 +21,10 @@ Definitions (per run of the campaign's tasks and of the subtasks central runs cr
   run directories (with the decrypted input) still on disk, after the node stopped.
 
 Counted apart, and not a failure of the campaign: a central run that ``crashed`` because
-the node's proxy was down while the node was (a ``ConnectionError`` to the proxy in its
-log). The vantage6 algorithm client retries most calls on a connection error, but not all
-(``task.create`` first asks ``blobstream/status`` with a bare ``requests.get``); the node
-reports that crash truthfully and cannot undo it.
+the node's proxy was down while the node was (a ``ConnectionError`` or, on Kubernetes, a
+``ConnectTimeout`` to the proxy in its log). The vantage6 algorithm client retries most
+calls on a connection error, but not all (``task.create`` first asks ``blobstream/status``
+with a bare ``requests.get``); the node reports that crash truthfully and cannot undo it.
 """
 
 from __future__ import annotations
@@ -141,10 +141,16 @@ def task_of(run: dict[str, Any]) -> int:
 
 
 def _proxy_unreachable(log: str) -> bool:
-    """The algorithm died of a connection error to the node's proxy (the node was down)."""
-    return "requests.exceptions.ConnectionError" in log and (
+    """The algorithm died of a connection error to the node's proxy (the node was down).
+
+    On podman the proxy's port refuses or drops the connection; on Kubernetes a connection
+    to the proxy Service may also time out (its ClusterIP still leads to the deleted node
+    pod's address until the endpoints are updated, and nothing answers there)."""
+    refused = "requests.exceptions.ConnectionError" in log and (
         "Connection refused" in log or "RemoteDisconnected" in log
     )
+    timed_out = "requests.exceptions.ConnectTimeout" in log and "timed out" in log
+    return refused or timed_out
 
 
 @dataclass

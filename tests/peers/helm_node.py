@@ -310,7 +310,11 @@ class HelmNode:
         followed: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                for pod in await self.node_pods():
+                try:
+                    pods = await self.node_pods()
+                except OSError:  # the API server away for a moment: look again
+                    pods = []
+                for pod in pods:
                     uid = pod["metadata"]["uid"]
                     if uid in followed or _phase(pod) == "Pending":
                         continue
