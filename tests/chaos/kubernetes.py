@@ -51,7 +51,13 @@ from tests.chaos.processes import PodmanServiceProcess
 from tests.chaos.userapi import UserApi
 from tests.chaos.workload import plan
 from tests.peers import podman as podman_peer
-from tests.peers.helm_node import HelmNode, build_node_image, helm_node, server_route
+from tests.peers.helm_node import (
+    HelmNode,
+    build_node_image,
+    helm_node,
+    patiently,
+    server_route,
+)
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 from tests.peers.stack import CSV_OF, server_with_collaboration
 
@@ -331,18 +337,21 @@ async def node_objects(node: HelmNode, plural: str) -> list[str]:
     from kubernetes_asyncio import client
 
     selector = f"{LABEL_NODE}={node.node_name}"
-    async with node.testbed.api_client() as api:
-        core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
-        networking = client.NetworkingV1Api(api)
-        lister: Any = {
-            "jobs": batch.list_namespaced_job,
-            "pods": core.list_namespaced_pod,
-            "secrets": core.list_namespaced_secret,
-            "networkpolicies": networking.list_namespaced_network_policy,
-        }[plural]
-        response = await lister(node.namespace, label_selector=selector, _preload_content=False)
-        listed = await response.json()
-    return [item["metadata"]["name"] for item in listed["items"]]
+
+    async def listed() -> Any:
+        async with node.testbed.api_client() as api:
+            core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+            networking = client.NetworkingV1Api(api)
+            lister: Any = {
+                "jobs": batch.list_namespaced_job,
+                "pods": core.list_namespaced_pod,
+                "secrets": core.list_namespaced_secret,
+                "networkpolicies": networking.list_namespaced_network_policy,
+            }[plural]
+            response = await lister(node.namespace, label_selector=selector, _preload_content=False)
+            return await response.json()
+
+    return [item["metadata"]["name"] for item in (await patiently(listed))["items"]]
 
 
 async def _left_in_namespace(node: HelmNode) -> list[str]:

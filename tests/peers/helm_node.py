@@ -34,13 +34,14 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from common.backoff import Backoff
 from tests.peers.helm import CHART, helm, merged, pre_bound_volume
 from tests.peers.kubernetes import K8sRealWorker, K8sTestbed
 
@@ -55,6 +56,21 @@ NODE_POD_SELECTOR = (
 )
 RUN_UID = 10001  # the chart's runs.runAsUser, which the node pod runs as too
 SERVER_RELAY_LABELS = {"app": "v6-server-relay"}
+T = TypeVar("T")
+
+
+async def patiently(call: Callable[[], Awaitable[T]], *, within: float = 180.0) -> T:
+    """``call()``, again while the API server cannot be reached (the shared testbed's API
+    server is restarted now and then by other test sessions), for up to ``within`` s."""
+    backoff = Backoff(first=1.0, cap=10.0)
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await backoff.pause()
 
 
 def build_node_image() -> str:
@@ -270,13 +286,16 @@ class HelmNode:
         """The Deployment's pods that are not being deleted (as JSON)."""
         from kubernetes_asyncio import client
 
-        async with self.testbed.api_client() as api:
-            core: Any = client.CoreV1Api(api)
-            response = await core.list_namespaced_pod(
-                self.namespace, label_selector=NODE_POD_SELECTOR, _preload_content=False
-            )
-            listed = await response.json()
-        return [p for p in listed["items"] if not p["metadata"].get("deletionTimestamp")]
+        async def listed() -> Any:
+            async with self.testbed.api_client() as api:
+                core: Any = client.CoreV1Api(api)
+                response = await core.list_namespaced_pod(
+                    self.namespace, label_selector=NODE_POD_SELECTOR, _preload_content=False
+                )
+                return await response.json()
+
+        pods = (await patiently(listed))["items"]
+        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
     async def ready_pod(self, *, timeout: float, not_uid: str | None = None) -> dict[str, Any]:
         """The node pod once it is Ready (a pod other than ``not_uid``)."""
@@ -297,11 +316,14 @@ class HelmNode:
         from kubernetes_asyncio import client
         from kubernetes_asyncio.client.exceptions import ApiException
 
-        async with self.testbed.api_client() as api:
-            with contextlib.suppress(ApiException):
-                await client.CoreV1Api(api).delete_namespaced_pod(
-                    pod["metadata"]["name"], self.namespace, grace_period_seconds=0
-                )
+        async def delete() -> None:
+            async with self.testbed.api_client() as api:
+                with contextlib.suppress(ApiException):
+                    await client.CoreV1Api(api).delete_namespaced_pod(
+                        pod["metadata"]["name"], self.namespace, grace_period_seconds=0
+                    )
+
+        await patiently(delete)
 
     async def follow_logs(self, log_path: Path) -> None:
         """Append every node pod's log to ``log_path`` until cancelled (one task per pod)."""
