@@ -126,10 +126,16 @@ class RunLifecycle:
     # -- the two streams ----------------------------------------------------------------
 
     async def consume_server_events(self, events: asyncio.Queue[Received]) -> None:
-        """Dispatch server events; each is handled in its own owned task."""
+        """Dispatch server events; each is handled in its own owned task. Once the node is
+        stopping, an event is left to the next start's ``sync`` (the server keeps the run
+        open), and the stream ends: a Kubernetes node pod that is deleted or upgraded still
+        hears ``new_task`` while it stops."""
         lag = self._metrics.server_lag
         while True:
             event, at_ns = await events.get()
+            if not self._accepting:
+                log.info("server.events_left_to_next_start", kind=type(event).__name__)
+                return
             lag.observe(max(0.0, (time.time_ns() - at_ns) / 1e9))
             if isinstance(event, Sync):
                 self._work.spawn(self.sync(received_ns=at_ns), name="sync")

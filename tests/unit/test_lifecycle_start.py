@@ -6,13 +6,18 @@ the server a stand-in (``tests/unit/lifecycle_node.py``), so each test takes mil
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+
+from structlog.testing import capture_logs
 
 from executors.runfiles import RunFiles
 from executors.spec import RunSpec
 from node.lifecycle import build_spec
 from node.lifecycle.spec import LifecycleConfig
-from node.server.models import KillContainers, Run, RunStatus
+from node.server.models import KillContainers, NewTask, Run, RunStatus
+from node.server.socket import Received
 from policies.admission import AdmissionPolicy, Admitted, Granted
 from proxy import RunTable
 from tests.fakes.memory_executor import MemoryExecutor
@@ -186,3 +191,23 @@ def test_build_spec_is_what_the_run_and_the_node_say(tmp_path: Path) -> None:
     assert (spec.resources.cpu, spec.resources.memory_mb) == (2.0, 512)
     assert spec.deadline_seconds == 120 and spec.proxy is None
     assert spec.trace_context == {"traceparent": "00-x"}
+
+
+async def test_a_new_task_heard_while_the_node_stops_is_left_to_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """Seen on the real worker: a node pod being deleted (or replaced by `helm upgrade`)
+    still hears `new_task`; the consumer used to spawn it into the closed lifecycle, which
+    refused, and the node logged an error with a traceback at every such stop."""
+    events: asyncio.Queue[Received] = asyncio.Queue()
+    async with lifecycle_under_test(tmp_path) as node:
+        node.add_run(7, behaviour(output="{}"))
+        consumer = asyncio.create_task(node.lifecycle.consume_server_events(events))
+        await node.lifecycle.close(grace=0.1)  # SIGTERM: the node stops
+        with capture_logs() as logs:
+            events.put_nowait(Received(NewTask(id=7), time.time_ns()))
+            await asyncio.wait_for(consumer, 5)
+
+    assert consumer.exception() is None  # it ended, quietly
+    assert [e["event"] for e in logs] == ["server.events_left_to_next_start"]
+    assert node.runtime.started == []  # the next start's sync starts it
