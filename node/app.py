@@ -46,10 +46,10 @@ from node.proxy_link import NodeProxyCrypto, OrganizationKeys
 from node.server.models import NodeIdentity
 from node.server.rest import ServerClient, ServerError
 from node.server.socket import SocketLink
-from node.settings import NodeSettings, TelemetrySettings
+from node.settings import NodeSettings, ResourceProfileSettings, TelemetrySettings
 from node.telemetry import OtlpTarget, TaskOrigins, make_tracer_provider
 from node.token_seal import TokenSeal
-from policies.admission import Admission, AdmissionPolicy, ResourcePolicy
+from policies.admission import Admission, AdmissionPolicy, ResourcePolicy, ResourceProfile
 from proxy import ProxyLimits, ProxyServer, RunTable, make_proxy_app
 
 log = get_logger(__name__)
@@ -282,7 +282,24 @@ class Node:
             # Runs the runtime's queue holds (Kueue): how many, and why (the first few).
             "runs_waiting": len(waiting),
             "waiting": dict(list(waiting.items())[:STATUS_WAITING_SHOWN]),
+            "resource_profiles": self._profiles_summary(),
+            "run_resources": state.lifecycle.resources_in_use() if state.lifecycle else {},
         }
+
+    def _profiles_summary(self) -> dict[str, str]:
+        """Each resource profile (and the defaults) as one line, for ``fednode status``."""
+        limits = self.settings.policies.resources
+        summary = {
+            profile.name: f"{', '.join(profile.images)} -> {self._profile_of(profile).describe()}"
+            for profile in limits.profiles
+        }
+        gpus = self.settings.default_gpus
+        summary["(defaults)"] = (
+            f"{limits.default_cpu:g} CPU, {limits.default_memory_mb} MB"
+            + (f", {gpus} GPU" if gpus else "")
+            + f"; caps {limits.max_cpu:g} CPU, {limits.max_memory_mb} MB, {limits.max_gpus} GPU"
+        )
+        return summary
 
     async def _connect(self, server: ServerClient, stop: asyncio.Event) -> NodeIdentity | None:
         """Authenticate and identify, retrying while the server is unreachable."""
@@ -357,9 +374,11 @@ class Node:
             resources=ResourcePolicy(
                 default_cpu=limits.default_cpu,
                 default_memory_mb=limits.default_memory_mb,
+                default_gpus=self.settings.default_gpus,
                 max_cpu=limits.max_cpu,
                 max_memory_mb=limits.max_memory_mb,
                 max_gpus=limits.max_gpus,
+                profiles=tuple(self._profile_of(profile) for profile in limits.profiles),
             ),
         )
 
@@ -397,6 +416,18 @@ class Node:
             bind_host=placement.bind_host,
             advertise_host=placement.advertise_host,
             tracer=tracer,
+        )
+
+    @staticmethod
+    def _profile_of(profile: ResourceProfileSettings) -> ResourceProfile:
+        return ResourceProfile(
+            name=profile.name,
+            images=tuple(profile.images),
+            cpu=profile.cpu,
+            memory_mb=profile.memory_mb,
+            gpus=profile.gpus,
+            gpu_type=profile.gpu_type,
+            deadline_seconds=profile.deadline_seconds,
         )
 
     async def _start_proxy(

@@ -174,15 +174,52 @@ class Encryption(_Section):
         return _pem_file(path, what="private key", marker=b"PRIVATE KEY", kind="PEM private key")
 
 
+class ResourceProfileSettings(_Section):
+    """What the runs of some algorithms get; a key left out is the node's default."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    #: Regular expressions an image must match as a WHOLE (``re.fullmatch``), as in
+    #: ``allowed_algorithms``; the first profile with a matching pattern applies.
+    images: Annotated[list[str], Field(min_length=1)]
+    cpu: Annotated[float | None, Field(gt=0)] = None
+    memory_mb: Annotated[int | None, Field(gt=0)] = None
+    gpus: Annotated[int | None, Field(ge=0)] = None
+    #: The GPU model, as the executor names it (Kubernetes: the value of
+    #: ``executor.gpu_type_label`` on GPU nodes; podman/apptainer: a ``gpu_devices`` type).
+    gpu_type: str | None = None
+    deadline_seconds: Annotated[int | None, Field(gt=0)] = None
+
+    @field_validator("images")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str]) -> list[str]:
+        return _compiled(patterns)
+
+    @model_validator(mode="after")
+    def _type_needs_gpus(self) -> ResourceProfileSettings:
+        if self.gpu_type is not None and not self.gpus:
+            raise ValueError(f"profile {self.name!r} names a gpu_type; give it gpus: 1 or more")
+        return self
+
+
 class ResourceLimits(_Section):
-    """Defaults and caps for what one run may use; a run asking for more is refused."""
+    """Defaults, per-algorithm profiles and caps for what one run may use.
+
+    The caps are checked at each run on what it would get (its profile's values or the
+    defaults): a run over a cap ends ``not allowed`` with the cap named, so lowering a cap
+    (``max_gpus: 0`` while the GPUs are serviced) needs no change to the profiles.
+    """
 
     default_cpu: Annotated[float, Field(gt=0)] = 1.0
     default_memory_mb: Annotated[int, Field(gt=0)] = 1024
+    #: GPUs for a run no profile covers (``algorithm_device_requests.gpu: true`` makes it
+    #: ``max_gpus`` when it is 0, as vantage6 gives such runs every GPU).
+    default_gpus: Annotated[int, Field(ge=0)] = 0
     max_cpu: Annotated[float, Field(gt=0)] = 4.0
     max_memory_mb: Annotated[int, Field(gt=0)] = 8192
     max_gpus: Annotated[int, Field(ge=0)] = 0
     default_deadline_seconds: Annotated[int, Field(gt=0)] = 24 * 3600
+    #: Per-algorithm resources, first match wins (see :class:`ResourceProfileSettings`).
+    profiles: list[ResourceProfileSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> ResourceLimits:
@@ -190,7 +227,33 @@ class ResourceLimits(_Section):
             raise ValueError("default_cpu must not exceed max_cpu")
         if self.default_memory_mb > self.max_memory_mb:
             raise ValueError("default_memory_mb must not exceed max_memory_mb")
+        if self.default_gpus > self.max_gpus:
+            raise ValueError("default_gpus must not exceed max_gpus")
+        names = [profile.name for profile in self.profiles]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"resource profile name(s) {', '.join(twice)} used more than once")
         return self
+
+
+class AlgorithmDeviceRequests(_Section):
+    """vantage6 4's ``algorithm_device_requests``: ``gpu: true`` gives runs GPUs.
+
+    vantage6 gives every algorithm container all of the host's GPUs; fednode gives a run
+    no resource profile covers ``policies.resources.max_gpus`` GPUs (its own devices,
+    distinct from other runs'), so a vantage6 ``node.yaml`` carried over keeps GPU runs.
+    """
+
+    gpu: bool = False
+
+
+def _compiled(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+    return patterns
 
 
 class Policies(_Section):
@@ -207,12 +270,7 @@ class Policies(_Section):
     @field_validator("allowed_algorithms")
     @classmethod
     def _regexes_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
-        return patterns
+        return _compiled(patterns)
 
 
 #: The executors fednode ships, by kind. Their settings are validated by their own models
@@ -484,6 +542,9 @@ class NodeSettings(BaseSettings):
     databases: list[Database] = Field(default_factory=list)
     encryption: Encryption = Field(default_factory=Encryption)
     policies: Policies = Field(default_factory=Policies)
+    algorithm_device_requests: AlgorithmDeviceRequests = Field(
+        default_factory=AlgorithmDeviceRequests
+    )
     #: Registry credentials, one per registry (vantage6's key); each goes only to its own.
     docker_registries: list[RegistryCredential] = Field(default_factory=list)
     executor: ExecutorSettings = Field(default_factory=PodmanSettings)
@@ -568,6 +629,23 @@ class NodeSettings(BaseSettings):
                 "remove it from algorithm_env (a database's settings go in its env)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _gpu_request_has_gpus(self) -> NodeSettings:
+        if self.algorithm_device_requests.gpu and self.policies.resources.max_gpus == 0:
+            raise ValueError(
+                "algorithm_device_requests.gpu is true, but policies.resources.max_gpus is 0: "
+                "set max_gpus to the GPUs a run may have (runs no profile covers get that many)"
+            )
+        return self
+
+    @property
+    def default_gpus(self) -> int:
+        """GPUs for a run no resource profile covers (see ``AlgorithmDeviceRequests``)."""
+        limits = self.policies.resources
+        if self.algorithm_device_requests.gpu and limits.default_gpus == 0:
+            return limits.max_gpus
+        return limits.default_gpus
 
     @model_validator(mode="after")
     def _proxy_port_agrees(self) -> NodeSettings:

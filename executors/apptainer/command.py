@@ -22,7 +22,9 @@ Isolation, on for every run and not configurable per run:
   whose only listener is a relay to the proxy (its loopback TCP port in the host's
   namespace; ``--userns``, see ``supervisor.py``), or the host's network;
 * ``--memory``/``--memory-swap`` (equal: no swap), ``--cpus``, ``--pids-limit`` when
-  ``cgroup_limits`` is on; ``--nv``/``--rocm`` when GPUs are asked for.
+  ``cgroup_limits`` is on; ``--nv``/``--rocm`` when GPUs are asked for, with the devices
+  the executor chose for the run (:mod:`executors.devices`) in ``CUDA_VISIBLE_DEVICES``
+  (``ROCR_VISIBLE_DEVICES`` for ``rocm``), set in the env file (:func:`gpu_environment`).
 
 apptainer itself sets ``no_new_privs`` for every container, and an unprivileged user's
 container has no capabilities; the container runs as the node's user.
@@ -34,7 +36,7 @@ import enum
 import ipaddress
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,14 @@ def bind_spec(source: Path, destination: str, *, read_only: bool) -> str:
                 f"cannot bind {path!r}: apptainer bind paths may not contain ',' or ':'"
             )
     return f"{source}:{destination}:{'ro' if read_only else 'rw'}"
+
+
+def gpu_environment(devices: Sequence[str], settings: ApptainerSettings) -> dict[str, str]:
+    """The variable that limits the run to its own GPUs (empty when it has none)."""
+    if not devices:
+        return {}
+    name = "CUDA_VISIBLE_DEVICES" if settings.gpu_flag == "nv" else "ROCR_VISIBLE_DEVICES"
+    return {name: ",".join(devices)}
 
 
 def env_file_text(environment: Mapping[str, str]) -> str:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from executors.credentials import unscoped_credential
+from executors.devices import DeviceEntry, GpuDevice
 
 PullPolicy = Literal["always", "if-not-present", "never"]
 #: How a run that names a proxy reaches it: ``relay`` (its own network namespace whose
@@ -56,12 +57,26 @@ class ApptainerSettings(BaseModel):
     cgroup_limits: bool = True
     #: The GPU flag for runs that ask for GPUs: ``nv`` (NVIDIA) or ``rocm`` (AMD).
     gpu_flag: Literal["nv", "rocm"] = "nv"
+    #: The GPUs runs may have: indexes or UUIDs as ``CUDA_VISIBLE_DEVICES`` (``nv``) or
+    #: ``ROCR_VISIBLE_DEVICES`` (``rocm``) take them, or ``{device: ..., type: a100}``.
+    #: Each run gets its own, set in that variable; a run waits (``starting``) while too
+    #: few are free. Empty: GPU runs end ``not allowed``.
+    gpu_devices: list[DeviceEntry] = Field(default_factory=list)
     #: Seconds between SIGTERM and SIGKILL when a run is killed or passes its deadline.
     kill_grace_seconds: Annotated[float, Field(ge=0)] = 10.0
     #: The Python that runs each run's supervisor (stdlib only); ``None``: the node's own.
     supervisor_python: str | None = None
     #: Upper bound for one short apptainer call (``version``) and for a launch.
     call_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("gpu_devices")
+    @classmethod
+    def _distinct(cls, devices: list[GpuDevice]) -> list[GpuDevice]:
+        names = [device.device for device in devices]
+        bad = sorted({name for name in names if names.count(name) > 1 or "," in name})
+        if bad:
+            raise ValueError(f"device(s) {', '.join(bad)} listed twice or containing ','")
+        return devices
 
     @field_validator("apptainer_environment")
     @classmethod

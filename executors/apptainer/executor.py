@@ -48,6 +48,7 @@ from common.logging import get_logger
 from executors.apptainer.command import (
     PlanError,
     env_file_text,
+    gpu_environment,
     network_mode,
     run_argv,
     supervisor_plan,
@@ -76,6 +77,7 @@ from executors.base import (
     UnknownRun,
     run_labels,
 )
+from executors.devices import DeviceAllocator, devices_label
 from executors.events import RunEventStream
 from executors.memory import GoneRuns, StartsInFlight
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
@@ -114,6 +116,7 @@ class ApptainerExecutor:
         self._starting = StartsInFlight()
         #: Removed runs: nothing late about them is published.
         self._gone = GoneRuns()
+        self._gpus = DeviceAllocator(settings.gpu_devices)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -196,19 +199,48 @@ class ApptainerExecutor:
             bound.warning("apptainer.run.image_unavailable", image=spec.image, error=str(exc))
             self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, str(exc))
             return
+        devices = await self._take_devices(spec, bound)
+        if devices is None:
+            return
         try:
-            self._prepare(spec, paths, sif)
+            self._prepare(spec, paths, sif, devices)
         except PlanError as exc:
+            self._gpus.release(run_id)
             bound.error("apptainer.run.refused", error=str(exc))
             self._stream.fail(run_id, Reason.START_FAILED, str(exc))
             return
+        except BaseException:
+            self._gpus.release(run_id)
+            raise
         if paths.files.killed:
+            self._gpus.release(run_id)
             bound.info("apptainer.run.killed_before_start")
             self._stream.publish(
                 RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
             )
             return
         await self._launch(paths, deadline_seconds=spec.deadline_seconds)
+
+    async def _take_devices(self, spec: RunSpec, bound: Any) -> tuple[str, ...] | None:
+        """The run's GPUs (none if it asks for none), waiting while too few are free;
+        ``None`` when it ended instead (it can never have them, or it was killed)."""
+        run_id, wanted = spec.run_id, spec.resources
+        if wanted.gpus == 0:
+            return ()
+        refusal = self._gpus.refusal(wanted.gpus, wanted.gpu_type)
+        if refusal is not None:
+            bound.warning("apptainer.run.gpus_refused", reason=refusal)
+            self._stream.fail(run_id, Reason.NOT_ALLOWED, refusal)
+            return None
+        devices = await self._gpus.take(run_id, wanted.gpus, wanted.gpu_type)
+        if devices is None:
+            bound.info("apptainer.run.killed_waiting_for_gpus")
+            self._stream.publish(
+                RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
+            )
+            return None
+        bound.info("apptainer.run.gpus_taken", devices=list(devices))
+        return devices
 
     async def _adopt(self, paths: RunPaths, record: RunRecord) -> None:
         """A run with a record: launch it if it never was, else follow and report it."""
@@ -219,7 +251,7 @@ class ApptainerExecutor:
             return
         self._take_up(record, verdict)
 
-    def _prepare(self, spec: RunSpec, paths: RunPaths, sif: Path) -> None:
+    def _prepare(self, spec: RunSpec, paths: RunPaths, sif: Path, devices: tuple[str, ...]) -> None:
         """Write the run's files, env file and record (last: a record means "ready")."""
         mode = network_mode(spec, self._settings)
         argv = run_argv(
@@ -232,8 +264,8 @@ class ApptainerExecutor:
             euid=self._euid,
         )
         plan = supervisor_plan(argv=argv, spec=spec, settings=self._settings, mode=mode)
-        env_text = env_file_text(spec.environment)
-        labels = run_labels(spec, node_name=self._context.node_name)
+        env_text = env_file_text(spec.environment | gpu_environment(devices, self._settings))
+        labels = run_labels(spec, node_name=self._context.node_name) | devices_label(devices)
         traceparent = spec.trace_context.get("traceparent")
         if traceparent:
             labels[ANNOTATION_TRACEPARENT] = traceparent
@@ -307,6 +339,7 @@ class ApptainerExecutor:
         if record is None or not self._ours(record):
             if run_id in self._starting:
                 paths.files.mark_killed()  # start() checks this before and after launching
+                self._gpus.withdraw(run_id)  # a start waiting for GPUs ends its wait
                 log.info("apptainer.run.kill_requested", run_id=run_id, before_start=True)
             return
         verdict = phase_of(record)
@@ -333,6 +366,7 @@ class ApptainerExecutor:
     async def cleanup(self, run_id: int) -> None:
         """Stop following the run, end it if it still runs, and remove all its files."""
         self._gone.add(run_id)
+        self._gpus.release(run_id)
         self._unwatch(run_id)
         self._disarm(run_id)
         paths = self._paths(run_id)
@@ -379,6 +413,7 @@ class ApptainerExecutor:
 
     def _take_up(self, record: RunRecord, verdict: Verdict) -> None:
         run_id = record.run_id
+        self._gpus.observe(run_id, record.labels, ended=verdict.phase.is_terminal)
         if verdict.phase is Phase.RUNNING and record.supervisor is not None:
             self._follow(run_id, record.supervisor)
             self._stream.publish(RunEvent.now(run_id, Phase.RUNNING))
@@ -427,6 +462,7 @@ class ApptainerExecutor:
 
     def _publish(self, record: RunRecord, verdict: Verdict) -> None:
         run_id = record.run_id
+        self._gpus.observe(run_id, record.labels, ended=verdict.phase.is_terminal)
         if not verdict.phase.is_terminal:
             self._stream.publish(verdict.event(run_id))
             return

@@ -12,9 +12,18 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
 
 from executors.credentials import unscoped_credential
+from executors.devices import DeviceEntry, GpuDevice
 
 PullPolicy = Literal["always", "if-not-present", "never"]
 Firewall = Literal["nftables", "off"]
@@ -52,14 +61,35 @@ class PodmanSettings(BaseModel):
     run_gid: Annotated[int, Field(gt=0)] = 65532
     #: Size of the container's writable ``/tmp`` (the root file system is read-only).
     scratch_size_mb: Annotated[int, Field(gt=0)] = 1024
-    #: The CDI device kind GPUs are requested as (``<kind>=<index>``).
+    #: The CDI device kind a bare ``gpu_devices`` entry belongs to (``<kind>=<entry>``).
     cdi_gpu_kind: str = "nvidia.com/gpu"
+    #: The GPUs runs may have, as CDI devices (``nvidia-ctk cdi list`` names them):
+    #: ``nvidia.com/gpu=0``, a bare ``0`` (of ``cdi_gpu_kind``), or ``{device: ..., type:
+    #: a100}`` for profiles that ask for a ``gpu_type``. Each run gets its own; a run
+    #: waits (``starting``) while too few are free. Empty: GPU runs end ``not allowed``.
+    gpu_devices: list[DeviceEntry] = Field(default_factory=list)
     #: conmon's exit directory (``<podman tmp_dir>/exits``), watched for prompt exits;
     #: ``None`` (or a directory this process cannot read) leaves only the event stream.
     exits_dir: Path | None = Path("/run/libpod/exits")
     #: Upper bounds for one API call and one image pull; a stuck podman never hangs a run.
     api_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     pull_timeout_seconds: Annotated[float, Field(gt=0)] = 600.0
+
+    @field_validator("gpu_devices")
+    @classmethod
+    def _qualified(cls, devices: list[GpuDevice], info: ValidationInfo) -> list[GpuDevice]:
+        kind = info.data.get("cdi_gpu_kind", "nvidia.com/gpu")
+        qualified = [
+            device
+            if "=" in device.device
+            else device.model_copy(update={"device": f"{kind}={device.device}"})
+            for device in devices
+        ]
+        names = [device.device for device in qualified]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"device(s) {', '.join(twice)} listed more than once")
+        return qualified
 
     @property
     def socket_path(self) -> str:

@@ -16,6 +16,8 @@ Isolation, all of it on by default and none of it configurable per run:
   network databases: a database's host *name* is mapped to the gateway in the run's hosts
   file, for the databases the run asked for);
 * memory (swap included, so no swap), CPU quota and pids limits from ``spec.resources``;
+* GPUs: the CDI devices the executor chose for the run (``devices``, distinct from other
+  runs': :mod:`executors.devices`), also named in a label so a restart knows them;
 * the deadline as podman's ``timeout``: conmon kills the container with SIGKILL when it
   passes, even while the node is down, and records exit code -1.
 """
@@ -23,12 +25,13 @@ Isolation, all of it on by default and none of it configurable per run:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from executors.base import ANNOTATION_TRACEPARENT, LABEL_RUN, LABEL_TASK, run_labels
+from executors.devices import devices_label
 from executors.podman.config import PodmanSettings
 from executors.runfiles import RunFiles
 from executors.spec import (
@@ -72,9 +75,10 @@ def create_body(
     settings: PodmanSettings,
     node_name: str,
     files: RunFiles,
+    devices: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The libpod container-create body for one run."""
-    labels = run_labels(spec, node_name=node_name)
+    """The libpod container-create body for one run; ``devices``: its CDI device names."""
+    labels = run_labels(spec, node_name=node_name) | devices_label(devices)
     labels[LABEL_DEADLINE] = str(spec.deadline_seconds)
     annotations = dict(spec.annotations)
     traceparent = spec.trace_context.get("traceparent")
@@ -112,10 +116,8 @@ def create_body(
         hosts = _relayed_hosts(spec)
         if hosts:
             body["hostadd"] = hosts
-    if resources.gpus > 0:
-        body["devices"] = [
-            {"path": f"{settings.cdi_gpu_kind}={index}"} for index in range(resources.gpus)
-        ]
+    if devices:
+        body["devices"] = [{"path": name} for name in devices]
     return body
 
 

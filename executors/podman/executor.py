@@ -17,6 +17,10 @@ How a run goes, and where each step is observed:
 * ``kill`` records the request in the run's files, then sends SIGKILL; ``collect`` reads
   the output file and the container log, both bounded and the output never through a link
   (:mod:`executors.outputs`); ``cleanup`` removes container and files.
+* A run that asks for GPUs gets distinct CDI devices (``gpu_devices``) chosen by
+  :class:`~executors.devices.DeviceAllocator`; it waits, ``starting``, while too few are
+  free, and a container's label names its devices, so the relist after a restart tells
+  the allocator which are busy before anything starts.
 * A run that may call the proxy joins the runs' internal network, created once; before it
   does, :class:`~executors.podman.firewall.RunsFirewall` makes sure the host's nftables
   ruleset lets it reach only the proxy's port on the gateway (``firewall: nftables``).
@@ -53,6 +57,7 @@ from executors.base import (
     requested_databases,
 )
 from executors.credentials import credential_for
+from executors.devices import DeviceAllocator
 from executors.events import RunEventStream
 from executors.memory import GoneRuns, StartsInFlight
 from executors.podman.api import MIN_API_VERSION, LibpodClient, LibpodError, registry_auth
@@ -115,6 +120,7 @@ class PodmanExecutor:
         #: Network databases' relays by label, and each run's address they were opened to.
         self._relays: dict[str, DatabaseRelay] = {}
         self._addresses: dict[int, str] = {}
+        self._gpus = DeviceAllocator(settings.gpu_devices)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -222,14 +228,22 @@ class PodmanExecutor:
                 bound.error("podman.run.network_unavailable", error=str(exc))
                 self._stream.fail(run_id, Reason.START_FAILED, str(exc))
                 return
+        devices = await self._take_devices(spec, bound)
+        if devices is None:
+            return
         files = self._files(run_id)
         files.prepare(spec, owner=(self._settings.run_uid, self._settings.run_gid))
         body = create_body(
-            spec, settings=self._settings, node_name=self._context.node_name, files=files
+            spec,
+            settings=self._settings,
+            node_name=self._context.node_name,
+            files=files,
+            devices=devices,
         )
         try:
             container_id = await self._api.create_container(body)
         except LibpodError as exc:
+            self._gpus.release(run_id)
             if "already in use" in exc.message:  # another process started this run
                 existing = await self._inspect_once_created(name)
                 if existing is not None:
@@ -238,6 +252,9 @@ class PodmanExecutor:
             bound.error("podman.run.create_failed", error=exc.message)
             self._stream.fail(run_id, Reason.START_FAILED, f"podman refused the container: {exc}")
             return
+        except BaseException:
+            self._gpus.release(run_id)
+            raise
         self._run_of_container[container_id] = run_id
         if spec.proxy is not None and self._relays:
             try:
@@ -248,9 +265,31 @@ class PodmanExecutor:
                 return
         if files.killed:
             bound.info("podman.run.killed_before_start")
+            self._gpus.release(run_id)
             self._stream.publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED))
             return
         await self._start_created(name, run_id, bound)
+
+    async def _take_devices(self, spec: RunSpec, bound: Any) -> tuple[str, ...] | None:
+        """The run's GPUs (CDI names; none if it asks for none), waiting while too few are
+        free; ``None`` when it ended instead (it can never have them, or it was killed)."""
+        run_id, wanted = spec.run_id, spec.resources
+        if wanted.gpus == 0:
+            return ()
+        refusal = self._gpus.refusal(wanted.gpus, wanted.gpu_type)
+        if refusal is not None:
+            bound.warning("podman.run.gpus_refused", reason=refusal)
+            self._stream.fail(run_id, Reason.NOT_ALLOWED, refusal)
+            return None
+        devices = await self._gpus.take(run_id, wanted.gpus, wanted.gpu_type)
+        if devices is None:
+            bound.info("podman.run.killed_waiting_for_gpus")
+            self._stream.publish(
+                RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
+            )
+            return None
+        bound.info("podman.run.gpus_taken", devices=list(devices))
+        return devices
 
     async def _inspect_once_created(self, name: str) -> dict[str, Any] | None:
         """Inspect a container whose name podman reserved a moment ago.
@@ -323,6 +362,7 @@ class PodmanExecutor:
         if document is None:
             if run_id in self._starting:
                 files.mark_killed()  # start() checks this before it starts the container
+                self._gpus.withdraw(run_id)  # a start waiting for GPUs ends its wait
                 log.info("podman.run.kill_requested", run_id=run_id, before_start=True)
             return
         state = ContainerState.from_inspect(document)
@@ -364,6 +404,7 @@ class PodmanExecutor:
         """Remove the container and the run's files; later podman events about it are ignored."""
         self._gone.add(run_id)
         await self._close_databases(run_id)
+        self._gpus.release(run_id)
         try:
             await self._api.remove_container(self._name(run_id))
         except LibpodError as exc:
@@ -599,6 +640,7 @@ class PodmanExecutor:
         if verdict is None:
             return
         run_id = state.run_id
+        self._gpus.observe(run_id, state.labels, ended=verdict.phase.is_terminal)
         if verdict.phase.is_terminal:
             if self._stream.publish_end(
                 verdict.event(run_id),

@@ -35,7 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from executors.memory import GoneRuns
-from executors.spec import Phase, RunEvent
+from executors.spec import Phase, Resources, RunEvent
 from node.lifecycle.spec import LifecycleConfig
 from node.metrics import NodeMetrics, Occupancy
 from node.server.models import Run, RunStatus
@@ -63,6 +63,9 @@ class RunInFlight:
     finishing: bool = False
     execute_span: Span | None = None
     token: str | None = None
+    #: What the run was given (its resource profile's name, or None for the defaults).
+    resources: Resources | None = None
+    profile: str | None = None
     #: The server already holds the run's final status (its result uploaded before the
     #: node died, or killed by its user): its end is not uploaded again, only cleaned up.
     ended_on_server: bool = False

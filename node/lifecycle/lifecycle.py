@@ -31,7 +31,7 @@ from node.lifecycle.finish import Finisher
 from node.lifecycle.inflight import InFlight
 from node.lifecycle.reconcile import Reconciler
 from node.lifecycle.server import RUNTIME_PATIENCE_SECONDS, RunServer, StatusNotifier
-from node.lifecycle.spec import LifecycleConfig
+from node.lifecycle.spec import LifecycleConfig, describe_resources
 from node.lifecycle.start import Starter
 from node.logging import get_logger
 from node.metrics import NodeMetrics, Occupancy
@@ -263,3 +263,11 @@ class RunLifecycle:
     def waiting(self) -> dict[int, str]:
         """Runs the runtime holds in its queue (Kueue), with why they wait."""
         return self._inflight.waiting()
+
+    def resources_in_use(self) -> dict[str, str]:
+        """What each run in flight was given, by run id (for ``fednode status``)."""
+        return {
+            str(record.run_id): describe_resources(record.resources, profile=record.profile)
+            for record in self._inflight.runs.values()
+            if record.resources is not None
+        }

@@ -3,7 +3,8 @@
 :func:`build_spec` is the one place that decides what a run's container gets: the run's
 ids and image, its decrypted input, its token (and the sealed copy the executor keeps with
 the run), the vantage6 environment (databases, proxy address, trace context), the
-resources the admission policy granted and the node's deadline. It is pure — everything it
+resources the admission policy granted (the run's resource profile) and its deadline
+(the profile's, else the node's). It is pure — everything it
 needs is handed to it — so what a run is started with is testable without a server, a
 runtime or an event loop. :class:`LifecycleConfig` holds the node-level facts it reads.
 """
@@ -86,9 +87,24 @@ def build_spec(
         ),
         databases=config.databases,
         requested_databases=tuple(dict.fromkeys(db.label for db in task.databases if db.label)),
-        resources=Resources(cpu=granted.cpu, memory_mb=granted.memory_mb, gpus=granted.gpus),
-        deadline_seconds=config.deadline_seconds,
+        resources=Resources(
+            cpu=granted.cpu,
+            memory_mb=granted.memory_mb,
+            gpus=granted.gpus,
+            gpu_type=granted.gpu_type,
+        ),
+        deadline_seconds=granted.deadline_seconds or config.deadline_seconds,
         proxy=config.proxy,
         trace_context=trace_context,
         sealed_token=sealed_token,
     )
+
+
+def describe_resources(resources: Resources, *, profile: str | None) -> str:
+    """One line saying what a run was given, e.g. ``gpu-train: 2 CPU, 4096 MB, 1 GPU (a100)``."""
+    gpus = ""
+    if resources.gpus:
+        gpus = f", {resources.gpus} GPU" + (
+            f" ({resources.gpu_type})" if resources.gpu_type else ""
+        )
+    return f"{profile or '(defaults)'}: {resources.cpu:g} CPU, {resources.memory_mb} MB{gpus}"

@@ -4,8 +4,11 @@ A run the server assigns to this node, never started before, goes through
 :meth:`Starter.start` in this order:
 
 1. **admit** — the node's policies (:mod:`policies.admission`) accept the image, the
-   initiating organization and user, and grant resources; a refusal ends the run
-   ``not allowed`` with the policy's reason;
+   initiating organization and user, and grant resources (the run's resource profile,
+   else the defaults; a grant over a cap is refused); a refusal ends the run
+   ``not allowed`` with the policy's reason, also on the ``admit`` span
+   (``fednode.refused``); what was granted goes on the run's root span
+   (``fednode.resources.*``) and into ``fednode status``;
 2. **decrypt** the input with the node's private key (``failed`` if it cannot be);
 3. **wait for a slot** (``max_concurrent_runs``, FIFO); a run killed while it waited ends
    ``killed by user`` without a container;
@@ -40,6 +43,7 @@ import asyncio
 from opentelemetry import trace
 
 from executors.base import Executor, ExecutorError
+from executors.spec import RunSpec
 from node.crypto import CryptoError, Cryptor
 from node.lifecycle.finish import Finisher
 from node.lifecycle.inflight import InFlight, RunInFlight
@@ -148,6 +152,9 @@ class Starter:
             sealed_token=self._token_seal.seal(token, run_id=run.id, task_id=run.task.id),
             trace_context=trace_context,
         )
+        record.resources = spec.resources
+        record.profile = admitted.resources.profile
+        record.span.set_attributes(resource_attributes(spec, profile=record.profile))
         # Before the container: its first call to the proxy may come at once.
         self._inflight.admit_to_proxy(record, token, trace_context)
         with self._tracer.start_as_current_span(
@@ -190,4 +197,21 @@ class Starter:
                 databases=[db.label for db in run.task.databases],
             )
             span.set_attribute("fednode.admitted", isinstance(decision, Admitted))
+            if not isinstance(decision, Admitted):
+                span.set_attribute("fednode.refused", decision.reason)
         return decision if isinstance(decision, Admitted) else decision.reason
+
+
+def resource_attributes(spec: RunSpec, *, profile: str | None) -> dict[str, str | int | float]:
+    """What the run was given, as attributes of its trace's root span."""
+    resources = spec.resources
+    attributes: dict[str, str | int | float] = {
+        "fednode.resources.profile": profile or "(defaults)",
+        "fednode.resources.cpu": resources.cpu,
+        "fednode.resources.memory_mb": resources.memory_mb,
+        "fednode.resources.gpus": resources.gpus,
+        "fednode.resources.deadline_seconds": spec.deadline_seconds,
+    }
+    if resources.gpu_type:
+        attributes["fednode.resources.gpu_type"] = resources.gpu_type
+    return attributes

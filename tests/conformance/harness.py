@@ -50,6 +50,8 @@ class Behaviour:
     #: Attacks: replace the output with a link to this path; make it this large (sparse).
     output_link: str = ""
     output_size: int = 0
+    #: ``{"env": [names], "paths": [paths]}``: the output reports them (injected devices).
+    describe: dict[str, list[str]] = field(default_factory=dict)
 
     def to_input(self) -> bytes:
         return json.dumps(asdict(self)).encode()

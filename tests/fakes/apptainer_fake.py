@@ -468,7 +468,12 @@ def behave(container: Container) -> int:
     held = [b"\x01" * (1024 * 1024) for _ in range(int(behaviour.get("allocate_mb", 0)))]
     time.sleep(float(behaviour.get("sleep", 0)))
     output = container.env("OUTPUT_FILE")
-    container.write(output, str(behaviour.get("output", "")).encode())
+    text = str(behaviour.get("output", ""))
+    asked = behaviour.get("describe") or {}
+    if asked:  # the variables only: the fake has no devices to show
+        names = asked.get("env", [])
+        text = json.dumps({"env": {name: container.environment.get(name) for name in names}})
+    container.write(output, text.encode())
     del held
     if behaviour.get("output_size"):
         container.truncate(output, int(behaviour["output_size"]))

@@ -30,6 +30,7 @@ from executors.apptainer.executor import SUPERVISOR, ApptainerExecutor
 from executors.apptainer.records import RunPaths, process_stat, read_record
 from executors.base import ExecutorError
 from executors.credentials import RegistryCredential
+from executors.devices import LABEL_DEVICES
 from executors.spec import DatabaseMount, Phase, ProxyEndpoint, Reason, Resources, RunSpec
 from tests.conformance.apptainer_harness import BEHAVIOUR_IMAGE, ApptainerHarness
 from tests.conformance.harness import AVERAGE_CSV, Behaviour, EventRecorder
@@ -118,15 +119,68 @@ async def test_the_fake_apptainer_gets_the_isolating_command_line_and_the_env_fi
     assert (await executor.collect(1)).output == b"ok"
 
 
-async def test_gpus_reach_apptainer_as_nv(make: Callable[..., Coroutine[Any, Any, Made]]) -> None:
+GPU_REPORT = Behaviour(sleep=1, describe={"env": ["CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"]})
+
+
+async def test_gpu_runs_get_nv_and_their_own_cuda_visible_devices(
+    make: Callable[..., Coroutine[Any, Any, Made]],
+) -> None:
+    executor, events, harness = await make(gpu_devices=["0", "GPU-4f1c"])
+
+    for run_id in (1, 2):
+        spec = harness.spec(run_id, GPU_REPORT, resources=Resources(memory_mb=64, gpus=1))
+        await executor.start(spec)
+    ends = [await events.terminal(run_id, timeout=harness.slack) for run_id in (1, 2)]
+    seen = [json.loads((await executor.collect(r)).output)["env"] for r in (1, 2)]
+
+    assert [end.phase for end in ends] == [Phase.SUCCEEDED, Phase.SUCCEEDED]
+    assert sorted(env["CUDA_VISIBLE_DEVICES"] for env in seen) == ["0", "GPU-4f1c"]
+    for argv in run_calls(harness):
+        assert "--nv" in argv
+        assert flag_values(argv, "--memory") == [str(64 * 1024 * 1024)]
+    for run_id in (1, 2):  # each record names its devices, for a restarted node
+        record = read_record(RunPaths(harness.task_dir, run_id))
+        assert record is not None
+        assert record.labels[LABEL_DEVICES] == seen[run_id - 1]["CUDA_VISIBLE_DEVICES"]
+
+
+async def test_after_a_restart_a_gpu_run_waits_for_the_device_a_running_run_holds(
+    make: Callable[..., Coroutine[Any, Any, Made]],
+) -> None:
+    executor, events, harness = await make(gpu_devices=["3"], gpu_flag="rocm")
+    await executor.start(harness.spec(1, Behaviour(sleep=3), resources=Resources(gpus=1)))
+    await events.wait_for(1, Phase.RUNNING, timeout=harness.slack)
+    await events.aclose()
+    await executor.close()
+
+    restarted, events, harness = await make(gpu_devices=["3"], gpu_flag="rocm")
+    starting = asyncio.create_task(
+        restarted.start(harness.spec(2, GPU_REPORT, resources=Resources(gpus=1)))
+    )
+    await events.wait_for(2, Phase.STARTING, timeout=harness.slack)
+    launched_while_busy = len(run_calls(harness))
+    await events.terminal(1, timeout=harness.slack)
+    await starting
+    end = await events.terminal(2, timeout=harness.slack)
+    report = json.loads((await restarted.collect(2)).output)
+
+    assert launched_while_busy == 1  # only run 1's: run 2 waited for the device
+    assert end.phase is Phase.SUCCEEDED
+    assert "--rocm" in run_calls(harness)[-1]
+    assert report["env"] == {"CUDA_VISIBLE_DEVICES": None, "ROCR_VISIBLE_DEVICES": "3"}
+
+
+async def test_a_gpu_run_on_an_executor_without_gpus_ends_not_allowed(
+    make: Callable[..., Coroutine[Any, Any, Made]],
+) -> None:
     executor, events, harness = await make()
 
-    await executor.start(harness.spec(1, resources=Resources(memory_mb=64, gpus=1)))
-    await events.terminal(1, timeout=harness.slack)
+    await executor.start(harness.spec(1, resources=Resources(gpus=1)))
+    end = await events.terminal(1, timeout=harness.slack)
 
-    [argv] = run_calls(harness)
-    assert "--nv" in argv
-    assert flag_values(argv, "--memory") == [str(64 * 1024 * 1024)]
+    assert (end.phase, end.reason) == (Phase.FAILED, Reason.NOT_ALLOWED)
+    assert "executor.gpu_devices" in end.message
+    assert run_calls(harness) == []
 
 
 # -- images -------------------------------------------------------------------------------------

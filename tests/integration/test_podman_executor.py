@@ -323,13 +323,18 @@ async def test_pull_policy_always_pulls_even_a_local_image_and_reports_why_it_fa
 async def test_a_gpu_request_on_a_host_without_cdi_devices_fails_the_start_with_the_reason(
     make: Any,
 ) -> None:
-    executor, events, harness = await make()
+    executor, events, harness = await make(gpu_devices=["nvidia.com/gpu=0"])
+    unconfigured, unconfigured_events, _ = await make()
 
     await executor.start(harness.spec(1, resources=Resources(gpus=1)))
+    await unconfigured.start(harness.spec(2, resources=Resources(gpus=1)))
     end = await events.terminal(1, timeout=30)
+    refused = await unconfigured_events.terminal(2, timeout=30)
 
     assert (end.phase, end.reason) == (Phase.FAILED, Reason.START_FAILED)
     assert "nvidia.com/gpu=0" in end.message
+    assert (refused.phase, refused.reason) == (Phase.FAILED, Reason.NOT_ALLOWED)
+    assert "executor.gpu_devices" in refused.message
 
 
 async def test_without_the_exit_watch_the_event_stream_alone_reports_every_end(

@@ -14,6 +14,7 @@ and nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -90,15 +91,20 @@ def _fail(reason: str) -> NoReturn:
 
 
 def _start_service(
-    socket_path: Path, *, env: dict[str, str] | None = None
+    socket_path: Path, *, env: dict[str, str] | None = None, cdi_dir: Path | None = None
 ) -> subprocess.Popen[bytes]:
+    """``podman system service`` on ``socket_path``; with ``cdi_dir``, one that finds its
+    CDI specs there (see :func:`start_cdi_service`)."""
     podman = shutil.which("podman")
     if podman is None:
         _fail("podman is not installed")
+    command = [str(podman), "system", "service", "--time=0", f"unix://{socket_path}"]
+    if cdi_dir is not None:
+        command = _in_own_cdi_dir(command, cdi_dir)
     log_path = socket_path.with_name("service.log")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(podman), "system", "service", "--time=0", f"unix://{socket_path}"],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -119,6 +125,51 @@ def _start_service(
             _fail(f"`podman system service` did not answer /_ping within {START_TIMEOUT:.0f} s")
         time.sleep(0.05)
     return process
+
+
+#: Where podman 4.3 reads CDI specs; it has no setting for another folder (``cdi_spec_dirs``
+#: came with podman 4.5).
+CDI_RUNTIME_DIR = Path("/run/cdi")
+
+
+def _in_own_cdi_dir(command: list[str], cdi_dir: Path) -> list[str]:
+    """``command`` in a mount namespace of its own where ``/run/cdi`` is ``cdi_dir``.
+
+    podman 4.3 reads CDI specs only from ``/etc/cdi`` and ``/run/cdi``, so the service is
+    pointed at the test's folder by a bind mount over ``/run/cdi`` that only it sees (the
+    host's ``/run/cdi`` is created, empty, as the mount point, and left empty). Mounts
+    propagate into that namespace (``slave``), none out of it.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        _fail("unshare (util-linux) is not installed")
+    CDI_RUNTIME_DIR.mkdir(parents=True, exist_ok=True)
+    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    return [
+        unshare,
+        "--mount",
+        "--propagation",
+        "slave",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        str(cdi_dir),
+        str(CDI_RUNTIME_DIR),
+        *command,
+    ]
+
+
+@contextlib.contextmanager
+def cdi_service(directory: Path, cdi_dir: Path) -> Iterator[Path]:
+    """A second podman service (same storage and images) whose CDI specs are ``cdi_dir``'s;
+    yields its socket and stops it at the end."""
+    socket_path = directory / "podman-cdi.sock"
+    process = _start_service(socket_path, cdi_dir=cdi_dir)
+    try:
+        yield socket_path
+    finally:
+        _stop_service(process)
 
 
 def _stop_service(process: subprocess.Popen[bytes]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from executors.base import ANNOTATION_TRACEPARENT, LABEL_NODE, LABEL_RUN, LABEL_TASK
+from executors.devices import LABEL_DEVICES, devices_of
 from executors.podman.config import PodmanSettings
 from executors.podman.containers import (
     LABEL_DEADLINE,
@@ -121,18 +122,35 @@ def test_a_run_with_a_proxy_joins_the_internal_network_instead_of_none() -> None
     assert settings.network_gateway == "10.213.0.1"
 
 
-@pytest.mark.parametrize(
-    ("gpus", "devices"),
-    [
-        (0, None),
-        (1, [{"path": "nvidia.com/gpu=0"}]),
-        (2, [{"path": "nvidia.com/gpu=0"}, {"path": "nvidia.com/gpu=1"}]),
-    ],
-)
-def test_gpus_are_requested_as_cdi_devices(gpus: int, devices: list[dict[str, str]] | None) -> None:
-    body = body_of(spec(resources=Resources(gpus=gpus, gpu_type="a100")))
+def test_the_devices_chosen_for_a_run_are_requested_as_cdi_devices_and_labelled() -> None:
+    run = spec(resources=Resources(gpus=2, gpu_type="a100"))
+    chosen = ("nvidia.com/gpu=3", "nvidia.com/gpu=1")
 
-    assert body.get("devices") == devices
+    body = create_body(
+        run,
+        settings=PodmanSettings(),
+        node_name="hospital-a",
+        files=RunFiles(Path("/srv/tasks"), run.run_id),
+        devices=chosen,
+    )
+
+    assert body["devices"] == [{"path": "nvidia.com/gpu=3"}, {"path": "nvidia.com/gpu=1"}]
+    assert devices_of(body["labels"]) == chosen
+    assert "devices" not in body_of(spec()) and LABEL_DEVICES not in body_of(spec())["labels"]
+
+
+def test_bare_gpu_devices_are_of_the_cdi_kind_and_typed_ones_keep_their_type() -> None:
+    settings = PodmanSettings(
+        cdi_gpu_kind="amd.com/gpu",
+        gpu_devices=["0", {"device": "nvidia.com/gpu=GPU-1", "type": "a100"}],
+    )
+
+    assert [(d.device, d.type) for d in settings.gpu_devices] == [
+        ("amd.com/gpu=0", None),
+        ("nvidia.com/gpu=GPU-1", "a100"),
+    ]
+    with pytest.raises(ValueError, match="listed more than once"):
+        PodmanSettings(gpu_devices=["0", "nvidia.com/gpu=0"])
 
 
 def test_container_names_are_valid_for_podman_whatever_the_node_is_called() -> None:

@@ -8,7 +8,10 @@ for those not set). Two keys play an
 attacker: ``output_link`` replaces the output file with a symbolic link to that path (as
 ``ln -sf``; exit code 17 with the error when the runtime does not let it), and
 ``output_size`` makes the output that many bytes long without writing them (a sparse
-file). It follows the
+file). ``describe`` (``{"env": [names], "paths": [paths]}``) makes the output a JSON
+report of those variables and of what each path is (``char`` device with its numbers,
+``file`` with its first bytes, or ``missing``): what a runtime injected (GPU devices). It
+follows the
 vantage6 4.x file contract (``INPUT_FILE``, ``OUTPUT_FILE``; values may be base32-encoded
 with ``=`` as ``!``), so every executor runs it like any algorithm.
 """
@@ -17,6 +20,7 @@ import base64
 import binascii
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -33,6 +37,23 @@ def env(name):
         return value
 
 
+def describe(asked):
+    report = {"env": {name: os.environ.get(name) for name in asked.get("env", [])}, "paths": {}}
+    for path in asked.get("paths", []):
+        try:
+            mode = Path(path).stat()
+        except OSError:
+            report["paths"][path] = {"kind": "missing"}
+            continue
+        if stat.S_ISCHR(mode.st_mode):
+            device = f"{os.major(mode.st_rdev)}:{os.minor(mode.st_rdev)}"
+            report["paths"][path] = {"kind": "char", "device": device}
+        else:
+            with Path(path).open("rb") as handle:
+                report["paths"][path] = {"kind": "file", "text": handle.read(64).decode()}
+    return report
+
+
 def main():
     raw = Path(env("INPUT_FILE")).read_bytes()
     behaviour = json.loads(raw) if raw.strip() else {}
@@ -43,11 +64,13 @@ def main():
         held.append(b"\x01" * (1024 * 1024))  # written, so the pages are really used
     time.sleep(float(behaviour.get("sleep", 0)))
     output = Path(env("OUTPUT_FILE"))
+    text = str(behaviour.get("output", ""))
     if "env" in behaviour:
         seen = {name: env(name) if name in os.environ else None for name in behaviour["env"]}
-        output.write_text(json.dumps(seen))
-    else:
-        output.write_text(str(behaviour.get("output", "")))
+        text = json.dumps(seen)
+    if behaviour.get("describe"):
+        text = json.dumps(describe(behaviour["describe"]))
+    output.write_text(text)
     if behaviour.get("output_size"):
         os.truncate(output, int(behaviour["output_size"]))
     if behaviour.get("output_link"):
