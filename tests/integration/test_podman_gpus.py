@@ -1,11 +1,11 @@
 """GPU runs on real podman through CDI, with STAND-IN devices (this machine has no GPU).
 
-A CDI spec written by the test (``fednode-test.example/gpu``) describes two "GPUs": each
-injects a device node (``/dev/fakegpu<n>``, really the host's ``/dev/null`` or
+A CDI spec written by the test peer (``fednode-test.example/gpu``) describes two "GPUs":
+each injects a device node (``/dev/fakegpu<n>``, really the host's ``/dev/null`` or
 ``/dev/zero``), an environment variable and a bound file naming it — the three kinds of
 edit NVIDIA's generated specs make. A podman service of its own reads the spec from the
-test's folder (``tests/peers/podman.py``, ``cdi_service``); the images and storage are the
-shared podman's. What the container saw comes back as its output (``behave.py``,
+test's folder (``tests/peers/podman.py``, ``podman_gpu_service``); the images and storage
+are the shared podman's. What the container saw comes back as its output (``behave.py``,
 ``describe``). Whether a real GPU is usable inside is ``scripts/gpu-check``'s to show.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,18 @@ from executors.spec import Phase, Reason, Resources
 from tests.conformance.harness import Behaviour, EventRecorder
 from tests.conformance.podman_harness import PodmanHarness, build_behaviour_image
 from tests.integration.test_podman_executor import inspect
-from tests.peers.podman import PodmanService, cdi_service
+from tests.peers.podman import (
+    STAND_IN_GPU_KIND,
+    STAND_IN_GPUS,
+    PodmanGpuService,
+    PodmanService,
+)
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
-KIND = "fednode-test.example/gpu"
+KIND = STAND_IN_GPU_KIND
 GPU0, GPU1 = f"{KIND}=0", f"{KIND}=1"
-HOST_NODES = {"0": ("/dev/null", "1:3"), "1": ("/dev/zero", "1:5")}
+HOST_NODES = STAND_IN_GPUS
 SEEN = Behaviour(
     sleep=2,
     describe={
@@ -45,46 +50,16 @@ SEEN = Behaviour(
 
 
 @pytest.fixture(scope="module")
-def cdi_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A podman service whose CDI specs are one written here: two stand-in GPUs."""
-    folder = tmp_path_factory.mktemp("cdi")
-    specs = folder / "specs"
-    specs.mkdir()
-    devices = []
-    for name, (host_node, _) in HOST_NODES.items():
-        id_file = folder / f"id{name}"
-        id_file.write_text(f"gpu-{name}")
-        id_file.chmod(0o644)
-        devices.append(
-            {
-                "name": name,
-                "containerEdits": {
-                    "env": [f"FAKE_GPU_VISIBLE={name}"],
-                    "deviceNodes": [{"path": f"/dev/fakegpu{name}", "hostPath": host_node}],
-                    "mounts": [
-                        {
-                            "hostPath": str(id_file),
-                            "containerPath": "/run/fakegpu/id",
-                            "options": ["ro", "bind"],
-                        }
-                    ],
-                },
-            }
-        )
-    spec = {"cdiVersion": "0.5.0", "kind": KIND, "devices": devices}
-    (specs / "fednode-test.json").write_text(json.dumps(spec))
-    with cdi_service(folder, specs) as socket_path:
-        yield socket_path
-
-
-@pytest.fixture(scope="module")
 def behaviour(podman_service: PodmanService) -> str:
     return build_behaviour_image(podman_service)
 
 
 @pytest.fixture
 async def make(
-    podman_service: PodmanService, behaviour: str, cdi_socket: Path, tmp_path: Path
+    podman_service: PodmanService,
+    behaviour: str,
+    podman_gpu_service: PodmanGpuService,
+    tmp_path: Path,
 ) -> AsyncIterator[Any]:
     """``await make(**settings)`` → (executor, recorder, harness) on the CDI service; all
     closed, and the containers removed, afterwards. Each call is one node process of the
@@ -100,7 +75,7 @@ async def make(
     async def _make(
         **settings: Any,
     ) -> tuple[PodmanExecutor, EventRecorder, PodmanHarness]:
-        harness.settings = PodmanSettings(socket=f"unix://{cdi_socket}", **settings)
+        harness.settings = PodmanSettings(socket=podman_gpu_service.url, **settings)
         executor = await harness.open_executor()
         recorder = EventRecorder(executor)
         opened.append((executor, recorder))

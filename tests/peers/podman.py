@@ -7,6 +7,11 @@ built images are there; and stops the service it started at the end of the sessi
 the end it also removes the nftables tables the executor made for the default runs'
 network (the nodes under test leave them in place when they stop, as a node should).
 
+``podman_gpu_service`` (session scope) starts a second service, on the same storage and
+images, in a mount namespace of its own where podman's CDI folder ``/run/cdi`` is a test
+folder holding a spec of two STAND-IN GPUs (device nodes that are really ``/dev/null``
+and ``/dev/zero``): GPU runs go through real CDI injection on a machine without a GPU.
+
 Podman and the images come from ``scripts/podman-setup``. When either is missing the
 tests that use this peer fail with the reason and that command: they are never skipped,
 and nothing is mocked.
@@ -14,8 +19,8 @@ and nothing is mocked.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -160,14 +165,70 @@ def _in_own_cdi_dir(command: list[str], cdi_dir: Path) -> list[str]:
     ]
 
 
-@contextlib.contextmanager
-def cdi_service(directory: Path, cdi_dir: Path) -> Iterator[Path]:
-    """A second podman service (same storage and images) whose CDI specs are ``cdi_dir``'s;
-    yields its socket and stops it at the end."""
-    socket_path = directory / "podman-cdi.sock"
-    process = _start_service(socket_path, cdi_dir=cdi_dir)
+#: The CDI kind of the stand-in GPUs (:func:`podman_gpu_service`).
+STAND_IN_GPU_KIND = "fednode-test.example/gpu"
+#: Each stand-in GPU's name → the host device node it really is and its numbers.
+STAND_IN_GPUS = {"0": ("/dev/null", "1:3"), "1": ("/dev/zero", "1:5")}
+
+
+@dataclass(frozen=True)
+class PodmanGpuService:
+    """A podman service whose CDI registry has two stand-in GPUs (no GPU here)."""
+
+    socket_path: Path
+    kind: str = STAND_IN_GPU_KIND
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def device(self, name: str) -> str:
+        return f"{self.kind}={name}"
+
+
+def write_stand_in_gpus(folder: Path) -> Path:
+    """A CDI spec of two STAND-IN GPUs, in ``folder/specs``; returns that folder.
+
+    Each device makes the edits NVIDIA's generated specs make, with harmless values: a
+    device node ``/dev/fakegpu<n>`` (really ``/dev/null`` or ``/dev/zero``), an
+    environment variable ``FAKE_GPU_VISIBLE=<n>`` and a bound file ``/run/fakegpu/id``
+    holding ``gpu-<n>``.
+    """
+    specs = folder / "specs"
+    specs.mkdir(exist_ok=True)
+    devices = []
+    for name, (host_node, _) in STAND_IN_GPUS.items():
+        id_file = folder / f"id{name}"
+        id_file.write_text(f"gpu-{name}")
+        id_file.chmod(0o644)
+        edits = {
+            "env": [f"FAKE_GPU_VISIBLE={name}"],
+            "deviceNodes": [{"path": f"/dev/fakegpu{name}", "hostPath": host_node}],
+            "mounts": [
+                {
+                    "hostPath": str(id_file),
+                    "containerPath": "/run/fakegpu/id",
+                    "options": ["ro", "bind"],
+                }
+            ],
+        }
+        devices.append({"name": name, "containerEdits": edits})
+    spec = {"cdiVersion": "0.5.0", "kind": STAND_IN_GPU_KIND, "devices": devices}
+    (specs / "fednode-test.json").write_text(json.dumps(spec))
+    return specs
+
+
+@pytest.fixture(scope="session")
+def podman_gpu_service(
+    podman_service: PodmanService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PodmanGpuService]:
+    """A second podman service (the same storage and images as ``podman_service``) whose
+    CDI specs are a test folder's: two stand-in GPUs (:func:`write_stand_in_gpus`)."""
+    folder = tmp_path_factory.mktemp("podman-gpu")
+    socket_path = folder / "podman.sock"
+    process = _start_service(socket_path, cdi_dir=write_stand_in_gpus(folder))
     try:
-        yield socket_path
+        yield PodmanGpuService(socket_path)
     finally:
         _stop_service(process)
 
