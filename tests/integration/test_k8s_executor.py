@@ -36,7 +36,7 @@ from executors.kubernetes.client import KubeClient, KubeError, connect
 from executors.kubernetes.executor import KubernetesExecutor, run_network_policy_manifests
 from executors.kubernetes.manifests import job_name, secret_name
 from executors.kubernetes.rbac import ROLE_RULES, proxy_service_rule, role_rules
-from executors.spec import Phase, ProxyEndpoint, Reason
+from executors.spec import Phase, ProxyEndpoint, Reason, Resources
 from tests.integration.k8s_executor_helpers import (
     EventLog,
     chart_network_policies,
@@ -439,6 +439,35 @@ async def test_a_gpu_run_lands_on_the_gpu_node_and_the_next_waits_while_gpus_are
     assert pods.items[0].spec.node_name == GPU_NODE
     await executor.kill(11)
     await events.wait_terminal([10, 11])
+
+
+async def test_a_run_asking_for_a_gpu_type_no_node_has_waits_unscheduled_with_the_selector(
+    k8s_namespace: str, role_kubeconfig: Path, task_dir: Path, admin: Any
+) -> None:
+    executor = KubernetesExecutor(
+        settings_for(k8s_namespace, role_kubeconfig, gpu_type_label="nvidia.com/gpu.product"),
+        context=ExecutorContext(node_name=NODE, task_dir=task_dir),
+    )
+    await executor.open()
+    try:
+        with EventLog(executor, task_dir) as events:
+            spec = make_spec(12, annotations={POD_RUN_SECONDS: "forever"}, gpus=1)
+            typed = Resources(cpu=0.5, memory_mb=256, gpus=1, gpu_type="NVIDIA-H100-80GB-HBM3")
+            await executor.start(spec.model_copy(update={"resources": typed}))
+            await asyncio.sleep(3)
+            pods = await client.CoreV1Api(admin).list_namespaced_pod(
+                k8s_namespace, label_selector=f"{LABEL_RUN}=12"
+            )
+            phases = events.phases(12)
+            await executor.kill(12)
+            await events.wait_terminal([12])
+    finally:
+        await executor.close()
+
+    (pod,) = pods.items
+    assert pod.spec.node_selector["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert pod.spec.node_name is None  # the kwok GPU node has no H100: no node fits
+    assert phases == [Phase.STARTING]
 
 
 # -- least privilege and isolation ----------------------------------------------------------
