@@ -228,6 +228,32 @@ def keys_create(
     sys.stdout.write(public)
 
 
+@app.command("gpu-check")
+def gpu_check(
+    config: ConfigOption,
+    image: Annotated[
+        str, typer.Option(help="An image whose entry point writes `nvidia-smi -L` to its output.")
+    ],
+    runs: Annotated[int, typer.Option(min=1, help="Runs started at once.")] = 2,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs each run asks for.")] = 1,
+    timeout: Annotated[float, typer.Option(help="Seconds the runs may take.")] = 300.0,
+) -> None:
+    """Check that runs see exactly the GPUs they are given, through this node's executor."""
+    import asyncio
+
+    from node.gpu_check import check
+    from node.logging import configure_logging
+
+    settings = load_or_exit(config)
+    configure_logging(level="WARNING", fmt=settings.logging.format)
+    verdict = asyncio.run(check(settings, image=image, runs=runs, gpus=gpus, seconds=timeout))
+    for line in verdict.lines:
+        typer.echo(line)
+    typer.echo(f"gpu-check: {'PASSED' if verdict.passed else 'FAILED'}")
+    if not verdict.passed:
+        raise typer.Exit(1)
+
+
 @config_app.command("check")
 def config_check(config: ConfigOption) -> None:
     """Validate a configuration; print the effective configuration with secrets redacted."""

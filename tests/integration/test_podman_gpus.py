@@ -44,7 +44,7 @@ SEEN = Behaviour(
     sleep=2,
     describe={
         "env": ["FAKE_GPU_VISIBLE"],
-        "paths": ["/dev/fakegpu0", "/dev/fakegpu1", "/run/fakegpu/id"],
+        "paths": ["/dev/fakegpu0", "/dev/fakegpu1", "/run/fakegpu/gpu0", "/run/fakegpu/gpu1"],
     },
 )
 
@@ -122,7 +122,11 @@ async def test_concurrent_gpu_runs_see_their_own_cdi_device_and_environment_only
             "device": HOST_NODES[mine][1],
         }
         assert report["paths"][f"/dev/fakegpu{other}"] == {"kind": "missing"}
-        assert report["paths"]["/run/fakegpu/id"] == {"kind": "file", "text": f"gpu-{mine}"}
+        assert report["paths"][f"/run/fakegpu/gpu{mine}"] == {
+            "kind": "file",
+            "text": f"GPU-stand-in-{mine}",
+        }
+        assert report["paths"][f"/run/fakegpu/gpu{other}"] == {"kind": "missing"}
 
 
 async def test_a_gpu_run_waits_while_the_devices_are_busy_and_gets_the_one_freed(

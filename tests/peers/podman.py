@@ -186,36 +186,57 @@ class PodmanGpuService:
         return f"{self.kind}={name}"
 
 
+#: A FAKE ``nvidia-smi -L``: one line per stand-in GPU file the container was given.
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# A FAKE nvidia-smi (fednode tests): lists the stand-in GPUs this container was given.
+[ "$1" = "-L" ] || { echo "fake nvidia-smi: only -L" >&2; exit 2; }
+i=0
+for gpu in /run/fakegpu/gpu*; do
+  [ -e "$gpu" ] || continue
+  echo "GPU $i: Stand-in GPU (UUID: $(cat "$gpu"))"
+  i=$((i + 1))
+done
+"""
+
+
 def write_stand_in_gpus(folder: Path) -> Path:
     """A CDI spec of two STAND-IN GPUs, in ``folder/specs``; returns that folder.
 
     Each device makes the edits NVIDIA's generated specs make, with harmless values: a
     device node ``/dev/fakegpu<n>`` (really ``/dev/null`` or ``/dev/zero``), an
-    environment variable ``FAKE_GPU_VISIBLE=<n>`` and a bound file ``/run/fakegpu/id``
-    holding ``gpu-<n>``.
+    environment variable ``FAKE_GPU_VISIBLE=<n>`` and a bound file ``/run/fakegpu/gpu<n>``
+    holding its UUID ``GPU-stand-in-<n>``; and, for every GPU container, a FAKE
+    ``nvidia-smi`` at ``/usr/local/bin/nvidia-smi`` (as NVIDIA's spec binds the host's)
+    whose ``-L`` lists those files, so ``fednode gpu-check`` runs here too.
     """
     specs = folder / "specs"
     specs.mkdir(exist_ok=True)
+    smi = folder / "nvidia-smi"
+    smi.write_text(FAKE_NVIDIA_SMI)
+    smi.chmod(0o755)
     devices = []
     for name, (host_node, _) in STAND_IN_GPUS.items():
-        id_file = folder / f"id{name}"
-        id_file.write_text(f"gpu-{name}")
+        id_file = folder / f"gpu{name}"
+        id_file.write_text(f"GPU-stand-in-{name}")
         id_file.chmod(0o644)
         edits = {
             "env": [f"FAKE_GPU_VISIBLE={name}"],
             "deviceNodes": [{"path": f"/dev/fakegpu{name}", "hostPath": host_node}],
-            "mounts": [
-                {
-                    "hostPath": str(id_file),
-                    "containerPath": "/run/fakegpu/id",
-                    "options": ["ro", "bind"],
-                }
-            ],
+            "mounts": [_bind(id_file, f"/run/fakegpu/gpu{name}")],
         }
         devices.append({"name": name, "containerEdits": edits})
-    spec = {"cdiVersion": "0.5.0", "kind": STAND_IN_GPU_KIND, "devices": devices}
+    spec = {
+        "cdiVersion": "0.5.0",
+        "kind": STAND_IN_GPU_KIND,
+        "devices": devices,
+        "containerEdits": {"mounts": [_bind(smi, "/usr/local/bin/nvidia-smi")]},
+    }
     (specs / "fednode-test.json").write_text(json.dumps(spec))
     return specs
+
+
+def _bind(host: Path, container: str) -> dict[str, object]:
+    return {"hostPath": str(host), "containerPath": container, "options": ["ro", "bind"]}
 
 
 @pytest.fixture(scope="session")
