@@ -75,10 +75,23 @@ FULL_VALUES: dict[str, Any] = {
             "defaultMemoryMb": 512,
             "maxCpu": 8,
             "maxMemoryMb": 2000000,
+            "defaultGpus": 1,
             "maxGpus": 2,
             "defaultDeadlineSeconds": 7200,
+            "profiles": [
+                {
+                    "name": "training",
+                    "images": ["registry\\.example\\.org/ml/.*"],
+                    "cpu": 4,
+                    "memoryMb": 16384,
+                    "gpus": 2,
+                    "gpuType": "NVIDIA-H100-80GB-HBM3",
+                    "deadlineSeconds": 3600,
+                }
+            ],
         },
     },
+    "algorithmDeviceRequests": {"gpu": True},
     "maxConcurrentRuns": 8,
     "runs": {
         "runAsUser": 20001,
