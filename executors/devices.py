@@ -29,6 +29,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
+from executors.events import RunEventStream
+from executors.spec import Phase, Reason, RunEvent, RunSpec
+
 #: The label (container label, run record label) naming the devices a run holds.
 LABEL_DEVICES = "fednode.io/gpu-devices"
 
@@ -89,6 +92,30 @@ class DeviceAllocator:
             f"the run asks for {count} GPU(s){kind}; this executor has {len(have)} "
             f"(executor.gpu_devices)"
         )
+
+    async def take_for(
+        self, spec: RunSpec, *, stream: RunEventStream, log: Any
+    ) -> tuple[str, ...] | None:
+        """The devices of ``spec``'s run (none if it asks for none), waiting while too few
+        are free; ``None`` when the run ended instead, its end published on ``stream``:
+        ``not allowed`` (it can never have them here) or ``killed`` (while it waited)."""
+        run_id, wanted = spec.run_id, spec.resources
+        if wanted.gpus == 0:
+            return ()
+        refusal = self.refusal(wanted.gpus, wanted.gpu_type)
+        if refusal is not None:
+            log.warning("run.gpus_refused", reason=refusal)
+            stream.fail(run_id, Reason.NOT_ALLOWED, refusal)
+            return None
+        devices = await self.take(run_id, wanted.gpus, wanted.gpu_type)
+        if devices is None:
+            log.info("run.killed_waiting_for_gpus")
+            stream.publish(
+                RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
+            )
+            return None
+        log.info("run.gpus_taken", devices=list(devices))
+        return devices
 
     async def take(self, run_id: int, count: int, gpu_type: str | None) -> tuple[str, ...] | None:
         """``count`` free devices of ``gpu_type`` for ``run_id``, waiting until there are.

@@ -199,7 +199,7 @@ class ApptainerExecutor:
             bound.warning("apptainer.run.image_unavailable", image=spec.image, error=str(exc))
             self._stream.fail(run_id, Reason.IMAGE_NOT_FOUND, str(exc))
             return
-        devices = await self._take_devices(spec, bound)
+        devices = await self._gpus.take_for(spec, stream=self._stream, log=bound)
         if devices is None:
             return
         try:
@@ -220,27 +220,6 @@ class ApptainerExecutor:
             )
             return
         await self._launch(paths, deadline_seconds=spec.deadline_seconds)
-
-    async def _take_devices(self, spec: RunSpec, bound: Any) -> tuple[str, ...] | None:
-        """The run's GPUs (none if it asks for none), waiting while too few are free;
-        ``None`` when it ended instead (it can never have them, or it was killed)."""
-        run_id, wanted = spec.run_id, spec.resources
-        if wanted.gpus == 0:
-            return ()
-        refusal = self._gpus.refusal(wanted.gpus, wanted.gpu_type)
-        if refusal is not None:
-            bound.warning("apptainer.run.gpus_refused", reason=refusal)
-            self._stream.fail(run_id, Reason.NOT_ALLOWED, refusal)
-            return None
-        devices = await self._gpus.take(run_id, wanted.gpus, wanted.gpu_type)
-        if devices is None:
-            bound.info("apptainer.run.killed_waiting_for_gpus")
-            self._stream.publish(
-                RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
-            )
-            return None
-        bound.info("apptainer.run.gpus_taken", devices=list(devices))
-        return devices
 
     async def _adopt(self, paths: RunPaths, record: RunRecord) -> None:
         """A run with a record: launch it if it never was, else follow and report it."""

@@ -228,7 +228,7 @@ class PodmanExecutor:
                 bound.error("podman.run.network_unavailable", error=str(exc))
                 self._stream.fail(run_id, Reason.START_FAILED, str(exc))
                 return
-        devices = await self._take_devices(spec, bound)
+        devices = await self._gpus.take_for(spec, stream=self._stream, log=bound)
         if devices is None:
             return
         files = self._files(run_id)
@@ -269,27 +269,6 @@ class PodmanExecutor:
             self._stream.publish(RunEvent.now(run_id, Phase.KILLED, Reason.KILLED))
             return
         await self._start_created(name, run_id, bound)
-
-    async def _take_devices(self, spec: RunSpec, bound: Any) -> tuple[str, ...] | None:
-        """The run's GPUs (CDI names; none if it asks for none), waiting while too few are
-        free; ``None`` when it ended instead (it can never have them, or it was killed)."""
-        run_id, wanted = spec.run_id, spec.resources
-        if wanted.gpus == 0:
-            return ()
-        refusal = self._gpus.refusal(wanted.gpus, wanted.gpu_type)
-        if refusal is not None:
-            bound.warning("podman.run.gpus_refused", reason=refusal)
-            self._stream.fail(run_id, Reason.NOT_ALLOWED, refusal)
-            return None
-        devices = await self._gpus.take(run_id, wanted.gpus, wanted.gpu_type)
-        if devices is None:
-            bound.info("podman.run.killed_waiting_for_gpus")
-            self._stream.publish(
-                RunEvent.now(run_id, Phase.KILLED, Reason.KILLED, message="killed before start")
-            )
-            return None
-        bound.info("podman.run.gpus_taken", devices=list(devices))
-        return devices
 
     async def _inspect_once_created(self, name: str) -> dict[str, Any] | None:
         """Inspect a container whose name podman reserved a moment ago.
