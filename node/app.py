@@ -21,21 +21,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Tracer
+from pydantic import BaseModel
 
 from common.backoff import Backoff
-from executors.base import DatabaseRelaying, Executor, ExecutorContext, ExecutorError
+from executors.base import (
+    DatabaseRelaying,
+    Executor,
+    ExecutorContext,
+    ExecutorError,
+    ProxyPlacement,
+)
 from executors.outputs import OutputLimits
 from executors.registry import load_factory
 from executors.spec import DatabaseMount, ProxyEndpoint
 from node.admin import AdminServer
 from node.background import RootTasks
 from node.crypto import CryptoError, Cryptor, RSACryptor, cryptor_for
+from node.executor_set import ExecutorSet, Route, Routes
 from node.health import make_health_app
 from node.lifecycle import LifecycleConfig, RunLifecycle
 from node.logging import direct_logger, get_logger
@@ -98,6 +107,8 @@ class Node:
         self.task_origins = TaskOrigins()
         self.ready = asyncio.Event()
         self._advertised_proxy: ProxyEndpoint | None = None
+        #: By executor name, with ``executors:`` (one executor: under "").
+        self._advertised_proxies: dict[str, ProxyEndpoint] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; raises :class:`NodeStartError` on fatal set-up errors."""
@@ -273,7 +284,10 @@ class Node:
             "ready": not missing,
             "missing": missing,
             "name": self.settings.name,
-            "executor": self.settings.executor_kind,
+            "executor": ", ".join(
+                f"{entry.name} ({entry.kind})" if entry.name != entry.kind else entry.kind
+                for entry in self.settings.executor_entries
+            ),
             "node_id": identity.id if identity else None,
             "organization_id": identity.organization_id if identity else None,
             "collaboration_id": identity.collaboration_id if identity else None,
@@ -344,10 +358,20 @@ class Node:
         return cryptor
 
     def _make_executor(self) -> Executor:
+        """The configured executor; with ``executors:``, all of them as one set."""
+        entries = self.settings.executor_entries
+        if self.settings.executors is None:
+            return self._make_one(entries[0].kind, entries[0].settings)
+        return ExecutorSet(
+            {entry.name: self._make_one(entry.kind, entry.settings) for entry in entries},
+            default=entries[0].name,
+        )
+
+    def _make_one(self, kind: str, executor_settings: BaseModel) -> Executor:
         settings = self.settings
-        factory = load_factory(settings.executor_kind)
+        factory = load_factory(kind)
         return factory(
-            settings.executor,
+            executor_settings,
             context=ExecutorContext(
                 node_name=settings.name,
                 task_dir=settings.task_dir,
@@ -444,9 +468,14 @@ class Node:
         settings = self.settings
         if not settings.proxy.enabled:
             return None
-        placement = executor.proxy_placement(
-            host=settings.proxy.host, advertise_host=settings.proxy.advertise_host
-        )
+        members = executor.members if isinstance(executor, ExecutorSet) else {"": executor}
+        placements = {
+            name: member.proxy_placement(
+                host=settings.proxy.host, advertise_host=settings.proxy.advertise_host
+            )
+            for name, member in members.items()
+        }
+        hosts = listen_hosts(placements.values())
         app = make_proxy_app(
             upstream_api_url=settings.server_api_url,
             runs=runs,
@@ -466,26 +495,31 @@ class Node:
             access_log=direct_logger("proxy.access"),
             peers=peering,
         )
+        (first, freebind), also = hosts[0], hosts[1:]
         server = ProxyServer(
-            app, host=placement.bind_host, port=settings.proxy.port, freebind=placement.freebind
+            app, host=first, port=settings.proxy.port, freebind=freebind, also=also
         )
         try:
             await server.start()
         except OSError as exc:
+            where = ", ".join(host for host, _ in hosts)
             raise NodeStartError(
-                f"proxy.port {settings.proxy.port} on {placement.bind_host} cannot be used: "
-                f"{exc.strerror}"
+                f"proxy.port {settings.proxy.port} on {where} cannot be used: {exc.strerror}"
             ) from None
-        self._advertised_proxy = ProxyEndpoint(
-            host=placement.advertise_host,
-            port=placement.advertise_port or server.port,
-            peer_ports=peering.peer_ports if peering is not None else (),
-        )
-        log.info(
-            "node.proxy_advertised",
-            host=self._advertised_proxy.host,
-            port=self._advertised_proxy.port,
-        )
+        for name, placement in placements.items():
+            endpoint = ProxyEndpoint(
+                host=placement.advertise_host,
+                port=placement.advertise_port or server.port,
+                peer_ports=peering.peer_ports if peering is not None else (),
+            )
+            self._advertised_proxies[name] = endpoint
+            log.info(
+                "node.proxy_advertised",
+                executor=name or None,
+                host=endpoint.host,
+                port=endpoint.port,
+            )
+        self._advertised_proxy = next(iter(self._advertised_proxies.values()))
         return server
 
     async def _place_databases(self, executor: Executor) -> tuple[DatabaseMount, ...]:
@@ -530,7 +564,38 @@ class Node:
             algorithm_env=dict(settings.algorithm_env),
             share_algorithm_logs=settings.share_algorithm_logs,
             share_config=settings.share_config,
+            routes=self._routes(),
+            proxies=dict(self._advertised_proxies) if proxy is not None else {},
         )
+
+    def _routes(self) -> Routes | None:
+        """With ``executors:``, which runs go where; ``None`` with one executor."""
+        if self.settings.executors is None:
+            return None
+        return Routes(
+            [
+                Route(
+                    name=entry.name,
+                    images=tuple(entry.route.images),
+                    schemes=tuple(entry.route.schemes),
+                    profiles=tuple(entry.route.profiles),
+                )
+                for entry in self.settings.executors
+            ]
+        )
+
+
+def listen_hosts(placements: Iterable[ProxyPlacement]) -> list[tuple[str, bool]]:
+    """Where the proxy listens so that every executor's runs reach it: each placement's
+    address (with ``freebind`` if one needs it), or only the wildcard when one asks for it
+    (it covers the others; Linux refuses a specific address beside it on one port)."""
+    hosts: dict[str, bool] = {}
+    for placement in placements:
+        hosts[placement.bind_host] = hosts.get(placement.bind_host, False) or placement.freebind
+    wildcard = [host for host in hosts if host in ("0.0.0.0", "::")]
+    if wildcard:
+        return [(wildcard[0], False)]
+    return list(hosts.items())
 
 
 def otlp_target(telemetry: TelemetrySettings) -> OtlpTarget | None:

@@ -382,6 +382,60 @@ ExecutorSettings = Annotated[
 ]
 
 
+#: An executor's name: a label value on its runs (``fednode.io/executor``).
+EXECUTOR_NAME = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
+
+
+class ExecutorRoute(_Section):
+    """Which runs go to an executor of ``executors``; any one rule that matches is enough.
+
+    The executors are tried in order; a run no route matches goes to the first.
+    """
+
+    #: Regular expressions an image must match as a WHOLE (``re.fullmatch``).
+    images: list[str] = Field(default_factory=list)
+    #: Reference schemes: ``oras``, ``library``, ``docker``, ``sif`` (a ``*.sif`` path).
+    schemes: list[Literal["oras", "library", "docker", "sif"]] = Field(default_factory=list)
+    #: Names of resource profiles (``policies.resources.profiles``) whose runs go here.
+    profiles: list[str] = Field(default_factory=list)
+
+    @field_validator("images")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str]) -> list[str]:
+        return _compiled(patterns)
+
+
+class ExecutorEntry(BaseModel):
+    """One item of ``executors``: the executor's own settings plus ``name`` and ``route``.
+
+    Written flat, as ``executor`` is (``{kind: apptainer, name: hpc, route: {...}, binary:
+    ...}``); ``name`` defaults to the kind.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=EXECUTOR_NAME)]
+    route: ExecutorRoute = Field(default_factory=ExecutorRoute)
+    settings: ExecutorSettings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping) or "settings" in value:
+            return value
+        rest = dict(value)
+        name, route = rest.pop("name", None), rest.pop("route", {})
+        return {
+            "name": name if name is not None else rest.get("kind"),
+            "route": route,
+            "settings": rest,
+        }
+
+    @property
+    def kind(self) -> str:
+        return str(self.settings.model_dump(include={"kind"})["kind"])
+
+
 class ProxySettings(_Section):
     """The algorithms' proxy (the only endpoint they may reach).
 
@@ -548,6 +602,9 @@ class NodeSettings(BaseSettings):
     #: Registry credentials, one per registry (vantage6's key); each goes only to its own.
     docker_registries: list[RegistryCredential] = Field(default_factory=list)
     executor: ExecutorSettings = Field(default_factory=PodmanSettings)
+    #: Several executors, each run going to one by its route (the first is the default);
+    #: instead of ``executor``.
+    executors: list[ExecutorEntry] | None = None
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     peering: PeeringSettings = Field(default_factory=PeeringSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
@@ -648,26 +705,55 @@ class NodeSettings(BaseSettings):
         return limits.default_gpus
 
     @model_validator(mode="after")
+    def _executors_consistent(self) -> NodeSettings:
+        if self.executors is None:
+            return self
+        if "executor" in self.model_fields_set:
+            raise ValueError(
+                "give executor (one) or executors (a list), not both; keep the one you use"
+            )
+        if not self.executors:
+            raise ValueError("executors: give at least one executor (the first is the default)")
+        names = [entry.name for entry in self.executors]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"executors: name(s) {', '.join(twice)} used more than once; give each "
+                "executor of a kind used twice its own name"
+            )
+        known = {profile.name for profile in self.policies.resources.profiles}
+        for entry in self.executors:
+            unknown = sorted(set(entry.route.profiles) - known)
+            if unknown:
+                raise ValueError(
+                    f"executors: {entry.name!r} routes profile(s) {', '.join(unknown)} that "
+                    "policies.resources.profiles does not have"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _proxy_port_agrees(self) -> NodeSettings:
-        executor = self.executor
-        if (
-            isinstance(executor, KubernetesSettings)
-            and self.proxy.enabled
-            and executor.proxy_port != self.proxy.port
-        ):
-            raise ValueError(
-                f"executor.proxy_port ({executor.proxy_port}) must equal proxy.port "
-                f"({self.proxy.port}): the runs' NetworkPolicy lets them reach only that port"
-            )
-        if (
-            isinstance(executor, KubernetesSettings)
-            and executor.proxy_service is not None
-            and self.proxy.advertise_host is not None
-        ):
-            raise ValueError(
-                "give proxy.advertise_host or executor.proxy_service, not both: with "
-                "proxy_service runs are given that Service's ClusterIP"
-            )
+        for entry in self.executor_entries:
+            executor = entry.settings
+            where = "executor" if self.executors is None else f"executors {entry.name!r}"
+            if (
+                isinstance(executor, KubernetesSettings)
+                and self.proxy.enabled
+                and executor.proxy_port != self.proxy.port
+            ):
+                raise ValueError(
+                    f"{where}: proxy_port ({executor.proxy_port}) must equal proxy.port "
+                    f"({self.proxy.port}): the runs' NetworkPolicy lets them reach only that port"
+                )
+            if (
+                isinstance(executor, KubernetesSettings)
+                and executor.proxy_service is not None
+                and self.proxy.advertise_host is not None
+            ):
+                raise ValueError(
+                    f"{where}: give proxy.advertise_host or proxy_service, not both: with "
+                    "proxy_service runs are given that Service's ClusterIP"
+                )
         return self
 
     @property
@@ -676,9 +762,18 @@ class NodeSettings(BaseSettings):
         return self._carried_over
 
     @property
+    def executor_entries(self) -> list[ExecutorEntry]:
+        """Every executor with its name and route (``executor`` alone: one, named by kind)."""
+        if self.executors is not None:
+            return list(self.executors)
+        kind = str(self.executor.model_dump(include={"kind"})["kind"])
+        return [ExecutorEntry(name=kind, settings=self.executor)]
+
+    @property
     def executor_kind(self) -> str:
-        """The executor's kind (``podman``, ``kubernetes``, ``apptainer`` or a plugin's)."""
-        return str(self.executor.model_dump(include={"kind"})["kind"])
+        """The (first, default) executor's kind (``podman``, ``kubernetes``, ``apptainer``
+        or a plugin's)."""
+        return self.executor_entries[0].kind
 
     @property
     def server_api_url(self) -> str:
@@ -785,6 +880,10 @@ def _resolve_relative_paths(values: dict[str, Any], *, base: Path) -> None:
             holder = holder.get(key) if isinstance(holder, dict) else None
         if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str):
             holder[keys[-1]] = str(_absolute(holder[keys[-1]], base))
+    for entry in values.get("executors") or []:
+        for key in ("kubeconfig", "image_cache"):
+            if isinstance(entry, dict) and isinstance(entry.get(key), str):
+                entry[key] = str(_absolute(entry[key], base))
     executor = values.get("executor")
     if isinstance(executor, dict) and executor.get("kind") not in BUILTIN_EXECUTORS:
         # A plugin's path fields, found by their type: relative to the file as well.
@@ -837,6 +936,9 @@ def _untagged(loc: list[int | str], error_type: str) -> list[int | str]:
     """
     if len(loc) > 1 and loc[0] == "executor" and error_type != _KIND_ERROR:
         return [loc[0], *loc[2:]]
+    if len(loc) > 3 and loc[0] == "executors" and loc[2] == "settings":
+        # executors[i].settings.<kind>.key: written flat, as executors[i].key
+        return [*loc[:2], *loc[4 if error_type != _KIND_ERROR else 3 :]]
     return loc
 
 

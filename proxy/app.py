@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -102,9 +102,12 @@ class ProxyServer:
         path: Path | str | None = None,
         shutdown_timeout: float = 5.0,
         freebind: bool = False,
+        also: Sequence[tuple[str, bool]] = (),
     ) -> None:
         """``freebind``: bind ``host`` even if no interface has that address yet (podman's
-        run network gets its gateway address only while a container is attached)."""
+        run network gets its gateway address only while a container is attached).
+        ``also``: more ``(host, freebind)`` to listen on, with the same port (a node with
+        several executors whose runs reach the proxy at different addresses)."""
         if (path is None) == (port is None):
             raise ValueError("ProxyServer: give either a port (with a host) or a unix path")
         self.app = app
@@ -113,6 +116,7 @@ class ProxyServer:
         self._port = port
         self._shutdown_timeout = shutdown_timeout
         self._freebind = freebind
+        self._also = tuple(also)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -153,6 +157,11 @@ class ProxyServer:
                 site = web.TCPSite(runner, self.host, self._port)
                 await site.start()
                 self._port = _bound_port(runner, self._port)
+            for host, freebind in self._also:
+                if freebind:
+                    await web.SockSite(runner, _freebind_socket(host, self.port)).start()
+                else:
+                    await web.TCPSite(runner, host, self.port).start()
         except BaseException:
             await runner.cleanup()
             raise

@@ -66,6 +66,8 @@ class RunInFlight:
     #: What the run was given (its resource profile's name, or None for the defaults).
     resources: Resources | None = None
     profile: str | None = None
+    #: The executor it went to, with several (``executors:``); None with one.
+    executor: str | None = None
     #: The server already holds the run's final status (its result uploaded before the
     #: node died, or killed by its user): its end is not uploaded again, only cleaned up.
     ended_on_server: bool = False

@@ -267,7 +267,8 @@ class RunLifecycle:
     def resources_in_use(self) -> dict[str, str]:
         """What each run in flight was given, by run id (for ``fednode status``)."""
         return {
-            str(record.run_id): describe_resources(record.resources, profile=record.profile)
+            str(record.run_id): (f"[{record.executor}] " if record.executor else "")
+            + describe_resources(record.resources, profile=record.profile)
             for record in self._inflight.runs.values()
             if record.resources is not None
         }

@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from executors.spec import DatabaseMount, ProxyEndpoint, Resources, RunSpec
 from node.contract import container_environment
+from node.executor_set import LABEL_EXECUTOR, Routes
 from node.server.models import NodeIdentity, Run
 from policies.admission import Admitted
 
@@ -48,6 +49,16 @@ class LifecycleConfig:
     share_algorithm_logs: bool = True
     #: false: the node does not send the server its policies and labels (``share_config``).
     share_config: bool = True
+    #: With several executors (``executors:``): which run goes where, and the proxy
+    #: address each one's runs are told (``proxy`` is the default executor's).
+    routes: Routes | None = None
+    proxies: Mapping[str, ProxyEndpoint] = field(default_factory=dict)
+
+    def proxy_for(self, executor: str | None) -> ProxyEndpoint | None:
+        """The proxy address a run on ``executor`` is told (None: no proxy)."""
+        if self.proxy is None:
+            return None
+        return self.proxies.get(executor or "", self.proxy)
 
 
 def build_spec(
@@ -59,6 +70,7 @@ def build_spec(
     token: str,
     sealed_token: str,
     trace_context: dict[str, str],
+    executor: str | None = None,
 ) -> RunSpec:
     """What the executor is asked to start for ``run``, as the admission policy allowed it.
 
@@ -68,6 +80,7 @@ def build_spec(
     """
     task = run.task
     granted = admitted.resources
+    proxy = config.proxy_for(executor)
     return RunSpec(
         run_id=run.id,
         task_id=task.id,
@@ -80,7 +93,7 @@ def build_spec(
         environment=container_environment(
             databases=config.databases,
             requested=[db.model_dump() for db in task.databases],
-            proxy=config.proxy,
+            proxy=proxy,
             trace_context=trace_context,
             database_env=config.database_env,
             algorithm_env=config.algorithm_env,
@@ -94,9 +107,10 @@ def build_spec(
             gpu_type=granted.gpu_type,
         ),
         deadline_seconds=granted.deadline_seconds or config.deadline_seconds,
-        proxy=config.proxy,
+        proxy=proxy,
         trace_context=trace_context,
         sealed_token=sealed_token,
+        labels={LABEL_EXECUTOR: executor} if executor else {},
     )
 
 

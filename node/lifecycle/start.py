@@ -15,7 +15,9 @@ A run the server assigns to this node, never started before, goes through
 4. **tell the server** ``started_at`` and, at the same time, ask it for the run's
    container token;
 5. **build the spec** (:func:`node.lifecycle.spec.build_spec`, pure) with the token and
-   its sealed copy (:mod:`node.token_seal`) for the executor to keep with the run;
+   its sealed copy (:mod:`node.token_seal`) for the executor to keep with the run; with
+   several executors (``executors:``) the run's route picks one
+   (:class:`node.executor_set.Routes`), named on the spec, the trace and the logs;
 6. **register the token with the proxy**, so the algorithm's first call is accepted even
    if it comes the instant the container starts;
 7. **start** through the executor; then status ``active`` on the server and to the
@@ -143,6 +145,12 @@ class Starter:
             )
             return
         trace_context = carrier_of(record.span)
+        routes = self._config.routes
+        if routes is not None:
+            record.executor = routes.choose(
+                image=run.task.image, profile=admitted.resources.profile
+            )
+            record.span.set_attribute("fednode.executor", record.executor)
         spec = build_spec(
             run,
             config=self._config,
@@ -151,6 +159,7 @@ class Starter:
             token=token,
             sealed_token=self._token_seal.seal(token, run_id=run.id, task_id=run.task.id),
             trace_context=trace_context,
+            executor=record.executor,
         )
         record.resources = spec.resources
         record.profile = admitted.resources.profile
@@ -172,7 +181,7 @@ class Starter:
                     record, RunStatus.START_FAILED, f"the runtime refused the run: {exc}"
                 )
                 return
-        log.info("run.started", image=run.task.image)
+        log.info("run.started", image=run.task.image, executor=record.executor)
         if record.finishing:
             return  # a fast run's end came first; the server must not hear "active" after it
         if await self._server.mark_active(run.id):

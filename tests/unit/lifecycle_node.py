@@ -18,6 +18,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from executors.base import Executor
 from executors.spec import ProxyEndpoint
 from node.crypto import Cryptor, PlainCryptor
 from node.lifecycle import LifecycleConfig, RunLifecycle
@@ -106,16 +107,20 @@ async def lifecycle_under_test(
     metrics: NodeMetrics | None = None,
     tracer: trace.Tracer | None = None,
     task_origins: TaskOrigins | None = None,
+    executor: Executor | None = None,
     **config_fields: Any,
 ) -> AsyncIterator[LifecycleUnderTest]:
     """A started lifecycle (reconciled, following executor events); closed on exit.
 
-    ``config_fields`` are more fields of its :class:`LifecycleConfig` (``share_config=False``).
+    ``config_fields`` are more fields of its :class:`LifecycleConfig` (``share_config=False``,
+    ``routes=``); ``executor``: instead of a memory executor over ``runtime`` (e.g. an
+    ExecutorSet of several); ``runtime`` is then the one the test looks at.
     """
     task_dir = tmp_path / "tasks"
     owns_runtime = runtime is None
     runtime = runtime or MemoryRuntime(task_dir=task_dir)
-    executor = MemoryExecutor(runtime)
+    memory = MemoryExecutor(runtime)
+    executor = executor or memory
     await executor.open()
     server = server or ServerStandIn(node_id=IDENTITY.id)
     notifier = NotifierStandIn()
@@ -147,7 +152,7 @@ async def lifecycle_under_test(
         runtime_patience=0.01,
     )
     under_test = LifecycleUnderTest(
-        lifecycle, runtime, executor, server, notifier, proxy_runs, cryptor, task_dir
+        lifecycle, runtime, memory, server, notifier, proxy_runs, cryptor, task_dir
     )
     if reconcile:
         await lifecycle.reconcile()
