@@ -88,6 +88,8 @@ def node_settings(
     if org.private_key is not None:
         values["encryption"] = {"enabled": True, "private_key": org.private_key}
     values.update(overrides)
+    if "executors" in overrides:
+        del values["executor"]  # several executors instead of the one
     return values
 
 
