@@ -237,6 +237,9 @@ def gpu_check(
     runs: Annotated[int, typer.Option(min=1, help="Runs started at once.")] = 2,
     gpus: Annotated[int, typer.Option(min=1, help="GPUs each run asks for.")] = 1,
     timeout: Annotated[float, typer.Option(help="Seconds the runs may take.")] = 300.0,
+    executor: Annotated[
+        str | None, typer.Option(help="With executors: the one to check (default: the first).")
+    ] = None,
 ) -> None:
     """Check that runs see exactly the GPUs they are given, through this node's executor."""
     import asyncio
@@ -245,8 +248,14 @@ def gpu_check(
     from node.logging import configure_logging
 
     settings = load_or_exit(config)
+    names = [entry.name for entry in settings.executor_entries]
+    if executor is not None and executor not in names:
+        typer.echo(f"fednode: no executor {executor!r} here (have: {', '.join(names)})", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG)
     configure_logging(level="WARNING", fmt=settings.logging.format)
-    verdict = asyncio.run(check(settings, image=image, runs=runs, gpus=gpus, seconds=timeout))
+    verdict = asyncio.run(
+        check(settings, image=image, runs=runs, gpus=gpus, seconds=timeout, executor_name=executor)
+    )
     for line in verdict.lines:
         typer.echo(line)
     typer.echo(f"gpu-check: {'PASSED' if verdict.passed else 'FAILED'}")

@@ -93,12 +93,21 @@ def judge(seen: Sequence[RunSeen], *, gpus: int) -> Verdict:
 
 
 async def check(
-    settings: NodeSettings, *, image: str, runs: int, gpus: int, seconds: float
+    settings: NodeSettings,
+    *,
+    image: str,
+    runs: int,
+    gpus: int,
+    seconds: float,
+    executor_name: str | None = None,
 ) -> Verdict:
-    """Start the runs through the configured executor; judge what they saw."""
-    factory = load_factory(settings.executor_kind)
+    """Start the runs through the configured executor (``executor_name`` of
+    ``executors:``; default: the first); judge what they saw."""
+    entries = {entry.name: entry for entry in settings.executor_entries}
+    entry = entries[executor_name] if executor_name else settings.executor_entries[0]
+    factory = load_factory(entry.kind)
     executor: Executor = factory(
-        settings.executor,
+        entry.settings,
         context=ExecutorContext(
             node_name=f"{settings.name}-gpu-check",
             task_dir=settings.task_dir,

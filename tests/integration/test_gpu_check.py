@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -63,7 +64,7 @@ def test_each_run_sees_exactly_the_gpus_it_was_given(
     podman_gpu_service: PodmanGpuService, probe_image: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "node.yaml"
-    node = {
+    node: dict[str, Any] = {
         "server_url": "http://gpu-check.invalid",
         "api_key": "unused",
         "task_dir": str(tmp_path / "tasks"),
@@ -88,6 +89,11 @@ def test_each_run_sees_exactly_the_gpus_it_was_given(
     assert "GPU-stand-in-0, GPU-stand-in-1" in all_in_one.stdout
     assert too_many.returncode == 1
     assert "ended failed" in too_many.stdout and "gpu-check: FAILED" in too_many.stdout
+    # With several executors, the one named is checked.
+    node["executors"] = [{**node.pop("executor"), "name": "gpus"}, {"kind": "apptainer"}]
+    config.write_text(yaml.safe_dump(node))
+    named = gpu_check(config, probe_image, "--executor", "gpus", "--runs", "1")
+    assert named.returncode == 0, named.stdout + named.stderr
 
 
 def test_the_script_says_skipped_where_there_is_no_nvidia_gpu() -> None:

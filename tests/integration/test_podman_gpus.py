@@ -181,3 +181,24 @@ async def test_a_gpu_run_the_executor_can_never_serve_ends_not_allowed_with_the_
     assert "asks for 2 GPU(s); this executor has 1 (executor.gpu_devices)" in too_many.message
     assert typed.reason is Reason.NOT_ALLOWED and "of type 'a100'" in typed.message
     assert not await harness.object_exists(1)
+
+
+async def test_a_run_killed_while_it_waits_for_a_gpu_ends_killed_without_a_container(
+    make: Any,
+) -> None:
+    executor, events, harness = await make(gpu_devices=[GPU0])
+    await executor.start(harness.spec(1, Behaviour(sleep=60), resources=Resources(gpus=1)))
+    await events.wait_for(1, Phase.RUNNING, timeout=60)
+    waiting = asyncio.create_task(
+        executor.start(harness.spec(2, SEEN, resources=Resources(gpus=1)))
+    )
+    await events.wait_for(2, Phase.STARTING, timeout=60)
+
+    await executor.kill(2)
+    await asyncio.wait_for(waiting, 30)
+    end = await events.terminal(2, timeout=30)
+    await executor.kill(1)
+
+    assert (end.phase, end.reason) == (Phase.KILLED, Reason.KILLED)
+    assert not await harness.object_exists(2)
+    assert (await events.terminal(1, timeout=60)).phase is Phase.KILLED
