@@ -36,7 +36,8 @@ def posture_warnings(settings: NodeSettings) -> list[PostureWarning]:
                 "matches) this node may run",
             )
         )
-    if settings.docker_registries and settings.executor_kind == "kubernetes":
+    kinds = {entry.kind for entry in settings.executor_entries}
+    if settings.docker_registries and kinds == {"kubernetes"}:
         found.append(
             PostureWarning(
                 "node.docker_registries_unused",

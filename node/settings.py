@@ -735,14 +735,14 @@ class NodeSettings(BaseSettings):
     def _proxy_port_agrees(self) -> NodeSettings:
         for entry in self.executor_entries:
             executor = entry.settings
-            where = "executor" if self.executors is None else f"executors {entry.name!r}"
+            where = "executor." if self.executors is None else f"executors {entry.name!r}: "
             if (
                 isinstance(executor, KubernetesSettings)
                 and self.proxy.enabled
                 and executor.proxy_port != self.proxy.port
             ):
                 raise ValueError(
-                    f"{where}: proxy_port ({executor.proxy_port}) must equal proxy.port "
+                    f"{where}proxy_port ({executor.proxy_port}) must equal proxy.port "
                     f"({self.proxy.port}): the runs' NetworkPolicy lets them reach only that port"
                 )
             if (
@@ -751,7 +751,7 @@ class NodeSettings(BaseSettings):
                 and self.proxy.advertise_host is not None
             ):
                 raise ValueError(
-                    f"{where}: give proxy.advertise_host or proxy_service, not both: with "
+                    f"give proxy.advertise_host or {where}proxy_service, not both: with "
                     "proxy_service runs are given that Service's ClusterIP"
                 )
         return self

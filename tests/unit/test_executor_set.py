@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -17,6 +19,7 @@ from executors.spec import Phase, RunSpec
 from node.app import listen_hosts
 from node.executor_set import LABEL_EXECUTOR, ExecutorSet, Route, Routes, scheme_of
 from node.server.models import RunStatus
+from node.settings import ConfigError, load_settings
 from policies.admission import AdmissionPolicy, ResourcePolicy, ResourceProfile
 from tests.fakes.memory_executor import MemoryExecutor, MemoryRuntime
 from tests.unit.lifecycle_node import behaviour, lifecycle_under_test
@@ -137,3 +140,55 @@ async def test_a_node_with_two_executors_routes_runs_and_names_the_executor_ever
     }
     assert roots == {1: "hpc", 2: "main", 3: "hpc"}
     await hpc.aclose()
+
+
+BASE = {"server_url": "http://x", "api_key": "k"}
+
+
+def test_executors_are_configured_as_a_list_of_executor_settings_with_name_and_route(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(
+        None,
+        **BASE,
+        task_dir=tmp_path,
+        executors=[
+            {"kind": "podman"},
+            {"kind": "apptainer", "name": "hpc", "route": {"schemes": ["oras", "sif"]}},
+        ],
+    )
+    single = load_settings(None, **BASE, task_dir=tmp_path)
+
+    assert [(e.name, e.kind) for e in settings.executor_entries] == [
+        ("podman", "podman"),
+        ("hpc", "apptainer"),
+    ]
+    assert settings.executor_entries[1].route.schemes == ["oras", "sif"]
+    assert settings.executor_kind == "podman"
+    assert [(e.name, e.kind) for e in single.executor_entries] == [("podman", "podman")]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"executors": [{"kind": "podman", "bogus": 1}]}, "executors[0].bogus: unknown key"),
+        ({"executors": [{"kind": "podman"}] * 2}, "name(s) podman used more than once"),
+        (
+            {"executors": [{"kind": "podman"}], "executor": {"kind": "podman"}},
+            "give executor (one) or executors (a list), not both",
+        ),
+        ({"executors": []}, "give at least one executor"),
+        (
+            {"executors": [{"kind": "podman", "route": {"profiles": ["gpu"]}}]},
+            "routes profile(s) gpu that policies.resources.profiles does not have",
+        ),
+        ({"executors": [{"kind": "podman", "route": {"schemes": ["ftp"]}}]}, "schemes"),
+    ],
+)
+def test_a_bad_executors_list_names_the_item_and_the_fix(
+    tmp_path: Path, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, **BASE, task_dir=tmp_path, **values)
+
+    assert message in str(raised.value)
