@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -147,6 +148,14 @@ async def start_node(
         if not running.task.done():
             with contextlib.suppress(Exception):
                 await running.shutdown()
+
+
+def status_of(node: RunningNode) -> dict[str, Any]:
+    """The node's ``/status`` (what ``fednode status`` prints), from its health port."""
+    port = node.settings_values["health"]["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as answer:
+        body: dict[str, Any] = json.load(answer)
+    return body
 
 
 async def wait_until_connected(running: RunningNode, timeout: float = 30.0) -> None:

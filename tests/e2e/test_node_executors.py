@@ -7,15 +7,12 @@ and ``/status``, and a restarted node finds each run on its own executor."""
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conformance.apptainer_harness import BEHAVIOUR_IMAGE, ApptainerHarness
-from tests.e2e.conftest import RunningNode, StartNode
+from tests.e2e.conftest import StartNode, status_of
 from tests.e2e.test_node_lifecycle import create, wait_for_run
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration
@@ -23,13 +20,6 @@ from tests.peers.v6server import V6Collaboration
 pytestmark = [pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
 
 ORAS_IMAGE = f"oras://{BEHAVIOUR_IMAGE}"
-
-
-def status_of(node: RunningNode) -> dict[str, Any]:
-    port = node.settings_values["health"]["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as answer:
-        body: dict[str, Any] = json.load(answer)
-    return body
 
 
 async def test_oci_runs_go_to_podman_and_oras_runs_to_apptainer_across_a_restart(

@@ -6,26 +6,16 @@ what a run got is on its trace and in ``/status``."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import urllib.request
-from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import RunningNode, StartNode
+from tests.e2e.conftest import StartNode, status_of
 from tests.e2e.test_node_lifecycle import create, wait_for_run
 from tests.peers.podman import PodmanGpuService
 from tests.peers.v6server import V6Collaboration
 
 pytestmark = [pytest.mark.v6server, pytest.mark.podman, pytest.mark.slow]
-
-
-def status_of(node: RunningNode) -> dict[str, Any]:
-    port = node.settings_values["health"]["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as answer:
-        body: dict[str, Any] = json.load(answer)
-    return body
 
 
 async def test_a_profiles_task_gets_its_gpu_cpu_and_deadline_and_one_over_a_cap_is_refused(
