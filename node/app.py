@@ -307,7 +307,7 @@ class Node:
             profile.name: f"{', '.join(profile.images)} -> {self._profile_of(profile).describe()}"
             for profile in limits.profiles
         }
-        gpus = self.settings.default_gpus
+        gpus = limits.default_gpus
         summary["(defaults)"] = (
             f"{limits.default_cpu:g} CPU, {limits.default_memory_mb} MB"
             + (f", {gpus} GPU" if gpus else "")
@@ -398,7 +398,7 @@ class Node:
             resources=ResourcePolicy(
                 default_cpu=limits.default_cpu,
                 default_memory_mb=limits.default_memory_mb,
-                default_gpus=self.settings.default_gpus,
+                default_gpus=limits.default_gpus,
                 max_cpu=limits.max_cpu,
                 max_memory_mb=limits.max_memory_mb,
                 max_gpus=limits.max_gpus,

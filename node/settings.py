@@ -211,8 +211,8 @@ class ResourceLimits(_Section):
 
     default_cpu: Annotated[float, Field(gt=0)] = 1.0
     default_memory_mb: Annotated[int, Field(gt=0)] = 1024
-    #: GPUs for a run no profile covers (``algorithm_device_requests.gpu: true`` makes it
-    #: ``max_gpus`` when it is 0, as vantage6 gives such runs every GPU).
+    #: GPUs for a run no profile covers (a vantage6 4 file's ``algorithm_device_requests:
+    #: {gpu: true}`` sets it to ``max_gpus``: :mod:`node.settings_v4`).
     default_gpus: Annotated[int, Field(ge=0)] = 0
     max_cpu: Annotated[float, Field(gt=0)] = 4.0
     max_memory_mb: Annotated[int, Field(gt=0)] = 8192
@@ -234,17 +234,6 @@ class ResourceLimits(_Section):
         if twice:
             raise ValueError(f"resource profile name(s) {', '.join(twice)} used more than once")
         return self
-
-
-class AlgorithmDeviceRequests(_Section):
-    """vantage6 4's ``algorithm_device_requests``: ``gpu: true`` gives runs GPUs.
-
-    vantage6 gives every algorithm container all of the host's GPUs; fednode gives a run
-    no resource profile covers ``policies.resources.max_gpus`` GPUs (its own devices,
-    distinct from other runs'), so a vantage6 ``node.yaml`` carried over keeps GPU runs.
-    """
-
-    gpu: bool = False
 
 
 def _compiled(patterns: list[str]) -> list[str]:
@@ -596,9 +585,6 @@ class NodeSettings(BaseSettings):
     databases: list[Database] = Field(default_factory=list)
     encryption: Encryption = Field(default_factory=Encryption)
     policies: Policies = Field(default_factory=Policies)
-    algorithm_device_requests: AlgorithmDeviceRequests = Field(
-        default_factory=AlgorithmDeviceRequests
-    )
     #: Registry credentials, one per registry (vantage6's key); each goes only to its own.
     docker_registries: list[RegistryCredential] = Field(default_factory=list)
     executor: ExecutorSettings = Field(default_factory=PodmanSettings)
@@ -686,23 +672,6 @@ class NodeSettings(BaseSettings):
                 "remove it from algorithm_env (a database's settings go in its env)"
             )
         return self
-
-    @model_validator(mode="after")
-    def _gpu_request_has_gpus(self) -> NodeSettings:
-        if self.algorithm_device_requests.gpu and self.policies.resources.max_gpus == 0:
-            raise ValueError(
-                "algorithm_device_requests.gpu is true, but policies.resources.max_gpus is 0: "
-                "set max_gpus to the GPUs a run may have (runs no profile covers get that many)"
-            )
-        return self
-
-    @property
-    def default_gpus(self) -> int:
-        """GPUs for a run no resource profile covers (see ``AlgorithmDeviceRequests``)."""
-        limits = self.policies.resources
-        if self.algorithm_device_requests.gpu and limits.default_gpus == 0:
-            return limits.max_gpus
-        return limits.default_gpus
 
     @model_validator(mode="after")
     def _executors_consistent(self) -> NodeSettings:

@@ -154,22 +154,30 @@ def _empty_maps(carried: CarryOver) -> bool:
 
 
 def _device_requests(carried: CarryOver) -> bool:
+    """``gpu: true`` (4.x: every algorithm container gets all GPUs): a run no resource
+    profile covers gets ``policies.resources.max_gpus`` GPUs, its own, as
+    ``default_gpus``; ``gpu: false`` is fednode's default (``default_gpus: 0``)."""
     requests = carried.values.pop("algorithm_device_requests", None)
     if requests is None:
         return False
-    wants_gpu = isinstance(requests, Mapping) and bool(requests.get("gpu"))
+    if not (isinstance(requests, Mapping) and requests.get("gpu")):
+        return True
     max_gpus = _get(carried.values, "policies", "resources", "max_gpus")
-    if wants_gpu:
-        carried.note(
-            ["algorithm_device_requests.gpu"],
-            "a run gets the GPUs its task asks for, up to policies.resources.max_gpus "
-            f"({max_gpus if max_gpus is not None else 0} here), never all of the host's",
-        )
-    elif isinstance(max_gpus, int) and max_gpus > 0:
+    if not isinstance(max_gpus, int) or max_gpus < 1:
         carried.problems.append(
-            f"algorithm_device_requests.gpu: false, but policies.resources.max_gpus is "
-            f"{max_gpus}: set max_gpus to 0 or remove algorithm_device_requests"
+            "algorithm_device_requests.gpu: true, but policies.resources.max_gpus is "
+            f"{max_gpus if max_gpus is not None else 0}: set max_gpus to the GPUs a run may "
+            "have (runs no resource profile covers get that many)"
         )
+        return True
+    resources = carried.values["policies"]["resources"]
+    if not resources.get("default_gpus"):
+        resources["default_gpus"] = max_gpus
+    carried.note(
+        ["algorithm_device_requests.gpu"],
+        f"a run no resource profile covers gets policies.resources.max_gpus ({max_gpus}) "
+        "GPUs of its own (policies.resources.default_gpus), not all of the host's",
+    )
     return True
 
 

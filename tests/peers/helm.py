@@ -91,7 +91,6 @@ FULL_VALUES: dict[str, Any] = {
             ],
         },
     },
-    "algorithmDeviceRequests": {"gpu": True},
     "maxConcurrentRuns": 8,
     "runs": {
         "runAsUser": 20001,

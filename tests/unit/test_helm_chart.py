@@ -477,7 +477,7 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert (profile.name, profile.images) == ("training", [r"registry\.example\.org/ml/.*"])
     assert (profile.cpu, profile.memory_mb, profile.gpus) == (4, 16384, 2)
     assert (profile.gpu_type, profile.deadline_seconds) == ("NVIDIA-H100-80GB-HBM3", 3600)
-    assert settings.algorithm_device_requests.gpu and settings.default_gpus == 1
+    assert settings.policies.resources.default_gpus == 1
     assert settings.max_concurrent_runs == 8
     assert settings.proxy.max_body_mb == 64  # extraConfig wins
     assert settings.proxy.upstream_timeout_seconds == 120

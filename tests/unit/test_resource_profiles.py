@@ -114,25 +114,32 @@ policies:
 
     (profile,) = settings.policies.resources.profiles
     assert (profile.name, profile.gpus, profile.gpu_type) == ("train", 2, "a100")
-    assert settings.default_gpus == 0
+    assert settings.policies.resources.default_gpus == 0
 
 
 def test_vantage6s_algorithm_device_requests_gives_default_runs_the_gpus_a_run_may_have(
     tmp_path: Path,
 ) -> None:
-    settings = load_settings(
-        write(
-            tmp_path, "algorithm_device_requests: {gpu: true}\npolicies: {resources: {max_gpus: 2}}"
-        )
-    )
+    text = "algorithm_device_requests: {gpu: true}\npolicies: {resources: {max_gpus: 2}}"
+    settings = load_settings(write(tmp_path, text))
 
-    assert settings.default_gpus == 2
+    assert settings.policies.resources.default_gpus == 2
+    (note,) = settings.carried_over
+    assert note.keys == ("algorithm_device_requests.gpu",)
+    assert "GPUs of its own" in note.message
+    # gpu: false is fednode's default; GPUs then come from profiles only.
+    text = "algorithm_device_requests: {gpu: false}\npolicies: {resources: {max_gpus: 2}}"
+    quiet = load_settings(write(tmp_path, text))
+    assert quiet.policies.resources.default_gpus == 0 and quiet.carried_over == ()
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("algorithm_device_requests: {gpu: true}", "policies.resources.max_gpus is 0"),
+        (
+            "algorithm_device_requests: {gpu: true}",
+            "algorithm_device_requests.gpu: true, but policies.resources.max_gpus is 0",
+        ),
         (
             "policies: {resources: {profiles: [{name: a, images: ['(']}]}}",
             "not a valid regular expression",
