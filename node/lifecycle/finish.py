@@ -208,10 +208,13 @@ class Finisher:
                     body["status"] = status.value
                     body["log"] = f"{container_log}\nfednode: {exc}; the result was not uploaded."
             body["finished_at"] = now()
-            await self._server.upload(record.run_id, body)
-        log.info(
-            "run.finished", status=status.value, reason=reason.value, exit_code=event.exit_code
-        )
+            stored = await self._server.upload(record.run_id, body)
+        if stored:
+            log.info(
+                "run.finished", status=status.value, reason=reason.value, exit_code=event.exit_code
+            )
+        else:  # its end was reported before (e.g. by this node's next life): not again
+            log.info("run.end_reported_before", status=status.value, reason=reason.value)
         await self._server.announce(record, status)
         self._inflight.finished(record, status=status.value, reason=reason.value)
         self._spawn_cleanup(record.run_id)

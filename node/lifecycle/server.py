@@ -141,17 +141,21 @@ class RunServer:
         except ServerError:
             return False
 
-    async def upload(self, run_id: int, body: dict[str, Any]) -> None:
-        """The run's final PATCH, retried with backoff while the server is unreachable."""
+    async def upload(self, run_id: int, body: dict[str, Any]) -> bool:
+        """The run's final PATCH, retried with backoff while the server is unreachable.
+
+        ``False`` when the server already held the run's end (another upload of it came
+        first, e.g. by the node's next life): nothing of this one was stored.
+        """
         backoff = Backoff(first=self._upload_backoff, cap=UPLOAD_BACKOFF_CAP_SECONDS)
         while True:
             try:
                 await self._patch(run_id, body)
-                return
+                return True
             except ServerError as exc:
                 if await self.refused_as_ended(run_id, exc):
                     log.info("run.already_finished_on_server", run_id=run_id)
-                    return
+                    return False
                 if not _worth_repeating(exc):
                     raise
                 delay = backoff.next_delay()
@@ -163,9 +167,10 @@ class RunServer:
                 )
                 await asyncio.sleep(delay)
 
-    async def end(self, run_id: int, status: RunStatus, message: str) -> None:
-        """End a run with ``status`` and a log line saying why (no result)."""
-        await self.upload(
+    async def end(self, run_id: int, status: RunStatus, message: str) -> bool:
+        """End a run with ``status`` and a log line saying why (no result); ``False`` if the
+        server already held its end."""
+        return await self.upload(
             run_id, {"status": status.value, "log": f"fednode: {message}", "finished_at": now()}
         )
 

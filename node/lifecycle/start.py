@@ -184,7 +184,15 @@ class Starter:
         log.info("run.started", image=run.task.image, executor=record.executor)
         if record.finishing:
             return  # a fast run's end came first; the server must not hear "active" after it
-        if await self._server.mark_active(run.id):
+        try:
+            told = await self._server.mark_active(run.id)
+        except ServerError as exc:
+            # The container runs: the run stays in flight here, and its end (uploaded with
+            # retries) tells the server everything. Letting go of it now would have the next
+            # sync adopt it a second time (found by the chaos campaign).
+            log.warning("run.active_not_told", error=str(exc))
+            return
+        if told:
             if not record.finishing:
                 await self._server.announce(record, RunStatus.ACTIVE)
         elif not record.finishing:

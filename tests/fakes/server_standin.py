@@ -55,6 +55,8 @@ class ServerStandIn:
         self.unreachable = 0
         #: How many container-token requests fail as if the server were away.
         self.token_unreachable = 0
+        #: How many PATCHes setting status ``active`` fail as if the server were away.
+        self.active_unreachable = 0
         self._tokens = itertools.count(1)
 
     def add_run(
@@ -138,6 +140,9 @@ class ServerStandIn:
         return run
 
     def _patch(self, run_id: int, body: dict[str, Any], path: str) -> None:
+        if body.get("status") == RunStatus.ACTIVE.value and self.active_unreachable > 0:
+            self.active_unreachable -= 1
+            raise ServerUnavailable("cannot reach the server: stand-in", method="PATCH", path=path)
         run = self._run(run_id, "PATCH", path)
         if RunStatus(run["status"]).is_finished and "status" in body:
             raise ServerError(400, "run is already finished", method="PATCH", path=path)

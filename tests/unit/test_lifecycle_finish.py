@@ -178,3 +178,16 @@ async def test_by_default_the_algorithm_log_is_uploaded(tmp_path: Path) -> None:
         await node.finished(1)
 
     assert "shared line" in node.log_of(1)
+
+
+async def test_an_upload_the_server_already_holds_says_so_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    async with lifecycle_under_test(tmp_path) as node:
+        node.add_run(1, behaviour())
+        node.server.runs[1]["status"] = RunStatus.COMPLETED.value
+
+        stored = await node.lifecycle._server.upload(1, {"status": "failed", "log": "late"})
+
+        assert stored is False
+        assert node.server.patches == []

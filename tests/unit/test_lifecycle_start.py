@@ -91,6 +91,26 @@ async def test_a_run_whose_token_the_away_server_could_not_give_is_started_at_th
         assert node.runtime.started == [1]
 
 
+async def test_a_run_whose_active_status_the_away_server_missed_stays_in_flight(
+    tmp_path: Path,
+) -> None:
+    # Found by the chaos campaign: the start let go of a run whose container was already
+    # running, so the next sync adopted it a second time and its end was reported twice.
+    async with lifecycle_under_test(tmp_path) as node:
+        node.add_run(1, behaviour(output="done", sleep=0.3))
+        node.server.active_unreachable = 1
+
+        await node.lifecycle.sync()
+        await node.until(lambda: node.runtime.started == [1])
+        await node.lifecycle.sync()  # the server is back: this run is still in flight here
+
+        assert await node.finished(1) == RunStatus.COMPLETED.value
+        assert node.runtime.started == [1]
+        assert [body["status"] for _, body in node.server.patches if "status" in body] == [
+            RunStatus.COMPLETED.value
+        ]
+
+
 async def test_a_subtask_starts_while_central_runs_hold_every_slot(tmp_path: Path) -> None:
     # A central run waits for its subtasks in its slot; they must not wait for that slot.
     async with lifecycle_under_test(tmp_path, max_concurrent_runs=1) as node:
