@@ -486,6 +486,7 @@ class Node:
             limits=ProxyLimits(
                 max_body_bytes=settings.proxy.max_body_mb * 1024 * 1024,
                 upstream_timeout=settings.proxy.upstream_timeout_seconds,
+                unreachable_patience=settings.proxy.unreachable_patience_seconds,
                 max_response_bytes=settings.proxy.max_response_mb * 1024 * 1024,
                 max_connections_per_run=settings.proxy.max_connections_per_run,
                 keepalive_timeout=settings.proxy.keepalive_timeout_seconds,

@@ -440,6 +440,9 @@ class ProxySettings(_Section):
     advertise_host: str | None = None
     max_body_mb: Annotated[int, Field(gt=0)] = 16
     upstream_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    #: How long an algorithm's call waits for a server that refuses connections (a server
+    #: restart) before it gets 503; vantage6's algorithm client does not retry.
+    unreachable_patience_seconds: Annotated[float, Field(ge=0)] = 30.0
     #: Largest answer of the server passed to an algorithm; larger → 502.
     max_response_mb: Annotated[int, Field(gt=0)] = 64
     #: Connections one run may hold open to the proxy; more → 429 and closed.

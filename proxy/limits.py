@@ -18,6 +18,10 @@ class ProxyLimits:
     connect_timeout: float = 5.0
     #: Extra attempts after a connection error, for idempotent requests only.
     retries: int = 2
+    #: How long a request waits for a server that refuses connections (restarting) before
+    #: it is answered 503: vantage6's algorithm client does not retry, so a server restart
+    #: would otherwise crash every run that calls it meanwhile. 0: answer 503 at once.
+    unreachable_patience: float = 30.0
     #: Delay before the first retry; doubled for each next one.
     retry_backoff: float = 0.05
     #: Connections to the server kept open and reused (one pool, shared by all runs).

@@ -20,7 +20,9 @@ Failures become :class:`~proxy.errors.ProxyError` with the status the algorithm 
 Retries, after a pause of :class:`common.backoff.Backoff` (``retry_backoff`` doubling,
 jittered), happen only after connection errors: for idempotent
 methods always, for others only when the connection could not even be opened (so the
-request was never sent and cannot be applied twice). A timeout is never retried: the
+request was never sent and cannot be applied twice). A server that refuses connections
+(restarting) is asked again for up to ``unreachable_patience`` seconds (pauses up to 2 s)
+before the 503, so runs ride through a server restart. A timeout is never retried: the
 server may still be working on it, and the algorithm's wait is already spent.
 """
 
@@ -173,6 +175,9 @@ class Upstream:
         headers = _UPSTREAM_HEADERS | headers
         target = self._prefix + target
         backoff: Backoff | None = None
+        loop = asyncio.get_running_loop()
+        patient_until = min(deadline, loop.time() + limits.unreachable_patience)
+        refused = Backoff(first=max(limits.retry_backoff, 1e-3), cap=2.0)
         while True:
             try:
                 return await pool.request(method, target, headers, body, deadline=deadline)
@@ -187,8 +192,16 @@ class Upstream:
                     f"{limits.connect_timeout:g} s)",
                 ) from None
             except ConnectError as exc:
-                # Nothing was sent: safe to try again whatever the method.
-                status, msg, retry = 503, f"the server is unreachable: {exc}", True
+                # Nothing was sent: safe to try again whatever the method, and for as long
+                # as the server may take to come back.
+                msg = f"the server is unreachable: {exc}"
+                delay = refused.next_delay()
+                if loop.time() + delay > patient_until:
+                    raise ProxyError(503, msg) from None
+                if refused.failures == 1:
+                    log.info("proxy.upstream_waiting", method=method, error=msg)
+                await asyncio.sleep(delay)
+                continue
             except BrokenConnection as exc:
                 status, msg = 502, f"the connection to the server broke: {exc}"
                 retry = method in IDEMPOTENT

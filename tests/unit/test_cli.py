@@ -84,7 +84,7 @@ FEDNODE = Path(sys.executable).with_name("fednode")
             "proxy.prot: unknown key (value 7000); remove it or use one of: "
             "advertise_host, enabled, host, keepalive_timeout_seconds, key_cache_seconds, "
             "max_body_mb, max_body_work, max_connections_per_run, max_response_mb, "
-            "max_task_organizations, port, upstream_timeout_seconds",
+            "max_task_organizations, port, unreachable_patience_seconds, upstream_timeout_seconds",
             id="unknown key",
         ),
         pytest.param(

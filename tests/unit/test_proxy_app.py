@@ -584,10 +584,56 @@ async def test_blob_storage_is_refused_clearly(make_proxy: ProxyFactory) -> None
 # ---- when the server fails ------------------------------------------------------------
 
 
-async def test_a_dead_server_is_a_fast_503_and_the_proxy_keeps_serving(
+async def test_a_call_waits_for_a_restarting_server_and_gets_its_answer(
     make_proxy: ProxyFactory,
 ) -> None:
-    proxy = await make_proxy(upstream_api_url=f"http://127.0.0.1:{dead_port()}/api")
+    # Found by the chaos campaign: a server restart answered a central run's polling with
+    # 503 at once, and vantage6's algorithm client crashed the run.
+    port = dead_port()
+    proxy = await make_proxy(
+        upstream_api_url=f"http://127.0.0.1:{port}/api",
+        limits=ProxyLimits(unreachable_patience=20),
+    )
+    call = asyncio.create_task(proxy.call("GET", "/task/70"))
+    await asyncio.sleep(0.5)
+
+    async def task(_: web.Request) -> web.Response:
+        return web.json_response({"id": 70})
+
+    server = web.Application()
+    server.router.add_get("/api/task/70", task)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        status, body, _ = await asyncio.wait_for(call, 20)
+        assert (status, body) == (200, {"id": 70})
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_server_that_stays_away_is_a_503_after_the_patience(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(
+        upstream_api_url=f"http://127.0.0.1:{dead_port()}/api",
+        limits=ProxyLimits(unreachable_patience=1.0),
+    )
+    started = time.monotonic()
+    status, body, _ = await proxy.call("GET", "/task/70")
+    assert status == 503
+    assert "unreachable" in body["msg"]
+    # It gave up once the next pause would have run past the patience.
+    assert 0.2 < time.monotonic() - started < 5.0
+
+
+async def test_without_patience_a_dead_server_is_a_fast_503_and_the_proxy_keeps_serving(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(
+        upstream_api_url=f"http://127.0.0.1:{dead_port()}/api",
+        limits=ProxyLimits(unreachable_patience=0),
+    )
     started = time.monotonic()
     status, body, _ = await proxy.call("GET", "/task/70")
     assert status == 503
