@@ -265,21 +265,26 @@ async def diagnose(collab: V6Collaboration, org: V6Org, **kwargs: Any) -> dict[s
     return dict(report)
 
 
+@contextlib.asynccontextmanager
 async def probe_targets(
     k8s_testbed: K8sTestbed, k8s_real_worker: K8sRealWorker, host_port: int
-) -> dict[str, str]:
+) -> AsyncIterator[dict[str, str]]:
     """Things a run must not reach, each really listening: name -> host:port. The cluster
     DNS among them: CoreDNS forwards what it does not know upstream, a way around the
-    proxy."""
+    proxy. The listener's namespace goes at the end: its pod holds CPU on the one real
+    worker, and a session's tests left together filled it (the next pods went unscheduled)."""
     other = await k8s_testbed.create_namespace("fednode-other")
-    pod_ip = await k8s_real_worker.listener_pod(other)
-    return {
-        "host": f"{k8s_real_worker.node_ip}:{host_port}",
-        "pod": f"{pod_ip}:8080",
-        "apiserver-service": "10.96.0.1:443",
-        "apiserver": f"{k8s_real_worker.node_ip}:{APISERVER_PORT}",
-        **await k8s_real_worker.cluster_dns(),
-    }
+    try:
+        pod_ip = await k8s_real_worker.listener_pod(other)
+        yield {
+            "host": f"{k8s_real_worker.node_ip}:{host_port}",
+            "pod": f"{pod_ip}:8080",
+            "apiserver-service": "10.96.0.1:443",
+            "apiserver": f"{k8s_real_worker.node_ip}:{APISERVER_PORT}",
+            **await k8s_real_worker.cluster_dns(),
+        }
+    finally:
+        await k8s_testbed.delete_namespace(other)
 
 
 def service_name(site: Site) -> str:
@@ -330,8 +335,10 @@ async def test_a_real_pod_reaches_the_proxy_by_its_cluster_ip_and_nothing_else_n
 ) -> None:
     site = await make_site(v6_plain, v6_plain.org_a)
     await start_real_node(site)
-    async with host_listener(k8s_real_worker.node_ip) as host_port:
-        targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
+    async with (
+        host_listener(k8s_real_worker.node_ip) as host_port,
+        probe_targets(k8s_testbed, k8s_real_worker, host_port) as targets,
+    ):
         report = await diagnose(
             v6_plain,
             v6_plain.org_a,
@@ -372,8 +379,10 @@ async def test_without_the_network_policies_the_same_probe_gets_through(
     async with k8s_testbed.api_client() as api:
         policies = await client.NetworkingV1Api(api).list_namespaced_network_policy(site.namespace)
     assert policies.items == []
-    async with host_listener(k8s_real_worker.node_ip) as host_port:
-        targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
+    async with (
+        host_listener(k8s_real_worker.node_ip) as host_port,
+        probe_targets(k8s_testbed, k8s_real_worker, host_port) as targets,
+    ):
         report = await diagnose(
             v6_plain,
             v6_plain.org_a,
@@ -401,8 +410,12 @@ async def test_a_pod_that_is_no_run_has_no_network_under_the_namespace_default_d
     values = merged(REQUIRED_VALUES, {"namespace": {"create": False, "name": site.namespace}})
     deny = one(render(values, tmp_path), "NetworkPolicy", "fn-fednode-default-deny")
     stranger = {"app": "not-a-run"}
-    async with host_listener(k8s_real_worker.node_ip) as host_port:
+    async with (
+        host_listener(k8s_real_worker.node_ip) as host_port,
+        contextlib.AsyncExitStack() as cleanup,
+    ):
         other = await k8s_testbed.create_namespace("fednode-other")
+        cleanup.push_async_callback(k8s_testbed.delete_namespace, other)
         outside = await k8s_real_worker.listener_pod(other)
         inside = await k8s_real_worker.listener_pod(site.namespace, "inside")
         targets = [
@@ -519,8 +532,10 @@ async def test_only_a_pod_that_asked_for_a_network_database_reads_it_behind_its_
     )
     await start_real_node(site, databases=[{"label": "clinic", "type": "sql", "uri": db.uri}])
     query = "select id, age, department from patients order by id"
-    async with host_listener(k8s_real_worker.node_ip) as host_port:
-        targets = await probe_targets(k8s_testbed, k8s_real_worker, host_port)
+    async with (
+        host_listener(k8s_real_worker.node_ip) as host_port,
+        probe_targets(k8s_testbed, k8s_real_worker, host_port) as targets,
+    ):
         task_input = {"label": "clinic", "query": query, "targets": list(targets.values())}
         reports = []
         for databases in ([{"label": "clinic"}], []):
