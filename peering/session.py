@@ -118,6 +118,20 @@ def _unb64(text: Any, what: str) -> bytes:
         raise SessionError(f"{what} is not base64") from None
 
 
+def _transcript(
+    step: bytes, sender: int, receiver: int, organization: int, session_id: int, *keys: bytes
+) -> bytes:
+    """What a HELLO (``step`` b"hello") or REPLY (b"reply") signs: the protocol, who sends
+    to whom for which organization and session, and the X25519 keys so far."""
+    return (
+        PROTOCOL
+        + b" "
+        + step
+        + _IDS.pack(sender, receiver, organization, session_id)
+        + b"".join(keys)
+    )
+
+
 def _raw(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -177,11 +191,13 @@ class Sessions:
         if pending is None:
             session_id = int.from_bytes(os.urandom(8), "big") or 1
             secret = X25519PrivateKey.generate()
-            transcript = (
-                PROTOCOL
-                + b" hello"
-                + _IDS.pack(self.node_id, peer, self.organization_id, session_id)
-                + _raw(secret.public_key())
+            transcript = _transcript(
+                b"hello",
+                self.node_id,
+                peer,
+                self.organization_id,
+                session_id,
+                _raw(secret.public_key()),
             )
             pending = _Pending(session_id, secret, transcript)
             self._pending[peer] = pending
@@ -252,7 +268,8 @@ class Sessions:
 
     async def _verify(
         self, peer: int, body: dict[str, Any], transcript_of: Callable[[int, bytes], bytes]
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, bytes]:
+        """(organization, the peer's X25519 key, the transcript it signed), once verified."""
         organization = _int(body.get("organization"), "organization")
         key = _unb64(body.get("key"), "key")
         if len(key) != 32:
@@ -269,37 +286,31 @@ class Sessions:
             raise SessionError(
                 f"node {peer}'s handshake is not signed by organization {organization}'s key"
             ) from None
-        return organization, key
+        return organization, key, transcript
 
     async def _answer(self, peer: int, body: dict[str, Any]) -> None:
         session_id = _int(body.get("session"), "session", bits=64)
         try:
-            _, their_key = await self._verify(
+            organization, their_key, hello = await self._verify(
                 peer,
                 body,
-                lambda org, key: (
-                    PROTOCOL + b" hello" + _IDS.pack(peer, self.node_id, org, session_id) + key
-                ),
+                lambda org, key: _transcript(b"hello", peer, self.node_id, org, session_id, key),
             )
         except SessionError as exc:
             await self._reject(peer, session_id, str(exc))
             raise
-        hello = (
-            PROTOCOL
-            + b" hello"
-            + _IDS.pack(peer, self.node_id, _int(body["organization"], "organization"), session_id)
-            + their_key
-        )
         secret = X25519PrivateKey.generate()
-        reply = (
-            PROTOCOL
-            + b" reply"
-            + _IDS.pack(self.node_id, peer, self.organization_id, session_id)
-            + their_key
-            + _raw(secret.public_key())
+        reply = _transcript(
+            b"reply",
+            self.node_id,
+            peer,
+            self.organization_id,
+            session_id,
+            their_key,
+            _raw(secret.public_key()),
         )
         session = self._derive(peer, session_id, secret, their_key, hello + reply, initiator=False)
-        session.organization = _int(body["organization"], "organization")
+        session.organization = organization
         self._by_id[(peer, session_id)] = session
         answer = {
             "session": session_id,
@@ -320,32 +331,21 @@ class Sessions:
             raise SessionError(f"node {peer} answered a handshake we did not start")
         ours = _raw(pending.secret.public_key())
         try:
-            _, their_key = await self._verify(
+            organization, their_key, reply = await self._verify(
                 peer,
                 body,
-                lambda org, key: (
-                    PROTOCOL
-                    + b" reply"
-                    + _IDS.pack(peer, self.node_id, org, session_id)
-                    + ours
-                    + key
+                lambda org, key: _transcript(
+                    b"reply", peer, self.node_id, org, session_id, ours, key
                 ),
             )
         except SessionError as exc:
             pending.done.set_exception(exc)
             pending.done.exception()  # retrieved: the waiter may have timed out
             raise
-        reply = (
-            PROTOCOL
-            + b" reply"
-            + _IDS.pack(peer, self.node_id, _int(body["organization"], "organization"), session_id)
-            + ours
-            + their_key
-        )
         session = self._derive(
             peer, session_id, pending.secret, their_key, pending.hello + reply, initiator=True
         )
-        session.organization = _int(body["organization"], "organization")
+        session.organization = organization
         self._by_id[(peer, session_id)] = session
         self._current[peer] = session
         pending.done.set_result(session)
