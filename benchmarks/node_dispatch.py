@@ -233,7 +233,11 @@ async def measure(args: argparse.Namespace, workdir: Path) -> tuple[Split, Split
 
         def create(i: int) -> int:
             made = collab.create_task(
-                input_={"i": i}, image=IMAGE, organizations=[org.id], name=f"dispatch-{i}"
+                input_={"i": i},
+                image=IMAGE,
+                organizations=[org.id],
+                name=f"dispatch-{i}",
+                databases=[],  # the node has none; a task naming one is refused
             )
             return int(made["id"])
 
