@@ -41,7 +41,7 @@ from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from common.backoff import Backoff
-from executors.base import Executor
+from executors.base import Executor, ExecutorError
 from executors.ports import DeclaredPort, PeerEndpoints
 from node.crypto import CryptoError, b64decode
 from node.logging import get_logger
@@ -257,7 +257,9 @@ class NodePeering:
                     )
             run.registered = True
             bound.info("peering.ports_registered", ports=[p.port for p in run.ports])
-        except ServerError as exc:
+        except (ServerError, ExecutorError) as exc:
+            # The run goes on without peers reaching it; say so rather than lose it in a
+            # task nobody awaits.
             bound.warning("peering.ports_not_registered", error=str(exc))
 
     async def _unregister(self, run_id: int) -> None:
