@@ -101,6 +101,10 @@ class ExecutorContext(BaseModel):
     #: How much output and log ``collect`` accepts (the node's ``max_output_bytes`` and
     #: ``max_log_bytes``); see :mod:`executors.outputs`.
     limits: OutputLimits = Field(default_factory=OutputLimits)
+    #: The forwarder ports of algorithm-to-algorithm streams on the node (``peering``;
+    #: empty: off). Runs must be able to reach them beside the proxy port; the node must be
+    #: able to reach the runs (Kubernetes: the runs' ``-peers`` NetworkPolicy).
+    peer_ports: tuple[int, ...] = ()
 
 
 def run_labels(spec: RunSpec, *, node_name: str) -> dict[str, str]:

@@ -8,7 +8,10 @@ most :data:`MAX_PORTS` ports, numbers 1-65535, names of at most 64 printable cha
 
 Executors that can read the image's configuration (podman) use
 :func:`ports_from_image_config`; :class:`PeerEndpoints` is the optional interface through
-which the node asks an executor for them and for the address a run listens on.
+which the node asks an executor for them and for the address a run listens on. One that
+cannot read it (Kubernetes: kubelet pulls the image, the node never sees its
+configuration) answers ``None``, and the node's ``peering.image_ports`` decide (8888 for
+an image no rule names).
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ class PeerEndpoints(Protocol):
     with a reason naming the executor (docs/networking.md).
     """
 
-    async def declared_ports(self, image: str) -> list[DeclaredPort]:
-        """The image's declared ports (:func:`ports_from_image_config`)."""
+    async def declared_ports(self, run_id: int, image: str) -> list[DeclaredPort] | None:
+        """The declared ports of run ``run_id``'s image (:func:`ports_from_image_config`);
+        ``None`` when this runtime cannot read the image's configuration."""
         ...
 
     async def run_address(self, run_id: int) -> str | None:

@@ -380,6 +380,7 @@ class Node:
                     max_output_bytes=settings.max_output_bytes,
                     max_log_bytes=settings.max_log_bytes,
                 ),
+                peer_ports=settings.peering.forwarder_ports,
             ),
         )
 
@@ -438,7 +439,7 @@ class Node:
             keys=keys,
             executor=executor,
             bind_host=placement.bind_host,
-            advertise_host=placement.advertise_host,
+            advertise_host=settings.peering.advertise_host or placement.advertise_host,
             tracer=tracer,
         )
 

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from common.logging import get_logger
 from executors.base import Executor, ExecutorError, ProxyPlacement
+from executors.ports import DeclaredPort, PeerEndpoints
 from executors.spec import RunEvent, RunOutput, RunSpec, RunState
 
 log = get_logger(__name__)
@@ -173,6 +174,21 @@ class ExecutorSet:
         """The default executor's; the node places the proxy for each member itself."""
         default = self._executors[self._default]
         return default.proxy_placement(host=host, advertise_host=advertise_host)
+
+    # -- peering (executors.ports.PeerEndpoints): the run's own executor answers ----------
+
+    async def declared_ports(self, run_id: int, image: str) -> list[DeclaredPort] | None:
+        executor = await self._of(run_id)
+        if not isinstance(executor, PeerEndpoints):
+            return []
+        return await executor.declared_ports(run_id, image)
+
+    async def run_address(self, run_id: int) -> str | None:
+        name = self.executor_of(run_id)
+        executor = self._executors.get(name) if name is not None else None
+        if not isinstance(executor, PeerEndpoints):
+            return None
+        return await executor.run_address(run_id)
 
     async def recover_token(self, state: RunState) -> str:
         return await (await self._of(state.run_id)).recover_token(state)

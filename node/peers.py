@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +43,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from common.backoff import Backoff
 from executors.base import Executor, ExecutorError
-from executors.ports import DeclaredPort, PeerEndpoints
+from executors.ports import DEFAULT_PORTS, DeclaredPort, PeerEndpoints
 from node.crypto import CryptoError, b64decode
 from node.logging import get_logger
 from node.proxy_link import OrganizationKeys
 from node.server.models import NodeIdentity
 from node.server.rest import ServerClient, ServerError
-from node.settings import PeeringSettings
+from node.settings import ImagePortsRule, PeeringSettings
 from peering.link import RelayLink
 from peering.session import Sessions
 from peering.streams import OpenRequest, Refused, StreamLimits, StreamReport, Streams
@@ -64,6 +65,15 @@ def virtual_address(node_id: int) -> str:
     return str(
         _VIRTUAL_NETWORK.network_address + 1 + node_id % (_VIRTUAL_NETWORK.num_addresses - 2)
     )
+
+
+def configured_ports(image: str, rules: Sequence[ImagePortsRule]) -> list[DeclaredPort]:
+    """An image's ports by ``peering.image_ports`` (for executors that cannot read the
+    image's configuration): the first rule matching the whole name, else 8888."""
+    for rule in rules:
+        if re.fullmatch(rule.image, image):
+            return [DeclaredPort(p.port, p.label) for p in rule.ports]
+    return list(DEFAULT_PORTS)
 
 
 class ServerPeerDirectory:
@@ -238,10 +248,15 @@ class NodePeering:
                 await backoff.pause()
             if run_id not in self._runs:
                 return
-            run.ports = (
-                await self._executor.declared_ports(image)
+            from_image = (
+                await self._executor.declared_ports(run_id, image)
                 if isinstance(self._executor, PeerEndpoints)
                 else []
+            )
+            run.ports = (
+                configured_ports(image, self._settings.image_ports)
+                if from_image is None
+                else from_image
             )
             existing = await self._server.request("GET", f"run/{run_id}")
             if not existing.get("ports"):

@@ -457,6 +457,29 @@ class ProxySettings(_Section):
     key_cache_seconds: Annotated[float, Field(gt=0)] = 300.0
 
 
+class DeclaredPortSettings(_Section):
+    """One port an image takes peer connections on, as ``EXPOSE`` + ``p<port>`` say."""
+
+    port: Annotated[int, Field(ge=1, le=65535)]
+    label: Annotated[str, Field(max_length=64)] | None = None
+
+
+class ImagePortsRule(_Section):
+    """The ports of the images whose name matches ``image`` (whole-name match)."""
+
+    image: str
+    ports: Annotated[list[DeclaredPortSettings], Field(min_length=1, max_length=16)]
+
+    @field_validator("image")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+
 class PeeringSettings(_Section):
     """Algorithm-to-algorithm connections between organizations, through a relay
     (docs/networking.md). Off unless ``relay_url`` is set; needs the organization's key
@@ -474,6 +497,15 @@ class PeeringSettings(_Section):
     idle_seconds: Annotated[float, Field(gt=0)] = 600.0
     #: Bytes of one stream in flight (each way): the flow-control window.
     window_kb: Annotated[int, Field(ge=16, le=16384)] = 256
+    #: Where runs reach the forwarder ports; ``None``: where they reach the proxy. On
+    #: Kubernetes the proxy Service carries only the proxy port, so this is the node pod's
+    #: own IP (the chart sets ``FEDNODE_PEERING__ADVERTISE_HOST`` from ``status.podIP``).
+    advertise_host: str | None = None
+    #: The ports of images whose configuration the executor cannot read (Kubernetes): the
+    #: first rule whose ``image`` (a regular expression, whole-name match) matches gives
+    #: them; an image no rule matches gets 8888, vantage6 4's default. Podman reads
+    #: ``EXPOSE`` and ``p<port>`` labels from the image itself.
+    image_ports: list[ImagePortsRule] = Field(default_factory=list)
 
     @field_validator("relay_url")
     @classmethod
@@ -487,6 +519,13 @@ class PeeringSettings(_Section):
         if self.first_port + self.ports - 1 > 65535:
             raise ValueError(f"first_port {self.first_port} + ports {self.ports} runs past 65535")
         return self
+
+    @property
+    def forwarder_ports(self) -> tuple[int, ...]:
+        """The forwarder ports runs must reach; none while peering is off."""
+        if self.relay_url is None:
+            return ()
+        return tuple(range(self.first_port, self.first_port + self.ports))
 
 
 class HealthSettings(_Section):
@@ -725,6 +764,20 @@ class NodeSettings(BaseSettings):
                 raise ValueError(
                     f"give proxy.advertise_host or {where}proxy_service, not both: with "
                     "proxy_service runs are given that Service's ClusterIP"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _forwarders_reachable(self) -> NodeSettings:
+        if self.peering.relay_url is None or self.peering.advertise_host is not None:
+            return self
+        for entry in self.executor_entries:
+            if isinstance(entry.settings, KubernetesSettings) and entry.settings.proxy_service:
+                raise ValueError(
+                    "peering.advertise_host is needed with peering.relay_url on Kubernetes: "
+                    "runs reach the proxy through its Service, which carries only the proxy "
+                    "port, and the forwarder ports are on the node pod; set it to the pod's "
+                    "IP (the Helm chart sets FEDNODE_PEERING__ADVERTISE_HOST from status.podIP)"
                 )
         return self
 

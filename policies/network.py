@@ -12,6 +12,13 @@ it has a channel around the proxy (data encoded in the names it looks up). Runs 
 the proxy Service's ClusterIP, an address, and need no name resolved
 (:mod:`executors.kubernetes.executor` reads it from the Service at start-up).
 
+* ``<prefix>-peers``, only where the node carries algorithm-to-algorithm streams
+  (``peering``, docs/networking.md): ingress to the runs from the node pods (the node
+  connects a peer's stream to the run's declared port) and egress from the runs to the
+  node pods on the forwarder ports (the addresses ``/vpn/algorithm/addresses`` hands out).
+  Runs still reach no other run, pod or address: every peer connection goes through the
+  node, which admits it.
+
 * ``<prefix>-db-<label>``, one per network database the node declares (``sql``,
   ``sparql``, ``omop``): egress to that database's address block and TCP port, for the run
   pods that carry the database's label (``fednode.io/db-<label>: "true"``, put on a run's
@@ -52,8 +59,13 @@ def policy_name_prefix(node_name: str) -> str:
 
 
 def run_network_policy_names(name_prefix: str) -> tuple[str, str]:
-    """The names of the two policies :func:`run_network_policies` makes."""
+    """The names of the two policies :func:`run_network_policies` always makes."""
     return f"{name_prefix}-default-deny", f"{name_prefix}-egress"
+
+
+def peers_policy_name(name_prefix: str) -> str:
+    """The name of the policy that opens peer streams (only with :class:`PeerAccess`)."""
+    return f"{name_prefix}-peers"
 
 
 class PeerPods(BaseModel):
@@ -89,6 +101,17 @@ def database_policy_name(name_prefix: str, label: str) -> str:
     return f"{name_prefix}-db-{slug}"[:63].strip("-")
 
 
+class PeerAccess(BaseModel):
+    """Peer streams pass the node: it may connect to its runs (any port: the declared
+    ports are the images'), and its runs may reach it on the forwarder ports."""
+
+    model_config = ConfigDict(frozen=True)
+
+    namespace: str
+    node_selector: dict[str, str]
+    forwarder_ports: tuple[int, ...]
+
+
 class RunIsolation(BaseModel):
     """Everything the policies need: whose pods, and which peers they may reach."""
 
@@ -98,6 +121,7 @@ class RunIsolation(BaseModel):
     run_selector: dict[str, str]
     allowed: tuple[PeerPods, ...] = Field(default_factory=tuple)
     databases: tuple[DatabaseEgress, ...] = Field(default_factory=tuple)
+    peers: PeerAccess | None = None
     name_prefix: str = "fednode-runs"
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -139,7 +163,30 @@ def run_network_policies(isolation: RunIsolation) -> list[dict[str, Any]]:
         )
         for database in isolation.databases
     ]
-    return [deny, egress, *databases]
+    peers = [] if isolation.peers is None else [_peers_policy(isolation, isolation.peers)]
+    return [deny, egress, *peers, *databases]
+
+
+def _peers_policy(isolation: RunIsolation, peers: PeerAccess) -> dict[str, Any]:
+    node_pods = {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: peers.namespace}},
+        "podSelector": {"matchLabels": dict(peers.node_selector)},
+    }
+    return _policy(
+        isolation,
+        peers_policy_name(isolation.name_prefix),
+        {
+            "podSelector": {"matchLabels": dict(isolation.run_selector)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [node_pods]}],
+            "egress": [
+                {
+                    "to": [node_pods],
+                    "ports": [{"port": port, "protocol": "TCP"} for port in peers.forwarder_ports],
+                }
+            ],
+        },
+    )
 
 
 def _policy(isolation: RunIsolation, name: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,7 @@ from executors.kubernetes.manifests import (
     secret_name,
     token_secret,
 )
+from executors.kubernetes.observe import newest
 from executors.kubernetes.proxy_address import ProxyServiceError, proxy_endpoint_of
 from executors.kubernetes.tracker import RunTracker
 from executors.kubernetes.transform import slim_job, slim_pod, slim_workload
@@ -98,6 +99,7 @@ from executors.spec import ProxyEndpoint, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import TaskOwner
 from policies.network import (
     DatabaseEgress,
+    PeerAccess,
     RunIsolation,
     policy_differences,
     policy_name_prefix,
@@ -347,6 +349,21 @@ class KubernetesExecutor:
             return ProxyPlacement(host, self._proxy.host, advertise_port=self._proxy.port)
         return ProxyPlacement(host, advertise_host or host)
 
+    # -- peering (executors.ports.PeerEndpoints) ----------------------------------------
+
+    async def declared_ports(self, run_id: int, image: str) -> None:
+        """Unknown here: the node reads no image configuration (it pulls nothing; kubelet
+        does), so the node's ``peering.image_ports`` decide (docs/networking.md)."""
+        return None
+
+    async def run_address(self, run_id: int) -> str | None:
+        """The IP of the run's pod while it runs, from the informer's cache (no request)."""
+        pod = newest(list(self._tracker.pods.get(run_id, {}).values()))
+        status = (pod or {}).get("status") or {}
+        if status.get("phase") != "Running" or not status.get("podIP"):
+            return None
+        return str(status["podIP"])
+
     async def recover_token(self, state: RunState) -> str:
         """Never: the token is in a Secret the node may create but not read back."""
         raise TokenUnavailable(
@@ -444,7 +461,9 @@ class KubernetesExecutor:
 
     async def _apply_network_policies(self, client: KubeClient) -> None:
         for policy in run_network_policy_manifests(
-            self._settings, node_name=self._context.node_name
+            self._settings,
+            node_name=self._context.node_name,
+            peer_ports=self._context.peer_ports,
         ):
             path = NETWORK_POLICIES.path(self._namespace, policy["metadata"]["name"])
             try:
@@ -469,7 +488,9 @@ class KubernetesExecutor:
             "create/patch on networkpolicies (docs/executors.md)"
         )
         for expected in run_network_policy_manifests(
-            self._settings, node_name=self._context.node_name
+            self._settings,
+            node_name=self._context.node_name,
+            peer_ports=self._context.peer_ports,
         ):
             name = expected["metadata"]["name"]
             try:
@@ -556,10 +577,22 @@ class KubernetesExecutor:
             self._stream.fed_by(self._tasks.spawn(informer.run(), name=f"informer-{informer.kind}"))
 
 
-def run_network_policy_manifests(settings: KubernetesSettings, *, node_name: str) -> list[Json]:
+def run_network_policy_manifests(
+    settings: KubernetesSettings, *, node_name: str, peer_ports: tuple[int, ...] = ()
+) -> list[Json]:
     """The runs' NetworkPolicies for these settings (what the chart renders and the
-    executor verifies or, with ``network_policies: apply``, applies)."""
+    executor verifies or, with ``network_policies: apply``, applies); ``peer_ports``: the
+    node's forwarder ports when it carries peer streams (``peering``), else none."""
     labels = node_selector_labels(node_name)
+    peers = (
+        PeerAccess(
+            namespace=proxy_namespace(settings),
+            node_selector=settings.proxy_pod_selector,
+            forwarder_ports=peer_ports,
+        )
+        if peer_ports
+        else None
+    )
     isolation = RunIsolation(
         namespace=settings.namespace,
         run_selector=labels,
@@ -579,6 +612,7 @@ def run_network_policy_manifests(settings: KubernetesSettings, *, node_name: str
             )
             for label, egress in sorted(settings.database_egress.items())
         ),
+        peers=peers,
         name_prefix=policy_name_prefix(node_name),
         labels=labels,
     )

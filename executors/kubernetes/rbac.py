@@ -13,8 +13,8 @@ Every verb below is used, and nothing else is granted:
 * Secrets: ``create`` (the run's token, created owned by its Job so it goes with the Job)
   and ``delete``; no ``get``/``list``/``patch`` (a patch answers with the Secret's data):
   the node cannot read any secret, its own included;
-* NetworkPolicies: ``get`` of the node's own runs' policies only (the two, and one per
-  network database; ``resourceNames``,
+* NetworkPolicies: ``get`` of the node's own runs' policies only (the two, the peer
+  streams' one with ``peering``, and one per network database; ``resourceNames``,
   :func:`network_policy_rule`): the chart renders them, the node checks at start-up that
   they are there and unchanged. It cannot create, change or delete any NetworkPolicy, so
   a compromised node cannot open its runs' egress. Only with ``network_policies: apply``
@@ -45,7 +45,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from policies.network import database_policy_name, policy_name_prefix, run_network_policy_names
+from policies.network import (
+    database_policy_name,
+    peers_policy_name,
+    policy_name_prefix,
+    run_network_policy_names,
+)
 
 ROLE_NAME = "fednode-executor"
 
@@ -80,15 +85,19 @@ KUEUE_RULE: dict[str, Any] = {
 }
 
 
-def network_policy_rule(node_name: str, *, databases: Sequence[str] = ()) -> dict[str, Any]:
-    """Reading the node's runs' NetworkPolicies (the two, and one per network database
-    label in ``databases``), by name, and nothing else."""
+def network_policy_rule(
+    node_name: str, *, databases: Sequence[str] = (), peers: bool = False
+) -> dict[str, Any]:
+    """Reading the node's runs' NetworkPolicies (the two, the peer streams' one with
+    ``peers``, and one per network database label in ``databases``), by name, and
+    nothing else."""
     prefix = policy_name_prefix(node_name)
     return {
         "apiGroups": ["networking.k8s.io"],
         "resources": ["networkpolicies"],
         "resourceNames": [
             *run_network_policy_names(prefix),
+            *([peers_policy_name(prefix)] if peers else []),
             *(database_policy_name(prefix, label) for label in databases),
         ],
         "verbs": ["get"],
@@ -112,6 +121,7 @@ def role_rules(
     apply_network_policies: bool = False,
     databases: Sequence[str] = (),
     kueue: bool = False,
+    peers: bool = False,
 ) -> list[dict[str, Any]]:
     """Every rule of the node's Role (what the chart renders for ``nodeName`` and its proxy
     Service, both in the one namespace of node and runs; ``databases``: the labels of the
@@ -119,7 +129,7 @@ def role_rules(
     extra = (
         APPLY_NETWORK_POLICIES_RULE
         if apply_network_policies
-        else network_policy_rule(node_name, databases=databases)
+        else network_policy_rule(node_name, databases=databases, peers=peers)
     )
     rules = [dict(rule) for rule in ROLE_RULES] + [dict(extra)]
     if proxy_service is not None:

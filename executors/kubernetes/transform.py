@@ -20,7 +20,8 @@ What is kept, and who reads it:
 * Kueue Workloads: ``status.conditions`` — why a run waits for admission;
 * Pods: ``status.phase`` and ``status.message``, and per container ``name``, ``state`` and
   ``lastState`` — ``waiting`` (reason, message) and ``terminated`` (exitCode, reason,
-  message, signal) — :mod:`~executors.kubernetes.observe`.
+  message, signal) — :mod:`~executors.kubernetes.observe`; ``status.podIP``, where the
+  node connects peer streams to a run (``run_address``, docs/networking.md).
 
 Everything else is dropped, so a field read from the cache that is not listed here reads
 as missing: a reader that needs one more field adds it here (tests/unit/test_k8s_transform.py
@@ -99,7 +100,7 @@ def slim_pod(pod: Json) -> Json:
     slim: Json = {"metadata": _metadata(pod.get("metadata"))}
     status = pod.get("status")
     if isinstance(status, dict):
-        kept = _pick(status, ("phase", "message"))
+        kept = _pick(status, ("phase", "message", "podIP"))
         containers = status.get("containerStatuses")
         if containers:
             kept["containerStatuses"] = [_container(c) for c in containers if isinstance(c, dict)]

@@ -317,7 +317,7 @@ class PodmanExecutor:
 
     # -- peering (executors.ports.PeerEndpoints) ----------------------------------------
 
-    async def declared_ports(self, image: str) -> list[DeclaredPort]:
+    async def declared_ports(self, run_id: int, image: str) -> list[DeclaredPort]:
         """The image's ``EXPOSE``d TCP ports and their ``p<port>`` labels."""
         document = await self._api.inspect_image(image)
         config = (document or {}).get("Config") or {}

@@ -118,6 +118,20 @@ FULL_VALUES: dict[str, Any] = {
     },
     "proxy": {"port": 8654, "maxBodyMb": 32, "upstreamTimeoutSeconds": 120},
     "health": {"port": 8656},
+    "peering": {
+        "relayUrl": "wss://relay.example.org:8443/v1/connect",
+        "firstPort": 9700,
+        "ports": 4,
+        "maxStreamsPerRun": 16,
+        "idleSeconds": 300,
+        "windowKb": 128,
+        "imagePorts": [
+            {
+                "image": "registry\\.example\\.org/mpc/.*",
+                "ports": [{"port": 5000, "label": "mpc"}, {"port": 5001}],
+            }
+        ],
+    },
     "telemetry": {
         "otlpEndpoint": "http://jaeger-collector.tracing:4318",
         "serviceName": "fednode-a",
@@ -150,6 +164,7 @@ FULL_VALUES: dict[str, Any] = {
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracing"}}}
             ]
         },
+        "relay": {"to": [{"ipBlock": {"cidr": "192.0.2.11/32"}}]},
         "healthFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
         "extraEgress": [
             {

@@ -54,6 +54,7 @@ NODE_POD_SELECTOR = (
     f"app.kubernetes.io/name=fednode,app.kubernetes.io/instance={RELEASE},"
     "app.kubernetes.io/component=node"
 )
+NODE_POD_LABELS = dict(pair.split("=") for pair in NODE_POD_SELECTOR.split(","))
 RUN_UID = 10001  # the chart's runs.runAsUser, which the node pod runs as too
 SERVER_RELAY_LABELS = {"app": "v6-server-relay"}
 T = TypeVar("T")
@@ -137,6 +138,102 @@ async def _forwarder(listen_host: str, target: tuple[str, int]) -> AsyncIterator
     server = await asyncio.start_server(handle, listen_host, 0)
     async with server:
         yield int(server.sockets[0].getsockname()[1])
+
+
+RELAY_CHART = REPO / "helm" / "fednode-relay"
+RELAY_LABELS = {"app.kubernetes.io/name": "fednode-relay"}
+
+
+@dataclass
+class RelayRelease:
+    """The relay chart installed on the real worker: where nodes reach it."""
+
+    namespace: str
+    pod_ip: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.pod_ip}:{self.port}/v1/connect"
+
+    @property
+    def egress_to(self) -> list[dict[str, Any]]:
+        """The node chart's ``networkPolicy.relay.to`` naming this relay's pods."""
+        return [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": self.namespace}
+                },
+                "podSelector": {"matchLabels": dict(RELAY_LABELS)},
+            }
+        ]
+
+
+@contextlib.asynccontextmanager
+async def relay_release(
+    testbed: K8sTestbed,
+    worker: K8sRealWorker,
+    workdir: Path,
+    *,
+    route: ServerRoute,
+    api_path: str,
+    image: str,
+    port: int = 7800,
+) -> AsyncIterator[RelayRelease]:
+    """``helm install`` of the relay chart (helm/fednode-relay) as a consortium would, in a
+    namespace of its own, checking identities with the server behind ``route``; yields
+    once its pod is Ready; uninstalled and deleted on exit."""
+    from kubernetes_asyncio import client
+
+    namespace = await testbed.create_namespace("fednode-relay")
+    repository, _, tag = image.rpartition(":")
+    values = {
+        "server": {"url": f"http://{route.cluster_ip}", "port": route.port, "apiPath": api_path},
+        "relay": {"port": port, "logLevel": "DEBUG"},
+        "service": {"port": port},
+        "networkPolicy": {
+            "server": {
+                "to": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": route.namespace}
+                        },
+                        "podSelector": {"matchLabels": SERVER_RELAY_LABELS},
+                    }
+                ]
+            }
+        },
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "nodeSelector": worker.node_selector,
+        "tolerations": [worker.toleration],
+        "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}},
+    }
+    values_file = await asyncio.to_thread(_write_yaml, workdir / "relay-values.yaml", values)
+    env = {**os.environ, "KUBECONFIG": str(testbed.kubeconfig)}
+    try:
+        await asyncio.to_thread(
+            helm,
+            "install", "relay", str(RELAY_CHART), "-f", str(values_file),
+            "--namespace", namespace, "--wait", "--timeout", "180s",
+            env=env,
+        )  # fmt: skip
+        async with testbed.api_client() as api:
+            pods = await client.CoreV1Api(api).list_namespaced_pod(
+                namespace, label_selector="app.kubernetes.io/name=fednode-relay"
+            )
+        (pod,) = [p for p in pods.items if p.metadata.deletion_timestamp is None]
+        yield RelayRelease(namespace, str(pod.status.pod_ip), port)
+    finally:
+        await asyncio.to_thread(
+            helm, "uninstall", "relay", "--namespace", namespace, check=False, env=env
+        )
+        await testbed.delete_namespace(namespace)
+
+
+def _write_yaml(path: Path, document: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(document))
+    return path
 
 
 def release_values(

@@ -501,9 +501,15 @@ class K8sRealWorker:
                 await asyncio.sleep(1)
 
     async def listener_pod(
-        self, namespace: str, name: str = "listener", *, port: int = 8080
+        self,
+        namespace: str,
+        name: str = "listener",
+        *,
+        port: int = 8080,
+        labels: dict[str, str] | None = None,
     ) -> str:
-        """A pod that accepts TCP connections on ``port``; returns its IP."""
+        """A pod (``labels``, default ``app: <name>``) that accepts TCP connections on
+        ``port``; returns its IP."""
         pod = await self.run_pod(
             namespace,
             name,
@@ -519,7 +525,7 @@ class K8sRealWorker:
                 ],
                 port=port,
             ),
-            labels={"app": name},
+            labels=labels or {"app": name},
         )
         return str(pod["status"]["podIP"])
 

@@ -14,7 +14,7 @@ import yaml
 from executors.kubernetes.config import KubernetesSettings
 from executors.kubernetes.executor import run_network_policy_manifests
 from executors.kubernetes.rbac import ROLE_RULES, role_rules
-from node.settings import load_settings
+from node.settings import PeeringSettings, load_settings
 from policies.network import policy_name_prefix
 from policies.pod_security import container_security_context, namespace_labels
 from tests.peers.helm import (
@@ -277,7 +277,11 @@ def test_the_chart_renders_exactly_the_runs_policies_the_node_verifies(
     executor = KubernetesSettings.model_validate(config["executor"])
     assert executor.network_policies == "verify"
 
-    expected = run_network_policy_manifests(executor, node_name=config["name"])
+    peering = PeeringSettings.model_validate(config.get("peering", {}))
+    assert bool(peering.forwarder_ports) == (values == "full")
+    expected = run_network_policy_manifests(
+        executor, node_name=config["name"], peer_ports=peering.forwarder_ports
+    )
     rendered = {o["metadata"]["name"]: o for o in objects if o["kind"] == "NetworkPolicy"}
     for policy in expected:
         name = policy["metadata"]["name"]
@@ -463,6 +467,10 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     }
     key = tmp_path / "private-key.pem"
     key.write_text(full_values["encryption"]["privateKey"])
+    # the pod's own IP, where runs reach the peering forwarders (the Downward API's)
+    (advertise,) = [e for e in node["env"] if e["name"] == "FEDNODE_PEERING__ADVERTISE_HOST"]
+    assert advertise["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    monkeypatch.setenv("FEDNODE_PEERING__ADVERTISE_HOST", "10.1.2.3")
     settings = load_node_yaml(
         {**config, "databases": [], "encryption": {"enabled": True, "private_key": str(key)}},
         tmp_path,
@@ -481,6 +489,11 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     assert settings.max_concurrent_runs == 8
     assert settings.proxy.max_body_mb == 64  # extraConfig wins
     assert settings.proxy.upstream_timeout_seconds == 120
+    assert settings.peering.relay_url == "wss://relay.example.org:8443/v1/connect"
+    assert settings.peering.forwarder_ports == (9700, 9701, 9702, 9703)
+    assert (settings.peering.max_streams_per_run, settings.peering.window_kb) == (16, 128)
+    (rule,) = settings.peering.image_ports
+    assert [(p.port, p.label) for p in rule.ports] == [(5000, "mpc"), (5001, None)]
     assert settings.telemetry.otlp_endpoint == "http://jaeger-collector.tracing:4318"
     assert settings.telemetry.sampling_ratio == 0.5
     assert settings.logging.level == "DEBUG"
@@ -499,6 +512,7 @@ def test_every_option_reaches_the_objects_and_node_yaml(
         proxy_service=executor.proxy_service,
         databases=sorted(executor.database_egress),
         kueue=True,
+        peers=True,
     )
     assert executor.image_pull_secrets == ["regcred"]
     assert executor.proxy_port == 8654
@@ -581,7 +595,16 @@ def test_every_option_reaches_the_objects_and_node_yaml(
     # the node's network policy
     policy = node_policy(objects)["spec"]
     assert policy["ingress"][1]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
-    dns, api_server, server, otlp, extra = policy["egress"]
+    # runs reach the proxy and the peering forwarders on the node pod
+    assert [p["port"] for p in policy["ingress"][0]["ports"]] == [8654, 9700, 9701, 9702, 9703]
+    dns, api_server, server, otlp, relay, runs, extra = policy["egress"]
+    assert relay == {
+        "to": [{"ipBlock": {"cidr": "192.0.2.11/32"}}],
+        "ports": [{"port": 8443, "protocol": "TCP"}],
+    }
+    # the node connects peer streams to its own runs' ports (which the images choose)
+    selector = {"app.kubernetes.io/managed-by": "fednode", "fednode.io/node": "hospital-a"}
+    assert runs == {"to": [{"podSelector": {"matchLabels": selector}}]}
     assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "coredns"}
     assert api_server == {
         "to": [{"ipBlock": {"cidr": "198.51.100.1/32"}}],

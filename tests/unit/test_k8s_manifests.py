@@ -26,7 +26,9 @@ from executors.kubernetes.rbac import (
 )
 from executors.spec import DatabaseMount, Resources, RunSpec
 from policies.network import (
+    PeerAccess,
     RunIsolation,
+    peers_policy_name,
     policy_differences,
     policy_name_prefix,
     proxy_peer,
@@ -259,6 +261,41 @@ def test_network_policies_deny_everything_then_allow_only_the_proxy_not_dns() ->
         "ports": [{"port": 7654, "protocol": "TCP"}],
     }
     assert "ingress" not in egress["spec"]
+
+
+def test_with_peering_the_node_may_reach_the_runs_and_the_runs_its_forwarders_only() -> None:
+    isolation = RunIsolation(
+        namespace="runs",
+        run_selector={"node": "n"},
+        allowed=(proxy_peer(namespace="fednode", pod_selector={"app": "node"}, port=7654),),
+        peers=PeerAccess(
+            namespace="fednode", node_selector={"app": "node"}, forwarder_ports=(7700, 7701)
+        ),
+        name_prefix="p",
+    )
+    _, _, peers = run_network_policies(isolation)
+    assert peers["metadata"]["name"] == peers_policy_name("p") == "p-peers"
+    node_pods = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "fednode"}},
+        "podSelector": {"matchLabels": {"app": "node"}},
+    }
+    assert peers["spec"] == {
+        "podSelector": {"matchLabels": {"node": "n"}},
+        "policyTypes": ["Ingress", "Egress"],
+        # the node connects to a run's declared port (any: the image chooses it) ...
+        "ingress": [{"from": [node_pods]}],
+        # ... and runs reach the forwarder ports on the node pod, nothing else (no other run)
+        "egress": [
+            {
+                "to": [node_pods],
+                "ports": [{"port": 7700, "protocol": "TCP"}, {"port": 7701, "protocol": "TCP"}],
+            }
+        ],
+    }
+    # without peering there is no such policy, and the Role reads it only with peering
+    assert len(run_network_policies(isolation.model_copy(update={"peers": None}))) == 2
+    (rule,) = [r for r in role_rules("n", peers=True) if r["resources"] == ["networkpolicies"]]
+    assert rule["resourceNames"][-1] == "fednode-runs-n-peers"
 
 
 def test_pod_security_levels_are_checked_not_assumed() -> None:

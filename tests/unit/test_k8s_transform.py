@@ -259,6 +259,8 @@ def test_every_label_and_annotation_is_kept_and_the_specs_are_dropped() -> None:
         assert "template" not in trimmed.get("spec", {})
     assert slim["spec"] == {"backoffLimit": 0}
     assert "spec" not in slim_p
+    # where the node connects peer streams to the run (run_address)
+    assert slim_p["status"]["podIP"] == pod["status"]["podIP"]
     # the uid and name make the Job the token Secret's owner
     assert owner_patch(slim) == owner_patch(job)
 

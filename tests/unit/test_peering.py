@@ -22,6 +22,9 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from executors.ports import DeclaredPort
+from node.peers import configured_ports
+from node.settings import PeeringSettings
 from peering.identity import IdentityRefused, NodeIdentity
 from peering.link import RelayLink
 from peering.relay import Relay
@@ -435,3 +438,23 @@ async def test_fednode_relay_serves_until_sigterm(tmp_path: Path) -> None:
     finally:
         if process.returncode is None:
             process.kill()
+
+
+async def test_images_whose_configuration_the_executor_cannot_read_get_the_configured_ports() -> None:
+    rules = PeeringSettings.model_validate(
+        {
+            "image_ports": [
+                {
+                    "image": r"harbor\.example\.org/mpc/.*",
+                    "ports": [{"port": 5000, "label": "mpc"}],
+                },
+                {"image": r".*/secretsum(:.*)?", "ports": [{"port": 8888, "label": "shares"}]},
+            ]
+        }
+    ).image_ports
+    assert configured_ports("harbor.example.org/mpc/x:1", rules) == [DeclaredPort(5000, "mpc")]
+    assert configured_ports("localhost/fednode/secretsum:abc", rules) == [
+        DeclaredPort(8888, "shares")
+    ]
+    # whole-name matches only; anything else gets vantage6 4's default
+    assert configured_ports("evil/harbor.example.org/mpc/x", rules) == [DeclaredPort(8888, None)]

@@ -200,6 +200,36 @@ def test_kubernetes_proxy_port_must_match_the_proxy(tmp_path: Path, minimal: str
     assert "executor.proxy_port (7654) must equal proxy.port (8000)" in problem
 
 
+def test_peering_on_kubernetes_needs_the_pod_address_for_its_forwarders(
+    tmp_path: Path, minimal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = minimal + (
+        "peering: {relay_url: 'wss://relay.example.org/v1/connect', first_port: 7700, ports: 2}\n"
+        "executor: {kind: kubernetes, proxy_service: p}\n"
+    )
+    (problem,) = problems_of(write(tmp_path, config))
+    assert "peering.advertise_host is needed" in problem
+    assert "FEDNODE_PEERING__ADVERTISE_HOST" in problem
+    monkeypatch.setenv("FEDNODE_PEERING__ADVERTISE_HOST", "10.1.2.3")
+    settings = load_settings(write(tmp_path, config))
+    assert settings.peering.forwarder_ports == (7700, 7701)
+    assert load_settings(write(tmp_path, minimal)).peering.forwarder_ports == ()
+
+
+def test_image_ports_are_checked_rules(tmp_path: Path, minimal: str) -> None:
+    bad = minimal + (
+        "peering:\n  image_ports:\n"
+        "    - {image: 'mpc/(', ports: [{port: 5000}]}\n"
+        "    - {image: 'x', ports: [{port: 70000}]}\n"
+        "    - {image: 'y', ports: []}\n"
+    )
+    problems = problems_of(write(tmp_path, bad))
+    assert len(problems) == 3
+    assert "peering.image_ports[0].image" in problems[0] and "regular expression" in problems[0]
+    assert "peering.image_ports[1].ports[0].port" in problems[1]
+    assert "peering.image_ports[2].ports" in problems[2]
+
+
 def test_docker_registries_can_come_from_the_environment_as_json(
     tmp_path: Path, minimal: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
