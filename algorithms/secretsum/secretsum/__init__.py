@@ -28,6 +28,10 @@ from vantage6.algorithm.client import AlgorithmClient
 from vantage6.algorithm.tools.decorators import algorithm_client, data
 from vantage6.algorithm.tools.util import info, warn
 
+from .isolation import listen_for_peers, probe_reach
+
+__all__ = ["central_secret_sum", "listen_for_peers", "partial_secret_sum", "probe_reach"]
+
 PRIME = 2**61 - 1
 PORT = 8888
 
