@@ -166,12 +166,15 @@ async def test_podman_and_kubernetes_organizations_sum_shares_through_a_helm_dep
     # A's data is employees_a.csv; B's (the Helm node's) and C's employees_b.csv.
     expected = salaries("employees_a.csv") + 2 * salaries("employees_b.csv")
     assert result == {"sum": expected, "parties": 3}
-    # The podman nodes carried streams to and from B's run, each a span under its run.
+    # The podman nodes carried streams to and from B's run, each a span under its run: the
+    # ones that closed after carrying a share, and, while a peer pod was not listening yet
+    # (a pod starts slower than a container), refusals naming that — nothing else.
     for node in nodes:
-        streams = [s for s in node.spans if s.name == "peer-stream"]
-        assert streams, f"no peer-stream span at {node.org.name}"
-        assert all((s.attributes or {})["fednode.peer.outcome"] == "closed" for s in streams)
-
+        spans = [s for s in node.spans if s.name == "peer-stream"]
+        closed = [s for s in spans if (s.attributes or {})["fednode.peer.outcome"] == "closed"]
+        assert len(closed) >= 2, f"{node.org.name}: {[s.attributes for s in spans]}"
+        waits = [s.status.description or "" for s in spans if s not in closed]
+        assert all("does not answer on its port" in why for why in waits), waits
     # B's runs were pods of the Job: each had its pod IP, and they are gone.
     assert all(p.status.phase in ("Succeeded", "Failed") for p in await run_pods(site_b))
 
