@@ -440,7 +440,7 @@ async def test_fednode_relay_serves_until_sigterm(tmp_path: Path) -> None:
             process.kill()
 
 
-async def test_images_whose_configuration_the_executor_cannot_read_get_the_configured_ports() -> None:
+async def test_images_the_executor_cannot_read_get_the_configured_ports() -> None:
     rules = PeeringSettings.model_validate(
         {
             "image_ports": [
