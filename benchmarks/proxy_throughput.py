@@ -39,7 +39,10 @@ a bounded number of requests and time. With ``--rounds N`` the three are measure
 interleaved; the table shows medians over the rounds and each round's ratios are printed,
 so one burst of load from elsewhere on the machine does not decide the result. The CPU
 time of each serving process per request (from ``/proc``) is the number load disturbs
-least.
+least. Beside it, the CPU of the whole chain per request (this client, the serving
+process and, through a proxy, the upstream): on a machine with few cores the three share
+them, so ``cores / chain CPU`` bounds the throughput of a proxy that uses a core's worth
+at most, whatever the proxy itself costs.
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ class Result:
     p99_ms: float
     rps: float
     cpu_us: float  # CPU time of the serving process per request, throughput phase
+    chain_us: float  # client + serving process (+ upstream behind a proxy), per request
     latency_requests: int
     throughput_requests: int
     latencies: list[float]
@@ -212,7 +216,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(
-    name: str, port: int, pid: int, path: str, fresh: bool, args: argparse.Namespace
+    name: str,
+    port: int,
+    pid: int,
+    path: str,
+    fresh: bool,
+    args: argparse.Namespace,
+    upstream_pid: int | None = None,
 ) -> Result:
     mode = "per-request" if fresh else "keep-alive"
     connection = Connection(port, path, fresh=fresh)
@@ -244,11 +254,14 @@ async def measure(
             done += 1
         await mine.close()
 
+    chain = [pid] if upstream_pid is None else [pid, upstream_pid]
     cpu_before = cpu_seconds(pid)
+    chain_before = sum(map(cpu_seconds, chain)) + time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.connections)))
     elapsed = time.perf_counter() - started
     cpu_us = (cpu_seconds(pid) - cpu_before) / done * 1e6
+    chain_us = (sum(map(cpu_seconds, chain)) + time.process_time() - chain_before) / done * 1e6
     return Result(
         name,
         mode,
@@ -256,6 +269,7 @@ async def measure(
         percentile(latencies, 0.99),
         done / elapsed,
         cpu_us,
+        chain_us,
         len(latencies),
         done,
         latencies,
@@ -356,8 +370,8 @@ async def run_all(
     for _ in range(args.rounds):
         for fresh in (True, False):
             results.append(await measure("direct", upstream, pids[0], "/api/task/1", fresh, args))
-            results.append(await measure("fednode", fednode, pids[1], "/task/1", fresh, args))
-            results.append(await measure("vantage6", v6, pids[2], "/task/1", fresh, args))
+            for name, port, pid in (("fednode", fednode, pids[1]), ("vantage6", v6, pids[2])):
+                results.append(await measure(name, port, pid, "/task/1", fresh, args, pids[0]))
     return results
 
 
@@ -371,6 +385,7 @@ def combine(rounds: list[Result]) -> Result:
         percentile(latencies, 0.99),
         statistics.median(r.rps for r in rounds),
         statistics.median(r.cpu_us for r in rounds),
+        statistics.median(r.chain_us for r in rounds),
         len(latencies),
         sum(r.throughput_requests for r in rounds),
         latencies,
@@ -394,7 +409,7 @@ def report(results: list[Result], args: argparse.Namespace, logs: Path) -> None:
         )
         print(
             f"{'path':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
-            f"{'+p99 ms':>8} {'CPU us/req':>10}  requests (latency/throughput)"
+            f"{'+p99 ms':>8} {'CPU us/req':>10} {'chain us':>9}  requests (latency/throughput)"
         )
         for r in (direct, fednode, v6):
             added = (
@@ -404,7 +419,7 @@ def report(results: list[Result], args: argparse.Namespace, logs: Path) -> None:
             )
             print(
                 f"{r.name:<9} {r.rps:8.0f} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {added} "
-                f"{r.cpu_us:10.0f}  {r.latency_requests}/{r.throughput_requests}"
+                f"{r.cpu_us:10.0f} {r.chain_us:9.0f}  {r.latency_requests}/{r.throughput_requests}"
             )
         added_fed = fednode.p50_ms - direct.p50_ms
         added_v6 = v6.p50_ms - direct.p50_ms
@@ -428,6 +443,12 @@ def report(results: list[Result], args: argparse.Namespace, logs: Path) -> None:
             record_values(f"{mode}: {r.name} latency", r.latencies, ratio=ratio)
             record(f"{mode}: {r.name} req/s", median=round(r.rps), n=args.rounds, unit="req/s")
             cpu_ratio = f"{v6.cpu_us / r.cpu_us:.1f}x less than vantage6" if r is fednode else ""
+            record(
+                f"{mode}: {r.name} chain CPU/request",
+                median=round(r.chain_us),
+                n=args.rounds,
+                unit="us",
+            )
             record(
                 f"{mode}: {r.name} CPU/request",
                 median=round(r.cpu_us),
