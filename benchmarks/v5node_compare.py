@@ -17,7 +17,12 @@ other idles), each node in its own process and its own namespace:
   (Pod Security ``privileged``: a26 mounts hostPath volumes).
 
 Both run ``federated_compute`` tasks for one organization; kwok plays the kubelet and runs
-every pod 1 s (no annotation: the testbed's default Stage), for both nodes alike.
+every pod 1 s (no annotation: the testbed's default Stage), for both nodes alike. Every
+pod of either node goes to a kwok node of this run's own (created at the start, tainted,
+deleted at the end: the shared nodes hold 4 x 110 pods and other sessions' pods), through
+fednode's ``node_selector``/``tolerations`` settings and, for a26, the launcher's
+``--steer`` file (``benchmarks/v5stack/launch_node.py``), which also carries the kwok
+annotations of the in-flight phase.
 
 Every time comes from a peer, not from either node, on this machine's clock: *task
 created* is the server's ``task.created_at``; *Job created* and *Pod Succeeded* are when
@@ -31,21 +36,34 @@ Phases:
 1. sequential: ``--runs`` tasks per node, one after another, alternating the nodes:
    task created → Job created (dispatch), Pod Succeeded → result at the server
    (completion);
-2. bursts (``--bursts``, default 50; issue 18 asks for 500 in flight: ``--bursts 50,500``,
-   which takes ~20 min per node when each task POST takes 2.5 s as on a loaded 2-core
-   machine): that many tasks created one after another as fast as each
-   server takes them, per node: runs with no final status when the run ends (a26's
-   completion poll hands over one result per poll and drops the others it deleted: its
-   runs stay ``active``), time from the first task created to the last result, the most
-   runs in flight at once (created, no final status yet), node RSS (peak, sampled every
-   0.2 s) and the requests each node made per run — counted in the node processes
-   themselves (fednode: the executor's and server client's counters; a26: its
-   Kubernetes client and ``requests`` sessions, wrapped by the launcher), because the
-   apiserver's own metrics have no per-client label and the testbed is shared.
+2. bursts (``--bursts``, default 50; ``--bursts ""``: none): that many tasks created one
+   after another as fast as each server takes them, per node: runs with no final status
+   when the run ends (a26's completion poll hands over one result per poll and drops the
+   others it deleted: its runs stay ``active``), time from the first task created to the
+   last result, the most runs in flight at once (created, no final status yet), node RSS
+   (peak, sampled every 0.2 s) and the requests each node made per run — counted in the
+   node processes themselves (fednode: the executor's and server client's counters; a26:
+   its Kubernetes client and ``requests`` sessions, wrapped by the launcher), because the
+   apiserver's own metrics have no per-client label and the testbed is shared;
+3. in flight (``--in-flight N``, issue 18's "RSS with 500 runs in flight"; off by
+   default): N tasks per node created ``--create-concurrency`` (8) at a time, every pod
+   they start held Running by kwok (annotation ``fednode.test/run-seconds: forever``)
+   until every run has a Running pod, no new Job came for ``--stall-seconds`` or
+   ``--hold-seconds`` passed; the node's RSS sampled every 0.5 s, and 20 times over 10 s
+   at the top; then every held pod released at once (the annotation set to ``0``) and the
+   runs' final statuses awaited: Jobs and Running pods reached (a26 starts runs one at a
+   time: its rate is printed), RSS before / held / peak, dispatch and completion latency,
+   runs with no final status, requests per run.
+
+Tasks are created with direct POSTs on both sides (fednode's server: the body the
+vantage6 4 client sends for an unencrypted collaboration, without its extra GETs of the
+organization and the blob store's status per task), so creating is not what limits a
+burst.
 
 Prints median, p95 and max, and the ratio vantage6 5 / fednode for each.
 
-    .venv/bin/python benchmarks/v5node_compare.py [--runs 20] [--bursts 50[,500]]
+    .venv/bin/python benchmarks/v5node_compare.py [--runs 20] [--bursts 50[,500]] \
+        [--in-flight 500 [--hold-seconds 900] [--stall-seconds 60]]
 
 Needs the Kubernetes testbed up (``scripts/k8s-testbed up``; this never starts or stops
 it), ``scripts/v6server-setup`` and ``scripts/v5stack-setup`` (run here). Benchmark only:
@@ -85,6 +103,7 @@ from benchmarks.k8s_executor import PREFIX, Child  # noqa: E402
 from benchmarks.stats import percentile, summary  # noqa: E402
 from executors.base import LABEL_RUN  # noqa: E402
 from executors.kubernetes.client import JOBS, PODS, KubeClient, Resource, connect  # noqa: E402
+from testbed.kwok import POD_RUN_SECONDS  # noqa: E402
 
 V5_VENV = Path(os.environ.get("V5_VENV", Path.home() / ".cache" / "fednode" / "v5" / "venv"))
 HERE = Path(__file__).resolve().parent
@@ -122,6 +141,7 @@ class Seen:
     status: dict[int, str] = field(default_factory=dict)
     job_added: dict[int, float] = field(default_factory=dict)
     pod_succeeded: dict[int, float] = field(default_factory=dict)
+    pod_phase: dict[int, str] = field(default_factory=dict)  # the latest seen
 
     def runs_of(self, task_ids: set[int]) -> list[int]:
         return sorted(r for r, t in self.task_of.items() if t in task_ids)
@@ -201,8 +221,66 @@ async def watch_kube(
                     continue
                 if resource is JOBS:
                     seen.job_added.setdefault(run_id, now)
-                elif (obj.get("status") or {}).get("phase") == "Succeeded":
+                    continue
+                phase = (obj.get("status") or {}).get("phase") or "Pending"
+                seen.pod_phase[run_id] = phase
+                if phase == "Succeeded":
                     seen.pod_succeeded.setdefault(run_id, now)
+
+
+# ---- where the pods go: the benchmark's own kwok node -----------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A kwok node of this run's own, tainted: every pod of either node goes there, so the
+    held pods of ``--in-flight`` neither fill the shared nodes (4 x 110 pods) nor meet
+    other sessions' pods."""
+
+    node: str
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, str]]
+
+
+async def own_kwok_node(client: KubeClient, stack: contextlib.AsyncExitStack) -> Placement:
+    from testbed.kwok import NODE_SELECTOR_ANNOTATION
+
+    tag = uuid.uuid4().hex[:6]
+    name, key = f"kwok-v5cmp-{tag}", "fednode.bench/v5cmp"
+    capacity = {"cpu": "512", "memory": "2Ti", "pods": "2000", "ephemeral-storage": "1Ti"}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "type": "kwok",
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                key: tag,
+            },
+            "annotations": {NODE_SELECTOR_ANNOTATION: "fake"},
+        },
+        "spec": {"taints": [{"key": key, "value": tag, "effect": "NoSchedule"}]},
+        "status": {"capacity": capacity, "allocatable": dict(capacity)},
+    }
+    await client.create("/api/v1/nodes", body, what="create the benchmark's kwok node")
+
+    async def delete() -> None:
+        with contextlib.suppress(Exception):
+            await client.delete(f"/api/v1/nodes/{name}", what="delete the benchmark's node")
+
+    stack.push_async_callback(delete)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        node = await client.get(f"/api/v1/nodes/{name}", what="get the benchmark's node")
+        conditions = (node.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            toleration = {"key": key, "operator": "Equal", "value": tag, "effect": "NoSchedule"}
+            return Placement(name, {key: tag}, [toleration])
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"kwok did not make node {name} Ready within 60 s")
 
 
 # ---- the two nodes ----------------------------------------------------------------------
@@ -218,6 +296,8 @@ class Side:
     log_path: Path
     create: Callable[[str], Any]  # async: tag -> task id
     counts: Callable[[], Any]  # async: -> Counter of the node's requests so far
+    steer: Callable[[dict[str, str]], Any]  # async: kwok annotations for the next pods
+    namespace: str = ""
 
     @property
     def pid(self) -> int:
@@ -329,8 +409,12 @@ def a26_rules() -> list[dict[str, Any]]:
 
 
 async def start_v5(
-    stack: contextlib.AsyncExitStack, workdir: Path, testbed: Any, apiserver_port: int
-) -> tuple[Side, str]:
+    stack: contextlib.AsyncExitStack,
+    workdir: Path,
+    testbed: Any,
+    apiserver_port: int,
+    placement: Placement,
+) -> Side:
     home = workdir / "v5"
     home.mkdir()
     kc_port, server_port = free_port(), free_port()
@@ -483,6 +567,19 @@ async def start_v5(
     config_path = home / f"{node_name}.yaml"
     config_path.write_text(json.dumps(node_config))
     counts_file = home / "counts.json"
+    steer_file = home / "steer.json"
+
+    def write_steer(annotations: dict[str, str]) -> None:
+        wanted = {
+            "nodeSelector": placement.node_selector,
+            "tolerations": placement.tolerations,
+            "annotations": annotations,
+        }
+        tmp = steer_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(wanted))
+        tmp.replace(steer_file)
+
+    write_steer({})
     node_env = {
         **os.environ,
         "KUBERNETES_SERVICE_HOST": "127.0.0.1",
@@ -507,6 +604,8 @@ async def start_v5(
             str(home / "app-tasks"),
             "--counts",
             str(counts_file),
+            "--steer",
+            str(steer_file),
         ],
         log=home / "node.log",
         env=node_env,
@@ -537,7 +636,10 @@ async def start_v5(
             return Counter(json.loads(await asyncio.to_thread(counts_file.read_text)))
         return Counter()
 
-    return Side(V5, Seen(db), process, home / "node.log", create, counts), namespace
+    async def steer(annotations: dict[str, str]) -> None:
+        await asyncio.to_thread(write_steer, annotations)
+
+    return Side(V5, Seen(db), process, home / "node.log", create, counts, steer, namespace)
 
 
 def stop_process(process: subprocess.Popen[bytes], *, signal_int: bool = False) -> None:
@@ -557,8 +659,12 @@ def stop_process(process: subprocess.Popen[bytes], *, signal_int: bool = False) 
 
 
 async def start_fednode(
-    stack: contextlib.AsyncExitStack, workdir: Path, testbed: Any, max_runs: int
-) -> tuple[Side, str]:
+    stack: contextlib.AsyncExitStack,
+    workdir: Path,
+    testbed: Any,
+    max_runs: int,
+    placement: Placement,
+) -> Side:
     from tests.integration.k8s_executor_helpers import chart_network_policies, task_volume
     from tests.peers import v6server
     from tests.peers.stack import server_with_collaboration
@@ -595,6 +701,8 @@ async def start_fednode(
             "namespace": namespace,
             "proxy_namespace": namespace,
             "proxy_port": proxy_port,
+            "node_selector": placement.node_selector,
+            "tolerations": placement.tolerations,
         },
         "proxy": {"port": proxy_port},
         "health": {"port": free_port()},
@@ -620,23 +728,49 @@ async def start_fednode(
     child = Child(process, "fednode node")  # the ``@@ KIND {json}`` protocol of k8s_executor
     await child.expect("READY", within=120)
 
+    # Tasks are POSTed directly, as the a26 ones (the vantage6 4 client would add a GET of
+    # the organization and of the blob store's status per task): the body it would send
+    # for an unencrypted collaboration (input: base64 of the JSON).
+    session = aiohttp.ClientSession()
+    stack.push_async_callback(session.close)
+    async with session.post(
+        f"{server.api_url}/token/user",
+        json={"username": server.root_username, "password": server.root_password},
+    ) as response:
+        response.raise_for_status()
+        token = (await response.json())["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+
     async def create(tag: str) -> int:
-        task = await asyncio.to_thread(
-            collab.create_task,
-            input_={"tag": tag},
-            image=IMAGE,
-            organizations=[org.id],
-            name=f"v5cmp-{tag}",
-            databases=[],  # as the a26 tasks: no database (the user client's default is one)
-        )
-        return int(task["id"])
+        body = {
+            "name": f"v5cmp-{tag}",
+            "image": IMAGE,
+            "description": "",
+            "collaboration_id": collab.id,
+            "organizations": [
+                {
+                    "id": org.id,
+                    "input": base64.b64encode(json.dumps({"tag": tag}).encode()).decode(),
+                }
+            ],
+            "databases": [],  # as the a26 tasks: no database
+        }
+        async with session.post(f"{server.api_url}/task", json=body, headers=headers) as response:
+            text = await response.text()
+            if response.status >= 300:
+                raise SystemExit(f"4.15.2 server: POST task -> {response.status}: {text[:500]}")
+            return int(json.loads(text)["id"])
 
     async def counts() -> Counter[str]:
         child.tell("COUNTS")
         return Counter(await child.expect("COUNTS", within=30))
 
+    async def steer(annotations: dict[str, str]) -> None:
+        child.tell(f"STEER {json.dumps(annotations)}")
+        await child.expect("STEERED", within=30)
+
     db = server.workdir / "v6.sqlite"
-    return Side(FEDNODE, Seen(db), process, log_path, create, counts), namespace
+    return Side(FEDNODE, Seen(db), process, log_path, create, counts, steer, namespace)
 
 
 async def finish_child(process: asyncio.subprocess.Process) -> None:
@@ -655,6 +789,7 @@ async def fednode_child(settings_json: str) -> None:
     from executors.base import ExecutorContext
     from executors.kubernetes.config import KubernetesSettings
     from executors.kubernetes.executor import KubernetesExecutor
+    from executors.spec import RunSpec
     from node.app import Node
     from node.logging import configure_logging
     from node.server.rest import ServerClient
@@ -673,7 +808,17 @@ async def fednode_child(settings_json: str) -> None:
         return await request(self, method, path, **kwargs)
 
     ServerClient.request = counted  # type: ignore[method-assign]
-    executor = KubernetesExecutor(
+    steering: dict[str, str] = {}
+
+    class Steered(KubernetesExecutor):
+        """Its runs' pods get the kwok annotations the referee asks for (testbed only)."""
+
+        async def start(self, spec: RunSpec) -> None:
+            if steering:
+                spec = spec.model_copy(update={"annotations": {**spec.annotations, **steering}})
+            await super().start(spec)
+
+    executor = Steered(
         KubernetesSettings.model_validate(raw["executor"]),
         context=ExecutorContext(node_name=settings.name, task_dir=Path(raw["task_dir"])),
     )
@@ -689,6 +834,10 @@ async def fednode_child(settings_json: str) -> None:
         if word == "COUNTS":
             kube = {f"kube {k}": v for k, v in executor.requests.items()}
             print(f"{PREFIX}COUNTS {json.dumps({**kube, **server_calls})}", flush=True)
+        elif word.startswith("STEER "):
+            steering.clear()
+            steering.update(json.loads(word[6:]))
+            print(f"{PREFIX}STEERED {{}}", flush=True)
     stop.set()
     await asyncio.wait_for(serving, 60)
 
@@ -786,6 +935,133 @@ async def burst(side: Side, size: int) -> Sample:
     return sample
 
 
+@dataclass
+class Held:
+    """The ``--in-flight`` phase of one node: runs held Running, the node's RSS meanwhile."""
+
+    wanted: int
+    runs: list[int] = field(default_factory=list)
+    create_seconds: float = 0.0
+    hold_seconds: float = 0.0  # first task created -> release
+    jobs_at_release: int = 0
+    running_at_release: int = 0
+    open_at_release: int = 0  # runs with no final status at their server
+    jobs_over_time: list[tuple[float, int]] = field(default_factory=list)
+    rss_before: float = 0.0
+    rss_held: list[float] = field(default_factory=list)  # sampled while held at the top
+    rss_peak: float = 0.0
+    release_seconds: float = 0.0  # release -> last result (or the wait's end)
+    requests: Counter[str] = field(default_factory=Counter)
+    sample: Sample | None = None
+
+
+HOLD = {POD_RUN_SECONDS: "forever"}
+
+
+async def release(client: KubeClient, namespace: str, seen: Seen, runs: set[int]) -> int:
+    """Tell kwok to end every held pod of ``runs`` now (annotation ``forever`` -> ``0``:
+    its Stage that ends a pod matches again, with no delay); returns how many."""
+    listed = await client.get(PODS.path(namespace), query=(), what="list pods")
+    names = [
+        pod["metadata"]["name"]
+        for pod in listed.get("items") or []
+        if run_id_of(pod) in runs
+        and (pod["metadata"].get("annotations") or {}).get(POD_RUN_SECONDS) == "forever"
+    ]
+    gate = asyncio.Semaphore(16)
+
+    async def one(name: str) -> None:
+        async with gate:
+            with contextlib.suppress(Exception):  # gone meanwhile
+                await client.merge_patch(
+                    PODS.path(namespace, name),
+                    {"metadata": {"annotations": {POD_RUN_SECONDS: "0"}}},
+                    what="release a held pod",
+                )
+
+    await asyncio.gather(*(one(name) for name in names))
+    return len(names)
+
+
+async def in_flight(side: Side, client: KubeClient, size: int, args: argparse.Namespace) -> Held:
+    """``size`` tasks created ``--create-concurrency`` at a time, every pod held Running
+    (kwok), until each run has its Job or no new Job came for ``--stall-seconds`` (or
+    ``--hold-seconds`` passed); RSS sampled every 0.5 s meanwhile; then every pod released
+    at once and the runs' final statuses awaited."""
+    seen = side.seen
+    held = Held(size, rss_before=side.rss_mib())
+    held.rss_peak = held.rss_before
+    before = await side.counts()
+    await side.steer(HOLD)
+    task_ids: set[int] = set()
+    phase_runs: set[int] = set()
+    holding = True
+    began = time.monotonic()
+
+    async def sampler() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                rss = side.rss_mib()
+                held.rss_peak = max(held.rss_peak, rss)
+            phase_runs.update(seen.runs_of(task_ids))
+            jobs = sum(1 for r in phase_runs if r in seen.job_added)
+            if holding:
+                held.jobs_over_time.append((time.monotonic() - began, jobs))
+            await asyncio.sleep(0.5)
+
+    sampling = asyncio.create_task(sampler())
+    gate = asyncio.Semaphore(args.create_concurrency)
+
+    async def create(i: int) -> None:
+        async with gate:
+            task_ids.add(await side.create(f"held{size}-{i}"))
+
+    await asyncio.gather(*(create(i) for i in range(size)))
+    held.create_seconds = time.monotonic() - began
+    print(
+        f"  {side.label}: {size} tasks created in {held.create_seconds:.1f} s; holding ...",
+        flush=True,
+    )
+    last_jobs, last_change = -1, time.monotonic()
+    while time.monotonic() - began < args.hold_seconds:
+        runs = seen.runs_of(task_ids)
+        jobs = sum(1 for r in runs if r in seen.job_added)
+        running = sum(1 for r in runs if seen.pod_phase.get(r) == "Running")
+        if jobs != last_jobs:
+            last_jobs, last_change = jobs, time.monotonic()
+        if running >= size or time.monotonic() - last_change > args.stall_seconds:
+            break
+        await asyncio.sleep(0.5)
+    for _ in range(20):  # the node's RSS at the top, over 10 s
+        with contextlib.suppress(OSError):
+            held.rss_held.append(side.rss_mib())
+        await asyncio.sleep(0.5)
+    runs = seen.runs_of(task_ids)
+    held.jobs_at_release = sum(1 for r in runs if r in seen.job_added)
+    held.running_at_release = sum(1 for r in runs if seen.pod_phase.get(r) == "Running")
+    held.open_at_release = sum(1 for r in runs if r not in seen.final_at)
+    held.hold_seconds = time.monotonic() - began
+    holding = False
+    await side.steer({})  # runs started from now on run 1 s
+    released_at = time.monotonic()
+    count = await release(client, side.namespace, seen, set(runs))
+    print(
+        f"  {side.label}: {held.jobs_at_release} Jobs, {held.running_at_release} pods Running "
+        f"after {held.hold_seconds:.0f} s; released {count}; waiting for the results ...",
+        flush=True,
+    )
+    await wait_final(seen, task_ids, seconds=args.hold_seconds + 60, quiet=60)
+    held.release_seconds = time.monotonic() - released_at
+    sampling.cancel()
+    await asyncio.gather(sampling, return_exceptions=True)
+    after = await side.counts()
+    after.subtract(before)
+    held.requests = +after
+    held.runs = seen.runs_of(task_ids)
+    held.sample = Sample(held.runs, size)
+    return held
+
+
 # ---- report -----------------------------------------------------------------------------
 
 
@@ -848,6 +1124,54 @@ def report_burst(size: int, samples: dict[str, Sample], sides: list[Side]) -> No
         )
 
 
+def report_in_flight(size: int, results: dict[str, Held], sides: list[Side]) -> None:
+    samples = {label: held.sample for label, held in results.items() if held.sample}
+    report_latency(f"{size} runs held in flight per node, then released at once", samples, sides)
+    for side in sides:
+        held = results[side.label]
+        n = max(1, held.wanted)
+        rss = held.rss_held or [0.0]
+        ramp = [jobs for _, jobs in held.jobs_over_time]
+        rate = ""
+        if len(held.jobs_over_time) > 1 and ramp[-1] > 0:
+            first = next(t for t, jobs in held.jobs_over_time if jobs > 0)
+            last = next(t for t, jobs in held.jobs_over_time if jobs == ramp[-1])
+            rate = f" ({ramp[-1]} Jobs from {first:.0f} s to {last:.0f} s: " + (
+                f"{(ramp[-1] - 1) / (last - first):.2f} Jobs/s)" if last > first else "at once)"
+            )
+        print(
+            f"  {side.label}: {held.wanted} tasks created in {held.create_seconds:.1f} s; at "
+            f"release ({held.hold_seconds:.0f} s after the first): {held.jobs_at_release} Jobs, "
+            f"{held.running_at_release} pods Running, {held.open_at_release} runs open at the "
+            f"server{rate}"
+        )
+        per_run = (statistics.median(rss) - held.rss_before) / max(1, held.jobs_at_release)
+        print(
+            f"    RSS before {held.rss_before:.0f} MiB; with {held.jobs_at_release} Jobs held "
+            f"median {statistics.median(rss):.0f} / p95 {percentile(rss, 0.95):.0f} / max "
+            f"{max(rss):.0f} MiB ({len(rss)} samples; {per_run * 1024:.0f} KiB per held run); "
+            f"peak over the phase {held.rss_peak:.0f} MiB"
+        )
+        print(f"    release -> last result (or the wait's end) {held.release_seconds:.1f} s")
+        kube = {k[5:]: v for k, v in held.requests.items() if k.startswith("kube ")}
+        http = {k[5:]: v for k, v in held.requests.items() if k.startswith("http ")}
+        print(
+            f"    Kubernetes API requests per run {sum(kube.values()) / n:.2f} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(kube.items()))})"
+        )
+        print(
+            f"    server requests per run {sum(http.values()) / n:.2f} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(http.items()))})"
+        )
+    if len(sides) == 2:
+        fed, v5 = (results[s.label] for s in sides)
+        fed_rss, v5_rss = (statistics.median(h.rss_held or [0.0]) for h in (fed, v5))
+        print(
+            f"  RSS held, median: fednode {fed_rss:.0f} MiB ({fed.jobs_at_release} Jobs) vs "
+            f"vantage6 5 {v5_rss:.0f} MiB ({v5.jobs_at_release} Jobs)"
+        )
+
+
 # ---- driver -----------------------------------------------------------------------------
 
 
@@ -860,15 +1184,18 @@ async def measure(args: argparse.Namespace, workdir: Path) -> None:
             "starting vantage6 5.0.0a26 (stand-in Keycloak, server under uWSGI, node) ...",
             flush=True,
         )
-        v5, v5_ns = await start_v5(stack, workdir, testbed, APISERVER_PORT)
-        print("starting vantage6-server 4.15.2 and fednode ...", flush=True)
-        fed, fed_ns = await start_fednode(stack, workdir, testbed, max([*args.bursts, 50]) + 20)
-        sides = [fed, v5]
-        api = await connect(kubeconfig=DEFAULT_KUBECONFIG, context=None, max_connections=8)
+        api = await connect(kubeconfig=DEFAULT_KUBECONFIG, context=None, max_connections=16)
         stack.push_async_callback(api.close)
         client = KubeClient(api, request_timeout=30)
+        placement = await own_kwok_node(client, stack)
+        print(f"every run's pod goes to this run's own kwok node {placement.node}", flush=True)
+        v5 = await start_v5(stack, workdir, testbed, APISERVER_PORT, placement)
+        print("starting vantage6-server 4.15.2 and fednode ...", flush=True)
+        most = max([*args.bursts, args.in_flight, 50]) + 20
+        fed = await start_fednode(stack, workdir, testbed, most, placement)
+        sides = [fed, v5]
         watchers: list[asyncio.Task[None]] = []
-        for side, namespace in ((fed, fed_ns), (v5, v5_ns)):
+        for side, namespace in ((fed, fed.namespace), (v5, v5.namespace)):
             watchers.append(asyncio.create_task(watch_database(side.seen)))
             for resource in (JOBS, PODS):
                 ready = asyncio.Event()
@@ -907,6 +1234,12 @@ async def measure(args: argparse.Namespace, workdir: Path) -> None:
                 print(f"\nburst: {size} tasks for {side.label} ...", flush=True)
                 samples[side.label] = await burst(side, size)
             report_burst(size, samples, sides)
+        if args.in_flight:
+            held: dict[str, Held] = {}
+            for side in sides:
+                print(f"\nin flight: {args.in_flight} runs held for {side.label} ...", flush=True)
+                held[side.label] = await in_flight(side, client, args.in_flight, args)
+            report_in_flight(args.in_flight, held, sides)
         for side in sides:
             print(f"\n{side.label}: still running at the end: {side.alive()}")
 
@@ -917,6 +1250,12 @@ def main() -> None:
     parser.add_argument(
         "--bursts", type=lambda s: [int(x) for x in s.split(",") if x], default=[50]
     )
+    parser.add_argument(
+        "--in-flight", type=int, default=0, help="runs to hold in flight per node (0: skip)"
+    )
+    parser.add_argument("--create-concurrency", type=int, default=8)
+    parser.add_argument("--hold-seconds", type=float, default=900)
+    parser.add_argument("--stall-seconds", type=float, default=60)
     parser.add_argument("--start-seconds", type=float, default=180)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(

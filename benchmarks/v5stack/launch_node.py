@@ -14,14 +14,21 @@ paths a26 hard-codes for a pod, because this machine is not one:
 * the node's task files root ``/app/tasks`` (``vantage6.node.globals.TASK_FILES_ROOT``,
   imported by name into ``k8s.run_io`` and ``k8s.session_manager``) → ``--task-root``.
 
-None of these changes what the node does with a run. Counting: every request the
+None of these changes what the node does with a run. Steering (``--steer FILE``, the
+testbed's side of the benchmark, not a26's): while that JSON file exists, every Job a26
+creates gets its ``annotations``, ``nodeSelector`` and ``tolerations`` added to the pod
+template before it is sent — the kwok annotations that decide how long the pod "runs",
+and the benchmark's own kwok node — as fednode's runs get the same through its settings
+and executor. The file is read at each Job creation, so the benchmark changes it between
+phases. Counting: every request the
 Kubernetes client sends (``RESTClientObject.request``: verb and resource, a watch counted
 as ``WATCH``) and every HTTP request to the vantage6 server (``requests`` sessions, which
 the module-level ``requests.get``/``patch`` the node uses go through) is tallied and
 written as JSON to ``--counts`` twice a second, so the benchmark reads them while the node
 runs.
 
-    python launch_node.py --config node.yaml --sa-dir DIR --dirs DIR --task-root DIR --counts FILE
+    python launch_node.py --config node.yaml --sa-dir DIR --dirs DIR --task-root DIR \
+        --counts FILE [--steer FILE]
 """
 
 from __future__ import annotations
@@ -53,7 +60,25 @@ def kube_key(method: str, url: str, query: Any) -> str:
     return f"kube {'WATCH' if watching else method} {resource}"
 
 
-def instrument() -> None:
+def steer(job: Any, path: Path | None) -> None:
+    """Add the steering file's pod-template fields to a Job body (a dict by now)."""
+    if path is None or not isinstance(job, dict):
+        return
+    try:
+        wanted = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    template = job.setdefault("spec", {}).setdefault("template", {})
+    meta = template.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), **wanted.get("annotations", {})}
+    pod = template.setdefault("spec", {})
+    if wanted.get("nodeSelector"):
+        pod["nodeSelector"] = {**(pod.get("nodeSelector") or {}), **wanted["nodeSelector"]}
+    if wanted.get("tolerations"):
+        pod["tolerations"] = [*(pod.get("tolerations") or []), *wanted["tolerations"]]
+
+
+def instrument(steer_path: Path | None) -> None:
     import requests
     from kubernetes.client import rest
 
@@ -62,8 +87,11 @@ def instrument() -> None:
     def counted_kube(
         self: Any, method: str, url: str, query_params: Any = None, *a: Any, **kw: Any
     ) -> Any:
+        key = kube_key(method, url, query_params)
         with LOCK:
-            COUNTS[kube_key(method, url, query_params)] += 1
+            COUNTS[key] += 1
+        if key == "kube POST jobs":
+            steer(kw.get("body", a[1] if len(a) > 1 else None), steer_path)
         return kube_request(self, method, url, query_params, *a, **kw)
 
     rest.RESTClientObject.request = counted_kube
@@ -117,11 +145,12 @@ def main() -> None:
     parser.add_argument("--dirs", type=Path, required=True)
     parser.add_argument("--task-root", type=Path, required=True)
     parser.add_argument("--counts", type=Path, required=True)
+    parser.add_argument("--steer", type=Path, help="JSON: pod-template fields for every Job")
     args = parser.parse_args()
     for name in ("KUBERNETES_SERVICE_HOST", "V6_API_KEY", "V6_NODE_NAME", "KEYCLOAK_URL"):
         if not os.environ.get(name):
             sys.exit(f"launch_node: set {name}")
-    instrument()
+    instrument(args.steer)
     redirect(args)
     threading.Thread(target=write_counts, args=(args.counts,), daemon=True).start()
 
