@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from executors.credentials import RegistryCredential
 from executors.outputs import OutputLimits
+from executors.ports import ImagePorts
 from executors.spec import DatabaseMount, RunEvent, RunOutput, RunSpec, RunState
 
 #: Label keys put on every runtime object (Kubernetes label syntax, valid for podman too).
@@ -74,6 +75,11 @@ class TokenUnavailable(ExecutorError):
     """The runtime keeps no copy of this run's token that the node may read back."""
 
 
+class PeeringUnavailable(ExecutorError):
+    """This run cannot take part in algorithm-to-algorithm peering on its runtime (e.g.
+    apptainer's ``proxy_network: host``: no isolation to tell runs apart); says why."""
+
+
 class ProxyPlacement(NamedTuple):
     """Where the node's proxy listens, and the host this executor's runs are told to call.
 
@@ -105,6 +111,9 @@ class ExecutorContext(BaseModel):
     #: empty: off). Runs must be able to reach them beside the proxy port; the node must be
     #: able to reach the runs (Kubernetes: the runs' ``-peers`` NetworkPolicy).
     peer_ports: tuple[int, ...] = ()
+    #: The node's ``peering.image_ports``, for a runtime that cannot read an image's
+    #: ``EXPOSE`` and must know a run's ports before it starts (apptainer).
+    peer_image_ports: tuple[ImagePorts, ...] = ()
 
 
 def run_labels(spec: RunSpec, *, node_name: str) -> dict[str, str]:

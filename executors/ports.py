@@ -11,12 +11,20 @@ Executors that can read the image's configuration (podman) use
 which the node asks an executor for them and for the address a run listens on. One that
 cannot read it (Kubernetes: kubelet pulls the image, the node never sees its
 configuration) answers ``None``, and the node's ``peering.image_ports`` decide (8888 for
-an image no rule names).
+an image no rule names). Those rules reach executors as :class:`ImagePorts` in the
+``ExecutorContext`` (:func:`configured_ports`), for a runtime that must know a run's ports
+before it starts it (apptainer: its supervisor listens on them).
+
+A runtime that runs some runs without the isolation peering relies on (apptainer's
+``proxy_network: host``) raises :class:`~executors.base.PeeringUnavailable` from
+:meth:`PeerEndpoints.run_address`, naming why: the node registers no ports for the run and
+refuses streams to and from it with that reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 DEFAULT_PORT = 8888
@@ -30,6 +38,22 @@ class DeclaredPort(NamedTuple):
 
 
 DEFAULT_PORTS = (DeclaredPort(DEFAULT_PORT, None),)
+
+
+class ImagePorts(NamedTuple):
+    """One ``peering.image_ports`` rule: images whose whole name matches ``image`` (a
+    regular expression) declare ``ports``."""
+
+    image: str
+    ports: tuple[DeclaredPort, ...]
+
+
+def configured_ports(image: str, rules: Sequence[ImagePorts]) -> list[DeclaredPort]:
+    """An image's ports by the node's rules: the first matching the whole name, else 8888."""
+    for rule in rules:
+        if re.fullmatch(rule.image, image):
+            return list(rule.ports)
+    return list(DEFAULT_PORTS)
 
 
 def ports_from_image_config(
@@ -71,5 +95,8 @@ class PeerEndpoints(Protocol):
         ...
 
     async def run_address(self, run_id: int) -> str | None:
-        """The address the node connects to for the run's ports; ``None`` if not running."""
+        """The address the node connects to for the run's ports, and the one its connections
+        to the forwarders come from; ``None`` if not running.
+        :class:`~executors.base.PeeringUnavailable` when the run cannot take part in
+        peering at all."""
         ...

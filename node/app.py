@@ -381,6 +381,7 @@ class Node:
                     max_log_bytes=settings.max_log_bytes,
                 ),
                 peer_ports=settings.peering.forwarder_ports,
+                peer_image_ports=settings.peering.image_port_rules,
             ),
         )
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +41,9 @@ from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from common.backoff import Backoff
-from executors.base import Executor, ExecutorError
-from executors.ports import DEFAULT_PORTS, DeclaredPort, PeerEndpoints
+from executors.base import Executor, ExecutorError, PeeringUnavailable
+from executors.ports import DeclaredPort, ImagePorts, PeerEndpoints
+from executors.ports import configured_ports as ports_by_rules
 from node.crypto import CryptoError, b64decode
 from node.logging import get_logger
 from node.proxy_link import OrganizationKeys
@@ -70,10 +70,13 @@ def virtual_address(node_id: int) -> str:
 def configured_ports(image: str, rules: Sequence[ImagePortsRule]) -> list[DeclaredPort]:
     """An image's ports by ``peering.image_ports`` (for executors that cannot read the
     image's configuration): the first rule matching the whole name, else 8888."""
-    for rule in rules:
-        if re.fullmatch(rule.image, image):
-            return [DeclaredPort(p.port, p.label) for p in rule.ports]
-    return list(DEFAULT_PORTS)
+    return ports_by_rules(
+        image,
+        [
+            ImagePorts(rule.image, tuple(DeclaredPort(p.port, p.label) for p in rule.ports))
+            for rule in rules
+        ],
+    )
 
 
 class ServerPeerDirectory:
@@ -101,6 +104,8 @@ class _LocalRun:
     job_id: int | None = None
     ports: list[DeclaredPort] = field(default_factory=list)
     registered: bool = False
+    #: Why the executor cannot offer peering for this run (streams are refused so).
+    unavailable: str | None = None
     task: asyncio.Task[None] | None = None
     forwarders: dict[tuple[int, int, int], _Forwarder] = field(default_factory=dict)
 
@@ -272,6 +277,9 @@ class NodePeering:
                     )
             run.registered = True
             bound.info("peering.ports_registered", ports=[p.port for p in run.ports])
+        except PeeringUnavailable as exc:
+            run.unavailable = str(exc)
+            bound.info("peering.unavailable", reason=str(exc))
         except (ServerError, ExecutorError) as exc:
             # The run goes on without peers reaching it; say so rather than lose it in a
             # task nobody awaits.
@@ -371,7 +379,12 @@ class NodePeering:
     ) -> None:
         """One connection to a forwarder: only from the run it was made for."""
         peer_address = (writer.get_extra_info("peername") or ("?",))[0]
-        expected = await self._address(src_run)
+        try:
+            expected = await self._address(src_run)
+        except PeeringUnavailable as exc:
+            log.warning("peering.forwarder_refused", run_id=src_run, reason=str(exc))
+            writer.close()
+            return
         if expected is None or peer_address != expected:
             log.warning(
                 "peering.forwarder_refused", run_id=src_run, source=peer_address, expected=expected
@@ -441,6 +454,8 @@ class NodePeering:
         run = self._runs.get(request.dst_run)
         if run is None or not run.info.active:
             raise Refused(f"run {request.dst_run} is not running at node {self._identity.id}")
+        if run.unavailable is not None:
+            raise Refused(f"run {request.dst_run} takes no peer streams: {run.unavailable}")
         if request.port not in {declared.port for declared in run.ports}:
             raise Refused(f"run {request.dst_run} declares no port {request.port}")
         try:
@@ -458,7 +473,10 @@ class NodePeering:
                 f"run {request.src_run} is of job {source_job}, run {request.dst_run} of job "
                 f"{run.job_id}: only runs of one job may connect"
             )
-        address = await self._address(request.dst_run)
+        try:
+            address = await self._address(request.dst_run)
+        except PeeringUnavailable as exc:
+            raise Refused(f"run {request.dst_run} takes no peer streams: {exc}") from None
         if address is None:
             raise Refused(f"run {request.dst_run} is not running")
         return address, request.port

@@ -55,6 +55,7 @@ from executors.apptainer.config import ApptainerSettings
 from executors.credentials import RegistryCredential, duplicate_registries
 from executors.kubernetes.config import KubernetesSettings
 from executors.podman.config import PodmanSettings
+from executors.ports import DeclaredPort, ImagePorts
 from executors.registry import GROUP as EXECUTOR_GROUP
 from executors.registry import available_kinds, load_factory
 from node.contract import is_contract_name
@@ -526,6 +527,14 @@ class PeeringSettings(_Section):
         if self.relay_url is None:
             return ()
         return tuple(range(self.first_port, self.first_port + self.ports))
+
+    @property
+    def image_port_rules(self) -> tuple[ImagePorts, ...]:
+        """``image_ports`` as executors take them (``ExecutorContext.peer_image_ports``)."""
+        return tuple(
+            ImagePorts(rule.image, tuple(DeclaredPort(p.port, p.label) for p in rule.ports))
+            for rule in self.image_ports
+        )
 
 
 class HealthSettings(_Section):
