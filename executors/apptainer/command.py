@@ -20,7 +20,10 @@ Isolation, on for every run and not configurable per run:
 * network: none (``--net --network none``: only ``lo``) unless the spec names a proxy;
   then, per ``proxy_network``, either a private network namespace made by the supervisor
   whose only listener is a relay to the proxy (its loopback TCP port in the host's
-  namespace; ``--userns``, see ``supervisor.py``), or the host's network;
+  namespace; ``--userns``, see ``supervisor.py``), or the host's network. With peering
+  (:class:`PeerPlan`) the relay namespace also carries the node's forwarder ports, and
+  the run gets a loopback address of its own on the host (:func:`run_loopback_address`)
+  where the node reaches its declared ports;
 * ``--memory``/``--memory-swap`` (equal: no swap), ``--cpus``, ``--pids-limit`` when
   ``cgroup_limits`` is on; ``--nv``/``--rocm`` when GPUs are asked for, with the devices
   the executor chose for the run (:mod:`executors.devices`) in ``CUDA_VISIBLE_DEVICES``
@@ -36,12 +39,13 @@ import enum
 import ipaddress
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from executors.apptainer.config import ApptainerSettings
 from executors.apptainer.records import RunPaths
+from executors.ports import DeclaredPort
 from executors.spec import (
     CONTAINER_TASK_DIR,
     INPUT_FILE_NAME,
@@ -63,6 +67,20 @@ class NetworkMode(enum.StrEnum):
     NONE = "none"  # --net --network none: loopback only
     RELAY = "relay"  # the supervisor's namespace: loopback + a relay to the proxy socket
     HOST = "host"  # the host's network namespace: no isolation
+
+
+#: Where runs' host-side loopback addresses come from (peering): the node connects to a
+#: run's declared ports there, and the run's connections to the forwarders come from there.
+RUN_ADDRESSES = ipaddress.IPv4Network("127.64.0.0/16")
+
+
+class PeerPlan(NamedTuple):
+    """A run's part in peering: its host-side address, the node's forwarder ports (relayed
+    from inside its namespace) and its declared ports (relayed into it)."""
+
+    address: str
+    forward_ports: tuple[int, ...]
+    declared: tuple[DeclaredPort, ...]
 
 
 def network_mode(spec: RunSpec, settings: ApptainerSettings) -> NetworkMode:
@@ -167,8 +185,43 @@ def env_file_text(environment: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peering_refusal(mode: NetworkMode, proxy_host: str | None) -> str | None:
+    """Why a run of this network mode cannot take part in peering (``None``: it can)."""
+    if mode is NetworkMode.HOST:
+        return (
+            "apptainer runs with proxy_network: host share the host's network, where "
+            "nothing tells one run from another or keeps other processes off its ports; "
+            "peering needs proxy_network: relay"
+        )
+    if mode is NetworkMode.NONE or proxy_host is None:
+        return "the run has no network"
+    if ipaddress.ip_address(loopback_address(proxy_host)).version != 4:
+        return (
+            "peering on apptainer needs the proxy on an IPv4 loopback address (runs' "
+            f"host-side addresses are in {RUN_ADDRESSES}), not {proxy_host}"
+        )
+    return None
+
+
+def run_loopback_address(run_id: int, taken: Collection[str]) -> str:
+    """The run's host-side loopback address: derived from its id, or the next one that no
+    other run of this node holds."""
+    usable = RUN_ADDRESSES.num_addresses - 2  # not .0.0 nor .255.255
+    for step in range(usable):
+        candidate = str(RUN_ADDRESSES.network_address + 1 + (run_id + step) % usable)
+        if candidate not in taken:
+            return candidate
+    raise PlanError(f"every address of {RUN_ADDRESSES} is held by a run of this node")
+
+
 def supervisor_plan(
-    *, argv: list[str], spec: RunSpec, settings: ApptainerSettings, mode: NetworkMode
+    *,
+    argv: list[str],
+    spec: RunSpec,
+    settings: ApptainerSettings,
+    mode: NetworkMode,
+    peer: PeerPlan | None = None,
+    euid: int = 0,
 ) -> dict[str, Any]:
     """What the supervisor (``supervisor.py``) is told, besides the paths it derives."""
     network: dict[str, Any] | None = None
@@ -182,6 +235,20 @@ def supervisor_plan(
             "upstream_host": address,
             "upstream_port": spec.proxy.port,
         }
+        if peer is not None:
+            taken = {spec.proxy.port, *peer.forward_ports}
+            clash = sorted(taken & {declared.port for declared in peer.declared})
+            if clash:
+                raise PlanError(
+                    f"the image declares port(s) {', '.join(map(str, clash))}, which the "
+                    "node's proxy and forwarders take in the run's network namespace"
+                )
+            network |= {
+                "source_host": peer.address,
+                "forward_ports": list(peer.forward_ports),
+                "declared_ports": [declared.port for declared in peer.declared],
+                "owner_uid": euid,
+            }
     return {
         "argv": argv,
         "environment": dict(settings.apptainer_environment),

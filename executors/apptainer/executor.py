@@ -22,6 +22,12 @@ How a run goes, and where each step is observed:
   supervisor not end by then (plus a margin), the node SIGKILLs both process groups.
 * After a restart ``open()`` reads every record of this node, publishes each run's phase,
   and follows the running ones (pidfd, deadline), level-triggered like the other executors.
+* Peering (:class:`~executors.ports.PeerEndpoints`, docs/networking.md): with the node's
+  forwarder ports in the context, a ``relay`` run gets a host-side loopback address of its
+  own and its ports from the node's ``peering.image_ports`` (a SIF has no ``EXPOSE`` to
+  read), both recorded in ``run.json`` before launch; its supervisor relays the forwarder
+  ports out and the declared ports in. ``proxy_network: host`` runs take no part
+  (:class:`~executors.base.PeeringUnavailable`).
 
 Nothing here runs apptainer on the event loop's thread or polls; the subprocesses
 (``apptainer --version``, ``apptainer pull``, the supervisor's launcher) are asyncio's.
@@ -46,17 +52,22 @@ from pydantic import BaseModel
 
 from common.logging import get_logger
 from executors.apptainer.command import (
+    NetworkMode,
+    PeerPlan,
     PlanError,
     env_file_text,
     gpu_environment,
     network_mode,
+    peering_refusal,
     run_argv,
+    run_loopback_address,
     supervisor_plan,
 )
 from executors.apptainer.config import ApptainerSettings
 from executors.apptainer.images import ImageCache
 from executors.apptainer.records import (
     Exit,
+    PeerRecord,
     RunPaths,
     RunRecord,
     Supervisor,
@@ -73,6 +84,7 @@ from executors.base import (
     ExecutorContext,
     ExecutorError,
     ImageUnavailable,
+    PeeringUnavailable,
     ProxyPlacement,
     UnknownRun,
     run_labels,
@@ -80,6 +92,7 @@ from executors.base import (
 from executors.devices import DeviceAllocator, devices_label
 from executors.events import RunEventStream
 from executors.memory import GoneRuns, StartsInFlight
+from executors.ports import DeclaredPort, configured_ports
 from executors.spec import Phase, Reason, RunEvent, RunOutput, RunSpec, RunState
 from executors.tasks import TaskOwner
 from executors.verdict import Verdict
@@ -242,7 +255,19 @@ class ApptainerExecutor:
             mode=mode,
             euid=self._euid,
         )
-        plan = supervisor_plan(argv=argv, spec=spec, settings=self._settings, mode=mode)
+        peering = self._peering(spec, mode)
+        plan = supervisor_plan(
+            argv=argv,
+            spec=spec,
+            settings=self._settings,
+            mode=mode,
+            peer=(
+                PeerPlan(peering.address, self._context.peer_ports, peering.ports)
+                if peering is not None and peering.address is not None
+                else None
+            ),
+            euid=self._euid,
+        )
         env_text = env_file_text(spec.environment | gpu_environment(devices, self._settings))
         labels = run_labels(spec, node_name=self._context.node_name) | devices_label(devices)
         traceparent = spec.trace_context.get("traceparent")
@@ -264,7 +289,35 @@ class ApptainerExecutor:
             "network": mode.value,
             "plan": plan,
         }
+        if peering is not None:
+            record["peering"] = peering.document()
         write_json(paths.record, record)
+
+    def _peering(self, spec: RunSpec, mode: NetworkMode) -> PeerRecord | None:
+        """The run's part in peering (``None``: peering is off at this node).
+
+        The address is derived from the run id; one that another unfinished run of this
+        node holds is skipped (this runs on the event loop without a pause between reading
+        the records and writing the new one, so two starts cannot pick the same).
+        """
+        if not self._context.peer_ports:
+            return None
+        refusal = peering_refusal(mode, spec.proxy.host if spec.proxy else None)
+        if refusal is not None:
+            log.info("apptainer.run.no_peering", run_id=spec.run_id, reason=refusal)
+            return PeerRecord(unavailable=refusal)
+        taken = {
+            record.peering.address
+            for record in self._read_records()
+            if record.peering is not None
+            and record.peering.address is not None
+            and record.run_id != spec.run_id
+            and not phase_of(record).phase.is_terminal
+        }
+        return PeerRecord(
+            address=run_loopback_address(spec.run_id, taken),
+            ports=tuple(configured_ports(spec.image, self._context.peer_image_ports)),
+        )
 
     async def _launch(self, paths: RunPaths, *, deadline_seconds: int) -> None:
         """Start the run's supervisor and follow it; report ``running`` once apptainer runs."""
@@ -356,6 +409,31 @@ class ApptainerExecutor:
         paths.files.remove()
         self._stream.forget(run_id)
         log.info("apptainer.run.cleaned_up", run_id=run_id)
+
+    # -- peering (executors.ports.PeerEndpoints) ----------------------------------------
+
+    async def declared_ports(self, run_id: int, image: str) -> list[DeclaredPort]:
+        """The ports the run's supervisor listens on for it: the node's ``image_ports``
+        for its image (8888 for an image no rule names), as recorded at its start."""
+        peering = self._peer_record(run_id)
+        return list(peering.ports) if peering is not None else []
+
+    async def run_address(self, run_id: int) -> str | None:
+        """The run's host-side loopback address while its supervisor runs."""
+        record = read_record(self._paths(run_id))
+        if record is None or not self._ours(record) or not record.alive:
+            return None
+        if record.peering is None:
+            raise PeeringUnavailable(
+                f"run {run_id} was started without peering (no listeners for it)"
+            )
+        if record.peering.unavailable is not None:
+            raise PeeringUnavailable(record.peering.unavailable)
+        return record.peering.address
+
+    def _peer_record(self, run_id: int) -> PeerRecord | None:
+        record = read_record(self._paths(run_id))
+        return record.peering if record is not None and self._ours(record) else None
 
     def proxy_placement(self, *, host: str, advertise_host: str | None) -> ProxyPlacement:
         """On ``proxy.host``; runs are told loopback, where their relay (or, with

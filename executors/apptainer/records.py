@@ -5,7 +5,8 @@ restarted node needs to find and judge its runs is therefore written beside the 
 files, in ``<task_dir>/run-<id>/apptainer/``::
 
     run.json         the record (written by the executor before launch): labels, the
-                     deadline, and the supervisor's plan (argv, environment, network)
+                     deadline, the supervisor's plan (argv, environment, network) and,
+                     with peering, the run's host-side address and declared ports
     supervisor.json  written by the supervisor once apptainer runs: its pid and start time
                      (to tell it from a reused pid), apptainer's pid, when it started
     exit.json        written by the supervisor last: exit code, signal, or why it could
@@ -32,6 +33,7 @@ from typing import Any, NamedTuple
 
 from executors.base import ANNOTATION_TRACEPARENT
 from executors.outputs import read_log_tail
+from executors.ports import DeclaredPort
 from executors.runfiles import RunFiles
 from executors.spec import Phase, Reason
 from executors.verdict import Verdict
@@ -160,6 +162,38 @@ class Exit(NamedTuple):
         return self.exit_code
 
 
+class PeerRecord(NamedTuple):
+    """A run's part in peering as its record says: where the node reaches it and on which
+    ports, or why it takes no part (``unavailable``)."""
+
+    address: str | None = None
+    ports: tuple[DeclaredPort, ...] = ()
+    unavailable: str | None = None
+
+    @classmethod
+    def from_document(cls, document: object) -> PeerRecord | None:
+        if not isinstance(document, Mapping):
+            return None
+        address, unavailable = document.get("address"), document.get("unavailable")
+        ports = []
+        for entry in document.get("ports") or ():
+            try:
+                port, label = entry
+                ports.append(DeclaredPort(int(port), None if label is None else str(label)))
+            except (TypeError, ValueError):
+                continue
+        return cls(
+            address=str(address) if address else None,
+            ports=tuple(ports),
+            unavailable=str(unavailable) if unavailable else None,
+        )
+
+    def document(self) -> dict[str, Any]:
+        if self.unavailable is not None:
+            return {"unavailable": self.unavailable}
+        return {"address": self.address, "ports": [list(port) for port in self.ports]}
+
+
 class RunRecord(NamedTuple):
     """A run's record as read from its files (and ``/proc``): what :func:`phase_of` reads.
 
@@ -177,6 +211,7 @@ class RunRecord(NamedTuple):
     killed: bool
     deadline_passed: bool
     fatal: str | None  # apptainer's FATAL line, when it exited 255
+    peering: PeerRecord | None = None  # None: started with peering off
 
     @property
     def trace_context(self) -> dict[str, str]:
@@ -214,6 +249,7 @@ def read_record(paths: RunPaths) -> RunRecord | None:
         killed=paths.files.killed,
         deadline_passed=paths.deadline_marker.exists(),
         fatal=fatal,
+        peering=PeerRecord.from_document(record.get("peering")),
     )
 
 

@@ -33,6 +33,7 @@ from executors.apptainer.executor import ApptainerExecutor, kill_process_groups
 from executors.apptainer.records import RunPaths, read_record, records
 from executors.base import ExecutorContext
 from executors.credentials import RegistryCredential
+from executors.ports import ImagePorts
 from tests.conformance.harness import Harness
 
 FAKE_APPTAINER = Path(__file__).resolve().parents[1] / "fakes" / "apptainer_fake.py"
@@ -71,6 +72,9 @@ class ApptainerHarness(Harness):
                 "FAKE_APPTAINER_REGISTRY": str(self.registry_file),
             },
         }
+        #: What the node hands the executor when peering is on (``ExecutorContext``).
+        self.peer_ports: tuple[int, ...] = tuple(settings.pop("peer_ports", ()))
+        self.peer_image_ports: tuple[ImagePorts, ...] = tuple(settings.pop("peer_image_ports", ()))
         values.update(settings)
         self.settings = ApptainerSettings(**values)
 
@@ -100,6 +104,8 @@ class ApptainerHarness(Harness):
             node_name=self.node_name,
             task_dir=self.task_dir,
             registry_credentials=self.credentials,
+            peer_ports=self.peer_ports,
+            peer_image_ports=self.peer_image_ports,
         )
         executor = ApptainerExecutor(self.settings, context=context)
         await executor.open()

@@ -34,6 +34,13 @@ this process with the container's environment, seeing only bound paths:
 ``probe-network``
     for the relay tests: GETs ``$HOST:$PORT/probe`` and tries the address in its input's
     ``outside`` key; writes what it reached, and the interfaces it sees, as JSON output.
+``peer``
+    for the peering tests, an algorithm of a peer-to-peer job: with ``{"listen": port}``
+    it listens on ``0.0.0.0:port`` and answers the first connection that sends bytes
+    with ``"B got: " + bytes``; with ``{"connect": port, "send": text}`` it connects to
+    ``$HOST:port`` until a connection is answered (a peer that does not listen yet, or a
+    forwarder not yet opened, closes it empty) or ``seconds`` (20) pass. Either writes
+    what it got as JSON output.
 """
 
 from __future__ import annotations
@@ -513,13 +520,48 @@ def probe_network(container: Container) -> int:
     return 0
 
 
+def peer(container: Container) -> int:
+    raw = container.read(container.env("INPUT_FILE"))
+    wanted = json.loads(raw) if raw.strip() else {}
+    deadline = time.monotonic() + float(wanted.get("seconds", 20))
+    report: dict[str, Any] = {}
+    if "listen" in wanted:
+        with socket.create_server(("0.0.0.0", int(wanted["listen"]))) as server:
+            server.settimeout(max(0.1, deadline - time.monotonic()))
+            while "received" not in report:
+                connection, _ = server.accept()
+                with connection:
+                    data = connection.recv(65536)
+                    if data:
+                        connection.sendall(b"B got: " + data)
+                        report["received"] = data.decode(errors="replace")
+    else:
+        host = container.env("HOST").removeprefix("http://")
+        while "answer" not in report and time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host, int(wanted["connect"])), timeout=5) as c:
+                    c.sendall(str(wanted["send"]).encode())
+                    c.shutdown(socket.SHUT_WR)
+                    answer = b""
+                    while chunk := c.recv(65536):
+                        answer += chunk
+                if answer:
+                    report["answer"] = answer.decode(errors="replace")
+            except OSError as exc:
+                report["last_error"] = str(exc)
+            time.sleep(0.2)
+    container.write(container.env("OUTPUT_FILE"), json.dumps(report).encode())
+    print(f"peer: done {sorted(report)}", flush=True)
+    return 0
+
+
 def interfaces() -> list[str]:
     """The network interfaces of this process's network namespace."""
     lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
     return sorted(line.split(":", 1)[0].strip() for line in lines)
 
 
-PROGRAMS = {"behave": behave, "probe-network": probe_network}
+PROGRAMS = {"behave": behave, "probe-network": probe_network, "peer": peer}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
