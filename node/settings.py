@@ -502,7 +502,8 @@ class PeeringSettings(_Section):
     #: Kubernetes the proxy Service carries only the proxy port, so this is the node pod's
     #: own IP (the chart sets ``FEDNODE_PEERING__ADVERTISE_HOST`` from ``status.podIP``).
     advertise_host: str | None = None
-    #: The ports of images whose configuration the executor cannot read (Kubernetes): the
+    #: The ports of images whose configuration the executor cannot read (Kubernetes,
+    #: apptainer: a SIF has no ``EXPOSE``, and its supervisor must know them first): the
     #: first rule whose ``image`` (a regular expression, whole-name match) matches gives
     #: them; an image no rule matches gets 8888, vantage6 4's default. Podman reads
     #: ``EXPOSE`` and ``p<port>`` labels from the image itself.
