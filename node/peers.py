@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from common.backoff import Backoff
+from common.sockets import tcp_owner
 from executors.base import Executor, ExecutorError, PeeringUnavailable
 from executors.ports import DeclaredPort, ImagePorts, PeerEndpoints
 from executors.ports import configured_ports as ports_by_rules
@@ -391,6 +393,15 @@ class NodePeering:
             )
             writer.close()
             return
+        if not await source_is_ours(writer):
+            log.warning(
+                "peering.forwarder_refused",
+                run_id=src_run,
+                source=peer_address,
+                reason="a loopback source not of the node's own user (not the run's relay)",
+            )
+            writer.close()
+            return
         if peer_node == self._identity.id:
             await self._carry_locally(src_run, peer_run, port, reader, writer)
             return
@@ -561,6 +572,23 @@ class PeeringRunTable(RunTable):
         super().discard(token)
         if run is not None:
             self._peering.run_ended(run.run_id)
+
+
+async def source_is_ours(writer: asyncio.StreamWriter) -> bool:
+    """A loopback source (a run's host-side address on apptainer) must be a socket of the
+    node's own uid: any local user can bind a 127.x address. Other sources are runs'
+    network addresses, which their runtime's isolation vouches for."""
+    peer = writer.get_extra_info("peername")
+    local = writer.get_extra_info("sockname")
+    if not peer or not local:
+        return False
+    address = ipaddress.ip_address(peer[0])
+    if not address.is_loopback:
+        return True
+    if address.version != 4:
+        return False
+    owner = await asyncio.to_thread(tcp_owner, (peer[0], peer[1]), (local[0], local[1]))
+    return owner == os.getuid()
 
 
 def _int_or_none(value: object) -> int | None:

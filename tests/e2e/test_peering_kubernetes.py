@@ -31,7 +31,7 @@ import pytest
 from kubernetes_asyncio import client
 
 from tests.chaos.kubernetes import images_on_worker
-from tests.e2e.conftest import DATA, StartNode
+from tests.e2e.conftest import DATA, StartNode, assert_carried_streams
 from tests.peers.helm_node import (
     NODE_POD_LABELS,
     HelmNode,
@@ -170,11 +170,7 @@ async def test_podman_and_kubernetes_organizations_sum_shares_through_a_helm_dep
     # ones that closed after carrying a share, and, while a peer pod was not listening yet
     # (a pod starts slower than a container), refusals naming that — nothing else.
     for node in nodes:
-        spans = [s for s in node.spans if s.name == "peer-stream"]
-        closed = [s for s in spans if (s.attributes or {})["fednode.peer.outcome"] == "closed"]
-        assert len(closed) >= 2, f"{node.org.name}: {[s.attributes for s in spans]}"
-        waits = [s.status.description or "" for s in spans if s not in closed]
-        assert all("does not answer on its port" in why for why in waits), waits
+        assert_carried_streams(node, closed_at_least=2)
     # B's runs were pods of the Job: each had its pod IP, and they are gone.
     assert all(p.status.phase in ("Succeeded", "Failed") for p in await run_pods(site_b))
 

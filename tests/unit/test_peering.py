@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from executors.ports import DeclaredPort
-from node.peers import configured_ports
+from node.peers import configured_ports, source_is_ours
 from node.settings import PeeringSettings
 from peering.identity import IdentityRefused, NodeIdentity
 from peering.link import RelayLink
@@ -458,3 +459,33 @@ async def test_images_the_executor_cannot_read_get_the_configured_ports() -> Non
     ]
     # whole-name matches only; anything else gets vantage6 4's default
     assert configured_ports("evil/harbor.example.org/mpc/x", rules) == [DeclaredPort(8888, None)]
+
+
+async def test_a_loopback_source_counts_only_as_the_nodes_own_users_socket() -> None:
+    """A run's host-side address on apptainer is a 127.x address any local user can bind:
+    the forwarder also asks the kernel (/proc/net/tcp) whose socket connected. The attack:
+    another user binds the run's address and connects."""
+    verdicts: asyncio.Queue[bool] = asyncio.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await verdicts.put(await source_is_ours(writer))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connect = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.bind(('127.64.0.9',0)); s.connect(('127.0.0.1',int(sys.argv[1])))\n"
+        "s.recv(1)\n"
+    )
+    async with server:
+        ours = await asyncio.create_subprocess_exec(sys.executable, "-c", connect, str(port))
+        assert await asyncio.wait_for(verdicts.get(), 10) is True
+        await ours.wait()
+        if os.geteuid() == 0:
+            theirs = await asyncio.create_subprocess_exec(
+                "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                sys.executable, "-I", "-c", connect, str(port),
+            )  # fmt: skip
+            assert await asyncio.wait_for(verdicts.get(), 10) is False
+            await theirs.wait()
