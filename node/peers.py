@@ -54,7 +54,14 @@ from node.server.rest import ServerClient, ServerError
 from node.settings import ImagePortsRule, PeeringSettings
 from peering.link import RelayLink
 from peering.session import Sessions
-from peering.streams import OpenRequest, Refused, StreamLimits, StreamReport, Streams
+from peering.streams import (
+    OpenRequest,
+    Refused,
+    StreamLimits,
+    StreamReport,
+    Streams,
+    connect_patiently,
+)
 from proxy.protocols import RunInfo, RunTable
 
 log = get_logger(__name__)
@@ -428,7 +435,9 @@ class NodePeering:
             host, target_port = await self.admit(
                 OpenRequest(self._identity.id, src_run, dst_run, port)
             )
-            peer_reader, peer_writer = await asyncio.open_connection(host, target_port)
+            peer_reader, peer_writer = await connect_patiently(
+                host, target_port, within=self.streams.limits.open_seconds * 0.75
+            )
         except (Refused, OSError) as exc:
             report.outcome, report.reason = "refused", str(exc)
             writer.close()

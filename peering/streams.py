@@ -54,6 +54,29 @@ class StreamLimits:
     open_seconds: float = 20.0
 
 
+async def connect_patiently(
+    host: str, port: int, *, within: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to a run's port, tried again while the run does not listen yet.
+
+    The opener's connection to its forwarder is already established (the forwarder
+    accepted it), so a refusal here would reach the algorithm as a connection closed after
+    it was made — which frameworks that retry only failed connects (MPyC) take as fatal.
+    Waiting up to ``within`` seconds for the peer to listen keeps the semantics of a
+    connect to a port that opens a moment later; the last error is raised after that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    pause = 0.05
+    while True:
+        try:
+            return await asyncio.open_connection(host, port)
+        except ConnectionRefusedError:
+            if loop.time() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+
 @dataclass(frozen=True, slots=True)
 class OpenRequest:
     """A peer's request: its run ``src_run`` wants our run ``dst_run``'s ``port``.
@@ -327,7 +350,9 @@ class Streams:
         try:
             async with asyncio.timeout(self.limits.open_seconds):
                 host, port = await self._admission.admit(request)
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await connect_patiently(
+                    host, port, within=self.limits.open_seconds * 0.75
+                )
         except Refused as exc:
             await self._refuse(stream, str(exc))
             return

@@ -91,6 +91,48 @@ async def test_three_organizations_sum_secret_shares_through_the_relay(
         assert_carried_streams(node, closed_at_least=2)
 
 
+async def test_a_real_mpyc_program_computes_the_sum_between_three_organizations(
+    v6_encrypted_three: V6Collaboration,
+    start_node: StartNode,
+    podman_service: PodmanService,
+    relay_url: str,
+) -> None:
+    """MPyC (PyPI ``mpyc``, unchanged): each organization's run is a party; the parties find
+    each other with ``get_sibling_addresses`` and open MPyC's own TCP connections through
+    the forwarders and the relay; Shamir shares, a secure sum, every party the same total."""
+    collab = v6_encrypted_three
+    base = random.randrange(40000, 50000, 100)
+    nodes = [
+        await start_node(
+            collab, org, peering={"relay_url": relay_url, "first_port": base + 10 * i, "ports": 8}
+        )
+        for i, org in enumerate(collab.all_orgs)
+    ]
+    task = await asyncio.to_thread(
+        collab.create_task,
+        input_={
+            "method": "central_mpc_sum",
+            "kwargs": {
+                "column_name": "salary",
+                "organizations": [org.id for org in collab.all_orgs],
+            },
+        },
+        image=podman_service.secretsum_image,
+        organizations=[collab.org_a.id],
+    )
+    await asyncio.to_thread(collab.user.wait_for_results, task["id"], timeout=300)
+    (result,) = await asyncio.to_thread(collab.user.result_values, task["id"])
+    if not result.get("parties"):
+        for run in await asyncio.to_thread(collab.user.runs, task["id"] + 1):
+            print(f"run {run['id']} {run['status']}:\n{run.get('log')}")
+    expected = salaries("employees_a.csv") + 2 * salaries("employees_b.csv")
+    assert result == {"sum": expected, "parties": 3}
+    # MPyC's party 0 connects to 1 and 2, party 1 to 2: three connections, each a stream
+    # at both ends (closed when MPyC shuts down).
+    for node in nodes:
+        assert_carried_streams(node, closed_at_least=1)
+
+
 def run_address(podman: PodmanService, node: RunningNode, run_id: int) -> str:
     """The run's IP on the runs' network, from podman."""
     listing = subprocess.run(

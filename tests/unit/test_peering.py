@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -170,14 +171,14 @@ class Mesh:
         return node
 
 
-async def echo_server() -> tuple[asyncio.Server, int]:
+async def echo_server(port: int = 0) -> tuple[asyncio.Server, int]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
     return server, int(server.sockets[0].getsockname()[1])
 
 
@@ -248,6 +249,30 @@ async def test_bytes_travel_both_ways_through_the_relay_encrypted(mesh: Mesh) ->
     sent = a.reports[0]
     assert (sent.outcome, sent.bytes_sent, sent.bytes_received) == ("closed", len(data), len(data))
     assert b.admit.requests == [OpenRequest(1, 100, 200, 8888, peer_organization=10)]
+
+
+async def test_a_stream_to_a_run_that_listens_a_moment_later_waits_for_it(mesh: Mesh) -> None:
+    """The opener's connection is already accepted by its forwarder; the peer's run may
+    start listening a moment later (MPyC connects as soon as its own server is up): the
+    peer node tries the run's port again instead of failing the stream."""
+    a = await mesh.add_node(1, org=10)
+    b = await mesh.add_node(2, org=20)
+    with socket.socket() as reserve:  # a port nothing listens on yet
+        reserve.bind(("127.0.0.1", 0))
+        echo_port = reserve.getsockname()[1]
+    b.admit.targets[(200, 8888)] = ("127.0.0.1", echo_port)
+    port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+
+    async def listen_later() -> asyncio.Server:
+        await asyncio.sleep(0.7)
+        server, _ = await echo_server(echo_port)
+        return server
+
+    later = asyncio.create_task(listen_later())
+    assert await exchange(port, b"hello") == b"hello"
+    (await later).close()
+    await _until(lambda: len(a.reports) == 1)
+    assert a.reports[0].outcome == "closed"
 
 
 async def test_a_refused_stream_closes_the_local_connection_with_the_reason(mesh: Mesh) -> None:

@@ -12,6 +12,10 @@ other directly, through the vantage6 4 VPN API (``client.vpn``) only:
   (the same subtask's runs at the other organizations, ``get_sibling_addresses``) and
   returns its own share plus those it received. No single result reveals an
   organization's sum; only all of them together give the total.
+- ``central_mpc_sum`` / ``partial_mpc_sum`` (:mod:`.mpc`): the same total computed by
+  MPyC, a multi-party computation framework from PyPI, whose parties connect to each
+  other through the addresses the vantage6 4 API gives.
+- ``listen_for_peers`` / ``probe_reach`` (:mod:`.isolation`): for the isolation tests.
 """
 
 from __future__ import annotations
@@ -29,8 +33,16 @@ from vantage6.algorithm.tools.decorators import algorithm_client, data
 from vantage6.algorithm.tools.util import info, warn
 
 from .isolation import listen_for_peers, probe_reach
+from .mpc import central_mpc_sum, partial_mpc_sum
 
-__all__ = ["central_secret_sum", "listen_for_peers", "partial_secret_sum", "probe_reach"]
+__all__ = [
+    "central_mpc_sum",
+    "central_secret_sum",
+    "listen_for_peers",
+    "partial_mpc_sum",
+    "partial_secret_sum",
+    "probe_reach",
+]
 
 PRIME = 2**61 - 1
 PORT = 8888
