@@ -61,6 +61,7 @@ from peering.streams import (
     StreamReport,
     Streams,
     connect_patiently,
+    gave_up,
 )
 from proxy.protocols import RunInfo, RunTable
 
@@ -435,9 +436,12 @@ class NodePeering:
             host, target_port = await self.admit(
                 OpenRequest(self._identity.id, src_run, dst_run, port)
             )
-            peer_reader, peer_writer = await connect_patiently(
+            peer_reader, peer_writer, late = await connect_patiently(
                 host, target_port, within=self.streams.limits.open_seconds * 0.75
             )
+            if late and gave_up(reader):  # as in Streams.open: no late delivery
+                peer_writer.close()
+                raise Refused("the connection was closed before the peer run accepted it")
         except (Refused, OSError) as exc:
             report.outcome, report.reason = "refused", str(exc)
             writer.close()

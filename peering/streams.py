@@ -56,25 +56,43 @@ class StreamLimits:
 
 async def connect_patiently(
     host: str, port: int, *, within: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
     """A TCP connection to a run's port, tried again while the run does not listen yet.
 
     The opener's connection to its forwarder is already established (the forwarder
     accepted it), so a refusal here would reach the algorithm as a connection closed after
     it was made — which frameworks that retry only failed connects (MPyC) take as fatal.
     Waiting up to ``within`` seconds for the peer to listen keeps the semantics of a
-    connect to a port that opens a moment later; the last error is raised after that."""
+    connect to a port that opens a moment later; the last error is raised after that.
+    The third value says whether it had to wait (then the opener drops a connection its
+    algorithm closed meanwhile: :func:`gave_up`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     pause = 0.05
+    waited = False
     while True:
         try:
-            return await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port)
+            return reader, writer, waited
         except ConnectionRefusedError:
+            waited = True
             if loop.time() + pause > deadline:
                 raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+
+#: The body of an ACCEPT sent after waiting for the run to listen.
+_LATE = b"late"
+
+
+def gave_up(reader: asyncio.StreamReader) -> bool:
+    """Whether the local end has already closed (EOF received), bytes still buffered or not.
+
+    ``at_eof()`` is false while bytes are buffered, and asyncio has no public accessor for
+    the EOF alone, so its reader's flag is read. A client that half-closes after sending
+    counts too: it is then treated as one whose connect failed, and tries again."""
+    return bool(getattr(reader, "_eof", False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +158,8 @@ class _Stream:
     eof_in: bool = False
     reset: str | None = None
     answer: asyncio.Future[str | None] | None = None  # opener: None = accepted, else refusal
+    #: Opener: the peer accepted only after waiting for its run to listen.
+    accepted_late: bool = False
     last_activity: float = field(default_factory=time.monotonic)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -212,6 +232,14 @@ class Streams:
                 stream.reset = None
                 continue
             return await self._end_unopened(report, writer, "refused", refusal)
+        if stream.accepted_late and gave_up(reader):
+            # The algorithm closed its connection while the peer's run was not listening
+            # yet (it timed out and will try again): deliver none of its bytes late, as a
+            # connect that never completed would not.
+            self._unregister(stream)
+            reason = "the connection was closed before the peer run accepted it"
+            await self._send_reset(stream, reason)
+            return await self._end_unopened(report, writer, "abandoned", reason)
         await self._pump(stream, reader, writer)
         return report
 
@@ -303,6 +331,7 @@ class Streams:
             stream.fail(f"reset by node {stream.key[0]}: {str(frame.json().get('reason'))[:200]}")
         elif kind is FrameKind.ACCEPT and stream.answer is not None:
             if not stream.answer.done():
+                stream.accepted_late = frame.body == _LATE
                 stream.answer.set_result(None)
         elif kind is FrameKind.REFUSE and stream.answer is not None:
             reason = str(frame.json().get("reason", "refused"))[:300]
@@ -350,7 +379,7 @@ class Streams:
         try:
             async with asyncio.timeout(self.limits.open_seconds):
                 host, port = await self._admission.admit(request)
-                reader, writer = await connect_patiently(
+                reader, writer, late = await connect_patiently(
                     host, port, within=self.limits.open_seconds * 0.75
                 )
         except Refused as exc:
@@ -362,7 +391,9 @@ class Streams:
             )
             return
         try:
-            await self._send(stream, Frame(FrameKind.ACCEPT, False, stream_id))
+            await self._send(
+                stream, Frame(FrameKind.ACCEPT, False, stream_id, _LATE if late else b"")
+            )
         except (SessionError, ConnectionError) as exc:
             stream.fail(str(exc))
         await self._pump(stream, reader, writer)

@@ -101,7 +101,16 @@ async def cluster_side(
     ):
         await node.install()
         await node.ready_pod(timeout=240)
-        yield relay, node
+        log_path = tmp_path / "site-b.log"
+        follower = asyncio.create_task(node.follow_logs(log_path))
+        try:
+            yield relay, node
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+            if log_path.exists():  # B's node log, for the failures' sake (pytest shows it)
+                lines = log_path.read_text().splitlines()
+                print("\n".join(line for line in lines if "stream_ended" not in line)[-30000:])
 
 
 def peering_values(

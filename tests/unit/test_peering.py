@@ -269,10 +269,43 @@ async def test_a_stream_to_a_run_that_listens_a_moment_later_waits_for_it(mesh: 
         return server
 
     later = asyncio.create_task(listen_later())
-    assert await exchange(port, b"hello") == b"hello"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"hello")  # and waits for the answer, the connection open (as MPyC does)
+    assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+    writer.close()
     (await later).close()
     await _until(lambda: len(a.reports) == 1)
     assert a.reports[0].outcome == "closed"
+
+
+async def test_a_connection_closed_before_the_late_peer_listened_delivers_nothing(
+    mesh: Mesh,
+) -> None:
+    """The algorithm gave up (closed) while the peer's run did not listen yet; when it
+    does, none of the given-up connection's bytes arrive there (its retry will)."""
+    a = await mesh.add_node(1, org=10)
+    b = await mesh.add_node(2, org=20)
+    with socket.socket() as reserve:
+        reserve.bind(("127.0.0.1", 0))
+        target = reserve.getsockname()[1]
+    b.admit.targets[(200, 8888)] = ("127.0.0.1", target)
+    port = await a.forwarder(peer=2, src_run=100, dst_run=200, port=8888)
+    received: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(-1))
+        writer.close()
+
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"a share")
+    writer.close()  # it timed out: gone before the peer listens
+    await asyncio.sleep(0.5)
+    server = await asyncio.start_server(record, "127.0.0.1", target)
+    async with server:
+        await _until(lambda: len(a.reports) == 1)
+        await asyncio.sleep(0.3)
+    assert a.reports[0].outcome == "abandoned"
+    assert received in ([], [b""])  # connected and reset, or not at all: no share
 
 
 async def test_a_refused_stream_closes_the_local_connection_with_the_reason(mesh: Mesh) -> None:
