@@ -190,10 +190,12 @@ def behaviour_image(podman_service: PodmanService) -> str:
 
 def assert_carried_streams(node: RunningNode, *, closed_at_least: int) -> None:
     """The node's ``peer-stream`` spans: at least that many closed after carrying bytes,
-    and any other refused only because the peer run was not listening yet (a sender tries
-    again until its peer listens; under load that happens)."""
+    and any other ended only because the peer run was not listening yet: refused after
+    the wait, or abandoned by a sender that gave up meanwhile (it tries again; pods start
+    slower than containers, and load slows both)."""
     spans = [s for s in node.spans if s.name == "peer-stream"]
     closed = [s for s in spans if (s.attributes or {})["fednode.peer.outcome"] == "closed"]
     assert len(closed) >= closed_at_least, f"{node.org.name}: {[s.attributes for s in spans]}"
     waits = [s.status.description or "" for s in spans if s not in closed]
-    assert all("does not answer on its port" in why for why in waits), waits
+    late = ("does not answer on its port", "closed before the peer run accepted it")
+    assert all(any(why in text for why in late) for text in waits), waits
