@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
+import random
 import socket
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,3 +201,50 @@ def assert_carried_streams(node: RunningNode, *, closed_at_least: int) -> None:
     waits = [s.status.description or "" for s in spans if s not in closed]
     late = ("does not answer on its port", "closed before the peer run accepted it")
     assert all(any(why in text for why in late) for text in waits), waits
+
+
+async def start_peered_nodes(
+    start_node: StartNode, collab: V6Collaboration, orgs: Sequence[V6Org], relay_url: str
+) -> list[RunningNode]:
+    """One podman node per organization, each with 8 forwarder ports of its own."""
+    base = random.randrange(40000, 50000, 100)
+    return [
+        await start_node(
+            collab, org, peering={"relay_url": relay_url, "first_port": base + 10 * i, "ports": 8}
+        )
+        for i, org in enumerate(orgs)
+    ]
+
+
+def salaries(name: str) -> int:
+    with (DATA / name).open() as handle:
+        return sum(int(row["salary"]) for row in csv.DictReader(handle))
+
+
+async def central_sum(collab: V6Collaboration, image: str, method: str) -> Any:
+    """``method`` (central_secret_sum or central_mpc_sum) of ``salary`` over all the
+    collaboration's organizations, started at A; its result, checked to be the exact
+    total (A's data is employees_a.csv, every other organization's employees_b.csv)."""
+    task = await asyncio.to_thread(
+        collab.create_task,
+        input_={
+            "method": method,
+            "kwargs": {
+                "column_name": "salary",
+                "organizations": [org.id for org in collab.all_orgs],
+            },
+        },
+        image=image,
+        organizations=[collab.org_a.id],
+    )
+    try:
+        await asyncio.to_thread(collab.user.wait_for_results, task["id"], timeout=300)
+        (result,) = await asyncio.to_thread(collab.user.result_values, task["id"])
+    finally:  # say why, if the partial runs failed
+        for run in await asyncio.to_thread(collab.user.runs, task["id"] + 1):
+            if run["status"] != "completed":
+                print(f"run {run['id']} {run['status']}:\n{run.get('log')}")
+    others = len(collab.all_orgs) - 1
+    expected = salaries("employees_a.csv") + others * salaries("employees_b.csv")
+    assert result == {"sum": expected, "parties": len(collab.all_orgs)}
+    return result

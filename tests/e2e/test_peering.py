@@ -11,9 +11,7 @@ run. Nothing here is a fake.
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
-import random
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -26,7 +24,13 @@ from aiohttp import web
 from executors.base import LABEL_NODE, LABEL_RUN
 from peering.identity import ServerIdentities
 from peering.relay import Relay
-from tests.e2e.conftest import DATA, RunningNode, StartNode, assert_carried_streams
+from tests.e2e.conftest import (
+    RunningNode,
+    StartNode,
+    assert_carried_streams,
+    central_sum,
+    start_peered_nodes,
+)
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration, V6Server
 
@@ -49,11 +53,6 @@ async def relay_url(v6_server: V6Server) -> AsyncIterator[str]:
             await runner.cleanup()
 
 
-def salaries(name: str) -> int:
-    with (DATA / name).open() as handle:
-        return sum(int(row["salary"]) for row in csv.DictReader(handle))
-
-
 async def test_three_organizations_sum_secret_shares_through_the_relay(
     v6_encrypted_three: V6Collaboration,
     start_node: StartNode,
@@ -61,31 +60,8 @@ async def test_three_organizations_sum_secret_shares_through_the_relay(
     relay_url: str,
 ) -> None:
     collab = v6_encrypted_three
-    base = random.randrange(40000, 50000, 100)
-    nodes = [
-        await start_node(
-            collab, org, peering={"relay_url": relay_url, "first_port": base + 10 * i, "ports": 8}
-        )
-        for i, org in enumerate(collab.all_orgs)
-    ]
-    organizations = [org.id for org in collab.all_orgs]
-    task = await asyncio.to_thread(
-        collab.create_task,
-        input_={
-            "method": "central_secret_sum",
-            "kwargs": {"column_name": "salary", "organizations": organizations},
-        },
-        image=podman_service.secretsum_image,
-        organizations=[collab.org_a.id],
-    )
-    await asyncio.to_thread(collab.user.wait_for_results, task["id"], timeout=300)
-    (result,) = await asyncio.to_thread(collab.user.result_values, task["id"])
-    if not result.get("parties"):  # say why the partial runs failed
-        for run in await asyncio.to_thread(collab.user.runs, task["id"] + 1):
-            print(f"run {run['id']} {run['status']}:\n{run.get('log')}")
-    # A's data is employees_a.csv; B's and C's employees_b.csv (the fixture's default).
-    expected = salaries("employees_a.csv") + 2 * salaries("employees_b.csv")
-    assert result == {"sum": expected, "parties": 3}
+    nodes = await start_peered_nodes(start_node, collab, collab.all_orgs, relay_url)
+    await central_sum(collab, podman_service.secretsum_image, "central_secret_sum")
     # Every node carried streams, each a span under its run's trace.
     for node in nodes:
         assert_carried_streams(node, closed_at_least=2)
@@ -101,32 +77,8 @@ async def test_a_real_mpyc_program_computes_the_sum_between_three_organizations(
     each other with ``get_sibling_addresses`` and open MPyC's own TCP connections through
     the forwarders and the relay; Shamir shares, a secure sum, every party the same total."""
     collab = v6_encrypted_three
-    base = random.randrange(40000, 50000, 100)
-    nodes = [
-        await start_node(
-            collab, org, peering={"relay_url": relay_url, "first_port": base + 10 * i, "ports": 8}
-        )
-        for i, org in enumerate(collab.all_orgs)
-    ]
-    task = await asyncio.to_thread(
-        collab.create_task,
-        input_={
-            "method": "central_mpc_sum",
-            "kwargs": {
-                "column_name": "salary",
-                "organizations": [org.id for org in collab.all_orgs],
-            },
-        },
-        image=podman_service.secretsum_image,
-        organizations=[collab.org_a.id],
-    )
-    await asyncio.to_thread(collab.user.wait_for_results, task["id"], timeout=300)
-    (result,) = await asyncio.to_thread(collab.user.result_values, task["id"])
-    if not result.get("parties"):
-        for run in await asyncio.to_thread(collab.user.runs, task["id"] + 1):
-            print(f"run {run['id']} {run['status']}:\n{run.get('log')}")
-    expected = salaries("employees_a.csv") + 2 * salaries("employees_b.csv")
-    assert result == {"sum": expected, "parties": 3}
+    nodes = await start_peered_nodes(start_node, collab, collab.all_orgs, relay_url)
+    await central_sum(collab, podman_service.secretsum_image, "central_mpc_sum")
     # MPyC's party 0 connects to 1 and 2, party 1 to 2: three connections, each a stream
     # at both ends (closed when MPyC shuts down).
     for node in nodes:
@@ -204,13 +156,9 @@ async def test_only_runs_of_one_job_reach_each_other_not_other_jobs_orgs_or_host
     user try to reach them — directly and through A's forwarders — and get nothing."""
     collab = v6_encrypted_three
     image = podman_service.secretsum_image
-    base = random.randrange(40000, 50000, 100)
-    by_org = {
-        org.id: await start_node(
-            collab, org, peering={"relay_url": relay_url, "first_port": base + 10 * i, "ports": 8}
-        )
-        for i, org in enumerate(collab.all_orgs)
-    }
+    nodes = await start_peered_nodes(start_node, collab, collab.all_orgs, relay_url)
+    by_org = {node.org.id: node for node in nodes}
+    base = nodes[0].settings_values["peering"]["first_port"]
     a, b, c = (collab.org_a.id, collab.org_b.id, collab.more[0].id)
     listen = await asyncio.to_thread(
         collab.create_task,

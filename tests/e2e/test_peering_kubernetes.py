@@ -21,8 +21,6 @@ Nothing here is a fake.
 from __future__ import annotations
 
 import asyncio
-import csv
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,13 @@ import pytest
 from kubernetes_asyncio import client
 
 from tests.chaos.kubernetes import images_on_worker
-from tests.e2e.conftest import DATA, StartNode, assert_carried_streams
+from tests.e2e.conftest import (
+    DATA,
+    StartNode,
+    assert_carried_streams,
+    central_sum,
+    start_peered_nodes,
+)
 from tests.peers.helm_node import (
     NODE_POD_LABELS,
     HelmNode,
@@ -52,11 +56,6 @@ pytestmark = [
     pytest.mark.podman,
     pytest.mark.slow,
 ]
-
-
-def salaries(name: str) -> int:
-    with (DATA / name).open() as handle:
-        return sum(int(row["salary"]) for row in csv.DictReader(handle))
 
 
 @pytest.fixture
@@ -150,34 +149,8 @@ async def test_podman_and_kubernetes_organizations_sum_shares_through_a_helm_dep
 ) -> None:
     relay, site_b = cluster_side
     collab = v6_encrypted_three
-    base = random.randrange(42000, 50000, 100)
-    nodes = [
-        await start_node(
-            collab, org, peering={"relay_url": relay.url, "first_port": base + 10 * i, "ports": 8}
-        )
-        for i, org in enumerate((collab.org_a, collab.more[0]))
-    ]
-    organizations = [org.id for org in collab.all_orgs]
-    task = await asyncio.to_thread(
-        collab.create_task,
-        input_={
-            "method": "central_secret_sum",
-            "kwargs": {"column_name": "salary", "organizations": organizations},
-        },
-        image=podman_service.secretsum_image,
-        organizations=[collab.org_a.id],
-    )
-    await asyncio.to_thread(collab.user.wait_for_results, task["id"], timeout=300)
-    (result,) = await asyncio.to_thread(collab.user.result_values, task["id"])
-    if not result.get("parties"):
-        for run in await asyncio.to_thread(collab.user.runs, task["id"] + 1):
-            print(f"run {run['id']} {run['status']}:\n{run.get('log')}")
-    # A's data is employees_a.csv; B's (the Helm node's) and C's employees_b.csv.
-    expected = salaries("employees_a.csv") + 2 * salaries("employees_b.csv")
-    assert result == {"sum": expected, "parties": 3}
-    # The podman nodes carried streams to and from B's run, each a span under its run: the
-    # ones that closed after carrying a share, and, while a peer pod was not listening yet
-    # (a pod starts slower than a container), refusals naming that — nothing else.
+    nodes = await start_peered_nodes(start_node, collab, (collab.org_a, collab.more[0]), relay.url)
+    await central_sum(collab, podman_service.secretsum_image, "central_secret_sum")
     for node in nodes:
         assert_carried_streams(node, closed_at_least=2)
     # B's runs were pods of the Job: each had its pod IP, and they are gone.

@@ -34,6 +34,7 @@ from vantage6.algorithm.tools.util import info, warn
 
 from .isolation import listen_for_peers, probe_reach
 from .mpc import central_mpc_sum, partial_mpc_sum
+from .subtasks import run_subtask, sibling_addresses
 
 __all__ = [
     "central_mpc_sum",
@@ -53,19 +54,9 @@ def central_secret_sum(
     client: AlgorithmClient, column_name: str, organizations: list[int] | None = None
 ) -> dict[str, Any]:
     """The column's total over the organizations, from their secret-shared partials."""
-    if organizations is None:
-        organizations = [org["id"] for org in client.organization.list()]
-    task = client.task.create(
-        input_={
-            "method": "partial_secret_sum",
-            "kwargs": {"column_name": column_name, "parties": len(organizations)},
-        },
-        organizations=organizations,
-        name="partial_secret_sum",
-        description=f"secret-shared sum of {column_name!r}",
+    partials = run_subtask(
+        client, "partial_secret_sum", column_name, organizations, "secret-shared sum"
     )
-    info(f"waiting for the partials of subtask {task['id']}")
-    partials = client.wait_for_results(task_id=task["id"])
     total = sum(int(partial["partial"]) for partial in partials) % PRIME
     return {"sum": total, "parties": len(partials)}
 
@@ -86,7 +77,7 @@ def partial_secret_sum(
     received: list[int] = []
     listener = _listen(received, expected=parties - 1)
     deadline = time.monotonic() + timeout
-    siblings = _siblings(client, parties - 1, deadline)
+    siblings = sibling_addresses(client, parties - 1, deadline)
     for address, share in zip(siblings, shares[1:], strict=True):
         _send_share(address, share, deadline)
     while len(received) < parties - 1:
@@ -120,18 +111,6 @@ def _listen(received: list[int], *, expected: int) -> socket.socket:
 
     threading.Thread(target=accept, daemon=True).start()
     return server
-
-
-def _siblings(client: AlgorithmClient, count: int, deadline: float) -> list[dict[str, Any]]:
-    """The other organizations' runs of this subtask, once all have registered a port."""
-    while True:
-        addresses = client.vpn.get_sibling_addresses()
-        if isinstance(addresses, list) and len(addresses) >= count:
-            info(f"siblings: {[(a['organization_id'], a['ip'], a['port']) for a in addresses]}")
-            return sorted(addresses, key=lambda a: a["organization_id"])[:count]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {addresses!r} of {count} siblings registered")
-        time.sleep(1)
 
 
 def _send_share(address: dict[str, Any], share: int, deadline: float) -> None:

@@ -25,6 +25,8 @@ from vantage6.algorithm.client import AlgorithmClient
 from vantage6.algorithm.tools.decorators import algorithm_client, data
 from vantage6.algorithm.tools.util import info
 
+from .subtasks import run_subtask, sibling_addresses
+
 PORT = 8888
 
 
@@ -32,18 +34,7 @@ PORT = 8888
 def central_mpc_sum(
     client: AlgorithmClient, column_name: str, organizations: list[int] | None = None
 ) -> dict[str, Any]:
-    if organizations is None:
-        organizations = [org["id"] for org in client.organization.list()]
-    task = client.task.create(
-        input_={
-            "method": "partial_mpc_sum",
-            "kwargs": {"column_name": column_name, "parties": len(organizations)},
-        },
-        organizations=organizations,
-        name="partial_mpc_sum",
-        description=f"MPyC sum of {column_name!r}",
-    )
-    results = client.wait_for_results(task_id=task["id"])
+    results = run_subtask(client, "partial_mpc_sum", column_name, organizations, "MPyC sum")
     totals = {int(result["total"]) for result in results}
     if len(totals) != 1:
         raise RuntimeError(f"the parties disagree: {sorted(totals)}")
@@ -61,7 +52,7 @@ def partial_mpc_sum(
 ) -> dict[str, Any]:
     value = int(pd.to_numeric(df[column_name], errors="raise").dropna().sum())
     deadline = time.monotonic() + timeout
-    siblings = _siblings(client, parties - 1, deadline)
+    siblings = sibling_addresses(client, parties - 1, deadline)
     own = int(client.organization_id)
     order = sorted([own, *(int(s["organization_id"]) for s in siblings)])
     by_org = {int(s["organization_id"]): f"{s['ip']}:{s['port']}" for s in siblings}
@@ -82,13 +73,3 @@ def partial_mpc_sum(
         return int(total)
 
     return {"total": mpc.run(compute())}
-
-
-def _siblings(client: AlgorithmClient, count: int, deadline: float) -> list[dict[str, Any]]:
-    while True:
-        addresses = client.vpn.get_sibling_addresses()
-        if isinstance(addresses, list) and len(addresses) >= count:
-            return sorted(addresses, key=lambda a: a["organization_id"])[:count]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {addresses!r} of {count} siblings registered")
-        time.sleep(1)
