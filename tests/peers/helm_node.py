@@ -92,6 +92,18 @@ class ServerRoute:
     cluster_ip: str
     port: int
 
+    @property
+    def egress_to(self) -> list[dict[str, Any]]:
+        """NetworkPolicy peers naming the relay pod (a chart's ``networkPolicy.server.to``)."""
+        return [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": self.namespace}
+                },
+                "podSelector": {"matchLabels": dict(SERVER_RELAY_LABELS)},
+            }
+        ]
+
 
 @contextlib.asynccontextmanager
 async def server_route(
@@ -191,18 +203,7 @@ async def relay_release(
         "server": {"url": f"http://{route.cluster_ip}", "port": route.port, "apiPath": api_path},
         "relay": {"port": port, "logLevel": "DEBUG"},
         "service": {"port": port},
-        "networkPolicy": {
-            "server": {
-                "to": [
-                    {
-                        "namespaceSelector": {
-                            "matchLabels": {"kubernetes.io/metadata.name": route.namespace}
-                        },
-                        "podSelector": {"matchLabels": SERVER_RELAY_LABELS},
-                    }
-                ]
-            }
-        },
+        "networkPolicy": {"server": {"to": route.egress_to}},
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "nodeSelector": worker.node_selector,
         "tolerations": [worker.toleration],
@@ -270,14 +271,7 @@ def release_values(
         "runs": {"nodeSelector": worker.node_selector, "tolerations": [worker.toleration]},
         "networkPolicy": {
             "server": {
-                "to": [
-                    {
-                        "namespaceSelector": {
-                            "matchLabels": {"kubernetes.io/metadata.name": route.namespace}
-                        },
-                        "podSelector": {"matchLabels": SERVER_RELAY_LABELS},
-                    }
-                ],
+                "to": route.egress_to,
                 "ports": [route.port],
             }
         },
