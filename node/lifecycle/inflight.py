@@ -132,6 +132,10 @@ class InFlight:
     def is_finished(self, run_id: int) -> bool:
         return run_id in self._finished
 
+    def followed(self) -> set[int]:
+        """The runs in flight whose end has not come yet (none is being finished)."""
+        return {run_id for run_id, record in self.runs.items() if not record.finishing}
+
     def remember(
         self,
         run: Run,

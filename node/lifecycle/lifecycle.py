@@ -158,12 +158,18 @@ class RunLifecycle:
         await self._reconciler.reconcile()
 
     async def sync(self, *, received_ns: int | None = None) -> None:
-        """Catch up with the server: every open run of this node is claimed or started."""
+        """Catch up with the server: every open run of this node is claimed or started, and
+        every run followed here that the server has ended meanwhile is stopped."""
+        followed = self._inflight.followed()  # before the listing: it cannot be older
         runs = await self._server.open_runs()
         log.info("runs.sync", open_runs=len(runs), in_flight=self.in_flight)
         if self._config.share_config:
             await self._server.emit_node_info(self._node_info())
         self._take(runs, received_ns=received_ns)
+        # A run followed here that the server no longer lists open was ended there while
+        # this node was not listening (its user's kill sent while the socket was away).
+        for run_id in sorted(followed - {run.id for run in runs}):
+            self._work.spawn(self._reconciler.recheck(run_id), name=f"recheck-run-{run_id}")
 
     async def fetch_task(self, task_id: int, *, received_ns: int | None = None) -> None:
         """A ``new_task`` event: this node's open runs of that task, if any."""

@@ -24,7 +24,13 @@ first ``sync``, and claims every run the executor has, so none is started twice:
 * a run directory under ``task_dir`` that no runtime object backs — left behind by a
   start that failed after the executor wrote the decrypted input — is removed.
 
-Later, on every ``sync``, a run the server lists as started (``started_at`` set) but that
+On every ``sync`` (each connection of the socket begins with one), a run followed here
+that the server no longer lists open goes through :meth:`Reconciler.recheck`: if the
+server has ended it — its user killed it while the node was down or its socket was away,
+so the ``kill_containers`` event was never heard — it is killed and cleaned up, not
+uploaded. The chaos campaign found such a run still running after the campaign ended.
+
+Also on every ``sync``, a run the server lists as started (``started_at`` set) but that
 this process does not follow goes through :meth:`Reconciler.adopt`: followed if the
 runtime has it running or ended; started — once — if the runtime has no container for it
 (the node died between telling the server ``started_at`` and creating the container) or
@@ -158,6 +164,27 @@ class Reconciler:
                 await self._finisher.end_without_container(
                     record, RunStatus.FAILED, "fednode could not follow the run (node error)"
                 )
+
+    async def recheck(self, run_id: int) -> None:
+        """A run followed here that a ``sync`` did not list open: if the server has ended
+        it (its user killed it while this node was down or its socket away, so the
+        ``kill_containers`` event never came), stop it; its end is not uploaded, only
+        cleaned up. A run the server still has open (listed a moment too early) is left be.
+        """
+        record = self._inflight.runs.get(run_id)
+        if record is None or record.finishing:
+            return
+        with bind_run(run_id=run_id, task_id=record.task_id, span=record.span):
+            try:
+                run = await self._server.run(run_id)
+            except ServerError as exc:
+                log.warning("run.recheck_failed", error=str(exc), hint="the next sync asks again")
+                return
+            if not finished_status(run.status) or record.finishing:
+                return
+            log.info("run.ended_on_server_unheard", status=run.status)
+            record.ended_on_server = record.killed = True  # a run waiting for a slot never starts
+            await self._kill(run_id)
 
     async def _admit_recovered(self, state: RunState, run: Run, record: RunInFlight) -> None:
         """The proxy accepts a followed run's token again, if it can be recovered."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -120,6 +121,49 @@ async def test_a_run_killed_by_its_user_while_the_node_was_down_is_killed_not_up
         assert server.patches == []
         assert server.status(1) == RunStatus.KILLED.value
     await runtime.aclose()
+
+
+async def test_a_run_its_user_killed_while_the_socket_was_away_is_killed_at_the_next_sync(
+    tmp_path: Path,
+) -> None:
+    # Found by the chaos campaign: the kill_containers event went out while the node's
+    # socket was reconnecting; the run's container slept on after the campaign ended.
+    async with lifecycle_under_test(tmp_path, max_concurrent_runs=1) as node:
+        node.add_run(1, behaviour(sleep=30))
+        node.add_run(2, behaviour())  # waits for run 1's slot
+        await node.lifecycle.sync()
+        await node.until(lambda: node.notifier.statuses(1) == ["active"])
+        for run_id in (1, 2):  # the user's kill, as the server records it; no event
+            node.server.runs[run_id].update(
+                status=RunStatus.KILLED.value, finished_at="2026-01-01T00:01:00+00:00"
+            )
+
+        await node.lifecycle.sync()  # the socket is back
+
+        await node.until(lambda: node.lifecycle.in_flight == 0 and 1 not in node.runtime.runs)
+        assert node.runtime.started == [1]  # run 2 never started
+        assert not RunFiles(node.task_dir, 1).directory.exists()
+        assert [body for _, body in node.server.patches if "finished_at" in body] == []
+        assert node.server.status(1) == node.server.status(2) == RunStatus.KILLED.value
+
+
+async def test_a_sync_leaves_followed_runs_the_server_still_has_open_alone(
+    tmp_path: Path,
+) -> None:
+    async with lifecycle_under_test(tmp_path) as node:
+        node.add_run(1, behaviour(sleep=0.3, output="kept"))
+        await node.lifecycle.sync()
+        await node.until(lambda: node.runtime.started == [1])
+        listed = node.server.list_pages
+
+        async def missing_it(path: str, **kwargs: Any) -> list[Any]:
+            return [r for r in await listed(path, **kwargs) if r["id"] != 1]
+
+        node.server.list_pages = missing_it  # type: ignore[method-assign]
+        await node.lifecycle.sync()  # a listing without it (e.g. a page boundary that moved)
+        node.server.list_pages = listed  # type: ignore[method-assign]
+
+        assert await node.finished(1) == RunStatus.COMPLETED.value
 
 
 async def test_run_directories_nothing_backs_are_swept_at_start_up(tmp_path: Path) -> None:
