@@ -68,8 +68,13 @@ class Targets:
 
 
 async def _node(
-    node_id: int, url: str, session: aiohttp.ClientSession, targets: dict[int, int]
+    node_id: int,
+    url: str,
+    session: aiohttp.ClientSession,
+    targets: dict[int, int],
+    links: list[asyncio.Task[None]],
 ) -> Streams:
+    """One node's streams over its own relay link; the link's task goes into ``links``."""
     holder: dict[str, Streams] = {}
     link = RelayLink(
         url=url,
@@ -93,13 +98,14 @@ async def _node(
         limits=StreamLimits(streams_per_run=100_000, streams=100_000),
     )
     holder["s"] = streams
-    asyncio.get_running_loop().create_task(link.run())
+    links.append(asyncio.create_task(link.run(), name=f"relay-link-{node_id}"))
     await asyncio.wait_for(link.connected.wait(), 10)
     return streams
 
 
-async def _serve(handler: Callable[..., object]) -> int:
+async def _serve(handler: Callable[..., object], servers: list[asyncio.Server]) -> int:
     server = await asyncio.start_server(handler, "127.0.0.1", 0)  # type: ignore[arg-type]
+    servers.append(server)
     return int(server.sockets[0].getsockname()[1])
 
 
@@ -169,15 +175,17 @@ def _rss_kib() -> int:
 
 
 async def main(args: argparse.Namespace) -> None:
-    echo, sink = await _serve(_echo), await _serve(_sink)
+    servers: list[asyncio.Server] = []
+    links: list[asyncio.Task[None]] = []
+    echo, sink = await _serve(_echo, servers), await _serve(_sink, servers)
     relay = Relay(StandInIdentities())
     runner = web.AppRunner(relay.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/connect"
     async with aiohttp.ClientSession() as session:
-        opener = await _node(1, url, session, {})
-        await _node(2, url, session, {ECHO_PORT: echo, SINK_PORT: sink})
+        opener = await _node(1, url, session, {}, links)
+        acceptor = await _node(2, url, session, {ECHO_PORT: echo, SINK_PORT: sink}, links)
 
         async def forwarder(port: int) -> int:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -185,7 +193,7 @@ async def main(args: argparse.Namespace) -> None:
                     peer=2, src_run=1, dst_run=2, port=port, reader=reader, writer=writer
                 )
 
-            return await _serve(handle)
+            return await _serve(handle, servers)
 
         peered_echo, peered_sink = await forwarder(ECHO_PORT), await forwarder(SINK_PORT)
 
@@ -233,6 +241,12 @@ async def main(args: argparse.Namespace) -> None:
         for writer in held:
             writer.close()
         await opener.close()
+        await acceptor.close()
+        for task in links:
+            task.cancel()
+        await asyncio.gather(*links, return_exceptions=True)
+    for server in servers:
+        server.close()
     await runner.cleanup()
 
 
