@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from executors.base import LABEL_NODE, LABEL_RUN
 from executors.runfiles import RunFiles
+from node.server.models import KillContainers
 from tests.e2e.conftest import RunningNode, StartNode
 from tests.peers.podman import PodmanService
 from tests.peers.v6server import V6Collaboration
@@ -227,6 +228,54 @@ async def test_killing_one_task_leaves_the_nodes_other_run_running_to_completion
     spared_run = await wait_for_run(v6_plain, spared["id"])
     assert spared_run["status"] == "completed"
     assert await asyncio.to_thread(v6_plain.user.result_values, spared["id"]) == [{"spared": True}]
+
+
+async def test_a_kill_the_node_never_heard_is_carried_out_after_the_socket_reconnects(
+    v6_plain: V6Collaboration,
+    start_node: StartNode,
+    behaviour_image: str,
+    podman_service: PodmanService,
+) -> None:
+    # Found by the chaos campaign: a user's kill sent while the node's socket was away was
+    # never heard, and the run's container slept on. Here the kill_containers event is
+    # dropped as it arrives (the one part not real), then the server restarts, and the
+    # node's next sync must find the run ended at the server and stop it.
+    node = await start_node(v6_plain, v6_plain.org_a)
+    link = node.node.state.socket
+    assert link is not None
+    task = await create(v6_plain, behaviour_image, sleep=120)
+    run = await wait_for_run(v6_plain, task["id"], status="active")
+    dropped: list[object] = []
+    hear = link._queue
+
+    def deaf_to_kills(model: Any, data: Any) -> None:
+        if model is KillContainers:
+            dropped.append(data)
+        else:
+            hear(model, data)
+
+    link._queue = deaf_to_kills  # type: ignore[method-assign]
+    await asyncio.to_thread(v6_plain.user.kill_task, task["id"])
+    assert (await wait_for_run(v6_plain, task["id"]))["status"] == "killed by user"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not dropped:
+        assert loop.time() < deadline, "the server sent no kill_containers"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1)
+    name = node.node.settings.name
+    assert containers_of(podman_service, run["id"], node=name), "killed although unheard"
+    link._queue = hear  # type: ignore[method-assign]
+
+    await asyncio.to_thread(v6_plain.server.restart)  # the socket reconnects: a sync
+
+    files = RunFiles(node.node.settings.task_dir, run["id"])
+    deadline = loop.time() + 60
+    while containers_of(podman_service, run["id"], node=name) or files.directory.exists():
+        assert loop.time() < deadline, "the run the server ended is still there"
+        await asyncio.sleep(0.3)
+    assert uploads(node) == Counter()
+    assert (await run_of(v6_plain, task["id"]))["status"] == "killed by user"
 
 
 async def test_node_survives_a_server_restart_mid_run(
