@@ -160,7 +160,7 @@ class RunLifecycle:
     async def sync(self, *, received_ns: int | None = None) -> None:
         """Catch up with the server: every open run of this node is claimed or started, and
         every run followed here that the server has ended meanwhile is stopped."""
-        followed = self._inflight.followed()  # before the listing: it cannot be older
+        followed = self._inflight.followed()  # before the listing, so each was in flight then
         runs = await self._server.open_runs()
         log.info("runs.sync", open_runs=len(runs), in_flight=self.in_flight)
         if self._config.share_config:
