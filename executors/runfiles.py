@@ -111,8 +111,11 @@ class RunFiles:
         (:func:`executors.outputs.read_output`)."""
         return await read_output(self.task_dir, self.directory.name, OUTPUT_FILE_NAME, limit=limit)
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the run's folder; whether it is gone. What the node may not remove (made
+        by another user, e.g. kubelet's ``subPath`` directories, owned by root) stays."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        return not os.path.lexists(self.directory)
 
 
 def _write_new(folder: int, name: str, data: bytes, *, owner: tuple[int, int] | None) -> None:

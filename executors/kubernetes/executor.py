@@ -16,7 +16,9 @@ How one run goes (five API requests in all, counted in :attr:`KubernetesExecutor
    :mod:`executors.outputs`), the end of the log from the run's pod (its name comes from
    the informer's cache, not from a list request), streamed through a bounded tail.
 4. ``cleanup``: delete the Job with background propagation (pods and Secret follow through
-   the garbage collector) and the run's folder.
+   the garbage collector) and the run's folder — at once if the run's pods have ended,
+   else when none is left that kubelet could still set up (it would make the folder
+   again, owned by root: a run killed while its pod started).
 
 With ``kueue`` set, the Job is created suspended with its queue's label and Kueue admits it
 (unsuspends it) when there is quota; a third informer follows the namespace's Kueue
@@ -43,6 +45,7 @@ says why an address and why this way).
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import AsyncIterator
 from typing import ClassVar
@@ -335,8 +338,20 @@ class KubernetesExecutor:
         except KubeError as error:
             raise ExecutorError(f"cannot clean up run {run_id}: {error}") from error
         self._owned_secrets.discard(run_id)
-        RunFiles(self._context.task_dir, run_id).remove()
-        tracker.forget_when_gone(run_id)
+        tracker.forget_when_gone(
+            run_id, remove_files=functools.partial(self._remove_folder, run_id)
+        )
+
+    def _remove_folder(self, run_id: int) -> None:
+        """The run's folder on the task volume, once no pod of the run is left to set up."""
+        files = RunFiles(self._context.task_dir, run_id)
+        if not files.remove():
+            log.error(
+                "k8s.run.folder_not_removable",
+                run_id=run_id,
+                folder=str(files.directory),
+                hint="another user made (part of) it, e.g. kubelet; remove it as that user",
+            )
 
     async def list_runs(self) -> list[RunState]:
         self._require_open()

@@ -20,8 +20,11 @@ What observation alone cannot tell is what *we* did:
   way it ended, until ``cleanup``; after ``cleanup`` the run is dropped from memory once its
   objects are gone from both caches.
 
-No I/O happens here: deleting a Job (for a kill, or a run that can never progress) is
-delegated to the executor through a callback.
+* a cleaned-up run's folder is removed only once no pod of the run can start a container
+  (kubelet makes a missing ``subPath`` again, as root, while it sets a pod up).
+
+No I/O happens here: deleting a Job (for a kill, or a run that can never progress) and
+removing a run's folder are delegated to the executor through callbacks.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from executors.verdict import Verdict
 DeleteJob = Callable[[int, str], None]
 #: The run a Job name belongs to (``None``: not one of this node's runs).
 RunOfJob = Callable[[str], int | None]
+#: Pod phases after which kubelet starts no container of the pod (Jobs never restart one).
+_ENDED_POD_PHASES = frozenset({"Succeeded", "Failed"})
 
 
 def run_id_of(obj: Json) -> int | None:
@@ -88,6 +93,9 @@ class RunTracker:
         self.ended: dict[int, RunEvent] = {}
         #: Task ids of ended runs whose Job is gone (so that they are still listed).
         self.vanished: dict[int, int] = {}
+        #: Cleaned-up runs whose folder waits until no pod of theirs can start a container
+        #: (kubelet makes a missing ``subPath`` again, as root, when it sets one up).
+        self._remove_files: dict[int, Callable[[], object]] = {}
 
     # -- informer handlers ---------------------------------------------------------------
 
@@ -189,9 +197,16 @@ class RunTracker:
         )
         self.vanished[run_id] = task_id
 
-    def forget_when_gone(self, run_id: int) -> None:
-        """After cleanup: publish nothing more; drop the run once its objects are gone."""
+    def forget_when_gone(self, run_id: int, *, remove_files: Callable[[], object]) -> None:
+        """After cleanup: publish nothing more; drop the run once its objects are gone.
+
+        ``remove_files`` (the run's folder) is called at once if no pod of the run can
+        start a container any more (none left, or all ended), else as soon as none can:
+        a run killed while its pod was being set up would otherwise get its folder back
+        from kubelet, owned by root, where the node can no longer remove it (found by the
+        Kubernetes chaos campaign)."""
         self.cleaning.add(run_id)
+        self._remove_files[run_id] = remove_files
         self._forget_if_gone(run_id)
 
     # -- decisions ------------------------------------------------------------------------
@@ -252,11 +267,20 @@ class RunTracker:
         if run_id in self.ended:
             self.vanished[run_id] = task_id_of(job)
 
+    def _pods_done(self, run_id: int) -> bool:
+        """No pod of the run can start a container any more: none left, or all ended."""
+        return all(
+            (pod.get("status") or {}).get("phase") in _ENDED_POD_PHASES
+            for pod in self.pods.get(run_id, {}).values()
+        )
+
     def _publish(self, event: RunEvent) -> None:
         if self._stream.publish(event) and event.phase.is_terminal:
             self.ended[event.run_id] = event
 
     def _forget_if_gone(self, run_id: int) -> None:
+        if run_id in self._remove_files and self._pods_done(run_id):
+            self._remove_files.pop(run_id)()
         if run_id in self.jobs or self.pods.get(run_id):
             return
         self.workloads.pop(run_id, None)

@@ -240,10 +240,18 @@ class Reconciler:
         """Remove the run directories no runtime object and no run in flight backs."""
         swept = 0
         for run_id in _run_directories(self._config.task_dir):
-            if run_id not in known:
+            if run_id in known:
+                continue
+            if RunFiles(self._config.task_dir, run_id).remove():
                 log.warning("run.directory_swept", run_id=run_id)
-                RunFiles(self._config.task_dir, run_id).remove()
                 swept += 1
+            else:
+                log.error(
+                    "run.directory_not_removable",
+                    run_id=run_id,
+                    directory=str(self._config.task_dir / f"{RUN_DIRECTORY_PREFIX}{run_id}"),
+                    hint="another user made (part of) it; remove it as that user",
+                )
         return swept
 
     async def _kill(self, run_id: int) -> None:

@@ -265,6 +265,39 @@ async def test_killing_a_run_stops_its_real_container(
     await pods_gone(k8s_testbed, namespace, 5)
 
 
+async def test_a_run_killed_while_kubelet_sets_its_pod_up_leaves_no_folder_behind(
+    open_executor: Callable[[], Any],
+    real_behaviour_image: str,
+    k8s_testbed: K8sTestbed,
+    namespace: str,
+    task_dir: Path,
+) -> None:
+    # Found by the Kubernetes chaos campaign: the folder removed at cleanup while kubelet
+    # still set the pod up came back as root-owned input/output directories (kubelet makes
+    # a missing subPath), which the node (not root) could never remove.
+    executor = await open_executor()
+    events = Events(executor)
+    await executor.start(spec(11, real_behaviour_image, sleep=300))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not await pod_of(k8s_testbed, namespace, 11):
+        assert loop.time() < deadline, "no pod for the Job"
+        await asyncio.sleep(0.05)
+    await executor.kill(11)  # the pod is there, its container not started yet (or just)
+    await events.wait(11, timeout=60)
+    events.close()
+    await executor.cleanup(11)
+
+    await pods_gone(k8s_testbed, namespace, 11)
+    folder = task_dir / "run-11"
+    deadline = loop.time() + 10
+    while folder.exists():  # removed once no pod is left that kubelet could set up
+        assert loop.time() < deadline, "the folder stayed after the pod was gone"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(2)  # and not made again
+    assert not folder.exists(), sorted(str(p) for p in folder.rglob("*"))
+
+
 async def test_a_restarted_executor_adopts_a_running_pod_and_sees_it_finish(
     open_executor: Callable[[], Any], real_behaviour_image: str
 ) -> None:

@@ -288,13 +288,32 @@ def test_after_cleanup_a_run_is_silent_and_forgotten_once_its_objects_are_gone()
     r = Recorder()
     r.tracker.on_job(Change.ADDED, job(7))
     r.tracker.on_pod(Change.MODIFIED, pod(7, phase="Succeeded", terminated={"exitCode": 0}))
-    r.tracker.forget_when_gone(7)
+    removed: list[int] = []
+    r.tracker.forget_when_gone(7, remove_files=lambda: removed.append(7))
+    assert removed == [7]  # its pod has ended: kubelet sets nothing up for it any more
     assert r.tracker.states() == []
     r.tracker.on_job(Change.DELETED, job(7))
     assert r.stream.phase_of(7) is Phase.SUCCEEDED  # the pod is still there
     r.tracker.on_pod(Change.DELETED, pod(7))
     assert r.stream.phase_of(7) is None and 7 not in r.tracker.cleaning
     assert r.phases(7) == [Phase.STARTING, Phase.SUCCEEDED]
+
+
+def test_a_run_killed_while_its_pod_starts_keeps_its_folder_until_the_pod_is_gone() -> None:
+    # Found by the Kubernetes chaos campaign: the folder removed while kubelet still set
+    # the pod up came back as root-owned ``input``/``output`` directories, left for good.
+    r = Recorder()
+    r.tracker.on_job(Change.ADDED, job(8))
+    r.tracker.on_pod(Change.ADDED, pod(8, phase="Pending"))
+    r.tracker.on_job(Change.DELETED, job(8))  # killed: the Job is deleted first
+    removed: list[int] = []
+    r.tracker.forget_when_gone(8, remove_files=lambda: removed.append(8))
+    assert removed == []
+    r.tracker.on_pod(Change.MODIFIED, pod(8, phase="Pending"))
+    assert removed == []
+    r.tracker.on_pod(Change.DELETED, pod(8, phase="Pending"))
+    assert removed == [8]
+    assert 8 not in r.tracker.cleaning
 
 
 # -- Kueue: a suspended Job waits, with Kueue's reason ---------------------------------------
